@@ -1,0 +1,84 @@
+"""What every flash-attention lowering shares: the static spec and the score transform.
+
+The score transform is written once in jnp so that the reference and every Pallas kernel body
+(which also traces jnp on tiles) apply exactly the same masking, soft-capping and ALiBi.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+
+# Large finite negative instead of -inf so that fully masked rows never produce inf - inf = NaN.
+MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionSpec:
+    """Static (hashable) description of one attention call; part of every kernel's cache key.
+
+    Query row i sits at absolute position ``q_offset + i``; key j at position j. With ``causal`` the
+    query sees keys ``j <= q_offset + i``; with ``sliding_window=w`` additionally
+    ``j > q_offset + i - w``. Logits are ``scale * q.k``, then ``cap * tanh(x / cap)`` when
+    ``logits_soft_cap`` is set, then ``- slope_h * |pos_q - pos_k|`` with ALiBi slopes.
+    """
+
+    causal: bool = False
+    sliding_window: int | None = None
+    logits_soft_cap: float | None = None
+    scale: float = 1.0
+    q_offset: int = 0
+    has_segment_ids: bool = False
+    has_alibi: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+    """Tile sizes; ``None`` fields take the lowering's tuned default for the device."""
+
+    block_q: int | None = None
+    block_k: int | None = None
+    block_q_bwd: int | None = None
+    block_k_bwd: int | None = None
+
+
+def transform_scores(s, q_pos, k_pos, spec: AttentionSpec, *, q_seg=None, k_seg=None, slope=None):
+    """Turn raw ``q.k`` dot products into masked logits.
+
+    Args:
+      s: float32 raw dot products, shape ``(..., tq, tk)`` (not yet scaled).
+      q_pos: int32 absolute query positions broadcastable to ``(..., tq, 1)``.
+      k_pos: int32 key positions broadcastable to ``(..., 1, tk)``.
+      q_seg, k_seg: segment ids broadcastable like the positions, or None.
+      slope: ALiBi slope broadcastable against ``s``, or None.
+
+    Returns:
+      ``(logits, visible)``: logits with invisible entries set to ``MASK_VALUE``, and the boolean
+      visibility mask (or None when everything is visible) which the backward pass reuses.
+    """
+    s = s * spec.scale
+    if spec.logits_soft_cap is not None:
+        s = spec.logits_soft_cap * jnp.tanh(s / spec.logits_soft_cap)
+    if slope is not None:
+        s = s - slope * jnp.abs(q_pos - k_pos).astype(jnp.float32)
+    visible = None
+
+    def both(a, b):
+        return b if a is None else a & b
+
+    if spec.causal:
+        visible = both(visible, k_pos <= q_pos)
+        if spec.sliding_window is not None:
+            visible = both(visible, k_pos > q_pos - spec.sliding_window)
+    if q_seg is not None:
+        visible = both(visible, q_seg == k_seg)
+    if visible is not None:
+        s = jnp.where(visible, s, MASK_VALUE)
+    return s, visible
+
+
+def soft_cap_grad(logits_capped, spec: AttentionSpec):
+    """d(capped)/d(scaled raw) = 1 - tanh^2, expressed through the capped value itself."""
+    t = logits_capped / spec.logits_soft_cap
+    return 1.0 - t * t
