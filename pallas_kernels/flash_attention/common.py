@@ -20,8 +20,9 @@ class AttentionSpec:
 
     Query row i sits at absolute position ``q_offset + i``; key j at position j. With ``causal`` the
     query sees keys ``j <= q_offset + i``; with ``sliding_window=w`` additionally
-    ``j > q_offset + i - w``. Logits are ``scale * q.k``, then ``cap * tanh(x / cap)`` when
-    ``logits_soft_cap`` is set, then ``- slope_h * |pos_q - pos_k|`` with ALiBi slopes.
+    ``j > q_offset + i - w``. Logits are ``x = scale * q.k - slope_h * |pos_q - pos_k|`` (the ALiBi term
+    only with slopes), then ``cap * tanh(x / cap)`` when ``logits_soft_cap`` is set; capping last
+    makes its derivative a function of the final logit alone (see ``soft_cap_grad``).
     """
 
     causal: bool = False
@@ -58,10 +59,10 @@ def transform_scores(s, q_pos, k_pos, spec: AttentionSpec, *, q_seg=None, k_seg=
       visibility mask (or None when everything is visible) which the backward pass reuses.
     """
     s = s * spec.scale
-    if spec.logits_soft_cap is not None:
-        s = spec.logits_soft_cap * jnp.tanh(s / spec.logits_soft_cap)
     if slope is not None:
         s = s - slope * jnp.abs(q_pos - k_pos).astype(jnp.float32)
+    if spec.logits_soft_cap is not None:
+        s = spec.logits_soft_cap * jnp.tanh(s / spec.logits_soft_cap)
     visible = None
 
     def both(a, b):
@@ -79,6 +80,6 @@ def transform_scores(s, q_pos, k_pos, spec: AttentionSpec, *, q_seg=None, k_seg=
 
 
 def soft_cap_grad(logits_capped, spec: AttentionSpec):
-    """d(capped)/d(scaled raw) = 1 - tanh^2, expressed through the capped value itself."""
+    """d(logit)/d(pre-cap value) = 1 - tanh^2, from the (unmasked) final logit alone."""
     t = logits_capped / spec.logits_soft_cap
     return 1.0 - t * t
