@@ -1,0 +1,323 @@
+"""Every setting as a frozen dataclass, loaded from YAML plus ``section.key=value`` overrides.
+
+One typed tree (``Config``) is the single source of truth for a run: models, mesh and sharding
+rules, optimizer, data, loop and checkpointing. Loading is strict: an unknown key or a value of the
+wrong type is a ``ConfigError`` naming the key and what is allowed, before anything is computed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+import types
+import typing
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config key, value or combination is invalid; the message says what is allowed."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Architecture. GPT-2 = learned positions + LayerNorm + GELU + tied embeddings; LLaMA = RoPE +
+    RMSNorm + SwiGLU + grouped-query attention + untied embeddings."""
+
+    family: str = "gpt"  # a name in meshlm.models' registry
+    vocab_size: int = 4096
+    max_seq_len: int = 256
+    d_model: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int | None = None  # None: n_heads (MHA); 1: MQA; else GQA
+    head_dim: int | None = None  # None: d_model // n_heads
+    d_ff: int = 1024
+    position: Literal["learned", "rope"] = "learned"
+    rope_theta: float = 10000.0
+    norm: Literal["layernorm", "rmsnorm"] = "layernorm"
+    norm_eps: float = 1e-5
+    mlp: Literal["gelu", "swiglu"] = "gelu"
+    use_bias: bool = True
+    tie_embeddings: bool = True
+    dropout: float = 0.0
+    init_std: float = 0.02
+    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"  # activations / matmuls
+    param_dtype: Literal["float32", "bfloat16"] = "float32"
+    scan_layers: bool = True
+    remat: Literal["none", "full", "dots", "dots_no_batch", "save_attention"] = "none"
+    attention: Literal["auto", "xla", "cudnn", "triton", "mosaic_gpu", "tpu"] = "auto"
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
+
+    @property
+    def dim_per_head(self) -> int:
+        return self.d_model // self.n_heads if self.head_dim is None else self.head_dim
+
+    def validate(self) -> None:
+        if self.n_heads % self.kv_heads:
+            raise ConfigError(
+                f"model.n_kv_heads={self.kv_heads} must divide model.n_heads={self.n_heads}"
+            )
+        if self.head_dim is None and self.d_model % self.n_heads:
+            raise ConfigError(
+                f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads}; "
+                "set model.head_dim explicitly"
+            )
+        if self.position == "rope" and self.dim_per_head % 2:
+            raise ConfigError(f"RoPE needs an even head_dim, got {self.dim_per_head}")
+        for name in ("vocab_size", "max_seq_len", "d_model", "n_layers", "n_heads", "d_ff"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"model.{name} must be positive, got {getattr(self, name)}")
+
+
+# Logical axis -> mesh axes (a name, a list of names, or null for replicated). Flax resolves each
+# tensor's axes in order and skips a mesh axis already used by an earlier dimension, which is what
+# lets activations ('batch' on data+fsdp) and parameters ('embed' on fsdp) share one table.
+MeshAxes = str | tuple[str, ...] | None
+DEFAULT_RULES: tuple[tuple[str, MeshAxes], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("length", "sequence"),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("mlp", "tensor"),
+    ("vocab", "tensor"),
+    ("expert", "expert"),
+    ("layers", None),
+    ("stage", "pipeline"),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh shape (-1 on one axis: all remaining devices) and the logical-axis rule table."""
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+    sequence: int = 1
+    expert: int = 1
+    pipeline: int = 1
+    rules: tuple[tuple[str, MeshAxes], ...] = DEFAULT_RULES
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    """AdamW with linear warmup then cosine decay to ``min_lr_ratio * lr``."""
+
+    lr: float = 1e-3
+    warmup_steps: int = 100
+    decay_steps: int | None = None  # None: train.steps
+    min_lr_ratio: float = 0.1
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0  # global norm; 0 disables
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Where tokens come from. ``stdlib``: the Python standard library's own .py files (every
+    Python has them); ``files``: the user's text files (``paths`` are globs)."""
+
+    source: Literal["stdlib", "files"] = "stdlib"
+    paths: tuple[str, ...] = ()
+    tokenizer: str | None = None  # path to a tokenizer.json; None: train a byte-level BPE
+    seq_len: int = 256
+    batch_size: int = 32  # global, in rows of seq_len tokens
+    val_fraction: float = 0.05  # by file
+    max_files: int | None = None
+    seed: int = 0
+    worker_count: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """The loop: steps, accumulation, evaluation and logging cadence, the run directory."""
+
+    steps: int = 300
+    grad_accum: int = 1
+    eval_every: int = 100
+    eval_batches: int = 8
+    log_every: int = 10
+    seed: int = 0
+    run_dir: str = "runs/default"
+    profile_steps: tuple[int, ...] = ()  # (start, stop) to capture a jax profiler trace
+    progress_bar: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    """Orbax checkpoints under ``<run_dir>/checkpoints``: every N steps, the last K kept."""
+
+    every: int = 100
+    keep: int = 3
+    async_save: bool = True
+    resume: bool = True  # continue from the latest checkpoint in run_dir when one exists
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    model: ModelConfig = ModelConfig()
+    mesh: MeshConfig = MeshConfig()
+    optimizer: OptimizerConfig = OptimizerConfig()
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+
+    def validate(self) -> "Config":
+        self.model.validate()
+        if self.data.seq_len > self.model.max_seq_len:
+            raise ConfigError(
+                f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len="
+                f"{self.model.max_seq_len}"
+            )
+        if self.train.grad_accum < 1 or self.data.batch_size % self.train.grad_accum:
+            raise ConfigError(
+                f"data.batch_size={self.data.batch_size} must be a multiple of "
+                f"train.grad_accum={self.train.grad_accum} (>= 1)"
+            )
+        return self
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading: dict -> dataclasses with type checking.
+
+
+def _type_name(tp) -> str:
+    if typing.get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp`` (converting lists to tuples, ints to floats)."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{key}: expected {' or '.join(_type_name(a) for a in args)}, got {value!r}")
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(f"{key}: {value!r} is not allowed; choose {_type_name(tp)}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+        if len(args) != len(value):
+            raise ConfigError(f"{key}: expected {len(args)} items, got {value!r}")
+        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping of {tp.__name__} fields, got {value!r}")
+        return _from_dict(tp, value, key)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported annotation {tp!r} for {key}")
+
+
+def _from_dict(cls, data: dict, prefix: str = ""):
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for k, v in data.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if k not in fields:
+            raise ConfigError(f"unknown key {key!r}; valid keys here: {', '.join(sorted(fields))}")
+        kwargs[k] = _coerce(v, hints[k], key)
+    return cls(**kwargs)
+
+
+def to_dict(cfg) -> dict:
+    """Plain nested dict (tuples as lists) that round-trips through YAML and ``from_dict``."""
+
+    def plain(x):
+        if dataclasses.is_dataclass(x):
+            return {f.name: plain(getattr(x, f.name)) for f in dataclasses.fields(x)}
+        if isinstance(x, (list, tuple)):
+            return [plain(v) for v in x]
+        return x
+
+    return plain(cfg)
+
+
+def _set_path(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for p in parts[:-1]:
+        child = node.setdefault(p, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {dotted!r}: {p!r} is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``a.b=c`` -> ("a.b", c) with c parsed as YAML (so 3, 1e-3, true, [1, 2], null work)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like section.key=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({e})") from e
+    return key.strip(), value
+
+
+def load_config(path: str | pathlib.Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
+    """Defaults, then the YAML file, then overrides in order; validated."""
+    tree: dict = {}
+    if path is not None:
+        path = pathlib.Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections")
+        tree = loaded
+    for item in overrides:
+        key, value = parse_override(item)
+        _set_path(tree, key, value)
+    return _from_dict(Config, tree).validate()
+
+
+def save_config(cfg: Config, path: str | pathlib.Path) -> None:
+    pathlib.Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
