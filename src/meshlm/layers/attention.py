@@ -1,0 +1,171 @@
+"""Multi-head attention with grouped-query K/V, RoPE, packed segments and a decoding KV cache.
+
+The attention product itself is ``pallas_kernels.flash_attention.flash_attention`` (its
+``implementation="xla"`` reference on CPU, Pallas kernels on GPU/TPU), or cuDNN through
+``jax.nn.dot_product_attention`` when ``implementation="cudnn"``. K/V keep their ``kv_heads``
+(never repeated to ``heads``): the kernels read query head ``h``'s keys from kv head
+``h // (heads // kv_heads)``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
+
+from meshlm.layers.embeddings import apply_rope
+
+Initializer = Callable[..., jax.Array]
+
+# The attention product's output; ``remat="save_attention"`` keeps exactly this tensor.
+ATTENTION_OUT = "attention_out"
+CACHE_AXES = ("batch", "length", "kv_heads", "head_dim")
+# Segment id of cache slots not yet written: never equal to a query's id (>= 0), so never seen.
+_EMPTY_SLOT = -1
+
+
+def attend(q, k, v, *, q_segment_ids=None, kv_segment_ids=None, causal: bool = True,
+           q_offset: int = 0, implementation: str = "auto"):
+    """``softmax(q k^T / sqrt(d)) v`` with ``q (B, Lq, H, D)``, ``k, v (B, Lk, Hkv, D)``.
+
+    Query ``i`` sits at key position ``q_offset + i`` (``causal``: sees keys ``<=`` that); with
+    segment ids it sees only keys of its own segment. ``implementation="cudnn"`` uses cuDNN,
+    which has no segment-id or query-offset argument: those become an explicit boolean mask
+    ``(B, 1, Lq, Lk)`` (cuDNN turns it into an additive bias, slower than its built-in causal
+    mask but exact). Every other value is passed to ``flash_attention``.
+    """
+    if (q_segment_ids is None) != (kv_segment_ids is None):
+        raise ValueError("give both q_segment_ids and kv_segment_ids, or neither")
+    if implementation == "cudnn":
+        lq, lk = q.shape[1], k.shape[1]
+        mask = None
+        if q_segment_ids is not None:
+            mask = q_segment_ids[:, None, :, None] == kv_segment_ids[:, None, None, :]
+        plain_causal = causal and q_offset == 0 and lq == lk
+        if causal and not plain_causal:
+            visible = jnp.arange(lk)[None, :] <= q_offset + jnp.arange(lq)[:, None]
+            mask = visible[None, None] if mask is None else mask & visible
+        return jax.nn.dot_product_attention(
+            q, k, v, mask=mask, is_causal=plain_causal, implementation="cudnn"
+        )
+    from pallas_kernels.flash_attention import flash_attention
+
+    return flash_attention(
+        q, k, v, causal=causal, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
+        q_offset=q_offset, implementation=implementation,
+    )
+
+
+class Attention(nn.Module):
+    """Causal self-attention: q/k/v/out projections with head axes, optional RoPE, GQA/MQA.
+
+    With ``decode=True`` the layer keeps a KV cache in the ``"cache"`` collection
+    (``cached_key``/``cached_value`` of shape ``(batch, max_len, kv_heads, head_dim)``, the
+    ``cached_segment_ids`` and the ``cache_index``). Initialising with ``decode=True`` sizes the
+    cache by the input's length; applying with it appends the given tokens (a prompt or a single
+    token) at the cache index and attends to everything cached. Writing past ``max_len`` is not
+    checked at run time (``dynamic_update_slice`` clamps): the caller bounds its loop.
+    """
+
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    use_bias: bool = True
+    rope: bool = False
+    rope_theta: float = 10000.0
+    implementation: str = "auto"
+    decode: bool = False
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    kernel_init: Initializer = nn.initializers.normal(0.02)
+    out_kernel_init: Initializer = nn.initializers.normal(0.02)
+
+    @nn.compact
+    def __call__(self, x, positions, segment_ids=None):
+        """``x (batch, length, embed)``, ``positions (batch, length)``, ``segment_ids`` or None."""
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_kv_heads={self.num_kv_heads} must divide num_heads={self.num_heads}"
+            )
+
+        def project(heads, head_axis, name):
+            return nn.DenseGeneral(
+                (heads, self.head_dim), use_bias=self.use_bias, dtype=self.dtype,
+                param_dtype=self.param_dtype,
+                kernel_init=nn.with_logical_partitioning(
+                    self.kernel_init, ("embed", head_axis, "head_dim")),
+                bias_init=nn.with_logical_partitioning(
+                    nn.initializers.zeros, (head_axis, "head_dim")),
+                name=name,
+            )(x)
+
+        q = project(self.num_heads, "heads", "query")
+        k = project(self.num_kv_heads, "kv_heads", "key")
+        v = project(self.num_kv_heads, "kv_heads", "value")
+        if self.rope:
+            q = apply_rope(q, positions, self.rope_theta)
+            k = apply_rope(k, positions, self.rope_theta)
+        q = nn.with_logical_constraint(q, ("batch", "length", "heads", "head_dim"))
+        k = nn.with_logical_constraint(k, CACHE_AXES)
+        v = nn.with_logical_constraint(v, CACHE_AXES)
+
+        if self.decode and self.has_variable("cache", "cached_key"):
+            out = self._decode(q, k, v, segment_ids)
+        else:
+            if self.decode:  # initialising: create the cache, sized by this input
+                self._cache_variables(k)
+            out = attend(q, k, v, q_segment_ids=segment_ids, kv_segment_ids=segment_ids,
+                         causal=True, implementation=self.implementation)
+        out = checkpoint_name(out, ATTENTION_OUT)
+        out = nn.with_logical_constraint(out, ("batch", "length", "heads", "head_dim"))
+        return nn.DenseGeneral(
+            x.shape[-1], axis=(-2, -1), use_bias=self.use_bias, dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            kernel_init=nn.with_logical_partitioning(
+                self.out_kernel_init, ("heads", "head_dim", "embed")),
+            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
+            name="out",
+        )(out)
+
+    def _cache_variables(self, k):
+        batch, max_len = k.shape[:2]
+        zeros = nn.with_logical_partitioning(jnp.zeros, CACHE_AXES)
+        return (
+            self.variable("cache", "cached_key", zeros, k.shape, k.dtype),
+            self.variable("cache", "cached_value", zeros, k.shape, k.dtype),
+            self.variable("cache", "cached_segment_ids",
+                          nn.with_logical_partitioning(jnp.zeros, ("batch", "length")),
+                          (batch, max_len), jnp.int32),
+            self.variable("cache", "cache_index", lambda: jnp.zeros((), jnp.int32)),
+        )
+
+    def _decode(self, q, k, v, segment_ids):
+        ck, cv, cseg, cidx = self._cache_variables(k)
+        batch, length = q.shape[:2]
+        max_len = ck.value.shape[1]
+        if length > max_len:
+            raise ValueError(f"cannot append {length} tokens to a KV cache of length {max_len}")
+        if segment_ids is None:
+            segment_ids = jnp.ones((batch, length), jnp.int32)
+        start = cidx.value
+        keys = jax.lax.dynamic_update_slice(ck.value, k, (0, start, 0, 0))
+        values = jax.lax.dynamic_update_slice(cv.value, v, (0, start, 0, 0))
+        segs = jax.lax.dynamic_update_slice(cseg.value, segment_ids.astype(jnp.int32), (0, start))
+        ck.value, cv.value, cseg.value = keys, values, segs
+        end = start + length
+        cidx.value = end
+        kv_segs = jnp.where(jnp.arange(max_len)[None, :] < end, segs, _EMPTY_SLOT)
+        if length == 1:
+            # One query at the newest slot: causality is exactly "slot already written".
+            return attend(q, keys, values, q_segment_ids=segment_ids, kv_segment_ids=kv_segs,
+                          causal=False, implementation=self.implementation)
+        # Several queries at a traced offset, but the kernels take a static ``q_offset``: rotate
+        # the cache so the new tokens occupy its last ``length`` slots (``q_offset = max_len -
+        # length``); the unwritten slots wrap to the front, where their segment id hides them.
+        roll = lambda a: jnp.roll(a, -end, axis=1)
+        return attend(q, roll(keys), roll(values), q_segment_ids=segment_ids,
+                      kv_segment_ids=roll(kv_segs), causal=True, q_offset=max_len - length,
+                      implementation=self.implementation)
