@@ -1,0 +1,72 @@
+"""Autoregressive decoding with a KV cache: one jitted prefill + while-loop decode.
+
+The prompt fills the cache in one call (prefill); each later step feeds the last sampled token at
+its position and reads one row of logits, so a step costs O(length) instead of O(length^2).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from meshlm.generate.sampling import SamplingParams, sample
+from meshlm.models import init_cache
+
+
+@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "sampling", "eos_id"))
+def generate(
+    model: nn.Module,
+    params,
+    prompt: jax.Array,
+    rng: jax.Array,
+    *,
+    max_new_tokens: int,
+    sampling: SamplingParams = SamplingParams(),
+    eos_id: int | None = None,
+) -> jax.Array:
+    """Continue each row of ``prompt`` (batch, prompt_len) int32 by ``max_new_tokens`` tokens.
+
+    Returns the new tokens, (batch, max_new_tokens) int32. A row that emits ``eos_id`` keeps
+    emitting it, and the loop ends early once every row has.
+    """
+    batch, prompt_len = prompt.shape
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    cache = init_cache(model, batch, prompt_len + max_new_tokens)
+
+    def step(cache, tokens, start):
+        positions = start + jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+        logits, mutated = model.apply(
+            {"params": params, "cache": cache}, tokens, positions=positions, decode=True,
+            mutable=["cache"],
+        )
+        return logits[:, -1], mutated["cache"]
+
+    logits, cache = step(cache, prompt, 0)
+    rng, key = jax.random.split(rng)
+    first = sample(logits, key, sampling)
+    out = jnp.zeros((batch, max_new_tokens), jnp.int32).at[:, 0].set(first)
+    done = jnp.zeros((batch,), bool) if eos_id is None else first == eos_id
+
+    def cond(carry):
+        i, _, _, _, done, _ = carry
+        return (i < max_new_tokens) & ~jnp.all(done)
+
+    def body(carry):
+        i, token, cache, out, done, rng = carry
+        logits, cache = step(cache, token[:, None], prompt_len + i - 1)
+        rng, key = jax.random.split(rng)
+        nxt = sample(logits, key, sampling)
+        if eos_id is not None:
+            nxt = jnp.where(done, eos_id, nxt)
+            done = done | (nxt == eos_id)
+        return i + 1, nxt, cache, out.at[:, i].set(nxt), done, rng
+
+    *_, out, _, _ = jax.lax.while_loop(cond, body, (1, first, cache, out, done, rng))
+    if eos_id is not None:  # rows that stopped early: fill the unwritten tail with EOS
+        written = jnp.cumsum(out == eos_id, axis=1) > 0
+        out = jnp.where(written, eos_id, out)
+    return out
