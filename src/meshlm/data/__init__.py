@@ -1,0 +1,114 @@
+"""Training data: corpus files -> tokenizer -> packed token rows -> grain batches.
+
+    data = build_data(cfg, run_dir)
+    it = data.train_iterator()        # next(it) -> batch dict; it.get_state() / it.set_state(s)
+    data.val_batches(n)               # the same n batches on every call
+
+A batch is a dict of numpy arrays of shape (data.batch_size, data.seq_len): ``inputs``,
+``targets`` (next tokens), ``segment_ids`` (documents in a row numbered from 1, 0 = padding),
+``positions`` (restarting at 0 in each document) int32, and ``loss_mask`` float32 (0 on padding
+and on the target that belongs to the next document).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pathlib
+
+import grain
+import numpy as np
+import tokenizers
+
+from meshlm.config import Config, ConfigError
+from meshlm.data.corpus import corpus_split, read_text
+from meshlm.data.pipeline import BATCH_KEYS, PackedRows, token_stream, train_iterator, val_batches
+from meshlm.data.tokenizer import (
+    EOS,
+    TOKENIZER_FILE,
+    eos_id,
+    existing_tokenizer,
+    load_run_tokenizer,
+    train_tokenizer,
+    vocab_size,
+)
+
+__all__ = [
+    "BATCH_KEYS", "EOS", "TOKENIZER_FILE", "Data", "PackedRows", "build_data", "load_run_tokenizer",
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class Data:
+    """A run's tokenizer and its train and validation rows."""
+
+    tokenizer: tokenizers.Tokenizer
+    eos_id: int  # <|endoftext|>: frames every document; start an unconditional sample with it
+    vocab_size: int  # embedding rows the tokenizer needs (<= model.vocab_size)
+    train_rows: PackedRows
+    val_rows: PackedRows
+    batch_size: int
+    seed: int
+    worker_count: int
+
+    @property
+    def seq_len(self) -> int:
+        return self.train_rows.seq_len
+
+    @property
+    def num_train_tokens(self) -> int:
+        """Tokens in one epoch of the train split (framing tokens included)."""
+        return len(self.train_rows.tokens)
+
+    @property
+    def num_val_tokens(self) -> int:
+        return len(self.val_rows.tokens)
+
+    def train_iterator(self) -> grain.DatasetIterator:
+        """Endless shuffled training batches; resumable exactly through get_state/set_state."""
+        return train_iterator(self.train_rows, self.batch_size, self.seed, self.worker_count)
+
+    def val_batches(self, n: int) -> list[dict[str, np.ndarray]]:
+        """The first ``n`` validation batches (fewer if the split is smaller), same every call."""
+        return val_batches(self.val_rows, self.batch_size, n)
+
+
+def build_data(cfg: Config, run_dir: str | os.PathLike) -> Data:
+    """Load or train the tokenizer (kept as ``<run_dir>/tokenizer.json``), tokenize each split
+    once (cached under ``<run_dir>/data``) and pack it into rows of ``data.seq_len`` tokens.
+
+    Every config error (no matching files, a tokenizer larger than the model's vocabulary, a
+    corpus too small to split) is raised as a ``ConfigError`` before any tokenizing.
+    """
+    d = cfg.data
+    for name in ("seq_len", "batch_size"):
+        if getattr(d, name) < 1:
+            raise ConfigError(f"data.{name} must be positive, got {getattr(d, name)}")
+    if d.worker_count < 0:
+        raise ConfigError(f"data.worker_count must be >= 0, got {d.worker_count}")
+    run_dir = pathlib.Path(run_dir)
+    tokenizer = existing_tokenizer(d.tokenizer, run_dir, cfg.model.vocab_size)
+    split = corpus_split(d)
+    if tokenizer is None:
+        tokenizer = train_tokenizer(
+            (read_text(f) for f in split.train), len(split.train), cfg.model.vocab_size, run_dir
+        )
+    tokenizer_file = run_dir / TOKENIZER_FILE
+    eos = eos_id(tokenizer, repr(str(tokenizer_file)))
+    vocab = vocab_size(tokenizer)
+    rows = {}
+    for name, files in (("train", split.train), ("val", split.val)):
+        tokens, starts = token_stream(
+            name, tokenizer, tokenizer_file, files, eos, vocab, run_dir / "data"
+        )
+        rows[name] = PackedRows(tokens, starts, d.seq_len)
+    return Data(
+        tokenizer=tokenizer,
+        eos_id=eos,
+        vocab_size=vocab,
+        train_rows=rows["train"],
+        val_rows=rows["val"],
+        batch_size=d.batch_size,
+        seed=d.seed,
+        worker_count=d.worker_count,
+    )
