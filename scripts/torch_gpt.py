@@ -1,6 +1,7 @@
 """PyTorch baseline for scripts/bench_train.py: the same GPT architecture and batch as a meshlm
 config, written the way a PyTorch user would (torch.compile, scaled_dot_product_attention, bf16
-autocast, fused AdamW), so the comparison is against a strong eager-framework baseline.
+autocast, fused AdamW, the loss compiled with the model), so the comparison is against a
+strong baseline. Parameters are counted the same way as meshlm's (checked by bench_train.py).
 """
 
 from __future__ import annotations
@@ -13,16 +14,23 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def make_norm(m):
+    if m.norm == "layernorm":
+        return nn.LayerNorm(m.d_model, eps=m.norm_eps, bias=m.use_bias)
+    return nn.RMSNorm(m.d_model, eps=m.norm_eps)
+
+
 class Block(nn.Module):
-    def __init__(self, d_model, n_heads, n_kv_heads, d_ff, norm, mlp, bias):
+    def __init__(self, m):
         super().__init__()
-        Norm = nn.LayerNorm if norm == "layernorm" else nn.RMSNorm
+        d_model, n_heads, n_kv_heads, d_ff, bias = (
+            m.d_model, m.n_heads, m.kv_heads, m.d_ff, m.use_bias)
         self.n_heads, self.n_kv_heads = n_heads, n_kv_heads
-        self.head_dim = d_model // n_heads
-        self.ln1, self.ln2 = Norm(d_model), Norm(d_model)
+        self.head_dim = m.dim_per_head
+        self.ln1, self.ln2 = make_norm(m), make_norm(m)
         self.qkv = nn.Linear(d_model, (n_heads + 2 * n_kv_heads) * self.head_dim, bias=bias)
         self.proj = nn.Linear(n_heads * self.head_dim, d_model, bias=bias)
-        self.swiglu = mlp == "swiglu"
+        self.swiglu = m.mlp == "swiglu"
         self.fc = nn.Linear(d_model, d_ff * (2 if self.swiglu else 1), bias=bias)
         self.fc_out = nn.Linear(d_ff, d_model, bias=bias)
 
@@ -50,8 +58,8 @@ class Block(nn.Module):
 
 def apply_rope(x, rope):
     cos, sin = rope
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+    x1, x2 = x.float().chunk(2, dim=-1)  # angles in float32, as meshlm's apply_rope
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
 
 
 class GPT(nn.Module):
@@ -60,10 +68,8 @@ class GPT(nn.Module):
         self.m = m
         self.tok = nn.Embedding(m.vocab_size, m.d_model)
         self.pos = nn.Embedding(m.max_seq_len, m.d_model) if m.position == "learned" else None
-        self.blocks = nn.ModuleList(
-            Block(m.d_model, m.n_heads, m.kv_heads, m.d_ff, m.norm, m.mlp, m.use_bias)
-            for _ in range(m.n_layers))
-        self.ln_f = nn.LayerNorm(m.d_model) if m.norm == "layernorm" else nn.RMSNorm(m.d_model)
+        self.blocks = nn.ModuleList(Block(m) for _ in range(m.n_layers))
+        self.ln_f = make_norm(m)
         self.head = nn.Linear(m.d_model, m.vocab_size, bias=False)
         if m.tie_embeddings:
             self.head.weight = self.tok.weight
@@ -75,7 +81,7 @@ class GPT(nn.Module):
         if self.pos is not None:
             x = x + self.pos(torch.arange(s, device=tokens.device))
         else:
-            hd = self.m.d_model // self.m.n_heads
+            hd = self.m.dim_per_head
             inv = 1.0 / (self.m.rope_theta ** (torch.arange(0, hd, 2, device=tokens.device) / hd))
             ang = torch.arange(s, device=tokens.device)[:, None] * inv[None]
             rope = (ang.cos(), ang.sin())
@@ -85,39 +91,45 @@ class GPT(nn.Module):
 
 
 def measure(model_cfg, batch: int, seq: int, steps: int = 10, warmup: int = 3) -> dict:
-    """Tokens/s of compiled bf16 training steps (forward, backward, fused AdamW) on CUDA."""
+    """Time compiled bf16 training steps (forward, loss, backward, clipping, fused AdamW) on CUDA.
+
+    Returns the mean step time over ``steps`` steps after ``warmup`` (one host sync at the end,
+    as a training loop runs), tokens/s, the parameter count and the first and last losses.
+    """
     torch.manual_seed(0)
     dev = "cuda"
     model = GPT(model_cfg).to(dev)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    compiled = torch.compile(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=True)
+
+    def loss_fn(tokens):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            logits = model(tokens[:, :-1])
+        return F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten())
+
+    compiled = torch.compile(loss_fn)
     gen = torch.Generator(device=dev).manual_seed(0)
     data = torch.randint(0, model_cfg.vocab_size, (4, batch, seq + 1), device=dev, generator=gen)
 
     def step(i):
-        tokens = data[i % 4]
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            logits = compiled(tokens[:, :-1])
-        loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
+        loss = compiled(data[i % 4])
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=True)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return loss
+        return loss.detach()
 
-    for i in range(warmup):
+    first = float(step(0))
+    for i in range(1, warmup):
         step(i)
     torch.cuda.synchronize()
-    times = []
-    for i in range(steps):
-        t0 = time.perf_counter()
-        loss = step(i)
-        loss.item()  # synchronise
-        times.append(time.perf_counter() - t0)
-    times.sort()
-    med = times[len(times) // 2]
+    t0 = time.perf_counter()
+    losses = [step(i) for i in range(steps)]
+    last = float(losses[-1])  # synchronises
+    step_s = (time.perf_counter() - t0) / steps
     n_params = sum(p.numel() for p in model.parameters())
+    peak_gib = torch.cuda.max_memory_allocated() / 2**30
     del model, opt, compiled
     torch.cuda.empty_cache()
-    return {"step_s": med, "tokens_per_s": batch * seq / med, "params": n_params,
-            "loss": float(loss), "finite": math.isfinite(float(loss))}
+    return {"step_s": step_s, "tokens_per_s": batch * seq / step_s, "params": n_params,
+            "first_loss": first, "last_loss": last, "finite": math.isfinite(last),
+            "peak_gib": peak_gib}

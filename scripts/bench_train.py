@@ -1,0 +1,296 @@
+"""Training throughput and MFU of meshlm's real train step beside a torch.compile baseline.
+
+For each GPT config (default: ~125M, ~350M, ~1.3B parameters) this times, on one device,
+``meshlm.train.step.make_train_step`` (bf16 compute, fp32 parameters and AdamW state, global-norm
+clipping, the state built by ``create_train_state``) and ``scripts/torch_gpt.py``'s PyTorch model
+of the same architecture and batch (torch.compile, scaled_dot_product_attention, bf16 autocast,
+fused AdamW), then prints one Markdown table:
+
+    config | params | batch x seq | meshlm tok/s | MFU | torch tok/s | torch MFU | ratio
+
+MFU = tokens/s * ``meshlm.models.flops_per_token`` / the device's dense bf16 peak. Every
+measurement runs in its own child process, so JAX's and PyTorch's allocators never hold GPU memory
+at the same time and an out-of-memory in one row does not lose the others.
+
+    PYTHONPATH=src:. python3 scripts/bench_train.py                   # the GPU table
+    PYTHONPATH=src:. python3 scripts/bench_train.py --smoke           # CPU check, tiny config
+    PYTHONPATH=src:. python3 scripts/bench_train.py --configs gpt2_125m --batch 32 \\
+        --set model.remat=none --skip-torch                           # one tuning point
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+# Dense bf16 peak (TFLOP/s, without sparsity) by substring of jax's device_kind.
+PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4, "H800": 989.4, "A100": 312.0, "L4": 121.0}
+
+# Per config: the batch, sequence length and meshlm overrides this benchmark runs by default
+# (tuned on an H100; see BENCHMARKS.md). The PyTorch baseline gets the same batch and sequence.
+DEFAULTS = {
+    "gpt2_125m": dict(batch=16, seq=1024, overrides=("model.attention=cudnn", "model.remat=none")),
+    "gpt2_350m": dict(batch=16, seq=1024, overrides=("model.attention=cudnn", "model.remat=none")),
+    "gpt_1p3b": dict(batch=8, seq=2048,
+                     overrides=("model.attention=cudnn", "model.remat=dots_no_batch")),
+}
+SMOKE = dict(config="default", batch=4, seq=64, steps=2, warmup=1)
+
+# XLA flags for the JAX child processes (appended to any XLA_FLAGS already set).
+DEFAULT_XLA_FLAGS = "--xla_gpu_enable_latency_hiding_scheduler=true"
+
+
+def config_path(name: str) -> pathlib.Path:
+    path = pathlib.Path(name)
+    if path.suffix in (".yaml", ".yml") and path.is_file():
+        return path
+    path = ROOT / "configs" / f"{name}.yaml"
+    if not path.is_file():
+        names = ", ".join(sorted(p.stem for p in (ROOT / "configs").glob("*.yaml")))
+        raise SystemExit(f"unknown config {name!r}: give a YAML path or one of {names}")
+    return path
+
+
+def peak_flops(device_kind: str) -> float | None:
+    for key, tflops in PEAK_TFLOPS.items():
+        if key in device_kind:
+            return tflops * 1e12
+    return None
+
+
+# ---------------------------------------------------------------------------------- workers
+
+
+def jax_worker(args) -> dict:
+    """Build the real train state and step for one config, then time ``args.steps`` steps."""
+    import jax
+    import numpy as np
+
+    from meshlm import sharding
+    from meshlm.config import load_config
+    from meshlm.models import build_model
+    from meshlm.train.optimizer import make_optimizer
+    from meshlm.train.state import create_train_state, param_count, state_shardings
+    from meshlm.train.step import make_train_step
+
+    overrides = [*args.set, f"data.batch_size={args.batch}", f"data.seq_len={args.seq}"]
+    cfg = load_config(config_path(args.config), overrides)
+    mesh = sharding.make_mesh(cfg.mesh)
+    rules = sharding.axis_rules(cfg.mesh)
+    model = build_model(cfg.model)
+    tx, schedule = make_optimizer(cfg)
+    t0 = time.perf_counter()
+    state, _ = create_train_state(model, tx, mesh, rules, cfg.data.seq_len,
+                                  jax.random.key(cfg.train.seed))
+    abstract, _ = state_shardings(model, tx, mesh, rules, cfg.data.seq_len)
+    train_step = make_train_step(cfg, model, tx, schedule, mesh, rules, abstract)
+    compile_s = time.perf_counter() - t0
+
+    # Full rows of random tokens (one document per row), four batches used in rotation.
+    rng = np.random.default_rng(0)
+    batch_sh = sharding.batch_sharding(mesh, rules)
+    b, length = args.batch, args.seq
+    batches = []
+    for _ in range(4):
+        tokens = rng.integers(0, cfg.model.vocab_size, (b, length + 1), dtype=np.int32)
+        batch = {
+            "inputs": tokens[:, :-1], "targets": tokens[:, 1:],
+            "segment_ids": np.ones((b, length), np.int32),
+            "positions": np.broadcast_to(np.arange(length, dtype=np.int32), (b, length)),
+            "loss_mask": np.ones((b, length), np.float32),
+        }
+        batches.append(jax.device_put(batch, batch_sh))
+
+    state, metrics = train_step(state, batches[0])
+    first_loss = float(metrics["loss"])
+    for i in range(1, args.warmup):
+        state, metrics = train_step(state, batches[i % 4])
+    jax.block_until_ready((state, metrics))
+    t0 = time.perf_counter()
+    for i in range(args.steps):
+        state, metrics = train_step(state, batches[i % 4])
+    jax.block_until_ready((state, metrics))
+    step_s = (time.perf_counter() - t0) / args.steps
+    last_loss = float(metrics["loss"])
+    device = jax.devices()[0]
+    stats = device.memory_stats() or {}
+    return {
+        "step_s": step_s, "tokens_per_s": b * length / step_s, "params": param_count(state.params),
+        "first_loss": first_loss, "last_loss": last_loss,
+        "finite": bool(np.isfinite(last_loss)), "compile_s": compile_s,
+        "peak_gib": stats.get("peak_bytes_in_use", 0) / 2**30, "device_kind": device.device_kind,
+        "platform": device.platform, "num_devices": jax.device_count(),
+        "versions": f"jax {jax.__version__}",
+    }
+
+
+def torch_worker(args) -> dict:
+    import torch
+
+    from meshlm.config import load_config
+    from scripts.torch_gpt import measure
+
+    cfg = load_config(config_path(args.config), [*args.set, f"data.seq_len={args.seq}"])
+    result = measure(cfg.model, args.batch, args.seq, steps=args.steps, warmup=args.warmup)
+    result["versions"] = f"torch {torch.__version__}"
+    result["device_kind"] = torch.cuda.get_device_name()
+    return result
+
+
+# ------------------------------------------------------------------------------------ driver
+
+
+def run_worker(kind: str, args, config: str, batch: int, seq: int, overrides) -> dict:
+    """One measurement in a child process; returns its result or ``{"error": ...}``."""
+    cmd = [sys.executable, str(pathlib.Path(__file__).resolve()), "--worker", kind,
+           "--config", config, "--batch", str(batch), "--seq", str(seq),
+           "--steps", str(args.steps), "--warmup", str(args.warmup)]
+    for item in overrides:
+        cmd += ["--set", item]
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(ROOT / "src"), str(ROOT)] + [p for p in [env.get("PYTHONPATH")] if p])
+    if kind == "jax":
+        env["XLA_FLAGS"] = " ".join(f for f in (env.get("XLA_FLAGS"), args.xla_flags) if f)
+        env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True,
+                              timeout=args.worker_timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {args.worker_timeout} s"}
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            result = json.loads(line[len("RESULT "):])
+            result["wall_s"] = time.perf_counter() - t0
+            return result
+    tail = (proc.stderr or proc.stdout).strip().splitlines()[-25:]
+    print(f"[{kind} {config} failed, exit {proc.returncode}]\n" + "\n".join(tail), flush=True)
+    last = next((l for l in reversed(tail) if l.strip()), "no output")
+    return {"error": last[:160]}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--configs", default=",".join(DEFAULTS),
+                        help="comma-separated config names (configs/NAME.yaml) or YAML paths "
+                             "(default: %(default)s)")
+    parser.add_argument("--batch", default=None,
+                        help="batch size: one value, or one per config (default: per-config table)")
+    parser.add_argument("--seq", default=None,
+                        help="sequence length: one value, or one per config (default: per config)")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps (default: 10)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (default: 3)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="meshlm config override for every config, after the per-config "
+                             "defaults (e.g. model.remat=none); repeatable")
+    parser.add_argument("--skip-torch", action="store_true", help="time meshlm only")
+    parser.add_argument("--smoke", action="store_true",
+                        help="CPU check: configs/default.yaml, batch 4 x 64, 2 steps, no torch")
+    parser.add_argument("--xla-flags", default=DEFAULT_XLA_FLAGS,
+                        help="added to XLA_FLAGS for the JAX runs (default: %(default)s)")
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="dense bf16 peak for MFU (default: by device kind, H100 989.4)")
+    parser.add_argument("--worker-timeout", type=int, default=600,
+                        help="seconds allowed per measurement (default: %(default)s)")
+    parser.add_argument("--out", default=None,
+                        help="directory for results.jsonl and table.md, rewritten after each row")
+    parser.add_argument("--worker", choices=("jax", "torch"), help=argparse.SUPPRESS)
+    parser.add_argument("--config", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.worker:
+        args.batch, args.seq = int(args.batch), int(args.seq)
+        result = (jax_worker if args.worker == "jax" else torch_worker)(args)
+        print("RESULT " + json.dumps(result), flush=True)
+        return
+
+    if args.smoke:
+        args.configs, args.skip_torch = SMOKE["config"], True
+        args.batch, args.seq = args.batch or str(SMOKE["batch"]), args.seq or str(SMOKE["seq"])
+        args.steps, args.warmup = min(args.steps, SMOKE["steps"]), min(args.warmup, SMOKE["warmup"])
+    configs = [c for c in args.configs.split(",") if c]
+
+    def per_config(text, key):
+        if text is None:
+            return [DEFAULTS.get(pathlib.Path(c).stem, {}).get(key) for c in configs]
+        values = [int(v) for v in text.split(",")]
+        if len(values) not in (1, len(configs)):
+            raise SystemExit(f"--{key}: give one value or {len(configs)} (one per config)")
+        return values * len(configs) if len(values) == 1 else values
+
+    batches, seqs = per_config(args.batch, "batch"), per_config(args.seq, "seq")
+    from meshlm.config import load_config
+    from meshlm.models import flops_per_token
+
+    rows, records = [], []
+    out = pathlib.Path(args.out) if args.out else None
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+    headers = ["config", "params", "batch x seq", "meshlm tok/s", "MFU", "torch tok/s",
+               "torch MFU", "ratio"]
+    for config, batch, seq in zip(configs, batches, seqs):
+        base = load_config(config_path(config))
+        batch = batch or base.data.batch_size
+        seq = seq or base.data.seq_len
+        overrides = [*DEFAULTS.get(pathlib.Path(config).stem, {}).get("overrides", ()), *args.set]
+        cfg = load_config(config_path(config), [*overrides, f"data.seq_len={seq}"])
+        flops = flops_per_token(cfg.model, seq)
+        print(f"== {config}: batch {batch} x {seq}, overrides {overrides}", flush=True)
+        res = {"jax": run_worker("jax", args, config, batch, seq, overrides)}
+        print(f"   meshlm: {json.dumps(res['jax'])}", flush=True)
+        if not args.skip_torch:
+            res["torch"] = run_worker("torch", args, config, batch, seq, overrides)
+            print(f"   torch:  {json.dumps(res['torch'])}", flush=True)
+        kind = res["jax"].get("device_kind") or res.get("torch", {}).get("device_kind", "")
+        peak = args.peak_tflops * 1e12 if args.peak_tflops else peak_flops(kind)
+
+        def cols(r):
+            if r is None:
+                return ["skipped", "-"]
+            if "error" in r:
+                return ["error", "-"]
+            tps = r["tokens_per_s"]
+            return [f"{tps:,.0f}", f"{100 * tps * flops / peak:.1f}%" if peak else "n/a"]
+
+        jax_res, torch_res = res["jax"], res.get("torch")
+        ratio = "-"
+        if "error" not in jax_res and torch_res and "error" not in torch_res:
+            ratio = f"{jax_res['tokens_per_s'] / torch_res['tokens_per_s']:.2f}x"
+        params = jax_res.get("params")
+        if params and torch_res and torch_res.get("params") not in (None, params):
+            print(f"   WARNING: parameter counts differ: meshlm {params:,}, torch "
+                  f"{torch_res['params']:,}", flush=True)
+        rows.append([pathlib.Path(config).stem, f"{params / 1e6:.0f}M" if params else "?",
+                     f"{batch} x {seq}", *cols(jax_res), *cols(torch_res), ratio])
+        records.append({"config": config, "batch": batch, "seq": seq, "overrides": overrides,
+                        "xla_flags": args.xla_flags, "flops_per_token": flops,
+                        "peak_flops": peak, **res})
+        if out:
+            (out / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+            (out / "table.md").write_text(_table(headers, rows) + "\n")
+
+    devices = sorted({r["jax"].get("device_kind", "?") for r in records})
+    print(f"\nmeshlm train step vs torch.compile, device: {', '.join(devices)}; "
+          f"{args.steps} timed steps after {args.warmup}; XLA_FLAGS+={args.xla_flags!r}")
+    print(_table(headers, rows), flush=True)
+    if any("error" in r["jax"] for r in records):
+        sys.exit(1)
+
+
+def _table(headers, rows) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
