@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -33,10 +34,38 @@ class Embed(nn.Module):
 
     def attend(self, x):
         """Logits ``x @ embedding.T`` in ``dtype`` with float32 accumulation and float32 output."""
-        return jnp.einsum(
-            "...d,vd->...v", x.astype(self.dtype), self.embedding.astype(self.dtype),
-            preferred_element_type=jnp.float32,
-        )
+        return logits_matmul(x.astype(self.dtype), self.embedding.astype(self.dtype), True)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def logits_matmul(x: jax.Array, table: jax.Array, vocab_major: bool) -> jax.Array:
+    """The LM head: ``x (..., d)`` times ``table`` (``(vocab, d)`` if ``vocab_major`` else
+    ``(d, vocab)``), both in the compute dtype, accumulated and returned in float32.
+
+    Plain autodiff would contract the float32 logits cotangent with the compute-dtype operands,
+    i.e. two float32 matmuls of the model's largest shape (tokens x vocab x d). The backward here
+    rounds the cotangent to the operands' dtype first (as mixed-precision training does for every
+    other layer), so both gradient matmuls run at the compute dtype's rate with float32
+    accumulation. With float32 compute it is exactly autodiff's gradient.
+    """
+    spec = "...d,vd->...v" if vocab_major else "...d,dv->...v"
+    return jnp.einsum(spec, x, table, preferred_element_type=jnp.float32)
+
+
+def _logits_matmul_fwd(x, table, vocab_major):
+    return logits_matmul(x, table, vocab_major), (x, table)
+
+
+def _logits_matmul_bwd(vocab_major, residuals, g):
+    x, table = residuals
+    g = g.astype(x.dtype)
+    w_spec = "vd" if vocab_major else "dv"
+    dx = jnp.einsum(f"...v,{w_spec}->...d", g, table, preferred_element_type=jnp.float32)
+    dtable = jnp.einsum(f"...v,...d->{w_spec}", g, x, preferred_element_type=jnp.float32)
+    return dx.astype(x.dtype), dtable.astype(table.dtype)
+
+
+logits_matmul.defvjp(_logits_matmul_fwd, _logits_matmul_bwd)
 
 
 class LearnedPositions(nn.Module):

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 
 from meshlm.config import ModelConfig
 from meshlm.layers import ATTENTION_OUT, Attention, Embed, LearnedPositions, Mlp, make_norm
+from meshlm.layers.embeddings import logits_matmul
 from meshlm.models import register
 
 _REMAT_POLICIES = {
@@ -132,6 +133,5 @@ class GPT(nn.Module):
                                              ("embed", "vocab")),
                 (cfg.d_model, cfg.vocab_size), param_dtype,
             )
-            logits = jnp.einsum("bld,dv->blv", x, head.astype(dtype),
-                                preferred_element_type=jnp.float32)
+            logits = logits_matmul(x.astype(dtype), head.astype(dtype), False)
         return nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
