@@ -1,0 +1,255 @@
+"""``selective_scan`` and ``selective_scan_step``: validation, choice of lowering, custom VJP.
+
+The lowerings (``triton``, ``tpu``) are imported lazily: one whose module fails to import is
+skipped by ``"auto"`` and reported by a ``ValueError`` when named. There is no Mosaic-GPU lowering:
+the scan is a per-element recurrence with no matrix product, so wgmma/TMA have nothing to
+accelerate that the Triton kernel's coalesced loads do not already reach.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import numbers
+
+import jax
+import jax.numpy as jnp
+from jax.custom_derivatives import SymbolicZero, custom_vjp_primal_tree_values
+
+from pallas_kernels.selective_scan import reference
+from pallas_kernels.selective_scan.common import ScanConfig
+
+IMPLEMENTATIONS = ("auto", "xla", "triton", "tpu")
+
+
+def selective_scan(
+    u,
+    delta,
+    A,
+    B,
+    C,
+    *,
+    D=None,
+    z=None,
+    delta_bias=None,
+    delta_softplus: bool = False,
+    initial_state=None,
+    return_final_state: bool = False,
+    implementation: str = "auto",
+    interpret: bool = False,
+    block_d: int | None = None,
+    chunk: int | None = None,
+):
+    """The Mamba-1 selective scan (S6) with the ``D`` skip and ``silu(z)`` gate fused.
+
+    Per batch row, channel ``c`` and state index ``n`` (``g = c // (d_inner // n_groups)``)::
+
+        dt_t = softplus(delta_t + delta_bias)   (without softplus unless delta_softplus)
+        h_t  = exp(dt_t * A[c, n]) * h_{t-1} + dt_t * B_t[g, n] * u_t
+        y_t  = (sum_n C_t[g, n] * h_t + D[c] * u_t) * silu(z_t)   (D and the gate when given)
+
+    Args:
+      u, delta: ``(batch, length, d_inner)`` floats (any length; no multiple of a block needed).
+      A: ``(d_inner, d_state)`` float (computed in float32; negative for a decaying state).
+      B, C: ``(batch, length, n_groups, d_state)`` floats; ``n_groups`` divides ``d_inner``.
+      D, delta_bias: optional ``(d_inner,)`` floats.
+      z: optional ``(batch, length, d_inner)`` gate.
+      delta_softplus: pass ``delta + delta_bias`` through softplus.
+      initial_state: optional ``(batch, d_inner, d_state)`` state ``h_{-1}`` (float32 is kept).
+      return_final_state: also return the float32 state after the last step.
+      implementation: ``"auto"`` (the lowering for the current backend that supports the call,
+        else ``"xla"``), ``"xla"`` (sequential float32 ``lax.scan``), ``"triton"`` or ``"tpu"``.
+      interpret: run the Pallas kernel in interpret mode (how CI tests it on CPU).
+      block_d: channels per program (Triton: a power of 2; TPU: a multiple of 128 or all of
+        them); must divide ``d_inner // n_groups``. ``None`` takes the tuned default.
+      chunk: steps per unrolled chunk and per backward checkpoint (Triton), or steps per grid
+        block (TPU). ``None`` takes the tuned default.
+
+    Returns:
+      ``y`` in ``u``'s dtype, and the final state ``(batch, d_inner, d_state)`` float32 when
+      ``return_final_state``. Gradients flow to every array argument. The Pallas backward stores
+      one state per chunk and recomputes the others, so memory is linear in length.
+
+    Raises:
+      ValueError: naming the violated constraint.
+    """
+    dims = _check_scan_args(u, delta, A, B, C, D, z, delta_bias, initial_state)
+    if not isinstance(delta_softplus, bool):
+        raise ValueError(f"delta_softplus must be a bool, got {delta_softplus!r}")
+    if not isinstance(return_final_state, bool):
+        raise ValueError(f"return_final_state must be a bool, got {return_final_state!r}")
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
+    for name, size in (("block_d", block_d), ("chunk", chunk)):
+        if size is not None and (not _is_int(size) or size <= 0):
+            raise ValueError(f"{name} must be a positive int or None, got {size!r}")
+
+    cfg = _choose(implementation, dims, block_d, chunk, delta_softplus, bool(interpret))
+    if cfg is None:
+        return reference.selective_scan(
+            u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus,
+            initial_state=initial_state, return_final_state=return_final_state,
+        )  # fmt: skip
+    y, h_final = _kernel_scan(cfg, u, delta, A, B, C, D, z, delta_bias, initial_state)
+    return (y, h_final) if return_final_state else y
+
+
+def selective_scan_step(
+    state, u, delta, A, B, C, *, D=None, z=None, delta_bias=None, delta_softplus: bool = False
+):
+    """One token of the scan (decoding): ``(y, new_state)`` from the state before the token.
+
+    Shapes are those of ``selective_scan`` without the length axis: ``state (batch, d_inner,
+    d_state)``, ``u, delta, z (batch, d_inner)``, ``B, C (batch, n_groups, d_state)``. ``y`` is in
+    ``u``'s dtype, ``new_state`` float32. The step reads and writes the whole state once, a
+    memory-bound elementwise pass that XLA fuses, so it needs no kernel.
+    """
+    if getattr(u, "ndim", None) != 2:
+        raise ValueError(f"u must have rank 2 (batch, d_inner), got {_shape(u)}")
+    if getattr(B, "ndim", None) != 3:
+        raise ValueError(f"B must have rank 3 (batch, n_groups, d_state), got {_shape(B)}")
+    if not isinstance(delta_softplus, bool):
+        raise ValueError(f"delta_softplus must be a bool, got {delta_softplus!r}")
+    expand = lambda x: None if x is None else x[:, None]
+    _check_scan_args(
+        expand(u), expand(delta), A, expand(B), expand(C), D, expand(z), delta_bias, state,
+        state_required=True,
+    )  # fmt: skip
+    f32 = lambda x: None if x is None else x.astype(jnp.float32)
+    dt = reference.discretize_dt(delta, delta_bias, delta_softplus)
+    y, new_state = reference.step(
+        f32(state), f32(u), dt, f32(A), f32(B), f32(C), f32(D), f32(z)
+    )
+    return y.astype(u.dtype), new_state
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def _shape(x):
+    return getattr(x, "shape", type(x).__name__)
+
+
+def _check_scan_args(u, delta, A, B, C, D, z, delta_bias, initial_state, state_required=False):
+    """Checks ranks, shapes and dtypes; returns ``(batch, length, d_inner, n_groups, d_state)``."""
+    if getattr(u, "ndim", None) != 3:
+        raise ValueError(f"u must have rank 3 (batch, length, d_inner), got {_shape(u)}")
+    batch, length, d_inner = u.shape
+    if min(u.shape) < 1:
+        raise ValueError(f"u's dimensions must all be >= 1, got {u.shape}")
+    if getattr(A, "ndim", None) != 2 or A.shape[0] != d_inner:
+        raise ValueError(f"A must have shape (d_inner, d_state) = ({d_inner}, N), got {_shape(A)}")
+    d_state = A.shape[1]
+    if d_state < 1:
+        raise ValueError(f"d_state (A.shape[1]) must be >= 1, got {d_state}")
+    if getattr(B, "ndim", None) != 4:
+        raise ValueError(
+            f"B must have rank 4 (batch, length, n_groups, d_state), got {_shape(B)}"
+        )
+    n_groups = B.shape[2]
+    if B.shape != (batch, length, n_groups, d_state) or n_groups < 1:
+        raise ValueError(
+            f"B must have shape (batch, length, n_groups, d_state) = ({batch}, {length}, G, "
+            f"{d_state}), got {B.shape}"
+        )
+    if d_inner % n_groups:
+        raise ValueError(f"d_inner ({d_inner}) must be divisible by n_groups ({n_groups})")
+    expected = {
+        "delta": (delta, (batch, length, d_inner)),
+        "C": (C, B.shape),
+        "z": (z, (batch, length, d_inner)),
+        "D": (D, (d_inner,)),
+        "delta_bias": (delta_bias, (d_inner,)),
+        "initial_state": (initial_state, (batch, d_inner, d_state)),
+    }
+    arrays = {"u": u, "A": A, "B": B}
+    for name, (x, shape) in expected.items():
+        if x is None:
+            if name == "initial_state" and state_required:
+                raise ValueError("state is required")
+            continue
+        if _shape(x) != shape:
+            raise ValueError(f"{name} must have shape {shape}, got {_shape(x)}")
+        arrays[name] = x
+    for name, x in arrays.items():
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            raise ValueError(f"{name} must be a floating-point array, got {x.dtype}")
+    return batch, length, d_inner, n_groups, d_state
+
+
+# ----------------------------------------------------------------------------- dispatch
+
+
+@functools.cache
+def _load_lowering(name: str):
+    """``(module, None)`` or ``(None, why)``; cached so a failing import is tried once."""
+    try:
+        return importlib.import_module(f"pallas_kernels.selective_scan.{name}"), None
+    except Exception as e:  # noqa: BLE001 - any import failure just makes the lowering unavailable
+        return None, f"{type(e).__name__}: {e}"
+
+
+def _native(name: str) -> bool:
+    return jax.default_backend() == {"triton": "gpu", "tpu": "tpu"}[name]
+
+
+def _choose(implementation, dims, block_d, chunk, delta_softplus, interpret) -> ScanConfig | None:
+    """The kernel configuration to run, or None for the reference."""
+    if implementation == "xla":
+        return None
+    if implementation == "auto":
+        candidates = [n for n in ("triton", "tpu") if interpret or _native(n)]
+        for name in candidates:
+            module, _ = _load_lowering(name)
+            if module is not None and module.supports(dims, block_d, chunk) is None:
+                return module.config(dims, block_d, chunk, delta_softplus, interpret)
+        return None
+    module, error = _load_lowering(implementation)
+    if module is None:
+        raise ValueError(f"implementation={implementation!r} is unavailable ({error})")
+    if not interpret and not _native(implementation):
+        raise ValueError(
+            f"implementation={implementation!r} needs a "
+            f"{ {'triton': 'GPU', 'tpu': 'TPU'}[implementation]} backend, got "
+            f"{jax.default_backend()}; pass interpret=True to run it in interpret mode"
+        )
+    if reason := module.supports(dims, block_d, chunk):
+        raise ValueError(f"implementation={implementation!r} does not support this call: {reason}")
+    return module.config(dims, block_d, chunk, delta_softplus, interpret)
+
+
+# ----------------------------------------------------------------------------- custom VJP
+
+
+def _module(cfg: ScanConfig):
+    return _load_lowering(cfg.implementation)[0]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _kernel_scan(cfg, u, delta, A, B, C, D, z, delta_bias, h0):
+    y, h_final, _ = _module(cfg).forward(
+        u, delta, A, B, C, D, z, delta_bias, h0, cfg, save_checkpoints=False
+    )
+    return y, h_final
+
+
+def _kernel_scan_fwd(cfg, *primals):
+    args = custom_vjp_primal_tree_values(primals)
+    y, h_final, ckpt = _module(cfg).forward(*args, cfg, save_checkpoints=True)
+    return (y, h_final), (args, ckpt)
+
+
+def _kernel_scan_bwd(cfg, residuals, cotangents):
+    args, ckpt = residuals
+    dy, dh_final = cotangents
+    u = args[0]
+    dy = jnp.zeros_like(u) if isinstance(dy, SymbolicZero) else dy.astype(u.dtype)
+    dh_final = None if isinstance(dh_final, SymbolicZero) else dh_final.astype(jnp.float32)
+    return _module(cfg).backward(dy, dh_final, *args, ckpt, cfg)
+
+
+_kernel_scan.defvjp(_kernel_scan_fwd, _kernel_scan_bwd, symbolic_zeros=True)

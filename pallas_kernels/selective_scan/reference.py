@@ -1,0 +1,91 @@
+"""The specification of the Mamba-1 selective scan (S6): a sequential ``lax.scan`` in float32.
+
+For every batch row, channel ``c`` (of ``d_inner``) and state index ``n`` (of ``d_state``)::
+
+    dt_t   = softplus(delta_t + delta_bias)      (or delta_t + delta_bias without softplus)
+    h_t    = exp(dt_t * A[c, n]) * h_{t-1} + dt_t * B_t[g, n] * u_t
+    y_t    = sum_n C_t[g, n] * h_t + D[c] * u_t
+    out_t  = y_t * silu(z_t)                     (only when z is given)
+
+where ``g = c // (d_inner // n_groups)`` is the group whose ``B``/``C`` the channel reads. Every
+Pallas lowering is tested against these functions; ``implementation="xla"`` runs them directly
+(gradients by JAX autodiff through the scan).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def softplus(x):
+    """``log(1 + exp(x))``, linear above 20 where the two agree in float32 (as Mamba does)."""
+    return jnp.where(x > 20.0, x, jnp.log1p(jnp.exp(jnp.minimum(x, 20.0))))
+
+
+def discretize_dt(delta, delta_bias, delta_softplus):
+    """The step size actually used: ``delta (+ bias)``, through softplus when asked, in float32."""
+    dt = delta.astype(jnp.float32)
+    if delta_bias is not None:
+        dt = dt + delta_bias.astype(jnp.float32)
+    return softplus(dt) if delta_softplus else dt
+
+
+def _per_channel(x, d_inner):
+    """Expand group-shared ``(..., n_groups, d_state)`` to per-channel ``(..., d_inner, d_state)``."""
+    return jnp.repeat(x, d_inner // x.shape[-2], axis=-2)
+
+
+def step(state, u, dt, A, B, C, D=None, z=None):
+    """One recurrence step on float32 values; ``dt`` is already discretized.
+
+    Shapes: ``state (..., d_inner, d_state)``, ``u, dt, z (..., d_inner)``,
+    ``B, C (..., n_groups, d_state)``. Returns ``(out, new_state)``, ``out`` in float32.
+    """
+    d_inner = u.shape[-1]
+    decay = jnp.exp(dt[..., None] * A)
+    state = decay * state + (dt * u)[..., None] * _per_channel(B, d_inner)
+    y = jnp.sum(state * _per_channel(C, d_inner), axis=-1)
+    if D is not None:
+        y = y + D * u
+    if z is not None:
+        y = y * jax.nn.silu(z)
+    return y, state
+
+
+def selective_scan(
+    u,
+    delta,
+    A,
+    B,
+    C,
+    *,
+    D=None,
+    z=None,
+    delta_bias=None,
+    delta_softplus=False,
+    initial_state=None,
+    return_final_state=False,
+):
+    """Sequential float32 selective scan; same arguments and results as ``api.selective_scan``."""
+    f32 = lambda x: None if x is None else x.astype(jnp.float32)
+    batch, _, d_inner = u.shape
+    d_state = A.shape[-1]
+    dt = discretize_dt(delta, delta_bias, delta_softplus)
+    A, D = f32(A), f32(D)
+    h0 = (
+        jnp.zeros((batch, d_inner, d_state), jnp.float32)
+        if initial_state is None
+        else f32(initial_state)
+    )
+    time_major = lambda x: None if x is None else jnp.moveaxis(f32(x), 1, 0)
+    xs = (time_major(u), jnp.moveaxis(dt, 1, 0), time_major(B), time_major(C), time_major(z))
+
+    def body(h, x):
+        u_t, dt_t, B_t, C_t, z_t = x
+        y_t, h = step(h, u_t, dt_t, A, B_t, C_t, D, z_t)
+        return h, y_t
+
+    h_final, y = jax.lax.scan(body, h0, xs)
+    y = jnp.moveaxis(y, 0, 1).astype(u.dtype)
+    return (y, h_final) if return_final_state else y

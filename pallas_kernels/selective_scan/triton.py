@@ -1,0 +1,402 @@
+"""Selective scan (Mamba-1) as Pallas GPU kernels, Triton lowering.
+
+Grid: one program per (batch row, block of ``block_d`` channels). A program keeps its state tile
+``h (block_d, d_state)`` in float32 registers and walks the sequence in chunks of ``chunk`` steps.
+The chunk is unrolled at trace time, so the loads of all its steps are issued together before the
+dependent arithmetic (the only loop-carried dependence is one multiply-add per state element),
+which is what hides global-memory latency with only a handful of warps per SM.
+
+Forward: softplus/bias on delta, the decay ``exp(dt * A)`` (``exp2`` with ``A`` pre-scaled by
+log2(e)), the state update, ``C . h``, the ``D`` skip and the ``silu(z)`` gate are all fused; y is
+written once. With ``save_checkpoints`` it also writes the state at the start of every chunk,
+``(batch, n_chunks, d_inner, d_state)`` float32 (``4 * d_state / chunk`` bytes per (token,
+channel)), never the ``(batch, length, d_inner, d_state)`` history.
+
+Backward: the programs walk the chunks in reverse. For each chunk they reload its checkpoint,
+recompute the ``chunk`` states in registers (unrolled, so each is a distinct value: no dynamic
+indexing), then run the adjoint recurrence ``g_t = exp(dt_{t+1} A) g_{t+1} + dy_t C_t`` backwards
+through them. Memory is linear in length. Per-channel gradients (du, ddelta, dz) are written
+directly; per-program sums over time (dA, dD, ddelta_bias) and the gradient of the initial state
+are written per batch row and summed over batch outside.
+
+dB and dC are sums over the channels of a group. Each program reduces over its own ``block_d``
+channels and writes one float32 partial per (batch, channel block, step); the wrapper sums the
+``d_inner / n_groups / block_d`` partials of a group. We chose partial sums over atomics because
+the result is deterministic (bitwise reproducible gradients) and the partials cost
+``8 * d_state / block_d`` bytes per (token, channel) written and read once, a fraction of the
+14 bytes per (token, channel) the backward must move anyway (for d_state 16, block_d 64).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels.selective_scan import common
+
+f32 = jnp.float32
+
+
+# Launch defaults; block_d and num_warps shrink with d_state so the state tile stays in registers.
+_BLOCK_D = 32
+_CHUNK = 16
+_STATE_ELEMS_PER_THREAD = 8
+_MAX_D_STATE = 256
+_MAX_CHUNK = 64  # the chunk is unrolled at trace time; longer chunks only cost compile time
+
+
+def supports(dims, block_d: int | None, chunk: int | None) -> str | None:
+    """None when these kernels handle the call, else the reason."""
+    _, _, d_inner, n_groups, d_state = dims
+    per_group = d_inner // n_groups
+    if d_state > _MAX_D_STATE:
+        return f"d_state must be <= {_MAX_D_STATE} (the state tile lives in registers), got {d_state}"
+    if block_d is not None:
+        if block_d & (block_d - 1):
+            return f"block_d must be a power of 2, got {block_d}"
+        if per_group % block_d:
+            return f"block_d ({block_d}) must divide d_inner // n_groups ({per_group})"
+    if chunk is not None and chunk > _MAX_CHUNK:
+        return f"chunk must be <= {_MAX_CHUNK}, got {chunk}"
+    return None
+
+
+def config(dims, block_d, chunk, delta_softplus: bool, interpret: bool) -> common.ScanConfig:
+    """The launch configuration: explicit sizes as given, else the defaults fitted to the shape."""
+    _, length, d_inner, n_groups, d_state = dims
+    d_state_p = common.next_power_of_2(d_state)
+    if block_d is None:
+        cap = max(1, min(_BLOCK_D, 32 * 8 * _STATE_ELEMS_PER_THREAD // d_state_p))
+        block_d = common.largest_power_of_2_divisor(d_inner // n_groups, cap)
+    chunk = min(chunk or _CHUNK, length)
+    num_warps = max(1, min(8, block_d * d_state_p // (32 * _STATE_ELEMS_PER_THREAD)))
+    return common.ScanConfig(
+        implementation="triton",
+        delta_softplus=delta_softplus,
+        block_d=block_d,
+        chunk=chunk,
+        num_warps=num_warps,
+        interpret=interpret,
+        fast_math=not interpret,
+    )
+
+
+def _exp2(x, fast_math: bool):
+    """``2**x``; on CUDA one ``ex2.approx.ftz`` (rel. error < 2**-22) instead of libdevice's."""
+    if not fast_math:
+        return jnp.exp2(x)
+    [y] = plgpu.elementwise_inline_asm(
+        "ex2.approx.ftz.f32 $0, $1;",
+        args=[x],
+        constraints="=f,f",
+        pack=1,
+        result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, x.dtype)],
+    )
+    return y
+
+
+def _row(ref, t, valid, size):
+    """Row ``t`` of a ``(length, size)`` ref as float32, zeros past the end of the sequence."""
+    mask = jnp.broadcast_to(valid, (size,))
+    return plgpu.load(ref.at[t], mask=mask, other=0.0).astype(f32)
+
+
+def _store_row(ref, t, valid, value):
+    mask = jnp.broadcast_to(valid, value.shape)
+    plgpu.store(ref.at[t], value.astype(ref.dtype), mask=mask)
+
+
+class _Refs:
+    """Names the kernel's positional refs; absent optional operands are None."""
+
+    def __init__(self, refs, names):
+        it = iter(refs)
+        for name, present in names:
+            setattr(self, name, next(it) if present else None)
+        rest = list(it)
+        assert not rest, f"{len(rest)} unexpected refs"
+
+
+def _load_chunk(r, t0, length, chunk, block_d, d_state, bias, softplus, with_dout):
+    """Issue the loads of ``chunk`` steps; returns per-step dicts of float32 values."""
+    steps = []
+    for i in range(chunk):
+        t = t0 + i
+        valid = t < length
+        s = dict(t=t, valid=valid)
+        s["u"] = _row(r.u, t, valid, block_d)
+        s["delta"] = _row(r.delta, t, valid, block_d)
+        s["B"] = _row(r.B, t, valid, d_state)
+        s["C"] = _row(r.C, t, valid, d_state)
+        if r.z is not None:
+            s["z"] = _row(r.z, t, valid, block_d)
+        if with_dout:
+            s["dout"] = _row(r.dout, t, valid, block_d)
+        steps.append(s)
+    for s in steps:
+        x = s["delta"] if bias is None else s["delta"] + bias
+        s["dt_raw"] = x
+        # Steps past the end get dt = 0: decay 1 and no input, so the state is carried unchanged.
+        s["dt"] = jnp.where(s["valid"], common.softplus(x) if softplus else x, 0.0)
+        s["dtu"] = s["dt"] * s["u"]
+    return steps
+
+
+def _fwd_kernel(*refs, length, chunk, n_chunks, softplus, fast_math, flags):
+    r = _Refs(refs, flags)
+    block_d, d_state = r.A.shape
+    A2 = r.A[...].astype(f32) * common.LOG2E
+    D = None if r.D is None else r.D[...].astype(f32)
+    bias = None if r.bias is None else r.bias[...].astype(f32)
+    h = jnp.zeros((block_d, d_state), f32) if r.h0 is None else r.h0[...].astype(f32)
+
+    def chunk_body(c, h):
+        if r.ckpt is not None:
+            r.ckpt[c] = h
+        steps = _load_chunk(r, c * chunk, length, chunk, block_d, d_state, bias, softplus, False)
+        for s in steps:
+            decay = _exp2(s["dt"][:, None] * A2, fast_math)
+            h = decay * h + s["dtu"][:, None] * s["B"][None, :]
+            y = jnp.sum(h * s["C"][None, :], axis=1)
+            if D is not None:
+                y = y + D * s["u"]
+            if r.z is not None:
+                y = common.gate_and_grad(y, s["z"])[0]
+            _store_row(r.y, s["t"], s["valid"], y)
+        return h
+
+    h = jax.lax.fori_loop(0, n_chunks, chunk_body, h)
+    r.h_final[...] = h
+
+
+def _bwd_kernel(*refs, length, chunk, n_chunks, softplus, fast_math, flags):
+    r = _Refs(refs, flags)
+    block_d, d_state = r.A.shape
+    A = r.A[...].astype(f32)
+    A2 = A * common.LOG2E
+    D = None if r.D is None else r.D[...].astype(f32)
+    bias = None if r.bias is None else r.bias[...].astype(f32)
+    zeros_v = jnp.zeros((block_d,), f32)
+    zeros_s = jnp.zeros((block_d, d_state), f32)
+    g = zeros_s if r.dh_final is None else r.dh_final[...].astype(f32)
+
+    def chunk_body(k, carry):
+        g, dA_acc, dD_acc, dbias_acc = carry
+        c = n_chunks - 1 - k
+        steps = _load_chunk(r, c * chunk, length, chunk, block_d, d_state, bias, softplus, True)
+        # Recompute the chunk's states from its checkpoint; states[i] is the state before step i.
+        states = [r.ckpt[c]]
+        decays = []
+        for s in steps:
+            decays.append(_exp2(s["dt"][:, None] * A2, fast_math))
+            states.append(decays[-1] * states[-1] + s["dtu"][:, None] * s["B"][None, :])
+        for i in reversed(range(chunk)):
+            s, h_prev, h, decay = steps[i], states[i], states[i + 1], decays[i]
+            u, dout = s["u"], s["dout"]
+            if r.z is not None:
+                y = jnp.sum(h * s["C"][None, :], axis=1)
+                if D is not None:
+                    y = y + D * u
+                _, dy, dz = common.gate_and_grad(y, s["z"])
+                dy, dz = dout * dy, dout * dz
+                _store_row(r.dz, s["t"], s["valid"], dz)
+            else:
+                dy = dout
+            du = zeros_v
+            if D is not None:
+                du = dy * D
+                dD_acc = dD_acc + dy * u
+            g = g + dy[:, None] * s["C"][None, :]
+            _store_row(r.dC, s["t"], s["valid"], jnp.sum(dy[:, None] * h, axis=0))
+            _store_row(r.dB, s["t"], s["valid"], jnp.sum(g * s["dtu"][:, None], axis=0))
+            g_dot_B = jnp.sum(g * s["B"][None, :], axis=1)
+            g_h = g * h_prev * decay
+            du = du + s["dt"] * g_dot_B
+            ddt = u * g_dot_B + jnp.sum(g_h * A, axis=1)
+            dA_acc = dA_acc + g_h * s["dt"][:, None]
+            if softplus:
+                ddt = ddt * common.sigmoid(s["dt_raw"])
+            ddt = jnp.where(s["valid"], ddt, 0.0)
+            dbias_acc = dbias_acc + ddt
+            _store_row(r.du, s["t"], s["valid"], du)
+            _store_row(r.ddelta, s["t"], s["valid"], ddt)
+            g = g * decay
+        return g, dA_acc, dD_acc, dbias_acc
+
+    g, dA_acc, dD_acc, dbias_acc = jax.lax.fori_loop(
+        0, n_chunks, chunk_body, (g, zeros_s, zeros_v, zeros_v)
+    )
+    r.dA[...] = dA_acc
+    if r.dD is not None:
+        r.dD[...] = dD_acc
+    if r.dbias is not None:
+        r.dbias[...] = dbias_acc
+    if r.dh0 is not None:
+        r.dh0[...] = g
+
+
+def _specs(batch, length, d_inner, d_state, n_groups, block_d):
+    """BlockSpecs of the operands for grid (batch, channel block)."""
+    per_group = d_inner // n_groups // block_d
+    seq = pl.BlockSpec((None, length, block_d), lambda i, j: (i, 0, j))
+    grp = pl.BlockSpec((None, length, None, d_state), lambda i, j: (i, 0, j // per_group, 0))
+    chan = pl.BlockSpec((block_d,), lambda i, j: (j,))
+    chan_state = pl.BlockSpec((block_d, d_state), lambda i, j: (j, 0))
+    state = pl.BlockSpec((None, block_d, d_state), lambda i, j: (i, j, 0))
+    row_chan = pl.BlockSpec((None, block_d), lambda i, j: (i, j))
+    return seq, grp, chan, chan_state, state, row_chan
+
+
+def _pad_state(x, d_state_p, axis=-1):
+    """Pad the d_state axis to a power of two with zeros (padded lanes stay exactly zero)."""
+    if x is None or x.shape[axis] == d_state_p:
+        return x
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (0, d_state_p - x.shape[axis])
+    return jnp.pad(x, pad)
+
+
+def _compiler_params(cfg: common.ScanConfig):
+    return plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=1)
+
+
+def forward(u, delta, A, B, C, D, z, delta_bias, h0, cfg: common.ScanConfig, *, save_checkpoints):
+    """Returns ``(y, final_state, checkpoints or None)``; ``final_state`` float32."""
+    batch, length, d_inner = u.shape
+    n_groups, d_state = B.shape[2], B.shape[3]
+    d_state_p = common.next_power_of_2(d_state)
+    A, B, C, h0 = (_pad_state(x, d_state_p) for x in (A, B, C, h0))
+    block_d, chunk = cfg.block_d, cfg.chunk
+    n_blocks, n_chunks = d_inner // block_d, pl.cdiv(length, chunk)
+    seq, grp, chan, chan_state, state, _ = _specs(batch, length, d_inner, d_state_p, n_groups, block_d)
+
+    operands = [(u, seq), (delta, seq), (A, chan_state), (B, grp), (C, grp)]
+    optional = [("D", D, chan), ("z", z, seq), ("bias", delta_bias, chan), ("h0", h0, state)]
+    flags = [("u", True), ("delta", True), ("A", True), ("B", True), ("C", True)]
+    for name, x, spec in optional:
+        flags.append((name, x is not None))
+        if x is not None:
+            operands.append((x, spec))
+    out_shape = [
+        jax.ShapeDtypeStruct((batch, length, d_inner), u.dtype),
+        jax.ShapeDtypeStruct((batch, d_inner, d_state_p), f32),
+    ]
+    out_specs = [seq, state]
+    flags += [("y", True), ("h_final", True), ("ckpt", save_checkpoints)]
+    if save_checkpoints:
+        out_shape.append(jax.ShapeDtypeStruct((batch, n_chunks, d_inner, d_state_p), f32))
+        out_specs.append(
+            pl.BlockSpec((None, n_chunks, block_d, d_state_p), lambda i, j: (i, 0, j, 0))
+        )
+    kernel = functools.partial(
+        _fwd_kernel,
+        length=length,
+        chunk=chunk,
+        n_chunks=n_chunks,
+        softplus=cfg.delta_softplus,
+        fast_math=cfg.fast_math,
+        flags=tuple(flags),
+    )
+    outs = pl.pallas_call(
+        kernel,
+        out_shape=out_shape,
+        grid=(batch, n_blocks),
+        in_specs=[s for _, s in operands],
+        out_specs=out_specs,
+        compiler_params=_compiler_params(cfg),
+        interpret=cfg.interpret,
+        name="selective_scan_fwd",
+    )(*[x for x, _ in operands])
+    y, h_final = outs[0], outs[1][..., :d_state]
+    return y, h_final, (outs[2] if save_checkpoints else None)
+
+
+def backward(dy, dh_final, u, delta, A, B, C, D, z, delta_bias, h0, ckpt, cfg: common.ScanConfig):
+    """Gradients ``(du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dh0)``, None for absent inputs.
+
+    ``ckpt`` are the forward's checkpoints (already padded to a power-of-two d_state).
+    """
+    batch, length, d_inner = u.shape
+    n_groups, d_state = B.shape[2], B.shape[3]
+    d_state_p = ckpt.shape[-1]
+    A_p, B_p, C_p, dh_final_p = (_pad_state(x, d_state_p) for x in (A, B, C, dh_final))
+    block_d, chunk = cfg.block_d, cfg.chunk
+    n_blocks, n_chunks = d_inner // block_d, ckpt.shape[1]
+    seq, grp, chan, chan_state, state, row_chan = _specs(
+        batch, length, d_inner, d_state_p, n_groups, block_d
+    )
+    operands = [(dy, seq), (u, seq), (delta, seq), (A_p, chan_state), (B_p, grp), (C_p, grp)]
+    flags = [("dout", True), ("u", True), ("delta", True), ("A", True), ("B", True), ("C", True)]
+    for name, x, spec in [
+        ("D", D, chan),
+        ("z", z, seq),
+        ("bias", delta_bias, chan),
+        ("dh_final", dh_final_p, state),
+    ]:
+        flags.append((name, x is not None))
+        if x is not None:
+            operands.append((x, spec))
+    operands.append(
+        (ckpt, pl.BlockSpec((None, n_chunks, block_d, d_state_p), lambda i, j: (i, 0, j, 0)))
+    )
+    flags.append(("ckpt", True))
+
+    partial = pl.BlockSpec((None, None, length, d_state_p), lambda i, j: (i, j, 0, 0))
+    outputs = [
+        ("du", True, jax.ShapeDtypeStruct(u.shape, u.dtype), seq),
+        ("ddelta", True, jax.ShapeDtypeStruct(delta.shape, delta.dtype), seq),
+        ("dz", z is not None, jax.ShapeDtypeStruct(u.shape, getattr(z, "dtype", f32)), seq),
+        ("dB", True, jax.ShapeDtypeStruct((batch, n_blocks, length, d_state_p), f32), partial),
+        ("dC", True, jax.ShapeDtypeStruct((batch, n_blocks, length, d_state_p), f32), partial),
+        ("dA", True, jax.ShapeDtypeStruct((batch, d_inner, d_state_p), f32), state),
+        ("dD", D is not None, jax.ShapeDtypeStruct((batch, d_inner), f32), row_chan),
+        ("dbias", delta_bias is not None, jax.ShapeDtypeStruct((batch, d_inner), f32), row_chan),
+        ("dh0", h0 is not None, jax.ShapeDtypeStruct((batch, d_inner, d_state_p), f32), state),
+    ]
+    flags += [(name, present) for name, present, _, _ in outputs]
+    present = [(name, shape, spec) for name, p, shape, spec in outputs if p]
+    kernel = functools.partial(
+        _bwd_kernel,
+        length=length,
+        chunk=chunk,
+        n_chunks=n_chunks,
+        softplus=cfg.delta_softplus,
+        fast_math=cfg.fast_math,
+        flags=tuple(flags),
+    )
+    outs = pl.pallas_call(
+        kernel,
+        out_shape=[shape for _, shape, _ in present],
+        grid=(batch, n_blocks),
+        in_specs=[s for _, s in operands],
+        out_specs=[spec for _, _, spec in present],
+        compiler_params=_compiler_params(cfg),
+        interpret=cfg.interpret,
+        name="selective_scan_bwd",
+    )(*[x for x, _ in operands])
+    res = dict(zip([name for name, _, _ in present], outs))
+
+    def group_sum(part, like):
+        # (batch, n_blocks, length, N) -> (batch, length, n_groups, N): sum a group's blocks.
+        part = part[..., :d_state].reshape(batch, n_groups, n_blocks // n_groups, length, d_state)
+        return jnp.transpose(part.sum(axis=2), (0, 2, 1, 3)).astype(like.dtype)
+
+    def batch_sum(name, like):
+        return None if like is None else res[name].sum(axis=0)[..., : like.shape[-1]].astype(like.dtype)
+
+    dh0 = None if h0 is None else res["dh0"][..., :d_state].astype(h0.dtype)
+    return (
+        res["du"],
+        res["ddelta"],
+        batch_sum("dA", A),
+        group_sum(res["dB"], B),
+        group_sum(res["dC"], C),
+        batch_sum("dD", D),
+        res.get("dz"),
+        batch_sum("dbias", delta_bias),
+        dh0,
+    )

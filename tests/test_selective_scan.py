@@ -1,0 +1,198 @@
+"""Selective scan (Mamba-1): Pallas kernels in interpret mode against the float32 reference.
+
+Every check draws fresh random inputs (never zeros) and compares forward outputs, final states and
+the gradient of every input by relative error ``||x - ref|| / ||ref||``. Tolerances: float32
+inputs 1e-5 (outputs) / 1e-4 (gradients: different summation order over time and channels);
+bfloat16 inputs 1e-2 (one bfloat16 rounding of each output and input gradient, 2**-8 relative).
+"""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels.selective_scan import reference, selective_scan, selective_scan_step
+
+_seeds = itertools.count(1000)
+
+NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
+
+
+def make_inputs(batch, length, d_inner, n_groups, d_state, dtype, *, full=True):
+    """Random inputs in Mamba's ranges; the optional ones only when ``full``."""
+    k = jax.random.split(jax.random.key(next(_seeds)), 9)
+    x = {
+        "u": jax.random.normal(k[0], (batch, length, d_inner)),
+        "delta": 0.5 * jax.random.normal(k[1], (batch, length, d_inner)),
+        "A": -jnp.exp(0.5 * jax.random.normal(k[2], (d_inner, d_state))),
+        "B": jax.random.normal(k[3], (batch, length, n_groups, d_state)),
+        "C": jax.random.normal(k[4], (batch, length, n_groups, d_state)),
+    }
+    if full:
+        x["D"] = jax.random.normal(k[5], (d_inner,))
+        x["z"] = jax.random.normal(k[6], (batch, length, d_inner))
+        x["delta_bias"] = 0.3 * jax.random.normal(k[7], (d_inner,))
+        x["initial_state"] = jax.random.normal(k[8], (batch, d_inner, d_state))
+    # A and the state stay float32 (as Mamba keeps them); activations take the test dtype.
+    return {n: v if n in ("A", "initial_state") else v.astype(dtype) for n, v in x.items()}
+
+
+def rel_err(x, ref):
+    x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
+    assert np.all(np.isfinite(x)), "non-finite values"
+    return np.linalg.norm(x - ref) / max(np.linalg.norm(ref), 1e-30)
+
+
+def scan_loss(fn, inputs, weights, **kwargs):
+    """A scalar touching every output element with a distinct weight (and the final state)."""
+    names = tuple(inputs)
+
+    def loss(*args):
+        y, h = fn(**dict(zip(names, args)), return_final_state=True, **kwargs)
+        return jnp.sum(y.astype(jnp.float32) * weights[0]) + jnp.sum(h * weights[1])
+
+    return jax.value_and_grad(loss, argnums=tuple(range(len(names))))
+
+
+def check_against_reference(implementation, inputs, *, softplus, tol_out, tol_grad, **kwargs):
+    names = tuple(inputs)
+    y_ref, h_ref = reference.selective_scan(
+        **inputs, delta_softplus=softplus, return_final_state=True
+    )
+    y, h = selective_scan(
+        **inputs, delta_softplus=softplus, return_final_state=True,
+        implementation=implementation, interpret=True, **kwargs,
+    )  # fmt: skip
+    assert y.dtype == inputs["u"].dtype and h.dtype == jnp.float32
+    assert rel_err(y, y_ref) < tol_out
+    assert rel_err(h, h_ref) < tol_out
+
+    kw = jax.random.split(jax.random.key(next(_seeds)))
+    weights = (jax.random.normal(kw[0], y.shape), jax.random.normal(kw[1], h.shape))
+    _, g_ref = scan_loss(reference.selective_scan, inputs, weights, delta_softplus=softplus)(
+        *inputs.values()
+    )
+    fn = lambda **a: selective_scan(**a, implementation=implementation, interpret=True, **kwargs)
+    _, g = jax.jit(scan_loss(fn, inputs, weights, delta_softplus=softplus))(*inputs.values())
+    for name, a, b in zip(names, g, g_ref):
+        assert a.dtype == inputs[name].dtype and a.shape == inputs[name].shape, name
+        assert rel_err(a, b) < tol_grad, (name, rel_err(a, b))
+
+
+# ----------------------------------------------------------------------------- kernels
+
+
+@pytest.mark.parametrize(
+    "dtype,full,n_groups,length",
+    [(jnp.float32, True, 2, 11), (jnp.bfloat16, False, 1, 9)],
+    ids=["f32-all-features-groups", "bf16-minimal"],
+)
+def test_triton_matches_reference(dtype, full, n_groups, length):
+    # d_inner 16 with block_d 4 gives several channel blocks per group; chunk 4 does not divide
+    # the length, so the partial last chunk and the checkpoints between chunks are exercised.
+    inputs = make_inputs(2, length, 16, n_groups, 4, dtype, full=full)
+    tol = (1e-5, 1e-4) if dtype == jnp.float32 else (1e-2, 1e-2)
+    check_against_reference(
+        "triton", inputs, softplus=full, tol_out=tol[0], tol_grad=tol[1], block_d=4, chunk=4
+    )
+
+
+def test_triton_under_vmap_and_jit():
+    inputs = make_inputs(1, 7, 8, 1, 4, jnp.float32)
+    stacked = {n: jnp.stack([v, 0.5 * v]) for n, v in inputs.items()}
+    fn = lambda **a: selective_scan(
+        **a, delta_softplus=True, implementation="triton", interpret=True, chunk=4
+    )
+    y = jax.jit(jax.vmap(lambda a: fn(**a)))(stacked)
+    for i in range(2):
+        one = {n: v[i] for n, v in stacked.items()}
+        y_ref = reference.selective_scan(**one, delta_softplus=True)
+        assert rel_err(y[i], y_ref) < 1e-5
+
+
+# ----------------------------------------------------------------------------- API
+
+
+def test_auto_falls_back_to_reference_on_cpu():
+    inputs = make_inputs(2, 5, 8, 2, 3, jnp.float32)
+    y, h = selective_scan(**inputs, return_final_state=True)
+    y_ref, h_ref = reference.selective_scan(**inputs, return_final_state=True)
+    np.testing.assert_array_equal(y, y_ref)
+    np.testing.assert_array_equal(h, h_ref)
+
+
+def test_xla_gradients_compose_with_jit_and_vmap():
+    inputs = make_inputs(2, 6, 4, 1, 3, jnp.float32)
+    f = lambda u, delta: jnp.sum(
+        selective_scan(u[None], delta[None], inputs["A"], inputs["B"][:1], inputs["C"][:1])
+    )
+    g = jax.jit(jax.vmap(jax.grad(f, argnums=(0, 1))))(inputs["u"], inputs["delta"])
+    for i in range(2):
+        g_i = jax.grad(f, argnums=(0, 1))(inputs["u"][i], inputs["delta"][i])
+        for a, b in zip(g, g_i):
+            np.testing.assert_allclose(a[i], b, rtol=1e-5, atol=1e-6)
+
+
+def test_step_equals_one_step_of_the_scan():
+    inputs = make_inputs(2, 3, 8, 2, 4, jnp.float32)
+    y_ref, h_ref = reference.selective_scan(**inputs, delta_softplus=True, return_final_state=True)
+    state = inputs["initial_state"]
+    for t in range(3):
+        y, state = selective_scan_step(
+            state,
+            *(inputs[n][:, t] for n in ("u", "delta")),
+            inputs["A"],
+            *(inputs[n][:, t] for n in ("B", "C")),
+            D=inputs["D"],
+            z=inputs["z"][:, t],
+            delta_bias=inputs["delta_bias"],
+            delta_softplus=True,
+        )
+        assert rel_err(y, y_ref[:, t]) < 1e-6
+    assert state.dtype == jnp.float32 and rel_err(state, h_ref) < 1e-6
+
+
+def _valid():
+    return make_inputs(2, 5, 8, 2, 4, jnp.float32)
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (lambda x: x.update(u=x["u"][0]), "u must have rank 3"),
+        (lambda x: x.update(delta=x["delta"][:, :4]), "delta must have shape"),
+        (lambda x: x.update(A=x["A"][:4]), "A must have shape"),
+        (lambda x: x.update(B=x["B"][:, :, :1]), "B must have shape|C must have shape"),
+        (lambda x: x.update(B=x["B"][:, :, :, :2], C=x["C"][:, :, :, :2]), "B must have shape"),
+        (lambda x: x.update(D=x["D"][:3]), "D must have shape"),
+        (lambda x: x.update(z=x["z"][:1]), "z must have shape"),
+        (lambda x: x.update(delta_bias=x["delta_bias"][None]), "delta_bias must have shape"),
+        (lambda x: x.update(initial_state=x["initial_state"][:1]), "initial_state must have"),
+        (lambda x: x.update(u=x["u"].astype(jnp.int32)), "u must be a floating-point"),
+    ],
+)
+def test_bad_shapes_raise(change, message):
+    inputs = _valid()
+    change(inputs)
+    with pytest.raises(ValueError, match=message):
+        selective_scan(**inputs)
+
+
+def test_bad_groups_and_options_raise():
+    inputs = make_inputs(1, 4, 6, 4, 2, jnp.float32, full=False)
+    with pytest.raises(ValueError, match=r"d_inner \(6\) must be divisible by n_groups \(4\)"):
+        selective_scan(**inputs)
+    inputs = _valid()
+    with pytest.raises(ValueError, match="implementation must be one of"):
+        selective_scan(**inputs, implementation="cuda")
+    with pytest.raises(ValueError, match="chunk must be a positive int"):
+        selective_scan(**inputs, chunk=0)
+    with pytest.raises(ValueError, match="block_d must be a power of 2"):
+        selective_scan(**inputs, implementation="triton", interpret=True, block_d=3)
+    with pytest.raises(ValueError, match="needs a GPU backend"):
+        selective_scan(**inputs, implementation="triton")
+    with pytest.raises(ValueError, match=r"u must have rank 2"):
+        selective_scan_step(inputs["initial_state"], inputs["u"], inputs["delta"],
+                            inputs["A"], inputs["B"], inputs["C"])  # fmt: skip
