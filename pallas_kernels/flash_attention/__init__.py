@@ -1,0 +1,11 @@
+"""Flash attention: one public function over a plain-JAX reference and Pallas kernels.
+
+``flash_attention(q, k, v, ...)`` takes the layout of ``jax.nn.dot_product_attention``
+(``(batch, length, heads, head_dim)``) and supports causal / sliding-window / segment masking,
+GQA and MQA, ALiBi, logit soft-capping and decoding offsets, forward and backward.
+"""
+
+from pallas_kernels.flash_attention.api import IMPLEMENTATIONS, flash_attention
+from pallas_kernels.flash_attention.common import AttentionSpec, BlockSizes
+
+__all__ = ["IMPLEMENTATIONS", "AttentionSpec", "BlockSizes", "flash_attention"]

@@ -1,0 +1,317 @@
+"""``flash_attention``: argument validation, choice of implementation, and the custom VJP.
+
+The lowerings (``triton``, ``mosaic_gpu``, ``tpu``) are imported lazily: a lowering whose module is
+missing or fails to import is skipped by ``"auto"`` and reported by a ``ValueError`` when named.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib
+import math
+import numbers
+
+import jax
+import jax.numpy as jnp
+from jax.custom_derivatives import SymbolicZero, custom_vjp_primal_tree_values
+
+from pallas_kernels.flash_attention import reference
+from pallas_kernels.flash_attention.common import AttentionSpec, BlockSizes
+
+IMPLEMENTATIONS = ("auto", "xla", "triton", "mosaic_gpu", "tpu")
+_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
+
+
+def flash_attention(
+    q,
+    k,
+    v,
+    *,
+    causal: bool = False,
+    segment_ids=None,
+    q_segment_ids=None,
+    kv_segment_ids=None,
+    sliding_window: int | None = None,
+    alibi_slopes=None,
+    logits_soft_cap: float | None = None,
+    scale: float | None = None,
+    q_offset: int = 0,
+    return_lse: bool = False,
+    implementation: str = "auto",
+    interpret: bool = False,
+    block_sizes: BlockSizes | None = None,
+):
+    """Memory-efficient exact attention in the layout of ``jax.nn.dot_product_attention``.
+
+    Args:
+      q: ``(batch, q_len, heads, head_dim)``, bfloat16, float16 or float32.
+      k, v: ``(batch, kv_len, kv_heads, head_dim)`` in q's dtype; ``heads`` must be a multiple of
+        ``kv_heads`` (GQA/MQA): query head ``h`` reads kv head ``h // (heads // kv_heads)``.
+      causal: query ``i`` sees keys ``j <= q_offset + i``.
+      segment_ids: ``(batch, len)`` integer ids for both sides (requires ``q_len == kv_len``); a
+        query sees only keys of its own segment. Or give ``q_segment_ids`` ``(batch, q_len)`` and
+        ``kv_segment_ids`` ``(batch, kv_len)`` together.
+      sliding_window: ``w > 0`` (with ``causal``): query ``i`` sees keys
+        ``q_offset+i-w+1 .. q_offset+i``.
+      alibi_slopes: ``(heads,)`` float; adds ``-slope_h * |pos_q - pos_k|`` to the logits. The
+        slopes are constants: no gradient flows to them.
+      logits_soft_cap: ``c > 0``; logits become ``c * tanh(logits / c)`` (after ALiBi).
+      scale: multiplies ``q.k``; defaults to ``1 / sqrt(head_dim)``.
+      q_offset: absolute position of the first query among the keys (decoding with a cache).
+      return_lse: also return the float32 log-sum-exp of the logits, ``(batch, heads, q_len)``.
+      implementation: ``"auto"``, ``"xla"`` (the plain-JAX reference), ``"triton"``,
+        ``"mosaic_gpu"`` or ``"tpu"``. ``"auto"`` picks the fastest lowering for the current
+        backend that supports the arguments and falls back to ``"xla"``.
+      interpret: run the chosen Pallas kernel in interpret mode (how CI tests them on CPU).
+      block_sizes: tile sizes; ``None`` fields take the lowering's tuned default.
+
+    Returns:
+      ``out`` like ``q`` (and ``lse`` when ``return_lse``). A query that sees no key gets zeros,
+      ``lse = -inf`` and zero gradients.
+
+    Raises:
+      ValueError: naming the violated constraint.
+    """
+    _check_arrays(q, k, v)
+    batch, q_len, heads, head_dim = q.shape
+    kv_len = k.shape[1]
+    q_seg, kv_seg = _segment_ids(segment_ids, q_segment_ids, kv_segment_ids, batch, q_len, kv_len)
+
+    if not isinstance(causal, bool):
+        raise ValueError(f"causal must be a bool, got {causal!r}")
+    if sliding_window is not None:
+        if not _is_int(sliding_window) or sliding_window <= 0:
+            raise ValueError(f"sliding_window must be a positive int, got {sliding_window!r}")
+        if not causal:
+            raise ValueError("sliding_window requires causal=True")
+    if alibi_slopes is not None:
+        alibi_slopes = jnp.asarray(alibi_slopes)
+        if alibi_slopes.shape != (heads,) or not jnp.issubdtype(alibi_slopes.dtype, jnp.floating):
+            raise ValueError(
+                f"alibi_slopes must be a float array of shape (heads,) = ({heads},), got "
+                f"{alibi_slopes.dtype}{alibi_slopes.shape}"
+            )
+        # Slopes are fixed per head in every ALiBi model; the kernels return no gradient for them.
+        alibi_slopes = jax.lax.stop_gradient(alibi_slopes.astype(jnp.float32))
+    if logits_soft_cap is not None:
+        logits_soft_cap = _positive_number("logits_soft_cap", logits_soft_cap)
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else _positive_number("scale", scale)
+    if not _is_int(q_offset) or q_offset < 0:
+        raise ValueError(f"q_offset must be an int >= 0, got {q_offset!r}")
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
+    block_sizes = _check_block_sizes(block_sizes)
+
+    spec = AttentionSpec(
+        causal=causal,
+        sliding_window=None if sliding_window is None else int(sliding_window),
+        logits_soft_cap=logits_soft_cap,
+        scale=scale,
+        q_offset=int(q_offset),
+        has_segment_ids=q_seg is not None,
+        has_alibi=alibi_slopes is not None,
+    )
+    name = _choose(implementation, q.shape, k.shape, q.dtype, spec, block_sizes, bool(interpret))
+    if name == "xla":
+        out, lse = reference.attention(q, k, v, q_seg, kv_seg, alibi_slopes, spec=spec)
+    else:
+        plan = _Plan(name, spec, block_sizes, bool(interpret))
+        out, lse = _kernel_attention(plan, q, k, v, q_seg, kv_seg, alibi_slopes)
+    return (out, lse) if return_lse else out
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def _positive_number(name, x) -> float:
+    if not isinstance(x, numbers.Real) or isinstance(x, bool):
+        raise ValueError(f"{name} must be a static Python number > 0, got {x!r}")
+    if not (math.isfinite(x) and x > 0):
+        raise ValueError(f"{name} must be finite and > 0, got {x!r}")
+    return float(x)
+
+
+def _check_arrays(q, k, v):
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if getattr(x, "ndim", None) != 4:
+            raise ValueError(
+                f"{name} must have rank 4 (batch, length, heads, head_dim), got shape "
+                f"{getattr(x, 'shape', type(x))}"
+            )
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in _DTYPES:
+        raise ValueError(
+            f"q, k, v must share one dtype among bfloat16, float16, float32; got "
+            f"{q.dtype}, {k.dtype}, {v.dtype}"
+        )
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {k.shape} and {v.shape}")
+    if q.shape[0] != k.shape[0]:
+        raise ValueError(f"q and k must have the same batch size, got {q.shape[0]} and {k.shape[0]}")
+    if q.shape[3] != k.shape[3]:
+        raise ValueError(f"q and k must have the same head_dim, got {q.shape[3]} and {k.shape[3]}")
+    if min(q.shape) < 1 or min(k.shape) < 1:
+        raise ValueError(f"all dimensions must be >= 1, got q {q.shape}, k {k.shape}")
+    if q.shape[2] % k.shape[2]:
+        raise ValueError(
+            f"heads ({q.shape[2]}) must be a multiple of kv_heads ({k.shape[2]})"
+        )
+
+
+def _segment_ids(segment_ids, q_segment_ids, kv_segment_ids, batch, q_len, kv_len):
+    if segment_ids is not None:
+        if q_segment_ids is not None or kv_segment_ids is not None:
+            raise ValueError("give either segment_ids or q_segment_ids/kv_segment_ids, not both")
+        if q_len != kv_len:
+            raise ValueError(
+                f"segment_ids needs q_len == kv_len (got {q_len}, {kv_len}); "
+                "use q_segment_ids and kv_segment_ids"
+            )
+        q_segment_ids = kv_segment_ids = segment_ids
+    elif (q_segment_ids is None) != (kv_segment_ids is None):
+        raise ValueError("q_segment_ids and kv_segment_ids must be given together")
+    if q_segment_ids is None:
+        return None, None
+    out = []
+    for name, ids, length in (("q", q_segment_ids, q_len), ("kv", kv_segment_ids, kv_len)):
+        ids = jnp.asarray(ids)
+        if ids.shape != (batch, length) or not jnp.issubdtype(ids.dtype, jnp.integer):
+            raise ValueError(
+                f"{name} segment ids must be integers of shape (batch, {name}_len) = "
+                f"({batch}, {length}), got {ids.dtype}{ids.shape}"
+            )
+        out.append(ids.astype(jnp.int32))
+    return tuple(out)
+
+
+def _check_block_sizes(block_sizes) -> BlockSizes:
+    if block_sizes is None:
+        return BlockSizes()
+    if not isinstance(block_sizes, BlockSizes):
+        raise ValueError(f"block_sizes must be a BlockSizes, got {type(block_sizes).__name__}")
+    for field in dataclasses.fields(block_sizes):
+        size = getattr(block_sizes, field.name)
+        if size is not None and (not _is_int(size) or size <= 0):
+            raise ValueError(f"block_sizes.{field.name} must be a positive int or None, got {size!r}")
+    return block_sizes
+
+
+# ----------------------------------------------------------------------------- dispatch
+
+
+@functools.cache
+def _load_lowering(name: str):
+    """``(module, None)`` or ``(None, why)``; cached so a failing import is tried once."""
+    try:
+        return importlib.import_module(f"pallas_kernels.flash_attention.{name}"), None
+    except Exception as e:  # noqa: BLE001 - any import failure just makes the lowering unavailable
+        return None, f"{type(e).__name__}: {e}"
+
+
+def _platform_reason(name: str) -> str | None:
+    """Why the current default backend cannot run lowering ``name`` natively (None if it can)."""
+    backend = jax.default_backend()
+    if name == "tpu":
+        return None if backend == "tpu" else f"needs a TPU backend, got {backend}"
+    if backend != "gpu":
+        return f"needs a GPU backend, got {backend}"
+    if name == "mosaic_gpu":
+        cc = getattr(jax.devices()[0], "compute_capability", "")
+        if not str(cc).startswith("9."):
+            return f"needs a Hopper GPU (compute capability 9.x), got {cc or 'unknown'}"
+    return None
+
+
+def _auto_order() -> tuple[str, ...]:
+    backend = jax.default_backend()
+    if backend == "gpu":
+        return ("triton",) if _platform_reason("mosaic_gpu") else ("mosaic_gpu", "triton")
+    if backend == "tpu":
+        return ("tpu",)
+    return ()
+
+
+def _choose(implementation, q_shape, k_shape, dtype, spec, block_sizes, interpret) -> str:
+    if implementation == "xla":
+        return "xla"
+    if implementation == "auto":
+        for name in _auto_order():
+            module, _ = _load_lowering(name)
+            if module is not None and module.supports(q_shape, k_shape, dtype, spec, block_sizes) is None:
+                return name
+        return "xla"
+    module, error = _load_lowering(implementation)
+    if module is None:
+        raise ValueError(f"implementation={implementation!r} is unavailable ({error})")
+    if not interpret and (reason := _platform_reason(implementation)):
+        raise ValueError(
+            f"implementation={implementation!r} {reason}; pass interpret=True to run it in "
+            "interpret mode"
+        )
+    if reason := module.supports(q_shape, k_shape, dtype, spec, block_sizes):
+        raise ValueError(f"implementation={implementation!r} does not support this call: {reason}")
+    return implementation
+
+
+# ----------------------------------------------------------------------------- custom VJP
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """Everything static about one kernel call (hashable: it is a nondiff argument)."""
+
+    implementation: str
+    spec: AttentionSpec
+    block_sizes: BlockSizes
+    interpret: bool
+
+    @property
+    def module(self):
+        return _load_lowering(self.implementation)[0]
+
+    @property
+    def kwargs(self):
+        return dict(spec=self.spec, block_sizes=self.block_sizes, interpret=self.interpret)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _kernel_attention(plan, q, k, v, q_seg, kv_seg, slopes):
+    return plan.module.forward(q, k, v, q_seg, kv_seg, slopes, **plan.kwargs)
+
+
+def _kernel_attention_fwd(plan, *primals):
+    q, k, v, q_seg, kv_seg, slopes = custom_vjp_primal_tree_values(primals)
+    out, lse = plan.module.forward(q, k, v, q_seg, kv_seg, slopes, **plan.kwargs)
+    return (out, lse), (q, k, v, q_seg, kv_seg, slopes, out, lse)
+
+
+def _kernel_attention_bwd(plan, residuals, cotangents):
+    q, k, v, q_seg, kv_seg, slopes, out, lse = residuals
+    d_out, d_lse = cotangents
+    backward = functools.partial(plan.module.backward, **plan.kwargs)
+    if isinstance(d_out, SymbolicZero):
+        d_out = jnp.zeros_like(out)
+    dq, dk, dv = backward(q, k, v, q_seg, kv_seg, slopes, out, lse, d_out.astype(out.dtype))
+    if not isinstance(d_lse, SymbolicZero):
+        # The lowerings take no lse cotangent, but their backward is linear in it: with
+        # P = exp(S - lse), dS = P * (dO.V - rowsum(dO*O) + dlse). A second call with V = 0 and
+        # (O', dO') chosen so that rowsum(dO'*O') = -dlse therefore yields exactly the dlse term
+        # for dq and dk (its dv is zero by construction and dropped). dlse is split into two
+        # columns (high and low part in q's dtype) so that it survives bfloat16 rounding.
+        d_lse = jnp.swapaxes(d_lse.astype(jnp.float32), 1, 2)[..., None]  # (B, Lq, H, 1)
+        hi = d_lse.astype(q.dtype)
+        lo = (d_lse - hi.astype(jnp.float32)).astype(q.dtype)
+        pad = [(0, 0)] * 3 + [(0, q.shape[-1] - 2)]
+        out2 = jnp.pad(-jnp.concatenate([hi, lo], axis=-1), pad)
+        d_out2 = jnp.pad(jnp.ones_like(out2[..., :2]), pad)
+        dq2, dk2, _ = backward(q, k, jnp.zeros_like(v), q_seg, kv_seg, slopes, out2, lse, d_out2)
+        dq = (dq.astype(jnp.float32) + dq2.astype(jnp.float32)).astype(q.dtype)
+        dk = (dk.astype(jnp.float32) + dk2.astype(jnp.float32)).astype(k.dtype)
+    return dq, dk, dv, None, None, None
+
+
+_kernel_attention.defvjp(_kernel_attention_fwd, _kernel_attention_bwd, symbolic_zeros=True)

@@ -1,0 +1,569 @@
+"""Flash attention as Pallas kernels lowered through Triton (NVIDIA Ampere and Hopper, AMD).
+
+Forward: one program per (query block, batch, head) streams the visible key blocks with an online
+softmax in float32 (FlashAttention-2). Backward, with ``delta = rowsum(dO * O)`` computed in XLA
+and P recomputed from the saved log-sum-exp:
+
+- a dK/dV kernel, one program per (key block, batch, kv head), loops over the query heads of its
+  group and over the visible query blocks, so GQA/MQA gradients need no reduction afterwards;
+- a dQ kernel, one program per (query block, batch, head), loops over the visible key blocks.
+
+Key blocks that a query block cannot see (causal, sliding window) are never visited; blocks that
+it sees entirely skip the mask. Each kernel splits its loop into [masked edge | unmasked interior |
+masked edge] so the common interior blocks pay for no ``where``.
+
+All kernels work in base 2: scale, soft cap and ALiBi slopes are multiplied by log2(e), which
+multiplies every logit by exactly log2(e) (``transform_scores`` is homogeneous in the three), so the
+softmax exponentials are bare ``exp2``. Lengths that are not a multiple of the block are padded
+here; padded keys are masked and padded queries are sliced away (in the backward they carry
+``dO = 0`` and ``lse = +inf``, hence ``P = 0``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels.flash_attention.common import (
+    MASK_VALUE,
+    AttentionSpec,
+    BlockSizes,
+    soft_cap_grad,
+    transform_scores,
+)
+
+LOG2E = math.log2(math.e)
+_HEAD_DIMS = (16, 32, 64, 128, 256)
+_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class Tiles:
+    """One kernel's launch shape: query and key tile sizes, warps per program, pipeline depth."""
+
+    block_q: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+
+
+# Tuned defaults: compute capability -> head_dim -> (forward, dK/dV, dQ). The dK/dV kernel keeps a
+# key tile resident and streams query tiles; the dQ kernel the reverse. Values for 9.0 were picked
+# from a sweep on an H100 (scripts/bench_attention.py --sweep); the others are safe fallbacks.
+_TUNED: dict[str, dict[int, tuple[Tiles, Tiles, Tiles]]] = {
+    "9.0": {
+        64: (Tiles(128, 64, 4, 3), Tiles(32, 128, 4, 3), Tiles(128, 32, 4, 3)),
+        128: (Tiles(128, 64, 8, 3), Tiles(64, 128, 8, 2), Tiles(128, 64, 8, 2)),
+        256: (Tiles(64, 64, 4, 2), Tiles(32, 64, 4, 2), Tiles(64, 32, 4, 2)),
+    },
+    "8.0": {
+        64: (Tiles(128, 64, 4, 3), Tiles(32, 128, 4, 3), Tiles(128, 32, 4, 3)),
+        128: (Tiles(128, 64, 8, 2), Tiles(64, 64, 4, 2), Tiles(64, 64, 4, 2)),
+        256: (Tiles(64, 32, 4, 2), Tiles(32, 32, 4, 1), Tiles(32, 32, 4, 1)),
+    },
+}
+_FALLBACK = {
+    64: (Tiles(64, 64, 4, 2), Tiles(32, 64, 4, 2), Tiles(64, 32, 4, 2)),
+    128: (Tiles(64, 64, 4, 2), Tiles(32, 64, 4, 2), Tiles(64, 32, 4, 2)),
+    256: (Tiles(32, 32, 4, 1), Tiles(32, 32, 4, 1), Tiles(32, 32, 4, 1)),
+}
+
+
+def supports(q_shape, k_shape, dtype, spec: AttentionSpec, block_sizes: BlockSizes) -> str | None:
+    """None when these kernels handle the call, else the reason (Triton needs power-of-2 tiles)."""
+    del k_shape, spec  # Every length, mask and feature is handled.
+    head_dim = q_shape[-1]
+    if head_dim not in _HEAD_DIMS:
+        return f"head_dim must be one of {_HEAD_DIMS}, got {head_dim}"
+    if jnp.dtype(dtype) not in _DTYPES:
+        return f"dtype must be bfloat16, float16 or float32, got {jnp.dtype(dtype)}"
+    for field in dataclasses.fields(block_sizes):
+        size = getattr(block_sizes, field.name)
+        if size is not None and (size < 16 or size & (size - 1)):
+            return f"block_sizes.{field.name} must be a power of 2 >= 16, got {size}"
+    return None
+
+
+# ----------------------------------------------------------------------------- tiles
+
+
+def _tuned(head_dim: int) -> tuple[Tiles, Tiles, Tiles]:
+    device = jax.devices()[0]
+    table = _TUNED.get(str(getattr(device, "compute_capability", "")), _FALLBACK)
+    return table[min(d for d in (64, 128, 256) if d >= head_dim)]
+
+
+def _fit(block: int, length: int) -> int:
+    """Shrink a tile for short sequences (decoding) but keep Triton's 16-wide dot minimum."""
+    return max(16, min(block, pl.next_power_of_2(length)))
+
+
+def _resolve(tuned: Tiles, block_q, block_k, q_len, kv_len, num_warps, num_stages) -> Tiles:
+    return Tiles(
+        _fit(block_q or tuned.block_q, q_len),
+        _fit(block_k or tuned.block_k, kv_len),
+        num_warps or tuned.num_warps,
+        num_stages or tuned.num_stages,
+    )
+
+
+# ----------------------------------------------------------------------------- shared pieces
+
+
+def _base2(spec: AttentionSpec) -> AttentionSpec:
+    cap = spec.logits_soft_cap
+    return dataclasses.replace(
+        spec, scale=spec.scale * LOG2E, logits_soft_cap=None if cap is None else cap * LOG2E
+    )
+
+
+def _interior(spec: AttentionSpec) -> AttentionSpec:
+    """The spec for blocks that lie entirely inside the causal / window band."""
+    return dataclasses.replace(spec, causal=False, sliding_window=None)
+
+
+def _dot(a, b, *, trans_b: bool = False):
+    """float32-accumulated tile product; exact float32 products for float32 inputs."""
+    precision = lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
+    dims = (((1,), (1 if trans_b else 0,)), ((), ()))
+    return lax.dot_general(a, b, dims, precision=precision, preferred_element_type=jnp.float32)
+
+
+def _logits(s, q_pos, k_pos, spec2, masked, kv_len, q_seg, k_seg, slope):
+    """``transform_scores`` on one tile; ``kv_len`` (padded keys exist) masks keys past the end."""
+    logits, visible = transform_scores(
+        s, q_pos, k_pos, spec2 if masked else _interior(spec2), q_seg=q_seg, k_seg=k_seg, slope=slope
+    )
+    if masked and kv_len is not None:
+        in_range = k_pos < kv_len
+        logits = jnp.where(in_range, logits, MASK_VALUE)
+        visible = in_range if visible is None else visible & in_range
+    return logits, visible
+
+
+def _ds(p, dp, delta, logits, visible, spec2):
+    """dL/d(pre-cap logit) = P * (dP - delta) [* cap'], the cap' taken from unmasked logits."""
+    ds = p * (dp - delta)
+    if spec2.logits_soft_cap is not None:
+        # Masked entries hold MASK_VALUE, whose square overflows; their P is 0 anyway.
+        unmasked = logits if visible is None else jnp.where(visible, logits, 0.0)
+        ds = ds * soft_cap_grad(unmasked, spec2)
+    return ds
+
+
+def _div(x, d: int):
+    """Floor division of a non-negative traced or static int by a static positive int."""
+    if isinstance(x, int):
+        return x // d
+    return lax.div(x, jnp.int32(d))
+
+
+def _nonneg(x):
+    return max(x, 0) if isinstance(x, int) else jnp.maximum(x, 0)
+
+
+def _clip(x, lo, hi):
+    if all(isinstance(a, int) for a in (x, lo, hi)):
+        return min(max(x, lo), hi)
+    return jnp.minimum(jnp.maximum(x, lo), hi)
+
+
+def _loop(lo, hi, body, carry):
+    if isinstance(lo, int) and isinstance(hi, int) and lo >= hi:
+        return carry
+    return lax.fori_loop(lo, hi, body, carry)
+
+
+def _kv_range(q_first, bq, bk, nk, kv_len, padded_kv, spec):
+    """Key blocks for the query block whose first row sits at ``q_first``.
+
+    Returns ``(lo, full_lo, full_hi, hi)``: blocks ``[lo, hi)`` hold a visible key; within them
+    ``[full_lo, full_hi)`` need no causal / window / padding mask.
+    """
+    q_last = q_first + bq - 1
+    lo, full_lo, full_hi, hi = 0, 0, nk, nk
+    if spec.causal:
+        hi = jnp.minimum(_div(q_last, bk) + 1, nk)
+        full_hi = _div(q_first + 1, bk)
+        if spec.sliding_window is not None:
+            w = spec.sliding_window
+            lo = _div(_nonneg(q_first - w + 1), bk)
+            full_lo = _div(_nonneg(q_last - w + 1) + bk - 1, bk)
+    if padded_kv:
+        full_hi = _clip(full_hi, 0, kv_len // bk)
+    full_lo = _clip(full_lo, lo, hi)
+    full_hi = _clip(full_hi, full_lo, hi)
+    return lo, full_lo, full_hi, hi
+
+
+def _q_range(k_first, bq, bk, nq, kv_len, padded_kv, spec):
+    """Query blocks that see the key block starting at ``k_first``; same convention as _kv_range."""
+    k_last = k_first + bk - 1
+    lo, full_lo, full_hi, hi = 0, 0, nq, nq
+    if spec.causal:
+        lo = _div(_nonneg(k_first - spec.q_offset), bq)
+        full_lo = _div(_nonneg(k_last - spec.q_offset) + bq - 1, bq)
+        if spec.sliding_window is not None:
+            w = spec.sliding_window
+            rows_end = k_last + w - spec.q_offset  # rows i < rows_end see a key of this block
+            hi = jnp.minimum(_div(_nonneg(rows_end) + bq - 1, bq), nq)
+            full_hi = _div(_nonneg(k_first + w - spec.q_offset), bq)
+    if padded_kv:
+        # The block holding padded keys is masked whole.
+        full_hi = jnp.where(k_first + bk > kv_len, full_lo, full_hi)
+    full_lo = _clip(full_lo, lo, hi)
+    full_hi = _clip(full_hi, full_lo, hi)
+    return lo, full_lo, full_hi, hi
+
+
+def _pad_to(x, axis: int, size: int, value=0):
+    if x.shape[axis] == size:
+        return x
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (0, size - x.shape[axis])
+    return jnp.pad(x, pad, constant_values=value)
+
+
+def _iota(n: int):
+    return lax.iota(jnp.int32, n)
+
+
+# ----------------------------------------------------------------------------- forward
+
+
+def _fwd_kernel(*refs, spec2, tiles, nq, nk, kv_len, has_seg, has_alibi):
+    q_ref, k_ref, v_ref, *refs = refs
+    qs_ref = ks_ref = sl_ref = None
+    if has_seg:
+        qs_ref, ks_ref, *refs = refs
+    if has_alibi:
+        sl_ref, *refs = refs
+    o_ref, lse_ref = refs
+    bq, bk = tiles.block_q, tiles.block_k
+    padded_kv = nk * bk != kv_len
+
+    qi = _q_block(pl.program_id(0), nq, spec2)
+    q = q_ref[...]
+    q_first = spec2.q_offset + qi * bq
+    q_pos = (q_first + _iota(bq))[:, None]
+    q_seg = qs_ref[...][:, None] if has_seg else None
+    slope = sl_ref[pl.program_id(2)] if has_alibi else None
+
+    def body(masked):
+        def step(j, carry):
+            acc, m, l = carry
+            start = pl.multiple_of(j * bk, bk)
+            k = k_ref[pl.ds(start, bk), :]
+            k_pos = (start + _iota(bk))[None, :]
+            k_seg = ks_ref[pl.ds(start, bk)][None, :] if has_seg else None
+            s, _ = _logits(
+                _dot(q, k, trans_b=True), q_pos, k_pos, spec2, masked,
+                kv_len if padded_kv else None, q_seg, k_seg, slope,
+            )
+            m_new = jnp.maximum(m, jnp.max(s, axis=1))
+            alpha = jnp.exp2(m - m_new)
+            p = jnp.exp2(s - m_new[:, None])
+            l = l * alpha + jnp.sum(p, axis=1)
+            v = v_ref[pl.ds(start, bk), :]
+            acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v)
+            return acc, m_new, l
+
+        return step
+
+    lo, full_lo, full_hi, hi = _kv_range(q_first, bq, bk, nk, kv_len, padded_kv, spec2)
+    # m starts at MASK_VALUE: a row whose every key so far is masked keeps m = MASK_VALUE (its
+    # masked terms are wiped by alpha = 0 once a visible key arrives), so m tells dead rows apart.
+    carry = (
+        jnp.zeros((bq, q_ref.shape[-1]), jnp.float32),
+        jnp.full((bq,), MASK_VALUE, jnp.float32),
+        jnp.zeros((bq,), jnp.float32),
+    )
+    carry = _loop(lo, full_lo, body(True), carry)
+    carry = _loop(full_lo, full_hi, body(False), carry)
+    acc, m, l = _loop(full_hi, hi, body(True), carry)
+
+    dead = m <= 0.5 * MASK_VALUE
+    l = jnp.where(dead, 1.0, l)
+    o_ref[...] = jnp.where(dead[:, None], 0.0, acc / l[:, None]).astype(o_ref.dtype)
+    lse_ref[...] = jnp.where(dead, -jnp.inf, (m + jnp.log2(l)) / LOG2E)
+
+
+def _q_block(pid, nq, spec):
+    """Causal programs run heaviest (last) query block first, which evens out the tail."""
+    return nq - 1 - pid if spec.causal else pid
+
+
+def forward(q, k, v, q_seg, kv_seg, alibi_slopes, *, spec, block_sizes, interpret,
+            num_warps=None, num_stages=None):
+    """``(out, lse)`` per the lowering contract; ``num_warps``/``num_stages`` override tuning."""
+    batch, q_len, heads, head_dim = q.shape
+    kv_len, kv_heads = k.shape[1], k.shape[2]
+    group = heads // kv_heads
+    tiles = _resolve(_tuned(head_dim)[0], block_sizes.block_q, block_sizes.block_k,
+                     q_len, kv_len, num_warps, num_stages)
+    bq, bk = tiles.block_q, tiles.block_k
+    nq, nk = pl.cdiv(q_len, bq), pl.cdiv(kv_len, bk)
+    spec2 = _base2(spec)
+
+    def q_index(i, b, h):
+        return b, _q_block(i, nq, spec), h, 0
+
+    def kv_index(i, b, h):
+        return b, 0, lax.div(h, jnp.int32(group)), 0
+
+    in_specs = [
+        pl.BlockSpec((None, bq, None, head_dim), q_index),
+        pl.BlockSpec((None, nk * bk, None, head_dim), kv_index),
+        pl.BlockSpec((None, nk * bk, None, head_dim), kv_index),
+    ]
+    args = [_pad_to(q, 1, nq * bq), _pad_to(k, 1, nk * bk), _pad_to(v, 1, nk * bk)]
+    if q_seg is not None:
+        in_specs += [
+            pl.BlockSpec((None, bq), lambda i, b, h: (b, _q_block(i, nq, spec))),
+            pl.BlockSpec((None, nk * bk), lambda i, b, h: (b, 0)),
+        ]
+        args += [_pad_to(q_seg, 1, nq * bq), _pad_to(kv_seg, 1, nk * bk)]
+    if alibi_slopes is not None:
+        in_specs.append(pl.BlockSpec((heads,), lambda i, b, h: (0,)))
+        args.append(alibi_slopes.astype(jnp.float32) * LOG2E)
+
+    kernel = functools.partial(
+        _fwd_kernel, spec2=spec2, tiles=tiles, nq=nq, nk=nk, kv_len=kv_len,
+        has_seg=q_seg is not None, has_alibi=alibi_slopes is not None,
+    )
+    out, lse = pl.pallas_call(
+        kernel,
+        grid=(nq, batch, heads),
+        in_specs=in_specs,
+        out_specs=[
+            pl.BlockSpec((None, bq, None, head_dim), q_index),
+            pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, _q_block(i, nq, spec))),
+        ],
+        out_shape=[
+            jax.ShapeDtypeStruct((batch, nq * bq, heads, head_dim), q.dtype),
+            jax.ShapeDtypeStruct((batch, heads, nq * bq), jnp.float32),
+        ],
+        compiler_params=plgpu.CompilerParams(num_warps=tiles.num_warps, num_stages=tiles.num_stages),
+        interpret=interpret,
+        name="flash_attention_fwd",
+    )(*args)
+    return out[:, :q_len], lse[:, :, :q_len]
+
+
+# ----------------------------------------------------------------------------- backward
+
+
+def _dkv_kernel(*refs, spec2, tiles, nq, kv_len, padded_kv, group, has_seg, has_alibi):
+    q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs = refs
+    qs_ref = ks_ref = sl_ref = None
+    if has_seg:
+        qs_ref, ks_ref, *refs = refs
+    if has_alibi:
+        sl_ref, *refs = refs
+    dk_ref, dv_ref = refs
+    bq, bk = tiles.block_q, tiles.block_k
+    head_dim = k_ref.shape[-1]
+
+    k_first = pl.program_id(0) * bk
+    k = k_ref[...]
+    v = v_ref[...]
+    # The tile is kept transposed (keys x queries) so dK and dV come out without transposes.
+    k_pos = (k_first + _iota(bk))[:, None]
+    k_seg = ks_ref[...][:, None] if has_seg else None
+
+    # program_id is read outside the loop over the group (the interpreter cannot see it inside).
+    first_head = pl.program_id(2) * group
+
+    def head(g, carry):
+        slope = sl_ref[first_head + g] if has_alibi else None
+
+        def body(masked):
+            def step(i, carry):
+                dk, dv = carry
+                start = pl.multiple_of(i * bq, bq)
+                rows = pl.ds(start, bq)
+                q = q_ref[rows, g, :]
+                do = do_ref[rows, g, :]
+                lse = lse_ref[g, rows]
+                delta = delta_ref[g, rows]
+                q_pos = (spec2.q_offset + start + _iota(bq))[None, :]
+                q_seg = qs_ref[rows][None, :] if has_seg else None
+                s, visible = _logits(
+                    _dot(k, q, trans_b=True), q_pos, k_pos, spec2, masked,
+                    kv_len if padded_kv else None, q_seg, k_seg, slope,
+                )
+                p = jnp.exp2(s - lse[None, :])
+                dv = dv + _dot(p.astype(do.dtype), do)
+                dp = _dot(v, do, trans_b=True)
+                ds = _ds(p, dp, delta[None, :], s, visible, spec2)
+                dk = dk + _dot(ds.astype(q.dtype), q)
+                return dk, dv
+
+            return step
+
+        lo, full_lo, full_hi, hi = _q_range(k_first, bq, bk, nq, kv_len, padded_kv, spec2)
+        carry = _loop(lo, full_lo, body(True), carry)
+        carry = _loop(full_lo, full_hi, body(False), carry)
+        return _loop(full_hi, hi, body(True), carry)
+
+    zeros = jnp.zeros((bk, head_dim), jnp.float32)
+    carry = (zeros, zeros)
+    carry = head(0, carry) if group == 1 else lax.fori_loop(0, group, head, carry)
+    dk, dv = carry
+    dk_ref[...] = (dk * spec2.scale / LOG2E).astype(dk_ref.dtype)
+    dv_ref[...] = dv.astype(dv_ref.dtype)
+
+
+def _dq_kernel(*refs, spec2, tiles, nq, nk, kv_len, has_seg, has_alibi):
+    q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs = refs
+    qs_ref = ks_ref = sl_ref = None
+    if has_seg:
+        qs_ref, ks_ref, *refs = refs
+    if has_alibi:
+        sl_ref, *refs = refs
+    (dq_ref,) = refs
+    bq, bk = tiles.block_q, tiles.block_k
+    padded_kv = nk * bk != kv_len
+
+    qi = _q_block(pl.program_id(0), nq, spec2)
+    q = q_ref[...]
+    do = do_ref[...]
+    lse = lse_ref[...][:, None]
+    delta = delta_ref[...][:, None]
+    q_first = spec2.q_offset + qi * bq
+    q_pos = (q_first + _iota(bq))[:, None]
+    q_seg = qs_ref[...][:, None] if has_seg else None
+    slope = sl_ref[pl.program_id(2)] if has_alibi else None
+
+    def body(masked):
+        def step(j, dq):
+            start = pl.multiple_of(j * bk, bk)
+            k = k_ref[pl.ds(start, bk), :]
+            v = v_ref[pl.ds(start, bk), :]
+            k_pos = (start + _iota(bk))[None, :]
+            k_seg = ks_ref[pl.ds(start, bk)][None, :] if has_seg else None
+            s, visible = _logits(
+                _dot(q, k, trans_b=True), q_pos, k_pos, spec2, masked,
+                kv_len if padded_kv else None, q_seg, k_seg, slope,
+            )
+            p = jnp.exp2(s - lse)
+            dp = _dot(do, v, trans_b=True)
+            ds = _ds(p, dp, delta, s, visible, spec2)
+            return dq + _dot(ds.astype(k.dtype), k)
+
+        return step
+
+    lo, full_lo, full_hi, hi = _kv_range(q_first, bq, bk, nk, kv_len, padded_kv, spec2)
+    dq = jnp.zeros(q.shape, jnp.float32)
+    dq = _loop(lo, full_lo, body(True), dq)
+    dq = _loop(full_lo, full_hi, body(False), dq)
+    dq = _loop(full_hi, hi, body(True), dq)
+    dq_ref[...] = (dq * spec2.scale / LOG2E).astype(dq_ref.dtype)
+
+
+def backward(q, k, v, q_seg, kv_seg, alibi_slopes, out, lse, dout, *, spec, block_sizes,
+             interpret, num_warps=None, num_stages=None):
+    """``(dq, dk, dv)`` per the lowering contract; ``num_warps``/``num_stages`` override tuning.
+
+    Explicit ``block_q_bwd``/``block_k_bwd`` apply to both kernels; by default each kernel takes
+    its own tuned pair.
+    """
+    batch, q_len, heads, head_dim = q.shape
+    kv_len, kv_heads = k.shape[1], k.shape[2]
+    group = heads // kv_heads
+    _, tuned_dkv, tuned_dq = _tuned(head_dim)
+    bs = block_sizes
+    dkv_tiles = _resolve(tuned_dkv, bs.block_q_bwd, bs.block_k_bwd, q_len, kv_len,
+                         num_warps, num_stages)
+    dq_tiles = _resolve(tuned_dq, bs.block_q_bwd, bs.block_k_bwd, q_len, kv_len,
+                        num_warps, num_stages)
+    # Tiles are powers of 2, so padding to the larger one suits both kernels.
+    q_pad = pl.cdiv(q_len, max(dkv_tiles.block_q, dq_tiles.block_q)) * max(
+        dkv_tiles.block_q, dq_tiles.block_q)
+    kv_pad = pl.cdiv(kv_len, max(dkv_tiles.block_k, dq_tiles.block_k)) * max(
+        dkv_tiles.block_k, dq_tiles.block_k)
+    spec2 = _base2(spec)
+    has_seg, has_alibi = q_seg is not None, alibi_slopes is not None
+
+    f32 = jnp.float32
+    delta = jnp.swapaxes(jnp.sum(out.astype(f32) * dout.astype(f32), axis=-1), 1, 2)
+    # Rows that saw no key (lse = -inf) get lse = +inf, hence P = 0 and zero gradients.
+    lse2 = jnp.where(jnp.isneginf(lse), jnp.inf, lse * LOG2E)
+    q_p, do_p = _pad_to(q, 1, q_pad), _pad_to(dout, 1, q_pad)
+    k_p, v_p = _pad_to(k, 1, kv_pad), _pad_to(v, 1, kv_pad)
+    lse_p, delta_p = _pad_to(lse2, 2, q_pad, jnp.inf), _pad_to(delta, 2, q_pad)
+    extra = []
+    if has_seg:
+        extra += [_pad_to(q_seg, 1, q_pad), _pad_to(kv_seg, 1, kv_pad)]
+    if has_alibi:
+        extra.append(alibi_slopes.astype(f32) * LOG2E)
+    alibi_spec = [pl.BlockSpec((heads,), lambda *_: (0,))] if has_alibi else []
+
+    # dK, dV: grid over (key block, batch, kv head); the group's query heads are one block.
+    bq, bk = dkv_tiles.block_q, dkv_tiles.block_k
+    nq = q_pad // bq
+    seg_specs = [
+        pl.BlockSpec((None, q_pad), lambda j, b, h: (b, 0)),
+        pl.BlockSpec((None, bk), lambda j, b, h: (b, j)),
+    ] if has_seg else []
+    kv_block = pl.BlockSpec((None, bk, None, head_dim), lambda j, b, h: (b, j, h, 0))
+    q_group = pl.BlockSpec((None, q_pad, group, head_dim), lambda j, b, h: (b, 0, h, 0))
+    row_group = pl.BlockSpec((None, group, q_pad), lambda j, b, h: (b, h, 0))
+    dk, dv = pl.pallas_call(
+        functools.partial(
+            _dkv_kernel, spec2=spec2, tiles=dkv_tiles, nq=nq, kv_len=kv_len,
+            padded_kv=kv_pad != kv_len, group=group, has_seg=has_seg, has_alibi=has_alibi,
+        ),
+        grid=(kv_pad // bk, batch, kv_heads),
+        in_specs=[q_group, kv_block, kv_block, q_group, row_group, row_group, *seg_specs,
+                  *alibi_spec],
+        out_specs=[kv_block, kv_block],
+        out_shape=[jax.ShapeDtypeStruct(k_p.shape, k.dtype)] * 2,
+        compiler_params=plgpu.CompilerParams(
+            num_warps=dkv_tiles.num_warps, num_stages=dkv_tiles.num_stages),
+        interpret=interpret,
+        name="flash_attention_dkv",
+    )(q_p, k_p, v_p, do_p, lse_p, delta_p, *extra)
+
+    # dQ: grid over (query block, batch, head).
+    bq, bk = dq_tiles.block_q, dq_tiles.block_k
+    nq, nk = q_pad // bq, kv_pad // bk
+
+    def q_index(i, b, h):
+        return b, _q_block(i, nq, spec), h, 0
+
+    def kv_index(i, b, h):
+        return b, 0, lax.div(h, jnp.int32(group)), 0
+
+    def row_index(i, b, h):
+        return b, h, _q_block(i, nq, spec)
+
+    seg_specs = [
+        pl.BlockSpec((None, bq), lambda i, b, h: (b, _q_block(i, nq, spec))),
+        pl.BlockSpec((None, kv_pad), lambda i, b, h: (b, 0)),
+    ] if has_seg else []
+    q_block = pl.BlockSpec((None, bq, None, head_dim), q_index)
+    kv_full = pl.BlockSpec((None, kv_pad, None, head_dim), kv_index)
+    rows = pl.BlockSpec((None, None, bq), row_index)
+    dq = pl.pallas_call(
+        functools.partial(
+            _dq_kernel, spec2=spec2, tiles=dq_tiles, nq=nq, nk=nk, kv_len=kv_len,
+            has_seg=has_seg, has_alibi=has_alibi,
+        ),
+        grid=(nq, batch, heads),
+        in_specs=[q_block, kv_full, kv_full, q_block, rows, rows, *seg_specs, *alibi_spec],
+        out_specs=q_block,
+        out_shape=jax.ShapeDtypeStruct(q_p.shape, q.dtype),
+        compiler_params=plgpu.CompilerParams(
+            num_warps=dq_tiles.num_warps, num_stages=dq_tiles.num_stages),
+        interpret=interpret,
+        name="flash_attention_dq",
+    )(q_p, k_p, v_p, do_p, lse_p, delta_p, *extra)
+    return dq[:, :q_len], dk[:, :kv_len], dv[:, :kv_len]
