@@ -1,0 +1,221 @@
+"""What every SSD lowering shares: the static configuration and the per-chunk tile math.
+
+The tile functions are plain jnp on arrays that a kernel has already loaded, so the Triton and the
+TPU kernels run exactly the same arithmetic (and the same choice of which products go to the
+matrix units). Notation for one chunk of ``T`` steps of one head (``P = head_dim``,
+``N = d_state``)::
+
+    a_t    = dt_t * A                      log-decay of step t (A < 0)
+    s_t    = a_1 + ... + a_t               cumulative log-decay inside the chunk, s_T = total
+    L[t,u] = exp(s_t - s_u) if u <= t      decay from step u to step t
+    y      = (L * C B^T) (dt x)            intra-chunk part          (T,T)@(T,P)
+           + exp(s) * (C H^T)              contribution of the state entering the chunk
+           + D x
+    H'     = exp(s_T) H + (exp(s_T - s) dt x)^T B                    (P,T)@(T,N)
+
+Steps past the end of the sequence are given ``dt = 0`` and ``x = B = C = 0``: decay 1 and no
+input, so they carry the state unchanged and contribute nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+f32 = jnp.float32
+
+
+@dataclasses.dataclass(frozen=True)
+class SSDConfig:
+    """Static (hashable) description of one kernel call; the custom_vjp's nondiff argument.
+
+    ``chunk_size`` steps separate two saved float32 states (the only per-chunk residual of the
+    forward). ``block_t`` steps form one tile of the matrix products (``chunk_size`` is a multiple
+    of it); ``block_p`` head_dim columns form one forward program.
+    """
+
+    implementation: str
+    chunk_size: int
+    block_t: int
+    block_p: int
+    dt_softplus: bool
+    num_warps: int | None
+    interpret: bool
+
+
+class Refs:
+    """Names a kernel's positional refs; absent optional operands are None."""
+
+    def __init__(self, refs, names):
+        refs = iter(refs)
+        for name, present in names:
+            setattr(self, name, next(refs) if present else None)
+        assert next(refs, None) is None, "more refs than names"
+
+
+def operands(named):
+    """``(flags, arrays, specs)`` from ``[(name, array or None, spec)]``; flags feed ``Refs``."""
+    flags = tuple((name, a is not None) for name, a, _ in named)
+    present = [(a, s) for _, a, s in named if a is not None]
+    return flags, [a for a, _ in present], [s for _, s in present]
+
+
+def softplus(x):
+    """``log(1 + exp(x))``, linear above 20 (identical in float32), as Mamba does."""
+    return jnp.where(x > 20.0, x, jnp.log1p(jnp.exp(jnp.minimum(x, 20.0))))
+
+
+def sigmoid(x):
+    return 1.0 / (1.0 + jnp.exp(-x))
+
+
+def gate(y, z):
+    """``y * silu(z)`` and the factors ``d/dy = silu(z)``, ``d/dz = y * silu'(z)``."""
+    s = sigmoid(z)
+    silu = z * s
+    return y * silu, silu, y * s * (1.0 + z * (1.0 - s))
+
+
+def _dot(a, b, contract, dtype):
+    """``a . b`` contracting ``contract`` dims, operands cast to ``dtype``, float32 result."""
+    return jax.lax.dot_general(
+        a.astype(dtype), b.astype(dtype), (contract, ((), ())), preferred_element_type=f32
+    )
+
+
+def mm(a, b, dtype):
+    return _dot(a, b, ((1,), (0,)), dtype)
+
+
+def mm_nt(a, b, dtype):
+    """``a @ b.T``."""
+    return _dot(a, b, ((1,), (1,)), dtype)
+
+
+def mm_tn(a, b, dtype):
+    """``a.T @ b``."""
+    return _dot(a, b, ((0,), (0,)), dtype)
+
+
+class Chunk:
+    """The quantities of one chunk that both the forward and the backward need.
+
+    ``x (T,P)``, ``B, C (T,N)`` as loaded (input dtype); ``dt (T,)`` float32, already discretized
+    and zero past the end; ``A`` a float32 scalar. Products run with operands in ``dtype`` (the
+    input dtype: bfloat16 on the tensor cores) and float32 results.
+    """
+
+    def __init__(self, x, dt, A, B, C, dtype):
+        T = dt.shape[0]
+        self.x, self.dt, self.B, self.C, self.dtype = x, dt, B, C, dtype
+        self.s = _inclusive_cumsum(dt * A)  # (T,)
+        self.s_total = jnp.sum(dt * A)
+        row = jax.lax.broadcasted_iota(jnp.int32, (T, T), 0)
+        col = jax.lax.broadcasted_iota(jnp.int32, (T, T), 1)
+        # Mask the exponent, not the exponential: above the diagonal s_t - s_u > 0 can overflow.
+        diff = jnp.where(row >= col, self.s[:, None] - self.s[None, :], -jnp.inf)
+        self.L = jnp.exp(diff)  # (T,T)
+        self.CB = mm_nt(C, B, dtype)  # (T,T)
+        self.xdt = x.astype(f32) * dt[:, None]  # (T,P)
+        self.decay_in = jnp.exp(self.s)  # state entering the chunk -> step t
+        self.decay_out = jnp.exp(self.s_total - self.s)  # step t -> end of the chunk
+
+    def y_off(self, H):
+        """Contribution of the entering state ``H (P,N)`` to the outputs, ``(T,P)``."""
+        return self.decay_in[:, None] * mm_nt(self.C, H, self.dtype)
+
+    def y_ssm(self, H):
+        return mm(self.L * self.CB, self.xdt, self.dtype) + self.y_off(H)
+
+    def next_state(self, H):
+        """The state leaving the chunk, float32 ``(P,N)``."""
+        return _advance(H, self.xdt, self.s, self.s_total, self.B, self.dtype)
+
+
+def next_state(x, dt, A, B, H, dtype):
+    """The state leaving a chunk without the chunk's outputs (the backward's recomputation)."""
+    s = _inclusive_cumsum(dt * A)
+    return _advance(H, x.astype(f32) * dt[:, None], s, jnp.sum(dt * A), B, dtype)
+
+
+def _advance(H, xdt, s, s_total, B, dtype):
+    return jnp.exp(s_total) * H + mm_tn(xdt * jnp.exp(s_total - s)[:, None], B, dtype)
+
+
+def chunk_output(c: Chunk, H, D, z):
+    """Forward outputs of one chunk (float32): ``y`` (skip and gate applied)."""
+    y = c.y_ssm(H)
+    if D is not None:
+        y = y + D * c.x.astype(f32)
+    if z is not None:
+        y = gate(y, z.astype(f32))[0]
+    return y
+
+
+def chunk_backward(c: Chunk, H, dH, dout, A, D, z):
+    """Gradients of one chunk.
+
+    ``H`` is the state entering the chunk, ``dH`` the gradient of the state leaving it and
+    ``dout (T,P)`` the float32 gradient of the chunk's outputs. Returns a dict of float32
+    values: ``dx (T,P)``, ``ddt (T,)`` (w.r.t. the discretized dt), ``dB, dC (T,N)`` (this head's
+    share), ``dz (T,P)`` or None, the per-chunk sums ``dA``, ``dD`` (scalars) and ``dH`` for the
+    state entering the chunk.
+    """
+    x = c.x.astype(f32)
+    dz = None
+    if z is not None:
+        y = c.y_ssm(H)
+        if D is not None:
+            y = y + D * x
+        _, dy_factor, dz_factor = gate(y, z.astype(f32))
+        dz = dout * dz_factor
+        dy = dout * dy_factor
+    else:
+        dy = dout
+    M = c.L * c.CB  # (T,T), zero above the diagonal
+    BdH = mm_nt(c.B, dH, c.dtype)  # (T,P): B_t . dH^T
+    dxdt = mm_tn(M, dy, c.dtype) + c.decay_out[:, None] * BdH
+    dx = dxdt * c.dt[:, None]
+    ddt = jnp.sum(dxdt * x, axis=1)
+    dD = None
+    if D is not None:
+        dx = dx + D * dy
+        dD = jnp.sum(dy * x)
+    dM = c.L * mm_nt(dy, c.xdt, c.dtype)  # (T,T): gradient of M, masked to u <= t
+    dC = mm(dM, c.B, c.dtype) + c.decay_in[:, None] * mm(dy, H, c.dtype)
+    dB = mm_tn(dM, c.C, c.dtype) + c.decay_out[:, None] * mm(c.xdt, dH, c.dtype)
+    # Gradient w.r.t. the cumulative log-decays s_t, then w.r.t. each a_u = sum over t >= u.
+    G = dM * c.CB  # d/d(s_t - s_u) of the intra-chunk term
+    w = c.decay_out * jnp.sum(c.xdt * BdH, axis=1)  # d/d(s_T - s_u) of the state input
+    ds = (
+        jnp.sum(G, axis=1)
+        - jnp.sum(G, axis=0)
+        + jnp.sum(dy * c.y_off(H), axis=1)
+        - w
+    )
+    exp_total = jnp.exp(c.s_total)
+    ds_total = exp_total * jnp.sum(dH * H) + jnp.sum(w)
+    # Reverse inclusive cumsum of ds, plus ds_total which every a_u reaches through s_T.
+    da = jnp.sum(ds) - _exclusive_cumsum(ds) + ds_total
+    ddt = ddt + A * da
+    dA = jnp.sum(c.dt * da)
+    dH_in = exp_total * dH + mm_tn(dy * c.decay_in[:, None], c.C, c.dtype)
+    return dict(dx=dx, ddt=ddt, dB=dB, dC=dC, dz=dz, dA=dA, dD=dD, dH=dH_in)
+
+
+def _exclusive_cumsum(v):
+    """``sum_{u < t} v_u`` by a masked row sum (a ``(T,T)`` tile: no cumsum primitive needed)."""
+    T = v.shape[0]
+    row = jax.lax.broadcasted_iota(jnp.int32, (T, T), 0)
+    col = jax.lax.broadcasted_iota(jnp.int32, (T, T), 1)
+    return jnp.sum(jnp.where(col < row, v[None, :], 0.0), axis=1)
+
+
+def _inclusive_cumsum(v):
+    """``sum_{u <= t} v_u``, exact float32 by a masked row sum (portable: no scan, no matmul)."""
+    T = v.shape[0]
+    row = jax.lax.broadcasted_iota(jnp.int32, (T, T), 0)
+    col = jax.lax.broadcasted_iota(jnp.int32, (T, T), 1)
+    return jnp.sum(jnp.where(col <= row, v[None, :], 0.0), axis=1)
