@@ -119,6 +119,15 @@ def jax_worker(args) -> dict:
     jax.block_until_ready((state, metrics))
     step_s = (time.perf_counter() - t0) / args.steps
     last_loss = float(metrics["loss"])
+    summary = None
+    if args.profile:
+        def run_steps(n):
+            nonlocal state, metrics
+            for i in range(n):
+                state, metrics = train_step(state, batches[i % 4])
+            jax.block_until_ready((state, metrics))
+
+        summary = _jax_profile(run_steps, 2)
     device = jax.devices()[0]
     stats = device.memory_stats() or {}
     return {
@@ -127,8 +136,46 @@ def jax_worker(args) -> dict:
         "finite": bool(np.isfinite(last_loss)), "compile_s": compile_s,
         "peak_gib": stats.get("peak_bytes_in_use", 0) / 2**30, "device_kind": device.device_kind,
         "platform": device.platform, "num_devices": jax.device_count(),
-        "versions": f"jax {jax.__version__}",
+        "versions": f"jax {jax.__version__}", **({"profile": summary} if summary else {}),
     }
+
+
+def _jax_profile(run_steps, steps: int, top: int = 30) -> str:
+    """Device time per kernel of ``run_steps(steps)`` (a jax.profiler trace, summed by name)."""
+    import gzip
+    import tempfile
+
+    import jax
+
+    with tempfile.TemporaryDirectory() as tmp:
+        jax.profiler.start_trace(tmp, create_perfetto_trace=True)
+        run_steps(steps)
+        jax.profiler.stop_trace()
+        (path,) = pathlib.Path(tmp).glob("plugins/profile/*/perfetto_trace.json.gz")
+        trace = json.load(gzip.open(path))
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    procs = {e["pid"]: e["args"]["name"] for e in events
+             if e.get("ph") == "M" and e.get("name") == "process_name"}
+    threads = {(e["pid"], e.get("tid")): e["args"]["name"] for e in events
+               if e.get("ph") == "M" and e.get("name") == "thread_name"}
+    totals: dict[tuple[str, str], list[float]] = {}
+    for e in events:
+        if e.get("ph") != "X" or "GPU" not in procs.get(e["pid"], ""):
+            continue
+        key = (threads.get((e["pid"], e.get("tid")), "?"), e["name"])
+        t = totals.setdefault(key, [0.0, 0])
+        t[0] += e.get("dur", 0.0)
+        t[1] += 1
+    by_thread: dict[str, float] = {}
+    for (thread, _), (dur, _) in totals.items():
+        by_thread[thread] = by_thread.get(thread, 0.0) + dur
+    if not totals:
+        return "no GPU events in the trace; processes: " + ", ".join(sorted(procs.values()))
+    lines = [f"per step, ms: " + ", ".join(f"{t}={d / 1e3 / steps:.2f}"
+                                           for t, d in sorted(by_thread.items()))]
+    for (thread, name), (dur, n) in sorted(totals.items(), key=lambda kv: -kv[1][0])[:top]:
+        lines.append(f"{dur / 1e3 / steps:8.3f} ms {n // steps:4d}x  [{thread[:18]}] {name[:110]}")
+    return "\n".join(lines)
 
 
 def torch_worker(args) -> dict:
@@ -138,7 +185,8 @@ def torch_worker(args) -> dict:
     from scripts.torch_gpt import measure
 
     cfg = load_config(config_path(args.config), [*args.set, f"data.seq_len={args.seq}"])
-    result = measure(cfg.model, args.batch, args.seq, steps=args.steps, warmup=args.warmup)
+    result = measure(cfg.model, args.batch, args.seq, steps=args.steps, warmup=args.warmup,
+                     profile=args.profile)
     result["versions"] = f"torch {torch.__version__}"
     result["device_kind"] = torch.cuda.get_device_name()
     return result
@@ -154,6 +202,8 @@ def run_worker(kind: str, args, config: str, batch: int, seq: int, overrides) ->
            "--steps", str(args.steps), "--warmup", str(args.warmup)]
     for item in overrides:
         cmd += ["--set", item]
+    if args.profile:
+        cmd.append("--profile")
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(
         [str(ROOT / "src"), str(ROOT)] + [p for p in [env.get("PYTHONPATH")] if p])
@@ -201,6 +251,8 @@ def main(argv=None) -> None:
                         help="dense bf16 peak for MFU (default: by device kind, H100 989.4)")
     parser.add_argument("--worker-timeout", type=int, default=600,
                         help="seconds allowed per measurement (default: %(default)s)")
+    parser.add_argument("--profile", action="store_true",
+                        help="also print each run's top kernels by device time (2 extra steps)")
     parser.add_argument("--out", default=None,
                         help="directory for results.jsonl and table.md, rewritten after each row")
     parser.add_argument("--worker", choices=("jax", "torch"), help=argparse.SUPPRESS)
@@ -246,10 +298,13 @@ def main(argv=None) -> None:
         flops = flops_per_token(cfg.model, seq)
         print(f"== {config}: batch {batch} x {seq}, overrides {overrides}", flush=True)
         res = {"jax": run_worker("jax", args, config, batch, seq, overrides)}
-        print(f"   meshlm: {json.dumps(res['jax'])}", flush=True)
         if not args.skip_torch:
             res["torch"] = run_worker("torch", args, config, batch, seq, overrides)
-            print(f"   torch:  {json.dumps(res['torch'])}", flush=True)
+        for kind, r in res.items():
+            profile = r.pop("profile", None)
+            print(f"   {kind}: {json.dumps(r)}", flush=True)
+            if profile:
+                print(profile, flush=True)
         kind = res["jax"].get("device_kind") or res.get("torch", {}).get("device_kind", "")
         peak = args.peak_tflops * 1e12 if args.peak_tflops else peak_flops(kind)
 

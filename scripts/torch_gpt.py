@@ -73,6 +73,11 @@ class GPT(nn.Module):
         self.head = nn.Linear(m.d_model, m.vocab_size, bias=False)
         if m.tie_embeddings:
             self.head.weight = self.tok.weight
+        for mod in self.modules():  # meshlm's init (normal weights, zero biases): same 1st loss
+            if isinstance(mod, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(mod.weight, std=m.init_std)
+            if isinstance(mod, nn.Linear) and mod.bias is not None:
+                nn.init.zeros_(mod.bias)
 
     def forward(self, tokens):
         s = tokens.shape[1]
@@ -90,11 +95,13 @@ class GPT(nn.Module):
         return self.head(self.ln_f(x))
 
 
-def measure(model_cfg, batch: int, seq: int, steps: int = 10, warmup: int = 3) -> dict:
+def measure(model_cfg, batch: int, seq: int, steps: int = 10, warmup: int = 3,
+            profile: bool = False) -> dict:
     """Time compiled bf16 training steps (forward, loss, backward, clipping, fused AdamW) on CUDA.
 
     Returns the mean step time over ``steps`` steps after ``warmup`` (one host sync at the end,
-    as a training loop runs), tokens/s, the parameter count and the first and last losses.
+    as a training loop runs), tokens/s, the parameter count and the first and last losses; with
+    ``profile``, also ``"profile"``: the CUDA kernels of two more steps by total time (text).
     """
     torch.manual_seed(0)
     dev = "cuda"
@@ -126,10 +133,18 @@ def measure(model_cfg, batch: int, seq: int, steps: int = 10, warmup: int = 3) -
     losses = [step(i) for i in range(steps)]
     last = float(losses[-1])  # synchronises
     step_s = (time.perf_counter() - t0) / steps
+    summary = None
+    if profile:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for i in range(2):
+                step(i)
+            torch.cuda.synchronize()
+        summary = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30,
+                                            max_name_column_width=90)
     n_params = sum(p.numel() for p in model.parameters())
     peak_gib = torch.cuda.max_memory_allocated() / 2**30
     del model, opt, compiled
     torch.cuda.empty_cache()
     return {"step_s": step_s, "tokens_per_s": batch * seq / step_s, "params": n_params,
             "first_loss": first, "last_loss": last, "finite": math.isfinite(last),
-            "peak_gib": peak_gib}
+            "peak_gib": peak_gib, **({"profile": summary} if summary else {})}
