@@ -30,6 +30,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
+from jax.sharding import ManualAxisType
 
 from pallas_kernels.flash_attention.common import (
     MASK_VALUE,
@@ -231,6 +232,12 @@ def _pad_to(x, axis: int, size: int, value=0):
     return jnp.pad(x, pad, constant_values=value)
 
 
+def _out_type(shape, dtype, *inputs):
+    """A pallas_call result type; inside ``shard_map`` it varies over every axis an input does."""
+    varying = frozenset().union(*(jax.typeof(x).mat.varying for x in inputs))
+    return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=ManualAxisType(varying=varying))
+
+
 def _iota(n: int):
     return lax.iota(jnp.int32, n)
 
@@ -347,8 +354,8 @@ def forward(q, k, v, q_seg, kv_seg, alibi_slopes, *, spec, block_sizes, interpre
             pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, _q_block(i, nq, spec))),
         ],
         out_shape=[
-            jax.ShapeDtypeStruct((batch, nq * bq, heads, head_dim), q.dtype),
-            jax.ShapeDtypeStruct((batch, heads, nq * bq), jnp.float32),
+            _out_type((batch, nq * bq, heads, head_dim), q.dtype, *args),
+            _out_type((batch, heads, nq * bq), jnp.float32, *args),
         ],
         compiler_params=plgpu.CompilerParams(num_warps=tiles.num_warps, num_stages=tiles.num_stages),
         interpret=interpret,
@@ -378,45 +385,47 @@ def _dkv_kernel(*refs, spec2, tiles, nq, kv_len, padded_kv, group, has_seg, has_
     k_pos = (k_first + _iota(bk))[:, None]
     k_seg = ks_ref[...][:, None] if has_seg else None
 
-    # program_id is read outside the loop over the group (the interpreter cannot see it inside).
     first_head = pl.program_id(2) * group
 
-    def head(g, carry):
-        slope = sl_ref[first_head + g] if has_alibi else None
+    def visit(first, last, masked, carry):
+        """Query blocks ``[first, last)`` of every head of the group, as one flat loop.
 
-        def body(masked):
-            def step(i, carry):
-                dk, dv = carry
-                start = pl.multiple_of(i * bq, bq)
-                rows = pl.ds(start, bq)
-                q = q_ref[rows, g, :]
-                do = do_ref[rows, g, :]
-                lse = lse_ref[g, rows]
-                delta = delta_ref[g, rows]
-                q_pos = (spec2.q_offset + start + _iota(bq))[None, :]
-                q_seg = qs_ref[rows][None, :] if has_seg else None
-                s, visible = _logits(
-                    _dot(k, q, trans_b=True), q_pos, k_pos, spec2, masked,
-                    kv_len if padded_kv else None, q_seg, k_seg, slope,
-                )
-                p = jnp.exp2(s - lse[None, :])
-                dv = dv + _dot(p.astype(do.dtype), do)
-                dp = _dot(v, do, trans_b=True)
-                ds = _ds(p, dp, delta[None, :], s, visible, spec2)
-                dk = dk + _dot(ds.astype(q.dtype), q)
-                return dk, dv
+        One loop rather than a loop over heads around a loop over blocks: the flat loop needs no
+        nested trip counts, and Pallas' interpreter mistypes ref reads in nested loops inside
+        ``shard_map``.
+        """
+        count = last - first
 
-            return step
+        def step(t, carry):
+            dk, dv = carry
+            g, i = (0, first + t) if group == 1 else (lax.div(t, count), first + lax.rem(t, count))
+            start = pl.multiple_of(i * bq, bq)
+            rows = pl.ds(start, bq)
+            q = q_ref[rows, g, :]
+            do = do_ref[rows, g, :]
+            lse = lse_ref[g, rows]
+            delta = delta_ref[g, rows]
+            q_pos = (spec2.q_offset + start + _iota(bq))[None, :]
+            q_seg = qs_ref[rows][None, :] if has_seg else None
+            slope = sl_ref[first_head + g] if has_alibi else None
+            s, visible = _logits(
+                _dot(k, q, trans_b=True), q_pos, k_pos, spec2, masked,
+                kv_len if padded_kv else None, q_seg, k_seg, slope,
+            )
+            p = jnp.exp2(s - lse[None, :])
+            dv = dv + _dot(p.astype(do.dtype), do)
+            dp = _dot(v, do, trans_b=True)
+            ds = _ds(p, dp, delta[None, :], s, visible, spec2)
+            dk = dk + _dot(ds.astype(q.dtype), q)
+            return dk, dv
 
-        lo, full_lo, full_hi, hi = _q_range(k_first, bq, bk, nq, kv_len, padded_kv, spec2)
-        carry = _loop(lo, full_lo, body(True), carry)
-        carry = _loop(full_lo, full_hi, body(False), carry)
-        return _loop(full_hi, hi, body(True), carry)
+        return _loop(0, group * count, step, carry)
 
+    lo, full_lo, full_hi, hi = _q_range(k_first, bq, bk, nq, kv_len, padded_kv, spec2)
     zeros = jnp.zeros((bk, head_dim), jnp.float32)
-    carry = (zeros, zeros)
-    carry = head(0, carry) if group == 1 else lax.fori_loop(0, group, head, carry)
-    dk, dv = carry
+    carry = visit(lo, full_lo, True, (zeros, zeros))
+    carry = visit(full_lo, full_hi, False, carry)
+    dk, dv = visit(full_hi, hi, True, carry)
     dk_ref[...] = (dk * spec2.scale / LOG2E).astype(dk_ref.dtype)
     dv_ref[...] = dv.astype(dv_ref.dtype)
 
@@ -505,6 +514,7 @@ def backward(q, k, v, q_seg, kv_seg, alibi_slopes, out, lse, dout, *, spec, bloc
     if has_alibi:
         extra.append(alibi_slopes.astype(f32) * LOG2E)
     alibi_spec = [pl.BlockSpec((heads,), lambda *_: (0,))] if has_alibi else []
+    inputs = (q_p, k_p, v_p, do_p, lse_p, delta_p, *extra)
 
     # dK, dV: grid over (key block, batch, kv head); the group's query heads are one block.
     bq, bk = dkv_tiles.block_q, dkv_tiles.block_k
@@ -525,12 +535,12 @@ def backward(q, k, v, q_seg, kv_seg, alibi_slopes, out, lse, dout, *, spec, bloc
         in_specs=[q_group, kv_block, kv_block, q_group, row_group, row_group, *seg_specs,
                   *alibi_spec],
         out_specs=[kv_block, kv_block],
-        out_shape=[jax.ShapeDtypeStruct(k_p.shape, k.dtype)] * 2,
+        out_shape=[_out_type(k_p.shape, k.dtype, *inputs)] * 2,
         compiler_params=plgpu.CompilerParams(
             num_warps=dkv_tiles.num_warps, num_stages=dkv_tiles.num_stages),
         interpret=interpret,
         name="flash_attention_dkv",
-    )(q_p, k_p, v_p, do_p, lse_p, delta_p, *extra)
+    )(*inputs)
 
     # dQ: grid over (query block, batch, head).
     bq, bk = dq_tiles.block_q, dq_tiles.block_k
@@ -560,10 +570,10 @@ def backward(q, k, v, q_seg, kv_seg, alibi_slopes, out, lse, dout, *, spec, bloc
         grid=(nq, batch, heads),
         in_specs=[q_block, kv_full, kv_full, q_block, rows, rows, *seg_specs, *alibi_spec],
         out_specs=q_block,
-        out_shape=jax.ShapeDtypeStruct(q_p.shape, q.dtype),
+        out_shape=_out_type(q_p.shape, q.dtype, *inputs),
         compiler_params=plgpu.CompilerParams(
             num_warps=dq_tiles.num_warps, num_stages=dq_tiles.num_stages),
         interpret=interpret,
         name="flash_attention_dq",
-    )(q_p, k_p, v_p, do_p, lse_p, delta_p, *extra)
+    )(*inputs)
     return dq[:, :q_len], dk[:, :kv_len], dv[:, :kv_len]
