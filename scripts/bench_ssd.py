@@ -1,0 +1,173 @@
+"""Benchmark the Mamba-2 SSD kernels against the plain-JAX chunked SSD, timed in the same run.
+
+Shapes are Mamba-2-1.3B-like: 64 heads of head_dim 64, d_state 128, one group, bfloat16, with
+D, dt_bias and softplus (as the Mamba-2 layer calls it), ~16k tokens per call (batch * length).
+
+    PYTHONPATH=src:. python3 scripts/bench_ssd.py [--lengths 2048 8192] [--tokens 16384]
+        [--variants 64x64x4 32x64x4 ...] [--no-check]
+
+First a correctness check on the device (float32 sequential reference, odd length, groups, gate,
+initial state; outputs and every gradient), then for each length: ms forward and forward+backward
+(a VJP including its forward) of every Pallas lowering of this backend and every tile variant
+``block_t x block_p x num_warps``, beside the chunked plain-JAX SSD, and the speed-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import benchlib  # noqa: E402
+
+from pallas_kernels.ssd import reference, ssd  # noqa: E402
+
+HEADS, HEAD_DIM, D_STATE, GROUPS, CHUNK = 64, 64, 128, 1, 256
+
+
+def _inputs(key, batch, length, heads, head_dim, groups, d_state, dtype, *, gate=False,
+            state=False):
+    k = jax.random.split(key, 9)
+    n = lambda i, shape, dt=jnp.float32: jax.random.normal(k[i], shape, jnp.float32).astype(dt)
+    args = dict(
+        x=n(0, (batch, length, heads, head_dim), dtype),
+        dt=0.5 * n(1, (batch, length, heads)) - 1.0,
+        A=-jnp.exp(0.5 * n(2, (heads,))),
+        B=n(3, (batch, length, groups, d_state), dtype),
+        C=n(4, (batch, length, groups, d_state), dtype),
+        D=n(5, (heads,)),
+        dt_bias=0.3 * n(6, (heads,)),
+    )
+    if gate:
+        args["z"] = n(7, (batch, length, heads, head_dim), dtype)
+    if state:
+        args["initial_state"] = n(8, (batch, heads, head_dim, d_state))
+    return args
+
+
+def _fn(impl, names, **opts):
+    """``f(*arrays) -> (y, final_state)`` for one implementation."""
+
+    def f(*vals):
+        kw = dict(zip(names, vals))
+        pos = [kw.pop(n) for n in ("x", "dt", "A", "B", "C")]
+        if impl == "chunked":
+            return reference.ssd_chunked(*pos, **kw, chunk_size=CHUNK, dt_softplus=True,
+                                         return_final_state=True)
+        return ssd(*pos, **kw, dt_softplus=True, return_final_state=True, implementation=impl,
+                   **opts)
+
+    return f
+
+
+def _fwd_and_vjp(f):
+    fwd = jax.jit(lambda *a: f(*a)[0])
+
+    @jax.jit
+    def fwd_bwd(dy, *a):
+        (y, h), vjp = jax.vjp(f, *a)
+        return vjp((dy, jnp.zeros_like(h)))
+
+    return fwd, fwd_bwd
+
+
+def _rel(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def check(impl, dtype, tol, length=1001, **opts):
+    """Outputs and all gradients against the float32 sequential reference; True if within tol."""
+    args = _inputs(jax.random.PRNGKey(int(time.time())), 2, length, 8, HEAD_DIM, 2, D_STATE, dtype,
+                   gate=True, state=True)
+    names = list(args)
+    vals = [args[n] for n in names]
+    dy = jax.random.normal(jax.random.PRNGKey(7), args["x"].shape).astype(dtype)
+    errs = {}
+    outs = {}
+    for name in (impl, "xla"):
+        f = _fn(name, names, **(opts if name == impl else {}))
+        outs[name] = (jax.jit(f)(*vals), _fwd_and_vjp(f)[1](dy, *vals))
+    (y, h), grads = outs[impl]
+    (y_ref, h_ref), grads_ref = outs["xla"]
+    errs["y"], errs["state"] = _rel(y, y_ref), _rel(h, h_ref)
+    for n, g, r in zip(names, grads, grads_ref):
+        errs["d" + n] = _rel(g, r)
+    worst = max(errs.values())
+    status = "ok" if worst < tol else "FAIL"
+    print(f"check {impl} {jnp.dtype(dtype).name}: max rel err {worst:.2e} (tol {tol}) {status}")
+    print("   " + ", ".join(f"{k} {v:.1e}" for k, v in errs.items()), flush=True)
+    return worst < tol
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--lengths", type=int, nargs="+", default=[2048, 8192])
+    p.add_argument("--tokens", type=int, default=16384)
+    p.add_argument("--variants", nargs="+", default=["64x64x4"],
+                   help="Triton tiles block_t x block_p x num_warps")
+    p.add_argument("--no-check", action="store_true")
+    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--budget-s", type=float, default=1e9,
+                   help="skip remaining variants once this much time has passed")
+    a = p.parse_args(argv)
+    start = time.time()
+    backend = jax.default_backend()
+    impls = {"gpu": ["triton"], "tpu": ["tpu"]}.get(backend, [])
+    print(f"device: {benchlib.device_description()}", flush=True)
+    if not a.no_check:
+        for impl in impls:
+            check(impl, jnp.float32, 2e-2)  # tf32 products on the GPU
+            check(impl, jnp.bfloat16, 5e-2)
+
+    variants = [tuple(int(v) for v in s.split("x")) for s in a.variants]
+    rows = []
+    for length in a.lengths:
+        batch = max(1, a.tokens // length)
+        args = _inputs(jax.random.PRNGKey(length), batch, length, HEADS, HEAD_DIM, GROUPS, D_STATE,
+                       jnp.bfloat16)
+        names, vals = list(args), list(args.values())
+        dy = jax.random.normal(jax.random.PRNGKey(1), args["x"].shape).astype(jnp.bfloat16)
+        base_fwd, base_bwd = _fwd_and_vjp(_fn("chunked", names))
+        t_base_fwd = benchlib.time_ms(base_fwd, *vals, iters=a.iters)
+        t_base_bwd = benchlib.time_ms(base_bwd, dy, *vals, iters=a.iters)
+        y_base = base_fwd(*vals)
+        rows.append([length, batch, f"plain-JAX chunked (Q={CHUNK})", t_base_fwd, t_base_bwd,
+                     1.0, 1.0, "-"])
+        print(rows[-1], flush=True)
+        for impl in impls:
+            for bt, bp, nw in variants if impl == "triton" else [(None, None, None)]:
+                if time.time() - start > a.budget_s:
+                    print(f"budget: skipping {impl} {bt}x{bp}x{nw} at {length}", flush=True)
+                    continue
+                opts = dict(chunk_size=CHUNK, block_t=bt, block_p=bp, num_warps=nw)
+                label = impl if bt is None else f"{impl} {bt}x{bp}x{nw}"
+                try:
+                    fwd, fwd_bwd = _fwd_and_vjp(_fn(impl, names, **opts))
+                    t_fwd = benchlib.time_ms(fwd, *vals, iters=a.iters)
+                    t_bwd = benchlib.time_ms(fwd_bwd, dy, *vals, iters=a.iters)
+                    err = _rel(fwd(*vals), y_base)
+                except Exception as e:  # noqa: BLE001 - report the variant and go on
+                    print(f"{label} at {length}: {type(e).__name__}: {str(e)[:300]}", flush=True)
+                    continue
+                rows.append([length, batch, label, t_fwd, t_bwd, t_base_fwd / t_fwd,
+                             t_base_bwd / t_bwd, f"{err:.1e}"])
+                print(rows[-1], flush=True)
+    print(f"\n{benchlib.device_description()}; heads {HEADS}, head_dim {HEAD_DIM}, d_state "
+          f"{D_STATE}, groups {GROUPS}, bf16, D + dt_bias + softplus; chunk_size {CHUNK}")
+    return benchlib.print_table(
+        ["length", "batch", "implementation", "fwd ms", "fwd+bwd ms", "fwd speed-up",
+         "fwd+bwd speed-up", "y rel. diff vs chunked"],
+        rows,
+    )
+
+
+if __name__ == "__main__":
+    main()
