@@ -59,6 +59,43 @@ def attend(q, k, v, *, q_segment_ids=None, kv_segment_ids=None, causal: bool = T
     )
 
 
+class HeadDense(nn.Module):
+    """``x`` contracted over its last ``contract`` axes with a kernel of shape
+    ``(*contracted, *features)`` carrying ``kernel_axes``; the bias carries the feature axes'.
+
+    Not ``nn.DenseGeneral``: that initialises a flattened 2-D kernel and re-boxes it after the
+    reshape, which applies the 3-axis sharding constraint to a 2-D array and fails whenever a mesh
+    is active (Flax re-runs initializers abstractly on every ``apply`` to check shapes).
+    """
+
+    features: tuple[int, ...]
+    contract: int
+    kernel_axes: tuple[str, ...]
+    use_bias: bool = True
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    kernel_init: Initializer = nn.initializers.normal(0.02)
+
+    @nn.compact
+    def __call__(self, x):
+        n_out = len(self.features)
+        kernel = self.param(
+            "kernel", nn.with_logical_partitioning(self.kernel_init, self.kernel_axes),
+            x.shape[x.ndim - self.contract:] + tuple(self.features), self.param_dtype,
+        )
+        bias = None
+        if self.use_bias:
+            bias = self.param(
+                "bias", nn.with_logical_partitioning(nn.initializers.zeros,
+                                                     self.kernel_axes[-n_out:]),
+                tuple(self.features), self.param_dtype,
+            )
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        lhs = tuple(range(x.ndim - self.contract, x.ndim))
+        y = jax.lax.dot_general(x, kernel, ((lhs, tuple(range(self.contract))), ((), ())))
+        return y if bias is None else y + bias
+
+
 class Attention(nn.Module):
     """Causal self-attention: q/k/v/out projections with head axes, optional RoPE, GQA/MQA.
 
@@ -92,14 +129,10 @@ class Attention(nn.Module):
             )
 
         def project(heads, head_axis, name):
-            return nn.DenseGeneral(
-                (heads, self.head_dim), use_bias=self.use_bias, dtype=self.dtype,
-                param_dtype=self.param_dtype,
-                kernel_init=nn.with_logical_partitioning(
-                    self.kernel_init, ("embed", head_axis, "head_dim")),
-                bias_init=nn.with_logical_partitioning(
-                    nn.initializers.zeros, (head_axis, "head_dim")),
-                name=name,
+            return HeadDense(
+                (heads, self.head_dim), contract=1, kernel_axes=("embed", head_axis, "head_dim"),
+                use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype,
+                kernel_init=self.kernel_init, name=name,
             )(x)
 
         q = project(self.num_heads, "heads", "query")
@@ -121,13 +154,10 @@ class Attention(nn.Module):
                          causal=True, implementation=self.implementation)
         out = checkpoint_name(out, ATTENTION_OUT)
         out = nn.with_logical_constraint(out, ("batch", "length", "heads", "head_dim"))
-        return nn.DenseGeneral(
-            x.shape[-1], axis=(-2, -1), use_bias=self.use_bias, dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            kernel_init=nn.with_logical_partitioning(
-                self.out_kernel_init, ("heads", "head_dim", "embed")),
-            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
-            name="out",
+        return HeadDense(
+            (x.shape[-1],), contract=2, kernel_axes=("heads", "head_dim", "embed"),
+            use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype,
+            kernel_init=self.out_kernel_init, name="out",
         )(out)
 
     def _cache_variables(self, k):

@@ -1,0 +1,144 @@
+"""Optimizer and train step: schedule values, the weight-decay mask, gradient accumulation, and a
+loss that falls. One device (the sharded cases are in test_parallel.py)."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax.core import meta
+
+from meshlm import sharding
+from meshlm.config import ConfigError, load_config
+from meshlm.models import build_model
+from meshlm.train.optimizer import decay_mask, make_optimizer, make_schedule
+from meshlm.train.state import create_train_state, state_shardings
+from meshlm.train.step import make_train_step
+
+TINY = [
+    "model.vocab_size=97", "model.d_model=32", "model.n_layers=2", "model.n_heads=2",
+    "model.d_ff=64", "model.max_seq_len=16", "model.attention=xla", "model.dtype=float32", "data.seq_len=16",
+    "data.batch_size=8", "train.steps=40", "optimizer.warmup_steps=4", "optimizer.lr=1e-2",
+]
+
+
+def tiny(*overrides: str):
+    return load_config(None, TINY + list(overrides))
+
+
+def random_batch(cfg, seed: int) -> dict[str, np.ndarray]:
+    """Two packed documents per row, so segment ids and the loss mask matter."""
+    rng = np.random.default_rng(seed)
+    b, length = cfg.data.batch_size, cfg.data.seq_len
+    tokens = rng.integers(0, cfg.model.vocab_size, (b, length + 1), dtype=np.int32)
+    cut = length // 3
+    segments = np.where(np.arange(length) < cut, 1, 2).astype(np.int32)
+    positions = np.where(np.arange(length) < cut, np.arange(length), np.arange(length) - cut)
+    mask = np.ones((b, length), np.float32)
+    mask[:, cut - 1] = 0.0  # the target there belongs to the next document
+    mask[0, -3:] = 0.0  # some padding: token counts differ between micro-batches
+    return {
+        "inputs": tokens[:, :-1], "targets": tokens[:, 1:],
+        "segment_ids": np.broadcast_to(segments, (b, length)).copy(),
+        "positions": np.broadcast_to(positions, (b, length)).astype(np.int32).copy(),
+        "loss_mask": mask,
+    }
+
+
+def build(cfg):
+    mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:1])
+    rules = sharding.axis_rules(cfg.mesh)
+    model = build_model(cfg.model)
+    tx, schedule = make_optimizer(cfg)
+    abstract, _ = state_shardings(model, tx, mesh, rules, cfg.data.seq_len)
+    state, _ = create_train_state(model, tx, mesh, rules, cfg.data.seq_len, jax.random.key(0))
+    step = make_train_step(cfg, model, tx, schedule, mesh, rules, abstract)
+    return state, step
+
+
+def test_schedule_warmup_then_cosine():
+    cfg = tiny("optimizer.lr=1.0", "optimizer.warmup_steps=4", "optimizer.min_lr_ratio=0.1",
+               "train.steps=14")
+    lr = make_schedule(cfg)
+    # Update k (0-based) uses (k+1)/warmup during warmup, then the half cosine over 10 updates.
+    for k, want in [(0, 0.25), (1, 0.5), (3, 1.0)]:
+        assert float(lr(k)) == pytest.approx(want, abs=1e-6)
+    for k in (4, 8, 13):
+        frac = (k + 1 - 4) / 10
+        want = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac))
+        assert float(lr(k)) == pytest.approx(want, abs=1e-6)
+    assert float(lr(13)) == pytest.approx(0.1, abs=1e-6)
+    assert float(lr(1000)) == pytest.approx(0.1, abs=1e-6)  # stays at the floor
+
+
+def test_schedule_rejects_warmup_longer_than_training():
+    with pytest.raises(ConfigError, match="warmup_steps"):
+        make_schedule(tiny("optimizer.warmup_steps=40", "train.steps=40"))
+
+
+def test_no_weight_decay_on_norms_and_biases():
+    cfg = tiny("optimizer.weight_decay=0.5", "optimizer.grad_clip=0")
+    init = jax.jit(build_model(cfg.model).init)
+    params = meta.unbox(init(jax.random.key(0), jnp.zeros((1, cfg.data.seq_len), jnp.int32)))
+    params = params["params"]
+    mask = decay_mask(params)
+    flat = {jax.tree_util.keystr(p): m for p, m in jax.tree_util.tree_leaves_with_path(mask)}
+    decayed = {k for k, m in flat.items() if m}
+    assert any("embedding" in k for k in decayed)
+    assert any("'kernel'" in k for k in decayed)
+    for k, m in flat.items():
+        if "norm" in k or k.endswith("['bias']") or k.endswith("['scale']"):
+            assert not m, k
+        else:
+            assert m, k
+    # The real optimizer with zero gradients: only decayed leaves move (by -lr * wd * p).
+    params = jax.tree.map(lambda p: p + 1.0, params)  # biases init at 0; make every leaf nonzero
+    tx, schedule = make_optimizer(cfg)
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    updates, _ = jax.jit(tx.update)(zeros, tx.init(params), params)
+    lr0 = float(schedule(0))
+    for (path, u), p, m in zip(jax.tree_util.tree_leaves_with_path(updates),
+                               jax.tree.leaves(params), jax.tree.leaves(mask)):
+        want = -lr0 * 0.5 * p if m else jnp.zeros_like(p)
+        np.testing.assert_allclose(u, want, rtol=1e-5, atol=1e-8,
+                                   err_msg=jax.tree_util.keystr(path))
+
+
+def test_grad_accumulation_equals_full_batch():
+    """Three updates with the batch split into 4 micro-batches (whose token counts differ) match
+    three full-batch updates: losses, gradient norms and parameters."""
+    batch = random_batch(tiny(), 0)
+    results = {}
+    for accum in (1, 4):
+        state, step = build(tiny(f"train.grad_accum={accum}"))
+        metrics = []
+        for _ in range(3):
+            state, m = step(state, batch)
+            metrics.append(jax.device_get(m))
+        results[accum] = (jax.device_get(state.params), metrics)
+    (p1, m1), (p4, m4) = results[1], results[4]
+    for a, b in zip(m1, m4):
+        assert float(a["tokens"]) == float(b["tokens"]) == batch["loss_mask"].sum()
+        assert float(a["loss"]) == pytest.approx(float(b["loss"]), rel=1e-5)
+        assert float(a["grad_norm"]) == pytest.approx(float(b["grad_norm"]), rel=1e-5)
+    # Parameters moved ~1.5e-2 in three updates; 5e-5 also covers the key bias, whose gradient is
+    # exactly zero in exact arithmetic (softmax ignores a shift shared by all keys), so Adam
+    # normalises float32 rounding noise there.
+    for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p4)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=5e-5)
+
+
+def test_loss_falls_on_a_fixed_batch():
+    cfg = tiny()
+    state, step = build(cfg)
+    batch = random_batch(cfg, 1)
+    losses = []
+    for _ in range(30):
+        state, metrics = step(state, batch)
+        losses.append(float(metrics["loss"]))
+    assert losses[0] == pytest.approx(math.log(cfg.model.vocab_size), rel=0.05)  # uniform start
+    assert losses[-1] < 0.5 * losses[0], losses
+    assert int(state.step) == 30
