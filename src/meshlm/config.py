@@ -266,6 +266,11 @@ def _from_dict(cls, data: dict, prefix: str = ""):
     return cls(**kwargs)
 
 
+def from_dict(tree: dict) -> Config:
+    """A validated ``Config`` from a nested dict (the inverse of ``to_dict``)."""
+    return _from_dict(Config, tree).validate()
+
+
 def to_dict(cfg) -> dict:
     """Plain nested dict (tuples as lists) that round-trips through YAML and ``from_dict``."""
 

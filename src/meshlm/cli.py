@@ -1,0 +1,110 @@
+"""``meshlm train --config F [section.key=value ...]`` and ``meshlm generate --run-dir R ...``.
+
+Bad input (a config, a checkpoint or a prompt that cannot work) prints one line,
+``meshlm: error: ...``, and exits with status 2; a run stopped by SIGTERM exits with 143
+(128 + SIGTERM) after saving its checkpoint, so a scheduler sees a preemption, not a success.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+
+from meshlm.config import ConfigError, load_config
+
+EXIT_BAD_INPUT = 2
+EXIT_PREEMPTED = 128 + signal.SIGTERM
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="meshlm", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train (or resume) a model")
+    p.add_argument("--config", required=True, help="YAML config file (see configs/)")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value",
+                   help="settings applied over the file, e.g. train.steps=100")
+
+    p = sub.add_parser("generate", help="sample text from a run's latest checkpoint")
+    p.add_argument("--run-dir", required=True, help="the run's train.run_dir")
+    p.add_argument("--prompt", default="", help="text to continue (empty: start a document)")
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0, help="0 = off")
+    p.add_argument("--top-p", type=float, default=0.95, help="1 = off")
+    p.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def _train(args) -> int:
+    from meshlm.train.loop import train
+
+    summary = train(load_config(args.config, args.overrides))
+    print(json.dumps(summary))
+    return EXIT_PREEMPTED if summary["preempted"] else 0
+
+
+def _generate(args) -> int:
+    import jax
+    import jax.numpy as jnp
+
+    from meshlm.data import load_run_tokenizer
+    from meshlm.data.tokenizer import eos_id
+    from meshlm.generate import SamplingParams, generate
+    from meshlm.models import build_model
+    from meshlm.train.checkpoint import restore_params
+
+    if args.max_new_tokens < 1:
+        raise ConfigError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    try:
+        sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k,
+                                  top_p=args.top_p)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+    cfg, params = restore_params(args.run_dir)
+    tokenizer = load_run_tokenizer(args.run_dir)
+    eos = eos_id(tokenizer, repr(args.run_dir))
+    # A document starts after an end-of-text token in training, so the prompt does too.
+    prompt = [eos] + tokenizer.encode(args.prompt).ids
+    total = len(prompt) + args.max_new_tokens
+    if cfg.model.position == "learned" and total > cfg.model.max_seq_len:
+        raise ConfigError(
+            f"prompt ({len(prompt)} tokens with the start token) + --max-new-tokens "
+            f"{args.max_new_tokens} = {total} exceeds the model's learned positions "
+            f"(model.max_seq_len={cfg.model.max_seq_len})"
+        )
+    new = generate(build_model(cfg.model), params, jnp.asarray([prompt], jnp.int32),
+                   jax.random.key(args.seed), max_new_tokens=args.max_new_tokens,
+                   sampling=sampling, eos_id=eos)
+    ids = [int(t) for t in jax.device_get(new)[0]]
+    if eos in ids:
+        ids = ids[: ids.index(eos)]
+    print(args.prompt + tokenizer.decode(ids))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    # Our progress lines at INFO; libraries (Orbax logs every file it renames) at WARNING.
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.getLogger("meshlm").setLevel(logging.INFO)
+    try:
+        return {"train": _train, "generate": _generate}[args.command](args)
+    except ConfigError as e:
+        print(f"meshlm: error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except ValueError as e:
+        from meshlm.train.checkpoint import CheckpointError
+
+        if not isinstance(e, CheckpointError):
+            raise
+        print(f"meshlm: error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+if __name__ == "__main__":
+    sys.exit(main())

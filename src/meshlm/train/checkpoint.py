@@ -1,0 +1,187 @@
+"""Orbax checkpoints under ``<run_dir>/checkpoints``: train state, data position and config.
+
+Each step is one directory ``checkpoints/<step>/`` with three items: ``state`` (step, parameters
+and optimizer state, written asynchronously from device memory), ``data`` (the grain iterator's
+``get_state()``, so a resumed run reads exactly the batches that would have come next) and
+``config`` (the run's config as JSON, so ``restore_params`` rebuilds the model without any other
+file). Orbax writes a step into ``<step>.orbax-checkpoint-tmp-*`` and renames it into place once
+every item is complete, so an interrupted save leaves only a temporary directory that is never
+listed as a checkpoint, and the previous step stays the latest good one.
+
+Nothing here deletes a finished checkpoint except Orbax's keep-the-last-K rule after a new save
+succeeded; readers open the directory read-only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from flax.core import meta
+from jax.sharding import SingleDeviceSharding
+
+from meshlm.config import CheckpointConfig, Config, ConfigError, from_dict, to_dict
+from meshlm.train.state import TrainState
+
+CHECKPOINT_DIR = "checkpoints"
+ITEMS = ("state", "data", "config")
+_TMP_MARKER = ".orbax-checkpoint-tmp"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, unreadable or does not match the run; names the path."""
+
+
+def checkpoint_dir(run_dir: str | os.PathLike) -> pathlib.Path:
+    return pathlib.Path(run_dir).expanduser().absolute() / CHECKPOINT_DIR
+
+
+def finished_steps(run_dir: str | os.PathLike) -> list[int]:
+    """Steps with a complete checkpoint directory (in-progress or interrupted saves excluded),
+    ascending. Read from the file system alone: no Orbax manager, nothing created or removed."""
+    root = checkpoint_dir(run_dir)
+    if not root.is_dir():
+        return []
+    return sorted(int(p.name) for p in root.iterdir()
+                  if p.is_dir() and p.name.isdigit() and _TMP_MARKER not in p.name)
+
+
+def _read_config(step_dir: pathlib.Path) -> Config:
+    path = step_dir / "config" / "metadata"
+    try:
+        tree = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(
+            f"checkpoint {str(step_dir)!r} is corrupt or incomplete: cannot read its config "
+            f"{str(path)!r} ({e}); remove that step directory to resume from an earlier one"
+        ) from e
+    try:
+        return from_dict(tree)
+    except ConfigError as e:
+        raise CheckpointError(f"checkpoint {str(step_dir)!r} holds an invalid config: {e}") from e
+
+
+def check_latest(run_dir: str | os.PathLike, cfg: Config | None = None) -> tuple[int, Config] | None:
+    """Cheap checks of the newest checkpoint before anything is built or compiled.
+
+    Returns ``(step, saved config)``, or None when the run has no checkpoint. Raises
+    ``CheckpointError`` when the newest step lacks one of its items or its metadata or config
+    cannot be read, or (given ``cfg``) when its model differs from ``cfg.model`` (the arrays
+    could not be loaded). Damaged array data is found by ``restore``.
+    """
+    steps = finished_steps(run_dir)
+    if not steps:
+        return None
+    step_dir = checkpoint_dir(run_dir) / str(steps[-1])
+    missing = [name for name in ITEMS if not (step_dir / name).is_dir()]
+    if missing:
+        raise CheckpointError(
+            f"checkpoint {str(step_dir)!r} is corrupt or incomplete: missing {', '.join(missing)}; "
+            "remove that step directory to resume from an earlier one"
+        )
+    for meta_file in ("_CHECKPOINT_METADATA", "state/_METADATA"):
+        try:
+            json.loads((step_dir / meta_file).read_text())
+        except (OSError, ValueError) as e:
+            raise CheckpointError(
+                f"checkpoint {str(step_dir)!r} is corrupt or incomplete: {meta_file} is "
+                f"unreadable ({e}); remove that step directory to resume from an earlier one"
+            ) from e
+    saved = _read_config(step_dir)
+    if cfg is not None and saved.model != cfg.model:
+        old, new = to_dict(saved.model), to_dict(cfg.model)
+        diff = ", ".join(f"model.{k}: {old[k]!r} -> {new[k]!r}" for k in old if old[k] != new[k])
+        raise CheckpointError(
+            f"the checkpoint {str(step_dir)!r} was trained with a different model ({diff}); use "
+            "another train.run_dir or set checkpoint.resume=false with a fresh run_dir"
+        )
+    return steps[-1], saved
+
+
+def open_manager(run_dir: str | os.PathLike, cfg: CheckpointConfig) -> ocp.CheckpointManager:
+    """A manager that saves (asynchronously if ``cfg.async_save``) and keeps the last
+    ``cfg.keep`` steps. Leftover temporary directories of interrupted saves are removed."""
+    if cfg.every < 1 or cfg.keep < 1:
+        raise ConfigError(
+            f"checkpoint.every and checkpoint.keep must be >= 1, got {cfg.every}, {cfg.keep}"
+        )
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=cfg.keep, create=True, cleanup_tmp_directories=True,
+        enable_async_checkpointing=cfg.async_save,
+    )
+    return ocp.CheckpointManager(checkpoint_dir(run_dir), item_names=ITEMS, options=options)
+
+
+def save(manager: ocp.CheckpointManager, state: TrainState, data_state: dict, cfg: Config) -> None:
+    """Start saving ``state`` at its step; returns once device arrays are copied to host memory,
+    the write finishes in the background (``manager.wait_until_finished()`` to join it)."""
+    step = int(jax.device_get(state.step))
+    manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.PyTreeSave(_as_tree(state)),
+        data=ocp.args.JsonSave(data_state),
+        config=ocp.args.JsonSave(to_dict(cfg)),
+    ), force=True)
+
+
+def restore(manager: ocp.CheckpointManager, step: int, abstract_state: TrainState
+            ) -> tuple[TrainState, dict]:
+    """``(state, data_state)`` of ``step``, each array placed with its ``abstract_state``
+    sharding (so an FSDP run restores shards directly, never a full copy per device)."""
+    target = _as_tree(abstract_state)
+    try:
+        out = manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.PyTreeRestore(
+                item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target)),
+            data=ocp.args.JsonRestore(),
+        ))
+    except Exception as e:  # Orbax raises many types (ValueError, FileNotFoundError, tensorstore)
+        raise CheckpointError(
+            f"checkpoint {str(manager.directory / str(step))!r} is corrupt or does not match the "
+            f"train state: {type(e).__name__}: {e}"
+        ) from e
+    tree = out["state"]
+    state = TrainState(step=tree["step"], params=tree["params"], opt_state=tree["opt_state"])
+    return state, out["data"]
+
+
+def restore_params(run_dir: str | os.PathLike, step: int | None = None) -> tuple[Config, Any]:
+    """``(config, params)`` of the latest (or the given) checkpoint of ``run_dir``, parameters on
+    the first device. Reads only the parameters, not the optimizer state."""
+    from meshlm.models import build_model  # the model registry, only needed here
+
+    root = checkpoint_dir(run_dir)
+    steps = finished_steps(run_dir)
+    if not steps:
+        raise CheckpointError(f"no checkpoint in {str(root)!r} (train a model into that run first)")
+    if step is None:
+        step = steps[-1]
+    elif step not in steps:
+        raise CheckpointError(f"no checkpoint of step {step} in {str(root)!r}; have {steps}")
+    cfg = _read_config(root / str(step))
+    model = build_model(cfg.model)
+    tokens = jax.ShapeDtypeStruct((1, cfg.data.seq_len), "int32")
+    boxed = jax.eval_shape(lambda t: model.init(jax.random.key(0), t), tokens)["params"]
+    device = SingleDeviceSharding(jax.devices()[0])
+    params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
+                          meta.unbox(boxed))
+    target = {"params": params}
+    path = root / str(step) / "state"
+    try:
+        restored = ocp.PyTreeCheckpointer().restore(path, args=ocp.args.PyTreeRestore(
+            item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+            partial_restore=True,
+        ))
+    except Exception as e:
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} is corrupt or does not hold this model's parameters: "
+            f"{type(e).__name__}: {e}"
+        ) from e
+    return cfg, restored["params"]
+
+
+def _as_tree(state: TrainState) -> dict:
+    return {"step": state.step, "params": state.params, "opt_state": state.opt_state}

@@ -1,0 +1,180 @@
+"""Checkpoints through the real loop: keep-K, SIGTERM saves, exact resume, interrupted saves and
+missing or corrupt checkpoints. The loop runs on the 8 fake CPU devices (8-way data parallel)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pathlib
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from meshlm.config import load_config
+from meshlm.train import checkpoint
+from meshlm.train.checkpoint import CheckpointError
+from meshlm.train.loop import train
+from meshlm.train.metrics import read_jsonl
+
+STEPS = 10
+TINY_RUN = [
+    "model.vocab_size=384", "model.d_model=32", "model.n_layers=2", "model.n_heads=2",
+    "model.d_ff=64", "model.max_seq_len=32", "model.attention=xla", "model.dtype=float32",
+    "data.seq_len=32", "data.batch_size=8", "data.max_files=30", f"train.steps={STEPS}",
+    "train.log_every=1", "train.eval_every=5", "train.eval_batches=1", "train.progress_bar=false",
+    "optimizer.warmup_steps=2", "checkpoint.every=3", "checkpoint.keep=2",
+]
+
+
+def tiny_run(run_dir, *overrides):
+    return load_config(None, TINY_RUN + [f"train.run_dir={run_dir}", *overrides])
+
+
+def train_losses(run_dir) -> dict[int, float]:
+    """Step -> train loss, the last record of each step winning (a resumed run rewrites none)."""
+    return {r["step"]: r["loss"] for r in read_jsonl(run_dir) if r["split"] == "train"}
+
+
+def snapshot(root: pathlib.Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+    """An uninterrupted run: the reference losses and a finished checkpoint directory."""
+    run_dir = tmp_path_factory.mktemp("full")
+    summary = train(tiny_run(run_dir))
+    return run_dir, summary
+
+
+def test_uninterrupted_run_keeps_last_k(full_run):
+    run_dir, summary = full_run
+    assert summary["step"] == STEPS and not summary["preempted"]
+    # Saved at 3, 6, 9 and the final 10; keep=2 leaves the last two.
+    assert checkpoint.finished_steps(run_dir) == [9, 10]
+    assert sorted(train_losses(run_dir)) == list(range(1, STEPS + 1))
+    assert summary["val_loss"] is not None and np.isfinite(summary["val_loss"])
+    assert (run_dir / "tensorboard").is_dir() and (run_dir / "config.yaml").is_file()
+
+
+def test_sigterm_saves_and_resume_reproduces_losses(full_run, tmp_path):
+    """SIGTERM mid-run saves a checkpoint at whatever step it arrived; rerunning resumes there
+    (train state and data position) and every later loss equals the uninterrupted run's."""
+    reference = train_losses(full_run[0])
+    run_dir = tmp_path / "run"
+    cfg = tiny_run(run_dir, f"data.tokenizer={full_run[0] / 'tokenizer.json'}")
+
+    def send_sigterm_after_first_step():
+        metrics = run_dir / "metrics.jsonl"
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            if metrics.is_file() and metrics.read_text().count("\n") >= 1:
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+            time.sleep(0.005)
+
+    killer = threading.Thread(target=send_sigterm_after_first_step, daemon=True)
+    killer.start()
+    first = train(cfg)
+    killer.join()
+    stopped = first["step"]
+    assert first["preempted"] and 1 <= stopped < STEPS, first
+    assert checkpoint.finished_steps(run_dir)[-1] == stopped  # saved where it stopped
+
+    second = train(cfg)
+    assert second["step"] == STEPS and not second["preempted"]
+    resumed = train_losses(run_dir)
+    assert sorted(resumed) == list(range(1, STEPS + 1))
+    for step in range(1, STEPS + 1):
+        assert resumed[step] == reference[step], (step, stopped, resumed[step], reference[step])
+
+
+def test_restore_params_reads_the_latest_checkpoint(full_run):
+    run_dir, _ = full_run
+    cfg, params = checkpoint.restore_params(run_dir)
+    assert cfg.train.steps == STEPS and cfg.model.d_model == 32
+    leaves = jax.tree.leaves(params)
+    assert leaves and all(np.isfinite(np.asarray(x)).all() for x in leaves)
+    embedding = np.asarray(params["embed"]["embedding"])
+    assert embedding.shape == (384, 32)
+    _, earlier = checkpoint.restore_params(run_dir, step=9)
+    assert not np.array_equal(embedding, np.asarray(earlier["embed"]["embedding"]))
+
+
+def test_missing_checkpoint_is_a_clear_error(tmp_path):
+    with pytest.raises(CheckpointError, match="no checkpoint in .*checkpoints"):
+        checkpoint.restore_params(tmp_path)
+
+
+@pytest.fixture
+def copied_run(full_run, tmp_path):
+    run_dir = tmp_path / "copy"
+    shutil.copytree(full_run[0], run_dir)
+    return run_dir
+
+
+def test_corrupt_metadata_stops_training_before_compute(copied_run):
+    latest = copied_run / "checkpoints" / "10"
+    (latest / "state" / "_METADATA").write_text("{ not json")
+    before = snapshot(copied_run / "checkpoints")
+    with pytest.raises(CheckpointError, match=f"{latest}.*corrupt.*_METADATA"):
+        train(tiny_run(copied_run, "train.steps=12"))
+    assert snapshot(copied_run / "checkpoints") == before
+
+
+def test_corrupt_array_data_is_a_clear_error(copied_run):
+    latest = copied_run / "checkpoints" / "10"
+    for f in (latest / "state").rglob("*"):
+        if f.is_file() and f.parent.name == "d":
+            f.write_bytes(b"\0" * 64)
+    before = snapshot(copied_run / "checkpoints")
+    with pytest.raises(CheckpointError, match="corrupt"):
+        checkpoint.restore_params(copied_run)
+    assert snapshot(copied_run / "checkpoints") == before
+
+
+def test_changed_model_is_refused(copied_run):
+    with pytest.raises(CheckpointError, match=r"model\.d_model: 32 -> 64"):
+        train(tiny_run(copied_run, "model.d_model=64"))
+
+
+_INTERRUPTED_SAVE = textwrap.dedent("""
+    import os, pathlib, signal, sys, time
+    import jax.numpy as jnp, orbax.checkpoint as ocp
+    root = pathlib.Path(sys.argv[1])
+    options = ocp.CheckpointManagerOptions(enable_async_checkpointing=True)
+    manager = ocp.CheckpointManager(root, item_names=("state",), options=options)
+    manager.save(1, args=ocp.args.Composite(state=ocp.args.PyTreeSave({"w": jnp.ones(8)})))
+    manager.wait_until_finished()
+    big = {f"w{i}": jnp.full((1 << 20,), i, jnp.float32) for i in range(48)}  # 192 MiB
+    manager.save(2, args=ocp.args.Composite(state=ocp.args.PyTreeSave(big)))
+    while not any(".orbax-checkpoint-tmp" in p.name for p in root.iterdir()):
+        time.sleep(0.001)
+    os.kill(os.getpid(), signal.SIGKILL)  # dies mid-write, as on a power loss
+""")
+
+
+def test_interrupted_save_leaves_last_good_checkpoint(tmp_path):
+    """A process killed while writing step 2 leaves step 1 as the latest checkpoint, intact."""
+    root = tmp_path / "checkpoints"
+    proc = subprocess.run([sys.executable, "-c", _INTERRUPTED_SAVE, str(root)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert any(".orbax-checkpoint-tmp" in p.name for p in root.iterdir())  # the torn write
+    assert checkpoint.finished_steps(tmp_path) == [1]
+    with checkpoint.open_manager(tmp_path, load_config(None).checkpoint) as manager:
+        assert manager.latest_step() == 1
+        restored = manager.restore(
+            1, args=ocp.args.Composite(state=ocp.args.PyTreeRestore()))
+    np.testing.assert_array_equal(restored["state"]["w"], np.ones(8, np.float32))
+
