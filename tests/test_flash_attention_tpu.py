@@ -4,6 +4,7 @@ Shapes are tiny and block sizes small so that every case still crosses several q
 blocks (lengths are deliberately not block multiples) while staying fast in the interpreter.
 """
 
+import functools
 import zlib
 
 import jax
@@ -11,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.flash_attention import BlockSizes, flash_attention
+from pallas_kernels.flash_attention import AttentionSpec, BlockSizes, flash_attention, tpu
 
 BLOCKS = BlockSizes(block_q=16, block_k=16, block_q_bwd=16, block_k_bwd=16)
 F32_TOL = dict(atol=2e-5, rtol=2e-5)
@@ -118,20 +119,55 @@ def test_float16_head_dim_256_default_blocks():
     _check(q, k, v, d_out, tol=dict(atol=tol, rtol=tol), blocks=None, causal=True, q_offset=8)
 
 
-def test_lse_cotangent_flows_to_q_and_k():
-    q, k, v, _ = _inputs(5, 1, 24, 24, 2, 1, 64, jnp.float32)
+def test_vmap_and_lse_cotangent():
+    """Gradients through both outputs of a vmapped call (vmap adds a grid axis to the kernels)."""
+    keys = jax.random.split(jax.random.PRNGKey(5), 4)
+    q = jax.random.normal(keys[0], (2, 1, 24, 2, 64))
+    k, v = (jax.random.normal(key, (2, 1, 24, 1, 64)) for key in keys[1:3])
+    w = jax.random.normal(keys[3], q.shape)
 
-    def loss(implementation, q, k):
+    def loss(implementation, q, k, v):
         extra = {"interpret": True, "block_sizes": BLOCKS} if implementation == "tpu" else {}
-        _, lse = flash_attention(
-            q, k, v, causal=True, return_lse=True, implementation=implementation, **extra
+        attend = functools.partial(
+            flash_attention, causal=True, return_lse=True, implementation=implementation, **extra
         )
-        return jnp.sum(jnp.sin(lse))
+        out, lse = jax.vmap(attend)(q, k, v)
+        return jnp.sum(out * w) + jnp.sum(jnp.sin(lse))
 
-    got = jax.jit(jax.grad(lambda q, k: loss("tpu", q, k), argnums=(0, 1)))(q, k)
-    want = jax.grad(lambda q, k: loss("xla", q, k), argnums=(0, 1))(q, k)
-    for g, w in zip(got, want):
-        np.testing.assert_allclose(np.asarray(g), np.asarray(w), **F32_TOL)
+    got = jax.jit(jax.grad(functools.partial(loss, "tpu"), argnums=(0, 1, 2)))(q, k, v)
+    want = jax.grad(functools.partial(loss, "xla"), argnums=(0, 1, 2))(q, k, v)
+    for name, g, w in zip(("dq", "dk", "dv"), got, want):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), err_msg=name, **F32_TOL)
+
+
+def test_lowers_to_mosaic_for_tpu():
+    """Interpret mode skips the Mosaic lowering; export for a TPU target (no TPU needed) runs it,
+    with every feature on, bfloat16, default blocks, ragged lengths and vmap."""
+    spec = AttentionSpec(
+        causal=True, sliding_window=100, logits_soft_cap=30.0, scale=0.125, q_offset=400,
+        has_segment_ids=True, has_alibi=True,
+    )
+    sds = jax.ShapeDtypeStruct
+
+    def fwd_bwd(q, k, v, q_seg, kv_seg, slopes):
+        kw = dict(spec=spec, block_sizes=BlockSizes(), interpret=False)
+        out, lse = tpu.forward(q, k, v, q_seg, kv_seg, slopes, **kw)
+        return tpu.backward(q, k, v, q_seg, kv_seg, slopes, out, lse, out, **kw)
+
+    device = jax.sharding.AbstractDevice(device_kind="TPU v5 lite", num_cores=1, platform="tpu")
+    mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device)
+    with jax.sharding.use_abstract_mesh(mesh):
+        # ALiBi slopes are per-model constants, so they are not batched.
+        batched = jax.vmap(fwd_bwd, in_axes=(0, 0, 0, 0, 0, None))
+        exported = jax.export.export(jax.jit(batched), platforms=["tpu"])(
+            sds((2, 1, 300, 4, 64), jnp.bfloat16),
+            sds((2, 1, 700, 2, 64), jnp.bfloat16),
+            sds((2, 1, 700, 2, 64), jnp.bfloat16),
+            sds((2, 1, 300), jnp.int32),
+            sds((2, 1, 700), jnp.int32),
+            sds((4,), jnp.float32),
+        )
+    assert exported.mlir_module().count("tpu_custom_call") == 3
 
 
 def test_rejects_misaligned_block_sizes():

@@ -311,6 +311,18 @@ def _interpret_arg(interpret: bool):
     return pltpu.InterpretParams() if interpret else False
 
 
+def _compiler_params(interpret: bool):
+    # The last grid axis carries the accumulators; the others are independent (megacore may split
+    # them). The jax 0.11 TPU interpreter does not extend these semantics by the grid axes that
+    # vmap prepends and then fails on the length mismatch, so interpret mode leaves them unset
+    # (all sequential), which changes nothing for a one-core simulation.
+    if interpret:
+        return pltpu.CompilerParams()
+    return pltpu.CompilerParams(
+        dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")
+    )
+
+
 def _smem_spec():
     return pl.BlockSpec(memory_space=pltpu.SMEM)
 
@@ -378,9 +390,7 @@ def forward(q, k, v, q_seg, kv_seg, alibi_slopes, *, spec: AttentionSpec, block_
             pltpu.VMEM((bq, NUM_LANES), jnp.float32),
             pltpu.VMEM((bq, head_dim), jnp.float32),
         ],
-        compiler_params=pltpu.CompilerParams(
-            dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")
-        ),
+        compiler_params=_compiler_params(interpret),
         cost_estimate=pl.CostEstimate(
             flops=4 * batch * heads * lq_p * lk_p * head_dim,
             transcendentals=batch * heads * lq_p * lk_p,
@@ -512,7 +522,6 @@ def backward(q, k, v, q_seg, kv_seg, alibi_slopes, out, lse, dout, *, spec: Atte
     )
     slopes = None if not spec.has_alibi else alibi_slopes.astype(jnp.float32)
     itemsize = q.dtype.itemsize
-    dims = ("parallel", "parallel", "parallel", "arbitrary")
 
     # dq: grid (b, h, q block, kv block).
     def q_map(b, h, i, j):
@@ -552,7 +561,7 @@ def backward(q, k, v, q_seg, kv_seg, alibi_slopes, out, lse, dout, *, spec: Atte
         out_specs=pl.BlockSpec((None, None, bq, head_dim), q_map),
         out_shape=jax.ShapeDtypeStruct((batch, heads, lq_p, head_dim), q.dtype),
         scratch_shapes=[pltpu.VMEM((bq, head_dim), jnp.float32)],
-        compiler_params=pltpu.CompilerParams(dimension_semantics=dims),
+        compiler_params=_compiler_params(interpret),
         cost_estimate=pl.CostEstimate(
             flops=6 * batch * heads * lq_p * lk_p * head_dim,
             transcendentals=batch * heads * lq_p * lk_p,
@@ -612,7 +621,7 @@ def backward(q, k, v, q_seg, kv_seg, alibi_slopes, out, lse, dout, *, spec: Atte
             pltpu.VMEM((bk, head_dim), jnp.float32),
             pltpu.VMEM((bk, head_dim), jnp.float32),
         ],
-        compiler_params=pltpu.CompilerParams(dimension_semantics=dims),
+        compiler_params=_compiler_params(interpret),
         cost_estimate=pl.CostEstimate(
             flops=8 * batch * heads * lq_p * lk_p * head_dim,
             transcendentals=batch * heads * lq_p * lk_p,
