@@ -23,7 +23,8 @@ Blocks that causality or the sliding window make invisible are skipped with ``pl
 index maps clamp to the visible range so the pipeline re-uses the resident block instead of
 fetching a skipped one. Lengths that are not block multiples are padded here; padded keys are
 masked by position and padded query rows are sliced off (their lse is +inf in the backward pass so
-they contribute nothing to dk/dv).
+they contribute nothing to dk/dv). Segment-id masks are applied per element, not used to skip
+blocks. float16 inputs run through the float32 kernels (see ``_WIDENED``).
 """
 
 from __future__ import annotations
@@ -200,10 +201,14 @@ def _cap_grad(logits, visible, spec: AttentionSpec):
     return soft_cap_grad(logits, spec)
 
 
-def _positions(shape, q_axis: int, q_start, k_start, spec: AttentionSpec, need_q: bool, need_k: bool):
-    k_axis = 1 - q_axis
-    q_pos = spec.q_offset + q_start + lax.broadcasted_iota(jnp.int32, shape, q_axis) if need_q else None
-    k_pos = k_start + lax.broadcasted_iota(jnp.int32, shape, k_axis) if need_k else None
+def _positions(shape, q_axis: int, q_start, k_start, spec: AttentionSpec, need_q: bool,
+               need_k: bool):
+    """Absolute query and key positions on a tile with queries along ``q_axis`` (None: unneeded)."""
+    q_pos = k_pos = None
+    if need_q:
+        q_pos = spec.q_offset + q_start + lax.broadcasted_iota(jnp.int32, shape, q_axis)
+    if need_k:
+        k_pos = k_start + lax.broadcasted_iota(jnp.int32, shape, 1 - q_axis)
     return q_pos, k_pos
 
 
