@@ -140,6 +140,17 @@ def next_state(x, dt, A, B, H, dtype):
     return _advance(H, x.astype(f32) * dt[:, None], s, jnp.sum(dt * A), B, dtype)
 
 
+def prev_state_grad(dy, dt, A, C, dH, dtype):
+    """Gradient of the state entering a chunk from ``dH`` (leaving it) and the chunk's output
+    gradient ``dy (T,P)`` (after the gate): the backward's sequential pass, one product."""
+    s = _inclusive_cumsum(dt * A)
+    return jnp.exp(jnp.sum(dt * A)) * dH + mm_tn(dy * jnp.exp(s)[:, None], C, dtype)
+
+
+def silu(z):
+    return z * sigmoid(z)
+
+
 def _advance(H, xdt, s, s_total, B, dtype):
     return jnp.exp(s_total) * H + mm_tn(xdt * jnp.exp(s_total - s)[:, None], B, dtype)
 

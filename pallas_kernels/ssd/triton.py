@@ -1,21 +1,25 @@
 """Mamba-2 SSD as Pallas GPU kernels, Triton lowering.
 
-Grid: one program per (batch row, head, block of ``block_p`` head_dim columns). A program keeps
-its state tile ``H (block_p, d_state)`` in float32 registers and walks the sequence in tiles of
-``block_t`` steps; inside a tile the work is the chunked SSD of ``common.Chunk``: four products on
-the tensor cores (``C B^T``, ``(L * C B^T) (dt x)``, ``C H^T``, ``(dt x)^T B``), exact float32
-cumulative decays, and the ``D`` skip and ``silu(z)`` gate fused before ``y`` is written once.
+Programs own one (batch row, head, block of ``block_p`` head_dim columns) and keep the state tile
+``H (block_p, d_state)`` in float32 registers; the sequence is worked in tiles of ``block_t``
+steps whose arithmetic is ``common.Chunk``: four products on the tensor cores (``C B^T``,
+``(L * C B^T) (dt x)``, ``C H^T``, ``(dt x)^T B``), exact float32 cumulative decays, and the ``D``
+skip and ``silu(z)`` gate fused before ``y`` is written once.
 
-Memory stays linear in length without per-step states: the forward saves ``H`` only every
-``chunk_size`` steps (``(batch, heads, n_chunks, head_dim, d_state)`` float32, what the Mamba-2
-kernels keep too). The backward walks the tiles in reverse; for each it recomputes the state
-entering the tile from the chunk's checkpoint (replaying at most ``chunk_size / block_t - 1``
-state updates, one small product each), then applies ``common.chunk_backward`` with the state
-gradient ``dH`` carried in registers.
+Forward, two kernels: a sequential pass that only advances the state (one product per tile) and
+writes it at every ``chunk_size`` boundary (``(batch, heads, n_chunks, head_dim, d_state)``
+float32, what the Mamba-2 kernels keep too), then the outputs with one program per chunk, so the
+heavy part runs in parallel over the length. The chunk states are the forward's only residual:
+memory is linear in length and no per-step state is stored.
+
+Backward, two kernels of the same shape: a sequential reverse pass writes the gradient of the
+state leaving every chunk (one product per tile), then one program per chunk walks its tiles in
+reverse, recomputing each tile's entering state from the chunk's saved state (at most
+``chunk_size / block_t - 1`` state updates) and applying ``common.chunk_backward``.
 
 Sums over programs are written as float32 partials and reduced outside (deterministic, no
 atomics): ``dB``/``dC`` per (head, column block), ``ddt`` per column block, and the per-head
-scalars ``dA``, ``dD``, ``ddt_bias`` per (batch row, column block).
+scalars ``dA``, ``dD``, ``ddt_bias`` per (batch row, chunk, column block).
 """
 
 from __future__ import annotations
@@ -58,7 +62,10 @@ def _tile(r, t0, T, length, bias, softplus, dtype, *, with_z, with_dout, with_C=
     if bias is not None:
         raw = raw + bias
     dt = jnp.where(valid, common.softplus(raw) if softplus else raw, 0.0)
-    v = dict(valid=valid, raw=raw, dt=dt, x=load(r.x).astype(dtype), B=load(r.B).astype(dtype))
+    v = dict(valid=valid, raw=raw, dt=dt)
+    for name in ("x", "B"):  # the backward's state pass has neither
+        if hasattr(r, name):
+            v[name] = load(getattr(r, name)).astype(dtype)
     if with_C:
         v["C"] = load(r.C).astype(dtype)
     if with_z:
@@ -74,18 +81,42 @@ def _store(ref, t0, valid, value):
     plgpu.store(ref.at[pl.ds(t0, T)], value.astype(ref.dtype), mask=mask)
 
 
-def _head_scalars(r):
-    h = pl.program_id(1)
+def _head_scalars(r, h):
     A = r.A[h].astype(f32)
-    D = None if r.D is None else r.D[h].astype(f32)
-    bias = None if r.bias is None else r.bias[h].astype(f32)
-    return A, D, bias
+    D, bias = getattr(r, "D", None), getattr(r, "bias", None)
+    return A, None if D is None else D[h].astype(f32), None if bias is None else bias[h].astype(f32)
 
 
-def _fwd_kernel(*refs, length, T, n_sub, n_tiles, n_chunks, softplus, dtype, flags):
+def _chunk_tiles(k, n_sub, n_tiles):
+    """First tile of chunk ``k`` and how many of its tiles hold steps (the last chunk may be short)."""
+    lo = k * n_sub
+    return lo, jnp.minimum(n_sub, n_tiles - lo)
+
+
+def _state_kernel(*refs, length, T, n_sub, n_tiles, n_chunks, softplus, dtype, flags):
+    """Sequential pass: the state entering every chunk (and the final state); one product a tile."""
     r = common.Refs(refs, flags)
-    A, D, bias = _head_scalars(r)
+    A, _, bias = _head_scalars(r, pl.program_id(1))
     H = jnp.zeros(r.h_final.shape, f32) if r.h0 is None else r.h0[...].astype(f32)
+
+    def tile_body(i, H):
+        v = _tile(r, i * T, T, length, bias, softplus, dtype, with_z=False, with_dout=False,
+                  with_C=False)
+        return common.next_state(v["x"], v["dt"], A, v["B"], H, dtype)
+
+    def chunk_body(k, H):
+        r.ckpt[k] = H
+        lo, n = _chunk_tiles(k, n_sub, n_tiles)
+        return jax.lax.fori_loop(lo, lo + n, tile_body, H)
+
+    r.h_final[...] = jax.lax.fori_loop(0, n_chunks, chunk_body, H)
+
+
+def _out_kernel(*refs, length, T, n_sub, n_tiles, n_chunks, softplus, dtype, flags):
+    """Outputs of one chunk (programs run in parallel over chunks) from its entering state."""
+    r = common.Refs(refs, flags)
+    h, k = pl.program_id(1) // n_chunks, pl.program_id(1) % n_chunks
+    A, D, bias = _head_scalars(r, h)
 
     def tile_body(i, H):
         t0 = i * T
@@ -94,18 +125,41 @@ def _fwd_kernel(*refs, length, T, n_sub, n_tiles, n_chunks, softplus, dtype, fla
         _store(r.y, t0, v["valid"], common.chunk_output(c, H, D, v.get("z")))
         return c.next_state(H)
 
-    def chunk_body(k, H):
-        if r.ckpt is not None:
-            r.ckpt[k] = H
-        return jax.lax.fori_loop(k * n_sub, jnp.minimum((k + 1) * n_sub, n_tiles), tile_body, H)
-
-    r.h_final[...] = jax.lax.fori_loop(0, n_chunks, chunk_body, H)
+    lo, n = _chunk_tiles(k, n_sub, n_tiles)
+    jax.lax.fori_loop(lo, lo + n, tile_body, r.ckpt[k].astype(f32))
 
 
-def _bwd_kernel(*refs, length, T, n_sub, n_tiles, softplus, dtype, flags):
+def _dstate_kernel(*refs, length, T, n_sub, n_tiles, n_chunks, softplus, dtype, flags):
+    """Sequential reverse pass: the gradient of the state leaving every chunk (and of h0)."""
     r = common.Refs(refs, flags)
-    A, D, bias = _head_scalars(r)
-    dH = jnp.zeros(r.ckpt.shape[1:], f32) if r.dh_final is None else r.dh_final[...].astype(f32)
+    A, _, bias = _head_scalars(r, pl.program_id(1))
+    dH = jnp.zeros(r.dck.shape[1:], f32) if r.dh_final is None else r.dh_final[...].astype(f32)
+
+    def chunk_body(kk, dH):
+        k = n_chunks - 1 - kk
+        r.dck[k] = dH
+        lo, n = _chunk_tiles(k, n_sub, n_tiles)
+
+        def tile_body(it, dH):
+            v = _tile(r, (lo + n - 1 - it) * T, T, length, bias, softplus, dtype,
+                      with_z=r.z is not None, with_dout=True)
+            dy = v["dout"] if r.z is None else v["dout"] * common.silu(v["z"].astype(f32))
+            return common.prev_state_grad(dy, v["dt"], A, v["C"], dH, dtype)
+
+        return jax.lax.fori_loop(0, n, tile_body, dH)
+
+    dH = jax.lax.fori_loop(0, n_chunks, chunk_body, dH)
+    if r.dh0 is not None:
+        r.dh0[...] = dH
+
+
+def _grad_kernel(*refs, length, T, n_sub, n_tiles, n_chunks, softplus, dtype, flags):
+    """Gradients of one chunk (parallel over chunks) from its entering state and leaving dH."""
+    r = common.Refs(refs, flags)
+    h, k = pl.program_id(1) // n_chunks, pl.program_id(1) % n_chunks
+    A, D, bias = _head_scalars(r, h)
+    H0 = r.ckpt[k].astype(f32)
+    lo, n = _chunk_tiles(k, n_sub, n_tiles)
     zero = jnp.zeros((), f32)
 
     def replay(j, H):
@@ -115,16 +169,15 @@ def _bwd_kernel(*refs, length, T, n_sub, n_tiles, softplus, dtype, flags):
 
     def tile_body(it, carry):
         dH, dA, dD, dbias = carry
-        i = n_tiles - 1 - it
-        k = i // n_sub
-        H = jax.lax.fori_loop(k * n_sub, i, replay, r.ckpt[k].astype(f32))
+        i = lo + n - 1 - it
+        H = jax.lax.fori_loop(lo, i, replay, H0)
         t0 = i * T
         v = _tile(r, t0, T, length, bias, softplus, dtype, with_z=r.z is not None, with_dout=True)
         c = common.Chunk(v["x"], v["dt"], A, v["B"], v["C"], dtype)
         g = common.chunk_backward(c, H, dH, v["dout"], A, D, v.get("z"))
-        ddt = g["ddt"] * common.sigmoid(v["raw"]) if softplus else g["ddt"]
-        ddt = jnp.where(v["valid"], ddt, 0.0)
         valid = v["valid"]
+        ddt = g["ddt"] * common.sigmoid(v["raw"]) if softplus else g["ddt"]
+        ddt = jnp.where(valid, ddt, 0.0)
         _store(r.dx, t0, valid, g["dx"])
         _store(r.ddt, t0, valid, ddt)
         _store(r.dB, t0, valid, g["dB"])
@@ -134,117 +187,135 @@ def _bwd_kernel(*refs, length, T, n_sub, n_tiles, softplus, dtype, flags):
         dD = dD if D is None else dD + g["dD"]
         return g["dH"], dA + g["dA"], dD, dbias + jnp.sum(ddt)
 
-    dH, dA, dD, dbias = jax.lax.fori_loop(0, n_tiles, tile_body, (dH, zero, zero, zero))
+    init = (r.dck[k].astype(f32), zero, zero, zero)
+    _, dA, dD, dbias = jax.lax.fori_loop(0, n, tile_body, init)
     lane = jax.lax.broadcasted_iota(jnp.int32, (4,), 0)
     r.sums[...] = jnp.where(lane == 0, dA, jnp.where(lane == 1, dD, jnp.where(lane == 2, dbias, 0.0)))
-    if r.dh0 is not None:
-        r.dh0[...] = dH
 
 
-def _specs(x_shape, B_shape, block_p):
-    """BlockSpecs for grid (batch, head, column block)."""
+def _specs(x_shape, B_shape, block_p, n_chunks):
+    """BlockSpecs for grid (batch, head, column block) and for the per-chunk grid
+    (batch, head * n_chunks + chunk, column block), in that order."""
     _, length, heads, _ = x_shape
     n_groups, d_state = B_shape[2], B_shape[3]
     rep = heads // n_groups
-    return dict(
-        seq=pl.BlockSpec((None, length, None, block_p), lambda i, j, k: (i, 0, j, k)),
-        dt=pl.BlockSpec((None, length, None), lambda i, j, k: (i, 0, j)),
-        grp=pl.BlockSpec((None, length, None, d_state), lambda i, j, k: (i, 0, j // rep, 0)),
-        head=pl.BlockSpec((heads,), lambda i, j, k: (0,)),
-        state=pl.BlockSpec((None, None, block_p, d_state), lambda i, j, k: (i, j, k, 0)),
-    )
+
+    def specs(hd):
+        return dict(
+            seq=pl.BlockSpec((None, length, None, block_p), lambda i, j, p: (i, 0, hd(j), p)),
+            dt=pl.BlockSpec((None, length, None), lambda i, j, p: (i, 0, hd(j))),
+            grp=pl.BlockSpec((None, length, None, d_state),
+                             lambda i, j, p: (i, 0, hd(j) // rep, 0)),
+            head=pl.BlockSpec((heads,), lambda i, j, p: (0,)),
+            state=pl.BlockSpec((None, None, block_p, d_state), lambda i, j, p: (i, hd(j), p, 0)),
+            chunks=pl.BlockSpec((None, None, n_chunks, block_p, d_state),
+                                lambda i, j, p: (i, hd(j), 0, p, 0)),
+        )
+
+    return specs(lambda j: j), specs(lambda j: j // n_chunks)
+
+
+def _call(kernel, cfg, grid, named_in, named_out, static, name):
+    """One pallas_call from ``[(name, array or None, spec)]`` inputs and ``[(name, shape or None,
+    spec)]`` outputs; returns a dict of the outputs by name."""
+    in_flags, args, in_specs = common.operands(named_in)
+    out_flags, out_shapes, out_specs = common.operands(named_out)
+    outs = pl.pallas_call(
+        functools.partial(kernel, flags=in_flags + out_flags, **static),
+        out_shape=out_shapes,
+        grid=grid,
+        in_specs=in_specs,
+        out_specs=out_specs,
+        compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=1),
+        interpret=cfg.interpret,
+        name=name,
+    )(*args)
+    return dict(zip([n for n, s, _ in named_out if s is not None], outs))
+
+
+def _static(x, cfg, n_chunks):
+    T = cfg.block_t
+    return dict(length=x.shape[1], T=T, n_sub=cfg.chunk_size // T,
+                n_tiles=pl.cdiv(x.shape[1], T), n_chunks=n_chunks, softplus=cfg.dt_softplus,
+                dtype=x.dtype)
 
 
 def forward(x, dt, A, B, C, D, z, dt_bias, h0, cfg: common.SSDConfig, *, save_checkpoints):
-    """Returns ``(y, final_state, checkpoints or None)``; states float32."""
+    """Returns ``(y, final_state, checkpoints or None)``; states float32.
+
+    Two kernels: a sequential pass that only advances the state (one product per tile) and
+    writes it at every chunk boundary, then the outputs with one program per chunk.
+    """
     batch, length, heads, head_dim = x.shape
     d_state = B.shape[3]
-    T, block_p = cfg.block_t, cfg.block_p
     n_chunks = pl.cdiv(length, cfg.chunk_size)
-    sp = _specs(x.shape, B.shape, block_p)
-    in_flags, args, in_specs = common.operands([
-        ("x", x, sp["seq"]), ("dt", dt, sp["dt"]), ("A", A, sp["head"]), ("B", B, sp["grp"]),
-        ("C", C, sp["grp"]), ("D", D, sp["head"]), ("z", z, sp["seq"]),
-        ("bias", dt_bias, sp["head"]), ("h0", h0, sp["state"]),
-    ])
-    ckpt_shape = (batch, heads, n_chunks, head_dim, d_state)
-    out = [
-        ("y", jax.ShapeDtypeStruct(x.shape, x.dtype), sp["seq"]),
-        ("h_final", jax.ShapeDtypeStruct((batch, heads, head_dim, d_state), f32), sp["state"]),
-    ]
-    if save_checkpoints:
-        out.append((
-            "ckpt",
-            jax.ShapeDtypeStruct(ckpt_shape, f32),
-            pl.BlockSpec((None, None, n_chunks, block_p, d_state), lambda i, j, k: (i, j, 0, k, 0)),
-        ))
-    kernel = functools.partial(
-        _fwd_kernel, length=length, T=T, n_sub=cfg.chunk_size // T, n_tiles=pl.cdiv(length, T),
-        n_chunks=n_chunks, softplus=cfg.dt_softplus, dtype=x.dtype,
-        flags=in_flags + (("y", True), ("h_final", True), ("ckpt", save_checkpoints)),
+    n_pb = head_dim // cfg.block_p
+    st = _static(x, cfg, n_chunks)
+    sp, spc = _specs(x.shape, B.shape, cfg.block_p, n_chunks)
+    states = _call(
+        _state_kernel, cfg, (batch, heads, n_pb),
+        [("x", x, sp["seq"]), ("dt", dt, sp["dt"]), ("A", A, sp["head"]), ("B", B, sp["grp"]),
+         ("bias", dt_bias, sp["head"]), ("h0", h0, sp["state"])],
+        [("h_final", jax.ShapeDtypeStruct((batch, heads, head_dim, d_state), f32), sp["state"]),
+         ("ckpt", jax.ShapeDtypeStruct((batch, heads, n_chunks, head_dim, d_state), f32),
+          sp["chunks"])],
+        st, "ssd_fwd_states",
     )
-    outs = pl.pallas_call(
-        kernel,
-        out_shape=[s for _, s, _ in out],
-        grid=(batch, heads, head_dim // block_p),
-        in_specs=in_specs,
-        out_specs=[s for _, _, s in out],
-        compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=1),
-        interpret=cfg.interpret,
-        name="ssd_fwd",
-    )(*args)
-    return outs[0], outs[1], (outs[2] if save_checkpoints else None)
+    y = _call(
+        _out_kernel, cfg, (batch, heads * n_chunks, n_pb),
+        [("x", x, spc["seq"]), ("dt", dt, spc["dt"]), ("A", A, spc["head"]),
+         ("B", B, spc["grp"]), ("C", C, spc["grp"]), ("D", D, spc["head"]),
+         ("z", z, spc["seq"]), ("bias", dt_bias, spc["head"]), ("ckpt", states["ckpt"], spc["chunks"])],
+        [("y", jax.ShapeDtypeStruct(x.shape, x.dtype), spc["seq"])],
+        st, "ssd_fwd_outputs",
+    )["y"]
+    return y, states["h_final"], (states["ckpt"] if save_checkpoints else None)
 
 
 def backward(dout, dh_final, x, dt, A, B, C, D, z, dt_bias, h0, ckpt, cfg: common.SSDConfig):
-    """Gradients ``(dx, ddt, dA, dB, dC, dD, dz, ddt_bias, dh0)``, None for absent inputs."""
+    """Gradients ``(dx, ddt, dA, dB, dC, dD, dz, ddt_bias, dh0)``, None for absent inputs.
+
+    A sequential reverse pass writes the state gradient at every chunk boundary (one product
+    per tile); then one program per chunk computes all gradients of its steps.
+    """
     batch, length, heads, head_dim = x.shape
     n_groups, d_state = B.shape[2], B.shape[3]
-    T, block_p = cfg.block_t, cfg.block_p
-    n_pb = head_dim // block_p
     n_chunks = ckpt.shape[2]
-    sp = _specs(x.shape, B.shape, block_p)
-    in_flags, args, in_specs = common.operands([
-        ("x", x, sp["seq"]), ("dt", dt, sp["dt"]), ("A", A, sp["head"]), ("B", B, sp["grp"]),
-        ("C", C, sp["grp"]), ("D", D, sp["head"]), ("z", z, sp["seq"]),
-        ("bias", dt_bias, sp["head"]), ("dout", dout, sp["seq"]),
-        ("dh_final", dh_final, sp["state"]),
-        ("ckpt", ckpt,
-         pl.BlockSpec((None, None, n_chunks, block_p, d_state), lambda i, j, k: (i, j, 0, k, 0))),
-    ])
+    n_pb = head_dim // cfg.block_p
+    st = _static(x, cfg, n_chunks)
+    sp, spc = _specs(x.shape, B.shape, cfg.block_p, n_chunks)
+    f32_state = jax.ShapeDtypeStruct((batch, heads, head_dim, d_state), f32)
+    dstates = _call(
+        _dstate_kernel, cfg, (batch, heads, n_pb),
+        [("dt", dt, sp["dt"]), ("A", A, sp["head"]), ("C", C, sp["grp"]), ("z", z, sp["seq"]),
+         ("bias", dt_bias, sp["head"]), ("dout", dout, sp["seq"]),
+         ("dh_final", dh_final, sp["state"])],
+        [("dck", jax.ShapeDtypeStruct(ckpt.shape, f32), sp["chunks"]),
+         ("dh0", None if h0 is None else f32_state, sp["state"])],
+        st, "ssd_bwd_states",
+    )
     partial_t = lambda *n: pl.BlockSpec(
-        (None, None, length, *n), lambda i, j, k: (i, j * n_pb + k, 0) + (0,) * len(n)
+        (None, None, length, *n),
+        lambda i, j, p: (i, j // n_chunks * n_pb + p, 0) + (0,) * len(n),
     )
-    out = [
-        ("dx", True, jax.ShapeDtypeStruct(x.shape, x.dtype), sp["seq"]),
-        ("ddt", True, jax.ShapeDtypeStruct((batch, heads * n_pb, length), f32), partial_t()),
-        ("dB", True, jax.ShapeDtypeStruct((batch, heads * n_pb, length, d_state), f32),
-         partial_t(d_state)),
-        ("dC", True, jax.ShapeDtypeStruct((batch, heads * n_pb, length, d_state), f32),
-         partial_t(d_state)),
-        ("dz", z is not None, jax.ShapeDtypeStruct(x.shape, getattr(z, "dtype", f32)), sp["seq"]),
-        ("sums", True, jax.ShapeDtypeStruct((batch, heads, n_pb, 4), f32),
-         pl.BlockSpec((None, None, None, 4), lambda i, j, k: (i, j, k, 0))),
-        ("dh0", h0 is not None, jax.ShapeDtypeStruct((batch, heads, head_dim, d_state), f32),
-         sp["state"]),
-    ]
-    present = [(s, spec) for _, p, s, spec in out if p]
-    kernel = functools.partial(
-        _bwd_kernel, length=length, T=T, n_sub=cfg.chunk_size // T, n_tiles=pl.cdiv(length, T),
-        softplus=cfg.dt_softplus, dtype=x.dtype,
-        flags=in_flags + tuple((name, p) for name, p, _, _ in out),
+    part = lambda *n: jax.ShapeDtypeStruct((batch, heads * n_pb, length, *n), f32)
+    res = _call(
+        _grad_kernel, cfg, (batch, heads * n_chunks, n_pb),
+        [("x", x, spc["seq"]), ("dt", dt, spc["dt"]), ("A", A, spc["head"]),
+         ("B", B, spc["grp"]), ("C", C, spc["grp"]), ("D", D, spc["head"]),
+         ("z", z, spc["seq"]), ("bias", dt_bias, spc["head"]), ("dout", dout, spc["seq"]),
+         ("ckpt", ckpt, spc["chunks"]), ("dck", dstates["dck"], spc["chunks"])],
+        [("dx", jax.ShapeDtypeStruct(x.shape, x.dtype), spc["seq"]),
+         ("ddt", part(), partial_t()),
+         ("dB", part(d_state), partial_t(d_state)),
+         ("dC", part(d_state), partial_t(d_state)),
+         ("dz", None if z is None else jax.ShapeDtypeStruct(x.shape, z.dtype), spc["seq"]),
+         ("sums", jax.ShapeDtypeStruct((batch, heads * n_chunks, n_pb, 4), f32),
+          pl.BlockSpec((None, None, None, 4), lambda i, j, p: (i, j, p, 0)))],
+        st, "ssd_bwd_grads",
     )
-    outs = pl.pallas_call(
-        kernel,
-        out_shape=[s for s, _ in present],
-        grid=(batch, heads, n_pb),
-        in_specs=in_specs,
-        out_specs=[spec for _, spec in present],
-        compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=1),
-        interpret=cfg.interpret,
-        name="ssd_bwd",
-    )(*args)
-    res = dict(zip([name for name, p, _, _ in out if p], outs))
+    res["dh0"] = dstates.get("dh0")
+    res["sums"] = res["sums"].reshape(batch, heads, n_chunks * n_pb, 4)
     return reduce_partials(res, x, dt, A, B, D, dt_bias, h0, n_groups, n_pb)
 
 
@@ -259,7 +330,7 @@ def reduce_partials(res, x, dt, A, B, D, dt_bias, h0, n_groups, n_pb):
         return jnp.transpose(part, (0, 2, 1, 3)).astype(B.dtype)
 
     ddt = res["ddt"].reshape(batch, heads, n_pb, length).sum(2)
-    sums = res["sums"].sum(axis=(0, 2))  # (heads, 4)
+    sums = res["sums"].sum(axis=(0, 2))  # (batch, heads, programs, 4) -> (heads, 4)
     return (
         res["dx"],
         jnp.transpose(ddt, (0, 2, 1)).astype(dt.dtype),
