@@ -1,0 +1,759 @@
+"""Flash attention as Pallas kernels lowered through Mosaic GPU (NVIDIA Hopper, sm_90a).
+
+Every kernel is warp specialised: a CTA runs three warpgroups, two consumers that issue ``wgmma``
+and do the softmax arithmetic, and one producer that only issues TMA copies into a ring of
+``stages`` shared-memory slots. Each slot has a "filled" barrier (completed by the TMA
+transaction count) and a "consumed" barrier (one arrival per consumer warpgroup), so up to
+``stages`` tiles are in flight ahead of the tensor cores.
+
+- Forward: a CTA owns ``2 * block_q`` query rows of one (batch, head), one ``block_q`` slab per
+  consumer, and streams K/V tiles with an online softmax in float32 (FlashAttention-3). The two
+  consumers take turns on the tensor cores through a shared "schedule" barrier, so one
+  warpgroup's softmax overlaps the other's matrix products.
+- Backward, with ``delta = rowsum(dO * O)`` computed in XLA and P recomputed from the saved
+  log-sum-exp: a dK/dV kernel whose CTA owns ``2 * block_k_bwd`` keys of one kv head and streams
+  (Q, dO, lse, delta) tiles of every query head of its GQA group, so grouped heads need no
+  reduction afterwards; and a dQ kernel shaped like the forward.
+
+Both consumers of a CTA walk the same key (or query) block range, the union of what their rows
+need: that keeps the producer, the consumed barriers and the schedule barrier in lock step. Each
+walk is split into [masked edge | unmasked interior | masked edge]; the interior pays for no
+causal/window/padding ``where``. Scores go through ``common.transform_scores`` on register tiles,
+in base 2 (scale and soft cap multiplied by log2(e)) so the exponentials are bare ``exp2``.
+Lengths that are not a multiple of the tiles are padded here: padded keys are masked, padded
+queries are sliced away (in the backward they carry ``dO = 0`` and ``lse = +inf``, hence P = 0).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_kernels.flash_attention.common import (
+    MASK_VALUE,
+    AttentionSpec,
+    BlockSizes,
+    soft_cap_grad,
+    transform_scores,
+)
+
+LOG2E = math.log2(math.e)
+_HEAD_DIMS = (64, 128)
+_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+_SMEM_BYTES = 227 * 1024  # Hopper's per-block shared-memory limit.
+_CONSUMERS = 2
+_WG = "wg"
+
+
+@dataclasses.dataclass(frozen=True)
+class Tiles:
+    """One kernel's tiles: rows owned per consumer warpgroup, rows streamed per step, ring depth."""
+
+    owned: int
+    streamed: int
+    stages: int
+
+
+# Tuned defaults per head_dim: (forward, dK/dV, dQ). Forward/dQ own query rows and stream keys;
+# dK/dV owns keys and streams query rows.
+_TUNED = {
+    64: (Tiles(64, 128, 3), Tiles(64, 64, 2), Tiles(64, 128, 2)),
+    128: (Tiles(64, 128, 2), Tiles(64, 64, 2), Tiles(64, 128, 2)),
+}
+
+
+def _tiles(head_dim: int, block_sizes: BlockSizes):
+    fwd, dkv, dq = _TUNED[head_dim]
+    bs = block_sizes
+    fwd = dataclasses.replace(fwd, owned=bs.block_q or fwd.owned, streamed=bs.block_k or fwd.streamed)
+    dkv = dataclasses.replace(
+        dkv, owned=bs.block_k_bwd or dkv.owned, streamed=bs.block_q_bwd or dkv.streamed)
+    dq = dataclasses.replace(
+        dq, owned=bs.block_q_bwd or dq.owned, streamed=bs.block_k_bwd or dq.streamed)
+    return fwd, dkv, dq
+
+
+def _smem_bytes(t: Tiles, head_dim: int, owned_tiles: int, streamed_tiles: int) -> int:
+    """Shared memory of a kernel: owned tiles per consumer plus the streamed ring (+ row vectors)."""
+    owned = _CONSUMERS * owned_tiles * t.owned * head_dim * 2
+    ring = t.stages * streamed_tiles * t.streamed * head_dim * 2
+    return owned + ring + 4 * 4 * (t.stages * t.streamed + _CONSUMERS * t.owned)
+
+
+def supports(q_shape, k_shape, dtype, spec: AttentionSpec, block_sizes: BlockSizes) -> str | None:
+    """None when these kernels handle the call, else the one-line reason."""
+    del k_shape
+    head_dim = q_shape[-1]
+    if head_dim not in _HEAD_DIMS:
+        return (f"head_dim must be one of {_HEAD_DIMS} (256 exceeds the register/shared-memory "
+                f"budget of the warp-specialised tiles), got {head_dim}")
+    if jnp.dtype(dtype) not in _DTYPES:
+        return f"dtype must be bfloat16 or float16 (wgmma operands), got {jnp.dtype(dtype)}"
+    if spec.has_alibi:
+        return "ALiBi is not implemented in the Mosaic GPU kernels"
+    for field in dataclasses.fields(block_sizes):
+        size = getattr(block_sizes, field.name)
+        if size is not None and (size % 64 or size > 256):
+            return f"block_sizes.{field.name} must be a multiple of 64 and <= 256, got {size}"
+    fwd, dkv, dq = _tiles(head_dim, block_sizes)
+    for name, t, owned, streamed in (("forward", fwd, 1, 2), ("dK/dV", dkv, 2, 2),
+                                     ("dQ", dq, 2, 2)):
+        if _smem_bytes(t, head_dim, owned, streamed) > _SMEM_BYTES:
+            return (f"{name} tiles ({t.owned} owned x {t.streamed} streamed rows, head_dim "
+                    f"{head_dim}) exceed the {_SMEM_BYTES // 1024} KiB of shared memory")
+    return None
+
+
+# ----------------------------------------------------------------------------- shared pieces
+
+
+def _base2(spec: AttentionSpec) -> AttentionSpec:
+    cap = spec.logits_soft_cap
+    return dataclasses.replace(
+        spec, scale=spec.scale * LOG2E, logits_soft_cap=None if cap is None else cap * LOG2E
+    )
+
+
+def _interior(spec: AttentionSpec) -> AttentionSpec:
+    """The spec for blocks inside the causal / window band (segment ids still apply)."""
+    return dataclasses.replace(spec, causal=False, sliding_window=None)
+
+
+def _div(x, d: int):
+    return lax.div(x, jnp.int32(d))
+
+
+def _clip(x, lo, hi):
+    return jnp.minimum(jnp.maximum(x, lo), hi)
+
+
+def _pad_to(x, axis: int, size: int, value=0):
+    if x.shape[axis] == size:
+        return x
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (0, size - x.shape[axis])
+    return jnp.pad(x, pad, constant_values=value)
+
+
+def _tile_smem(shape, dtype):
+    """Shared memory for a wgmma operand: 8x64 tiles with the 128-byte swizzle."""
+    return plgpu.SMEM(
+        shape, dtype, transforms=(plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128)))
+
+
+def _vec(vec_ref, dim: int, shape):
+    """A vector from shared memory laid along ``dim`` of a wgmma-layout tile, broadcast to it."""
+    vec = plgpu.load(vec_ref, layout=plgpu.Layout.WGMMA.reduce(1 - dim))
+    return lax.broadcast_in_dim(vec, shape, [dim])
+
+
+def _iota(shape, dim):
+    return plgpu.broadcasted_iota(jnp.int32, shape, dim, layout=plgpu.Layout.WGMMA)
+
+
+def _mma(a, b_ref, shape, interpret: bool, *, trans_b: bool = False, meanwhile=None):
+    """``a @ b`` (or ``a @ b.T``) into a fresh float32 accumulator; ``a`` in registers or smem.
+
+    ``meanwhile()`` runs after the wgmma is issued and before its result is awaited.
+
+    The interpreter runs wgmma only with both operands in shared memory, so interpret mode takes
+    the product of the loaded tiles instead (everything around it, barriers and copies included,
+    is interpreted as on the device).
+    """
+    if interpret:
+        a = a if isinstance(a, jax.Array) else a[...]
+        dims = (((1,), (1 if trans_b else 0,)), ((), ()))
+        out = lax.dot_general(a, b_ref[...], dims, preferred_element_type=jnp.float32)
+        if meanwhile is not None:
+            meanwhile()
+        return out
+
+    def body(acc_ref):
+        plgpu.wgmma(acc_ref, a, b_ref.transpose((1, 0)) if trans_b else b_ref)
+        if meanwhile is not None:
+            meanwhile()
+        return acc_ref[...]
+
+    return pl.run_scoped(body, plgpu.ACC(shape, jnp.float32))
+
+
+def _mma_acc(acc, a, b_ref, interpret: bool):
+    """``acc + a @ b``, accumulating in place on the tensor cores."""
+    if interpret:
+        return acc + _mma(a, b_ref, acc.shape, interpret)
+
+    def body(acc_ref):
+        plgpu.wgmma(acc_ref, a, b_ref)
+
+    return pl.run_state(body)(plgpu.ACC.init(acc))
+
+
+def _logits(s, q_pos, k_pos, spec2, masked, kv_len, q_seg, k_seg):
+    """``transform_scores`` on a register tile; ``kv_len`` (padded keys exist) masks the pad."""
+    logits, visible = transform_scores(
+        s, q_pos, k_pos, spec2 if masked else _interior(spec2), q_seg=q_seg, k_seg=k_seg
+    )
+    if masked and kv_len is not None:
+        in_range = k_pos < kv_len
+        logits = jnp.where(in_range, logits, MASK_VALUE)
+        visible = in_range if visible is None else visible & in_range
+    return logits, visible
+
+
+def _ds(p, dp, delta, logits, visible, spec2):
+    """dL/d(pre-cap logit) = P * (dP - delta) [* cap'], the cap' taken from unmasked logits."""
+    ds = p * (dp - delta)
+    if spec2.logits_soft_cap is not None:
+        unmasked = logits if visible is None else jnp.where(visible, logits, 0.0)
+        ds = ds * soft_cap_grad(unmasked, spec2)
+    return ds
+
+
+def _kv_blocks(p0, rows, bk, nk, kv_len, spec):
+    """Key blocks for query rows at absolute positions ``[p0, p0 + rows)``.
+
+    Returns ``(lo, full_lo, full_hi, hi)``: blocks ``[lo, hi)`` hold a key some row sees; within
+    them ``[full_lo, full_hi)`` need no causal / window / padding mask.
+    """
+    p1 = p0 + rows - 1
+    zero, nk_ = jnp.int32(0), jnp.int32(nk)
+    lo, full_lo, full_hi, hi = zero, zero, nk_, nk_
+    if spec.causal:
+        hi = jnp.minimum(_div(p1, bk) + 1, nk_)
+        full_hi = _div(p0 + 1, bk)
+        if spec.sliding_window is not None:
+            w = spec.sliding_window
+            lo = _div(jnp.maximum(p0 - w + 1, 0), bk)
+            full_lo = _div(jnp.maximum(p1 - w + 1, 0) + bk - 1, bk)
+    if nk * bk != kv_len:
+        full_hi = jnp.minimum(full_hi, kv_len // bk)
+    full_lo = _clip(full_lo, lo, hi)
+    full_hi = _clip(full_hi, full_lo, hi)
+    return lo, full_lo, full_hi, hi
+
+
+def _q_blocks(k0, keys, bq, nq, kv_len, spec):
+    """Query blocks (rows ``r``, position ``q_offset + r``) that see a key of ``[k0, k0+keys)``."""
+    k1 = k0 + keys - 1
+    off = spec.q_offset
+    zero, nq_ = jnp.int32(0), jnp.int32(nq)
+    lo, full_lo, full_hi, hi = zero, zero, nq_, nq_
+    if spec.causal:
+        lo = _div(jnp.maximum(k0 - off, 0), bq)
+        full_lo = _div(jnp.maximum(k1 - off, 0) + bq - 1, bq)
+        if spec.sliding_window is not None:
+            w = spec.sliding_window
+            hi = jnp.minimum(_div(jnp.maximum(k1 + w - off, 0) + bq - 1, bq), nq_)
+            full_hi = _div(jnp.maximum(k0 + w - off, 0), bq)
+    # A block of keys that holds padding is masked whole.
+    full_hi = jnp.where(k0 + keys > kv_len, full_lo, full_hi)
+    full_lo = _clip(full_lo, lo, hi)
+    full_hi = _clip(full_hi, full_lo, hi)
+    return lo, full_lo, full_hi, hi
+
+
+def _produce(n_steps, stages, loads):
+    """The producer warpgroup: fill the ring, then refill each slot once its consumers are done.
+
+    ``loads`` is a list of ``(issue, consumed)``: ``issue(step, slot)`` starts the copies of one
+    stream for ``step``; ``consumed`` is that stream's per-slot barrier array.
+    """
+    plgpu.set_max_registers(40, action="decrease")
+    for slot in range(stages):
+
+        @pl.when(slot < n_steps)
+        def _():
+            for issue, _ in loads:
+                issue(jnp.int32(slot), slot)
+
+    @pl.loop(jnp.int32(stages), jnp.maximum(n_steps, stages))
+    def _(step):
+        slot = lax.rem(step, jnp.int32(stages))
+        for issue, consumed in loads:
+            plgpu.barrier_wait(consumed.at[slot])
+            issue(step, slot)
+
+    # Observe the last uses too, so that no barrier phase is left unseen when the CTA exits.
+    @pl.loop(jnp.maximum(n_steps - stages, 0), n_steps)
+    def _(step):
+        slot = lax.rem(step, jnp.int32(stages))
+        for _, consumed in loads:
+            plgpu.barrier_wait(consumed.at[slot])
+
+
+def _fused_range(parts, body, carry):
+    """Run ``body(masked)(block, step, carry)`` over ``[lo|full_lo|full_hi|hi)`` blocks."""
+    lo, full_lo, full_hi, hi = parts
+
+    def loop(a, b, masked, carry):
+        return lax.fori_loop(a, b, lambda i, c: body(masked)(i, i - lo, c), carry)
+
+    carry = loop(lo, full_lo, True, carry)
+    carry = loop(full_lo, full_hi, False, carry)
+    return loop(full_hi, hi, True, carry)
+
+
+def _compiler_params():
+    return plgpu.CompilerParams(approx_math=True)
+
+
+def _interpret_params(interpret: bool):
+    return plgpu.InterpretGPUParams() if interpret else None
+
+
+# ----------------------------------------------------------------------------- forward
+
+
+def _fwd_kernel(*refs, spec2, t, group, nk, kv_len, has_seg, interpret):
+    if has_seg:
+        q_ref, k_ref, v_ref, qs_ref, ks_ref, o_ref, lse_ref, smem, bars = refs
+    else:
+        q_ref, k_ref, v_ref, o_ref, lse_ref, smem, bars = refs
+        qs_ref = ks_ref = None
+    q_smem, k_smem, v_smem, vec_smem, qs_smem, ks_smem = smem
+    q_bar, k_bar, v_bar, ks_bar, k_free, v_free, sched = bars
+    bq, bk = t.owned, t.streamed
+    head_dim = q_ref.shape[-1]
+    batch, head = lax.axis_index("batch"), lax.axis_index("heads")
+    kv_head = _div(head, group)
+    wg = lax.axis_index(_WG)
+    cta_row = lax.axis_index("q") * (_CONSUMERS * bq)
+    parts = _kv_blocks(spec2.q_offset + cta_row, _CONSUMERS * bq, bk, nk, kv_len, spec2)
+    lo, hi = parts[0], parts[3]
+    n_steps = jnp.maximum(hi - lo, 0)
+    padded_kv = None if nk * bk == kv_len else kv_len
+
+    def schedule():
+        plgpu.barrier_arrive(sched)
+        plgpu.barrier_wait(sched)
+
+    @pl.when(wg < _CONSUMERS)
+    def _consumer():
+        plgpu.set_max_registers(232, action="increase")
+        row = cta_row + wg * bq
+        my_q = q_smem.at[wg]
+        plgpu.copy_gmem_to_smem(q_ref.at[batch, pl.ds(row, bq), head], my_q, q_bar.at[wg])
+        q_seg = None
+        if has_seg:
+            plgpu.copy_gmem_to_smem(qs_ref.at[batch, pl.ds(row, bq)], qs_smem.at[wg],
+                                    q_bar.at[_CONSUMERS + wg])
+            plgpu.barrier_wait(q_bar.at[_CONSUMERS + wg])
+            q_seg = _vec(qs_smem.at[wg], 0, (bq, bk))
+        plgpu.barrier_wait(q_bar.at[wg])
+        q_pos = _iota((bq, bk), 0) + (spec2.q_offset + row)
+
+        def body(masked):
+            def step(block, i, carry):
+                acc, m, l = carry
+                slot = lax.rem(i, jnp.int32(t.stages))
+                plgpu.barrier_wait(k_bar.at[slot])
+                # The other consumer's turn starts while this QK^T runs.
+                s = _mma(my_q, k_smem.at[slot], (bq, bk), interpret, trans_b=True,
+                         meanwhile=schedule)
+                k_seg = None
+                if has_seg:
+                    plgpu.barrier_wait(ks_bar.at[slot])
+                    k_seg = _vec(ks_smem.at[slot], 1, (bq, bk))
+                plgpu.barrier_arrive(k_free.at[slot])
+                k_pos = _iota((bq, bk), 1) + block * bk
+                s, _ = _logits(s, q_pos, k_pos, spec2, masked, padded_kv, q_seg, k_seg)
+                m_new = jnp.maximum(m, s.max(axis=1))
+                alpha = jnp.exp2(m - m_new)
+                p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
+                l = l * alpha + p.sum(axis=1)
+                acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+                p = p.astype(q_ref.dtype)
+                plgpu.barrier_arrive(sched)
+                plgpu.barrier_wait(v_bar.at[slot])
+                plgpu.barrier_wait(sched)
+                acc = _mma_acc(acc, p, v_smem.at[slot], interpret)
+                plgpu.barrier_arrive(v_free.at[slot])
+                return acc, m_new, l
+
+            return step
+
+        # m starts at MASK_VALUE: a row whose keys so far are all masked keeps m = MASK_VALUE (its
+        # masked terms are wiped by alpha = 0 once a visible key arrives), so m spots dead rows.
+        carry = (
+            plgpu.layout_cast(jnp.zeros((bq, head_dim), jnp.float32), plgpu.Layout.WGMMA),
+            plgpu.layout_cast(jnp.full((bq,), MASK_VALUE, jnp.float32),
+                              plgpu.Layout.WGMMA.reduce(1)),
+            plgpu.layout_cast(jnp.zeros((bq,), jnp.float32), plgpu.Layout.WGMMA.reduce(1)),
+        )
+        # The consumers take turns on the tensor cores: consumer 1 starts one phase behind.
+        pl.when(wg == 1)(schedule)
+        acc, m, l = _fused_range(parts, body, carry)
+        pl.when(wg == 0)(schedule)
+
+        dead = m <= 0.5 * MASK_VALUE
+        inv = 1.0 / jnp.where(dead, 1.0, l)
+        inv = jnp.where(dead, 0.0, inv)
+        my_q[...] = (acc * lax.broadcast_in_dim(inv, acc.shape, [0])).astype(q_ref.dtype)
+        lse_vec = vec_smem.at[wg]
+        lse_vec[...] = jnp.where(dead, -jnp.inf, (m + jnp.log2(jnp.where(dead, 1.0, l))) / LOG2E)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(my_q, o_ref.at[batch, pl.ds(row, bq), head])
+        plgpu.copy_smem_to_gmem(lse_vec, lse_ref.at[batch, head, pl.ds(row, bq)])
+        plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(wg == _CONSUMERS)
+    def _producer():
+        def kv_block(step):
+            return batch, pl.ds((lo + step) * bk, bk), kv_head
+
+        def load_k(step, slot):
+            plgpu.copy_gmem_to_smem(k_ref.at[kv_block(step)], k_smem.at[slot], k_bar.at[slot])
+            if has_seg:
+                plgpu.copy_gmem_to_smem(ks_ref.at[batch, pl.ds((lo + step) * bk, bk)],
+                                        ks_smem.at[slot], ks_bar.at[slot])
+
+        def load_v(step, slot):
+            plgpu.copy_gmem_to_smem(v_ref.at[kv_block(step)], v_smem.at[slot], v_bar.at[slot])
+
+        _produce(n_steps, t.stages, [(load_k, k_free), (load_v, v_free)])
+
+
+def forward(q, k, v, q_seg, kv_seg, alibi_slopes, *, spec, block_sizes, interpret):
+    """``(out, lse)`` per the lowering contract (see ``supports`` for what is handled)."""
+    if alibi_slopes is not None:
+        raise ValueError(supports(q.shape, k.shape, q.dtype, spec, block_sizes))
+    batch, q_len, heads, head_dim = q.shape
+    kv_len, kv_heads = k.shape[1], k.shape[2]
+    t, _, _ = _tiles(head_dim, block_sizes)
+    bq, bk = t.owned, t.streamed
+    nq, nk = pl.cdiv(q_len, _CONSUMERS * bq), pl.cdiv(kv_len, bk)
+    q_pad, kv_pad = nq * _CONSUMERS * bq, nk * bk
+    has_seg = q_seg is not None
+    args = [_pad_to(q, 1, q_pad), _pad_to(k, 1, kv_pad), _pad_to(v, 1, kv_pad)]
+    if has_seg:
+        args += [_pad_to(q_seg, 1, q_pad), _pad_to(kv_seg, 1, kv_pad)]
+
+    dtype = q.dtype
+    smem = (
+        _tile_smem((_CONSUMERS, bq, head_dim), dtype),
+        _tile_smem((t.stages, bk, head_dim), dtype),
+        _tile_smem((t.stages, bk, head_dim), dtype),
+        plgpu.SMEM((_CONSUMERS, bq), jnp.float32),
+        plgpu.SMEM((_CONSUMERS, bq), jnp.int32) if has_seg else None,
+        plgpu.SMEM((t.stages, bk), jnp.int32) if has_seg else None,
+    )
+    bars = (
+        plgpu.Barrier(num_barriers=2 * _CONSUMERS),
+        plgpu.Barrier(num_barriers=t.stages),
+        plgpu.Barrier(num_barriers=t.stages),
+        plgpu.Barrier(num_barriers=t.stages) if has_seg else None,
+        plgpu.Barrier(num_arrivals=_CONSUMERS, num_barriers=t.stages),
+        plgpu.Barrier(num_arrivals=_CONSUMERS, num_barriers=t.stages),
+        plgpu.Barrier(num_arrivals=_CONSUMERS),
+    )
+    kernel = functools.partial(
+        _fwd_kernel, spec2=_base2(spec), t=t, group=heads // kv_heads, nk=nk, kv_len=kv_len,
+        has_seg=has_seg, interpret=interpret,
+    )
+    out, lse = plgpu.kernel(
+        kernel,
+        out_type=[
+            jax.ShapeDtypeStruct((batch, q_pad, heads, head_dim), dtype),
+            jax.ShapeDtypeStruct((batch, heads, q_pad), jnp.float32),
+        ],
+        scratch_types=[smem, bars],
+        grid=(heads, nq, batch),
+        grid_names=("heads", "q", "batch"),
+        num_threads=_CONSUMERS + 1,
+        thread_name=_WG,
+        compiler_params=_compiler_params(),
+        interpret=_interpret_params(interpret),
+    )(*args)
+    return out[:, :q_len], lse[:, :, :q_len]
+
+
+# ----------------------------------------------------------------------------- backward
+
+
+def _dkv_kernel(*refs, spec2, t, group, nq, kv_len, padded, has_seg, interpret):
+    if has_seg:
+        q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qs_ref, ks_ref, dk_ref, dv_ref, smem, bars = refs
+    else:
+        q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, smem, bars = refs
+        qs_ref = ks_ref = None
+    k_smem, v_smem, ks_smem, q_smem, do_smem, lse_smem, delta_smem, qs_smem = smem
+    own_bar, q_bar, do_bar, lse_bar, delta_bar, qs_bar, free = bars
+    bk, bq = t.owned, t.streamed
+    head_dim = q_ref.shape[-1]
+    dtype = q_ref.dtype
+    batch, kv_head = lax.axis_index("batch"), lax.axis_index("heads")
+    wg = lax.axis_index(_WG)
+    cta_key = lax.axis_index("k") * (_CONSUMERS * bk)
+    parts = _q_blocks(cta_key, _CONSUMERS * bk, bq, nq, kv_len, spec2)
+    lo, hi = parts[0], parts[3]
+    per_head = jnp.maximum(hi - lo, 0)
+    n_steps = group * per_head
+
+    @pl.when(wg < _CONSUMERS)
+    def _consumer():
+        plgpu.set_max_registers(240, action="increase")
+        key = cta_key + wg * bk
+        my_k, my_v = k_smem.at[wg], v_smem.at[wg]
+        kv_slice = (batch, pl.ds(key, bk), kv_head)
+        plgpu.copy_gmem_to_smem(k_ref.at[kv_slice], my_k, own_bar.at[wg])
+        plgpu.copy_gmem_to_smem(v_ref.at[kv_slice], my_v, own_bar.at[_CONSUMERS + wg])
+        k_seg = None
+        if has_seg:
+            plgpu.copy_gmem_to_smem(ks_ref.at[batch, pl.ds(key, bk)], ks_smem.at[wg],
+                                    own_bar.at[2 * _CONSUMERS + wg])
+            plgpu.barrier_wait(own_bar.at[2 * _CONSUMERS + wg])
+            k_seg = _vec(ks_smem.at[wg], 0, (bk, bq))
+        plgpu.barrier_wait(own_bar.at[wg])
+        plgpu.barrier_wait(own_bar.at[_CONSUMERS + wg])
+        k_pos = _iota((bk, bq), 0) + key
+        padded_kv = kv_len if padded else None
+
+        def head(g, carry):
+            def body(masked):
+                def step(block, i, carry):
+                    dk, dv = carry
+                    slot = lax.rem(g * per_head + i, jnp.int32(t.stages))
+                    plgpu.barrier_wait(q_bar.at[slot])
+                    # The tile is transposed (keys x queries) so dK and dV need no transposes.
+                    s = _mma(my_k, q_smem.at[slot], (bk, bq), interpret, trans_b=True)
+                    q_seg = None
+                    if has_seg:
+                        plgpu.barrier_wait(qs_bar.at[slot])
+                        q_seg = _vec(qs_smem.at[slot], 1, (bk, bq))
+                    q_pos = _iota((bk, bq), 1) + (spec2.q_offset + block * bq)
+                    s, visible = _logits(s, q_pos, k_pos, spec2, masked, padded_kv, q_seg, k_seg)
+                    plgpu.barrier_wait(lse_bar.at[slot])
+                    p = jnp.exp2(s - _vec(lse_smem.at[slot], 1, (bk, bq)))
+                    plgpu.barrier_wait(do_bar.at[slot])
+                    dv = _mma_acc(dv, p.astype(dtype), do_smem.at[slot], interpret)
+                    dp = _mma(my_v, do_smem.at[slot], (bk, bq), interpret, trans_b=True)
+                    plgpu.barrier_wait(delta_bar.at[slot])
+                    ds = _ds(p, dp, _vec(delta_smem.at[slot], 1, (bk, bq)), s, visible, spec2)
+                    dk = _mma_acc(dk, ds.astype(dtype), q_smem.at[slot], interpret)
+                    plgpu.barrier_arrive(free.at[slot])
+                    return dk, dv
+
+                return step
+
+            return _fused_range(parts, body, carry)
+
+        zeros = plgpu.layout_cast(jnp.zeros((bk, head_dim), jnp.float32), plgpu.Layout.WGMMA)
+        dk, dv = lax.fori_loop(0, group, head, (zeros, zeros))
+        my_k[...] = (dk * (spec2.scale / LOG2E)).astype(dtype)
+        my_v[...] = dv.astype(dtype)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(my_k, dk_ref.at[kv_slice], commit_group=False)
+        plgpu.copy_smem_to_gmem(my_v, dv_ref.at[kv_slice], commit_group=False)
+        plgpu.commit_smem_to_gmem_group()
+        plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(wg == _CONSUMERS)
+    def _producer():
+        def load(step, slot):
+            g = lax.div(step, per_head)
+            q_head = kv_head * group + g
+            row = (lo + step - g * per_head) * bq
+            rows = (batch, pl.ds(row, bq), q_head)
+            plgpu.copy_gmem_to_smem(q_ref.at[rows], q_smem.at[slot], q_bar.at[slot])
+            plgpu.copy_gmem_to_smem(lse_ref.at[batch, q_head, pl.ds(row, bq)],
+                                    lse_smem.at[slot], lse_bar.at[slot])
+            plgpu.copy_gmem_to_smem(do_ref.at[rows], do_smem.at[slot], do_bar.at[slot])
+            plgpu.copy_gmem_to_smem(delta_ref.at[batch, q_head, pl.ds(row, bq)],
+                                    delta_smem.at[slot], delta_bar.at[slot])
+            if has_seg:
+                plgpu.copy_gmem_to_smem(qs_ref.at[batch, pl.ds(row, bq)], qs_smem.at[slot],
+                                        qs_bar.at[slot])
+
+        _produce(n_steps, t.stages, [(load, free)])
+
+
+def _dq_kernel(*refs, spec2, t, group, nk, kv_len, has_seg, interpret):
+    if has_seg:
+        q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qs_ref, ks_ref, dq_ref, smem, bars = refs
+    else:
+        q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, smem, bars = refs
+        qs_ref = ks_ref = None
+    q_smem, do_smem, lse_smem, delta_smem, qs_smem, k_smem, v_smem, ks_smem = smem
+    own_bar, k_bar, v_bar, ks_bar, k_free, v_free = bars
+    bq, bk = t.owned, t.streamed
+    head_dim = q_ref.shape[-1]
+    dtype = q_ref.dtype
+    batch, head = lax.axis_index("batch"), lax.axis_index("heads")
+    kv_head = _div(head, group)
+    wg = lax.axis_index(_WG)
+    cta_row = lax.axis_index("q") * (_CONSUMERS * bq)
+    parts = _kv_blocks(spec2.q_offset + cta_row, _CONSUMERS * bq, bk, nk, kv_len, spec2)
+    lo, hi = parts[0], parts[3]
+    n_steps = jnp.maximum(hi - lo, 0)
+    padded_kv = None if nk * bk == kv_len else kv_len
+
+    @pl.when(wg < _CONSUMERS)
+    def _consumer():
+        plgpu.set_max_registers(240, action="increase")
+        row = cta_row + wg * bq
+        my_q, my_do = q_smem.at[wg], do_smem.at[wg]
+        rows = (batch, pl.ds(row, bq), head)
+        vec = (batch, head, pl.ds(row, bq))
+        n_own = 5 if has_seg else 4
+        plgpu.copy_gmem_to_smem(q_ref.at[rows], my_q, own_bar.at[wg * n_own])
+        plgpu.copy_gmem_to_smem(do_ref.at[rows], my_do, own_bar.at[wg * n_own + 1])
+        plgpu.copy_gmem_to_smem(lse_ref.at[vec], lse_smem.at[wg], own_bar.at[wg * n_own + 2])
+        plgpu.copy_gmem_to_smem(delta_ref.at[vec], delta_smem.at[wg], own_bar.at[wg * n_own + 3])
+        if has_seg:
+            plgpu.copy_gmem_to_smem(qs_ref.at[batch, pl.ds(row, bq)], qs_smem.at[wg],
+                                    own_bar.at[wg * n_own + 4])
+        for i in range(n_own):
+            plgpu.barrier_wait(own_bar.at[wg * n_own + i])
+        lse = _vec(lse_smem.at[wg], 0, (bq, bk))
+        delta = _vec(delta_smem.at[wg], 0, (bq, bk))
+        q_seg = _vec(qs_smem.at[wg], 0, (bq, bk)) if has_seg else None
+        q_pos = _iota((bq, bk), 0) + (spec2.q_offset + row)
+
+        def body(masked):
+            def step(block, i, dq):
+                slot = lax.rem(i, jnp.int32(t.stages))
+                plgpu.barrier_wait(k_bar.at[slot])
+                s = _mma(my_q, k_smem.at[slot], (bq, bk), interpret, trans_b=True)
+                k_seg = None
+                if has_seg:
+                    plgpu.barrier_wait(ks_bar.at[slot])
+                    k_seg = _vec(ks_smem.at[slot], 1, (bq, bk))
+                k_pos = _iota((bq, bk), 1) + block * bk
+                s, visible = _logits(s, q_pos, k_pos, spec2, masked, padded_kv, q_seg, k_seg)
+                p = jnp.exp2(s - lse)
+                plgpu.barrier_wait(v_bar.at[slot])
+                dp = _mma(my_do, v_smem.at[slot], (bq, bk), interpret, trans_b=True)
+                plgpu.barrier_arrive(v_free.at[slot])
+                ds = _ds(p, dp, delta, s, visible, spec2)
+                dq = _mma_acc(dq, ds.astype(dtype), k_smem.at[slot], interpret)
+                plgpu.barrier_arrive(k_free.at[slot])
+                return dq
+
+            return step
+
+        dq = plgpu.layout_cast(jnp.zeros((bq, head_dim), jnp.float32), plgpu.Layout.WGMMA)
+        dq = _fused_range(parts, body, dq)
+        my_q[...] = (dq * (spec2.scale / LOG2E)).astype(dtype)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(my_q, dq_ref.at[rows])
+        plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(wg == _CONSUMERS)
+    def _producer():
+        def kv_block(step):
+            return batch, pl.ds((lo + step) * bk, bk), kv_head
+
+        def load_k(step, slot):
+            plgpu.copy_gmem_to_smem(k_ref.at[kv_block(step)], k_smem.at[slot], k_bar.at[slot])
+            if has_seg:
+                plgpu.copy_gmem_to_smem(ks_ref.at[batch, pl.ds((lo + step) * bk, bk)],
+                                        ks_smem.at[slot], ks_bar.at[slot])
+
+        def load_v(step, slot):
+            plgpu.copy_gmem_to_smem(v_ref.at[kv_block(step)], v_smem.at[slot], v_bar.at[slot])
+
+        _produce(n_steps, t.stages, [(load_k, k_free), (load_v, v_free)])
+
+
+def backward(q, k, v, q_seg, kv_seg, alibi_slopes, out, lse, dout, *, spec, block_sizes,
+             interpret):
+    """``(dq, dk, dv)`` per the lowering contract."""
+    if alibi_slopes is not None:
+        raise ValueError(supports(q.shape, k.shape, q.dtype, spec, block_sizes))
+    batch, q_len, heads, head_dim = q.shape
+    kv_len, kv_heads = k.shape[1], k.shape[2]
+    group = heads // kv_heads
+    _, dkv_t, dq_t = _tiles(head_dim, block_sizes)
+    # One padding serves both kernels: queries to a multiple of every query tile, keys likewise.
+    q_mult = math.lcm(dkv_t.streamed, _CONSUMERS * dq_t.owned)
+    kv_mult = math.lcm(_CONSUMERS * dkv_t.owned, dq_t.streamed)
+    q_pad, kv_pad = pl.cdiv(q_len, q_mult) * q_mult, pl.cdiv(kv_len, kv_mult) * kv_mult
+    spec2 = _base2(spec)
+    has_seg = q_seg is not None
+    dtype = q.dtype
+    f32 = jnp.float32
+
+    delta = jnp.einsum("bqhd,bqhd->bhq", out.astype(f32), dout.astype(f32))
+    # Rows that saw no key (lse = -inf) get lse = +inf, hence P = 0 and zero gradients.
+    lse2 = jnp.where(jnp.isneginf(lse), jnp.inf, lse * LOG2E)
+    args = [
+        _pad_to(q, 1, q_pad), _pad_to(k, 1, kv_pad), _pad_to(v, 1, kv_pad),
+        _pad_to(dout, 1, q_pad), _pad_to(lse2, 2, q_pad, jnp.inf), _pad_to(delta, 2, q_pad),
+    ]
+    if has_seg:
+        args += [_pad_to(q_seg, 1, q_pad), _pad_to(kv_seg, 1, kv_pad)]
+
+    # dK, dV: a CTA owns 2 * bk keys of one kv head and streams the query tiles of its group.
+    bk, bq, st = dkv_t.owned, dkv_t.streamed, dkv_t.stages
+    seg = lambda shape: plgpu.SMEM(shape, jnp.int32) if has_seg else None  # noqa: E731
+    bar = lambda n, arrivals=1: plgpu.Barrier(num_arrivals=arrivals, num_barriers=n)  # noqa: E731
+    dk, dv = plgpu.kernel(
+        functools.partial(
+            _dkv_kernel, spec2=spec2, t=dkv_t, group=group, nq=q_pad // bq, kv_len=kv_len,
+            padded=kv_pad != kv_len, has_seg=has_seg, interpret=interpret,
+        ),
+        out_type=[jax.ShapeDtypeStruct((batch, kv_pad, kv_heads, head_dim), dtype)] * 2,
+        scratch_types=[
+            (
+                _tile_smem((_CONSUMERS, bk, head_dim), dtype),
+                _tile_smem((_CONSUMERS, bk, head_dim), dtype),
+                seg((_CONSUMERS, bk)),
+                _tile_smem((st, bq, head_dim), dtype),
+                _tile_smem((st, bq, head_dim), dtype),
+                plgpu.SMEM((st, bq), f32),
+                plgpu.SMEM((st, bq), f32),
+                seg((st, bq)),
+            ),
+            (
+                bar(3 * _CONSUMERS), bar(st), bar(st), bar(st), bar(st),
+                bar(st) if has_seg else None, bar(st, _CONSUMERS),
+            ),
+        ],
+        grid=(kv_heads, kv_pad // (_CONSUMERS * bk), batch),
+        grid_names=("heads", "k", "batch"),
+        num_threads=_CONSUMERS + 1,
+        thread_name=_WG,
+        compiler_params=_compiler_params(),
+        interpret=_interpret_params(interpret),
+    )(*args)
+
+    # dQ: a CTA owns 2 * bq query rows of one head and streams its kv head's K/V tiles.
+    bq, bk, st = dq_t.owned, dq_t.streamed, dq_t.stages
+    n_own = 5 if has_seg else 4
+    dq = plgpu.kernel(
+        functools.partial(
+            _dq_kernel, spec2=spec2, t=dq_t, group=group, nk=kv_pad // bk, kv_len=kv_len,
+            has_seg=has_seg, interpret=interpret,
+        ),
+        out_type=jax.ShapeDtypeStruct((batch, q_pad, heads, head_dim), dtype),
+        scratch_types=[
+            (
+                _tile_smem((_CONSUMERS, bq, head_dim), dtype),
+                _tile_smem((_CONSUMERS, bq, head_dim), dtype),
+                plgpu.SMEM((_CONSUMERS, bq), f32),
+                plgpu.SMEM((_CONSUMERS, bq), f32),
+                seg((_CONSUMERS, bq)),
+                _tile_smem((st, bk, head_dim), dtype),
+                _tile_smem((st, bk, head_dim), dtype),
+                seg((st, bk)),
+            ),
+            (
+                bar(n_own * _CONSUMERS), bar(st), bar(st), bar(st) if has_seg else None,
+                bar(st, _CONSUMERS), bar(st, _CONSUMERS),
+            ),
+        ],
+        grid=(heads, q_pad // (_CONSUMERS * bq), batch),
+        grid_names=("heads", "q", "batch"),
+        num_threads=_CONSUMERS + 1,
+        thread_name=_WG,
+        compiler_params=_compiler_params(),
+        interpret=_interpret_params(interpret),
+    )(*args)
+    return dq[:, :q_len], dk[:, :kv_len], dv[:, :kv_len]
