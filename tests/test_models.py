@@ -301,6 +301,18 @@ def test_bf16_compute_keeps_fp32_params_and_logits(cfg):
     ref = _logits(cfg, params, tokens)
     err = float(jnp.linalg.norm(logits - ref) / jnp.linalg.norm(ref))
     assert 0 < err < 2e-2, err  # bf16 really ran (err > 0) and stayed close
+    # Gradients (through the LM head's bf16 backward too) are float32 and close.
+    params = _params(cfg, seed=3)
+    tokens, targets = _tokens(4, SHAPE, cfg.vocab_size), _tokens(5, SHAPE, cfg.vocab_size)
+    _, grads = _loss_and_grads(bf16, params, tokens, targets)
+    _, ref_grads = _loss_and_grads(cfg, params, tokens, targets)
+    for path, g in jax.tree_util.tree_flatten_with_path(grads)[0]:
+        r = functools.reduce(lambda t, k: t[k.key], path, ref_grads)
+        assert g.dtype == jnp.float32
+        if float(jnp.linalg.norm(r)) > 1e-3 * max(float(jnp.abs(x).max())
+                                                   for x in jax.tree.leaves(ref_grads)):
+            err = float(jnp.linalg.norm(g - r) / jnp.linalg.norm(r))
+            assert err < 5e-2, (jax.tree_util.keystr(path), err)
 
 
 @pytest.mark.parametrize("cfg, explicit_positions", [
@@ -410,5 +422,8 @@ def test_flops_per_token_counts_every_matmul_parameter(cfg):
 def test_bad_input_is_a_clear_error():
     with pytest.raises(ValueError, match="exceeds model.max_seq_len"):
         _logits(GPT2, _params(GPT2, 0), jnp.zeros((1, GPT2.max_seq_len + 1), jnp.int32))
+    with pytest.raises(ValueError, match="exceeds model.max_seq_len"):
+        init_cache(_model(GPT2), 1, GPT2.max_seq_len + 1)
+    init_cache(_model(LLAMA), 1, LLAMA.max_seq_len + 1)  # RoPE has no table to run out of
     with pytest.raises(ValueError, match="unknown model.family"):
         build_model(dataclasses.replace(GPT2, family="nope"))
