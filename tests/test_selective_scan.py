@@ -57,25 +57,28 @@ def scan_loss(fn, inputs, weights, **kwargs):
 
 
 def check_against_reference(implementation, inputs, *, softplus, tol_out, tol_grad, **kwargs):
+    """Forward (without checkpoints), final state and every gradient of one kernel configuration."""
     names = tuple(inputs)
+    kw = jax.random.split(jax.random.key(next(_seeds)))
     y_ref, h_ref = reference.selective_scan(
         **inputs, delta_softplus=softplus, return_final_state=True
     )
-    y, h = selective_scan(
-        **inputs, delta_softplus=softplus, return_final_state=True,
-        implementation=implementation, interpret=True, **kwargs,
-    )  # fmt: skip
-    assert y.dtype == inputs["u"].dtype and h.dtype == jnp.float32
-    assert rel_err(y, y_ref) < tol_out
-    assert rel_err(h, h_ref) < tol_out
-
-    kw = jax.random.split(jax.random.key(next(_seeds)))
-    weights = (jax.random.normal(kw[0], y.shape), jax.random.normal(kw[1], h.shape))
+    weights = (jax.random.normal(kw[0], y_ref.shape), jax.random.normal(kw[1], h_ref.shape))
     _, g_ref = scan_loss(reference.selective_scan, inputs, weights, delta_softplus=softplus)(
         *inputs.values()
     )
+
     fn = lambda **a: selective_scan(**a, implementation=implementation, interpret=True, **kwargs)
-    _, g = jax.jit(scan_loss(fn, inputs, weights, delta_softplus=softplus))(*inputs.values())
+
+    @jax.jit  # one compilation for the forward and the backward
+    def run(*args):
+        y, h = fn(**dict(zip(names, args)), delta_softplus=softplus, return_final_state=True)
+        return y, h, scan_loss(fn, inputs, weights, delta_softplus=softplus)(*args)[1]
+
+    y, h, g = run(*inputs.values())
+    assert y.dtype == inputs["u"].dtype and h.dtype == jnp.float32
+    assert rel_err(y, y_ref) < tol_out
+    assert rel_err(h, h_ref) < tol_out
     for name, a, b in zip(names, g, g_ref):
         assert a.dtype == inputs[name].dtype and a.shape == inputs[name].shape, name
         assert rel_err(a, b) < tol_grad, (name, rel_err(a, b))
@@ -85,17 +88,32 @@ def check_against_reference(implementation, inputs, *, softplus, tol_out, tol_gr
 
 
 @pytest.mark.parametrize(
-    "dtype,full,n_groups,length",
-    [(jnp.float32, True, 2, 11), (jnp.bfloat16, False, 1, 9)],
+    "dtype,full,n_groups,length,d_state",
+    [(jnp.float32, True, 2, 8, 3), (jnp.bfloat16, False, 1, 7, 4)],
     ids=["f32-all-features-groups", "bf16-minimal"],
 )
-def test_triton_matches_reference(dtype, full, n_groups, length):
-    # d_inner 16 with block_d 4 gives several channel blocks per group; chunk 4 does not divide
-    # the length, so the partial last chunk and the checkpoints between chunks are exercised.
-    inputs = make_inputs(2, length, 16, n_groups, 4, dtype, full=full)
+def test_triton_matches_reference(dtype, full, n_groups, length, d_state):
+    # d_inner 16 with block_d 4 gives two channel blocks per group; chunk 3 does not divide the
+    # length, so the partial last chunk and the checkpoints between chunks are exercised.
+    inputs = make_inputs(2, length, 16, n_groups, d_state, dtype, full=full)
     tol = (1e-5, 1e-4) if dtype == jnp.float32 else (1e-2, 1e-2)
     check_against_reference(
-        "triton", inputs, softplus=full, tol_out=tol[0], tol_grad=tol[1], block_d=4, chunk=4
+        "triton", inputs, softplus=full, tol_out=tol[0], tol_grad=tol[1], block_d=4, chunk=3
+    )
+
+
+@pytest.mark.parametrize(
+    "dtype,full,n_groups,length,d_inner,chunk",
+    [(jnp.float32, True, 2, 150, 256, 128), (jnp.bfloat16, False, 1, 20, 64, None)],
+    ids=["f32-all-features-groups", "bf16-minimal"],
+)
+def test_tpu_matches_reference(dtype, full, n_groups, length, d_inner, chunk):
+    # The f32 case runs two 128-step chunks (the second partial) over one 128-lane block per
+    # group; the bf16 case one chunk covering the whole (unaligned) length and all 64 channels.
+    inputs = make_inputs(1, length, d_inner, n_groups, 3, dtype, full=full)
+    tol = (1e-5, 1e-4) if dtype == jnp.float32 else (1e-2, 1e-2)
+    check_against_reference(
+        "tpu", inputs, softplus=full, tol_out=tol[0], tol_grad=tol[1], chunk=chunk
     )
 
 

@@ -22,12 +22,15 @@ class ScanConfig:
     stays on chip while the program walks the sequence. ``chunk`` steps are unrolled per loop
     iteration (their loads are issued together, hiding memory latency) and the forward pass saves
     one float32 checkpoint of the state per chunk for the backward pass to restart from.
+    ``forward_chunk`` replaces ``chunk`` in a forward pass that saves no checkpoints (inference),
+    where a longer chunk costs no backward registers.
     """
 
     implementation: str
     delta_softplus: bool
     block_d: int
     chunk: int
+    forward_chunk: int
     num_warps: int | None
     interpret: bool
     fast_math: bool

@@ -41,9 +41,14 @@ from pallas_kernels.selective_scan import common
 f32 = jnp.float32
 
 
-# Launch defaults; block_d and num_warps shrink with d_state so the state tile stays in registers.
+# Launch defaults, from a sweep on an H100 at (8, 2048, 1536, 16) bf16 (scripts/bench_scan.py
+# --sweep; notes in BENCHMARKS.md): block_d 32 with 2 warps; a 16-step chunk is fastest forward
+# (0.98 ms vs 1.27 ms at 8) but the backward, which holds a chunk of recomputed states in
+# registers, spills at 16 (8.5 ms fwd+bwd vs 4.0 ms at 8). block_d and num_warps shrink as d_state
+# grows so that the state tile stays at about 8 floats per thread.
 _BLOCK_D = 32
-_CHUNK = 16
+_CHUNK = 8
+_FORWARD_CHUNK = 16
 _STATE_ELEMS_PER_THREAD = 8
 _MAX_D_STATE = 256
 _MAX_CHUNK = 64  # the chunk is unrolled at trace time; longer chunks only cost compile time
@@ -72,6 +77,7 @@ def config(dims, block_d, chunk, delta_softplus: bool, interpret: bool) -> commo
     if block_d is None:
         cap = max(1, min(_BLOCK_D, 32 * 8 * _STATE_ELEMS_PER_THREAD // d_state_p))
         block_d = common.largest_power_of_2_divisor(d_inner // n_groups, cap)
+    forward_chunk = min(chunk or _FORWARD_CHUNK, length)
     chunk = min(chunk or _CHUNK, length)
     num_warps = max(1, min(8, block_d * d_state_p // (32 * _STATE_ELEMS_PER_THREAD)))
     return common.ScanConfig(
@@ -79,6 +85,7 @@ def config(dims, block_d, chunk, delta_softplus: bool, interpret: bool) -> commo
         delta_softplus=delta_softplus,
         block_d=block_d,
         chunk=chunk,
+        forward_chunk=forward_chunk,
         num_warps=num_warps,
         interpret=interpret,
         fast_math=not interpret,
@@ -270,7 +277,8 @@ def forward(u, delta, A, B, C, D, z, delta_bias, h0, cfg: common.ScanConfig, *, 
     n_groups, d_state = B.shape[2], B.shape[3]
     d_state_p = common.next_power_of_2(d_state)
     A, B, C, h0 = (_pad_state(x, d_state_p) for x in (A, B, C, h0))
-    block_d, chunk = cfg.block_d, cfg.chunk
+    block_d = cfg.block_d
+    chunk = cfg.chunk if save_checkpoints else cfg.forward_chunk
     n_blocks, n_chunks = d_inner // block_d, pl.cdiv(length, chunk)
     seq, grp, chan, chan_state, state, _ = _specs(batch, length, d_inner, d_state_p, n_groups, block_d)
 

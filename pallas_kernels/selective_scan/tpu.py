@@ -1,0 +1,376 @@
+"""Selective scan (Mamba-1) as Pallas TPU kernels (Mosaic-TPU lowering), forward and backward.
+
+Grid ``(batch, channel block, chunk)``; the chunk axis is sequential ("arbitrary") and carries the
+state in VMEM scratch, the other two are "parallel". The state tile is ``(d_state, block_d)``:
+channels on the 128 lanes, state indices on sublanes, so the per-step inputs ``u, dt, z`` are
+single sublane rows and ``C . h`` is a sublane reduction. ``B`` and ``C`` arrive transposed,
+``(d_state, chunk)`` per block, and the column of step ``t`` is taken with a lane mask and a lane
+reduction (two vregs for d_state 16): cheaper and more portable than a dynamic lane slice.
+
+Forward: one float32 checkpoint of the state per chunk (``save_checkpoints``). Backward: the chunks
+run in reverse; each first recomputes its ``chunk`` states into VMEM scratch from its checkpoint,
+then runs the adjoint recurrence through them. ``dA, dD, ddelta_bias`` and the initial-state
+gradient accumulate in output blocks that stay resident across the chunk axis; ``dB, dC`` are
+written per channel block and summed over a group's blocks outside (deterministic, no atomics).
+
+Lengths that are not a multiple of the chunk are padded with ``u = 0`` and masked to ``dt = 0``
+(decay 1, no input), so padded steps carry the state unchanged.
+
+Not yet run on TPU hardware (none was available): it is tested in interpret mode only, and the
+defaults below are not tuned.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+from pallas_kernels.selective_scan import common
+
+f32 = jnp.float32
+_LANES = 128
+_BLOCK_D = 512
+_CHUNK = 256
+
+
+def supports(dims, block_d: int | None, chunk: int | None) -> str | None:
+    """None when these kernels handle the call, else the reason (Mosaic's (8, 128) tiling)."""
+    _, length, d_inner, n_groups, _ = dims
+    per_group = d_inner // n_groups
+    if block_d is not None:
+        if per_group % block_d:
+            return f"block_d ({block_d}) must divide d_inner // n_groups ({per_group})"
+        if block_d % _LANES and block_d != d_inner:
+            return f"block_d must be a multiple of {_LANES} or d_inner ({d_inner}), got {block_d}"
+    elif per_group % _LANES and n_groups > 1:
+        return f"d_inner // n_groups must be a multiple of {_LANES} with groups, got {per_group}"
+    if chunk is not None and chunk % _LANES and chunk < length:
+        return f"chunk must be a multiple of {_LANES} or >= length ({length}), got {chunk}"
+    return None
+
+
+def config(dims, block_d, chunk, delta_softplus: bool, interpret: bool) -> common.ScanConfig:
+    _, length, d_inner, n_groups, _ = dims
+    per_group = d_inner // n_groups
+    if block_d is None:
+        if per_group % _LANES:
+            block_d = d_inner
+        else:
+            block_d = _LANES * common.largest_power_of_2_divisor(per_group // _LANES, _BLOCK_D // _LANES)
+    chunk = length if (chunk or _CHUNK) >= length else (chunk or _CHUNK)
+    return common.ScanConfig(
+        implementation="tpu",
+        delta_softplus=delta_softplus,
+        block_d=block_d,
+        chunk=chunk,
+        forward_chunk=chunk,
+        num_warps=None,
+        interpret=interpret,
+        fast_math=False,
+    )
+
+
+class _Refs:
+    """Names the kernel's positional refs; absent optional operands are None."""
+
+    def __init__(self, refs, names):
+        it = iter(refs)
+        for name, present in names:
+            setattr(self, name, next(it) if present else None)
+        rest = list(it)
+        assert not rest, f"{len(rest)} unexpected refs"
+
+
+def _column(mat, lane, t):
+    """Column ``t`` of a ``(d_state, chunk)`` value as ``(d_state, 1)``."""
+    return jnp.sum(jnp.where(lane == t, mat, 0.0), axis=1, keepdims=True)
+
+
+def _step_inputs(r, t, t0, length, lane, Bt, bias, softplus):
+    """Row ``t`` of the chunk: ``u, dt_raw, dt, dt*u`` as ``(1, block_d)`` and ``B_t`` column."""
+    u = r.u[pl.ds(t, 1), :].astype(f32)
+    x = r.delta[pl.ds(t, 1), :].astype(f32)
+    if bias is not None:
+        x = x + bias
+    dt = common.softplus(x) if softplus else x
+    dt = jnp.where(t0 + t < length, dt, 0.0)
+    return u, x, dt, dt * u, _column(Bt, lane, t)
+
+
+def _fwd_kernel(*refs, length, chunk, n_chunks, softplus, flags):
+    r = _Refs(refs, flags)
+    k = pl.program_id(2)
+
+    @pl.when(k == 0)
+    def _():
+        r.h[...] = jnp.zeros(r.h.shape, f32) if r.h0 is None else r.h0[...].astype(f32)
+
+    if r.ckpt is not None:
+        r.ckpt[...] = r.h[...]
+    A = r.A[...]
+    D = None if r.D is None else r.D[...]
+    bias = None if r.bias is None else r.bias[...]
+    Bt, Ct = r.B[...].astype(f32), r.C[...].astype(f32)
+    lane = lax.broadcasted_iota(jnp.int32, Bt.shape, 1)
+
+    def step(t, h):
+        u, _, dt, dtu, b = _step_inputs(r, t, k * chunk, length, lane, Bt, bias, softplus)
+        h = jnp.exp(dt * A) * h + dtu * b
+        y = jnp.sum(h * _column(Ct, lane, t), axis=0, keepdims=True)
+        if D is not None:
+            y = y + D * u
+        if r.z is not None:
+            y = common.gate_and_grad(y, r.z[pl.ds(t, 1), :].astype(f32))[0]
+        r.y[pl.ds(t, 1), :] = y.astype(r.y.dtype)
+        return h
+
+    h = lax.fori_loop(0, chunk, step, r.h[...])
+    r.h[...] = h
+
+    @pl.when(k == n_chunks - 1)
+    def _():
+        r.h_final[...] = h
+
+
+def _bwd_kernel(*refs, length, chunk, n_chunks, softplus, flags):
+    r = _Refs(refs, flags)
+    k = pl.program_id(2)
+    t0 = (n_chunks - 1 - k) * chunk
+
+    @pl.when(k == 0)
+    def _():
+        r.g[...] = jnp.zeros(r.g.shape, f32) if r.dh_final is None else r.dh_final[...]
+        r.dA[...] = jnp.zeros(r.dA.shape, f32)
+        for acc in (r.dD, r.dbias):
+            if acc is not None:
+                acc[...] = jnp.zeros(acc.shape, f32)
+
+    A = r.A[...]
+    D = None if r.D is None else r.D[...]
+    bias = None if r.bias is None else r.bias[...]
+    Bt, Ct = r.B[...].astype(f32), r.C[...].astype(f32)
+    lane = lax.broadcasted_iota(jnp.int32, Bt.shape, 1)
+    inputs = functools.partial(
+        _step_inputs, r, t0=t0, length=length, lane=lane, Bt=Bt, bias=bias, softplus=softplus
+    )
+
+    def recompute(t, h):
+        r.hs[t] = h  # the state before step t
+        _, _, dt, dtu, b = inputs(t)
+        return jnp.exp(dt * A) * h + dtu * b
+
+    lax.fori_loop(0, chunk, recompute, r.ckpt[...])
+
+    def step(i, carry):
+        g, dB, dC, dA, dD, dbias = carry
+        t = chunk - 1 - i
+        u, x, dt, dtu, b = inputs(t)
+        c = _column(Ct, lane, t)
+        h_prev = r.hs[t]
+        decay = jnp.exp(dt * A)
+        h = decay * h_prev + dtu * b
+        dout = r.dout[pl.ds(t, 1), :].astype(f32)
+        if r.z is not None:
+            y = jnp.sum(h * c, axis=0, keepdims=True)
+            if D is not None:
+                y = y + D * u
+            _, dy, dz = common.gate_and_grad(y, r.z[pl.ds(t, 1), :].astype(f32))
+            dy, dz = dout * dy, dout * dz
+            r.dz[pl.ds(t, 1), :] = dz.astype(r.dz.dtype)
+        else:
+            dy = dout
+        du = jnp.zeros_like(u)
+        if D is not None:
+            du = dy * D
+            dD = dD + dy * u
+        g = g + dy * c
+        dC = jnp.where(lane == t, jnp.sum(dy * h, axis=1, keepdims=True), dC)
+        dB = jnp.where(lane == t, jnp.sum(g * dtu, axis=1, keepdims=True), dB)
+        g_dot_B = jnp.sum(g * b, axis=0, keepdims=True)
+        g_h = g * h_prev * decay
+        du = du + dt * g_dot_B
+        ddt = u * g_dot_B + jnp.sum(g_h * A, axis=0, keepdims=True)
+        dA = dA + g_h * dt
+        if softplus:
+            ddt = ddt * common.sigmoid(x)
+        ddt = jnp.where(t0 + t < length, ddt, 0.0)
+        r.du[pl.ds(t, 1), :] = du.astype(r.du.dtype)
+        r.ddelta[pl.ds(t, 1), :] = ddt.astype(r.ddelta.dtype)
+        return g * decay, dB, dC, dA, dD, dbias + ddt
+
+    zeros_bc = jnp.zeros(Bt.shape, f32)
+    zeros_row = jnp.zeros((1, A.shape[1]), f32)
+    carry = (r.g[...], zeros_bc, zeros_bc, jnp.zeros(A.shape, f32), zeros_row, zeros_row)
+    g, dB, dC, dA, dD, dbias = lax.fori_loop(0, chunk, step, carry)
+    r.g[...] = g
+    r.dB[...] = dB
+    r.dC[...] = dC
+    r.dA[...] += dA
+    if r.dD is not None:
+        r.dD[...] += dD
+    if r.dbias is not None:
+        r.dbias[...] += dbias
+    if r.dh0 is not None:
+
+        @pl.when(k == n_chunks - 1)
+        def _():
+            r.dh0[...] = g
+
+
+def _prepare(u, delta, A, B, C, D, z, delta_bias, h0, extra, chunk):
+    """Pads the length to a multiple of ``chunk`` and moves operands into the kernels' layouts."""
+    length = u.shape[1]
+    n_chunks = pl.cdiv(length, chunk)
+    pad = n_chunks * chunk - length
+    seq = lambda x: None if x is None else jnp.pad(x, ((0, 0), (0, pad), (0, 0)))
+    # (batch, length, G, N) -> (batch, G, N, length): the step axis on lanes.
+    grp = lambda x: jnp.pad(jnp.transpose(x, (0, 2, 3, 1)), ((0, 0),) * 3 + ((0, pad),))
+    chan = lambda x: None if x is None else x.astype(f32)[None, :]
+    state = lambda x: None if x is None else jnp.swapaxes(x.astype(f32), 1, 2)
+    return dict(
+        u=seq(u), delta=seq(delta), A=jnp.swapaxes(A.astype(f32), 0, 1), B=grp(B), C=grp(C),
+        D=chan(D), z=seq(z), bias=chan(delta_bias), h0=state(h0),
+        **{name: seq(x) for name, x in extra.items()},
+    ), n_chunks  # fmt: skip
+
+
+def _specs(n_chunks, chunk, d_inner, d_state, n_groups, block_d, reverse):
+    per_group = d_inner // n_groups // block_d
+    c = (lambda k: n_chunks - 1 - k) if reverse else (lambda k: k)
+    return dict(
+        seq=pl.BlockSpec((None, chunk, block_d), lambda b, j, k: (b, c(k), j)),
+        grp=pl.BlockSpec((None, None, d_state, chunk), lambda b, j, k: (b, j // per_group, 0, c(k))),
+        chan=pl.BlockSpec((1, block_d), lambda b, j, k: (0, j)),
+        chan_state=pl.BlockSpec((d_state, block_d), lambda b, j, k: (0, j)),
+        state=pl.BlockSpec((None, d_state, block_d), lambda b, j, k: (b, 0, j)),
+        row_chan=pl.BlockSpec((None, 1, block_d), lambda b, j, k: (b, 0, j)),
+        ckpt=pl.BlockSpec((None, None, d_state, block_d), lambda b, j, k: (b, c(k), 0, j)),
+        partial=pl.BlockSpec((None, None, d_state, chunk), lambda b, j, k: (b, j, 0, c(k))),
+    )
+
+
+def _call(kernel, grid, operands, outputs, scratch, interpret, name):
+    """``pallas_call`` over present operands/outputs; returns a dict of the outputs by name."""
+    present = [(n, shape, spec) for n, p, shape, spec in outputs if p]
+    outs = pl.pallas_call(
+        kernel,
+        out_shape=[shape for _, shape, _ in present],
+        grid=grid,
+        in_specs=[spec for _, spec in operands],
+        out_specs=[spec for _, _, spec in present],
+        scratch_shapes=scratch,
+        compiler_params=pltpu.CompilerParams(
+            dimension_semantics=("parallel", "parallel", "arbitrary")
+        ),
+        # The TPU interpreter simulates VMEM and poisons uninitialised scratch, catching misuse.
+        interpret=pltpu.InterpretParams() if interpret else False,
+        name=name,
+    )(*[x for x, _ in operands])
+    return dict(zip([n for n, _, _ in present], outs))
+
+
+def _gather(arrays, names, spec, kinds):
+    """Operand list and presence flags for the kernel, in ``names`` order."""
+    operands, flags = [], []
+    for name in names:
+        x = arrays.get(name)
+        flags.append((name, x is not None))
+        if x is not None:
+            operands.append((x, spec[kinds[name]]))
+    return operands, flags
+
+
+_KINDS = dict(u="seq", delta="seq", A="chan_state", B="grp", C="grp", D="chan", z="seq",
+              bias="chan", h0="state", dh_final="state", dout="seq", ckpt="ckpt")  # fmt: skip
+
+
+def forward(u, delta, A, B, C, D, z, delta_bias, h0, cfg: common.ScanConfig, *, save_checkpoints):
+    """Returns ``(y, final_state, checkpoints or None)``; ``final_state`` float32."""
+    batch, length, d_inner = u.shape
+    n_groups, d_state = B.shape[2], B.shape[3]
+    arrays, n_chunks = _prepare(u, delta, A, B, C, D, z, delta_bias, h0, {}, cfg.chunk)
+    spec = _specs(n_chunks, cfg.chunk, d_inner, d_state, n_groups, cfg.block_d, reverse=False)
+    operands, flags = _gather(
+        arrays, ("u", "delta", "A", "B", "C", "D", "z", "bias", "h0"), spec, _KINDS
+    )
+    padded = arrays["u"].shape
+    outputs = [
+        ("y", True, jax.ShapeDtypeStruct(padded, u.dtype), spec["seq"]),
+        ("h_final", True, jax.ShapeDtypeStruct((batch, d_state, d_inner), f32), spec["state"]),
+        ("ckpt", save_checkpoints,
+         jax.ShapeDtypeStruct((batch, n_chunks, d_state, d_inner), f32), spec["ckpt"]),
+    ]  # fmt: skip
+    flags += [(n, p) for n, p, _, _ in outputs] + [("h", True)]
+    kernel = functools.partial(
+        _fwd_kernel, length=length, chunk=cfg.chunk, n_chunks=n_chunks,
+        softplus=cfg.delta_softplus, flags=tuple(flags),
+    )  # fmt: skip
+    res = _call(
+        kernel, (batch, d_inner // cfg.block_d, n_chunks), operands, outputs,
+        [pltpu.VMEM((d_state, cfg.block_d), f32)], cfg.interpret, "selective_scan_fwd",
+    )  # fmt: skip
+    h_final = jnp.swapaxes(res["h_final"], 1, 2)
+    return res["y"][:, :length], h_final, res.get("ckpt")
+
+
+def backward(dy, dh_final, u, delta, A, B, C, D, z, delta_bias, h0, ckpt, cfg: common.ScanConfig):
+    """Gradients ``(du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dh0)``, None for absent inputs."""
+    batch, length, d_inner = u.shape
+    n_groups, d_state = B.shape[2], B.shape[3]
+    block_d, chunk = cfg.block_d, cfg.chunk
+    n_blocks = d_inner // block_d
+    arrays, n_chunks = _prepare(u, delta, A, B, C, D, z, delta_bias, None, {"dout": dy}, chunk)
+    arrays["ckpt"] = ckpt
+    if dh_final is not None:
+        arrays["dh_final"] = jnp.swapaxes(dh_final.astype(f32), 1, 2)
+    spec = _specs(n_chunks, chunk, d_inner, d_state, n_groups, block_d, reverse=True)
+    names = ("dout", "u", "delta", "A", "B", "C", "D", "z", "bias", "dh_final", "ckpt")
+    operands, flags = _gather(arrays, names, spec, _KINDS)
+    padded = arrays["u"].shape
+    partial = jax.ShapeDtypeStruct((batch, n_blocks, d_state, n_chunks * chunk), f32)
+    per_state = jax.ShapeDtypeStruct((batch, d_state, d_inner), f32)
+    per_chan = jax.ShapeDtypeStruct((batch, 1, d_inner), f32)
+    outputs = [
+        ("du", True, jax.ShapeDtypeStruct(padded, u.dtype), spec["seq"]),
+        ("ddelta", True, jax.ShapeDtypeStruct(padded, delta.dtype), spec["seq"]),
+        ("dz", z is not None, jax.ShapeDtypeStruct(padded, getattr(z, "dtype", f32)), spec["seq"]),
+        ("dB", True, partial, spec["partial"]),
+        ("dC", True, partial, spec["partial"]),
+        ("dA", True, per_state, spec["state"]),
+        ("dD", D is not None, per_chan, spec["row_chan"]),
+        ("dbias", delta_bias is not None, per_chan, spec["row_chan"]),
+        ("dh0", h0 is not None, per_state, spec["state"]),
+    ]
+    flags += [(n, p) for n, p, _, _ in outputs] + [("g", True), ("hs", True)]
+    scratch = [pltpu.VMEM((d_state, block_d), f32), pltpu.VMEM((chunk, d_state, block_d), f32)]
+    kernel = functools.partial(
+        _bwd_kernel, length=length, chunk=chunk, n_chunks=n_chunks,
+        softplus=cfg.delta_softplus, flags=tuple(flags),
+    )  # fmt: skip
+    res = _call(kernel, (batch, n_blocks, n_chunks), operands, outputs, scratch, cfg.interpret,
+                "selective_scan_bwd")  # fmt: skip
+
+    def group_sum(part, like):
+        # (batch, n_blocks, N, L) -> (batch, L, n_groups, N): sum a group's channel blocks.
+        part = part[..., :length].reshape(batch, n_groups, n_blocks // n_groups, d_state, length)
+        return jnp.transpose(part.sum(axis=2), (0, 3, 1, 2)).astype(like.dtype)
+
+    def batch_sum(name, like):
+        return None if like is None else res[name].sum(axis=0)[0].astype(like.dtype)
+
+    return (
+        res["du"][:, :length],
+        res["ddelta"][:, :length],
+        jnp.swapaxes(res["dA"].sum(axis=0), 0, 1).astype(A.dtype),
+        group_sum(res["dB"], B),
+        group_sum(res["dC"], C),
+        batch_sum("dD", D),
+        None if z is None else res["dz"][:, :length],
+        batch_sum("dbias", delta_bias),
+        None if h0 is None else jnp.swapaxes(res["dh0"], 1, 2).astype(h0.dtype),
+    )
