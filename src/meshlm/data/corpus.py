@@ -99,7 +99,9 @@ def split_files(
             "validation needs at least 2 (split a single large file into several)"
         )
     n_val = min(max(1, round(val_fraction * len(ordered))), len(ordered) - 1)
-    return Split(root=root, train=tuple(sorted(ordered[n_val:])), val=tuple(sorted(ordered[:n_val])))
+    return Split(
+        root=root, train=tuple(sorted(ordered[n_val:])), val=tuple(sorted(ordered[:n_val]))
+    )
 
 
 def corpus_split(cfg: DataConfig) -> Split:

@@ -23,8 +23,8 @@ log = logging.getLogger(__name__)
 
 TOKENIZER_FILE = "tokenizer.json"
 EOS = "<|endoftext|>"
-# The document separator looked up in a user's tokenizer, in this order (GPT-2, LLaMA-3, SentencePiece
-# style, Gemma style).
+# The document separator looked up in a user's tokenizer, in this order (GPT-2, LLaMA-3,
+# SentencePiece style, Gemma style).
 EOS_CANDIDATES = (EOS, "<|end_of_text|>", "</s>", "<eos>")
 # 256 byte symbols plus the separator: the smallest vocabulary a byte-level BPE can have.
 MIN_TRAINED_VOCAB = 257
