@@ -148,9 +148,13 @@ def _tile_smem(shape, dtype):
         shape, dtype, transforms=(plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128)))
 
 
-def _vec(vec_ref, dim: int, shape):
-    """A vector from shared memory laid along ``dim`` of a wgmma-layout tile, broadcast to it."""
-    vec = plgpu.load(vec_ref, layout=plgpu.Layout.WGMMA.reduce(1 - dim))
+def _vec(vec_ref, dim: int):
+    """A vector from shared memory, laid out to run along ``dim`` of a wgmma-layout tile."""
+    return plgpu.load(vec_ref, layout=plgpu.Layout.WGMMA.reduce(1 - dim))
+
+
+def _bcast(vec, dim: int, shape):
+    """Broadcast a ``_vec`` to the whole tile; done per step so no full tile lives across loops."""
     return lax.broadcast_in_dim(vec, shape, [dim])
 
 
@@ -195,8 +199,20 @@ def _mma_acc(acc, a, b_ref, interpret: bool):
     return pl.run_state(body)(plgpu.ACC.init(acc))
 
 
-def _logits(s, q_pos, k_pos, spec2, masked, kv_len, q_seg, k_seg):
-    """``transform_scores`` on a register tile; ``kv_len`` (padded keys exist) masks the pad."""
+def _logits(s, spec2, masked, *, q_dim, q_first, k_first, kv_len, q_seg, k_seg):
+    """``transform_scores`` on a register tile whose queries run along ``q_dim``.
+
+    ``q_first``/``k_first`` are the positions of the tile's first query and key; ``q_seg`` and
+    ``k_seg`` are segment-id vectors or None; ``kv_len`` (padded keys exist) masks the pad.
+    Positions are only built for masked tiles: the interior needs none.
+    """
+    k_dim = 1 - q_dim
+    q_pos = k_pos = None
+    if masked:
+        q_pos = _iota(s.shape, q_dim) + q_first
+        k_pos = _iota(s.shape, k_dim) + k_first
+    if q_seg is not None:
+        q_seg, k_seg = _bcast(q_seg, q_dim, s.shape), _bcast(k_seg, k_dim, s.shape)
     logits, visible = transform_scores(
         s, q_pos, k_pos, spec2 if masked else _interior(spec2), q_seg=q_seg, k_seg=k_seg
     )
@@ -345,9 +361,8 @@ def _fwd_kernel(*refs, spec2, t, group, nk, kv_len, has_seg, interpret):
             plgpu.copy_gmem_to_smem(qs_ref.at[batch, pl.ds(row, bq)], qs_smem.at[wg],
                                     q_bar.at[_CONSUMERS + wg])
             plgpu.barrier_wait(q_bar.at[_CONSUMERS + wg])
-            q_seg = _vec(qs_smem.at[wg], 0, (bq, bk))
+            q_seg = _vec(qs_smem.at[wg], 0)
         plgpu.barrier_wait(q_bar.at[wg])
-        q_pos = _iota((bq, bk), 0) + (spec2.q_offset + row)
 
         def body(masked):
             def step(block, i, carry):
@@ -360,10 +375,10 @@ def _fwd_kernel(*refs, spec2, t, group, nk, kv_len, has_seg, interpret):
                 k_seg = None
                 if has_seg:
                     plgpu.barrier_wait(ks_bar.at[slot])
-                    k_seg = _vec(ks_smem.at[slot], 1, (bq, bk))
+                    k_seg = _vec(ks_smem.at[slot], 1)
                 plgpu.barrier_arrive(k_free.at[slot])
-                k_pos = _iota((bq, bk), 1) + block * bk
-                s, _ = _logits(s, q_pos, k_pos, spec2, masked, padded_kv, q_seg, k_seg)
+                s, _ = _logits(s, spec2, masked, q_dim=0, q_first=spec2.q_offset + row,
+                               k_first=block * bk, kv_len=padded_kv, q_seg=q_seg, k_seg=k_seg)
                 m_new = jnp.maximum(m, s.max(axis=1))
                 alpha = jnp.exp2(m - m_new)
                 p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
@@ -509,10 +524,9 @@ def _dkv_kernel(*refs, spec2, t, group, nq, kv_len, padded, has_seg, interpret):
             plgpu.copy_gmem_to_smem(ks_ref.at[batch, pl.ds(key, bk)], ks_smem.at[wg],
                                     own_bar.at[2 * _CONSUMERS + wg])
             plgpu.barrier_wait(own_bar.at[2 * _CONSUMERS + wg])
-            k_seg = _vec(ks_smem.at[wg], 0, (bk, bq))
+            k_seg = _vec(ks_smem.at[wg], 0)
         plgpu.barrier_wait(own_bar.at[wg])
         plgpu.barrier_wait(own_bar.at[_CONSUMERS + wg])
-        k_pos = _iota((bk, bq), 0) + key
         padded_kv = kv_len if padded else None
 
         def head(g, carry):
@@ -526,16 +540,17 @@ def _dkv_kernel(*refs, spec2, t, group, nq, kv_len, padded, has_seg, interpret):
                     q_seg = None
                     if has_seg:
                         plgpu.barrier_wait(qs_bar.at[slot])
-                        q_seg = _vec(qs_smem.at[slot], 1, (bk, bq))
-                    q_pos = _iota((bk, bq), 1) + (spec2.q_offset + block * bq)
-                    s, visible = _logits(s, q_pos, k_pos, spec2, masked, padded_kv, q_seg, k_seg)
+                        q_seg = _vec(qs_smem.at[slot], 1)
+                    s, visible = _logits(
+                        s, spec2, masked, q_dim=1, q_first=spec2.q_offset + block * bq,
+                        k_first=key, kv_len=padded_kv, q_seg=q_seg, k_seg=k_seg)
                     plgpu.barrier_wait(lse_bar.at[slot])
-                    p = jnp.exp2(s - _vec(lse_smem.at[slot], 1, (bk, bq)))
+                    p = jnp.exp2(s - _bcast(_vec(lse_smem.at[slot], 1), 1, s.shape))
                     plgpu.barrier_wait(do_bar.at[slot])
                     dv = _mma_acc(dv, p.astype(dtype), do_smem.at[slot], interpret)
                     dp = _mma(my_v, do_smem.at[slot], (bk, bq), interpret, trans_b=True)
                     plgpu.barrier_wait(delta_bar.at[slot])
-                    ds = _ds(p, dp, _vec(delta_smem.at[slot], 1, (bk, bq)), s, visible, spec2)
+                    ds = _ds(p, dp, _bcast(_vec(delta_smem.at[slot], 1), 1, s.shape), s, visible, spec2)
                     dk = _mma_acc(dk, ds.astype(dtype), q_smem.at[slot], interpret)
                     plgpu.barrier_arrive(free.at[slot])
                     return dk, dv
@@ -611,10 +626,9 @@ def _dq_kernel(*refs, spec2, t, group, nk, kv_len, has_seg, interpret):
                                     own_bar.at[wg * n_own + 4])
         for i in range(n_own):
             plgpu.barrier_wait(own_bar.at[wg * n_own + i])
-        lse = _vec(lse_smem.at[wg], 0, (bq, bk))
-        delta = _vec(delta_smem.at[wg], 0, (bq, bk))
-        q_seg = _vec(qs_smem.at[wg], 0, (bq, bk)) if has_seg else None
-        q_pos = _iota((bq, bk), 0) + (spec2.q_offset + row)
+        lse = _vec(lse_smem.at[wg], 0)
+        delta = _vec(delta_smem.at[wg], 0)
+        q_seg = _vec(qs_smem.at[wg], 0) if has_seg else None
 
         def body(masked):
             def step(block, i, dq):
@@ -624,14 +638,15 @@ def _dq_kernel(*refs, spec2, t, group, nk, kv_len, has_seg, interpret):
                 k_seg = None
                 if has_seg:
                     plgpu.barrier_wait(ks_bar.at[slot])
-                    k_seg = _vec(ks_smem.at[slot], 1, (bq, bk))
-                k_pos = _iota((bq, bk), 1) + block * bk
-                s, visible = _logits(s, q_pos, k_pos, spec2, masked, padded_kv, q_seg, k_seg)
-                p = jnp.exp2(s - lse)
+                    k_seg = _vec(ks_smem.at[slot], 1)
+                s, visible = _logits(s, spec2, masked, q_dim=0, q_first=spec2.q_offset + row,
+                                     k_first=block * bk, kv_len=padded_kv, q_seg=q_seg,
+                                     k_seg=k_seg)
+                p = jnp.exp2(s - _bcast(lse, 0, s.shape))
                 plgpu.barrier_wait(v_bar.at[slot])
                 dp = _mma(my_do, v_smem.at[slot], (bq, bk), interpret, trans_b=True)
                 plgpu.barrier_arrive(v_free.at[slot])
-                ds = _ds(p, dp, delta, s, visible, spec2)
+                ds = _ds(p, dp, _bcast(delta, 0, s.shape), s, visible, spec2)
                 dq = _mma_acc(dq, ds.astype(dtype), k_smem.at[slot], interpret)
                 plgpu.barrier_arrive(k_free.at[slot])
                 return dq
