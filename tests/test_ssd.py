@@ -31,23 +31,24 @@ def _seed():
 
 
 def _inputs(seed, *, batch, length, heads, head_dim, groups, d_state, dtype, full):
-    """Random inputs; ``full`` adds D, z, dt_bias (with softplus) and an initial state."""
-    k = jax.random.split(jax.random.PRNGKey(seed), 10)
-    normal = lambda i, shape, dt=jnp.float32: jax.random.normal(k[i], shape, jnp.float32).astype(dt)
+    """Random inputs (numpy: no per-op compilation); ``full`` adds D, z, dt_bias (with softplus)
+    and an initial state."""
+    rng = np.random.default_rng(seed)
+    normal = lambda shape, dt=jnp.float32: jnp.asarray(rng.standard_normal(shape), jnp.float32).astype(dt)
     args = dict(
-        x=normal(0, (batch, length, heads, head_dim), dtype),
-        A=-jnp.exp(0.5 * normal(2, (heads,))),
-        B=normal(3, (batch, length, groups, d_state), dtype),
-        C=normal(4, (batch, length, groups, d_state), dtype),
+        x=normal((batch, length, heads, head_dim), dtype),
+        A=-jnp.exp(0.5 * normal((heads,))),
+        B=normal((batch, length, groups, d_state), dtype),
+        C=normal((batch, length, groups, d_state), dtype),
     )
     if full:
-        args["dt"] = 0.5 * normal(1, (batch, length, heads)) - 1.0  # softplus -> about 0.3
-        args["D"] = normal(5, (heads,))
-        args["z"] = normal(6, (batch, length, heads, head_dim), dtype)
-        args["dt_bias"] = 0.3 * normal(7, (heads,))
-        args["initial_state"] = normal(8, (batch, heads, head_dim, d_state))
+        args["dt"] = 0.5 * normal((batch, length, heads)) - 1.0  # softplus -> about 0.3
+        args["D"] = normal((heads,))
+        args["z"] = normal((batch, length, heads, head_dim), dtype)
+        args["dt_bias"] = 0.3 * normal((heads,))
+        args["initial_state"] = normal((batch, heads, head_dim, d_state))
     else:
-        args["dt"] = jax.random.uniform(k[1], (batch, length, heads), minval=0.05, maxval=0.5)
+        args["dt"] = jnp.asarray(rng.uniform(0.05, 0.5, (batch, length, heads)), jnp.float32)
     return args
 
 
@@ -55,6 +56,10 @@ def _loss_and_grads(impl, args, seed, **opts):
     """Value, outputs and gradients w.r.t. every given input of a random linear readout."""
     names = [n for n in GRAD_NAMES if n in args]
     softplus = "dt_bias" in args
+    rng = np.random.default_rng(seed + 1)
+    wy = rng.standard_normal(args["x"].shape).astype(np.float32)
+    batch, _, heads, head_dim = args["x"].shape
+    wh = rng.standard_normal((batch, heads, head_dim, args["B"].shape[-1])).astype(np.float32)
 
     def loss(*vals):
         kw = dict(zip(names, vals))
@@ -62,9 +67,6 @@ def _loss_and_grads(impl, args, seed, **opts):
             kw.pop("x"), kw.pop("dt"), kw.pop("A"), kw.pop("B"), kw.pop("C"), **kw,
             dt_softplus=softplus, return_final_state=True, implementation=impl, **opts,
         )
-        ky, kh = jax.random.split(jax.random.PRNGKey(seed + 1))
-        wy = jax.random.normal(ky, y.shape)
-        wh = jax.random.normal(kh, h.shape)
         return jnp.sum(y.astype(jnp.float32) * wy) + jnp.sum(h * wh), (y, h)
 
     grad = jax.jit(jax.grad(loss, argnums=tuple(range(len(names))), has_aux=True))
