@@ -8,7 +8,7 @@ one B/C group). For each shape it prints, forward and forward+backward, the mill
 and inputs in float32) and of ``lax.scan`` (the reference, forward only), plus the achieved GB/s
 over the memory floor: each input read once and each output written once, at the device-to-device
 copy bandwidth measured here. It first checks the kernel against the float32 reference on the same
-inputs (relative error of y and of every gradient). ``--sweep`` also times launch configurations
+inputs at the first shape (relative error of y and of every gradient). ``--sweep`` also times launch configurations
 (block_d, chunk, num_warps) at the first shape; ``--ssd`` appends the Mamba-2 table of scripts/bench_ssd.py.
 """
 
@@ -30,7 +30,7 @@ import benchlib  # noqa: E402
 from pallas_kernels.selective_scan import api, reference  # noqa: E402
 
 DEFAULT_SHAPES = ((8, 2048, 1536, 16), (4, 8192, 2048, 16))
-SWEEP = ((32, 4, 1), (32, 16, 1), (64, 8, 1), (64, 8, 2), (128, 8, 4))  # (block_d, chunk, warps)
+SWEEP = ((32, 16, 2), (64, 16, 4), (32, 8, 2), (64, 8, 4), (32, 4, 2))  # (block_d, chunk, warps)
 GRAD_ARGS = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
 
 
@@ -137,17 +137,17 @@ def main(argv=None):
         dims = (batch, length, d_inner, 1, d_state)
         cfg = api._choose("triton", dims, None, None, True, False)
         shape = f"{batch}x{length}x{d_inner}x{d_state}"
-        errs = check(x, dy, cfg)
-        worst = max(errs, key=errs.get)
-        print(f"{shape} triton vs reference: " + " ".join(f"{k} {v:.1e}" for k, v in errs.items()),
-              flush=True)  # fmt: skip
-        assert all(np.isfinite(v) and v < 2e-2 for v in errs.values()), errs
+        if (batch, length, d_inner, d_state) == shapes[0]:  # the reference's backward at the larger shape costs minutes
+            errs = check(x, dy, cfg)
+            print(f"{shape} triton vs reference: "
+                  + " ".join(f"{k} {v:.1e}" for k, v in errs.items()), flush=True)  # fmt: skip
+            assert all(np.isfinite(v) and v < 2e-2 for v in errs.values()), errs
 
         impls = [("lax.associative_scan", assoc_scan, True), ("pallas triton", pallas(cfg), True),
                  ("lax.scan (reference)", lax_scan, False)]  # fmt: skip
         assoc_ms = {}
         for name, fn, with_bwd in impls:
-            iters = 5 if fn is lax_scan else 20
+            iters = 3 if fn is lax_scan else 20
             for mode in ("fwd", "fwd+bwd") if with_bwd else ("fwd",):
                 if mode == "fwd":
                     ms = benchlib.time_ms(jax.jit(fn), *(x[n] for n in GRAD_ARGS), iters=iters)
@@ -160,8 +160,8 @@ def main(argv=None):
                 rows.append((shape, mode, name, ms, nbytes / ms / 1e6, ms / floor_ms,
                              assoc_ms[mode] / ms))  # fmt: skip
                 print(f"  {rows[-1]}", flush=True)
-        print(f"  triton config: block_d {cfg.block_d} chunk {cfg.chunk} warps {cfg.num_warps}; "
-              f"worst error {worst} {errs[worst]:.1e}", flush=True)  # fmt: skip
+        print(f"  triton config: block_d {cfg.block_d} chunk {cfg.chunk} (forward only "
+              f"{cfg.forward_chunk}) warps {cfg.num_warps}", flush=True)  # fmt: skip
 
     print(f"\nselective scan, bf16, D + z gate + delta bias/softplus; {benchlib.device_description()}")
     headers = ["shape BxLxDxN", "pass", "implementation", "ms", "GB/s", "x floor", "vs assoc"]
@@ -171,7 +171,9 @@ def main(argv=None):
         x, dy = make_inputs(batch, length, d_inner, d_state)
         cfg = api._choose("triton", (batch, length, d_inner, 1, d_state), None, None, True, False)
         for block_d, chunk, warps in SWEEP:
-            c = dataclasses.replace(cfg, block_d=block_d, chunk=chunk, num_warps=warps)
+            c = dataclasses.replace(
+                cfg, block_d=block_d, chunk=chunk, forward_chunk=chunk, num_warps=warps
+            )
             try:
                 t_f = benchlib.time_ms(jax.jit(pallas(c)), *(x[n] for n in GRAD_ARGS))
                 t_fb = benchlib.time_ms(fwd_bwd(pallas(c)), x, dy)
