@@ -6,15 +6,15 @@ offset belongs to) on random documents, so an off-by-one at a row or document ed
 
 from __future__ import annotations
 
+import dataclasses
 import pathlib
-import shutil
 
 import numpy as np
 import pytest
 
 from meshlm.config import ConfigError, load_config
-from meshlm.data import BATCH_KEYS, EOS, TOKENIZER_FILE, PackedRows, build_data
-from meshlm.data.corpus import corpus_split, split_files, stdlib_files
+from meshlm.data import BATCH_KEYS, EOS, TOKENIZER_FILE, Data, PackedRows, build_data
+from meshlm.data.corpus import corpus_split, split_files
 from meshlm.data.tokenizer import load_run_tokenizer
 
 SEQ_LEN = 32
@@ -92,7 +92,7 @@ def test_bad_corpus_config_is_a_clear_error(overrides, match):
 # ------------------------------------------------------------------------------- tokenizer
 
 
-def test_tokenizer_is_trained_saved_and_reused(stdlib_run, tmp_path):
+def test_tokenizer_is_trained_saved_and_reused(stdlib_run):
     run_dir, data = stdlib_run
     saved = run_dir / TOKENIZER_FILE
     assert saved.is_file()
@@ -269,7 +269,7 @@ def test_real_corpus_rows(stdlib_run):
 @pytest.mark.parametrize("worker_count", [0, 2])
 def test_iterator_state_round_trip(stdlib_run, worker_count):
     _, data = stdlib_run
-    data = type(data)(**{**data.__dict__, "worker_count": worker_count})
+    data = dataclasses.replace(data, worker_count=worker_count)
     it = data.train_iterator()
     for _ in range(3):
         next(it)
@@ -290,8 +290,6 @@ def test_epochs_are_reshuffled_permutations():
     tokens, starts = _random_stream(rng, 20, 30)
     rows = PackedRows(tokens, starts, 8)
     n = len(rows)
-    from meshlm.data import Data
-
     data = Data(tokenizer=None, eos_id=0, vocab_size=1000, train_rows=rows, val_rows=rows,
                 batch_size=1, seed=3, worker_count=0)
     it = data.train_iterator()
