@@ -50,6 +50,9 @@ _DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 _SMEM_BYTES = 227 * 1024  # Hopper's per-block shared-memory limit.
 _CONSUMERS = 2
 _WG = "wg"
+# The 64K registers of an SM split between the warpgroups (128 threads each): the producer only
+# issues copies, the consumers hold the accumulators. 2 * 232 + 40 <= 512 registers per lane.
+_CONSUMER_REGS, _PRODUCER_REGS = 232, 40
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,11 +64,13 @@ class Tiles:
     stages: int
 
 
-# Tuned defaults per head_dim: (forward, dK/dV, dQ). Forward/dQ own query rows and stream keys;
-# dK/dV owns keys and streams query rows.
+# Defaults per head_dim: (forward, dK/dV, dQ). Forward/dQ own query rows and stream keys; dK/dV
+# owns keys and streams query rows. The forward follows FlashAttention-3's Hopper tiles (a 128-row
+# CTA, 128-key tiles); the backward tiles keep each consumer's live float32 tiles (two 64xD
+# accumulators plus 64-wide score tiles) inside its 232 registers. Not yet swept on a device.
 _TUNED = {
     64: (Tiles(64, 128, 3), Tiles(64, 64, 2), Tiles(64, 128, 2)),
-    128: (Tiles(64, 128, 2), Tiles(64, 64, 2), Tiles(64, 128, 2)),
+    128: (Tiles(64, 128, 2), Tiles(64, 64, 2), Tiles(64, 64, 3)),
 }
 
 
@@ -281,7 +286,7 @@ def _produce(n_steps, stages, loads):
     ``loads`` is a list of ``(issue, consumed)``: ``issue(step, slot)`` starts the copies of one
     stream for ``step``; ``consumed`` is that stream's per-slot barrier array.
     """
-    plgpu.set_max_registers(40, action="decrease")
+    plgpu.set_max_registers(_PRODUCER_REGS, action="decrease")
     for slot in range(stages):
 
         @pl.when(slot < n_steps)
@@ -352,7 +357,7 @@ def _fwd_kernel(*refs, spec2, t, group, nk, kv_len, has_seg, interpret):
 
     @pl.when(wg < _CONSUMERS)
     def _consumer():
-        plgpu.set_max_registers(232, action="increase")
+        plgpu.set_max_registers(_CONSUMER_REGS, action="increase")
         row = cta_row + wg * bq
         my_q = q_smem.at[wg]
         plgpu.copy_gmem_to_smem(q_ref.at[batch, pl.ds(row, bq), head], my_q, q_bar.at[wg])
@@ -513,7 +518,7 @@ def _dkv_kernel(*refs, spec2, t, group, nq, kv_len, padded, has_seg, interpret):
 
     @pl.when(wg < _CONSUMERS)
     def _consumer():
-        plgpu.set_max_registers(240, action="increase")
+        plgpu.set_max_registers(_CONSUMER_REGS, action="increase")
         key = cta_key + wg * bk
         my_k, my_v = k_smem.at[wg], v_smem.at[wg]
         kv_slice = (batch, pl.ds(key, bk), kv_head)
@@ -611,7 +616,7 @@ def _dq_kernel(*refs, spec2, t, group, nk, kv_len, has_seg, interpret):
 
     @pl.when(wg < _CONSUMERS)
     def _consumer():
-        plgpu.set_max_registers(240, action="increase")
+        plgpu.set_max_registers(_CONSUMER_REGS, action="increase")
         row = cta_row + wg * bq
         my_q, my_do = q_smem.at[wg], do_smem.at[wg]
         rows = (batch, pl.ds(row, bq), head)
