@@ -14,6 +14,8 @@ import pytest
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
 from pallas_kernels.ssd import reference, ssd, ssd_step
 
@@ -130,13 +132,35 @@ def test_vmap_jit_of_kernel():
     ]
     stacked = {k: jnp.stack([a[k] for a in args]) for k in ("x", "dt", "B", "C")}
     A = args[0]["A"]
-    f = lambda x, dt, B, C: ssd(x, dt, A, B, C, **(KERNELS["triton"] | {"chunk_size": 16}))
+    f = lambda x, dt, B, C: ssd(
+        x, dt, A, B, C, implementation="triton", **(KERNELS["triton"] | {"chunk_size": 16})
+    )
     got = jax.jit(jax.vmap(f))(stacked["x"], stacked["dt"], stacked["B"], stacked["C"])
     want = jax.jit(jax.vmap(lambda x, dt, B, C: reference.ssd(x, dt, A, B, C)))(
         stacked["x"], stacked["dt"], stacked["B"], stacked["C"]
     )
     for i in range(2):
         assert _rel(got[i], want[i]) < 1e-4, seed
+
+
+def test_shard_map_over_batch():
+    """The kernel inside shard_map: batch split over 2 of the 8 fake CPU devices.
+
+    check_vma=False: jax 0.11's interpret mode drops the varying-axes type of refs carried
+    through a fori_loop (its error names this workaround); compiled kernels do not take that path.
+    """
+    seed = _seed()
+    a = _inputs(seed, batch=2, length=20, heads=2, head_dim=16, groups=1, d_state=16,
+                dtype=jnp.float32, full=False)
+    mesh = Mesh(np.array(jax.devices()[:2]), ("data",))
+    seq = P("data")
+    f = jax.shard_map(
+        lambda x, dt, A, B, C: ssd(x, dt, A, B, C, implementation="triton",
+                                   **(KERNELS["triton"] | {"chunk_size": 16})),
+        mesh=mesh, in_specs=(seq, seq, P(), seq, seq), out_specs=seq, check_vma=False,
+    )
+    args = (a["x"], a["dt"], a["A"], a["B"], a["C"])
+    assert _rel(jax.jit(f)(*args), jax.jit(reference.ssd)(*args)) < 1e-4, seed
 
 
 def test_step_matches_scan():
@@ -155,6 +179,20 @@ def test_step_matches_scan():
         assert y.shape == a["x"][:, t].shape and h.dtype == jnp.float32
         assert _rel(y, y_ref[:, t]) < 1e-5, (seed, t)
     assert _rel(h, h_ref) < 1e-5, seed
+
+
+def test_chunked_inside_shard_map():
+    """The plain-JAX paths (auto on CPU) inside shard_map, zero initial state included."""
+    seed = _seed()
+    a = _inputs(seed, batch=2, length=9, heads=2, head_dim=8, groups=1, d_state=8,
+                dtype=jnp.float32, full=False)
+    mesh = Mesh(np.array(jax.devices()[:2]), ("data",))
+    seq = P("data")
+    args = (a["x"], a["dt"], a["A"], a["B"], a["C"])
+    for impl in ("auto", "xla"):
+        f = jax.shard_map(functools.partial(ssd, chunk_size=4, implementation=impl), mesh=mesh,
+                          in_specs=(seq, seq, P(), seq, seq), out_specs=seq)
+        assert _rel(jax.jit(f)(*args), jax.jit(reference.ssd)(*args)) < 1e-4, (seed, impl)
 
 
 def test_auto_falls_back_on_cpu():

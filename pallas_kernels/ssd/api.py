@@ -245,9 +245,19 @@ def _kernel_ssd_fwd(cfg, x, dt, A, B, C, D, z, dt_bias, h0):
 def _kernel_ssd_bwd(cfg, residuals, cotangents):
     x, dt, A, B, C, D, z, dt_bias, h0, ckpt = residuals
     dy, dh_final = cotangents
-    return _module(cfg).backward(
+    grads = _module(cfg).backward(
         dy.astype(x.dtype), dh_final, x, dt, A, B, C, D, z, dt_bias, h0, ckpt, cfg
     )
+    return tuple(map(_unvary_like, grads, residuals[:-1]))
+
+
+def _unvary_like(g, primal):
+    """Inside ``shard_map`` an input replicated over mesh axes (A, D, dt_bias next to a sharded
+    batch) gets the sum of every shard's gradient, as autodiff of the implicit ``pvary`` would."""
+    if g is None:
+        return None
+    extra = tuple(jax.typeof(g).mat.varying - jax.typeof(primal).mat.varying)
+    return jax.lax.psum(g, extra) if extra else g
 
 
 _kernel_ssd.defvjp(_kernel_ssd_fwd, _kernel_ssd_bwd)

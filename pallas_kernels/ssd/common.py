@@ -23,6 +23,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import ManualAxisType
 
 f32 = jnp.float32
 
@@ -60,6 +61,16 @@ def operands(named):
     flags = tuple((name, a is not None) for name, a, _ in named)
     present = [(a, s) for _, a, s in named if a is not None]
     return flags, [a for a, _ in present], [s for _, s in present]
+
+
+def result_types(shapes, inputs):
+    """``pallas_call`` result types; inside ``shard_map`` they must name the mesh axes they vary
+    over: every axis that any input varies over."""
+    varying = frozenset().union(*(jax.typeof(x).mat.varying for x in inputs))
+    return [
+        jax.ShapeDtypeStruct(s.shape, s.dtype, manual_axis_type=ManualAxisType(varying=varying))
+        for s in shapes
+    ]
 
 
 def softplus(x):

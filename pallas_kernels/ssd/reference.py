@@ -66,7 +66,8 @@ def _f32(v):
 def _initial_state(initial_state, x, d_state):
     batch, _, heads, head_dim = x.shape
     if initial_state is None:
-        return jnp.zeros((batch, heads, head_dim, d_state), f32)
+        # zeros_like keeps x's shard_map varying-axes type, which the scan carry must match.
+        return jnp.zeros_like(x, f32, shape=(batch, heads, head_dim, d_state))
     return initial_state.astype(f32)
 
 

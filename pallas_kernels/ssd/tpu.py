@@ -188,7 +188,7 @@ def forward(x, dt, A, B, C, D, z, dt_bias, h0, cfg: common.SSDConfig, *, save_ch
     )
     outs = pl.pallas_call(
         kernel,
-        out_shape=[s for s, _ in out],
+        out_shape=common.result_types([s for s, _ in out], args),
         grid=(batch, heads, n_chunks),
         in_specs=in_specs,
         out_specs=[s for _, s in out],
@@ -239,7 +239,7 @@ def backward(dout, dh_final, x, dt, A, B, C, D, z, dt_bias, h0, ckpt, cfg: commo
     )
     outs = pl.pallas_call(
         kernel,
-        out_shape=[s for s, _ in present],
+        out_shape=common.result_types([s for s, _ in present], args),
         grid=(batch, heads, n_chunks),
         in_specs=in_specs,
         out_specs=[spec for _, spec in present],

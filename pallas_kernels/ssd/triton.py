@@ -222,7 +222,7 @@ def _call(kernel, cfg, grid, named_in, named_out, static, name):
     out_flags, out_shapes, out_specs = common.operands(named_out)
     outs = pl.pallas_call(
         functools.partial(kernel, flags=in_flags + out_flags, **static),
-        out_shape=out_shapes,
+        out_shape=common.result_types(out_shapes, args),
         grid=grid,
         in_specs=in_specs,
         out_specs=out_specs,
@@ -316,10 +316,10 @@ def backward(dout, dh_final, x, dt, A, B, C, D, z, dt_bias, h0, ckpt, cfg: commo
     )
     res["dh0"] = dstates.get("dh0")
     res["sums"] = res["sums"].reshape(batch, heads, n_chunks * n_pb, 4)
-    return reduce_partials(res, x, dt, A, B, D, dt_bias, h0, n_groups, n_pb)
+    return _reduce_partials(res, x, dt, A, B, D, dt_bias, h0, n_groups, n_pb)
 
 
-def reduce_partials(res, x, dt, A, B, D, dt_bias, h0, n_groups, n_pb):
+def _reduce_partials(res, x, dt, A, B, D, dt_bias, h0, n_groups, n_pb):
     """Sum the kernels' float32 partials into gradients shaped and typed like the inputs."""
     batch, length, heads, _ = x.shape
     d_state = B.shape[3]
