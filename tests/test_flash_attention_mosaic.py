@@ -3,7 +3,8 @@
 The kernels run on CPU under Mosaic GPU interpret mode: three simulated warpgroups, real barriers
 and TMA copies, with the tile products taken by XLA (the interpreter has no wgmma with a register
 operand). Each case checks forward and gradients against the float32 reference on fresh random
-inputs. The interpreter runs the warpgroups on XLA's host thread pool, which needs the 8 fake CPU
+inputs; on a Hopper GPU the same checks run the compiled kernels (skipped elsewhere). The
+interpreter runs the warpgroups on XLA's host thread pool, which needs the 8 fake CPU
 devices that tests/conftest.py sets up (with the 2 threads of a 2-core machine the warpgroups can
 starve each other).
 """
@@ -28,8 +29,13 @@ def _rel(a, b):
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
+def _on_hopper() -> bool:
+    device = jax.devices()[0]
+    return device.platform == "gpu" and str(getattr(device, "compute_capability", "")).startswith("9.")
+
+
 def _run(seed, *, lq, lk, heads, kv_heads, head_dim, dtype=jnp.bfloat16, segments=False,
-         dead_rows=0, **spec_kw):
+         dead_rows=0, interpret=True, blocks=_BLOCKS, **spec_kw):
     keys = jax.random.split(jax.random.key(seed), 6)
     q = jax.random.normal(keys[0], (1, lq, heads, head_dim), jnp.float32).astype(dtype)
     k = jax.random.normal(keys[1], (1, lk, kv_heads, head_dim), jnp.float32).astype(dtype)
@@ -41,9 +47,9 @@ def _run(seed, *, lq, lk, heads, kv_heads, head_dim, dtype=jnp.bfloat16, segment
         kv_seg = jnp.sort(jax.random.randint(keys[5], (1, lk), 0, 3), axis=1)
         q_seg = q_seg.at[:, :dead_rows].set(7)  # segment 7 has no keys: these rows see nothing
     spec = AttentionSpec(scale=head_dim**-0.5, has_segment_ids=segments, **spec_kw)
-    assert mosaic_gpu.supports(q.shape, k.shape, dtype, spec, _BLOCKS) is None
+    assert mosaic_gpu.supports(q.shape, k.shape, dtype, spec, blocks) is None
 
-    kw = dict(spec=spec, block_sizes=_BLOCKS, interpret=True)
+    kw = dict(spec=spec, block_sizes=blocks, interpret=interpret)
     out, lse = mosaic_gpu.forward(q, k, v, q_seg, kv_seg, None, **kw)
     dq, dk, dv = mosaic_gpu.backward(q, k, v, q_seg, kv_seg, None, out, lse, do, **kw)
 
@@ -78,6 +84,26 @@ def test_causal_window_offset_segments_soft_cap():
     segments with rows that see no key, and soft-capped logits."""
     _run(1, lq=100, lk=160, heads=2, kv_heads=1, head_dim=64, causal=True, sliding_window=70,
          q_offset=30, segments=True, dead_rows=5, logits_soft_cap=5.0)
+
+
+@pytest.mark.skipif(not _on_hopper(), reason="compiled Mosaic GPU kernels need a Hopper GPU")
+@pytest.mark.parametrize(
+    "case",
+    [
+        dict(lq=256, lk=256, heads=2, kv_heads=2, head_dim=128),
+        dict(lq=300, lk=333, heads=8, kv_heads=2, head_dim=128),
+        dict(lq=333, lk=333, heads=4, kv_heads=1, head_dim=64, causal=True),
+        dict(lq=200, lk=300, heads=2, kv_heads=1, head_dim=128, causal=True, sliding_window=70,
+             q_offset=100),
+        dict(lq=256, lk=320, heads=2, kv_heads=2, head_dim=64, segments=True, dead_rows=17,
+             logits_soft_cap=30.0),
+        dict(lq=512, lk=512, heads=2, kv_heads=1, head_dim=128, dtype=jnp.float16, causal=True,
+             segments=True),
+    ],
+)
+def test_compiled_on_hopper(case):
+    """The compiled kernels with their default tiles (wgmma, TMA, warp specialisation)."""
+    _run(2, interpret=False, blocks=BlockSizes(), **case)
 
 
 @pytest.mark.parametrize(
