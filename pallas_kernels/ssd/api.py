@@ -66,7 +66,9 @@ def ssd(
       block_t, block_p, num_warps: tile sizes of the Pallas lowerings (None: tuned defaults).
 
     Returns:
-      ``y`` like ``x`` (and the final state when ``return_final_state``).
+      ``y`` like ``x`` (and the final state when ``return_final_state``). The kernels feed the
+      matrix units operands in x's dtype (float32 runs as tf32 on NVIDIA GPUs: ~5e-4 relative
+      error against the float32 reference, measured on an H100; bfloat16 ~5e-3).
 
     Raises:
       ValueError: naming the violated constraint.

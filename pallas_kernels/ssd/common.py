@@ -2,8 +2,8 @@
 
 The tile functions are plain jnp on arrays that a kernel has already loaded, so the Triton and the
 TPU kernels run exactly the same arithmetic (and the same choice of which products go to the
-matrix units). Notation for one chunk of ``T`` steps of one head (``P = head_dim``,
-``N = d_state``)::
+matrix units). Notation for one tile of ``T = block_t`` steps of one head (``P = head_dim``,
+``N = d_state``); ``Chunk`` below is that tile::
 
     a_t    = dt_t * A                      log-decay of step t (A < 0)
     s_t    = a_1 + ... + a_t               cumulative log-decay inside the chunk, s_T = total
@@ -34,7 +34,8 @@ class SSDConfig:
 
     ``chunk_size`` steps separate two saved float32 states (the only per-chunk residual of the
     forward). ``block_t`` steps form one tile of the matrix products (``chunk_size`` is a multiple
-    of it); ``block_p`` head_dim columns form one forward program.
+    of it); ``block_p`` head_dim columns form one Triton program (the TPU kernels take a whole
+    head).
     """
 
     implementation: str
