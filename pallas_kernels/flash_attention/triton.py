@@ -55,9 +55,10 @@ class Tiles:
     num_stages: int
 
 
-# Tuned defaults: compute capability -> head_dim -> (forward, dK/dV, dQ). The dK/dV kernel keeps a
-# key tile resident and streams query tiles; the dQ kernel the reverse. Values for 9.0 were picked
-# from a sweep on an H100 (scripts/bench_attention.py --sweep); the others are safe fallbacks.
+# Defaults: compute capability -> head_dim -> (forward, dK/dV, dQ). The dK/dV kernel keeps a key
+# tile resident and streams query tiles; the dQ kernel the reverse. These are FlashAttention-2
+# starting points not yet confirmed on the device: `scripts/bench_attention.py --sweep` times the
+# candidates on the GPU at hand and prints the best to put here.
 _TUNED: dict[str, dict[int, tuple[Tiles, Tiles, Tiles]]] = {
     "9.0": {
         64: (Tiles(128, 64, 4, 3), Tiles(32, 128, 4, 3), Tiles(128, 32, 4, 3)),
@@ -106,12 +107,11 @@ def _fit(block: int, length: int) -> int:
     return max(16, min(block, pl.next_power_of_2(length)))
 
 
-def _resolve(tuned: Tiles, block_q, block_k, q_len, kv_len, num_warps, num_stages) -> Tiles:
-    return Tiles(
-        _fit(block_q or tuned.block_q, q_len),
-        _fit(block_k or tuned.block_k, kv_len),
-        num_warps or tuned.num_warps,
-        num_stages or tuned.num_stages,
+def _resolve(tuned: Tiles, block_q, block_k, q_len, kv_len) -> Tiles:
+    return dataclasses.replace(
+        tuned,
+        block_q=_fit(block_q or tuned.block_q, q_len),
+        block_k=_fit(block_k or tuned.block_k, kv_len),
     )
 
 
@@ -217,8 +217,10 @@ def _q_range(k_first, bq, bk, nq, kv_len, padded_kv, spec):
             hi = jnp.minimum(_div(_nonneg(rows_end) + bq - 1, bq), nq)
             full_hi = _div(_nonneg(k_first + w - spec.q_offset), bq)
     if padded_kv:
-        # The block holding padded keys is masked whole.
-        full_hi = jnp.where(k_first + bk > kv_len, full_lo, full_hi)
+        # The block holding padded keys is masked whole. (Arithmetic, not a where: the Triton
+        # lowering mistypes a scalar select between two constants.)
+        edge = (k_first + bk > kv_len).astype(jnp.int32)
+        full_hi = full_hi - edge * (full_hi - full_lo)
     full_lo = _clip(full_lo, lo, hi)
     full_hi = _clip(full_hi, full_lo, hi)
     return lo, full_lo, full_hi, hi
@@ -308,13 +310,14 @@ def _q_block(pid, nq, spec):
 
 
 def forward(q, k, v, q_seg, kv_seg, alibi_slopes, *, spec, block_sizes, interpret,
-            num_warps=None, num_stages=None):
-    """``(out, lse)`` per the lowering contract; ``num_warps``/``num_stages`` override tuning."""
+            tiles: Tiles | None = None):
+    """``(out, lse)`` per the lowering contract; ``tiles`` (for tuning sweeps) overrides all."""
     batch, q_len, heads, head_dim = q.shape
     kv_len, kv_heads = k.shape[1], k.shape[2]
     group = heads // kv_heads
-    tiles = _resolve(_tuned(head_dim)[0], block_sizes.block_q, block_sizes.block_k,
-                     q_len, kv_len, num_warps, num_stages)
+    if tiles is None:
+        tiles = _resolve(_tuned(head_dim)[0], block_sizes.block_q, block_sizes.block_k,
+                         q_len, kv_len)
     bq, bk = tiles.block_q, tiles.block_k
     nq, nk = pl.cdiv(q_len, bq), pl.cdiv(kv_len, bk)
     spec2 = _base2(spec)
@@ -478,8 +481,8 @@ def _dq_kernel(*refs, spec2, tiles, nq, nk, kv_len, has_seg, has_alibi):
 
 
 def backward(q, k, v, q_seg, kv_seg, alibi_slopes, out, lse, dout, *, spec, block_sizes,
-             interpret, num_warps=None, num_stages=None):
-    """``(dq, dk, dv)`` per the lowering contract; ``num_warps``/``num_stages`` override tuning.
+             interpret, tiles: tuple[Tiles, Tiles] | None = None):
+    """``(dq, dk, dv)`` per the lowering contract; ``tiles`` = (dK/dV, dQ) overrides all.
 
     Explicit ``block_q_bwd``/``block_k_bwd`` apply to both kernels; by default each kernel takes
     its own tuned pair.
@@ -487,12 +490,12 @@ def backward(q, k, v, q_seg, kv_seg, alibi_slopes, out, lse, dout, *, spec, bloc
     batch, q_len, heads, head_dim = q.shape
     kv_len, kv_heads = k.shape[1], k.shape[2]
     group = heads // kv_heads
-    _, tuned_dkv, tuned_dq = _tuned(head_dim)
-    bs = block_sizes
-    dkv_tiles = _resolve(tuned_dkv, bs.block_q_bwd, bs.block_k_bwd, q_len, kv_len,
-                         num_warps, num_stages)
-    dq_tiles = _resolve(tuned_dq, bs.block_q_bwd, bs.block_k_bwd, q_len, kv_len,
-                        num_warps, num_stages)
+    if tiles is None:
+        _, tuned_dkv, tuned_dq = _tuned(head_dim)
+        bs = block_sizes
+        tiles = (_resolve(tuned_dkv, bs.block_q_bwd, bs.block_k_bwd, q_len, kv_len),
+                 _resolve(tuned_dq, bs.block_q_bwd, bs.block_k_bwd, q_len, kv_len))
+    dkv_tiles, dq_tiles = tiles
     # Tiles are powers of 2, so padding to the larger one suits both kernels.
     q_pad = pl.cdiv(q_len, max(dkv_tiles.block_q, dq_tiles.block_q)) * max(
         dkv_tiles.block_q, dq_tiles.block_q)

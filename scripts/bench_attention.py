@@ -1,0 +1,367 @@
+"""Flash attention on the GPU: TFLOP/s of the Pallas lowerings beside cuDNN and XLA, in one run.
+
+    PYTHONPATH=src:. python3 scripts/bench_attention.py [--impls triton,cudnn,xla] [--check]
+
+Rows are bf16, head_dim 128, 16 query heads and 16k tokens per batch (seq 1k/4k/16k, causal and
+not), plus a GQA row (8 query heads per kv head) and a sliding-window row. FLOPs count only the
+visible (query, key) pairs: 4 * batch * heads * head_dim * pairs for the forward (causal halves
+the square), and 3.5x that for forward + backward (two matmuls forward, five backward).
+
+``--check`` compares every lowering with cuDNN on the timed shapes and with the float32 reference
+on small shapes with the features cuDNN lacks. ``--sweep`` times Triton tile configurations at the
+largest sequence and prints the best, to be copied into ``triton._TUNED``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import os
+import time
+import traceback
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from benchlib import device_description, print_table, time_ms
+
+from pallas_kernels.flash_attention import api, flash_attention
+from pallas_kernels.flash_attention import triton as fa_triton
+from pallas_kernels.flash_attention.common import AttentionSpec, BlockSizes
+
+PALLAS = ("triton", "mosaic_gpu")
+BASELINES = ("cudnn", "xla")
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    name: str
+    batch: int
+    seq: int
+    heads: int = 16
+    kv_heads: int = 16
+    head_dim: int = 128
+    causal: bool = False
+    window: int | None = None
+
+    def pairs(self) -> int:
+        """Visible (query, key) pairs per batch element and head."""
+        if self.window is not None:
+            w = min(self.window, self.seq)
+            return w * self.seq - w * (w - 1) // 2
+        return self.seq * self.seq // 2 if self.causal else self.seq * self.seq
+
+    def fwd_flops(self) -> float:
+        return 4.0 * self.batch * self.heads * self.head_dim * self.pairs()
+
+
+def make_rows(seqs, tokens, causal_modes, extra: bool) -> list[Row]:
+    rows = []
+    for seq in seqs:
+        for causal in causal_modes:
+            rows.append(Row(f"L={seq}{' causal' if causal else ''}", tokens // seq, seq, causal=causal))
+    if extra:
+        seq = max(seqs)
+        rows.append(Row(f"L={seq} causal GQA 16:2", tokens // seq, seq, kv_heads=2, causal=True))
+        rows.append(Row(f"L={seq} window 2048", tokens // seq, seq, causal=True, window=2048))
+    return rows
+
+
+INTERPRET = False  # --interpret: Pallas in interpret mode, to smoke-test this script on a CPU
+
+
+def attention_fn(impl: str, row: Row):
+    if impl in BASELINES:
+        # Query i sees keys i-w+1..i: w-1 to the left, none to the right.
+        window = None if row.window is None else (row.window - 1, 0)
+        return functools.partial(
+            jax.nn.dot_product_attention, is_causal=row.causal, local_window_size=window,
+            implementation=impl,
+        )
+    return functools.partial(
+        flash_attention, causal=row.causal, sliding_window=row.window, implementation=impl,
+        interpret=INTERPRET,
+    )
+
+
+def inputs(row: Row, seed: int, dtype=jnp.bfloat16):
+    keys = jax.random.split(jax.random.key(seed), 4)
+    q_shape = (row.batch, row.seq, row.heads, row.head_dim)
+    kv_shape = (row.batch, row.seq, row.kv_heads, row.head_dim)
+    q = jax.random.normal(keys[0], q_shape, dtype)
+    k = jax.random.normal(keys[1], kv_shape, dtype)
+    v = jax.random.normal(keys[2], kv_shape, dtype)
+    d_out = jax.random.normal(keys[3], q_shape, dtype)
+    return q, k, v, d_out
+
+
+def fwd_bwd(fn):
+    return jax.jit(lambda q, k, v, d_out: jax.vjp(fn, q, k, v)[1](d_out))
+
+
+def short_error(e: Exception) -> str:
+    return f"{type(e).__name__}: {str(e).splitlines()[0][:90]}" if str(e) else type(e).__name__
+
+
+def rel_err(got, want) -> float:
+    got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+    return float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30))
+
+
+def available_pallas(names) -> list[str]:
+    """Lowerings that exist and run on this backend (the others are reported, not timed)."""
+    out = []
+    for name in names:
+        module, error = api._load_lowering(name)
+        reason = error if module is None or INTERPRET else api._platform_reason(name)
+        if reason:
+            print(f"skipping {name}: {reason}", flush=True)
+        else:
+            out.append(name)
+    return out
+
+
+# ----------------------------------------------------------------------------- timing
+
+
+def bench(rows, impls, iters, results):
+    table = []
+    for row in rows:
+        q, k, v, d_out = inputs(row, seed=len(table))
+        flops = row.fwd_flops()
+        for impl in impls:
+            fn = attention_fn(impl, row)
+            cells = []
+            for mode, call, args, mult in (
+                ("fwd", jax.jit(fn), (q, k, v), 1.0),
+                ("fwd+bwd", fwd_bwd(fn), (q, k, v, d_out), 3.5),
+            ):
+                try:
+                    ms = time_ms(call, *args, iters=iters)
+                    cells += [ms, mult * flops / ms / 1e9]
+                except Exception as e:  # noqa: BLE001 - a failing baseline is reported, not fatal
+                    cells += [short_error(e), "-"]
+                    if impl in PALLAS:
+                        traceback.print_exc()
+            table.append([row.name, impl, *cells])
+            results.append(dict(row=dataclasses.asdict(row), impl=impl, cells=cells))
+            print(table[-1], flush=True)
+    return table
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def check_vs_baseline(rows, impls, baseline):
+    """Relative L2 errors of out, dq, dk, dv against a baseline on the timed shapes (bf16)."""
+    table = []
+    for row in rows:
+        q, k, v, d_out = inputs(row, seed=100 + len(table))
+        fn = attention_fn(baseline, row)
+        ref = (jax.jit(fn)(q, k, v), *fwd_bwd(fn)(q, k, v, d_out))
+        for impl in impls:
+            try:
+                fn = attention_fn(impl, row)
+                got = (jax.jit(fn)(q, k, v), *fwd_bwd(fn)(q, k, v, d_out))
+                errs = [rel_err(g, r) for g, r in zip(got, ref)]
+                ok = all(e < 2e-2 for e in errs)
+                table.append([row.name, impl, *errs, "ok" if ok else "FAIL"])
+            except Exception as e:  # noqa: BLE001
+                table.append([row.name, impl, short_error(e), "-", "-", "-", "FAIL"])
+            print(table[-1], flush=True)
+    return table
+
+
+FEATURES = {
+    "causal GQA segments": dict(causal=True, kv_heads=2, segments=True),
+    "window + soft cap": dict(causal=True, sliding_window=100, logits_soft_cap=20.0),
+    "ALiBi causal": dict(causal=True, alibi=True),
+    "ALiBi soft cap MQA": dict(kv_heads=1, alibi=True, logits_soft_cap=30.0),
+    "decode q_offset": dict(causal=True, q_len=7, q_offset=100),
+    "q_len != kv_len": dict(q_len=33),
+    "head_dim 64": dict(head_dim=64, causal=True),
+    "head_dim 256": dict(head_dim=256, causal=True),
+    "float16": dict(dtype=jnp.float16, causal=True),
+    "float32": dict(dtype=jnp.float32, causal=True),
+}
+FEATURE_TOL = {jnp.bfloat16: 1.5e-2, jnp.float16: 4e-3, jnp.float32: 1e-4}
+
+
+def check_features(impls, kv_len):
+    """Relative L2 errors against the float32 reference on small shapes with every feature."""
+    table = []
+    for name, cfg in FEATURES.items():
+        cfg = dict(cfg)
+        dtype = cfg.pop("dtype", jnp.bfloat16)
+        head_dim = cfg.pop("head_dim", 128)
+        kv_heads = cfg.pop("kv_heads", 4)
+        q_len = min(cfg.pop("q_len", kv_len), kv_len)
+        heads, batch = 4, 2
+        keys = jax.random.split(jax.random.key(len(table)), 4)
+        q = jax.random.normal(keys[0], (batch, q_len, heads, head_dim), dtype)
+        k = jax.random.normal(keys[1], (batch, kv_len, kv_heads, head_dim), dtype)
+        v = jax.random.normal(keys[2], (batch, kv_len, kv_heads, head_dim), dtype)
+        d_out = jax.random.normal(keys[3], q.shape, dtype)
+        if cfg.pop("segments", False):
+            ids = (jnp.arange(kv_len)[None, :] >= jnp.array([[kv_len // 3], [kv_len // 2]]))
+            ids = ids.astype(jnp.int32)
+            cfg["segment_ids"] = ids
+        if cfg.pop("alibi", False):
+            cfg["alibi_slopes"] = 2.0 ** -jnp.arange(1, heads + 1, dtype=jnp.float32)
+        up = [x.astype(jnp.float32) for x in (q, k, v, d_out)]
+        ref_fn = functools.partial(flash_attention, implementation="xla", **cfg)
+        ref = (jax.jit(ref_fn)(*up[:3]), *fwd_bwd(ref_fn)(*up))
+        for impl in impls:
+            try:
+                fn = functools.partial(
+                    flash_attention, implementation=impl, interpret=INTERPRET, **cfg)
+                got = (jax.jit(fn)(q, k, v), *fwd_bwd(fn)(q, k, v, d_out))
+                errs = [rel_err(g, r) for g, r in zip(got, ref)]
+                ok = all(e < FEATURE_TOL[dtype] for e in errs) and all(
+                    np.isfinite(np.asarray(g, np.float32)).all() for g in got)
+                table.append([name, impl, *errs, "ok" if ok else "FAIL"])
+            except Exception as e:  # noqa: BLE001
+                table.append([name, impl, short_error(e), "-", "-", "-", "FAIL"])
+            print(table[-1], flush=True)
+    return table
+
+
+# ----------------------------------------------------------------------------- tuning sweep
+
+
+def sweep(row: Row, deadline: float, iters: int):
+    """Times Triton tile configurations for the forward, dK/dV and dQ kernels of ``row``."""
+    Tiles = fa_triton.Tiles
+    q, k, v, d_out = inputs(row, seed=7)
+    spec = AttentionSpec(causal=row.causal, scale=row.head_dim ** -0.5)
+    common = dict(spec=spec, block_sizes=BlockSizes(), interpret=INTERPRET)
+    out, lse = jax.jit(lambda q, k, v: fa_triton.forward(q, k, v, None, None, None, **common))(
+        q, k, v)
+    _, tuned_dkv, tuned_dq = fa_triton._tuned(row.head_dim)
+    flops = row.fwd_flops()
+    found = {}
+
+    def run(kind, candidates, make, args):
+        timings = []
+        for tiles in candidates:
+            if time.monotonic() > deadline:
+                print(f"sweep {kind}: out of time", flush=True)
+                break
+            try:
+                ms = time_ms(jax.jit(make(tiles)), *args, iters=iters, warmup=2)
+            except Exception as e:  # noqa: BLE001 - e.g. a tile that overflows shared memory
+                print(f"sweep {kind} {tiles}: {short_error(e)}", flush=True)
+                continue
+            timings.append((ms, tiles))
+            print(f"sweep {kind} {tiles}: {ms:.3f} ms", flush=True)
+        timings.sort(key=lambda t: t[0])
+        found[kind] = timings[:3]
+        return timings[0][1] if timings else None
+
+    grid = [(w, s) for w in (4, 8) for s in (2, 3, 4)]
+    run(
+        "fwd",
+        [Tiles(bq, bk, w, s) for bq, bk in ((128, 64), (128, 128), (64, 64), (64, 128))
+         for w, s in grid],
+        lambda t: lambda q, k, v: fa_triton.forward(q, k, v, None, None, None, **common, tiles=t),
+        (q, k, v),
+    )
+
+    def bwd(dkv, dq):
+        return lambda q, k, v, out, lse, d_out: fa_triton.backward(
+            q, k, v, None, None, None, out, lse, d_out, **common, tiles=(dkv, dq))
+
+    best_dkv = run(
+        "dkv",
+        [Tiles(bq, bk, w, s) for bq, bk in ((64, 128), (32, 128), (64, 64), (128, 128), (32, 64))
+         for w, s in grid if s < 4],
+        lambda t: bwd(t, tuned_dq),
+        (q, k, v, out, lse, d_out),
+    ) or tuned_dkv
+    run(
+        "dq",
+        [Tiles(bq, bk, w, s) for bq, bk in ((128, 64), (64, 64), (128, 32), (64, 32), (128, 128))
+         for w, s in grid if s < 4],
+        lambda t: bwd(best_dkv, t),
+        (q, k, v, out, lse, d_out),
+    )
+    rows = []
+    for kind, timings in found.items():
+        for ms, tiles in timings:
+            mult = 1.0 if kind == "fwd" else 2.5  # the backward alone: 5 of the 7 matmuls
+            rows.append([kind, tiles.block_q, tiles.block_k, tiles.num_warps, tiles.num_stages,
+                         ms, mult * flops / ms / 1e9])
+    return rows
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--impls", default="triton,mosaic_gpu,cudnn,xla",
+                        help="comma-separated among triton, mosaic_gpu, cudnn, xla")
+    parser.add_argument("--seqs", default="1024,4096,16384", help="comma-separated lengths")
+    parser.add_argument("--tokens", type=int, default=16384, help="tokens per batch")
+    parser.add_argument("--causal", choices=("both", "yes", "no"), default="both")
+    parser.add_argument("--no-extra", action="store_true", help="skip the GQA and window rows")
+    parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--check", action="store_true", help="check numerics before timing")
+    parser.add_argument("--check-against", choices=BASELINES, default="cudnn")
+    parser.add_argument("--feature-len", type=int, default=1007,
+                        help="kv length of the feature checks (>= 107 for the decode case)")
+    parser.add_argument("--interpret", action="store_true",
+                        help="Pallas in interpret mode: a CPU smoke test of this script")
+    parser.add_argument("--no-bench", action="store_true", help="skip the timing table")
+    parser.add_argument("--sweep", action="store_true", help="tune Triton tiles (largest seq)")
+    parser.add_argument("--sweep-seconds", type=float, default=150.0)
+    parser.add_argument("--out", default=os.environ.get("OUT", "."), help="where JSON goes")
+    args = parser.parse_args()
+    global INTERPRET
+    INTERPRET = args.interpret
+
+    impls = args.impls.split(",")
+    unknown = set(impls) - set(PALLAS) - set(BASELINES)
+    if unknown:
+        parser.error(f"unknown --impls {sorted(unknown)}; choose among {PALLAS + BASELINES}")
+    pallas = available_pallas([i for i in impls if i in PALLAS])
+    impls = pallas + [i for i in impls if i in BASELINES]
+    seqs = [int(s) for s in args.seqs.split(",")]
+    causal_modes = {"both": (False, True), "yes": (True,), "no": (False,)}[args.causal]
+    rows = make_rows(seqs, args.tokens, causal_modes, not args.no_extra)
+    print(f"# {device_description()}", flush=True)
+    report = {"device": device_description()}
+
+    if args.check:
+        report["check_baseline"] = check_vs_baseline(rows, pallas, args.check_against)
+        report["check_features"] = check_features(pallas, args.feature_len)
+    if args.sweep and "triton" in pallas:
+        seq = max(seqs)
+        row = Row(f"L={seq}", args.tokens // seq, seq)
+        report["sweep"] = sweep(row, time.monotonic() + args.sweep_seconds, max(5, args.iters // 2))
+    if not args.no_bench:
+        results = []
+        report["bench"] = bench(rows, impls, args.iters, results)
+    with open(os.path.join(args.out, "bench_attention.json"), "w") as f:
+        json.dump(report, f, indent=1, default=str)
+
+    print(f"\n## {device_description()}")
+    if "check_baseline" in report:
+        print(f"\nrelative L2 error vs {args.check_against} (bf16, timed shapes)")
+        print_table(["row", "impl", "out", "dq", "dk", "dv", ""], report["check_baseline"])
+        print("\nrelative L2 error vs float32 reference (small shapes)")
+        print_table(["case", "impl", "out", "dq", "dk", "dv", ""], report["check_features"])
+    if "sweep" in report:
+        print(f"\nTriton sweep at L={max(seqs)} non-causal (best 3 per kernel)")
+        print_table(["kernel", "block_q", "block_k", "warps", "stages", "ms", "TFLOP/s"],
+                    report["sweep"])
+    if "bench" in report:
+        print("\nbf16, head_dim 128, 16 heads, TFLOP/s (fwd+bwd counted as 3.5x fwd)")
+        print_table(["row", "impl", "fwd ms", "fwd TFLOP/s", "fwd+bwd ms", "fwd+bwd TFLOP/s"],
+                    report["bench"])
+
+
+if __name__ == "__main__":
+    main()
