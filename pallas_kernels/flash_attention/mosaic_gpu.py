@@ -102,7 +102,7 @@ def supports(q_shape, k_shape, dtype, spec: AttentionSpec, block_sizes: BlockSiz
     if jnp.dtype(dtype) not in _DTYPES:
         return f"dtype must be bfloat16 or float16 (wgmma operands), got {jnp.dtype(dtype)}"
     if spec.has_alibi:
-        return "ALiBi is not implemented in the Mosaic GPU kernels"
+        return "ALiBi is not implemented in the Mosaic GPU kernels (the Triton lowering has it)"
     for field in dataclasses.fields(block_sizes):
         size = getattr(block_sizes, field.name)
         if size is not None and (size % 64 or size > 256):
