@@ -7,6 +7,7 @@ The Triton kernels run in interpret mode on CPU and are compared with the float3
 from __future__ import annotations
 
 import functools
+import types
 
 import jax
 import jax.numpy as jnp
@@ -151,3 +152,34 @@ _K = jnp.zeros((1, 8, 2, 64))
 def test_invalid_arguments_raise_value_error(args, kwargs, match):
     with pytest.raises(ValueError, match=match):
         flash_attention(*args, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(),  # non-causal with padded keys: the plainest loop bounds
+        dict(causal=True, sliding_window=129, logits_soft_cap=30.0, alibi_slopes=jnp.ones(8),
+             segment_ids=jnp.zeros((2, 1000), jnp.int32)),
+    ],
+    ids=["plain", "all_features"],
+)
+def test_kernels_lower_to_triton_for_cuda(kwargs, monkeypatch):
+    # Interpret mode never runs the Triton lowering rules; lowering for CUDA here (with a Hopper
+    # described to the lowering in place of a device) catches kernel code that only interprets.
+    from jax._src.pallas.triton import pallas_call_registration
+
+    from pallas_kernels.flash_attention import api, triton
+
+    monkeypatch.setattr(api, "_platform_reason", lambda name: None)
+    monkeypatch.setattr(pallas_call_registration.gpu_info_lib, "get_gpu_info",
+                        lambda: types.SimpleNamespace(compute_capability=90))
+    monkeypatch.setattr(triton, "_FALLBACK", triton._TUNED["9.0"])
+    q = jax.ShapeDtypeStruct((2, 1000, 8, 128), jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct((2, 1000, 2, 128), jnp.bfloat16)
+    attend = functools.partial(flash_attention, implementation="triton", **kwargs)
+
+    def fwd_bwd(q, k, v):
+        return jax.vjp(attend, q, k, v)[1](jnp.ones(q.shape, q.dtype))
+
+    text = jax.jit(fwd_bwd).trace(q, kv, kv).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("__gpu$xla.gpu.triton") == 3  # forward, dK/dV, dQ
