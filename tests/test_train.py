@@ -3,6 +3,7 @@ loss that falls. One device (the sharded cases are in test_parallel.py)."""
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -48,7 +49,10 @@ def random_batch(cfg, seed: int) -> dict[str, np.ndarray]:
     }
 
 
+@functools.cache
 def build(cfg):
+    """``(initial state, compiled step)``; cached so tests sharing a config compile once (the
+    step donates its input state, so callers start from a copy)."""
     mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:1])
     rules = sharding.axis_rules(cfg.mesh)
     model = build_model(cfg.model)
@@ -56,7 +60,7 @@ def build(cfg):
     abstract, _ = state_shardings(model, tx, mesh, rules, cfg.data.seq_len)
     state, _ = create_train_state(model, tx, mesh, rules, cfg.data.seq_len, jax.random.key(0))
     step = make_train_step(cfg, model, tx, schedule, mesh, rules, abstract)
-    return state, step
+    return jax.device_get(state), step
 
 
 def test_schedule_warmup_then_cosine():
