@@ -7,9 +7,10 @@ one B/C group). For each shape it prints, forward and forward+backward, the mill
 ``implementation="triton"``, of ``lax.associative_scan`` (materializes the (B, L, D, N) decays
 and inputs in float32) and of ``lax.scan`` (the reference, forward only), plus the achieved GB/s
 over the memory floor: each input read once and each output written once, at the device-to-device
-copy bandwidth measured here. It first checks the kernel against the float32 reference on the same
-inputs at the first shape (relative error of y and of every gradient). ``--sweep`` also times launch configurations
-(block_d, chunk, num_warps) at the first shape; ``--ssd`` appends the Mamba-2 table of scripts/bench_ssd.py.
+copy bandwidth measured here. At the first shape it first checks the kernel against the float32
+reference on the same inputs (relative error of y and of every gradient). ``--sweep`` also times
+launch configurations (block_d, chunk, num_warps) at the first shape; ``--ssd`` appends the
+Mamba-2 table of scripts/bench_ssd.py.
 """
 
 from __future__ import annotations
@@ -112,7 +113,7 @@ def rel_err(a, b):
 
 
 def check(x, dy, cfg):
-    """Kernel vs the float32 reference on the bench inputs: worst relative error over y and grads."""
+    """Kernel vs the float32 reference on the bench inputs: relative errors of y and the grads."""
     y, g = fwd_bwd(pallas(cfg))(x, dy)
     y_ref, g_ref = fwd_bwd(lax_scan)(x, dy)
     errs = {"y": rel_err(y, y_ref)}
@@ -137,7 +138,8 @@ def main(argv=None):
         dims = (batch, length, d_inner, 1, d_state)
         cfg = api._choose("triton", dims, None, None, True, False)
         shape = f"{batch}x{length}x{d_inner}x{d_state}"
-        if (batch, length, d_inner, d_state) == shapes[0]:  # the reference's backward at the larger shape costs minutes
+        # Checked at the first shape only: the reference's backward at the larger one takes minutes.
+        if (batch, length, d_inner, d_state) == shapes[0]:
             errs = check(x, dy, cfg)
             print(f"{shape} triton vs reference: "
                   + " ".join(f"{k} {v:.1e}" for k, v in errs.items()), flush=True)  # fmt: skip
@@ -163,7 +165,7 @@ def main(argv=None):
         print(f"  triton config: block_d {cfg.block_d} chunk {cfg.chunk} (forward only "
               f"{cfg.forward_chunk}) warps {cfg.num_warps}", flush=True)  # fmt: skip
 
-    print(f"\nselective scan, bf16, D + z gate + delta bias/softplus; {benchlib.device_description()}")
+    print("\nselective scan, bf16, D + z gate + delta bias/softplus;", benchlib.device_description())
     headers = ["shape BxLxDxN", "pass", "implementation", "ms", "GB/s", "x floor", "vs assoc"]
     table = benchlib.print_table(headers, rows)
 

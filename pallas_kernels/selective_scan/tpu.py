@@ -59,14 +59,16 @@ def supports(dims, block_d: int | None, chunk: int | None) -> str | None:
 
 
 def config(dims, block_d, chunk, delta_softplus: bool, interpret: bool) -> common.ScanConfig:
+    """Explicit sizes as given; else lane-aligned channel blocks, and one chunk for short inputs."""
     _, length, d_inner, n_groups, _ = dims
     per_group = d_inner // n_groups
     if block_d is None:
         if per_group % _LANES:
             block_d = d_inner
         else:
-            block_d = _LANES * common.largest_power_of_2_divisor(per_group // _LANES, _BLOCK_D // _LANES)
-    chunk = length if (chunk or _CHUNK) >= length else (chunk or _CHUNK)
+            lanes = common.largest_power_of_2_divisor(per_group // _LANES, _BLOCK_D // _LANES)
+            block_d = _LANES * lanes
+    chunk = min(chunk or _CHUNK, length)
     return common.ScanConfig(
         implementation="tpu",
         delta_softplus=delta_softplus,
