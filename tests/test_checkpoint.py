@@ -70,6 +70,8 @@ def test_uninterrupted_run_keeps_last_k(full_run):
 def test_sigterm_saves_and_resume_reproduces_losses(full_run, tmp_path):
     """SIGTERM mid-run saves a checkpoint at whatever step it arrived; rerunning resumes there
     (train state and data position) and every later loss equals the uninterrupted run's."""
+    # Python delivers signals to the main thread only; elsewhere SIGTERM would end the process.
+    assert threading.current_thread() is threading.main_thread()
     reference = train_losses(full_run[0])
     run_dir = tmp_path / "run"
     cfg = tiny_run(run_dir, f"data.tokenizer={full_run[0] / 'tokenizer.json'}")

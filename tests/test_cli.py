@@ -3,6 +3,8 @@ exiting with status 2 and one message."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 
 import pytest
@@ -28,18 +30,22 @@ def trained(tmp_path_factory):
     config = root / "tiny.yaml"
     config.write_text(yaml.safe_dump(TINY))
     run_dir = root / "run"
-    assert main(["train", "--config", str(config), f"train.run_dir={run_dir}"]) == 0
-    return config, run_dir
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(["train", "--config", str(config), f"train.run_dir={run_dir}"]) == 0
+    summary = json.loads(out.getvalue().strip().splitlines()[-1])
+    return config, run_dir, summary
 
 
-def test_train_writes_a_run(trained, capsys):
-    _, run_dir = trained
+def test_train_writes_a_run_and_prints_a_summary(trained):
+    _, run_dir, summary = trained
+    assert summary["step"] == 4 and summary["val_loss"] > 0 and not summary["preempted"]
     assert checkpoint.finished_steps(run_dir) == [4]
     assert (run_dir / "tokenizer.json").is_file() and (run_dir / "metrics.jsonl").is_file()
 
 
 def test_generate_prints_the_prompt_and_a_continuation(trained, capsys):
-    _, run_dir = trained
+    _, run_dir, _ = trained
     args = ["generate", "--run-dir", str(run_dir), "--prompt", "def main(", "--max-new-tokens",
             "12", "--seed", "3"]
     assert main(args) == 0
@@ -58,15 +64,9 @@ def test_generate_prints_the_prompt_and_a_continuation(trained, capsys):
     (["generate", "--run-dir", "{run}", "--max-new-tokens", "100"], "model.max_seq_len=64"),
 ])
 def test_bad_input_exits_2_with_one_message(trained, tmp_path, capsys, argv, message):
-    config, run_dir = trained
+    config, run_dir, _ = trained
     argv = [a.format(config=config, run=run_dir, missing=tmp_path / "missing") for a in argv]
     assert main(argv) == EXIT_BAD_INPUT
     err = capsys.readouterr().err.strip()
     assert err.startswith("meshlm: error: ") and message in err and "\n" not in err, err
 
-
-def test_train_prints_a_json_summary_and_resumes_a_finished_run(trained, capsys):
-    config, run_dir = trained
-    assert main(["train", "--config", str(config), f"train.run_dir={run_dir}"]) == 0
-    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert summary["step"] == 4 and summary["val_loss"] > 0

@@ -15,6 +15,7 @@ from flax.core import meta
 from meshlm import sharding
 from meshlm.config import ConfigError, load_config
 from meshlm.models import build_model
+from meshlm.train.metrics import format_mfu, mfu, peak_flops
 from meshlm.train.optimizer import decay_mask, make_optimizer, make_schedule
 from meshlm.train.state import create_train_state, state_shardings
 from meshlm.train.step import make_train_step
@@ -146,3 +147,22 @@ def test_loss_falls_on_a_fixed_batch():
     assert losses[0] == pytest.approx(math.log(cfg.model.vocab_size), rel=0.05)  # uniform start
     assert losses[-1] < 0.5 * losses[0], losses
     assert int(state.step) == 30
+
+
+class FakeDevice:
+    def __init__(self, platform, device_kind):
+        self.platform, self.device_kind = platform, device_kind
+
+
+def test_mfu_uses_the_peak_table():
+    h100 = FakeDevice("gpu", "NVIDIA H100 80GB HBM3")
+    assert peak_flops(h100) == 989.4e12
+    assert peak_flops(FakeDevice("gpu", "NVIDIA H100 PCIe")) == 756.5e12
+    assert peak_flops(FakeDevice("gpu", "NVIDIA A100-SXM4-80GB")) == 312e12
+    assert peak_flops(FakeDevice("tpu", "TPU v5 lite")) == 197e12
+    assert peak_flops(FakeDevice("gpu", "Some Future GPU")) is None
+    assert peak_flops(jax.devices()[0]) is None  # CPU
+    # 8 H100s at 1e5 tokens/s of a 1e9-FLOP/token model: 1e14 / 7.915e15.
+    assert mfu(1e5, 1e9, [h100] * 8) == pytest.approx(1e14 / (8 * 989.4e12))
+    assert mfu(1e5, 1e9, jax.devices()) is None
+    assert format_mfu(None) == "n/a" and format_mfu(0.4567) == "45.7%"

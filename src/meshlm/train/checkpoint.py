@@ -30,6 +30,8 @@ from meshlm.train.state import TrainState
 CHECKPOINT_DIR = "checkpoints"
 ITEMS = ("state", "data", "config")
 _TMP_MARKER = ".orbax-checkpoint-tmp"
+# Model settings a resumed run may change: they alter how parameters are used, not their shapes.
+_NO_SHAPE_FIELDS = frozenset({"attention", "remat", "dtype", "dropout"})
 
 
 class CheckpointError(ValueError):
@@ -70,8 +72,8 @@ def check_latest(run_dir: str | os.PathLike, cfg: Config | None = None) -> tuple
 
     Returns ``(step, saved config)``, or None when the run has no checkpoint. Raises
     ``CheckpointError`` when the newest step lacks one of its items or its metadata or config
-    cannot be read, or (given ``cfg``) when its model differs from ``cfg.model`` (the arrays
-    could not be loaded). Damaged array data is found by ``restore``.
+    cannot be read, or (given ``cfg``) when its model's shape-defining settings differ from
+    ``cfg.model``. Damaged array data is found by ``restore``.
     """
     steps = finished_steps(run_dir)
     if not steps:
@@ -92,8 +94,10 @@ def check_latest(run_dir: str | os.PathLike, cfg: Config | None = None) -> tuple
                 f"unreadable ({e}); remove that step directory to resume from an earlier one"
             ) from e
     saved = _read_config(step_dir)
-    if cfg is not None and saved.model != cfg.model:
-        old, new = to_dict(saved.model), to_dict(cfg.model)
+    old = {k: v for k, v in to_dict(saved.model).items() if k not in _NO_SHAPE_FIELDS}
+    new = {} if cfg is None else {
+        k: v for k, v in to_dict(cfg.model).items() if k not in _NO_SHAPE_FIELDS}
+    if cfg is not None and old != new:
         diff = ", ".join(f"model.{k}: {old[k]!r} -> {new[k]!r}" for k in old if old[k] != new[k])
         raise CheckpointError(
             f"the checkpoint {str(step_dir)!r} was trained with a different model ({diff}); use "

@@ -123,12 +123,7 @@ def train(cfg: Config) -> dict[str, Any]:
             f"checkpoint.resume=false but {str(checkpoint.checkpoint_dir(run_dir))!r} already "
             "holds checkpoints, which a fresh run would overwrite; choose another train.run_dir"
         )
-    data = build_data(cfg, run_dir)
-    if data.vocab_size > cfg.model.vocab_size:  # build_data checks too; the contract says so
-        raise ConfigError(
-            f"the tokenizer needs {data.vocab_size} embedding rows but model.vocab_size="
-            f"{cfg.model.vocab_size}"
-        )
+    data = build_data(cfg, run_dir)  # checks the tokenizer against model.vocab_size first
 
     # ---- build and compile
     model = build_model(cfg.model)
@@ -157,6 +152,7 @@ def train(cfg: Config) -> dict[str, Any]:
     )
 
     def put(batch):
+        # The pipeline yields the global batch; one process places every device's rows.
         return jax.device_put(batch, batch_sh)
 
     def evaluate(params) -> dict[str, float]:
