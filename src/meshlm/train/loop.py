@@ -178,6 +178,10 @@ def train(cfg: Config) -> dict[str, Any]:
     bar = tqdm(total=steps, initial=step, unit="step", dynamic_ncols=True,
                disable=not cfg.train.progress_bar)
     try:
+        if resume_from is None:  # the baseline that later evaluations are read against
+            ev = evaluate(state.params)
+            writer.write(0, "val", ev)
+            bar.write(f"step 0: val loss {ev['loss']:.4f}, perplexity {ev['perplexity']:.2f}")
         with _sigterm_flag() as stop:
             tick = time.perf_counter()
             while step < steps and stop["signal"] is None:
