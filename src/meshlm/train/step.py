@@ -19,6 +19,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from meshlm import sharding
 from meshlm.config import Config
+from meshlm.train.losses import token_cross_entropy
 from meshlm.train.state import TrainState
 
 # The batch dict produced by meshlm.data (every array (batch, length)).
@@ -39,9 +40,7 @@ def loss_sum(model: nn.Module, params: Any, batch: dict, *, rng: jax.Array | Non
         segment_ids=batch["segment_ids"], deterministic=rng is None,
         rngs=None if rng is None else {"dropout": rng},
     )
-    ce = optax.softmax_cross_entropy_with_integer_labels(
-        logits.astype(jnp.float32), batch["targets"]
-    )
+    ce = token_cross_entropy(logits, batch["targets"])
     mask = batch["loss_mask"].astype(jnp.float32)
     return jnp.sum(ce * mask), jnp.sum(mask)
 
