@@ -1,15 +1,12 @@
-"""What every selective-scan lowering shares: the static configuration and small jnp helpers.
+"""What every selective-scan lowering shares: the static configuration and tiling helpers.
 
-The helpers are plain jnp on tiles so that the reference, the Triton kernels and the TPU kernels
-apply exactly the same softplus / gating arithmetic.
+The softplus / gating arithmetic is in ``pallas_kernels._ssm_math``, shared with SSD.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-
-import jax.numpy as jnp
 
 LOG2E = math.log2(math.e)
 
@@ -34,22 +31,6 @@ class ScanConfig:
     num_warps: int | None
     interpret: bool
     fast_math: bool
-
-
-def softplus(x):
-    """``log(1 + exp(x))``, linear above 20 (identical in float32), as in the reference."""
-    return jnp.where(x > 20.0, x, jnp.log1p(jnp.exp(jnp.minimum(x, 20.0))))
-
-
-def sigmoid(x):
-    return 1.0 / (1.0 + jnp.exp(-x))
-
-
-def gate_and_grad(y, z):
-    """``y * silu(z)`` and ``d(out)/dy = silu(z)``, ``d(out)/dz = y * silu'(z)`` factors."""
-    s = sigmoid(z)
-    silu = z * s
-    return y * silu, silu, y * s * (1.0 + z * (1.0 - s))
 
 
 def next_power_of_2(n: int) -> int:

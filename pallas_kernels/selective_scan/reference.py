@@ -17,18 +17,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-
-def softplus(x):
-    """``log(1 + exp(x))``, linear above 20 where the two agree in float32 (as Mamba does)."""
-    return jnp.where(x > 20.0, x, jnp.log1p(jnp.exp(jnp.minimum(x, 20.0))))
-
-
-def discretize_dt(delta, delta_bias, delta_softplus):
-    """The step size actually used: ``delta (+ bias)``, through softplus when asked, in float32."""
-    dt = delta.astype(jnp.float32)
-    if delta_bias is not None:
-        dt = dt + delta_bias.astype(jnp.float32)
-    return softplus(dt) if delta_softplus else dt
+# softplus is re-exported for scripts/bench_scan.py.
+from pallas_kernels._ssm_math import discretize_dt, softplus  # noqa: F401
 
 
 def _per_channel(x, d_inner):

@@ -31,6 +31,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from pallas_kernels import _ssm_math
 from pallas_kernels.selective_scan import common
 
 f32 = jnp.float32
@@ -103,7 +104,7 @@ def _step_inputs(r, t, t0, length, lane, Bt, bias, softplus):
     x = r.delta[pl.ds(t, 1), :].astype(f32)
     if bias is not None:
         x = x + bias
-    dt = common.softplus(x) if softplus else x
+    dt = _ssm_math.softplus(x) if softplus else x
     dt = jnp.where(t0 + t < length, dt, 0.0)
     return u, x, dt, dt * u, _column(Bt, lane, t)
 
@@ -131,7 +132,7 @@ def _fwd_kernel(*refs, length, chunk, n_chunks, softplus, flags):
         if D is not None:
             y = y + D * u
         if r.z is not None:
-            y = common.gate_and_grad(y, r.z[pl.ds(t, 1), :].astype(f32))[0]
+            y = _ssm_math.gate_and_grad(y, r.z[pl.ds(t, 1), :].astype(f32))[0]
         r.y[pl.ds(t, 1), :] = y.astype(r.y.dtype)
         return h
 
@@ -185,7 +186,7 @@ def _bwd_kernel(*refs, length, chunk, n_chunks, softplus, flags):
             y = jnp.sum(h * c, axis=0, keepdims=True)
             if D is not None:
                 y = y + D * u
-            _, dy, dz = common.gate_and_grad(y, r.z[pl.ds(t, 1), :].astype(f32))
+            _, dy, dz = _ssm_math.gate_and_grad(y, r.z[pl.ds(t, 1), :].astype(f32))
             dy, dz = dout * dy, dout * dz
             r.dz[pl.ds(t, 1), :] = dz.astype(r.dz.dtype)
         else:
@@ -203,7 +204,7 @@ def _bwd_kernel(*refs, length, chunk, n_chunks, softplus, flags):
         ddt = u * g_dot_B + jnp.sum(g_h * A, axis=0, keepdims=True)
         dA = dA + g_h * dt
         if softplus:
-            ddt = ddt * common.sigmoid(x)
+            ddt = ddt * _ssm_math.sigmoid(x)
         ddt = jnp.where(t0 + t < length, ddt, 0.0)
         r.du[pl.ds(t, 1), :] = du.astype(r.du.dtype)
         r.ddelta[pl.ds(t, 1), :] = ddt.astype(r.ddelta.dtype)

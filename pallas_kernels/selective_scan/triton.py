@@ -36,6 +36,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels import _ssm_math
 from pallas_kernels.selective_scan import common
 
 f32 = jnp.float32
@@ -148,7 +149,7 @@ def _load_chunk(r, t0, length, chunk, block_d, d_state, bias, softplus, with_dou
         x = s["delta"] if bias is None else s["delta"] + bias
         s["dt_raw"] = x
         # Steps past the end get dt = 0: decay 1 and no input, so the state is carried unchanged.
-        s["dt"] = jnp.where(s["valid"], common.softplus(x) if softplus else x, 0.0)
+        s["dt"] = jnp.where(s["valid"], _ssm_math.softplus(x) if softplus else x, 0.0)
         s["dtu"] = s["dt"] * s["u"]
     return steps
 
@@ -172,7 +173,7 @@ def _fwd_kernel(*refs, length, chunk, n_chunks, softplus, fast_math, flags):
             if D is not None:
                 y = y + D * s["u"]
             if r.z is not None:
-                y = common.gate_and_grad(y, s["z"])[0]
+                y = _ssm_math.gate_and_grad(y, s["z"])[0]
             _store_row(r.y, s["t"], s["valid"], y)
         return h
 
@@ -208,7 +209,7 @@ def _bwd_kernel(*refs, length, chunk, n_chunks, softplus, fast_math, flags):
                 y = jnp.sum(h * s["C"][None, :], axis=1)
                 if D is not None:
                     y = y + D * u
-                _, dy, dz = common.gate_and_grad(y, s["z"])
+                _, dy, dz = _ssm_math.gate_and_grad(y, s["z"])
                 dy, dz = dout * dy, dout * dz
                 _store_row(r.dz, s["t"], s["valid"], dz)
             else:
@@ -226,7 +227,7 @@ def _bwd_kernel(*refs, length, chunk, n_chunks, softplus, fast_math, flags):
             ddt = u * g_dot_B + jnp.sum(g_h * A, axis=1)
             dA_acc = dA_acc + g_h * s["dt"][:, None]
             if softplus:
-                ddt = ddt * common.sigmoid(s["dt_raw"])
+                ddt = ddt * _ssm_math.sigmoid(s["dt_raw"])
             ddt = jnp.where(s["valid"], ddt, 0.0)
             dbias_acc = dbias_acc + ddt
             _store_row(r.du, s["t"], s["valid"], du)

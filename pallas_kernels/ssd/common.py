@@ -25,6 +25,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import ManualAxisType
 
+from pallas_kernels import _ssm_math
+
 f32 = jnp.float32
 
 
@@ -72,22 +74,6 @@ def result_types(shapes, inputs):
         jax.ShapeDtypeStruct(s.shape, s.dtype, manual_axis_type=ManualAxisType(varying=varying))
         for s in shapes
     ]
-
-
-def softplus(x):
-    """``log(1 + exp(x))``, linear above 20 (identical in float32), as Mamba does."""
-    return jnp.where(x > 20.0, x, jnp.log1p(jnp.exp(jnp.minimum(x, 20.0))))
-
-
-def sigmoid(x):
-    return 1.0 / (1.0 + jnp.exp(-x))
-
-
-def gate(y, z):
-    """``y * silu(z)`` and the factors ``d/dy = silu(z)``, ``d/dz = y * silu'(z)``."""
-    s = sigmoid(z)
-    silu = z * s
-    return y * silu, silu, y * s * (1.0 + z * (1.0 - s))
 
 
 def _dot(a, b, contract, dtype):
@@ -159,10 +145,6 @@ def prev_state_grad(dy, dt, A, C, dH, dtype):
     return jnp.exp(jnp.sum(dt * A)) * dH + mm_tn(dy * jnp.exp(s)[:, None], C, dtype)
 
 
-def silu(z):
-    return z * sigmoid(z)
-
-
 def _advance(H, xdt, s, s_total, B, dtype):
     return jnp.exp(s_total) * H + mm_tn(xdt * jnp.exp(s_total - s)[:, None], B, dtype)
 
@@ -173,7 +155,7 @@ def chunk_output(c: Chunk, H, D, z):
     if D is not None:
         y = y + D * c.x.astype(f32)
     if z is not None:
-        y = gate(y, z.astype(f32))[0]
+        y = _ssm_math.gate_and_grad(y, z.astype(f32))[0]
     return y
 
 
@@ -192,7 +174,7 @@ def chunk_backward(c: Chunk, H, dH, dout, A, D, z):
         y = c.y_ssm(H)
         if D is not None:
             y = y + D * x
-        _, dy_factor, dz_factor = gate(y, z.astype(f32))
+        _, dy_factor, dz_factor = _ssm_math.gate_and_grad(y, z.astype(f32))
         dz = dout * dz_factor
         dy = dout * dy_factor
     else:

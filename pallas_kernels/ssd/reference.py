@@ -20,20 +20,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels._ssm_math import discretize_dt
+
 f32 = jnp.float32
-
-
-def softplus(x):
-    """``log(1 + exp(x))``, linear above 20 where the two agree in float32 (as Mamba does)."""
-    return jnp.where(x > 20.0, x, jnp.log1p(jnp.exp(jnp.minimum(x, 20.0))))
-
-
-def discretize_dt(dt, dt_bias, dt_softplus):
-    """The step size actually used, float32: ``dt (+ bias)``, through softplus when asked."""
-    dt = dt.astype(f32)
-    if dt_bias is not None:
-        dt = dt + dt_bias.astype(f32)
-    return softplus(dt) if dt_softplus else dt
 
 
 def _per_head(v, heads):

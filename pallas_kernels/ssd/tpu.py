@@ -26,6 +26,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from pallas_kernels import _ssm_math
 from pallas_kernels.ssd import common
 
 f32 = jnp.float32
@@ -61,7 +62,7 @@ def _tile(r, chunk, t0, T, length, bias, softplus, dtype, *, with_C=True, with_d
     if bias is not None:
         raw = raw + bias
     v = dict(valid=valid, raw=raw, x=r.x[sl, :].astype(dtype), B=r.B[sl, :].astype(dtype))
-    v["dt"] = jnp.where(valid, common.softplus(raw) if softplus else raw, 0.0)
+    v["dt"] = jnp.where(valid, _ssm_math.softplus(raw) if softplus else raw, 0.0)
     if with_C:
         v["C"] = r.C[sl, :].astype(dtype)
     if r.z is not None and with_C:
@@ -117,7 +118,7 @@ def _bwd_kernel(*refs, length, T, n_sub, n_chunks, softplus, dtype, flags):
         v = _tile(r, c, j * T, T, length, bias, softplus, dtype, with_dout=True)
         ch = common.Chunk(v["x"], v["dt"], A, v["B"], v["C"], dtype)
         g = common.chunk_backward(ch, r.Hs[j], dH, v["dout"], A, D, v.get("z"))
-        ddt = g["ddt"] * common.sigmoid(v["raw"]) if softplus else g["ddt"]
+        ddt = g["ddt"] * _ssm_math.sigmoid(v["raw"]) if softplus else g["ddt"]
         ddt = jnp.where(v["valid"], ddt, 0.0)
         r.dx[sl, :] = g["dx"].astype(r.dx.dtype)
         r.ddt[sl] = ddt

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels import _ssm_math
 from pallas_kernels.ssd import common
 
 f32 = jnp.float32
@@ -61,7 +62,7 @@ def _tile(r, t0, T, length, bias, softplus, dtype, *, with_z, with_dout, with_C=
     raw = load(r.dt).astype(f32)
     if bias is not None:
         raw = raw + bias
-    dt = jnp.where(valid, common.softplus(raw) if softplus else raw, 0.0)
+    dt = jnp.where(valid, _ssm_math.softplus(raw) if softplus else raw, 0.0)
     v = dict(valid=valid, raw=raw, dt=dt)
     for name in ("x", "B"):  # the backward's state pass has neither
         if hasattr(r, name):
@@ -143,7 +144,7 @@ def _dstate_kernel(*refs, length, T, n_sub, n_tiles, n_chunks, softplus, dtype, 
         def tile_body(it, dH):
             v = _tile(r, (lo + n - 1 - it) * T, T, length, bias, softplus, dtype,
                       with_z=r.z is not None, with_dout=True)
-            dy = v["dout"] if r.z is None else v["dout"] * common.silu(v["z"].astype(f32))
+            dy = v["dout"] if r.z is None else v["dout"] * _ssm_math.silu(v["z"].astype(f32))
             return common.prev_state_grad(dy, v["dt"], A, v["C"], dH, dtype)
 
         return jax.lax.fori_loop(0, n, tile_body, dH)
@@ -176,7 +177,7 @@ def _grad_kernel(*refs, length, T, n_sub, n_tiles, n_chunks, softplus, dtype, fl
         c = common.Chunk(v["x"], v["dt"], A, v["B"], v["C"], dtype)
         g = common.chunk_backward(c, H, dH, v["dout"], A, D, v.get("z"))
         valid = v["valid"]
-        ddt = g["ddt"] * common.sigmoid(v["raw"]) if softplus else g["ddt"]
+        ddt = g["ddt"] * _ssm_math.sigmoid(v["raw"]) if softplus else g["ddt"]
         ddt = jnp.where(valid, ddt, 0.0)
         _store(r.dx, t0, valid, g["dx"])
         _store(r.ddt, t0, valid, ddt)
