@@ -1,14 +1,18 @@
-"""What every flash-attention lowering shares: the static spec and the score transform.
+"""What every flash-attention lowering shares: the static spec, the score transform and tile math.
 
 The score transform is written once in jnp so that the reference and every Pallas kernel body
-(which also traces jnp on tiles) apply exactly the same masking, soft-capping and ALiBi.
+(which also traces jnp on tiles) apply exactly the same masking, soft-capping and ALiBi; the tile
+helpers below are plain jnp too, so each backend (Triton, Mosaic GPU, Mosaic TPU) traces them.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax.numpy as jnp
+
+LOG2E = math.log2(math.e)
 
 # Large finite negative instead of -inf so that fully masked rows never produce inf - inf = NaN.
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
@@ -83,3 +87,55 @@ def soft_cap_grad(logits_capped, spec: AttentionSpec):
     """d(logit)/d(pre-cap value) = 1 - tanh^2, from the (unmasked) final logit alone."""
     t = logits_capped / spec.logits_soft_cap
     return 1.0 - t * t
+
+
+def base2(spec: AttentionSpec) -> AttentionSpec:
+    """The spec whose logits are in log2 units, for kernels that use ``exp2``."""
+    cap = spec.logits_soft_cap
+    return dataclasses.replace(
+        spec, scale=spec.scale * LOG2E, logits_soft_cap=None if cap is None else cap * LOG2E
+    )
+
+
+def interior(spec: AttentionSpec) -> AttentionSpec:
+    """The spec for blocks inside the causal / window band (segment ids still apply)."""
+    return dataclasses.replace(spec, causal=False, sliding_window=None)
+
+
+def tile_logits(s, q_pos, k_pos, spec: AttentionSpec, *, masked=True, kv_len=None, q_seg=None,
+                k_seg=None, slope=None):
+    """``transform_scores`` on one kernel tile, plus masking of keys at ``k_pos >= kv_len``.
+
+    ``masked=False`` marks a tile inside the causal / window band with no padded key: only
+    segment ids apply there (``kv_len`` is ignored). Elementwise, so it serves (q, k) tiles and
+    transposed (k, q) tiles alike. Returns ``(logits, visible)`` as ``transform_scores`` does.
+    """
+    if not masked:
+        spec, kv_len = interior(spec), None
+    logits, visible = transform_scores(
+        s, q_pos, k_pos, spec, q_seg=q_seg, k_seg=k_seg, slope=slope
+    )
+    if kv_len is not None:
+        in_range = k_pos < kv_len
+        logits = jnp.where(in_range, logits, MASK_VALUE)
+        visible = in_range if visible is None else visible & in_range
+    return logits, visible
+
+
+def score_grad(p, dp, delta, logits, visible, spec: AttentionSpec):
+    """dL/d(pre-cap logit) = P * (dP - delta) [* cap'], the cap' taken from unmasked logits."""
+    ds = p * (dp - delta)
+    if spec.logits_soft_cap is not None:
+        # Masked entries hold MASK_VALUE, whose square overflows; their P is 0 anyway.
+        unmasked = logits if visible is None else jnp.where(visible, logits, 0.0)
+        ds = ds * soft_cap_grad(unmasked, spec)
+    return ds
+
+
+def pad_to(x, axis: int, size: int, value=0):
+    """``x`` padded with ``value`` at the end of ``axis`` to ``size``."""
+    if x.shape[axis] == size:
+        return x
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (0, size - x.shape[axis])
+    return jnp.pad(x, pad, constant_values=value)

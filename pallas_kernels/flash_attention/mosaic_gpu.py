@@ -37,14 +37,16 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.flash_attention.common import (
+    LOG2E,
     MASK_VALUE,
     AttentionSpec,
     BlockSizes,
-    soft_cap_grad,
-    transform_scores,
+    base2,
+    pad_to,
+    score_grad,
+    tile_logits,
 )
 
-LOG2E = math.log2(math.e)
 _HEAD_DIMS = (64, 128)
 _DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 _SMEM_BYTES = 227 * 1024  # Hopper's per-block shared-memory limit.
@@ -119,32 +121,12 @@ def supports(q_shape, k_shape, dtype, spec: AttentionSpec, block_sizes: BlockSiz
 # ----------------------------------------------------------------------------- shared pieces
 
 
-def _base2(spec: AttentionSpec) -> AttentionSpec:
-    cap = spec.logits_soft_cap
-    return dataclasses.replace(
-        spec, scale=spec.scale * LOG2E, logits_soft_cap=None if cap is None else cap * LOG2E
-    )
-
-
-def _interior(spec: AttentionSpec) -> AttentionSpec:
-    """The spec for blocks inside the causal / window band (segment ids still apply)."""
-    return dataclasses.replace(spec, causal=False, sliding_window=None)
-
-
 def _div(x, d: int):
     return lax.div(x, jnp.int32(d))
 
 
 def _clip(x, lo, hi):
     return jnp.minimum(jnp.maximum(x, lo), hi)
-
-
-def _pad_to(x, axis: int, size: int, value=0):
-    if x.shape[axis] == size:
-        return x
-    pad = [(0, 0)] * x.ndim
-    pad[axis] = (0, size - x.shape[axis])
-    return jnp.pad(x, pad, constant_values=value)
 
 
 def _tile_smem(shape, dtype):
@@ -218,23 +200,9 @@ def _logits(s, spec2, masked, *, q_dim, q_first, k_first, kv_len, q_seg, k_seg):
         k_pos = _iota(s.shape, k_dim) + k_first
     if q_seg is not None:
         q_seg, k_seg = _bcast(q_seg, q_dim, s.shape), _bcast(k_seg, k_dim, s.shape)
-    logits, visible = transform_scores(
-        s, q_pos, k_pos, spec2 if masked else _interior(spec2), q_seg=q_seg, k_seg=k_seg
+    return tile_logits(
+        s, q_pos, k_pos, spec2, masked=masked, kv_len=kv_len, q_seg=q_seg, k_seg=k_seg
     )
-    if masked and kv_len is not None:
-        in_range = k_pos < kv_len
-        logits = jnp.where(in_range, logits, MASK_VALUE)
-        visible = in_range if visible is None else visible & in_range
-    return logits, visible
-
-
-def _ds(p, dp, delta, logits, visible, spec2):
-    """dL/d(pre-cap logit) = P * (dP - delta) [* cap'], the cap' taken from unmasked logits."""
-    ds = p * (dp - delta)
-    if spec2.logits_soft_cap is not None:
-        unmasked = logits if visible is None else jnp.where(visible, logits, 0.0)
-        ds = ds * soft_cap_grad(unmasked, spec2)
-    return ds
 
 
 def _kv_blocks(p0, rows, bk, nk, kv_len, spec):
@@ -451,9 +419,9 @@ def forward(q, k, v, q_seg, kv_seg, alibi_slopes, *, spec, block_sizes, interpre
     nq, nk = pl.cdiv(q_len, _CONSUMERS * bq), pl.cdiv(kv_len, bk)
     q_pad, kv_pad = nq * _CONSUMERS * bq, nk * bk
     has_seg = q_seg is not None
-    args = [_pad_to(q, 1, q_pad), _pad_to(k, 1, kv_pad), _pad_to(v, 1, kv_pad)]
+    args = [pad_to(q, 1, q_pad), pad_to(k, 1, kv_pad), pad_to(v, 1, kv_pad)]
     if has_seg:
-        args += [_pad_to(q_seg, 1, q_pad), _pad_to(kv_seg, 1, kv_pad)]
+        args += [pad_to(q_seg, 1, q_pad), pad_to(kv_seg, 1, kv_pad)]
 
     dtype = q.dtype
     smem = (
@@ -474,7 +442,7 @@ def forward(q, k, v, q_seg, kv_seg, alibi_slopes, *, spec, block_sizes, interpre
         plgpu.Barrier(num_arrivals=_CONSUMERS),
     )
     kernel = functools.partial(
-        _fwd_kernel, spec2=_base2(spec), t=t, group=heads // kv_heads, nk=nk, kv_len=kv_len,
+        _fwd_kernel, spec2=base2(spec), t=t, group=heads // kv_heads, nk=nk, kv_len=kv_len,
         has_seg=has_seg, interpret=interpret,
     )
     out, lse = plgpu.kernel(
@@ -555,7 +523,7 @@ def _dkv_kernel(*refs, spec2, t, group, nq, kv_len, padded, has_seg, interpret):
                     dv = _mma_acc(dv, p.astype(dtype), do_smem.at[slot], interpret)
                     dp = _mma(my_v, do_smem.at[slot], (bk, bq), interpret, trans_b=True)
                     plgpu.barrier_wait(delta_bar.at[slot])
-                    ds = _ds(p, dp, _bcast(_vec(delta_smem.at[slot], 1), 1, s.shape), s, visible, spec2)
+                    ds = score_grad(p, dp, _bcast(_vec(delta_smem.at[slot], 1), 1, s.shape), s, visible, spec2)
                     dk = _mma_acc(dk, ds.astype(dtype), q_smem.at[slot], interpret)
                     plgpu.barrier_arrive(free.at[slot])
                     return dk, dv
@@ -651,7 +619,7 @@ def _dq_kernel(*refs, spec2, t, group, nk, kv_len, has_seg, interpret):
                 plgpu.barrier_wait(v_bar.at[slot])
                 dp = _mma(my_do, v_smem.at[slot], (bq, bk), interpret, trans_b=True)
                 plgpu.barrier_arrive(v_free.at[slot])
-                ds = _ds(p, dp, _bcast(delta, 0, s.shape), s, visible, spec2)
+                ds = score_grad(p, dp, _bcast(delta, 0, s.shape), s, visible, spec2)
                 dq = _mma_acc(dq, ds.astype(dtype), k_smem.at[slot], interpret)
                 plgpu.barrier_arrive(k_free.at[slot])
                 return dq
@@ -695,7 +663,7 @@ def backward(q, k, v, q_seg, kv_seg, alibi_slopes, out, lse, dout, *, spec, bloc
     q_mult = math.lcm(dkv_t.streamed, _CONSUMERS * dq_t.owned)
     kv_mult = math.lcm(_CONSUMERS * dkv_t.owned, dq_t.streamed)
     q_pad, kv_pad = pl.cdiv(q_len, q_mult) * q_mult, pl.cdiv(kv_len, kv_mult) * kv_mult
-    spec2 = _base2(spec)
+    spec2 = base2(spec)
     has_seg = q_seg is not None
     dtype = q.dtype
     f32 = jnp.float32
@@ -704,11 +672,11 @@ def backward(q, k, v, q_seg, kv_seg, alibi_slopes, out, lse, dout, *, spec, bloc
     # Rows that saw no key (lse = -inf) get lse = +inf, hence P = 0 and zero gradients.
     lse2 = jnp.where(jnp.isneginf(lse), jnp.inf, lse * LOG2E)
     args = [
-        _pad_to(q, 1, q_pad), _pad_to(k, 1, kv_pad), _pad_to(v, 1, kv_pad),
-        _pad_to(dout, 1, q_pad), _pad_to(lse2, 2, q_pad, jnp.inf), _pad_to(delta, 2, q_pad),
+        pad_to(q, 1, q_pad), pad_to(k, 1, kv_pad), pad_to(v, 1, kv_pad),
+        pad_to(dout, 1, q_pad), pad_to(lse2, 2, q_pad, jnp.inf), pad_to(delta, 2, q_pad),
     ]
     if has_seg:
-        args += [_pad_to(q_seg, 1, q_pad), _pad_to(kv_seg, 1, kv_pad)]
+        args += [pad_to(q_seg, 1, q_pad), pad_to(kv_seg, 1, kv_pad)]
 
     # dK, dV: a CTA owns 2 * bk keys of one kv head and streams the query tiles of its group.
     bk, bq, st = dkv_t.owned, dkv_t.streamed, dkv_t.stages

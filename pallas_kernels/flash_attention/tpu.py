@@ -41,8 +41,8 @@ from pallas_kernels.flash_attention.common import (
     MASK_VALUE,
     AttentionSpec,
     BlockSizes,
-    soft_cap_grad,
-    transform_scores,
+    score_grad,
+    tile_logits,
 )
 
 NUM_LANES = 128
@@ -178,29 +178,6 @@ def _sublanes(x, n: int):
     return x if n == NUM_SUBLANES else jnp.tile(x, (n // NUM_SUBLANES, 1))
 
 
-def _logits(s, spec: AttentionSpec, *, q_pos, k_pos, q_seg, k_seg, slope, kv_len):
-    """``transform_scores`` plus masking of padded keys (``kv_len`` None: none to mask).
-
-    Elementwise in its arguments, so it serves the (q, k) tiles of the forward and dq kernels and
-    the transposed (k, q) tiles of the dkv kernel alike.
-    """
-    logits, visible = transform_scores(
-        s, q_pos, k_pos, spec, q_seg=q_seg, k_seg=k_seg, slope=slope
-    )
-    if kv_len is not None:
-        in_range = k_pos < kv_len
-        logits = jnp.where(in_range, logits, MASK_VALUE)
-        visible = in_range if visible is None else visible & in_range
-    return logits, visible
-
-
-def _cap_grad(logits, visible, spec: AttentionSpec):
-    """d(capped logit)/d(uncapped) on a tile; masked entries read a harmless 0 logit."""
-    if visible is not None:
-        logits = jnp.where(visible, logits, 0.0)
-    return soft_cap_grad(logits, spec)
-
-
 def _positions(shape, q_axis: int, q_start, k_start, spec: AttentionSpec, need_q: bool,
                need_k: bool):
     """Absolute query and key positions on a tile with queries along ``q_axis`` (None: unneeded)."""
@@ -250,8 +227,8 @@ def _fwd_kernel(*refs, spec: AttentionSpec, bq: int, bk: int, nk: int, kv_len: i
             need_q=spec.causal or spec.has_alibi,
             need_k=spec.causal or spec.has_alibi or kv_len is not None,
         )
-        logits, _ = _logits(
-            s, spec, q_pos=q_pos, k_pos=k_pos,
+        logits, _ = tile_logits(
+            s, q_pos, k_pos, spec,
             q_seg=None if qseg_ref is None else _lanes(qseg_ref[...], bk),
             k_seg=None if kseg_ref is None else _sublanes(kseg_ref[...], bq),
             slope=None if slopes_ref is None else slopes_ref[h],
@@ -431,8 +408,8 @@ def _dq_kernel(*refs, spec: AttentionSpec, bq: int, bk: int, nk: int, kv_len: in
             need_q=spec.causal or spec.has_alibi,
             need_k=spec.causal or spec.has_alibi or kv_len is not None,
         )
-        logits, visible = _logits(
-            s, spec, q_pos=q_pos, k_pos=k_pos,
+        logits, visible = tile_logits(
+            s, q_pos, k_pos, spec,
             q_seg=None if qseg_ref is None else _lanes(qseg_ref[...], bk),
             k_seg=None if kseg_ref is None else _sublanes(kseg_ref[...], bq),
             slope=None if slopes_ref is None else slopes_ref[h],
@@ -440,9 +417,7 @@ def _dq_kernel(*refs, spec: AttentionSpec, bq: int, bk: int, nk: int, kv_len: in
         )
         p = jnp.exp(logits - _lanes(lse_ref[...], bk))
         dp = lax.dot_general(do_ref[...], v, _NT, preferred_element_type=jnp.float32)
-        ds = p * (dp - _lanes(delta_ref[...], bk))
-        if spec.logits_soft_cap is not None:
-            ds = ds * _cap_grad(logits, visible, spec)
+        ds = score_grad(p, dp, _lanes(delta_ref[...], bk), logits, visible, spec)
         dq_scr[...] += lax.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32)
 
     lo, hi = _kv_block_range(qi, spec, bq, bk, nk)
@@ -475,8 +450,8 @@ def _dkv_kernel(*refs, spec: AttentionSpec, bq: int, bk: int, nq: int, group: in
             need_q=spec.causal or spec.has_alibi, need_k=spec.causal or spec.has_alibi,
         )
         # Padded keys need no mask here: their dk/dv rows are sliced off and never mix with others.
-        logits, visible = _logits(
-            s, spec, q_pos=q_pos, k_pos=k_pos,
+        logits, visible = tile_logits(
+            s, q_pos, k_pos, spec,
             q_seg=None if qseg_ref is None else _sublanes(qseg_ref[...], bk),
             k_seg=None if kseg_ref is None else _lanes(kseg_ref[...], bq),
             slope=None if slopes_ref is None else slopes_ref[h],
@@ -485,9 +460,7 @@ def _dkv_kernel(*refs, spec: AttentionSpec, bq: int, bk: int, nq: int, group: in
         p = jnp.exp(logits - _sublanes(lse_ref[...], bk))
         dv_scr[...] += lax.dot(p.astype(do.dtype), do, preferred_element_type=jnp.float32)
         dp = lax.dot_general(v_ref[...], do, _NT, preferred_element_type=jnp.float32)
-        ds = p * (dp - _sublanes(delta_ref[...], bk))
-        if spec.logits_soft_cap is not None:
-            ds = ds * _cap_grad(logits, visible, spec)
+        ds = score_grad(p, dp, _sublanes(delta_ref[...], bk), logits, visible, spec)
         dk_scr[...] += lax.dot(ds.astype(q.dtype), q, preferred_element_type=jnp.float32)
 
     lo, hi = _q_block_range(ki, spec, bq, bk, nq)

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -33,14 +32,16 @@ from jax.experimental.pallas import triton as plgpu
 from jax.sharding import ManualAxisType
 
 from pallas_kernels.flash_attention.common import (
+    LOG2E,
     MASK_VALUE,
     AttentionSpec,
     BlockSizes,
-    soft_cap_grad,
-    transform_scores,
+    base2,
+    pad_to,
+    score_grad,
+    tile_logits,
 )
 
-LOG2E = math.log2(math.e)
 _HEAD_DIMS = (16, 32, 64, 128, 256)
 _DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
 
@@ -118,45 +119,11 @@ def _resolve(tuned: Tiles, block_q, block_k, q_len, kv_len) -> Tiles:
 # ----------------------------------------------------------------------------- shared pieces
 
 
-def _base2(spec: AttentionSpec) -> AttentionSpec:
-    cap = spec.logits_soft_cap
-    return dataclasses.replace(
-        spec, scale=spec.scale * LOG2E, logits_soft_cap=None if cap is None else cap * LOG2E
-    )
-
-
-def _interior(spec: AttentionSpec) -> AttentionSpec:
-    """The spec for blocks that lie entirely inside the causal / window band."""
-    return dataclasses.replace(spec, causal=False, sliding_window=None)
-
-
 def _dot(a, b, *, trans_b: bool = False):
     """float32-accumulated tile product; exact float32 products for float32 inputs."""
     precision = lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
     dims = (((1,), (1 if trans_b else 0,)), ((), ()))
     return lax.dot_general(a, b, dims, precision=precision, preferred_element_type=jnp.float32)
-
-
-def _logits(s, q_pos, k_pos, spec2, masked, kv_len, q_seg, k_seg, slope):
-    """``transform_scores`` on one tile; ``kv_len`` (padded keys exist) masks keys past the end."""
-    logits, visible = transform_scores(
-        s, q_pos, k_pos, spec2 if masked else _interior(spec2), q_seg=q_seg, k_seg=k_seg, slope=slope
-    )
-    if masked and kv_len is not None:
-        in_range = k_pos < kv_len
-        logits = jnp.where(in_range, logits, MASK_VALUE)
-        visible = in_range if visible is None else visible & in_range
-    return logits, visible
-
-
-def _ds(p, dp, delta, logits, visible, spec2):
-    """dL/d(pre-cap logit) = P * (dP - delta) [* cap'], the cap' taken from unmasked logits."""
-    ds = p * (dp - delta)
-    if spec2.logits_soft_cap is not None:
-        # Masked entries hold MASK_VALUE, whose square overflows; their P is 0 anyway.
-        unmasked = logits if visible is None else jnp.where(visible, logits, 0.0)
-        ds = ds * soft_cap_grad(unmasked, spec2)
-    return ds
 
 
 def _div(x, d: int):
@@ -226,14 +193,6 @@ def _q_range(k_first, bq, bk, nq, kv_len, padded_kv, spec):
     return lo, full_lo, full_hi, hi
 
 
-def _pad_to(x, axis: int, size: int, value=0):
-    if x.shape[axis] == size:
-        return x
-    pad = [(0, 0)] * x.ndim
-    pad[axis] = (0, size - x.shape[axis])
-    return jnp.pad(x, pad, constant_values=value)
-
-
 def _out_type(shape, dtype, *inputs):
     """A pallas_call result type; inside ``shard_map`` it varies over every axis an input does."""
     varying = frozenset().union(*(jax.typeof(x).mat.varying for x in inputs))
@@ -272,9 +231,9 @@ def _fwd_kernel(*refs, spec2, tiles, nq, nk, kv_len, has_seg, has_alibi):
             k = k_ref[pl.ds(start, bk), :]
             k_pos = (start + _iota(bk))[None, :]
             k_seg = ks_ref[pl.ds(start, bk)][None, :] if has_seg else None
-            s, _ = _logits(
-                _dot(q, k, trans_b=True), q_pos, k_pos, spec2, masked,
-                kv_len if padded_kv else None, q_seg, k_seg, slope,
+            s, _ = tile_logits(
+                _dot(q, k, trans_b=True), q_pos, k_pos, spec2, masked=masked,
+                kv_len=kv_len if padded_kv else None, q_seg=q_seg, k_seg=k_seg, slope=slope,
             )
             m_new = jnp.maximum(m, jnp.max(s, axis=1))
             alpha = jnp.exp2(m - m_new)
@@ -320,7 +279,7 @@ def forward(q, k, v, q_seg, kv_seg, alibi_slopes, *, spec, block_sizes, interpre
                          q_len, kv_len)
     bq, bk = tiles.block_q, tiles.block_k
     nq, nk = pl.cdiv(q_len, bq), pl.cdiv(kv_len, bk)
-    spec2 = _base2(spec)
+    spec2 = base2(spec)
 
     def q_index(i, b, h):
         return b, _q_block(i, nq, spec), h, 0
@@ -333,13 +292,13 @@ def forward(q, k, v, q_seg, kv_seg, alibi_slopes, *, spec, block_sizes, interpre
         pl.BlockSpec((None, nk * bk, None, head_dim), kv_index),
         pl.BlockSpec((None, nk * bk, None, head_dim), kv_index),
     ]
-    args = [_pad_to(q, 1, nq * bq), _pad_to(k, 1, nk * bk), _pad_to(v, 1, nk * bk)]
+    args = [pad_to(q, 1, nq * bq), pad_to(k, 1, nk * bk), pad_to(v, 1, nk * bk)]
     if q_seg is not None:
         in_specs += [
             pl.BlockSpec((None, bq), lambda i, b, h: (b, _q_block(i, nq, spec))),
             pl.BlockSpec((None, nk * bk), lambda i, b, h: (b, 0)),
         ]
-        args += [_pad_to(q_seg, 1, nq * bq), _pad_to(kv_seg, 1, nk * bk)]
+        args += [pad_to(q_seg, 1, nq * bq), pad_to(kv_seg, 1, nk * bk)]
     if alibi_slopes is not None:
         in_specs.append(pl.BlockSpec((heads,), lambda i, b, h: (0,)))
         args.append(alibi_slopes.astype(jnp.float32) * LOG2E)
@@ -411,14 +370,14 @@ def _dkv_kernel(*refs, spec2, tiles, nq, kv_len, padded_kv, group, has_seg, has_
             q_pos = (spec2.q_offset + start + _iota(bq))[None, :]
             q_seg = qs_ref[rows][None, :] if has_seg else None
             slope = sl_ref[first_head + g] if has_alibi else None
-            s, visible = _logits(
-                _dot(k, q, trans_b=True), q_pos, k_pos, spec2, masked,
-                kv_len if padded_kv else None, q_seg, k_seg, slope,
+            s, visible = tile_logits(
+                _dot(k, q, trans_b=True), q_pos, k_pos, spec2, masked=masked,
+                kv_len=kv_len if padded_kv else None, q_seg=q_seg, k_seg=k_seg, slope=slope,
             )
             p = jnp.exp2(s - lse[None, :])
             dv = dv + _dot(p.astype(do.dtype), do)
             dp = _dot(v, do, trans_b=True)
-            ds = _ds(p, dp, delta[None, :], s, visible, spec2)
+            ds = score_grad(p, dp, delta[None, :], s, visible, spec2)
             dk = dk + _dot(ds.astype(q.dtype), q)
             return dk, dv
 
@@ -461,13 +420,13 @@ def _dq_kernel(*refs, spec2, tiles, nq, nk, kv_len, has_seg, has_alibi):
             v = v_ref[pl.ds(start, bk), :]
             k_pos = (start + _iota(bk))[None, :]
             k_seg = ks_ref[pl.ds(start, bk)][None, :] if has_seg else None
-            s, visible = _logits(
-                _dot(q, k, trans_b=True), q_pos, k_pos, spec2, masked,
-                kv_len if padded_kv else None, q_seg, k_seg, slope,
+            s, visible = tile_logits(
+                _dot(q, k, trans_b=True), q_pos, k_pos, spec2, masked=masked,
+                kv_len=kv_len if padded_kv else None, q_seg=q_seg, k_seg=k_seg, slope=slope,
             )
             p = jnp.exp2(s - lse)
             dp = _dot(do, v, trans_b=True)
-            ds = _ds(p, dp, delta, s, visible, spec2)
+            ds = score_grad(p, dp, delta, s, visible, spec2)
             return dq + _dot(ds.astype(k.dtype), k)
 
         return step
@@ -501,19 +460,19 @@ def backward(q, k, v, q_seg, kv_seg, alibi_slopes, out, lse, dout, *, spec, bloc
         dkv_tiles.block_q, dq_tiles.block_q)
     kv_pad = pl.cdiv(kv_len, max(dkv_tiles.block_k, dq_tiles.block_k)) * max(
         dkv_tiles.block_k, dq_tiles.block_k)
-    spec2 = _base2(spec)
+    spec2 = base2(spec)
     has_seg, has_alibi = q_seg is not None, alibi_slopes is not None
 
     f32 = jnp.float32
     delta = jnp.swapaxes(jnp.sum(out.astype(f32) * dout.astype(f32), axis=-1), 1, 2)
     # Rows that saw no key (lse = -inf) get lse = +inf, hence P = 0 and zero gradients.
     lse2 = jnp.where(jnp.isneginf(lse), jnp.inf, lse * LOG2E)
-    q_p, do_p = _pad_to(q, 1, q_pad), _pad_to(dout, 1, q_pad)
-    k_p, v_p = _pad_to(k, 1, kv_pad), _pad_to(v, 1, kv_pad)
-    lse_p, delta_p = _pad_to(lse2, 2, q_pad, jnp.inf), _pad_to(delta, 2, q_pad)
+    q_p, do_p = pad_to(q, 1, q_pad), pad_to(dout, 1, q_pad)
+    k_p, v_p = pad_to(k, 1, kv_pad), pad_to(v, 1, kv_pad)
+    lse_p, delta_p = pad_to(lse2, 2, q_pad, jnp.inf), pad_to(delta, 2, q_pad)
     extra = []
     if has_seg:
-        extra += [_pad_to(q_seg, 1, q_pad), _pad_to(kv_seg, 1, kv_pad)]
+        extra += [pad_to(q_seg, 1, q_pad), pad_to(kv_seg, 1, kv_pad)]
     if has_alibi:
         extra.append(alibi_slopes.astype(f32) * LOG2E)
     alibi_spec = [pl.BlockSpec((heads,), lambda *_: (0,))] if has_alibi else []
