@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import importlib
 import math
 import numbers
 
@@ -16,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero, custom_vjp_primal_tree_values
 
+from pallas_kernels._api import is_int, load_lowering
 from pallas_kernels.flash_attention import reference
 from pallas_kernels.flash_attention.common import AttentionSpec, BlockSizes
 
@@ -81,7 +81,7 @@ def flash_attention(
     if not isinstance(causal, bool):
         raise ValueError(f"causal must be a bool, got {causal!r}")
     if sliding_window is not None:
-        if not _is_int(sliding_window) or sliding_window <= 0:
+        if not is_int(sliding_window) or sliding_window <= 0:
             raise ValueError(f"sliding_window must be a positive int, got {sliding_window!r}")
         if not causal:
             raise ValueError("sliding_window requires causal=True")
@@ -97,7 +97,7 @@ def flash_attention(
     if logits_soft_cap is not None:
         logits_soft_cap = _positive_number("logits_soft_cap", logits_soft_cap)
     scale = 1.0 / math.sqrt(head_dim) if scale is None else _positive_number("scale", scale)
-    if not _is_int(q_offset) or q_offset < 0:
+    if not is_int(q_offset) or q_offset < 0:
         raise ValueError(f"q_offset must be an int >= 0, got {q_offset!r}")
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
@@ -122,10 +122,6 @@ def flash_attention(
 
 
 # ----------------------------------------------------------------------------- validation
-
-
-def _is_int(x) -> bool:
-    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
 
 def _positive_number(name, x) -> float:
@@ -195,7 +191,7 @@ def _check_block_sizes(block_sizes) -> BlockSizes:
         raise ValueError(f"block_sizes must be a BlockSizes, got {type(block_sizes).__name__}")
     for field in dataclasses.fields(block_sizes):
         size = getattr(block_sizes, field.name)
-        if size is not None and (not _is_int(size) or size <= 0):
+        if size is not None and (not is_int(size) or size <= 0):
             raise ValueError(f"block_sizes.{field.name} must be a positive int or None, got {size!r}")
     return block_sizes
 
@@ -203,13 +199,7 @@ def _check_block_sizes(block_sizes) -> BlockSizes:
 # ----------------------------------------------------------------------------- dispatch
 
 
-@functools.cache
-def _load_lowering(name: str):
-    """``(module, None)`` or ``(None, why)``; cached so a failing import is tried once."""
-    try:
-        return importlib.import_module(f"pallas_kernels.flash_attention.{name}"), None
-    except Exception as e:  # noqa: BLE001 - any import failure just makes the lowering unavailable
-        return None, f"{type(e).__name__}: {e}"
+_load_lowering = functools.partial(load_lowering, "pallas_kernels.flash_attention")
 
 
 def _platform_reason(name: str) -> str | None:

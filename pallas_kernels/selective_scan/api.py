@@ -9,13 +9,12 @@ accelerate that the Triton kernel's coalesced loads do not already reach.
 from __future__ import annotations
 
 import functools
-import importlib
-import numbers
 
 import jax
 import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero, custom_vjp_primal_tree_values
 
+from pallas_kernels._api import is_int, load_lowering, shape_of
 from pallas_kernels.selective_scan import reference
 from pallas_kernels.selective_scan.common import ScanConfig
 
@@ -81,7 +80,7 @@ def selective_scan(
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
     for name, size in (("block_d", block_d), ("chunk", chunk)):
-        if size is not None and (not _is_int(size) or size <= 0):
+        if size is not None and (not is_int(size) or size <= 0):
             raise ValueError(f"{name} must be a positive int or None, got {size!r}")
 
     cfg = _choose(implementation, dims, block_d, chunk, delta_softplus, bool(interpret))
@@ -105,9 +104,9 @@ def selective_scan_step(
     memory-bound elementwise pass that XLA fuses, so it needs no kernel.
     """
     if getattr(u, "ndim", None) != 2:
-        raise ValueError(f"u must have rank 2 (batch, d_inner), got {_shape(u)}")
+        raise ValueError(f"u must have rank 2 (batch, d_inner), got {shape_of(u)}")
     if getattr(B, "ndim", None) != 3:
-        raise ValueError(f"B must have rank 3 (batch, n_groups, d_state), got {_shape(B)}")
+        raise ValueError(f"B must have rank 3 (batch, n_groups, d_state), got {shape_of(B)}")
     if not isinstance(delta_softplus, bool):
         raise ValueError(f"delta_softplus must be a bool, got {delta_softplus!r}")
     expand = lambda x: None if x is None else x[:, None]
@@ -126,29 +125,21 @@ def selective_scan_step(
 # ----------------------------------------------------------------------------- validation
 
 
-def _is_int(x) -> bool:
-    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
-
-
-def _shape(x):
-    return getattr(x, "shape", type(x).__name__)
-
-
 def _check_scan_args(u, delta, A, B, C, D, z, delta_bias, initial_state, state_required=False):
     """Checks ranks, shapes and dtypes; returns ``(batch, length, d_inner, n_groups, d_state)``."""
     if getattr(u, "ndim", None) != 3:
-        raise ValueError(f"u must have rank 3 (batch, length, d_inner), got {_shape(u)}")
+        raise ValueError(f"u must have rank 3 (batch, length, d_inner), got {shape_of(u)}")
     batch, length, d_inner = u.shape
     if min(u.shape) < 1:
         raise ValueError(f"u's dimensions must all be >= 1, got {u.shape}")
     if getattr(A, "ndim", None) != 2 or A.shape[0] != d_inner:
-        raise ValueError(f"A must have shape (d_inner, d_state) = ({d_inner}, N), got {_shape(A)}")
+        raise ValueError(f"A must have shape (d_inner, d_state) = ({d_inner}, N), got {shape_of(A)}")
     d_state = A.shape[1]
     if d_state < 1:
         raise ValueError(f"d_state (A.shape[1]) must be >= 1, got {d_state}")
     if getattr(B, "ndim", None) != 4:
         raise ValueError(
-            f"B must have rank 4 (batch, length, n_groups, d_state), got {_shape(B)}"
+            f"B must have rank 4 (batch, length, n_groups, d_state), got {shape_of(B)}"
         )
     n_groups = B.shape[2]
     if B.shape != (batch, length, n_groups, d_state) or n_groups < 1:
@@ -172,8 +163,8 @@ def _check_scan_args(u, delta, A, B, C, D, z, delta_bias, initial_state, state_r
             if name == "initial_state" and state_required:
                 raise ValueError("state is required")
             continue
-        if _shape(x) != shape:
-            raise ValueError(f"{name} must have shape {shape}, got {_shape(x)}")
+        if shape_of(x) != shape:
+            raise ValueError(f"{name} must have shape {shape}, got {shape_of(x)}")
         arrays[name] = x
     for name, x in arrays.items():
         if not jnp.issubdtype(x.dtype, jnp.floating):
@@ -184,13 +175,7 @@ def _check_scan_args(u, delta, A, B, C, D, z, delta_bias, initial_state, state_r
 # ----------------------------------------------------------------------------- dispatch
 
 
-@functools.cache
-def _load_lowering(name: str):
-    """``(module, None)`` or ``(None, why)``; cached so a failing import is tried once."""
-    try:
-        return importlib.import_module(f"pallas_kernels.selective_scan.{name}"), None
-    except Exception as e:  # noqa: BLE001 - any import failure just makes the lowering unavailable
-        return None, f"{type(e).__name__}: {e}"
+_load_lowering = functools.partial(load_lowering, "pallas_kernels.selective_scan")
 
 
 def _native(name: str) -> bool:

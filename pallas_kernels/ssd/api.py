@@ -7,12 +7,11 @@ is skipped by ``"auto"`` and reported by a ``ValueError`` when named.
 from __future__ import annotations
 
 import functools
-import importlib
-import numbers
 
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels._api import is_int, load_lowering, shape_of
 from pallas_kernels.ssd import reference
 from pallas_kernels.ssd.common import SSDConfig
 
@@ -74,14 +73,14 @@ def ssd(
       ValueError: naming the violated constraint.
     """
     heads, head_dim, d_state = _check(x, dt, A, B, C, D, z, dt_bias, initial_state)
-    if not _is_int(chunk_size) or chunk_size < 1:
+    if not is_int(chunk_size) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
     if not isinstance(dt_softplus, bool):
         raise ValueError(f"dt_softplus must be a bool, got {dt_softplus!r}")
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
     for name, v in (("block_t", block_t), ("block_p", block_p), ("num_warps", num_warps)):
-        if v is not None and (not _is_int(v) or v < 1):
+        if v is not None and (not is_int(v) or v < 1):
             raise ValueError(f"{name} must be a positive int or None, got {v!r}")
 
     opts = dict(D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus, initial_state=initial_state,
@@ -124,32 +123,24 @@ def ssd_step(state, x, dt, A, B, C, *, D=None, z=None, dt_bias=None, dt_softplus
 # ----------------------------------------------------------------------------- validation
 
 
-def _is_int(v) -> bool:
-    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
-
-
-def _shape(v):
-    return getattr(v, "shape", type(v).__name__)
-
-
 def _check(x, dt, A, B, C, D, z, dt_bias, state):
     """Validate shapes and dtypes; returns ``(heads, head_dim, d_state)``."""
     if getattr(x, "ndim", None) != 4:
-        raise ValueError(f"x must be (batch, length, heads, head_dim), got shape {_shape(x)}")
+        raise ValueError(f"x must be (batch, length, heads, head_dim), got shape {shape_of(x)}")
     batch, length, heads, head_dim = x.shape
     if min(x.shape) < 1:
         raise ValueError(f"all dimensions of x must be >= 1, got {x.shape}")
     if x.dtype not in _DTYPES:
         raise ValueError(f"x must be bfloat16, float16 or float32, got {x.dtype}")
     if getattr(dt, "shape", None) != (batch, length, heads):
-        raise ValueError(f"dt must be (batch, length, heads) = {(batch, length, heads)}, got {_shape(dt)}")
+        raise ValueError(f"dt must be (batch, length, heads) = {(batch, length, heads)}, got {shape_of(dt)}")
     if getattr(B, "ndim", None) != 4 or B.shape[:2] != (batch, length):
         raise ValueError(
             f"B must be (batch, length, n_groups, d_state) with batch, length = {(batch, length)}, "
-            f"got {_shape(B)}"
+            f"got {shape_of(B)}"
         )
     if getattr(C, "shape", None) != B.shape:
-        raise ValueError(f"C must have B's shape {B.shape}, got {_shape(C)}")
+        raise ValueError(f"C must have B's shape {B.shape}, got {shape_of(C)}")
     n_groups, d_state = B.shape[2], B.shape[3]
     if n_groups < 1 or d_state < 1 or heads % n_groups:
         raise ValueError(f"heads ({heads}) must be a multiple of n_groups ({n_groups}), d_state >= 1")
@@ -157,17 +148,17 @@ def _check(x, dt, A, B, C, D, z, dt_bias, state):
         raise ValueError(f"B and C must have x's dtype {x.dtype}, got {B.dtype}, {C.dtype}")
     for name, v in (("A", A), ("D", D), ("dt_bias", dt_bias)):
         if v is not None and getattr(v, "shape", None) != (heads,):
-            raise ValueError(f"{name} must have shape (heads,) = ({heads},), got {_shape(v)}")
+            raise ValueError(f"{name} must have shape (heads,) = ({heads},), got {shape_of(v)}")
     for name, v in (("dt", dt), ("A", A), ("D", D), ("dt_bias", dt_bias)):
         if v is not None and not jnp.issubdtype(v.dtype, jnp.floating):
             raise ValueError(f"{name} must be a float array, got {v.dtype}")
     if z is not None and (getattr(z, "shape", None) != x.shape or z.dtype != x.dtype):
-        raise ValueError(f"z must match x ({x.dtype}{x.shape}), got {getattr(z, 'dtype', '')}{_shape(z)}")
+        raise ValueError(f"z must match x ({x.dtype}{x.shape}), got {getattr(z, 'dtype', '')}{shape_of(z)}")
     want = (batch, heads, head_dim, d_state)
     if state is not None and (getattr(state, "shape", None) != want or state.dtype != jnp.float32):
         raise ValueError(
             f"the state must be float32 (batch, heads, head_dim, d_state) = {want}, got "
-            f"{getattr(state, 'dtype', '')}{_shape(state)}"
+            f"{getattr(state, 'dtype', '')}{shape_of(state)}"
         )
     return heads, head_dim, d_state
 
@@ -181,13 +172,7 @@ def _block(given, default, extent):
 # ----------------------------------------------------------------------------- dispatch
 
 
-@functools.cache
-def _load_lowering(name: str):
-    """``(module, None)`` or ``(None, why)``; cached so a failing import is tried once."""
-    try:
-        return importlib.import_module(f"pallas_kernels.ssd.{name}"), None
-    except Exception as e:  # noqa: BLE001 - any import failure just makes the lowering unavailable
-        return None, f"{type(e).__name__}: {e}"
+_load_lowering = functools.partial(load_lowering, "pallas_kernels.ssd")
 
 
 def _platform_reason(name: str) -> str | None:
