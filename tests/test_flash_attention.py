@@ -20,18 +20,11 @@ import pytest
 
 from pallas_kernels.flash_attention import BlockSizes, flash_attention
 
+pytestmark = pytest.mark.usefixtures("fast_compile")
+
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2, jnp.float16: 4e-3}
 # 16-wide tiles keep interpret mode cheap and make short sequences span several blocks.
 SMALL_TILES = BlockSizes(block_q=16, block_k=16, block_q_bwd=16, block_k_bwd=16)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _fast_compile():
-    """Interpret-mode kernels are big HLO programs; XLA's optimisations only cost compile time."""
-    before = jax.config.values["jax_disable_most_optimizations"]
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", before)
 
 
 def _inputs(name, batch, q_len, kv_len, heads, kv_heads, head_dim, dtype):

@@ -17,17 +17,10 @@ from jax.sharding import Mesh, PartitionSpec as P
 
 from pallas_kernels.flash_attention import BlockSizes, flash_attention
 
+pytestmark = pytest.mark.usefixtures("fast_compile")
+
 TOL = 1e-5
 TRITON = dict(implementation="triton", interpret=True, block_sizes=BlockSizes(16, 16, 16, 16))
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _fast_compile():
-    """Interpret-mode kernels are big HLO programs; XLA's optimisations only cost compile time."""
-    before = jax.config.values["jax_disable_most_optimizations"]
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", before)
 
 
 def _qkv(seed, batch, length, heads, kv_heads, head_dim=64, lead=()):

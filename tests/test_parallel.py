@@ -9,12 +9,9 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
+from _helpers import compile_train_step
 from meshlm import sharding
 from meshlm.config import load_config
-from meshlm.models import build_model
-from meshlm.train.optimizer import make_optimizer
-from meshlm.train.state import create_train_state, state_shardings
-from meshlm.train.step import make_train_step
 
 TINY = [
     "model.vocab_size=128", "model.d_model=32", "model.n_layers=2", "model.n_heads=4",
@@ -67,13 +64,7 @@ def batches(cfg, n):
 
 def run(overrides, devices):
     cfg = load_config(None, TINY + overrides)
-    mesh = sharding.make_mesh(cfg.mesh, devices)
-    rules = sharding.axis_rules(cfg.mesh)
-    model = build_model(cfg.model)
-    tx, schedule = make_optimizer(cfg)
-    abstract, _ = state_shardings(model, tx, mesh, rules, cfg.data.seq_len)
-    state, _ = create_train_state(model, tx, mesh, rules, cfg.data.seq_len, jax.random.key(0))
-    step = make_train_step(cfg, model, tx, schedule, mesh, rules, abstract)
+    mesh, rules, state, step = compile_train_step(cfg, devices)
     losses = []
     batch_sh = sharding.batch_sharding(mesh, rules)
     for batch in batches(cfg, STEPS):

@@ -12,13 +12,11 @@ import numpy as np
 import pytest
 from flax.core import meta
 
-from meshlm import sharding
+from _helpers import compile_train_step
 from meshlm.config import ConfigError, load_config
 from meshlm.models import build_model
 from meshlm.train.metrics import format_mfu, mfu, peak_flops
 from meshlm.train.optimizer import decay_mask, make_optimizer, make_schedule
-from meshlm.train.state import create_train_state, state_shardings
-from meshlm.train.step import make_train_step
 
 TINY = [
     "model.vocab_size=97", "model.d_model=32", "model.n_layers=2", "model.n_heads=2",
@@ -54,13 +52,7 @@ def random_batch(cfg, seed: int) -> dict[str, np.ndarray]:
 def build(cfg):
     """``(initial state, compiled step)``; cached so tests sharing a config compile once (the
     step donates its input state, so callers start from a copy)."""
-    mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:1])
-    rules = sharding.axis_rules(cfg.mesh)
-    model = build_model(cfg.model)
-    tx, schedule = make_optimizer(cfg)
-    abstract, _ = state_shardings(model, tx, mesh, rules, cfg.data.seq_len)
-    state, _ = create_train_state(model, tx, mesh, rules, cfg.data.seq_len, jax.random.key(0))
-    step = make_train_step(cfg, model, tx, schedule, mesh, rules, abstract)
+    _, _, state, step = compile_train_step(cfg, jax.devices()[:1])
     return jax.device_get(state), step
 
 
