@@ -29,8 +29,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
-from jax.sharding import ManualAxisType
 
+from pallas_kernels._pallas_util import out_type
 from pallas_kernels.flash_attention.common import (
     LOG2E,
     MASK_VALUE,
@@ -193,12 +193,6 @@ def _q_range(k_first, bq, bk, nq, kv_len, padded_kv, spec):
     return lo, full_lo, full_hi, hi
 
 
-def _out_type(shape, dtype, *inputs):
-    """A pallas_call result type; inside ``shard_map`` it varies over every axis an input does."""
-    varying = frozenset().union(*(jax.typeof(x).mat.varying for x in inputs))
-    return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=ManualAxisType(varying=varying))
-
-
 def _iota(n: int):
     return lax.iota(jnp.int32, n)
 
@@ -316,8 +310,8 @@ def forward(q, k, v, q_seg, kv_seg, alibi_slopes, *, spec, block_sizes, interpre
             pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, _q_block(i, nq, spec))),
         ],
         out_shape=[
-            _out_type((batch, nq * bq, heads, head_dim), q.dtype, *args),
-            _out_type((batch, heads, nq * bq), jnp.float32, *args),
+            out_type((batch, nq * bq, heads, head_dim), q.dtype, *args),
+            out_type((batch, heads, nq * bq), jnp.float32, *args),
         ],
         compiler_params=plgpu.CompilerParams(num_warps=tiles.num_warps, num_stages=tiles.num_stages),
         interpret=interpret,
@@ -497,7 +491,7 @@ def backward(q, k, v, q_seg, kv_seg, alibi_slopes, out, lse, dout, *, spec, bloc
         in_specs=[q_group, kv_block, kv_block, q_group, row_group, row_group, *seg_specs,
                   *alibi_spec],
         out_specs=[kv_block, kv_block],
-        out_shape=[_out_type(k_p.shape, k.dtype, *inputs)] * 2,
+        out_shape=[out_type(k_p.shape, k.dtype, *inputs)] * 2,
         compiler_params=plgpu.CompilerParams(
             num_warps=dkv_tiles.num_warps, num_stages=dkv_tiles.num_stages),
         interpret=interpret,
@@ -532,7 +526,7 @@ def backward(q, k, v, q_seg, kv_seg, alibi_slopes, out, lse, dout, *, spec, bloc
         grid=(nq, batch, heads),
         in_specs=[q_block, kv_full, kv_full, q_block, rows, rows, *seg_specs, *alibi_spec],
         out_specs=q_block,
-        out_shape=_out_type(q_p.shape, q.dtype, *inputs),
+        out_shape=out_type(q_p.shape, q.dtype, *inputs),
         compiler_params=plgpu.CompilerParams(
             num_warps=dq_tiles.num_warps, num_stages=dq_tiles.num_stages),
         interpret=interpret,

@@ -32,6 +32,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels import _ssm_math
+from pallas_kernels._pallas_util import Refs
 from pallas_kernels.selective_scan import common
 
 f32 = jnp.float32
@@ -82,17 +83,6 @@ def config(dims, block_d, chunk, delta_softplus: bool, interpret: bool) -> commo
     )
 
 
-class _Refs:
-    """Names the kernel's positional refs; absent optional operands are None."""
-
-    def __init__(self, refs, names):
-        it = iter(refs)
-        for name, present in names:
-            setattr(self, name, next(it) if present else None)
-        rest = list(it)
-        assert not rest, f"{len(rest)} unexpected refs"
-
-
 def _column(mat, lane, t):
     """Column ``t`` of a ``(d_state, chunk)`` value as ``(d_state, 1)``."""
     return jnp.sum(jnp.where(lane == t, mat, 0.0), axis=1, keepdims=True)
@@ -110,7 +100,7 @@ def _step_inputs(r, t, t0, length, lane, Bt, bias, softplus):
 
 
 def _fwd_kernel(*refs, length, chunk, n_chunks, softplus, flags):
-    r = _Refs(refs, flags)
+    r = Refs(refs, flags)
     k = pl.program_id(2)
 
     @pl.when(k == 0)
@@ -145,7 +135,7 @@ def _fwd_kernel(*refs, length, chunk, n_chunks, softplus, flags):
 
 
 def _bwd_kernel(*refs, length, chunk, n_chunks, softplus, flags):
-    r = _Refs(refs, flags)
+    r = Refs(refs, flags)
     k = pl.program_id(2)
     t0 = (n_chunks - 1 - k) * chunk
 

@@ -37,6 +37,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels import _ssm_math
+from pallas_kernels._pallas_util import Refs
 from pallas_kernels.selective_scan import common
 
 f32 = jnp.float32
@@ -118,17 +119,6 @@ def _store_row(ref, t, valid, value):
     plgpu.store(ref.at[t], value.astype(ref.dtype), mask=mask)
 
 
-class _Refs:
-    """Names the kernel's positional refs; absent optional operands are None."""
-
-    def __init__(self, refs, names):
-        it = iter(refs)
-        for name, present in names:
-            setattr(self, name, next(it) if present else None)
-        rest = list(it)
-        assert not rest, f"{len(rest)} unexpected refs"
-
-
 def _load_chunk(r, t0, length, chunk, block_d, d_state, bias, softplus, with_dout):
     """Issue the loads of ``chunk`` steps; returns per-step dicts of float32 values."""
     steps = []
@@ -155,7 +145,7 @@ def _load_chunk(r, t0, length, chunk, block_d, d_state, bias, softplus, with_dou
 
 
 def _fwd_kernel(*refs, length, chunk, n_chunks, softplus, fast_math, flags):
-    r = _Refs(refs, flags)
+    r = Refs(refs, flags)
     block_d, d_state = r.A.shape
     A2 = r.A[...].astype(f32) * common.LOG2E
     D = None if r.D is None else r.D[...].astype(f32)
@@ -182,7 +172,7 @@ def _fwd_kernel(*refs, length, chunk, n_chunks, softplus, fast_math, flags):
 
 
 def _bwd_kernel(*refs, length, chunk, n_chunks, softplus, fast_math, flags):
-    r = _Refs(refs, flags)
+    r = Refs(refs, flags)
     block_d, d_state = r.A.shape
     A = r.A[...].astype(f32)
     A2 = A * common.LOG2E

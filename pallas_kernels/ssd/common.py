@@ -23,8 +23,6 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import ManualAxisType
-
 from pallas_kernels import _ssm_math
 
 f32 = jnp.float32
@@ -49,31 +47,11 @@ class SSDConfig:
     interpret: bool
 
 
-class Refs:
-    """Names a kernel's positional refs; absent optional operands are None."""
-
-    def __init__(self, refs, names):
-        refs = iter(refs)
-        for name, present in names:
-            setattr(self, name, next(refs) if present else None)
-        assert next(refs, None) is None, "more refs than names"
-
-
 def operands(named):
     """``(flags, arrays, specs)`` from ``[(name, array or None, spec)]``; flags feed ``Refs``."""
     flags = tuple((name, a is not None) for name, a, _ in named)
     present = [(a, s) for _, a, s in named if a is not None]
     return flags, [a for a, _ in present], [s for _, s in present]
-
-
-def result_types(shapes, inputs):
-    """``pallas_call`` result types; inside ``shard_map`` they must name the mesh axes they vary
-    over: every axis that any input varies over."""
-    varying = frozenset().union(*(jax.typeof(x).mat.varying for x in inputs))
-    return [
-        jax.ShapeDtypeStruct(s.shape, s.dtype, manual_axis_type=ManualAxisType(varying=varying))
-        for s in shapes
-    ]
 
 
 def _dot(a, b, contract, dtype):

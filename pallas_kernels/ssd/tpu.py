@@ -27,6 +27,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels import _ssm_math
+from pallas_kernels._pallas_util import Refs, out_type
 from pallas_kernels.ssd import common
 
 f32 = jnp.float32
@@ -73,7 +74,7 @@ def _tile(r, chunk, t0, T, length, bias, softplus, dtype, *, with_C=True, with_d
 
 
 def _fwd_kernel(*refs, length, T, n_sub, softplus, dtype, flags):
-    r = common.Refs(refs, flags)
+    r = Refs(refs, flags)
     A, D, bias = _scalars(r)
     c = pl.program_id(2)
 
@@ -94,7 +95,7 @@ def _fwd_kernel(*refs, length, T, n_sub, softplus, dtype, flags):
 
 
 def _bwd_kernel(*refs, length, T, n_sub, n_chunks, softplus, dtype, flags):
-    r = common.Refs(refs, flags)
+    r = Refs(refs, flags)
     A, D, bias = _scalars(r)
     c = n_chunks - 1 - pl.program_id(2)
 
@@ -189,7 +190,7 @@ def forward(x, dt, A, B, C, D, z, dt_bias, h0, cfg: common.SSDConfig, *, save_ch
     )
     outs = pl.pallas_call(
         kernel,
-        out_shape=common.result_types([s for s, _ in out], args),
+        out_shape=[out_type(s.shape, s.dtype, *args) for s, _ in out],
         grid=(batch, heads, n_chunks),
         in_specs=in_specs,
         out_specs=[s for _, s in out],
@@ -240,7 +241,7 @@ def backward(dout, dh_final, x, dt, A, B, C, D, z, dt_bias, h0, ckpt, cfg: commo
     )
     outs = pl.pallas_call(
         kernel,
-        out_shape=common.result_types([s for s, _ in present], args),
+        out_shape=[out_type(s.shape, s.dtype, *args) for s, _ in present],
         grid=(batch, heads, n_chunks),
         in_specs=in_specs,
         out_specs=[spec for _, spec in present],

@@ -32,6 +32,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels import _ssm_math
+from pallas_kernels._pallas_util import Refs, out_type
 from pallas_kernels.ssd import common
 
 f32 = jnp.float32
@@ -96,7 +97,7 @@ def _chunk_tiles(k, n_sub, n_tiles):
 
 def _state_kernel(*refs, length, T, n_sub, n_tiles, n_chunks, softplus, dtype, flags):
     """Sequential pass: the state entering every chunk (and the final state); one product a tile."""
-    r = common.Refs(refs, flags)
+    r = Refs(refs, flags)
     A, _, bias = _head_scalars(r, pl.program_id(1))
     H = jnp.zeros(r.h_final.shape, f32) if r.h0 is None else r.h0[...].astype(f32)
 
@@ -115,7 +116,7 @@ def _state_kernel(*refs, length, T, n_sub, n_tiles, n_chunks, softplus, dtype, f
 
 def _out_kernel(*refs, length, T, n_sub, n_tiles, n_chunks, softplus, dtype, flags):
     """Outputs of one chunk (programs run in parallel over chunks) from its entering state."""
-    r = common.Refs(refs, flags)
+    r = Refs(refs, flags)
     h, k = pl.program_id(1) // n_chunks, pl.program_id(1) % n_chunks
     A, D, bias = _head_scalars(r, h)
 
@@ -132,7 +133,7 @@ def _out_kernel(*refs, length, T, n_sub, n_tiles, n_chunks, softplus, dtype, fla
 
 def _dstate_kernel(*refs, length, T, n_sub, n_tiles, n_chunks, softplus, dtype, flags):
     """Sequential reverse pass: the gradient of the state leaving every chunk (and of h0)."""
-    r = common.Refs(refs, flags)
+    r = Refs(refs, flags)
     A, _, bias = _head_scalars(r, pl.program_id(1))
     dH = jnp.zeros(r.dck.shape[1:], f32) if r.dh_final is None else r.dh_final[...].astype(f32)
 
@@ -156,7 +157,7 @@ def _dstate_kernel(*refs, length, T, n_sub, n_tiles, n_chunks, softplus, dtype, 
 
 def _grad_kernel(*refs, length, T, n_sub, n_tiles, n_chunks, softplus, dtype, flags):
     """Gradients of one chunk (parallel over chunks) from its entering state and leaving dH."""
-    r = common.Refs(refs, flags)
+    r = Refs(refs, flags)
     h, k = pl.program_id(1) // n_chunks, pl.program_id(1) % n_chunks
     A, D, bias = _head_scalars(r, h)
     H0 = r.ckpt[k].astype(f32)
@@ -223,7 +224,7 @@ def _call(kernel, cfg, grid, named_in, named_out, static, name):
     out_flags, out_shapes, out_specs = common.operands(named_out)
     outs = pl.pallas_call(
         functools.partial(kernel, flags=in_flags + out_flags, **static),
-        out_shape=common.result_types(out_shapes, args),
+        out_shape=[out_type(s.shape, s.dtype, *args) for s in out_shapes],
         grid=grid,
         in_specs=in_specs,
         out_specs=out_specs,
