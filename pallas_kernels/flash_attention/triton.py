@@ -197,17 +197,22 @@ def _iota(n: int):
     return lax.iota(jnp.int32, n)
 
 
-# ----------------------------------------------------------------------------- forward
-
-
-def _fwd_kernel(*refs, spec2, tiles, nq, nk, kv_len, has_seg, has_alibi):
-    q_ref, k_ref, v_ref, *refs = refs
+def _optional_refs(refs, has_seg, has_alibi):
+    """``(q_seg, kv_seg, slopes, rest)`` refs from those after the fixed inputs; absent: None."""
     qs_ref = ks_ref = sl_ref = None
     if has_seg:
         qs_ref, ks_ref, *refs = refs
     if has_alibi:
         sl_ref, *refs = refs
-    o_ref, lse_ref = refs
+    return qs_ref, ks_ref, sl_ref, refs
+
+
+# ----------------------------------------------------------------------------- forward
+
+
+def _fwd_kernel(*refs, spec2, tiles, nq, nk, kv_len, has_seg, has_alibi):
+    q_ref, k_ref, v_ref, *refs = refs
+    qs_ref, ks_ref, sl_ref, (o_ref, lse_ref) = _optional_refs(refs, has_seg, has_alibi)
     bq, bk = tiles.block_q, tiles.block_k
     padded_kv = nk * bk != kv_len
 
@@ -325,12 +330,7 @@ def forward(q, k, v, q_seg, kv_seg, alibi_slopes, *, spec, block_sizes, interpre
 
 def _dkv_kernel(*refs, spec2, tiles, nq, kv_len, padded_kv, group, has_seg, has_alibi):
     q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs = refs
-    qs_ref = ks_ref = sl_ref = None
-    if has_seg:
-        qs_ref, ks_ref, *refs = refs
-    if has_alibi:
-        sl_ref, *refs = refs
-    dk_ref, dv_ref = refs
+    qs_ref, ks_ref, sl_ref, (dk_ref, dv_ref) = _optional_refs(refs, has_seg, has_alibi)
     bq, bk = tiles.block_q, tiles.block_k
     head_dim = k_ref.shape[-1]
 
@@ -388,12 +388,7 @@ def _dkv_kernel(*refs, spec2, tiles, nq, kv_len, padded_kv, group, has_seg, has_
 
 def _dq_kernel(*refs, spec2, tiles, nq, nk, kv_len, has_seg, has_alibi):
     q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs = refs
-    qs_ref = ks_ref = sl_ref = None
-    if has_seg:
-        qs_ref, ks_ref, *refs = refs
-    if has_alibi:
-        sl_ref, *refs = refs
-    (dq_ref,) = refs
+    qs_ref, ks_ref, sl_ref, (dq_ref,) = _optional_refs(refs, has_seg, has_alibi)
     bq, bk = tiles.block_q, tiles.block_k
     padded_kv = nk * bk != kv_len
 
