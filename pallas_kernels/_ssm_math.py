@@ -6,6 +6,7 @@ gating arithmetic; one definition keeps them from drifting apart.
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
 
@@ -35,3 +36,18 @@ def discretize_dt(dt, bias, use_softplus):
     if bias is not None:
         dt = dt + bias.astype(jnp.float32)
     return softplus(dt) if use_softplus else dt
+
+
+def scan_steps(step, h0, x, dt, A, B, C, D, z):
+    """Run a reference ``step(h, x_t, dt_t, A, B_t, C_t, D, z_t) -> (y_t, h)`` over time with
+    ``lax.scan``; batch-major inputs (``dt`` already discretized). Returns float32 ``(y, h_final)``."""
+    time_major = lambda v: None if v is None else jnp.moveaxis(v.astype(jnp.float32), 1, 0)
+    xs = (time_major(x), time_major(dt), time_major(B), time_major(C), time_major(z))
+
+    def body(h, inputs):
+        x_t, dt_t, B_t, C_t, z_t = inputs
+        y_t, h = step(h, x_t, dt_t, A, B_t, C_t, D, z_t)
+        return h, y_t
+
+    h_final, y = jax.lax.scan(body, h0, xs)
+    return jnp.moveaxis(y, 0, 1), h_final

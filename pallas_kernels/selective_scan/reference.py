@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 # softplus is re-exported for scripts/bench_scan.py.
-from pallas_kernels._ssm_math import discretize_dt, softplus  # noqa: F401
+from pallas_kernels._ssm_math import discretize_dt, scan_steps, softplus  # noqa: F401
 
 
 def _per_channel(x, d_inner):
@@ -68,14 +68,6 @@ def selective_scan(
         if initial_state is None
         else f32(initial_state)
     )
-    time_major = lambda x: None if x is None else jnp.moveaxis(f32(x), 1, 0)
-    xs = (time_major(u), jnp.moveaxis(dt, 1, 0), time_major(B), time_major(C), time_major(z))
-
-    def body(h, x):
-        u_t, dt_t, B_t, C_t, z_t = x
-        y_t, h = step(h, u_t, dt_t, A, B_t, C_t, D, z_t)
-        return h, y_t
-
-    h_final, y = jax.lax.scan(body, h0, xs)
-    y = jnp.moveaxis(y, 0, 1).astype(u.dtype)
+    y, h_final = scan_steps(step, h0, u, dt, A, B, C, D, z)
+    y = y.astype(u.dtype)
     return (y, h_final) if return_final_state else y

@@ -20,7 +20,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels._ssm_math import discretize_dt
+from pallas_kernels._ssm_math import discretize_dt, scan_steps
 
 f32 = jnp.float32
 
@@ -78,16 +78,8 @@ def ssd(
     dt = discretize_dt(dt, dt_bias, dt_softplus)
     A, D = _f32(A), _f32(D)
     h0 = _initial_state(initial_state, x, B.shape[-1])
-    time_major = lambda v: None if v is None else jnp.moveaxis(_f32(v), 1, 0)
-    xs = (time_major(x), jnp.moveaxis(dt, 1, 0), time_major(B), time_major(C), time_major(z))
-
-    def body(h, inputs):
-        x_t, dt_t, B_t, C_t, z_t = inputs
-        y_t, h = step(h, x_t, dt_t, A, B_t, C_t, D, z_t)
-        return h, y_t
-
-    h_final, y = jax.lax.scan(body, h0, xs)
-    y = jnp.moveaxis(y, 0, 1).astype(x.dtype)
+    y, h_final = scan_steps(step, h0, x, dt, A, B, C, D, z)
+    y = y.astype(x.dtype)
     return (y, h_final) if return_final_state else y
 
 
