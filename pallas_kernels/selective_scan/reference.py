@@ -17,8 +17,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-# softplus is re-exported for scripts/bench_scan.py.
-from pallas_kernels._ssm_math import discretize_dt, scan_steps, softplus  # noqa: F401
+from pallas_kernels._ssm_math import discretize_dt, scan_steps
 
 
 def _per_channel(x, d_inner):
