@@ -41,6 +41,7 @@ from pallas_kernels.flash_attention.common import (
     MASK_VALUE,
     AttentionSpec,
     BlockSizes,
+    pad_to,
     score_grad,
     tile_logits,
 )
@@ -268,21 +269,16 @@ def _from_bhld(x, length: int):
     return jnp.swapaxes(x[:, :, :length], 1, 2)
 
 
-def _pad_last(x, length: int, value):
-    pad = [(0, 0)] * (x.ndim - 1) + [(0, length - x.shape[-1])]
-    return jnp.pad(x, pad, constant_values=value)
-
-
 def _column(x, length: int, value):
     """(..., L) -> (..., L_padded, 128): one value per row, replicated across lanes."""
-    x = _pad_last(x, length, value)
+    x = pad_to(x, -1, length, value)
     return jnp.broadcast_to(x[..., None], (*x.shape, NUM_LANES))
 
 
 def _row_blocks(x, length: int, block: int, value):
     """(..., L) -> (..., L_padded // block, 8, block): per-column values split into blocks and
     replicated across sublanes, so the block shape equals the array's last two dims."""
-    x = _pad_last(x, length, value)
+    x = pad_to(x, -1, length, value)
     x = x.reshape(*x.shape[:-1], length // block, 1, block)
     return jnp.broadcast_to(x, (*x.shape[:-2], NUM_SUBLANES, block))
 
@@ -309,6 +305,53 @@ def _smem_spec():
     return pl.BlockSpec(memory_space=pltpu.SMEM)
 
 
+def _q_major_maps(spec: AttentionSpec, bq: int, bk: int, nk: int, group: int, q_seg, kv_seg,
+                  slopes, lq_p: int, lk_p: int):
+    """``(q_map, kv_map, extra_args, extra_specs)`` of the (b, h, q block, kv block) grid of the
+    forward and dq kernels; the extras are the segment ids and ALiBi slopes the spec asks for."""
+
+    def q_map(b, h, i, j):
+        return b, h, i, 0
+
+    def kv_map(b, h, i, j):
+        lo, hi = _kv_block_range(i, spec, bq, bk, nk)
+        return b, h // group, _clamp(j, lo, hi, nk), 0
+
+    args, in_specs = [], []
+    if spec.has_segment_ids:
+        args += [_column(q_seg, lq_p, -1), _row_blocks(kv_seg, lk_p, bk, -1)]
+        in_specs += [
+            pl.BlockSpec((None, bq, NUM_LANES), lambda b, h, i, j: (b, i, 0)),
+            pl.BlockSpec(
+                (None, None, NUM_SUBLANES, bk),
+                lambda b, h, i, j: (b, kv_map(b, h, i, j)[2], 0, 0),
+            ),
+        ]
+    if spec.has_alibi:
+        args.append(slopes)
+        in_specs.append(_smem_spec())
+    return q_map, kv_map, args, in_specs
+
+
+def _pallas_call(kernel, args, *, name: str, grid, in_specs, out_specs, out_shape, scratch_shapes,
+                 flops: int, transcendentals: int, bytes_accessed: int, interpret: bool):
+    """``pl.pallas_call`` with this file's compiler params, cost estimate and interpret mode."""
+    return pl.pallas_call(
+        kernel,
+        grid=grid,
+        in_specs=in_specs,
+        out_specs=out_specs,
+        out_shape=out_shape,
+        scratch_shapes=scratch_shapes,
+        compiler_params=_compiler_params(interpret),
+        cost_estimate=pl.CostEstimate(
+            flops=flops, transcendentals=transcendentals, bytes_accessed=bytes_accessed
+        ),
+        interpret=_interpret_arg(interpret),
+        name=name,
+    )(*args)
+
+
 def forward(q, k, v, q_seg, kv_seg, alibi_slopes, *, spec: AttentionSpec, block_sizes: BlockSizes,
             interpret: bool):
     """Returns ``(out, lse)``: out like q, lse (B, H, Lq) float32, -inf where no key is visible."""
@@ -325,40 +368,24 @@ def forward(q, k, v, q_seg, kv_seg, alibi_slopes, *, spec: AttentionSpec, block_
     lq_p, lk_p = _round_up(lq, bq), _round_up(lk, bk)
     nq, nk = lq_p // bq, lk_p // bk
 
-    def q_map(b, h, i, j):
-        return b, h, i, 0
-
-    def kv_map(b, h, i, j):
-        lo, hi = _kv_block_range(i, spec, bq, bk, nk)
-        return b, h // group, _clamp(j, lo, hi, nk), 0
-
-    args = [_to_bhld(q, lq_p), _to_bhld(k, lk_p), _to_bhld(v, lk_p)]
-    in_specs = [
-        pl.BlockSpec((None, None, bq, head_dim), q_map),
-        pl.BlockSpec((None, None, bk, head_dim), kv_map),
-        pl.BlockSpec((None, None, bk, head_dim), kv_map),
-    ]
-    if spec.has_segment_ids:
-        args += [_column(q_seg, lq_p, -1), _row_blocks(kv_seg, lk_p, bk, -1)]
-        in_specs += [
-            pl.BlockSpec((None, bq, NUM_LANES), lambda b, h, i, j: (b, i, 0)),
-            pl.BlockSpec(
-                (None, None, NUM_SUBLANES, bk),
-                lambda b, h, i, j: (b, kv_map(b, h, i, j)[2], 0, 0),
-            ),
-        ]
-    if spec.has_alibi:
-        args.append(alibi_slopes.astype(jnp.float32))
-        in_specs.append(_smem_spec())
-
+    slopes = alibi_slopes.astype(jnp.float32) if spec.has_alibi else None
+    q_map, kv_map, extra_args, extra_specs = _q_major_maps(
+        spec, bq, bk, nk, group, q_seg, kv_seg, slopes, lq_p, lk_p
+    )
     kernel = functools.partial(
         _fwd_kernel, spec=spec, bq=bq, bk=bk, nk=nk, kv_len=lk if lk_p != lk else None
     )
-    itemsize = q.dtype.itemsize
-    out, lse = pl.pallas_call(
+    out, lse = _pallas_call(
         kernel,
+        [_to_bhld(q, lq_p), _to_bhld(k, lk_p), _to_bhld(v, lk_p), *extra_args],
+        name="flash_attention_fwd_tpu",
         grid=(batch, heads, nq, nk),
-        in_specs=in_specs,
+        in_specs=[
+            pl.BlockSpec((None, None, bq, head_dim), q_map),
+            pl.BlockSpec((None, None, bk, head_dim), kv_map),
+            pl.BlockSpec((None, None, bk, head_dim), kv_map),
+            *extra_specs,
+        ],
         out_specs=[
             pl.BlockSpec((None, None, bq, head_dim), q_map),
             pl.BlockSpec((None, None, bq, NUM_LANES), q_map),
@@ -372,15 +399,12 @@ def forward(q, k, v, q_seg, kv_seg, alibi_slopes, *, spec: AttentionSpec, block_
             pltpu.VMEM((bq, NUM_LANES), jnp.float32),
             pltpu.VMEM((bq, head_dim), jnp.float32),
         ],
-        compiler_params=_compiler_params(interpret),
-        cost_estimate=pl.CostEstimate(
-            flops=4 * batch * heads * lq_p * lk_p * head_dim,
-            transcendentals=batch * heads * lq_p * lk_p,
-            bytes_accessed=itemsize * batch * (2 * heads * lq_p + 2 * kv_heads * lk_p) * head_dim,
-        ),
-        interpret=_interpret_arg(interpret),
-        name="flash_attention_fwd_tpu",
-    )(*args)
+        flops=4 * batch * heads * lq_p * lk_p * head_dim,
+        transcendentals=batch * heads * lq_p * lk_p,
+        bytes_accessed=q.dtype.itemsize * batch * (2 * heads * lq_p + 2 * kv_heads * lk_p)
+        * head_dim,
+        interpret=interpret,
+    )
     return _from_bhld(out, lq), lse[:, :, :lq, 0]
 
 
@@ -502,52 +526,33 @@ def backward(q, k, v, q_seg, kv_seg, alibi_slopes, out, lse, dout, *, spec: Atte
     itemsize = q.dtype.itemsize
 
     # dq: grid (b, h, q block, kv block).
-    def q_map(b, h, i, j):
-        return b, h, i, 0
-
-    def kv_map(b, h, i, j):
-        lo, hi = _kv_block_range(i, spec, bq, bk, nk)
-        return b, h // group, _clamp(j, lo, hi, nk), 0
-
-    args = [qt, kt, vt, dot, _column(lse, lq_p, jnp.inf), _column(delta, lq_p, 0.0)]
-    in_specs = [
-        pl.BlockSpec((None, None, bq, head_dim), q_map),
-        pl.BlockSpec((None, None, bk, head_dim), kv_map),
-        pl.BlockSpec((None, None, bk, head_dim), kv_map),
-        pl.BlockSpec((None, None, bq, head_dim), q_map),
-        pl.BlockSpec((None, None, bq, NUM_LANES), q_map),
-        pl.BlockSpec((None, None, bq, NUM_LANES), q_map),
-    ]
-    if spec.has_segment_ids:
-        args += [_column(q_seg, lq_p, -1), _row_blocks(kv_seg, lk_p, bk, -1)]
-        in_specs += [
-            pl.BlockSpec((None, bq, NUM_LANES), lambda b, h, i, j: (b, i, 0)),
-            pl.BlockSpec(
-                (None, None, NUM_SUBLANES, bk),
-                lambda b, h, i, j: (b, kv_map(b, h, i, j)[2], 0, 0),
-            ),
-        ]
-    if spec.has_alibi:
-        args.append(slopes)
-        in_specs.append(_smem_spec())
-    dq = pl.pallas_call(
+    q_map, kv_map, extra_args, extra_specs = _q_major_maps(
+        spec, bq, bk, nk, group, q_seg, kv_seg, slopes, lq_p, lk_p
+    )
+    dq = _pallas_call(
         functools.partial(
             _dq_kernel, spec=spec, bq=bq, bk=bk, nk=nk, kv_len=lk if lk_p != lk else None
         ),
+        [qt, kt, vt, dot, _column(lse, lq_p, jnp.inf), _column(delta, lq_p, 0.0), *extra_args],
+        name="flash_attention_dq_tpu",
         grid=(batch, heads, nq, nk),
-        in_specs=in_specs,
+        in_specs=[
+            pl.BlockSpec((None, None, bq, head_dim), q_map),
+            pl.BlockSpec((None, None, bk, head_dim), kv_map),
+            pl.BlockSpec((None, None, bk, head_dim), kv_map),
+            pl.BlockSpec((None, None, bq, head_dim), q_map),
+            pl.BlockSpec((None, None, bq, NUM_LANES), q_map),
+            pl.BlockSpec((None, None, bq, NUM_LANES), q_map),
+            *extra_specs,
+        ],
         out_specs=pl.BlockSpec((None, None, bq, head_dim), q_map),
         out_shape=jax.ShapeDtypeStruct((batch, heads, lq_p, head_dim), q.dtype),
         scratch_shapes=[pltpu.VMEM((bq, head_dim), jnp.float32)],
-        compiler_params=_compiler_params(interpret),
-        cost_estimate=pl.CostEstimate(
-            flops=6 * batch * heads * lq_p * lk_p * head_dim,
-            transcendentals=batch * heads * lq_p * lk_p,
-            bytes_accessed=itemsize * batch * (3 * heads * lq_p + 2 * kv_heads * lk_p) * head_dim,
-        ),
-        interpret=_interpret_arg(interpret),
-        name="flash_attention_dq_tpu",
-    )(*args)
+        flops=6 * batch * heads * lq_p * lk_p * head_dim,
+        transcendentals=batch * heads * lq_p * lk_p,
+        bytes_accessed=itemsize * batch * (3 * heads * lq_p + 2 * kv_heads * lk_p) * head_dim,
+        interpret=interpret,
+    )
 
     # dk, dv: grid (b, kv head, kv block, (q head in group, q block)).
     def q_map_t(b, g, j, t):
@@ -583,8 +588,10 @@ def backward(q, k, v, q_seg, kv_seg, alibi_slopes, out, lse, dout, *, spec: Atte
     if spec.has_alibi:
         args.append(slopes)
         in_specs.append(_smem_spec())
-    dk, dv = pl.pallas_call(
+    dk, dv = _pallas_call(
         functools.partial(_dkv_kernel, spec=spec, bq=bq, bk=bk, nq=nq, group=group),
+        args,
+        name="flash_attention_dkv_tpu",
         grid=(batch, kv_heads, nk, group * nq),
         in_specs=in_specs,
         out_specs=[
@@ -599,13 +606,9 @@ def backward(q, k, v, q_seg, kv_seg, alibi_slopes, out, lse, dout, *, spec: Atte
             pltpu.VMEM((bk, head_dim), jnp.float32),
             pltpu.VMEM((bk, head_dim), jnp.float32),
         ],
-        compiler_params=_compiler_params(interpret),
-        cost_estimate=pl.CostEstimate(
-            flops=8 * batch * heads * lq_p * lk_p * head_dim,
-            transcendentals=batch * heads * lq_p * lk_p,
-            bytes_accessed=itemsize * batch * (2 * heads * lq_p + 4 * kv_heads * lk_p) * head_dim,
-        ),
-        interpret=_interpret_arg(interpret),
-        name="flash_attention_dkv_tpu",
-    )(*args)
+        flops=8 * batch * heads * lq_p * lk_p * head_dim,
+        transcendentals=batch * heads * lq_p * lk_p,
+        bytes_accessed=itemsize * batch * (2 * heads * lq_p + 4 * kv_heads * lk_p) * head_dim,
+        interpret=interpret,
+    )
     return _from_bhld(dq, lq), _from_bhld(dk, lk), _from_bhld(dv, lk)
