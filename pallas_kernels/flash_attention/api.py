@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero, custom_vjp_primal_tree_values
 
-from pallas_kernels._api import is_int, load_lowering
+from pallas_kernels._api import is_int, load_lowering, shape_of
 from pallas_kernels.flash_attention import reference
 from pallas_kernels.flash_attention.common import AttentionSpec, BlockSizes
 
@@ -137,7 +137,7 @@ def _check_arrays(q, k, v):
         if getattr(x, "ndim", None) != 4:
             raise ValueError(
                 f"{name} must have rank 4 (batch, length, heads, head_dim), got shape "
-                f"{getattr(x, 'shape', type(x))}"
+                f"{shape_of(x)}"
             )
     if not (q.dtype == k.dtype == v.dtype) or q.dtype not in _DTYPES:
         raise ValueError(
