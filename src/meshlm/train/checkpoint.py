@@ -29,7 +29,6 @@ from meshlm.train.state import TrainState
 
 CHECKPOINT_DIR = "checkpoints"
 ITEMS = ("state", "data", "config")
-_TMP_MARKER = ".orbax-checkpoint-tmp"
 # Model settings a resumed run may change: they alter how parameters are used, not their shapes.
 _NO_SHAPE_FIELDS = frozenset({"attention", "remat", "dtype", "dropout"})
 
@@ -49,7 +48,7 @@ def finished_steps(run_dir: str | os.PathLike) -> list[int]:
     if not root.is_dir():
         return []
     return sorted(int(p.name) for p in root.iterdir()
-                  if p.is_dir() and p.name.isdigit() and _TMP_MARKER not in p.name)
+                  if p.is_dir() and p.name.isdigit())  # "<step>.orbax-checkpoint-tmp-*" excluded
 
 
 def _read_config(step_dir: pathlib.Path) -> Config:
@@ -94,16 +93,19 @@ def check_latest(run_dir: str | os.PathLike, cfg: Config | None = None) -> tuple
                 f"unreadable ({e}); remove that step directory to resume from an earlier one"
             ) from e
     saved = _read_config(step_dir)
-    old = {k: v for k, v in to_dict(saved.model).items() if k not in _NO_SHAPE_FIELDS}
-    new = {} if cfg is None else {
-        k: v for k, v in to_dict(cfg.model).items() if k not in _NO_SHAPE_FIELDS}
-    if cfg is not None and old != new:
-        diff = ", ".join(f"model.{k}: {old[k]!r} -> {new[k]!r}" for k in old if old[k] != new[k])
-        raise CheckpointError(
-            f"the checkpoint {str(step_dir)!r} was trained with a different model ({diff}); use "
-            "another train.run_dir or set checkpoint.resume=false with a fresh run_dir"
-        )
+    if cfg is not None:
+        old, new = _shape_fields(saved), _shape_fields(cfg)
+        if old != new:
+            diff = ", ".join(f"model.{k}: {old[k]!r} -> {new[k]!r}" for k in old if old[k] != new[k])
+            raise CheckpointError(
+                f"the checkpoint {str(step_dir)!r} was trained with a different model ({diff}); "
+                "use another train.run_dir or set checkpoint.resume=false with a fresh run_dir"
+            )
     return steps[-1], saved
+
+
+def _shape_fields(cfg: Config) -> dict[str, Any]:
+    return {k: v for k, v in to_dict(cfg.model).items() if k not in _NO_SHAPE_FIELDS}
 
 
 def open_manager(run_dir: str | os.PathLike, cfg: CheckpointConfig) -> ocp.CheckpointManager:

@@ -142,7 +142,6 @@ def train(cfg: Config) -> dict[str, Any]:
         state, _ = create_train_state(model, tx, mesh, rules, seq_len,
                                       jax.random.key(cfg.train.seed))
     save_config(cfg, run_dir / "config.yaml")
-    val = data.val_batches(cfg.train.eval_batches)
     n_params = param_count(state.params)
     log.info(
         "%s parameters, %d devices (%s), mesh %s, %d tokens per step",
@@ -155,8 +154,10 @@ def train(cfg: Config) -> dict[str, Any]:
         # The pipeline yields the global batch; one process places every device's rows.
         return jax.device_put(batch, batch_sh)
 
+    val = put(data.val_batches(cfg.train.eval_batches))  # placed once, read every evaluation
+
     def evaluate(params) -> dict[str, float]:
-        sums = [eval_step(params, put(b)) for b in val]
+        sums = jax.device_get([eval_step(params, b) for b in val])
         total = sum(float(m["loss_sum"]) for m in sums)
         tokens = sum(float(m["tokens"]) for m in sums)
         loss = total / max(tokens, 1.0)
