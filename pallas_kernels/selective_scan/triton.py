@@ -262,6 +262,30 @@ def _compiler_params(cfg: common.ScanConfig):
     return plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=1)
 
 
+def _operands(named):
+    """``([(array, spec)], flags)`` from ``[(name, array or None, spec)]``; flags feed ``Refs``."""
+    return [(x, spec) for _, x, spec in named if x is not None], [
+        (name, x is not None) for name, x, _ in named
+    ]
+
+
+def _launch(kernel, name, operands, out_shape, out_specs, flags, cfg, *, grid, **static):
+    """``pallas_call`` of ``kernel`` (its static arguments bound) over ``operands``' arrays."""
+    kernel = functools.partial(
+        kernel, softplus=cfg.delta_softplus, fast_math=cfg.fast_math, flags=tuple(flags), **static
+    )
+    return pl.pallas_call(
+        kernel,
+        out_shape=out_shape,
+        grid=grid,
+        in_specs=[spec for _, spec in operands],
+        out_specs=out_specs,
+        compiler_params=_compiler_params(cfg),
+        interpret=cfg.interpret,
+        name=name,
+    )(*[x for x, _ in operands])
+
+
 def forward(u, delta, A, B, C, D, z, delta_bias, h0, cfg: common.ScanConfig, *, save_checkpoints):
     """Returns ``(y, final_state, checkpoints or None)``; ``final_state`` float32."""
     batch, length, d_inner = u.shape
@@ -273,13 +297,10 @@ def forward(u, delta, A, B, C, D, z, delta_bias, h0, cfg: common.ScanConfig, *, 
     n_blocks, n_chunks = d_inner // block_d, pl.cdiv(length, chunk)
     seq, grp, chan, chan_state, state, _ = _specs(batch, length, d_inner, d_state_p, n_groups, block_d)
 
-    operands = [(u, seq), (delta, seq), (A, chan_state), (B, grp), (C, grp)]
-    optional = [("D", D, chan), ("z", z, seq), ("bias", delta_bias, chan), ("h0", h0, state)]
-    flags = [("u", True), ("delta", True), ("A", True), ("B", True), ("C", True)]
-    for name, x, spec in optional:
-        flags.append((name, x is not None))
-        if x is not None:
-            operands.append((x, spec))
+    operands, flags = _operands([
+        ("u", u, seq), ("delta", delta, seq), ("A", A, chan_state), ("B", B, grp), ("C", C, grp),
+        ("D", D, chan), ("z", z, seq), ("bias", delta_bias, chan), ("h0", h0, state),
+    ])
     out_shape = [
         jax.ShapeDtypeStruct((batch, length, d_inner), u.dtype),
         jax.ShapeDtypeStruct((batch, d_inner, d_state_p), f32),
@@ -291,25 +312,10 @@ def forward(u, delta, A, B, C, D, z, delta_bias, h0, cfg: common.ScanConfig, *, 
         out_specs.append(
             pl.BlockSpec((None, n_chunks, block_d, d_state_p), lambda i, j: (i, 0, j, 0))
         )
-    kernel = functools.partial(
-        _fwd_kernel,
-        length=length,
-        chunk=chunk,
-        n_chunks=n_chunks,
-        softplus=cfg.delta_softplus,
-        fast_math=cfg.fast_math,
-        flags=tuple(flags),
+    outs = _launch(
+        _fwd_kernel, "selective_scan_fwd", operands, out_shape, out_specs, flags, cfg,
+        grid=(batch, n_blocks), length=length, chunk=chunk, n_chunks=n_chunks,
     )
-    outs = pl.pallas_call(
-        kernel,
-        out_shape=out_shape,
-        grid=(batch, n_blocks),
-        in_specs=[s for _, s in operands],
-        out_specs=out_specs,
-        compiler_params=_compiler_params(cfg),
-        interpret=cfg.interpret,
-        name="selective_scan_fwd",
-    )(*[x for x, _ in operands])
     y, h_final = outs[0], outs[1][..., :d_state]
     return y, h_final, (outs[2] if save_checkpoints else None)
 
@@ -328,21 +334,12 @@ def backward(dy, dh_final, u, delta, A, B, C, D, z, delta_bias, h0, ckpt, cfg: c
     seq, grp, chan, chan_state, state, row_chan = _specs(
         batch, length, d_inner, d_state_p, n_groups, block_d
     )
-    operands = [(dy, seq), (u, seq), (delta, seq), (A_p, chan_state), (B_p, grp), (C_p, grp)]
-    flags = [("dout", True), ("u", True), ("delta", True), ("A", True), ("B", True), ("C", True)]
-    for name, x, spec in [
-        ("D", D, chan),
-        ("z", z, seq),
-        ("bias", delta_bias, chan),
-        ("dh_final", dh_final_p, state),
-    ]:
-        flags.append((name, x is not None))
-        if x is not None:
-            operands.append((x, spec))
-    operands.append(
-        (ckpt, pl.BlockSpec((None, n_chunks, block_d, d_state_p), lambda i, j: (i, 0, j, 0)))
-    )
-    flags.append(("ckpt", True))
+    operands, flags = _operands([
+        ("dout", dy, seq), ("u", u, seq), ("delta", delta, seq), ("A", A_p, chan_state),
+        ("B", B_p, grp), ("C", C_p, grp), ("D", D, chan), ("z", z, seq),
+        ("bias", delta_bias, chan), ("dh_final", dh_final_p, state),
+        ("ckpt", ckpt, pl.BlockSpec((None, n_chunks, block_d, d_state_p), lambda i, j: (i, 0, j, 0))),
+    ])
 
     partial = pl.BlockSpec((None, None, length, d_state_p), lambda i, j: (i, j, 0, 0))
     outputs = [
@@ -358,25 +355,11 @@ def backward(dy, dh_final, u, delta, A, B, C, D, z, delta_bias, h0, ckpt, cfg: c
     ]
     flags += [(name, present) for name, present, _, _ in outputs]
     present = [(name, shape, spec) for name, p, shape, spec in outputs if p]
-    kernel = functools.partial(
-        _bwd_kernel,
-        length=length,
-        chunk=chunk,
-        n_chunks=n_chunks,
-        softplus=cfg.delta_softplus,
-        fast_math=cfg.fast_math,
-        flags=tuple(flags),
+    outs = _launch(
+        _bwd_kernel, "selective_scan_bwd", operands, [shape for _, shape, _ in present],
+        [spec for _, _, spec in present], flags, cfg,
+        grid=(batch, n_blocks), length=length, chunk=chunk, n_chunks=n_chunks,
     )
-    outs = pl.pallas_call(
-        kernel,
-        out_shape=[shape for _, shape, _ in present],
-        grid=(batch, n_blocks),
-        in_specs=[s for _, s in operands],
-        out_specs=[spec for _, _, spec in present],
-        compiler_params=_compiler_params(cfg),
-        interpret=cfg.interpret,
-        name="selective_scan_bwd",
-    )(*[x for x, _ in operands])
     res = dict(zip([name for name, _, _ in present], outs))
 
     def group_sum(part, like):
