@@ -46,7 +46,7 @@ _ENCODE_CHUNK = 64  # files per tokenizer call: parallel inside, bounded memory 
 
 def _fingerprint(tokenizer_file: pathlib.Path, files: Sequence[pathlib.Path]) -> str:
     """Identifies a token stream: the tokenizer's bytes and each file's path, size and mtime."""
-    entries = [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
+    entries = [[str(f), st.st_size, st.st_mtime_ns] for f in files for st in [f.stat()]]
     blob = json.dumps(
         {
             "format": _CACHE_FORMAT,
