@@ -165,6 +165,21 @@ def _params():
     return pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary"))
 
 
+def _call(kernel, name, grid, args, in_specs, out, scratch, interpret):
+    """``pallas_call`` of ``kernel`` over ``args``; ``out`` is ``[(ShapeDtypeStruct, spec)]``."""
+    return pl.pallas_call(
+        kernel,
+        out_shape=[out_type(s.shape, s.dtype, *args) for s, _ in out],
+        grid=grid,
+        in_specs=in_specs,
+        out_specs=[spec for _, spec in out],
+        scratch_shapes=scratch,
+        compiler_params=_params(),
+        interpret=interpret,
+        name=name,
+    )(*args)
+
+
 def forward(x, dt, A, B, C, D, z, dt_bias, h0, cfg: common.SSDConfig, *, save_checkpoints):
     """Returns ``(y, final_state, checkpoints or None)``; states float32."""
     batch, length, heads, head_dim = x.shape
@@ -188,17 +203,10 @@ def forward(x, dt, A, B, C, D, z, dt_bias, h0, cfg: common.SSDConfig, *, save_ch
         _fwd_kernel, length=length, T=T, n_sub=Q // T, softplus=cfg.dt_softplus, dtype=x.dtype,
         flags=in_flags + (("y", True), ("h_final", True), ("ckpt", save_checkpoints), ("H", True)),
     )
-    outs = pl.pallas_call(
-        kernel,
-        out_shape=[out_type(s.shape, s.dtype, *args) for s, _ in out],
-        grid=(batch, heads, n_chunks),
-        in_specs=in_specs,
-        out_specs=[s for _, s in out],
-        scratch_shapes=[pltpu.VMEM((head_dim, d_state), f32)],
-        compiler_params=_params(),
-        interpret=cfg.interpret,
-        name="ssd_fwd",
-    )(*args)
+    outs = _call(
+        kernel, "ssd_fwd", (batch, heads, n_chunks), args, in_specs, out,
+        [pltpu.VMEM((head_dim, d_state), f32)], cfg.interpret,
+    )
     y = jnp.moveaxis(outs[0], 1, 2)[:, :length]
     return y, outs[1], (outs[2] if save_checkpoints else None)
 
@@ -239,20 +247,11 @@ def backward(dout, dh_final, x, dt, A, B, C, D, z, dt_bias, h0, ckpt, cfg: commo
         softplus=cfg.dt_softplus, dtype=x.dtype,
         flags=in_flags + tuple((name, p) for name, p, _, _ in out) + (("dH", True), ("Hs", True)),
     )
-    outs = pl.pallas_call(
-        kernel,
-        out_shape=[out_type(s.shape, s.dtype, *args) for s, _ in present],
-        grid=(batch, heads, n_chunks),
-        in_specs=in_specs,
-        out_specs=[spec for _, spec in present],
-        scratch_shapes=[
-            pltpu.VMEM((head_dim, d_state), f32),
-            pltpu.VMEM((Q // T, head_dim, d_state), f32),
-        ],
-        compiler_params=_params(),
-        interpret=cfg.interpret,
-        name="ssd_bwd",
-    )(*args)
+    outs = _call(
+        kernel, "ssd_bwd", (batch, heads, n_chunks), args, in_specs, present,
+        [pltpu.VMEM((head_dim, d_state), f32), pltpu.VMEM((Q // T, head_dim, d_state), f32)],
+        cfg.interpret,
+    )
     res = dict(zip([name for name, p, _, _ in out if p], outs))
     seq_major = lambda v: jnp.moveaxis(v, 1, 2)[:, :length]
 
