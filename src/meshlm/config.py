@@ -321,7 +321,7 @@ def load_config(path: str | pathlib.Path | None = None, overrides: typing.Sequen
     for item in overrides:
         key, value = parse_override(item)
         _set_path(tree, key, value)
-    return _from_dict(Config, tree).validate()
+    return from_dict(tree)
 
 
 def save_config(cfg: Config, path: str | pathlib.Path) -> None:

@@ -37,18 +37,18 @@ def generate(
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     cache = init_cache(model, batch, prompt_len + max_new_tokens)
 
-    def step(cache, tokens, start):
-        positions = start + jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+    def step(cache, tokens):  # positions: the model continues from the tokens it has cached
         logits, mutated = model.apply(
-            {"params": params, "cache": cache}, tokens, positions=positions, decode=True,
-            mutable=["cache"],
+            {"params": params, "cache": cache}, tokens, decode=True, mutable=["cache"],
         )
         return logits[:, -1], mutated["cache"]
 
-    logits, cache = step(cache, prompt, 0)
+    logits, cache = step(cache, prompt)
     rng, key = jax.random.split(rng)
     first = sample(logits, key, sampling)
-    out = jnp.zeros((batch, max_new_tokens), jnp.int32).at[:, 0].set(first)
+    # With an EOS, slots the loop never writes (every row stopped early) already hold it.
+    fill = 0 if eos_id is None else eos_id
+    out = jnp.full((batch, max_new_tokens), fill, jnp.int32).at[:, 0].set(first)
     done = jnp.zeros((batch,), bool) if eos_id is None else first == eos_id
 
     def cond(carry):
@@ -57,7 +57,7 @@ def generate(
 
     def body(carry):
         i, token, cache, out, done, rng = carry
-        logits, cache = step(cache, token[:, None], prompt_len + i - 1)
+        logits, cache = step(cache, token[:, None])
         rng, key = jax.random.split(rng)
         nxt = sample(logits, key, sampling)
         if eos_id is not None:
@@ -66,7 +66,4 @@ def generate(
         return i + 1, nxt, cache, out.at[:, i].set(nxt), done, rng
 
     *_, out, _, _ = jax.lax.while_loop(cond, body, (1, first, cache, out, done, rng))
-    if eos_id is not None:  # rows that stopped early: fill the unwritten tail with EOS
-        written = jnp.cumsum(out == eos_id, axis=1) > 0
-        out = jnp.where(written, eos_id, out)
     return out
