@@ -67,31 +67,44 @@ def test_uninterrupted_run_keeps_last_k(full_run):
     assert (run_dir / "tensorboard").is_dir() and (run_dir / "config.yaml").is_file()
 
 
-def test_sigterm_saves_and_resume_reproduces_losses(full_run, tmp_path):
-    """SIGTERM mid-run saves a checkpoint at whatever step it arrived; rerunning resumes there
-    (train state and data position) and every later loss equals the uninterrupted run's."""
+def _first_train_record_written(run_dir) -> bool:
+    metrics = run_dir / "metrics.jsonl"
+    return metrics.is_file() and '"split": "train"' in metrics.read_text()
+
+
+def _handler_installed(run_dir) -> bool:
+    return signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
+
+
+@pytest.mark.parametrize("arrives", [_first_train_record_written, _handler_installed],
+                         ids=["mid_run", "before_first_step"])
+def test_sigterm_saves_and_resume_reproduces_losses(full_run, tmp_path, arrives):
+    """SIGTERM saves a checkpoint at whatever step it arrived, also before the first step (during
+    the initial evaluation); rerunning resumes there (train state and data position) and every
+    later loss equals the uninterrupted run's."""
     # Python delivers signals to the main thread only; elsewhere SIGTERM would end the process.
     assert threading.current_thread() is threading.main_thread()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
     reference = train_losses(full_run[0])
     run_dir = tmp_path / "run"
     cfg = tiny_run(run_dir, f"data.tokenizer={full_run[0] / 'tokenizer.json'}")
 
-    def send_sigterm_after_first_step():
-        metrics = run_dir / "metrics.jsonl"
+    def send_sigterm():
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
-            if metrics.is_file() and metrics.read_text().count("\n") >= 1:
+            if arrives(run_dir):
                 os.kill(os.getpid(), signal.SIGTERM)
                 return
-            time.sleep(0.005)
+            time.sleep(0.001)
 
-    killer = threading.Thread(target=send_sigterm_after_first_step, daemon=True)
+    killer = threading.Thread(target=send_sigterm, daemon=True)
     killer.start()
     first = train(cfg)
     killer.join()
     stopped = first["step"]
-    assert first["preempted"] and 1 <= stopped < STEPS, first
+    assert first["preempted"] and 0 <= stopped < STEPS, first
     assert checkpoint.finished_steps(run_dir)[-1] == stopped  # saved where it stopped
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is put back
 
     second = train(cfg)
     assert second["step"] == STEPS and not second["preempted"]

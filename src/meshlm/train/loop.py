@@ -179,11 +179,12 @@ def train(cfg: Config) -> dict[str, Any]:
     bar = tqdm(total=steps, initial=step, unit="step", dynamic_ncols=True,
                disable=not cfg.train.progress_bar)
     try:
-        if resume_from is None:  # the baseline that later evaluations are read against
-            ev = evaluate(state.params)
-            writer.write(0, "val", ev)
-            bar.write(f"step 0: val loss {ev['loss']:.4f}, perplexity {ev['perplexity']:.2f}")
-        with _sigterm_flag() as stop:
+        with _sigterm_flag() as stop:  # from here on a SIGTERM is a save, never a lost run
+            if resume_from is None:  # the baseline that later evaluations are read against
+                ev = evaluate(state.params)
+                writer.write(0, "val", ev)
+                bar.write(f"step 0: val loss {ev['loss']:.4f}, "
+                          f"perplexity {ev['perplexity']:.2f}")
             tick = time.perf_counter()
             while step < steps and stop["signal"] is None:
                 if cfg.train.profile_steps and step == cfg.train.profile_steps[0]:
@@ -230,6 +231,9 @@ def train(cfg: Config) -> dict[str, Any]:
                     last_saved = step
                 tick += time.perf_counter() - paused
             if stop["signal"] is not None:
+                if last_saved != step:  # it arrived before the first step
+                    checkpoint.save(manager, state, train_iter.get_state(), cfg)
+                    last_saved = step
                 summary["preempted"] = True
                 bar.write(f"SIGTERM: saved a checkpoint at step {step}; rerun to resume")
     finally:
