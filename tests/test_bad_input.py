@@ -107,3 +107,14 @@ def test_tokenizer_larger_than_model_vocab(tmp_path, monkeypatch):
 
 def test_resume_false_refuses_to_overwrite_checkpoints(run_dir, no_compute):
     expect_refusal(run_dir, ["checkpoint.resume=false"], r"already holds checkpoints")
+
+
+@pytest.mark.parametrize("count, match", [
+    (3, r"data.batch_size=8 is not divisible by the 3 processes"),
+    # One real process holds every row of the batch; as process 0 of 2 it would read half.
+    (2, r"devices of process 0 hold rows \[0, 8\) of each 8-row batch, but with 2 processes it "
+        r"reads rows \[0, 4\)"),
+])
+def test_batch_does_not_split_across_processes(run_dir, no_compute, monkeypatch, count, match):
+    monkeypatch.setattr(jax, "process_count", lambda: count)
+    expect_refusal(run_dir, [], match)

@@ -9,11 +9,23 @@ from __future__ import annotations
 import dataclasses
 import pathlib
 
+import jax
 import numpy as np
 import pytest
+from jax.experimental import multihost_utils
 
-from meshlm.config import ConfigError, load_config
-from meshlm.data import BATCH_KEYS, EOS, TOKENIZER_FILE, Data, PackedRows, build_data
+from meshlm import sharding
+from meshlm.config import ConfigError, MeshConfig, load_config
+from meshlm.data import (
+    BATCH_KEYS,
+    EOS,
+    TOKENIZER_FILE,
+    Data,
+    PackedRows,
+    build_data,
+    pipeline,
+    process_rows,
+)
 from meshlm.data.corpus import corpus_split, split_files
 from meshlm.data.tokenizer import load_run_tokenizer
 
@@ -322,3 +334,74 @@ def test_val_batches_are_fixed_and_padded(stdlib_run):
     assert not np.concatenate([b["loss_mask"] for b in first])[n_rows:].any()
     with pytest.raises(ValueError, match="n >= 1"):
         data.val_batches(0)
+
+
+# ---------------------------------------------------------------------------- many processes
+
+
+@pytest.mark.parametrize("count", [2, 4])
+def test_process_split_reassembles_the_global_batch(count):
+    """Each simulated process's rows of a step, concatenated in process order, are the one-process
+    batch (the local data ``make_array_from_process_local_data`` wants), and every process's
+    iterator state is the global step, so a checkpoint resumes any process count."""
+    rng = np.random.default_rng(7)
+    tokens, starts = _random_stream(rng, 30, 40)
+    rows = PackedRows(tokens, starts, 8)
+    whole = Data(tokenizer=None, eos_id=0, vocab_size=1000, train_rows=rows, val_rows=rows,
+                 batch_size=8, seed=1, worker_count=0)
+    parts = [dataclasses.replace(whole, process_index=p, process_count=count)
+             for p in range(count)]
+    want_it, got_its = whole.train_iterator(), [p.train_iterator() for p in parts]
+    for _ in range(len(rows) // 8 + 2):  # past an epoch boundary
+        want, got = next(want_it), [next(it) for it in got_its]
+        assert all(g["inputs"].shape == (8 // count, 8) for g in got)
+        assert _equal_batches({k: np.concatenate([g[k] for g in got]) for k in BATCH_KEYS}, want)
+        assert all(it.get_state() == want_it.get_state() for it in got_its)
+    n = -(-len(rows) // 8)  # the last batch is padded
+    for want, *got in zip(whole.val_batches(n), *[p.val_batches(n) for p in parts], strict=True):
+        assert _equal_batches({k: np.concatenate([g[k] for g in got]) for k in BATCH_KEYS}, want)
+    with pytest.raises(ConfigError, match="batch_size=6 is not divisible by the 4 processes"):
+        process_rows(6, 0, 4)
+
+
+@pytest.mark.parametrize("mesh_axes, count, ok", [
+    ({"data": 8}, 4, True),
+    ({"data": 2, "tensor": 4}, 2, True),
+    ({"data": 4, "tensor": 2}, 2, True),
+    ({"data": 2, "tensor": 4}, 4, False),  # 4 processes, but the batch is split only 2 ways
+])
+def test_process_rows_are_what_the_batch_sharding_puts_on_its_devices(mesh_axes, count, ok):
+    """With the 8 devices taken as ``count`` processes in device order, process p's devices hold
+    exactly its process_rows of the batch (what the loop checks before any compute)."""
+    cfg = MeshConfig(**{"data": 1, **mesh_axes})
+    batch_sh = sharding.batch_sharding(sharding.make_mesh(cfg), sharding.axis_rules(cfg))
+    devices = jax.devices()  # process-major, as jax orders the devices of several processes
+    per = len(devices) // count
+    for p in range(count):
+        held = sharding.rows_held(batch_sh, (16, SEQ_LEN), devices[p * per:(p + 1) * per])
+        rows = process_rows(16, p, count)
+        assert (held == [(rows.start, rows.stop)]) == ok, (p, held, rows)
+
+
+def test_other_processes_read_what_process_0_prepared(stdlib_run, tmp_path, monkeypatch):
+    """Simulated process 1 of 2: it waits at the barrier, then reads process 0's tokenizer and
+    token caches and never tokenizes; where process 0 left nothing it names the shared-directory
+    requirement."""
+    run_dir, data = stdlib_run
+    barriers = []
+    monkeypatch.setattr(jax, "process_index", lambda: 1)
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(multihost_utils, "sync_global_devices", barriers.append)
+    monkeypatch.setattr(pipeline, "encode_documents", lambda *a: pytest.fail("tokenized"))
+    mtime = (run_dir / TOKENIZER_FILE).stat().st_mtime_ns
+    other = build_data(_cfg(), run_dir)
+    assert len(barriers) == 1 and (other.process_index, other.process_count) == (1, 2)
+    assert (run_dir / TOKENIZER_FILE).stat().st_mtime_ns == mtime
+    assert other.tokenizer.to_str() == data.tokenizer.to_str()
+    np.testing.assert_array_equal(other.train_rows.tokens, data.train_rows.tokens)
+    assert _equal_batches(other.val_batches(1)[0],
+                          {k: v[BATCH // 2:] for k, v in data.val_batches(1)[0].items()})
+    with pytest.raises(ConfigError, match="every process sees"):
+        build_data(_cfg(), tmp_path / "not_shared")
+    with pytest.raises(ConfigError, match="every process sees"):
+        build_data(_cfg(f"data.tokenizer={run_dir / TOKENIZER_FILE}"), tmp_path / "not_shared")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import math
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -158,3 +159,16 @@ def test_mfu_uses_the_peak_table():
     assert mfu(1e5, 1e9, [h100] * 8) == pytest.approx(1e14 / (8 * 989.4e12))
     assert mfu(1e5, 1e9, jax.devices()) is None
     assert format_mfu(None) == "n/a" and format_mfu(0.4567) == "45.7%"
+
+
+@pytest.mark.parametrize("flag", [True, False])
+def test_cli_distributed_initializes_jax_before_training(monkeypatch, flag):
+    from meshlm import cli
+    from meshlm.train import loop
+
+    calls = []
+    monkeypatch.setattr(jax.distributed, "initialize", lambda: calls.append("initialize"))
+    monkeypatch.setattr(loop, "train", lambda cfg: calls.append("train") or {"preempted": False})
+    config = pathlib.Path(__file__).parents[1] / "configs" / "default.yaml"
+    assert cli.main(["train", "--config", str(config)] + ["--distributed"] * flag) == 0
+    assert calls == ["initialize", "train"] if flag else ["train"]

@@ -28,6 +28,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="YAML config file (see configs/)")
     p.add_argument("overrides", nargs="*", metavar="section.key=value",
                    help="settings applied over the file, e.g. train.steps=100")
+    p.add_argument("--distributed", action="store_true",
+                   help="one of several processes (one per host): jax.distributed.initialize() "
+                        "finds the others through SLURM, Open MPI, Kubernetes or Cloud TPU")
 
     p = sub.add_parser("generate", help="sample text from a run's latest checkpoint")
     p.add_argument("--run-dir", required=True, help="the run's train.run_dir")
@@ -43,6 +46,10 @@ def _parser() -> argparse.ArgumentParser:
 def _train(args) -> int:
     from meshlm.train.loop import train
 
+    if args.distributed:
+        import jax
+
+        jax.distributed.initialize()  # before anything asks JAX for its devices
     summary = train(load_config(args.config, args.overrides))
     print(json.dumps(summary))
     return EXIT_PREEMPTED if summary["preempted"] else 0

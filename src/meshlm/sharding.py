@@ -116,5 +116,21 @@ def data_parallel_size(mesh: Mesh, rules) -> int:
     return math.prod(mesh.shape[n] for n in names)
 
 
+def rows_held(
+    sharding: NamedSharding, shape: tuple[int, ...], devices: Sequence[jax.Device] | None = None
+) -> list[tuple[int, int]]:
+    """The ``[start, stop)`` runs of leading-dimension indices that ``devices`` (default: this
+    process's) hold of an array of ``shape`` under ``sharding``, merged and in order."""
+    held = sharding.addressable_devices_indices_map(shape) if devices is None else {
+        d: index for d, index in sharding.devices_indices_map(shape).items() if d in devices}
+    runs: list[tuple[int, int]] = []
+    for start, stop in sorted({index[0].indices(shape[0])[:2] for index in held.values()}):
+        if runs and start <= runs[-1][1]:
+            runs[-1] = (runs[-1][0], max(stop, runs[-1][1]))
+        else:
+            runs.append((start, stop))
+    return runs
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())

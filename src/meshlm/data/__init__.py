@@ -7,7 +7,8 @@
 A batch is a dict of numpy arrays of shape (data.batch_size, data.seq_len): ``inputs``,
 ``targets`` (next tokens), ``segment_ids`` (documents in a row numbered from 1, 0 = padding),
 ``positions`` (restarting at 0 in each document) int32, and ``loss_mask`` float32 (0 on padding
-and on the target that belongs to the next document).
+and on the target that belongs to the next document). With several processes each process gets
+only its ``process_rows`` of every batch.
 """
 
 from __future__ import annotations
@@ -17,12 +18,21 @@ import os
 import pathlib
 
 import grain
+import jax
 import numpy as np
 import tokenizers
+from jax.experimental import multihost_utils
 
 from meshlm.config import Config, ConfigError
 from meshlm.data.corpus import corpus_split, read_text
-from meshlm.data.pipeline import BATCH_KEYS, PackedRows, token_stream, train_iterator, val_batches
+from meshlm.data.pipeline import (
+    BATCH_KEYS,
+    PackedRows,
+    process_rows,
+    token_stream,
+    train_iterator,
+    val_batches,
+)
 from meshlm.data.tokenizer import (
     EOS,
     TOKENIZER_FILE,
@@ -35,6 +45,7 @@ from meshlm.data.tokenizer import (
 
 __all__ = [
     "BATCH_KEYS", "EOS", "TOKENIZER_FILE", "Data", "PackedRows", "build_data", "load_run_tokenizer",
+    "process_rows",
 ]
 
 
@@ -50,6 +61,8 @@ class Data:
     batch_size: int
     seed: int
     worker_count: int
+    process_index: int = 0  # this process reads its process_rows share of every batch
+    process_count: int = 1
 
     @property
     def seq_len(self) -> int:
@@ -65,12 +78,16 @@ class Data:
         return len(self.val_rows.tokens)
 
     def train_iterator(self) -> grain.DatasetIterator:
-        """Endless shuffled training batches; resumable exactly through get_state/set_state."""
-        return train_iterator(self.train_rows, self.batch_size, self.seed, self.worker_count)
+        """Endless shuffled training batches (this process's rows of each); resumable exactly
+        through get_state/set_state."""
+        return train_iterator(self.train_rows, self.batch_size, self.seed, self.worker_count,
+                              self.process_index, self.process_count)
 
     def val_batches(self, n: int) -> list[dict[str, np.ndarray]]:
-        """The first ``n`` validation batches (fewer if the split is smaller), same every call."""
-        return val_batches(self.val_rows, self.batch_size, n)
+        """The first ``n`` validation batches (fewer if the split is smaller; this process's
+        rows of each), the same every call."""
+        return val_batches(self.val_rows, self.batch_size, n, self.process_index,
+                           self.process_count)
 
 
 def build_data(cfg: Config, run_dir: str | os.PathLike) -> Data:
@@ -78,7 +95,9 @@ def build_data(cfg: Config, run_dir: str | os.PathLike) -> Data:
     once (cached under ``<run_dir>/data``) and pack it into rows of ``data.seq_len`` tokens.
 
     Every config error (no matching files, a tokenizer larger than the model's vocabulary, a
-    corpus too small to split) is raised as a ``ConfigError`` before any tokenizing.
+    corpus too small to split) is raised as a ``ConfigError`` before any tokenizing, on every
+    process. With several processes only process 0 trains the tokenizer and tokenizes; the others
+    wait for it and read its files, so ``run_dir`` must be on a file system they all see.
     """
     d = cfg.data
     for name in ("seq_len", "batch_size"):
@@ -87,21 +106,41 @@ def build_data(cfg: Config, run_dir: str | os.PathLike) -> Data:
     if d.worker_count < 0:
         raise ConfigError(f"data.worker_count must be >= 0, got {d.worker_count}")
     run_dir = pathlib.Path(run_dir)
-    tokenizer = existing_tokenizer(d.tokenizer, run_dir, cfg.model.vocab_size)
+    index, count = jax.process_index(), jax.process_count()
+    process_rows(d.batch_size, index, count)  # the per-process split is possible
+    primary = index == 0
+    tokenizer = existing_tokenizer(d.tokenizer, run_dir, cfg.model.vocab_size, copy=primary)
     split = corpus_split(d)
-    if tokenizer is None:
-        tokenizer = train_tokenizer(
-            (read_text(f) for f in split.train), len(split.train), cfg.model.vocab_size, run_dir
-        )
     tokenizer_file = run_dir / TOKENIZER_FILE
-    eos = eos_id(tokenizer, repr(str(tokenizer_file)))
-    vocab = vocab_size(tokenizer)
-    rows = {}
-    for name, files in (("train", split.train), ("val", split.val)):
-        tokens, starts = token_stream(
-            name, tokenizer, tokenizer_file, files, eos, vocab, run_dir / "data"
-        )
-        rows[name] = PackedRows(tokens, starts, d.seq_len)
+
+    def token_streams(tokenizer: tokenizers.Tokenizer):
+        eos = eos_id(tokenizer, repr(str(tokenizer_file)))
+        vocab = vocab_size(tokenizer)
+        rows = {
+            name: PackedRows(*token_stream(name, tokenizer, tokenizer_file, files, eos, vocab,
+                                           run_dir / "data", encode=primary), d.seq_len)
+            for name, files in (("train", split.train), ("val", split.val))
+        }
+        return eos, vocab, rows
+
+    if primary:
+        if tokenizer is None:
+            tokenizer = train_tokenizer(
+                (read_text(f) for f in split.train), len(split.train), cfg.model.vocab_size,
+                run_dir,
+            )
+        eos, vocab, rows = token_streams(tokenizer)
+    if count > 1:
+        multihost_utils.sync_global_devices("meshlm.data.build_data: process 0 prepared the data")
+    if not primary:
+        if not tokenizer_file.is_file():
+            raise ConfigError(
+                f"{str(tokenizer_file)!r} is missing after process 0 saved the tokenizer; "
+                "train.run_dir must be a directory that every process sees (a shared file system)"
+            )
+        if tokenizer is None:
+            tokenizer = load_run_tokenizer(run_dir)
+        eos, vocab, rows = token_streams(tokenizer)
     return Data(
         tokenizer=tokenizer,
         eos_id=eos,
@@ -111,4 +150,6 @@ def build_data(cfg: Config, run_dir: str | os.PathLike) -> Data:
         batch_size=d.batch_size,
         seed=d.seed,
         worker_count=d.worker_count,
+        process_index=index,
+        process_count=count,
     )

@@ -18,6 +18,12 @@ Rows are computed from their index by array arithmetic, so the rows form a rando
 its iterator's whole state is the index of the next batch. (grain's own packers,
 ``ConcatThenSplitIterDataset`` and ``FirstFitPackIterDataset``, are sequential ``IterDataset``s
 that could only shuffle documents before packing and restore by replaying.)
+
+With several processes each reads only its own block of every global batch (``process_rows``):
+the same shuffled order as one process, cut into ``process_count`` contiguous blocks, so the
+union over processes is the single-process batch and the iterator state (the global step) is the
+same on every process. (grain's ``ShardByJaxProcess`` instead gives each process its own part of
+the rows to shuffle, which changes the batches with the process count.)
 """
 
 from __future__ import annotations
@@ -100,9 +106,11 @@ def token_stream(
     eos_id: int,
     vocab_size: int,
     cache_dir: pathlib.Path,
+    encode: bool = True,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The split's stream and document starts, from the cache when the tokenizer and files are
-    unchanged, else tokenized and cached.
+    unchanged, else tokenized and cached (``encode=False``: a missing cache is an error, for
+    processes that only read what process 0 wrote).
 
     Cache files are named by the fingerprint and each is renamed into place whole, so a file
     that exists is complete and belongs to exactly these inputs, whatever was interrupted.
@@ -112,6 +120,11 @@ def token_stream(
     starts_path = cache_dir / f"{name}-{key}.starts.npy"
     if tokens_path.is_file() and starts_path.is_file():
         return np.load(tokens_path, mmap_mode="r"), np.load(starts_path)
+    if not encode:
+        raise ConfigError(
+            f"{str(tokens_path)!r} is missing after process 0 tokenized the {name} split; "
+            "train.run_dir must be a directory that every process sees (a shared file system)"
+        )
     start = time.perf_counter()
     dtype = np.uint16 if vocab_size <= 1 << 16 else np.uint32
     tokens, starts = encode_documents(tokenizer, files, eos_id, dtype)
@@ -190,43 +203,68 @@ class PackedRows:
         }
 
 
-def train_dataset(rows: PackedRows, batch_size: int, seed: int) -> grain.MapDataset:
-    """Rows shuffled (a different permutation each epoch), repeated forever, batched. A batch
-    may straddle two epochs; the row order depends only on ``seed``."""
+def process_rows(batch_size: int, process_index: int, process_count: int) -> slice:
+    """The rows of every global batch that process ``process_index`` of ``process_count`` reads:
+    the ``process_index``-th of ``process_count`` equal contiguous blocks (what
+    ``jax.make_array_from_process_local_data`` expects when the batch dimension is split across
+    processes in process order)."""
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index={process_index} is not in [0, {process_count})")
+    if batch_size % process_count:
+        raise ConfigError(
+            f"data.batch_size={batch_size} is not divisible by the {process_count} processes "
+            f"(each reads an equal share of every batch); use a multiple of {process_count}"
+        )
+    n = batch_size // process_count
+    return slice(process_index * n, (process_index + 1) * n)
+
+
+def train_dataset(
+    rows: PackedRows, batch_size: int, seed: int, process_index: int = 0, process_count: int = 1
+) -> grain.MapDataset:
+    """Rows shuffled (a different permutation each epoch), repeated forever, batched; element
+    ``i`` is this process's ``process_rows`` of global batch ``i``. A batch may straddle two
+    epochs; the row order depends only on ``seed``."""
     if not 0 <= seed < 2**32:
         raise ConfigError(f"data.seed must be in [0, 2**32), got {seed}")
-    # drop_remainder: the length is then integer arithmetic; grain's default computes
-    # ceil(sys.maxsize / batch_size) in floating point, which overflows for batch_size=1.
+    process_rows(batch_size, process_index, process_count)  # validates the split
+    # Global batch i is blocks i*P .. i*P + P - 1 of the rows batched by B/P; this process's is
+    # block i*P + p. drop_remainder: the length is then integer arithmetic; grain's default
+    # computes ceil(sys.maxsize / batch_size) in floating point, which overflows for batch 1.
     return (
         grain.MapDataset.source(rows).shuffle(seed=seed).repeat()
-        .batch(batch_size, drop_remainder=True)
+        .batch(batch_size // process_count, drop_remainder=True)[process_index::process_count]
     )
 
 
 def train_iterator(
-    rows: PackedRows, batch_size: int, seed: int, worker_count: int
+    rows: PackedRows, batch_size: int, seed: int, worker_count: int,
+    process_index: int = 0, process_count: int = 1,
 ) -> grain.DatasetIterator:
-    """An iterator over training batches; ``get_state()`` is ``{"next_index": i}``, and
-    ``set_state`` on a fresh iterator continues with exactly the batches that would follow."""
+    """An iterator over this process's part of the training batches; ``get_state()`` is
+    ``{"next_index": i}`` (the global step, the same on every process), and ``set_state`` on a
+    fresh iterator continues with exactly the batches that would follow."""
     read_options = grain.ReadOptions(
         num_threads=worker_count, prefetch_buffer_size=2 * worker_count
     )
-    return iter(train_dataset(rows, batch_size, seed).to_iter_dataset(read_options))
+    ds = train_dataset(rows, batch_size, seed, process_index, process_count)
+    return iter(ds.to_iter_dataset(read_options))
 
 
-def val_batches(rows: PackedRows, batch_size: int, n: int) -> list[dict[str, np.ndarray]]:
-    """The first ``n`` batches of validation rows in order (fewer when the split is smaller),
-    the last padded with empty rows so that every batch has the same shape."""
+def val_batches(
+    rows: PackedRows, batch_size: int, n: int, process_index: int = 0, process_count: int = 1
+) -> list[dict[str, np.ndarray]]:
+    """This process's part (``process_rows``) of the first ``n`` batches of validation rows in
+    order (fewer when the split is smaller), rows past the split's end filled with empty rows
+    so that every batch has the same shape."""
     if n < 1:
         raise ValueError(f"val_batches needs n >= 1, got {n}")
     n = min(n, -(-len(rows) // batch_size))
-    ds = grain.MapDataset.source(rows)[: n * batch_size].batch(batch_size)
+    part = process_rows(batch_size, process_index, process_count)
+    pad = rows.empty_row()
     out = []
-    for i in range(len(ds)):  # by index: no prefetch threads for a handful of batches
-        batch = ds[i]
-        short = batch_size - len(batch["inputs"])
-        if short:
-            pad = rows.empty_row()
-            batch = {k: np.concatenate([v, np.stack([pad[k]] * short)]) for k, v in batch.items()}
-        out.append(batch)
+    for i in range(n):  # by index: no prefetch threads for a handful of batches
+        picked = [rows[j] if j < len(rows) else pad
+                  for j in range(i * batch_size + part.start, i * batch_size + part.stop)]
+        out.append({k: np.stack([r[k] for r in picked]) for k in BATCH_KEYS})
     return out

@@ -82,10 +82,11 @@ def write_atomic(path: pathlib.Path, data: str) -> None:
 
 
 def existing_tokenizer(
-    tokenizer_path: str | None, run_dir: pathlib.Path, model_vocab_size: int
+    tokenizer_path: str | None, run_dir: pathlib.Path, model_vocab_size: int, copy: bool = True
 ) -> tokenizers.Tokenizer | None:
-    """The user's tokenizer (copied into the run) or the run's saved one, checked against the
-    model; None when one has to be trained. Runs before any corpus work so a misfit stops first."""
+    """The user's tokenizer (copied into the run when ``copy``) or the run's saved one, checked
+    against the model; None when one has to be trained. Runs before any corpus work so a misfit
+    stops first."""
     saved = run_dir / TOKENIZER_FILE
     if tokenizer_path is not None:
         tokenizer = load_tokenizer(tokenizer_path)
@@ -97,7 +98,7 @@ def existing_tokenizer(
         return None
     check_fits(tokenizer, model_vocab_size, source)
     eos_id(tokenizer, source)
-    if tokenizer_path is not None:
+    if copy and tokenizer_path is not None:
         text = pathlib.Path(tokenizer_path).expanduser().read_text(encoding="utf-8")
         if not saved.is_file() or saved.read_text(encoding="utf-8") != text:
             run_dir.mkdir(parents=True, exist_ok=True)

@@ -1,9 +1,9 @@
 """The training loop: ``train(cfg) -> summary``.
 
 Order matters for bad input: everything that can be checked without compute (the mesh against
-the devices present, the batch against the data-parallel size, the latest checkpoint's
-integrity and model, the tokenizer against the model's vocabulary) is checked first, so a wrong
-setting stops with one message before anything is compiled and before any checkpoint is
+the devices present, the batch against the data-parallel size and the processes, the latest
+checkpoint's integrity and model, the tokenizer against the model's vocabulary) is checked first,
+so a wrong setting stops with one message before anything is compiled and before any checkpoint is
 written or removed. Then the state is created (or restored) sharded, the steps are compiled once,
 and the loop feeds batches, logs, evaluates and checkpoints. SIGTERM (a preemption) finishes the
 current step, saves a checkpoint and returns; rerunning the same command resumes from it and
@@ -61,12 +61,32 @@ def check_run(cfg: Config, mesh, rules) -> None:
             f"{_axes_of(mesh, rules, 'batch')}); use a batch size that is a multiple of "
             f"{dp * t.grad_accum}"
         )
+    check_process_rows(cfg, mesh, rules)
     seq = sharding.named_sharding(mesh, rules, "length").spec[0]
     seq_shards = math.prod(mesh.shape[n] for n in _names(seq))
     if cfg.data.seq_len % seq_shards:
         raise ConfigError(
             f"data.seq_len={cfg.data.seq_len} is not divisible by the sequence-parallel size "
             f"{seq_shards} ({_axes_of(mesh, rules, 'length')})"
+        )
+
+
+def check_process_rows(cfg: Config, mesh, rules) -> None:
+    """Each process reads its ``process_rows`` block of every global batch; under the batch
+    sharding its devices must hold exactly that block (``make_array_from_process_local_data``
+    places the block on them)."""
+    from meshlm.data.pipeline import process_rows
+
+    b, index, count = cfg.data.batch_size, jax.process_index(), jax.process_count()
+    rows = process_rows(b, index, count)
+    held = sharding.rows_held(sharding.batch_sharding(mesh, rules), (b, cfg.data.seq_len))
+    if held != [(rows.start, rows.stop)]:
+        raise ConfigError(
+            f"under the batch sharding ({_axes_of(mesh, rules, 'batch')}) the devices of process "
+            f"{index} hold rows {', '.join(f'[{a}, {z})' for a, z in held)} of each "
+            f"{b}-row batch, but with {count} processes it reads rows [{rows.start}, "
+            f"{rows.stop}); map the 'batch' rule to mesh axes that split the devices of "
+            "different processes, in process order"
         )
 
 
@@ -132,6 +152,7 @@ def train(cfg: Config) -> dict[str, Any]:
     train_step = make_train_step(cfg, model, tx, schedule, mesh, rules, abstract)
     eval_step = make_eval_step(cfg, model, mesh, rules, abstract)
     batch_sh = sharding.batch_sharding(mesh, rules)
+    global_shape = (cfg.data.batch_size, seq_len)
     train_iter = data.train_iterator()
     manager = checkpoint.open_manager(run_dir, cfg.checkpoint)
     if resume_from is not None:
@@ -151,8 +172,8 @@ def train(cfg: Config) -> dict[str, Any]:
     )
 
     def put(batch):
-        # The pipeline yields the global batch; one process places every device's rows.
-        return jax.device_put(batch, batch_sh)
+        # Each process holds only its rows (check_process_rows); together they are one array.
+        return jax.make_array_from_process_local_data(batch_sh, batch, global_shape)
 
     val = put(data.val_batches(cfg.train.eval_batches))  # placed once, read every evaluation
 
