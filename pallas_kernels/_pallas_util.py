@@ -16,6 +16,14 @@ class Refs:
         assert next(refs, None) is None, "more refs than names"
 
 
+def operands(named):
+    """``(flags, arrays, specs)`` from ``[(name, array or None, spec)]``: only present operands
+    are passed to the kernel, and the static ``flags`` tell ``Refs`` which ones those were."""
+    flags = tuple((name, a is not None) for name, a, _ in named)
+    present = [(a, s) for _, a, s in named if a is not None]
+    return flags, [a for a, _ in present], [s for _, s in present]
+
+
 def out_type(shape, dtype, *inputs):
     """A ``pallas_call`` result type; inside ``shard_map`` it must name the mesh axes it varies
     over: every axis that any input varies over."""

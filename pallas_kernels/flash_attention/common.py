@@ -12,6 +12,8 @@ import math
 
 import jax.numpy as jnp
 
+from pallas_kernels._pallas_util import Refs
+
 LOG2E = math.log2(math.e)
 
 # Large finite negative instead of -inf so that fully masked rows never produce inf - inf = NaN.
@@ -46,6 +48,17 @@ class BlockSizes:
     block_k: int | None = None
     block_q_bwd: int | None = None
     block_k_bwd: int | None = None
+
+
+# The fixed inputs of every lowering's backward kernels, in the order they are passed.
+BWD_INPUTS = ("q", "k", "v", "do", "lse", "delta")
+
+
+def kernel_refs(refs, inputs, has_seg: bool, has_alibi: bool, rest) -> Refs:
+    """Names a kernel's refs: the ``inputs``, then ``q_seg``, ``kv_seg`` and ``slopes`` (None when
+    the call has no segment ids / ALiBi slopes), then ``rest`` (outputs and scratch)."""
+    optional = [("q_seg", has_seg), ("kv_seg", has_seg), ("slopes", has_alibi)]
+    return Refs(refs, [(n, True) for n in inputs] + optional + [(n, True) for n in rest])
 
 
 def transform_scores(s, q_pos, k_pos, spec: AttentionSpec, *, q_seg=None, k_seg=None, slope=None):

@@ -38,9 +38,11 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.flash_attention.common import (
+    BWD_INPUTS,
     MASK_VALUE,
     AttentionSpec,
     BlockSizes,
+    kernel_refs,
     pad_to,
     score_grad,
     tile_logits,
@@ -190,39 +192,28 @@ def _positions(shape, q_axis: int, q_start, k_start, spec: AttentionSpec, need_q
     return q_pos, k_pos
 
 
-def _unpack(refs, spec: AttentionSpec, n_inputs: int):
-    """Split kernel refs into (inputs, segment refs, slope ref, the rest)."""
-    refs = list(refs)
-    inputs, refs = refs[:n_inputs], refs[n_inputs:]
-    segs = (None, None)
-    if spec.has_segment_ids:
-        segs, refs = (refs[0], refs[1]), refs[2:]
-    slopes = None
-    if spec.has_alibi:
-        slopes, refs = refs[0], refs[1:]
-    return inputs, segs, slopes, refs
-
-
 # --------------------------------------------------------------------------------------------
 # Forward
 # --------------------------------------------------------------------------------------------
 
 
 def _fwd_kernel(*refs, spec: AttentionSpec, bq: int, bk: int, nk: int, kv_len: int | None):
-    (q_ref, k_ref, v_ref), (qseg_ref, kseg_ref), slopes_ref, rest = _unpack(refs, spec, 3)
-    o_ref, lse_ref, m_scr, l_scr, acc_scr = rest
+    r = kernel_refs(
+        refs, ("q", "k", "v"), spec.has_segment_ids, spec.has_alibi,
+        ("o", "lse", "m_scr", "l_scr", "acc_scr"),
+    )  # fmt: skip
     h, qi, ki = pl.program_id(1), pl.program_id(2), pl.program_id(3)
-    head_dim = acc_scr.shape[-1]
+    head_dim = r.acc_scr.shape[-1]
 
     @pl.when(ki == 0)
     def _init():
-        m_scr[...] = jnp.full(m_scr.shape, -jnp.inf, jnp.float32)
-        l_scr[...] = jnp.zeros(l_scr.shape, jnp.float32)
-        acc_scr[...] = jnp.zeros(acc_scr.shape, jnp.float32)
+        r.m_scr[...] = jnp.full(r.m_scr.shape, -jnp.inf, jnp.float32)
+        r.l_scr[...] = jnp.zeros(r.l_scr.shape, jnp.float32)
+        r.acc_scr[...] = jnp.zeros(r.acc_scr.shape, jnp.float32)
 
     def step():
-        v = v_ref[...]
-        s = lax.dot_general(q_ref[...], k_ref[...], _NT, preferred_element_type=jnp.float32)
+        v = r.v[...]
+        s = lax.dot_general(r.q[...], r.k[...], _NT, preferred_element_type=jnp.float32)
         q_pos, k_pos = _positions(
             (bq, bk), 0, qi * bq, ki * bk, spec,
             need_q=spec.causal or spec.has_alibi,
@@ -230,33 +221,33 @@ def _fwd_kernel(*refs, spec: AttentionSpec, bq: int, bk: int, nk: int, kv_len: i
         )
         logits, _ = tile_logits(
             s, q_pos, k_pos, spec,
-            q_seg=None if qseg_ref is None else _lanes(qseg_ref[...], bk),
-            k_seg=None if kseg_ref is None else _sublanes(kseg_ref[...], bq),
-            slope=None if slopes_ref is None else slopes_ref[h],
+            q_seg=None if r.q_seg is None else _lanes(r.q_seg[...], bk),
+            k_seg=None if r.kv_seg is None else _sublanes(r.kv_seg[...], bq),
+            slope=None if r.slopes is None else r.slopes[h],
             kv_len=kv_len,
         )
-        m_prev = m_scr[...]
+        m_prev = r.m_scr[...]
         m_next = jnp.maximum(m_prev, jnp.max(logits, axis=1, keepdims=True))
         alpha = jnp.exp(m_prev - m_next)
         # A row whose keys so far are all masked has m_next == MASK_VALUE, so p == 1 on masked
         # entries; a later visible key rescales that by exp(MASK_VALUE - m) == 0, and a row that
         # never sees one is zeroed in the epilogue.
         p = jnp.exp(logits - _lanes(m_next, bk))
-        l_scr[...] = alpha * l_scr[...] + jnp.sum(p, axis=1, keepdims=True)
-        m_scr[...] = m_next
+        r.l_scr[...] = alpha * r.l_scr[...] + jnp.sum(p, axis=1, keepdims=True)
+        r.m_scr[...] = m_next
         pv = lax.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
-        acc_scr[...] = acc_scr[...] * _lanes(alpha, head_dim) + pv
+        r.acc_scr[...] = r.acc_scr[...] * _lanes(alpha, head_dim) + pv
 
     lo, hi = _kv_block_range(qi, spec, bq, bk, nk)
     _when_visible(ki, lo, hi, step)
 
     @pl.when(ki == nk - 1)
     def _finish():
-        m, l = m_scr[...], l_scr[...]
+        m, l = r.m_scr[...], r.l_scr[...]
         seen = m > _SEEN_THRESHOLD
         inv = jnp.where(seen, 1.0 / jnp.where(seen, l, 1.0), 0.0)
-        o_ref[...] = (acc_scr[...] * _lanes(inv, head_dim)).astype(o_ref.dtype)
-        lse_ref[...] = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), -jnp.inf)
+        r.o[...] = (r.acc_scr[...] * _lanes(inv, head_dim)).astype(r.o.dtype)
+        r.lse[...] = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), -jnp.inf)
 
 
 def _to_bhld(x, length: int):
@@ -414,19 +405,16 @@ def forward(q, k, v, q_seg, kv_seg, alibi_slopes, *, spec: AttentionSpec, block_
 
 
 def _dq_kernel(*refs, spec: AttentionSpec, bq: int, bk: int, nk: int, kv_len: int | None):
-    (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref), (qseg_ref, kseg_ref), slopes_ref, rest = (
-        _unpack(refs, spec, 6)
-    )
-    dq_ref, dq_scr = rest
+    r = kernel_refs(refs, BWD_INPUTS, spec.has_segment_ids, spec.has_alibi, ("dq", "dq_scr"))
     h, qi, ki = pl.program_id(1), pl.program_id(2), pl.program_id(3)
 
     @pl.when(ki == 0)
     def _init():
-        dq_scr[...] = jnp.zeros(dq_scr.shape, jnp.float32)
+        r.dq_scr[...] = jnp.zeros(r.dq_scr.shape, jnp.float32)
 
     def step():
-        k, v = k_ref[...], v_ref[...]
-        s = lax.dot_general(q_ref[...], k, _NT, preferred_element_type=jnp.float32)
+        k, v = r.k[...], r.v[...]
+        s = lax.dot_general(r.q[...], k, _NT, preferred_element_type=jnp.float32)
         q_pos, k_pos = _positions(
             (bq, bk), 0, qi * bq, ki * bk, spec,
             need_q=spec.causal or spec.has_alibi,
@@ -434,41 +422,40 @@ def _dq_kernel(*refs, spec: AttentionSpec, bq: int, bk: int, nk: int, kv_len: in
         )
         logits, visible = tile_logits(
             s, q_pos, k_pos, spec,
-            q_seg=None if qseg_ref is None else _lanes(qseg_ref[...], bk),
-            k_seg=None if kseg_ref is None else _sublanes(kseg_ref[...], bq),
-            slope=None if slopes_ref is None else slopes_ref[h],
+            q_seg=None if r.q_seg is None else _lanes(r.q_seg[...], bk),
+            k_seg=None if r.kv_seg is None else _sublanes(r.kv_seg[...], bq),
+            slope=None if r.slopes is None else r.slopes[h],
             kv_len=kv_len,
         )
-        p = jnp.exp(logits - _lanes(lse_ref[...], bk))
-        dp = lax.dot_general(do_ref[...], v, _NT, preferred_element_type=jnp.float32)
-        ds = score_grad(p, dp, _lanes(delta_ref[...], bk), logits, visible, spec)
-        dq_scr[...] += lax.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32)
+        p = jnp.exp(logits - _lanes(r.lse[...], bk))
+        dp = lax.dot_general(r.do[...], v, _NT, preferred_element_type=jnp.float32)
+        ds = score_grad(p, dp, _lanes(r.delta[...], bk), logits, visible, spec)
+        r.dq_scr[...] += lax.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32)
 
     lo, hi = _kv_block_range(qi, spec, bq, bk, nk)
     _when_visible(ki, lo, hi, step)
 
     @pl.when(ki == nk - 1)
     def _finish():
-        dq_ref[...] = (dq_scr[...] * spec.scale).astype(dq_ref.dtype)
+        r.dq[...] = (r.dq_scr[...] * spec.scale).astype(r.dq.dtype)
 
 
 def _dkv_kernel(*refs, spec: AttentionSpec, bq: int, bk: int, nq: int, group: int):
-    (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref), (qseg_ref, kseg_ref), slopes_ref, rest = (
-        _unpack(refs, spec, 6)
+    r = kernel_refs(
+        refs, BWD_INPUTS, spec.has_segment_ids, spec.has_alibi, ("dk", "dv", "dk_scr", "dv_scr")
     )
-    dk_ref, dv_ref, dk_scr, dv_scr = rest
     g, ki, t = pl.program_id(1), pl.program_id(2), pl.program_id(3)
     h, qi = g * group + t // nq, t % nq
 
     @pl.when(t == 0)
     def _init():
-        dk_scr[...] = jnp.zeros(dk_scr.shape, jnp.float32)
-        dv_scr[...] = jnp.zeros(dv_scr.shape, jnp.float32)
+        r.dk_scr[...] = jnp.zeros(r.dk_scr.shape, jnp.float32)
+        r.dv_scr[...] = jnp.zeros(r.dv_scr.shape, jnp.float32)
 
     def step():
-        q, do = q_ref[...], do_ref[...]
+        q, do = r.q[...], r.do[...]
         # Transposed tiles: rows are keys, columns are queries.
-        s = lax.dot_general(k_ref[...], q, _NT, preferred_element_type=jnp.float32)
+        s = lax.dot_general(r.k[...], q, _NT, preferred_element_type=jnp.float32)
         q_pos, k_pos = _positions(
             (bk, bq), 1, qi * bq, ki * bk, spec,
             need_q=spec.causal or spec.has_alibi, need_k=spec.causal or spec.has_alibi,
@@ -476,24 +463,24 @@ def _dkv_kernel(*refs, spec: AttentionSpec, bq: int, bk: int, nq: int, group: in
         # Padded keys need no mask here: their dk/dv rows are sliced off and never mix with others.
         logits, visible = tile_logits(
             s, q_pos, k_pos, spec,
-            q_seg=None if qseg_ref is None else _sublanes(qseg_ref[...], bk),
-            k_seg=None if kseg_ref is None else _lanes(kseg_ref[...], bq),
-            slope=None if slopes_ref is None else slopes_ref[h],
+            q_seg=None if r.q_seg is None else _sublanes(r.q_seg[...], bk),
+            k_seg=None if r.kv_seg is None else _lanes(r.kv_seg[...], bq),
+            slope=None if r.slopes is None else r.slopes[h],
             kv_len=None,
         )
-        p = jnp.exp(logits - _sublanes(lse_ref[...], bk))
-        dv_scr[...] += lax.dot(p.astype(do.dtype), do, preferred_element_type=jnp.float32)
-        dp = lax.dot_general(v_ref[...], do, _NT, preferred_element_type=jnp.float32)
-        ds = score_grad(p, dp, _sublanes(delta_ref[...], bk), logits, visible, spec)
-        dk_scr[...] += lax.dot(ds.astype(q.dtype), q, preferred_element_type=jnp.float32)
+        p = jnp.exp(logits - _sublanes(r.lse[...], bk))
+        r.dv_scr[...] += lax.dot(p.astype(do.dtype), do, preferred_element_type=jnp.float32)
+        dp = lax.dot_general(r.v[...], do, _NT, preferred_element_type=jnp.float32)
+        ds = score_grad(p, dp, _sublanes(r.delta[...], bk), logits, visible, spec)
+        r.dk_scr[...] += lax.dot(ds.astype(q.dtype), q, preferred_element_type=jnp.float32)
 
     lo, hi = _q_block_range(ki, spec, bq, bk, nq)
     _when_visible(qi, lo, hi, step)
 
     @pl.when(t == group * nq - 1)
     def _finish():
-        dk_ref[...] = (dk_scr[...] * spec.scale).astype(dk_ref.dtype)
-        dv_ref[...] = dv_scr[...].astype(dv_ref.dtype)
+        r.dk[...] = (r.dk_scr[...] * spec.scale).astype(r.dk.dtype)
+        r.dv[...] = r.dv_scr[...].astype(r.dv.dtype)
 
 
 def backward(q, k, v, q_seg, kv_seg, alibi_slopes, out, lse, dout, *, spec: AttentionSpec,

@@ -32,11 +32,13 @@ from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels._pallas_util import out_type
 from pallas_kernels.flash_attention.common import (
+    BWD_INPUTS,
     LOG2E,
     MASK_VALUE,
     AttentionSpec,
     BlockSizes,
     base2,
+    kernel_refs,
     pad_to,
     score_grad,
     tile_logits,
@@ -197,39 +199,28 @@ def _iota(n: int):
     return lax.iota(jnp.int32, n)
 
 
-def _optional_refs(refs, has_seg, has_alibi):
-    """``(q_seg, kv_seg, slopes, rest)`` refs from those after the fixed inputs; absent: None."""
-    qs_ref = ks_ref = sl_ref = None
-    if has_seg:
-        qs_ref, ks_ref, *refs = refs
-    if has_alibi:
-        sl_ref, *refs = refs
-    return qs_ref, ks_ref, sl_ref, refs
-
-
 # ----------------------------------------------------------------------------- forward
 
 
 def _fwd_kernel(*refs, spec2, tiles, nq, nk, kv_len, has_seg, has_alibi):
-    q_ref, k_ref, v_ref, *refs = refs
-    qs_ref, ks_ref, sl_ref, (o_ref, lse_ref) = _optional_refs(refs, has_seg, has_alibi)
+    r = kernel_refs(refs, ("q", "k", "v"), has_seg, has_alibi, ("o", "lse"))
     bq, bk = tiles.block_q, tiles.block_k
     padded_kv = nk * bk != kv_len
 
     qi = _q_block(pl.program_id(0), nq, spec2)
-    q = q_ref[...]
+    q = r.q[...]
     q_first = spec2.q_offset + qi * bq
     q_pos = (q_first + _iota(bq))[:, None]
-    q_seg = qs_ref[...][:, None] if has_seg else None
-    slope = sl_ref[pl.program_id(2)] if has_alibi else None
+    q_seg = r.q_seg[...][:, None] if has_seg else None
+    slope = r.slopes[pl.program_id(2)] if has_alibi else None
 
     def body(masked):
         def step(j, carry):
             acc, m, l = carry
             start = pl.multiple_of(j * bk, bk)
-            k = k_ref[pl.ds(start, bk), :]
+            k = r.k[pl.ds(start, bk), :]
             k_pos = (start + _iota(bk))[None, :]
-            k_seg = ks_ref[pl.ds(start, bk)][None, :] if has_seg else None
+            k_seg = r.kv_seg[pl.ds(start, bk)][None, :] if has_seg else None
             s, _ = tile_logits(
                 _dot(q, k, trans_b=True), q_pos, k_pos, spec2, masked=masked,
                 kv_len=kv_len if padded_kv else None, q_seg=q_seg, k_seg=k_seg, slope=slope,
@@ -238,7 +229,7 @@ def _fwd_kernel(*refs, spec2, tiles, nq, nk, kv_len, has_seg, has_alibi):
             alpha = jnp.exp2(m - m_new)
             p = jnp.exp2(s - m_new[:, None])
             l = l * alpha + jnp.sum(p, axis=1)
-            v = v_ref[pl.ds(start, bk), :]
+            v = r.v[pl.ds(start, bk), :]
             acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v)
             return acc, m_new, l
 
@@ -248,7 +239,7 @@ def _fwd_kernel(*refs, spec2, tiles, nq, nk, kv_len, has_seg, has_alibi):
     # m starts at MASK_VALUE: a row whose every key so far is masked keeps m = MASK_VALUE (its
     # masked terms are wiped by alpha = 0 once a visible key arrives), so m tells dead rows apart.
     carry = (
-        jnp.zeros((bq, q_ref.shape[-1]), jnp.float32),
+        jnp.zeros((bq, r.q.shape[-1]), jnp.float32),
         jnp.full((bq,), MASK_VALUE, jnp.float32),
         jnp.zeros((bq,), jnp.float32),
     )
@@ -258,8 +249,8 @@ def _fwd_kernel(*refs, spec2, tiles, nq, nk, kv_len, has_seg, has_alibi):
 
     dead = m <= 0.5 * MASK_VALUE
     l = jnp.where(dead, 1.0, l)
-    o_ref[...] = jnp.where(dead[:, None], 0.0, acc / l[:, None]).astype(o_ref.dtype)
-    lse_ref[...] = jnp.where(dead, -jnp.inf, (m + jnp.log2(l)) / LOG2E)
+    r.o[...] = jnp.where(dead[:, None], 0.0, acc / l[:, None]).astype(r.o.dtype)
+    r.lse[...] = jnp.where(dead, -jnp.inf, (m + jnp.log2(l)) / LOG2E)
 
 
 def _q_block(pid, nq, spec):
@@ -329,17 +320,16 @@ def forward(q, k, v, q_seg, kv_seg, alibi_slopes, *, spec, block_sizes, interpre
 
 
 def _dkv_kernel(*refs, spec2, tiles, nq, kv_len, padded_kv, group, has_seg, has_alibi):
-    q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs = refs
-    qs_ref, ks_ref, sl_ref, (dk_ref, dv_ref) = _optional_refs(refs, has_seg, has_alibi)
+    r = kernel_refs(refs, BWD_INPUTS, has_seg, has_alibi, ("dk", "dv"))
     bq, bk = tiles.block_q, tiles.block_k
-    head_dim = k_ref.shape[-1]
+    head_dim = r.k.shape[-1]
 
     k_first = pl.program_id(0) * bk
-    k = k_ref[...]
-    v = v_ref[...]
+    k = r.k[...]
+    v = r.v[...]
     # The tile is kept transposed (keys x queries) so dK and dV come out without transposes.
     k_pos = (k_first + _iota(bk))[:, None]
-    k_seg = ks_ref[...][:, None] if has_seg else None
+    k_seg = r.kv_seg[...][:, None] if has_seg else None
 
     first_head = pl.program_id(2) * group
 
@@ -357,13 +347,13 @@ def _dkv_kernel(*refs, spec2, tiles, nq, kv_len, padded_kv, group, has_seg, has_
             g, i = (0, first + t) if group == 1 else (lax.div(t, count), first + lax.rem(t, count))
             start = pl.multiple_of(i * bq, bq)
             rows = pl.ds(start, bq)
-            q = q_ref[rows, g, :]
-            do = do_ref[rows, g, :]
-            lse = lse_ref[g, rows]
-            delta = delta_ref[g, rows]
+            q = r.q[rows, g, :]
+            do = r.do[rows, g, :]
+            lse = r.lse[g, rows]
+            delta = r.delta[g, rows]
             q_pos = (spec2.q_offset + start + _iota(bq))[None, :]
-            q_seg = qs_ref[rows][None, :] if has_seg else None
-            slope = sl_ref[first_head + g] if has_alibi else None
+            q_seg = r.q_seg[rows][None, :] if has_seg else None
+            slope = r.slopes[first_head + g] if has_alibi else None
             s, visible = tile_logits(
                 _dot(k, q, trans_b=True), q_pos, k_pos, spec2, masked=masked,
                 kv_len=kv_len if padded_kv else None, q_seg=q_seg, k_seg=k_seg, slope=slope,
@@ -382,33 +372,32 @@ def _dkv_kernel(*refs, spec2, tiles, nq, kv_len, padded_kv, group, has_seg, has_
     carry = visit(lo, full_lo, True, (zeros, zeros))
     carry = visit(full_lo, full_hi, False, carry)
     dk, dv = visit(full_hi, hi, True, carry)
-    dk_ref[...] = (dk * spec2.scale / LOG2E).astype(dk_ref.dtype)
-    dv_ref[...] = dv.astype(dv_ref.dtype)
+    r.dk[...] = (dk * spec2.scale / LOG2E).astype(r.dk.dtype)
+    r.dv[...] = dv.astype(r.dv.dtype)
 
 
 def _dq_kernel(*refs, spec2, tiles, nq, nk, kv_len, has_seg, has_alibi):
-    q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs = refs
-    qs_ref, ks_ref, sl_ref, (dq_ref,) = _optional_refs(refs, has_seg, has_alibi)
+    r = kernel_refs(refs, BWD_INPUTS, has_seg, has_alibi, ("dq",))
     bq, bk = tiles.block_q, tiles.block_k
     padded_kv = nk * bk != kv_len
 
     qi = _q_block(pl.program_id(0), nq, spec2)
-    q = q_ref[...]
-    do = do_ref[...]
-    lse = lse_ref[...][:, None]
-    delta = delta_ref[...][:, None]
+    q = r.q[...]
+    do = r.do[...]
+    lse = r.lse[...][:, None]
+    delta = r.delta[...][:, None]
     q_first = spec2.q_offset + qi * bq
     q_pos = (q_first + _iota(bq))[:, None]
-    q_seg = qs_ref[...][:, None] if has_seg else None
-    slope = sl_ref[pl.program_id(2)] if has_alibi else None
+    q_seg = r.q_seg[...][:, None] if has_seg else None
+    slope = r.slopes[pl.program_id(2)] if has_alibi else None
 
     def body(masked):
         def step(j, dq):
             start = pl.multiple_of(j * bk, bk)
-            k = k_ref[pl.ds(start, bk), :]
-            v = v_ref[pl.ds(start, bk), :]
+            k = r.k[pl.ds(start, bk), :]
+            v = r.v[pl.ds(start, bk), :]
             k_pos = (start + _iota(bk))[None, :]
-            k_seg = ks_ref[pl.ds(start, bk)][None, :] if has_seg else None
+            k_seg = r.kv_seg[pl.ds(start, bk)][None, :] if has_seg else None
             s, visible = tile_logits(
                 _dot(q, k, trans_b=True), q_pos, k_pos, spec2, masked=masked,
                 kv_len=kv_len if padded_kv else None, q_seg=q_seg, k_seg=k_seg, slope=slope,
@@ -425,7 +414,7 @@ def _dq_kernel(*refs, spec2, tiles, nq, nk, kv_len, has_seg, has_alibi):
     dq = _loop(lo, full_lo, body(True), dq)
     dq = _loop(full_lo, full_hi, body(False), dq)
     dq = _loop(full_hi, hi, body(True), dq)
-    dq_ref[...] = (dq * spec2.scale / LOG2E).astype(dq_ref.dtype)
+    r.dq[...] = (dq * spec2.scale / LOG2E).astype(r.dq.dtype)
 
 
 def backward(q, k, v, q_seg, kv_seg, alibi_slopes, out, lse, dout, *, spec, block_sizes,

@@ -32,7 +32,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels import _ssm_math
-from pallas_kernels._pallas_util import Refs
+from pallas_kernels._pallas_util import Refs, operands
 from pallas_kernels.selective_scan import common
 
 f32 = jnp.float32
@@ -251,39 +251,37 @@ def _specs(n_chunks, chunk, d_inner, d_state, n_groups, block_d, reverse):
     )
 
 
-def _call(kernel, grid, operands, outputs, scratch, interpret, name):
-    """``pallas_call`` over present operands/outputs; returns a dict of the outputs by name."""
-    present = [(n, shape, spec) for n, p, shape, spec in outputs if p]
+def _call(kernel, name, grid, named_in, named_out, scratch, cfg, **static):
+    """``pallas_call`` of ``kernel`` (static arguments bound) over ``[(name, array or None,
+    spec)]`` inputs, ``[(name, shape or None, spec)]`` outputs and ``[(name, scratch shape)]``;
+    returns a dict of the present outputs by name."""
+    in_flags, args, in_specs = operands(named_in)
+    out_flags, out_shapes, out_specs = operands(named_out)
+    flags = in_flags + out_flags + tuple((n, True) for n, _ in scratch)
     outs = pl.pallas_call(
-        kernel,
-        out_shape=[shape for _, shape, _ in present],
+        functools.partial(kernel, softplus=cfg.delta_softplus, flags=flags, **static),
+        out_shape=out_shapes,
         grid=grid,
-        in_specs=[spec for _, spec in operands],
-        out_specs=[spec for _, _, spec in present],
-        scratch_shapes=scratch,
+        in_specs=in_specs,
+        out_specs=out_specs,
+        scratch_shapes=[shape for _, shape in scratch],
         compiler_params=pltpu.CompilerParams(
             dimension_semantics=("parallel", "parallel", "arbitrary")
         ),
         # The TPU interpreter simulates VMEM and poisons uninitialised scratch, catching misuse.
-        interpret=pltpu.InterpretParams() if interpret else False,
+        interpret=pltpu.InterpretParams() if cfg.interpret else False,
         name=name,
-    )(*[x for x, _ in operands])
-    return dict(zip([n for n, _, _ in present], outs))
-
-
-def _gather(arrays, names, spec, kinds):
-    """Operand list and presence flags for the kernel, in ``names`` order."""
-    operands, flags = [], []
-    for name in names:
-        x = arrays.get(name)
-        flags.append((name, x is not None))
-        if x is not None:
-            operands.append((x, spec[kinds[name]]))
-    return operands, flags
+    )(*args)
+    return dict(zip([n for n, s, _ in named_out if s is not None], outs))
 
 
 _KINDS = dict(u="seq", delta="seq", A="chan_state", B="grp", C="grp", D="chan", z="seq",
               bias="chan", h0="state", dh_final="state", dout="seq", ckpt="ckpt")  # fmt: skip
+
+
+def _inputs(arrays, names, spec):
+    """``[(name, array or None, spec)]`` for ``names``, each with the BlockSpec of its kind."""
+    return [(n, arrays.get(n), spec[_KINDS[n]]) for n in names]
 
 
 def forward(u, delta, A, B, C, D, z, delta_bias, h0, cfg: common.ScanConfig, *, save_checkpoints):
@@ -292,24 +290,15 @@ def forward(u, delta, A, B, C, D, z, delta_bias, h0, cfg: common.ScanConfig, *, 
     n_groups, d_state = B.shape[2], B.shape[3]
     arrays, n_chunks = _prepare(u, delta, A, B, C, D, z, delta_bias, h0, {}, cfg.chunk)
     spec = _specs(n_chunks, cfg.chunk, d_inner, d_state, n_groups, cfg.block_d, reverse=False)
-    operands, flags = _gather(
-        arrays, ("u", "delta", "A", "B", "C", "D", "z", "bias", "h0"), spec, _KINDS
-    )
-    padded = arrays["u"].shape
-    outputs = [
-        ("y", True, jax.ShapeDtypeStruct(padded, u.dtype), spec["seq"]),
-        ("h_final", True, jax.ShapeDtypeStruct((batch, d_state, d_inner), f32), spec["state"]),
-        ("ckpt", save_checkpoints,
-         jax.ShapeDtypeStruct((batch, n_chunks, d_state, d_inner), f32), spec["ckpt"]),
-    ]  # fmt: skip
-    flags += [(n, p) for n, p, _, _ in outputs] + [("h", True)]
-    kernel = functools.partial(
-        _fwd_kernel, length=length, chunk=cfg.chunk, n_chunks=n_chunks,
-        softplus=cfg.delta_softplus, flags=tuple(flags),
-    )  # fmt: skip
+    ckpt = jax.ShapeDtypeStruct((batch, n_chunks, d_state, d_inner), f32)
     res = _call(
-        kernel, (batch, d_inner // cfg.block_d, n_chunks), operands, outputs,
-        [pltpu.VMEM((d_state, cfg.block_d), f32)], cfg.interpret, "selective_scan_fwd",
+        _fwd_kernel, "selective_scan_fwd", (batch, d_inner // cfg.block_d, n_chunks),
+        _inputs(arrays, ("u", "delta", "A", "B", "C", "D", "z", "bias", "h0"), spec),
+        [("y", jax.ShapeDtypeStruct(arrays["u"].shape, u.dtype), spec["seq"]),
+         ("h_final", jax.ShapeDtypeStruct((batch, d_state, d_inner), f32), spec["state"]),
+         ("ckpt", ckpt if save_checkpoints else None, spec["ckpt"])],
+        [("h", pltpu.VMEM((d_state, cfg.block_d), f32))],
+        cfg, length=length, chunk=cfg.chunk, n_chunks=n_chunks,
     )  # fmt: skip
     h_final = jnp.swapaxes(res["h_final"], 1, 2)
     return res["y"][:, :length], h_final, res.get("ckpt")
@@ -327,30 +316,29 @@ def backward(dy, dh_final, u, delta, A, B, C, D, z, delta_bias, h0, ckpt, cfg: c
         arrays["dh_final"] = jnp.swapaxes(dh_final.astype(f32), 1, 2)
     spec = _specs(n_chunks, chunk, d_inner, d_state, n_groups, block_d, reverse=True)
     names = ("dout", "u", "delta", "A", "B", "C", "D", "z", "bias", "dh_final", "ckpt")
-    operands, flags = _gather(arrays, names, spec, _KINDS)
     padded = arrays["u"].shape
     partial = jax.ShapeDtypeStruct((batch, n_blocks, d_state, n_chunks * chunk), f32)
     per_state = jax.ShapeDtypeStruct((batch, d_state, d_inner), f32)
     per_chan = jax.ShapeDtypeStruct((batch, 1, d_inner), f32)
+    if_given = lambda x, shape: None if x is None else shape
     outputs = [
-        ("du", True, jax.ShapeDtypeStruct(padded, u.dtype), spec["seq"]),
-        ("ddelta", True, jax.ShapeDtypeStruct(padded, delta.dtype), spec["seq"]),
-        ("dz", z is not None, jax.ShapeDtypeStruct(padded, getattr(z, "dtype", f32)), spec["seq"]),
-        ("dB", True, partial, spec["partial"]),
-        ("dC", True, partial, spec["partial"]),
-        ("dA", True, per_state, spec["state"]),
-        ("dD", D is not None, per_chan, spec["row_chan"]),
-        ("dbias", delta_bias is not None, per_chan, spec["row_chan"]),
-        ("dh0", h0 is not None, per_state, spec["state"]),
+        ("du", jax.ShapeDtypeStruct(padded, u.dtype), spec["seq"]),
+        ("ddelta", jax.ShapeDtypeStruct(padded, delta.dtype), spec["seq"]),
+        ("dz", None if z is None else jax.ShapeDtypeStruct(padded, z.dtype), spec["seq"]),
+        ("dB", partial, spec["partial"]),
+        ("dC", partial, spec["partial"]),
+        ("dA", per_state, spec["state"]),
+        ("dD", if_given(D, per_chan), spec["row_chan"]),
+        ("dbias", if_given(delta_bias, per_chan), spec["row_chan"]),
+        ("dh0", if_given(h0, per_state), spec["state"]),
     ]
-    flags += [(n, p) for n, p, _, _ in outputs] + [("g", True), ("hs", True)]
-    scratch = [pltpu.VMEM((d_state, block_d), f32), pltpu.VMEM((chunk, d_state, block_d), f32)]
-    kernel = functools.partial(
-        _bwd_kernel, length=length, chunk=chunk, n_chunks=n_chunks,
-        softplus=cfg.delta_softplus, flags=tuple(flags),
+    scratch = [("g", pltpu.VMEM((d_state, block_d), f32)),
+               ("hs", pltpu.VMEM((chunk, d_state, block_d), f32))]  # fmt: skip
+    res = _call(
+        _bwd_kernel, "selective_scan_bwd", (batch, n_blocks, n_chunks),
+        _inputs(arrays, names, spec), outputs, scratch, cfg,
+        length=length, chunk=chunk, n_chunks=n_chunks,
     )  # fmt: skip
-    res = _call(kernel, (batch, n_blocks, n_chunks), operands, outputs, scratch, cfg.interpret,
-                "selective_scan_bwd")  # fmt: skip
 
     def group_sum(part, like):
         # (batch, n_blocks, N, L) -> (batch, L, n_groups, N): sum a group's channel blocks.

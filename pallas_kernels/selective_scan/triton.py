@@ -37,7 +37,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels import _ssm_math
-from pallas_kernels._pallas_util import Refs
+from pallas_kernels._pallas_util import Refs, operands
 from pallas_kernels.selective_scan import common
 
 f32 = jnp.float32
@@ -262,28 +262,26 @@ def _compiler_params(cfg: common.ScanConfig):
     return plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=1)
 
 
-def _operands(named):
-    """``([(array, spec)], flags)`` from ``[(name, array or None, spec)]``; flags feed ``Refs``."""
-    return [(x, spec) for _, x, spec in named if x is not None], [
-        (name, x is not None) for name, x, _ in named
-    ]
-
-
-def _launch(kernel, name, operands, out_shape, out_specs, flags, cfg, *, grid, **static):
-    """``pallas_call`` of ``kernel`` (its static arguments bound) over ``operands``' arrays."""
+def _launch(kernel, name, named_in, named_out, cfg, *, grid, **static):
+    """``pallas_call`` of ``kernel`` (static arguments bound) over ``[(name, array or None,
+    spec)]`` inputs and ``[(name, shape or None, spec)]`` outputs; a dict of the present outputs."""
+    in_flags, args, in_specs = operands(named_in)
+    out_flags, out_shapes, out_specs = operands(named_out)
     kernel = functools.partial(
-        kernel, softplus=cfg.delta_softplus, fast_math=cfg.fast_math, flags=tuple(flags), **static
-    )
-    return pl.pallas_call(
+        kernel, softplus=cfg.delta_softplus, fast_math=cfg.fast_math, flags=in_flags + out_flags,
+        **static,
+    )  # fmt: skip
+    outs = pl.pallas_call(
         kernel,
-        out_shape=out_shape,
+        out_shape=out_shapes,
         grid=grid,
-        in_specs=[spec for _, spec in operands],
+        in_specs=in_specs,
         out_specs=out_specs,
         compiler_params=_compiler_params(cfg),
         interpret=cfg.interpret,
         name=name,
-    )(*[x for x, _ in operands])
+    )(*args)
+    return dict(zip([n for n, s, _ in named_out if s is not None], outs))
 
 
 def forward(u, delta, A, B, C, D, z, delta_bias, h0, cfg: common.ScanConfig, *, save_checkpoints):
@@ -297,27 +295,18 @@ def forward(u, delta, A, B, C, D, z, delta_bias, h0, cfg: common.ScanConfig, *, 
     n_blocks, n_chunks = d_inner // block_d, pl.cdiv(length, chunk)
     seq, grp, chan, chan_state, state, _ = _specs(batch, length, d_inner, d_state_p, n_groups, block_d)
 
-    operands, flags = _operands([
-        ("u", u, seq), ("delta", delta, seq), ("A", A, chan_state), ("B", B, grp), ("C", C, grp),
-        ("D", D, chan), ("z", z, seq), ("bias", delta_bias, chan), ("h0", h0, state),
-    ])
-    out_shape = [
-        jax.ShapeDtypeStruct((batch, length, d_inner), u.dtype),
-        jax.ShapeDtypeStruct((batch, d_inner, d_state_p), f32),
-    ]
-    out_specs = [seq, state]
-    flags += [("y", True), ("h_final", True), ("ckpt", save_checkpoints)]
-    if save_checkpoints:
-        out_shape.append(jax.ShapeDtypeStruct((batch, n_chunks, d_inner, d_state_p), f32))
-        out_specs.append(
-            pl.BlockSpec((None, n_chunks, block_d, d_state_p), lambda i, j: (i, 0, j, 0))
-        )
-    outs = _launch(
-        _fwd_kernel, "selective_scan_fwd", operands, out_shape, out_specs, flags, cfg,
-        grid=(batch, n_blocks), length=length, chunk=chunk, n_chunks=n_chunks,
-    )
-    y, h_final = outs[0], outs[1][..., :d_state]
-    return y, h_final, (outs[2] if save_checkpoints else None)
+    ckpt = jax.ShapeDtypeStruct((batch, n_chunks, d_inner, d_state_p), f32)
+    res = _launch(
+        _fwd_kernel, "selective_scan_fwd",
+        [("u", u, seq), ("delta", delta, seq), ("A", A, chan_state), ("B", B, grp), ("C", C, grp),
+         ("D", D, chan), ("z", z, seq), ("bias", delta_bias, chan), ("h0", h0, state)],
+        [("y", jax.ShapeDtypeStruct((batch, length, d_inner), u.dtype), seq),
+         ("h_final", jax.ShapeDtypeStruct((batch, d_inner, d_state_p), f32), state),
+         ("ckpt", ckpt if save_checkpoints else None,
+          pl.BlockSpec((None, n_chunks, block_d, d_state_p), lambda i, j: (i, 0, j, 0)))],
+        cfg, grid=(batch, n_blocks), length=length, chunk=chunk, n_chunks=n_chunks,
+    )  # fmt: skip
+    return res["y"], res["h_final"][..., :d_state], res.get("ckpt")
 
 
 def backward(dy, dh_final, u, delta, A, B, C, D, z, delta_bias, h0, ckpt, cfg: common.ScanConfig):
@@ -334,33 +323,28 @@ def backward(dy, dh_final, u, delta, A, B, C, D, z, delta_bias, h0, ckpt, cfg: c
     seq, grp, chan, chan_state, state, row_chan = _specs(
         batch, length, d_inner, d_state_p, n_groups, block_d
     )
-    operands, flags = _operands([
-        ("dout", dy, seq), ("u", u, seq), ("delta", delta, seq), ("A", A_p, chan_state),
-        ("B", B_p, grp), ("C", C_p, grp), ("D", D, chan), ("z", z, seq),
-        ("bias", delta_bias, chan), ("dh_final", dh_final_p, state),
-        ("ckpt", ckpt, pl.BlockSpec((None, n_chunks, block_d, d_state_p), lambda i, j: (i, 0, j, 0))),
-    ])
-
     partial = pl.BlockSpec((None, None, length, d_state_p), lambda i, j: (i, j, 0, 0))
-    outputs = [
-        ("du", True, jax.ShapeDtypeStruct(u.shape, u.dtype), seq),
-        ("ddelta", True, jax.ShapeDtypeStruct(delta.shape, delta.dtype), seq),
-        ("dz", z is not None, jax.ShapeDtypeStruct(u.shape, getattr(z, "dtype", f32)), seq),
-        ("dB", True, jax.ShapeDtypeStruct((batch, n_blocks, length, d_state_p), f32), partial),
-        ("dC", True, jax.ShapeDtypeStruct((batch, n_blocks, length, d_state_p), f32), partial),
-        ("dA", True, jax.ShapeDtypeStruct((batch, d_inner, d_state_p), f32), state),
-        ("dD", D is not None, jax.ShapeDtypeStruct((batch, d_inner), f32), row_chan),
-        ("dbias", delta_bias is not None, jax.ShapeDtypeStruct((batch, d_inner), f32), row_chan),
-        ("dh0", h0 is not None, jax.ShapeDtypeStruct((batch, d_inner, d_state_p), f32), state),
-    ]
-    flags += [(name, present) for name, present, _, _ in outputs]
-    present = [(name, shape, spec) for name, p, shape, spec in outputs if p]
-    outs = _launch(
-        _bwd_kernel, "selective_scan_bwd", operands, [shape for _, shape, _ in present],
-        [spec for _, _, spec in present], flags, cfg,
-        grid=(batch, n_blocks), length=length, chunk=chunk, n_chunks=n_chunks,
-    )
-    res = dict(zip([name for name, _, _ in present], outs))
+    per_state = jax.ShapeDtypeStruct((batch, d_inner, d_state_p), f32)
+    per_chan = jax.ShapeDtypeStruct((batch, d_inner), f32)
+    if_given = lambda x, shape: None if x is None else shape
+    res = _launch(
+        _bwd_kernel, "selective_scan_bwd",
+        [("dout", dy, seq), ("u", u, seq), ("delta", delta, seq), ("A", A_p, chan_state),
+         ("B", B_p, grp), ("C", C_p, grp), ("D", D, chan), ("z", z, seq),
+         ("bias", delta_bias, chan), ("dh_final", dh_final_p, state),
+         ("ckpt", ckpt,
+          pl.BlockSpec((None, n_chunks, block_d, d_state_p), lambda i, j: (i, 0, j, 0)))],
+        [("du", jax.ShapeDtypeStruct(u.shape, u.dtype), seq),
+         ("ddelta", jax.ShapeDtypeStruct(delta.shape, delta.dtype), seq),
+         ("dz", None if z is None else jax.ShapeDtypeStruct(u.shape, z.dtype), seq),
+         ("dB", jax.ShapeDtypeStruct((batch, n_blocks, length, d_state_p), f32), partial),
+         ("dC", jax.ShapeDtypeStruct((batch, n_blocks, length, d_state_p), f32), partial),
+         ("dA", per_state, state),
+         ("dD", if_given(D, per_chan), row_chan),
+         ("dbias", if_given(delta_bias, per_chan), row_chan),
+         ("dh0", if_given(h0, per_state), state)],
+        cfg, grid=(batch, n_blocks), length=length, chunk=chunk, n_chunks=n_chunks,
+    )  # fmt: skip
 
     def group_sum(part, like):
         # (batch, n_blocks, length, N) -> (batch, length, n_groups, N): sum a group's blocks.

@@ -47,13 +47,6 @@ class SSDConfig:
     interpret: bool
 
 
-def operands(named):
-    """``(flags, arrays, specs)`` from ``[(name, array or None, spec)]``; flags feed ``Refs``."""
-    flags = tuple((name, a is not None) for name, a, _ in named)
-    present = [(a, s) for _, a, s in named if a is not None]
-    return flags, [a for a, _ in present], [s for _, s in present]
-
-
 def _dot(a, b, contract, dtype):
     """``a . b`` contracting ``contract`` dims, operands cast to ``dtype``, float32 result."""
     return jax.lax.dot_general(

@@ -27,7 +27,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels import _ssm_math
-from pallas_kernels._pallas_util import Refs, out_type
+from pallas_kernels._pallas_util import Refs, operands, out_type
 from pallas_kernels.ssd import common
 
 f32 = jnp.float32
@@ -188,7 +188,7 @@ def forward(x, dt, A, B, C, D, z, dt_bias, h0, cfg: common.SSDConfig, *, save_ch
     n_chunks = pl.cdiv(length, Q)
     xh, dth, Bh, Ch, zh = _layout(x, dt, B, C, z, Q)
     sp = _specs(heads, n_groups, Q, head_dim, d_state, False, n_chunks)
-    in_flags, args, in_specs = common.operands([
+    in_flags, args, in_specs = operands([
         ("A", A, sp["head"]), ("D", D, sp["head"]), ("bias", dt_bias, sp["head"]),
         ("x", xh, sp["seq"]), ("dt", dth, sp["dt"]), ("B", Bh, sp["grp"]), ("C", Ch, sp["grp"]),
         ("z", zh, sp["seq"]), ("h0", h0, sp["state"]),
@@ -221,7 +221,7 @@ def backward(dout, dh_final, x, dt, A, B, C, D, z, dt_bias, h0, ckpt, cfg: commo
     douth = _layout(dout, dt, B, C, None, Q)[0]
     Lp = xh.shape[2]
     sp = _specs(heads, n_groups, Q, head_dim, d_state, True, n_chunks)
-    in_flags, args, in_specs = common.operands([
+    in_flags, args, in_specs = operands([
         ("A", A, sp["head"]), ("D", D, sp["head"]), ("bias", dt_bias, sp["head"]),
         ("x", xh, sp["seq"]), ("dt", dth, sp["dt"]), ("B", Bh, sp["grp"]), ("C", Ch, sp["grp"]),
         ("z", zh, sp["seq"]), ("dout", douth, sp["seq"]), ("dh_final", dh_final, sp["state"]),

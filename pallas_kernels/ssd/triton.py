@@ -32,7 +32,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels import _ssm_math
-from pallas_kernels._pallas_util import Refs, out_type
+from pallas_kernels._pallas_util import Refs, operands, out_type
 from pallas_kernels.ssd import common
 
 f32 = jnp.float32
@@ -220,8 +220,8 @@ def _specs(x_shape, B_shape, block_p, n_chunks):
 def _call(kernel, cfg, grid, named_in, named_out, static, name):
     """One pallas_call from ``[(name, array or None, spec)]`` inputs and ``[(name, shape or None,
     spec)]`` outputs; returns a dict of the outputs by name."""
-    in_flags, args, in_specs = common.operands(named_in)
-    out_flags, out_shapes, out_specs = common.operands(named_out)
+    in_flags, args, in_specs = operands(named_in)
+    out_flags, out_shapes, out_specs = operands(named_out)
     outs = pl.pallas_call(
         functools.partial(kernel, flags=in_flags + out_flags, **static),
         out_shape=[out_type(s.shape, s.dtype, *args) for s in out_shapes],
