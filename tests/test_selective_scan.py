@@ -151,6 +151,25 @@ def test_triton_inside_shard_map():
     assert rel_err(jax.jit(loss(scan))(*args), loss(reference.selective_scan)(*args)) < 1e-4
 
 
+@pytest.mark.parametrize("implementation", ["triton", "tpu"])
+def test_kernels_type_check_inside_shard_map(implementation):
+    """Under shard_map's varying-axes check (check_vma=True) the kernels' outputs name the mesh axes
+    they vary over and the gradients of the replicated A, D, delta_bias are summed over the
+    batch shards: the gradient of every input traces (running it would hit the interpret-mode
+    limitation above; the numbers are checked there)."""
+    inputs = make_inputs(2, 6, 8, 1, 4, jnp.float32)
+    mesh = Mesh(np.array(jax.devices()[:2]), ("data",))
+    specs = tuple(P() if n in ("A", "D", "delta_bias") else P("data") for n in NAMES)
+    scan = jax.shard_map(
+        lambda *a: selective_scan(**dict(zip(NAMES, a)), implementation=implementation,
+                                  interpret=True),
+        mesh=mesh, in_specs=specs, out_specs=P("data"),
+    )  # fmt: skip
+    args = tuple(inputs[n] for n in NAMES)
+    grads = jax.eval_shape(jax.grad(lambda *a: jnp.sum(scan(*a)), argnums=range(9)), *args)
+    assert [(g.shape, g.dtype) for g in grads] == [(a.shape, a.dtype) for a in args]
+
+
 # ----------------------------------------------------------------------------- API
 
 

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero, custom_vjp_primal_tree_values
 
-from pallas_kernels._api import is_int, load_lowering, shape_of
+from pallas_kernels._api import is_int, load_lowering, shape_of, unvary_like
 from pallas_kernels.selective_scan import reference
 from pallas_kernels.selective_scan.common import ScanConfig
 
@@ -234,7 +234,8 @@ def _kernel_scan_bwd(cfg, residuals, cotangents):
     u = args[0]
     dy = jnp.zeros_like(u) if isinstance(dy, SymbolicZero) else dy.astype(u.dtype)
     dh_final = None if isinstance(dh_final, SymbolicZero) else dh_final.astype(jnp.float32)
-    return _module(cfg).backward(dy, dh_final, *args, ckpt, cfg)
+    grads = _module(cfg).backward(dy, dh_final, *args, ckpt, cfg)
+    return tuple(map(unvary_like, grads, args))
 
 
 _kernel_scan.defvjp(_kernel_scan_fwd, _kernel_scan_bwd, symbolic_zeros=True)

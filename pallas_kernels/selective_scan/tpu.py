@@ -32,7 +32,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels import _ssm_math
-from pallas_kernels._pallas_util import Refs, operands
+from pallas_kernels._pallas_util import Refs, operands, out_type
 from pallas_kernels.selective_scan import common
 
 f32 = jnp.float32
@@ -260,7 +260,7 @@ def _call(kernel, name, grid, named_in, named_out, scratch, cfg, **static):
     flags = in_flags + out_flags + tuple((n, True) for n, _ in scratch)
     outs = pl.pallas_call(
         functools.partial(kernel, softplus=cfg.delta_softplus, flags=flags, **static),
-        out_shape=out_shapes,
+        out_shape=[out_type(s.shape, s.dtype, *args) for s in out_shapes],
         grid=grid,
         in_specs=in_specs,
         out_specs=out_specs,

@@ -37,7 +37,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels import _ssm_math
-from pallas_kernels._pallas_util import Refs, operands
+from pallas_kernels._pallas_util import Refs, operands, out_type
 from pallas_kernels.selective_scan import common
 
 f32 = jnp.float32
@@ -273,7 +273,7 @@ def _launch(kernel, name, named_in, named_out, cfg, *, grid, **static):
     )  # fmt: skip
     outs = pl.pallas_call(
         kernel,
-        out_shape=out_shapes,
+        out_shape=[out_type(s.shape, s.dtype, *args) for s in out_shapes],
         grid=grid,
         in_specs=in_specs,
         out_specs=out_specs,

@@ -11,7 +11,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels._api import is_int, load_lowering, shape_of
+from pallas_kernels._api import is_int, load_lowering, shape_of, unvary_like
 from pallas_kernels.ssd import reference
 from pallas_kernels.ssd.common import SSDConfig
 
@@ -235,16 +235,7 @@ def _kernel_ssd_bwd(cfg, residuals, cotangents):
     grads = _module(cfg).backward(
         dy.astype(x.dtype), dh_final, x, dt, A, B, C, D, z, dt_bias, h0, ckpt, cfg
     )
-    return tuple(map(_unvary_like, grads, residuals[:-1]))
-
-
-def _unvary_like(g, primal):
-    """Inside ``shard_map`` an input replicated over mesh axes (A, D, dt_bias next to a sharded
-    batch) gets the sum of every shard's gradient, as autodiff of the implicit ``pvary`` would."""
-    if g is None:
-        return None
-    extra = tuple(jax.typeof(g).mat.varying - jax.typeof(primal).mat.varying)
-    return jax.lax.psum(g, extra) if extra else g
+    return tuple(map(unvary_like, grads, residuals[:-1]))
 
 
 _kernel_ssd.defvjp(_kernel_ssd_fwd, _kernel_ssd_bwd)
