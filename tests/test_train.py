@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import math
 import pathlib
+import types
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +19,7 @@ from meshlm.config import ConfigError, load_config
 from meshlm.models import build_model
 from meshlm.train.metrics import format_mfu, mfu, peak_flops
 from meshlm.train.optimizer import decay_mask, make_optimizer, make_schedule
+from meshlm.train.state import state_shardings
 
 TINY = [
     "model.vocab_size=97", "model.d_model=32", "model.n_layers=2", "model.n_heads=2",
@@ -172,3 +174,29 @@ def test_cli_distributed_initializes_jax_before_training(monkeypatch, flag):
     config = pathlib.Path(__file__).parents[1] / "configs" / "default.yaml"
     assert cli.main(["train", "--config", str(config)] + ["--distributed"] * flag) == 0
     assert calls == ["initialize", "train"] if flag else ["train"]
+
+
+def test_loop_derives_the_state_shardings_once(tmp_path, monkeypatch):
+    """The loop hands ``create_train_state`` the shardings it derived (no second abstract init
+    trace); stopped there, before anything is compiled."""
+    from meshlm.train import loop
+
+    derived = []
+
+    def counted(*args):
+        derived.append(state_shardings(*args))
+        return derived[-1]
+
+    class Created(Exception):
+        pass
+
+    def create(*args, **kwargs):
+        raise Created(*args, *kwargs.values())
+
+    monkeypatch.setattr(loop, "state_shardings", counted)
+    monkeypatch.setattr(loop, "create_train_state", create)
+    monkeypatch.setattr("meshlm.data.build_data", lambda *a: types.SimpleNamespace(
+        train_iterator=lambda: None))
+    with pytest.raises(Created) as info:
+        loop.train(tiny(f"train.run_dir={tmp_path}", "train.progress_bar=false"))
+    assert len(derived) == 1 and info.value.args[-1] is derived[0][1]

@@ -148,7 +148,7 @@ def train(cfg: Config) -> dict[str, Any]:
     # ---- build and compile
     model = build_model(cfg.model)
     seq_len = cfg.data.seq_len
-    abstract, _ = state_shardings(model, tx, mesh, rules, seq_len)
+    abstract, state_sh = state_shardings(model, tx, mesh, rules, seq_len)
     train_step = make_train_step(cfg, model, tx, schedule, mesh, rules, abstract)
     eval_step = make_eval_step(cfg, model, mesh, rules, abstract)
     batch_sh = sharding.batch_sharding(mesh, rules)
@@ -161,7 +161,7 @@ def train(cfg: Config) -> dict[str, Any]:
         log.info("resumed %s from step %d", run_dir, resume_from[0])
     else:
         state, _ = create_train_state(model, tx, mesh, rules, seq_len,
-                                      jax.random.key(cfg.train.seed))
+                                      jax.random.key(cfg.train.seed), state_sh)
     save_config(cfg, run_dir / "config.yaml")
     n_params = param_count(state.params)
     log.info(

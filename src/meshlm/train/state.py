@@ -67,10 +67,12 @@ def state_shardings(
 
 def create_train_state(
     model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh, rules, seq_len: int,
-    rng: jax.Array,
+    rng: jax.Array, shardings: TrainState | None = None,
 ) -> tuple[TrainState, TrainState]:
-    """``(state, shardings)`` with parameters initialized from ``rng``, created sharded."""
-    _, shardings = state_shardings(model, tx, mesh, rules, seq_len)
+    """``(state, shardings)`` with parameters initialized from ``rng``, created sharded.
+    ``shardings``: ``state_shardings``'s, when the caller has them (saves an abstract trace)."""
+    if shardings is None:
+        _, shardings = state_shardings(model, tx, mesh, rules, seq_len)
     shape = init_tokens_shape(mesh, rules, seq_len)
 
     def init(rng):
