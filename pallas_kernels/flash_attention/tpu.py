@@ -192,6 +192,24 @@ def _positions(shape, q_axis: int, q_start, k_start, spec: AttentionSpec, need_q
     return q_pos, k_pos
 
 
+def _query_major_logits(r, s, spec: AttentionSpec, bq: int, bk: int, kv_len: int | None):
+    """``tile_logits`` of the forward's and dQ's ``(bq, bk)`` tile ``s`` at grid step ``(b, h,
+    qi, ki)``: queries on sublanes, keys on lanes."""
+    h, qi, ki = pl.program_id(1), pl.program_id(2), pl.program_id(3)
+    q_pos, k_pos = _positions(
+        (bq, bk), 0, qi * bq, ki * bk, spec,
+        need_q=spec.causal or spec.has_alibi,
+        need_k=spec.causal or spec.has_alibi or kv_len is not None,
+    )
+    return tile_logits(
+        s, q_pos, k_pos, spec,
+        q_seg=None if r.q_seg is None else _lanes(r.q_seg[...], bk),
+        k_seg=None if r.kv_seg is None else _sublanes(r.kv_seg[...], bq),
+        slope=None if r.slopes is None else r.slopes[h],
+        kv_len=kv_len,
+    )
+
+
 # --------------------------------------------------------------------------------------------
 # Forward
 # --------------------------------------------------------------------------------------------
@@ -202,7 +220,7 @@ def _fwd_kernel(*refs, spec: AttentionSpec, bq: int, bk: int, nk: int, kv_len: i
         refs, ("q", "k", "v"), spec.has_segment_ids, spec.has_alibi,
         ("o", "lse", "m_scr", "l_scr", "acc_scr"),
     )  # fmt: skip
-    h, qi, ki = pl.program_id(1), pl.program_id(2), pl.program_id(3)
+    qi, ki = pl.program_id(2), pl.program_id(3)
     head_dim = r.acc_scr.shape[-1]
 
     @pl.when(ki == 0)
@@ -214,18 +232,7 @@ def _fwd_kernel(*refs, spec: AttentionSpec, bq: int, bk: int, nk: int, kv_len: i
     def step():
         v = r.v[...]
         s = lax.dot_general(r.q[...], r.k[...], _NT, preferred_element_type=jnp.float32)
-        q_pos, k_pos = _positions(
-            (bq, bk), 0, qi * bq, ki * bk, spec,
-            need_q=spec.causal or spec.has_alibi,
-            need_k=spec.causal or spec.has_alibi or kv_len is not None,
-        )
-        logits, _ = tile_logits(
-            s, q_pos, k_pos, spec,
-            q_seg=None if r.q_seg is None else _lanes(r.q_seg[...], bk),
-            k_seg=None if r.kv_seg is None else _sublanes(r.kv_seg[...], bq),
-            slope=None if r.slopes is None else r.slopes[h],
-            kv_len=kv_len,
-        )
+        logits, _ = _query_major_logits(r, s, spec, bq, bk, kv_len)
         m_prev = r.m_scr[...]
         m_next = jnp.maximum(m_prev, jnp.max(logits, axis=1, keepdims=True))
         alpha = jnp.exp(m_prev - m_next)
@@ -406,7 +413,7 @@ def forward(q, k, v, q_seg, kv_seg, alibi_slopes, *, spec: AttentionSpec, block_
 
 def _dq_kernel(*refs, spec: AttentionSpec, bq: int, bk: int, nk: int, kv_len: int | None):
     r = kernel_refs(refs, BWD_INPUTS, spec.has_segment_ids, spec.has_alibi, ("dq", "dq_scr"))
-    h, qi, ki = pl.program_id(1), pl.program_id(2), pl.program_id(3)
+    qi, ki = pl.program_id(2), pl.program_id(3)
 
     @pl.when(ki == 0)
     def _init():
@@ -415,18 +422,7 @@ def _dq_kernel(*refs, spec: AttentionSpec, bq: int, bk: int, nk: int, kv_len: in
     def step():
         k, v = r.k[...], r.v[...]
         s = lax.dot_general(r.q[...], k, _NT, preferred_element_type=jnp.float32)
-        q_pos, k_pos = _positions(
-            (bq, bk), 0, qi * bq, ki * bk, spec,
-            need_q=spec.causal or spec.has_alibi,
-            need_k=spec.causal or spec.has_alibi or kv_len is not None,
-        )
-        logits, visible = tile_logits(
-            s, q_pos, k_pos, spec,
-            q_seg=None if r.q_seg is None else _lanes(r.q_seg[...], bk),
-            k_seg=None if r.kv_seg is None else _sublanes(r.kv_seg[...], bq),
-            slope=None if r.slopes is None else r.slopes[h],
-            kv_len=kv_len,
-        )
+        logits, visible = _query_major_logits(r, s, spec, bq, bk, kv_len)
         p = jnp.exp(logits - _lanes(r.lse[...], bk))
         dp = lax.dot_general(r.do[...], v, _NT, preferred_element_type=jnp.float32)
         ds = score_grad(p, dp, _lanes(r.delta[...], bk), logits, visible, spec)

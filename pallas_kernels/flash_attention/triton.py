@@ -202,40 +202,52 @@ def _iota(n: int):
 # ----------------------------------------------------------------------------- forward
 
 
-def _fwd_kernel(*refs, spec2, tiles, nq, nk, kv_len, has_seg, has_alibi):
-    r = kernel_refs(refs, ("q", "k", "v"), has_seg, has_alibi, ("o", "lse"))
+def _over_key_blocks(r, step, carry, *, spec2, tiles, nq, nk, kv_len, has_seg, has_alibi):
+    """Folds ``step(start, k, s, visible, carry)`` over the key blocks that this program's query
+    block sees; ``k`` is the key tile at row ``start``, ``s, visible`` its base-2 logits against
+    the query tile (masked only in the blocks that need it)."""
     bq, bk = tiles.block_q, tiles.block_k
     padded_kv = nk * bk != kv_len
-
-    qi = _q_block(pl.program_id(0), nq, spec2)
     q = r.q[...]
-    q_first = spec2.q_offset + qi * bq
+    q_first = spec2.q_offset + _q_block(pl.program_id(0), nq, spec2) * bq
     q_pos = (q_first + _iota(bq))[:, None]
     q_seg = r.q_seg[...][:, None] if has_seg else None
     slope = r.slopes[pl.program_id(2)] if has_alibi else None
 
     def body(masked):
-        def step(j, carry):
-            acc, m, l = carry
+        def tile(j, carry):
             start = pl.multiple_of(j * bk, bk)
             k = r.k[pl.ds(start, bk), :]
             k_pos = (start + _iota(bk))[None, :]
             k_seg = r.kv_seg[pl.ds(start, bk)][None, :] if has_seg else None
-            s, _ = tile_logits(
+            s, visible = tile_logits(
                 _dot(q, k, trans_b=True), q_pos, k_pos, spec2, masked=masked,
                 kv_len=kv_len if padded_kv else None, q_seg=q_seg, k_seg=k_seg, slope=slope,
             )
-            m_new = jnp.maximum(m, jnp.max(s, axis=1))
-            alpha = jnp.exp2(m - m_new)
-            p = jnp.exp2(s - m_new[:, None])
-            l = l * alpha + jnp.sum(p, axis=1)
-            v = r.v[pl.ds(start, bk), :]
-            acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v)
-            return acc, m_new, l
+            return step(start, k, s, visible, carry)
 
-        return step
+        return tile
 
     lo, full_lo, full_hi, hi = _kv_range(q_first, bq, bk, nk, kv_len, padded_kv, spec2)
+    carry = _loop(lo, full_lo, body(True), carry)
+    carry = _loop(full_lo, full_hi, body(False), carry)
+    return _loop(full_hi, hi, body(True), carry)
+
+
+def _fwd_kernel(*refs, spec2, tiles, nq, nk, kv_len, has_seg, has_alibi):
+    r = kernel_refs(refs, ("q", "k", "v"), has_seg, has_alibi, ("o", "lse"))
+    bq, bk = tiles.block_q, tiles.block_k
+
+    def step(start, _k, s, _visible, carry):
+        acc, m, l = carry
+        m_new = jnp.maximum(m, jnp.max(s, axis=1))
+        alpha = jnp.exp2(m - m_new)
+        p = jnp.exp2(s - m_new[:, None])
+        l = l * alpha + jnp.sum(p, axis=1)
+        v = r.v[pl.ds(start, bk), :]
+        acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v)
+        return acc, m_new, l
+
     # m starts at MASK_VALUE: a row whose every key so far is masked keeps m = MASK_VALUE (its
     # masked terms are wiped by alpha = 0 once a visible key arrives), so m tells dead rows apart.
     carry = (
@@ -243,9 +255,10 @@ def _fwd_kernel(*refs, spec2, tiles, nq, nk, kv_len, has_seg, has_alibi):
         jnp.full((bq,), MASK_VALUE, jnp.float32),
         jnp.zeros((bq,), jnp.float32),
     )
-    carry = _loop(lo, full_lo, body(True), carry)
-    carry = _loop(full_lo, full_hi, body(False), carry)
-    acc, m, l = _loop(full_hi, hi, body(True), carry)
+    acc, m, l = _over_key_blocks(
+        r, step, carry, spec2=spec2, tiles=tiles, nq=nq, nk=nk, kv_len=kv_len, has_seg=has_seg,
+        has_alibi=has_alibi,
+    )
 
     dead = m <= 0.5 * MASK_VALUE
     l = jnp.where(dead, 1.0, l)
@@ -378,42 +391,23 @@ def _dkv_kernel(*refs, spec2, tiles, nq, kv_len, padded_kv, group, has_seg, has_
 
 def _dq_kernel(*refs, spec2, tiles, nq, nk, kv_len, has_seg, has_alibi):
     r = kernel_refs(refs, BWD_INPUTS, has_seg, has_alibi, ("dq",))
-    bq, bk = tiles.block_q, tiles.block_k
-    padded_kv = nk * bk != kv_len
-
-    qi = _q_block(pl.program_id(0), nq, spec2)
-    q = r.q[...]
+    bk = tiles.block_k
     do = r.do[...]
     lse = r.lse[...][:, None]
     delta = r.delta[...][:, None]
-    q_first = spec2.q_offset + qi * bq
-    q_pos = (q_first + _iota(bq))[:, None]
-    q_seg = r.q_seg[...][:, None] if has_seg else None
-    slope = r.slopes[pl.program_id(2)] if has_alibi else None
 
-    def body(masked):
-        def step(j, dq):
-            start = pl.multiple_of(j * bk, bk)
-            k = r.k[pl.ds(start, bk), :]
-            v = r.v[pl.ds(start, bk), :]
-            k_pos = (start + _iota(bk))[None, :]
-            k_seg = r.kv_seg[pl.ds(start, bk)][None, :] if has_seg else None
-            s, visible = tile_logits(
-                _dot(q, k, trans_b=True), q_pos, k_pos, spec2, masked=masked,
-                kv_len=kv_len if padded_kv else None, q_seg=q_seg, k_seg=k_seg, slope=slope,
-            )
-            p = jnp.exp2(s - lse)
-            dp = _dot(do, v, trans_b=True)
-            ds = score_grad(p, dp, delta, s, visible, spec2)
-            return dq + _dot(ds.astype(k.dtype), k)
+    def step(start, k, s, visible, dq):
+        v = r.v[pl.ds(start, bk), :]
+        p = jnp.exp2(s - lse)
+        dp = _dot(do, v, trans_b=True)
+        ds = score_grad(p, dp, delta, s, visible, spec2)
+        return dq + _dot(ds.astype(k.dtype), k)
 
-        return step
-
-    lo, full_lo, full_hi, hi = _kv_range(q_first, bq, bk, nk, kv_len, padded_kv, spec2)
-    dq = jnp.zeros(q.shape, jnp.float32)
-    dq = _loop(lo, full_lo, body(True), dq)
-    dq = _loop(full_lo, full_hi, body(False), dq)
-    dq = _loop(full_hi, hi, body(True), dq)
+    dq = jnp.zeros(r.q.shape, jnp.float32)
+    dq = _over_key_blocks(
+        r, step, dq, spec2=spec2, tiles=tiles, nq=nq, nk=nk, kv_len=kv_len, has_seg=has_seg,
+        has_alibi=has_alibi,
+    )
     r.dq[...] = (dq * spec2.scale / LOG2E).astype(r.dq.dtype)
 
 

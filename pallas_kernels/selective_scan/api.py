@@ -12,9 +12,8 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from jax.custom_derivatives import SymbolicZero, custom_vjp_primal_tree_values
 
-from pallas_kernels._api import is_int, load_lowering, shape_of, unvary_like
+from pallas_kernels._api import checkpointed_scan, is_int, load_lowering, shape_of
 from pallas_kernels.selective_scan import reference
 from pallas_kernels.selective_scan.common import ScanConfig
 
@@ -210,32 +209,4 @@ def _choose(implementation, dims, block_d, chunk, delta_softplus, interpret) -> 
 # ----------------------------------------------------------------------------- custom VJP
 
 
-def _module(cfg: ScanConfig):
-    return _load_lowering(cfg.implementation)[0]
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _kernel_scan(cfg, u, delta, A, B, C, D, z, delta_bias, h0):
-    y, h_final, _ = _module(cfg).forward(
-        u, delta, A, B, C, D, z, delta_bias, h0, cfg, save_checkpoints=False
-    )
-    return y, h_final
-
-
-def _kernel_scan_fwd(cfg, *primals):
-    args = custom_vjp_primal_tree_values(primals)
-    y, h_final, ckpt = _module(cfg).forward(*args, cfg, save_checkpoints=True)
-    return (y, h_final), (args, ckpt)
-
-
-def _kernel_scan_bwd(cfg, residuals, cotangents):
-    args, ckpt = residuals
-    dy, dh_final = cotangents
-    u = args[0]
-    dy = jnp.zeros_like(u) if isinstance(dy, SymbolicZero) else dy.astype(u.dtype)
-    dh_final = None if isinstance(dh_final, SymbolicZero) else dh_final.astype(jnp.float32)
-    grads = _module(cfg).backward(dy, dh_final, *args, ckpt, cfg)
-    return tuple(map(unvary_like, grads, args))
-
-
-_kernel_scan.defvjp(_kernel_scan_fwd, _kernel_scan_bwd, symbolic_zeros=True)
+_kernel_scan = checkpointed_scan("pallas_kernels.selective_scan")

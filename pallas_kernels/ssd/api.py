@@ -11,7 +11,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels._api import is_int, load_lowering, shape_of, unvary_like
+from pallas_kernels._api import checkpointed_scan, is_int, load_lowering, shape_of
 from pallas_kernels.ssd import reference
 from pallas_kernels.ssd.common import SSDConfig
 
@@ -210,32 +210,4 @@ def _choose(implementation, x_shape, B_shape, chunk_size, block_t, block_p, inte
 # ----------------------------------------------------------------------------- custom VJP
 
 
-def _module(cfg: SSDConfig):
-    return _load_lowering(cfg.implementation)[0]
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _kernel_ssd(cfg, x, dt, A, B, C, D, z, dt_bias, h0):
-    y, h_final, _ = _module(cfg).forward(
-        x, dt, A, B, C, D, z, dt_bias, h0, cfg, save_checkpoints=False
-    )
-    return y, h_final
-
-
-def _kernel_ssd_fwd(cfg, x, dt, A, B, C, D, z, dt_bias, h0):
-    y, h_final, ckpt = _module(cfg).forward(
-        x, dt, A, B, C, D, z, dt_bias, h0, cfg, save_checkpoints=True
-    )
-    return (y, h_final), (x, dt, A, B, C, D, z, dt_bias, h0, ckpt)
-
-
-def _kernel_ssd_bwd(cfg, residuals, cotangents):
-    x, dt, A, B, C, D, z, dt_bias, h0, ckpt = residuals
-    dy, dh_final = cotangents
-    grads = _module(cfg).backward(
-        dy.astype(x.dtype), dh_final, x, dt, A, B, C, D, z, dt_bias, h0, ckpt, cfg
-    )
-    return tuple(map(unvary_like, grads, residuals[:-1]))
-
-
-_kernel_ssd.defvjp(_kernel_ssd_fwd, _kernel_ssd_bwd)
+_kernel_ssd = checkpointed_scan("pallas_kernels.ssd")
