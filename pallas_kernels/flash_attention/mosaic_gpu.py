@@ -277,6 +277,45 @@ def _produce(n_steps, stages, loads):
             plgpu.barrier_wait(consumed.at[slot])
 
 
+def _query_cta(spec2, t, group, nk, kv_len):
+    """Where a forward or dQ CTA stands: ``(batch, head, kv_head, cta_row, parts, n_steps,
+    padded_kv)``. Its ``_CONSUMERS`` query tiles start at row ``cta_row`` and see the key blocks
+    ``parts`` (``_kv_blocks``), ``n_steps`` of them; ``padded_kv`` is ``kv_len`` when the last
+    key block runs past the keys, else None."""
+    bq, bk = t.owned, t.streamed
+    batch, head = lax.axis_index("batch"), lax.axis_index("heads")
+    cta_row = lax.axis_index("q") * (_CONSUMERS * bq)
+    parts = _kv_blocks(spec2.q_offset + cta_row, _CONSUMERS * bq, bk, nk, kv_len, spec2)
+    n_steps = jnp.maximum(parts[3] - parts[0], 0)
+    padded_kv = None if nk * bk == kv_len else kv_len
+    return batch, head, _div(head, group), cta_row, parts, n_steps, padded_kv
+
+
+def _stream_kv(refs, smem, bars, *, batch, kv_head, first, bk, n_steps, stages):
+    """The producer of the forward and dQ kernels: key blocks ``first, first + 1, ...`` (with
+    their segment ids when ``ks_ref`` is given) and value blocks through the ring.
+
+    ``refs = (k_ref, v_ref, ks_ref)`` in GMEM, ``smem`` their ring buffers, ``bars = (k_bar,
+    v_bar, ks_bar, k_free, v_free)``: the copies' arrival barriers, then the per-slot barriers
+    by which the consumers free the key and the value slot.
+    """
+    k_ref, v_ref, ks_ref = refs
+    k_smem, v_smem, ks_smem = smem
+    k_bar, v_bar, ks_bar, k_free, v_free = bars
+
+    def load_k(step, slot):
+        keys = pl.ds((first + step) * bk, bk)
+        plgpu.copy_gmem_to_smem(k_ref.at[batch, keys, kv_head], k_smem.at[slot], k_bar.at[slot])
+        if ks_ref is not None:
+            plgpu.copy_gmem_to_smem(ks_ref.at[batch, keys], ks_smem.at[slot], ks_bar.at[slot])
+
+    def load_v(step, slot):
+        keys = pl.ds((first + step) * bk, bk)
+        plgpu.copy_gmem_to_smem(v_ref.at[batch, keys, kv_head], v_smem.at[slot], v_bar.at[slot])
+
+    _produce(n_steps, stages, [(load_k, k_free), (load_v, v_free)])
+
+
 def _fused_range(parts, body, carry):
     """Run ``body(masked)(block, step, carry)`` over ``[lo|full_lo|full_hi|hi)`` blocks."""
     lo, full_lo, full_hi, hi = parts
@@ -310,14 +349,10 @@ def _fwd_kernel(*refs, spec2, t, group, nk, kv_len, has_seg, interpret):
     q_bar, k_bar, v_bar, ks_bar, k_free, v_free, sched = bars
     bq, bk = t.owned, t.streamed
     head_dim = q_ref.shape[-1]
-    batch, head = lax.axis_index("batch"), lax.axis_index("heads")
-    kv_head = _div(head, group)
     wg = lax.axis_index(_WG)
-    cta_row = lax.axis_index("q") * (_CONSUMERS * bq)
-    parts = _kv_blocks(spec2.q_offset + cta_row, _CONSUMERS * bq, bk, nk, kv_len, spec2)
-    lo, hi = parts[0], parts[3]
-    n_steps = jnp.maximum(hi - lo, 0)
-    padded_kv = None if nk * bk == kv_len else kv_len
+    batch, head, kv_head, cta_row, parts, n_steps, padded_kv = _query_cta(
+        spec2, t, group, nk, kv_len
+    )
 
     def schedule():
         plgpu.barrier_arrive(sched)
@@ -391,21 +426,9 @@ def _fwd_kernel(*refs, spec2, t, group, nk, kv_len, has_seg, interpret):
         plgpu.copy_smem_to_gmem(lse_vec, lse_ref.at[batch, head, pl.ds(row, bq)])
         plgpu.wait_smem_to_gmem(0)
 
-    @pl.when(wg == _CONSUMERS)
-    def _producer():
-        def kv_block(step):
-            return batch, pl.ds((lo + step) * bk, bk), kv_head
-
-        def load_k(step, slot):
-            plgpu.copy_gmem_to_smem(k_ref.at[kv_block(step)], k_smem.at[slot], k_bar.at[slot])
-            if has_seg:
-                plgpu.copy_gmem_to_smem(ks_ref.at[batch, pl.ds((lo + step) * bk, bk)],
-                                        ks_smem.at[slot], ks_bar.at[slot])
-
-        def load_v(step, slot):
-            plgpu.copy_gmem_to_smem(v_ref.at[kv_block(step)], v_smem.at[slot], v_bar.at[slot])
-
-        _produce(n_steps, t.stages, [(load_k, k_free), (load_v, v_free)])
+    pl.when(wg == _CONSUMERS)(lambda: _stream_kv(  # the producer warpgroup
+        (k_ref, v_ref, ks_ref), (k_smem, v_smem, ks_smem), (k_bar, v_bar, ks_bar, k_free, v_free),
+        batch=batch, kv_head=kv_head, first=parts[0], bk=bk, n_steps=n_steps, stages=t.stages))
 
 
 def forward(q, k, v, q_seg, kv_seg, alibi_slopes, *, spec, block_sizes, interpret):
@@ -573,14 +596,10 @@ def _dq_kernel(*refs, spec2, t, group, nk, kv_len, has_seg, interpret):
     bq, bk = t.owned, t.streamed
     head_dim = q_ref.shape[-1]
     dtype = q_ref.dtype
-    batch, head = lax.axis_index("batch"), lax.axis_index("heads")
-    kv_head = _div(head, group)
     wg = lax.axis_index(_WG)
-    cta_row = lax.axis_index("q") * (_CONSUMERS * bq)
-    parts = _kv_blocks(spec2.q_offset + cta_row, _CONSUMERS * bq, bk, nk, kv_len, spec2)
-    lo, hi = parts[0], parts[3]
-    n_steps = jnp.maximum(hi - lo, 0)
-    padded_kv = None if nk * bk == kv_len else kv_len
+    batch, head, kv_head, cta_row, parts, n_steps, padded_kv = _query_cta(
+        spec2, t, group, nk, kv_len
+    )
 
     @pl.when(wg < _CONSUMERS)
     def _consumer():
@@ -633,21 +652,9 @@ def _dq_kernel(*refs, spec2, t, group, nk, kv_len, has_seg, interpret):
         plgpu.copy_smem_to_gmem(my_q, dq_ref.at[rows])
         plgpu.wait_smem_to_gmem(0)
 
-    @pl.when(wg == _CONSUMERS)
-    def _producer():
-        def kv_block(step):
-            return batch, pl.ds((lo + step) * bk, bk), kv_head
-
-        def load_k(step, slot):
-            plgpu.copy_gmem_to_smem(k_ref.at[kv_block(step)], k_smem.at[slot], k_bar.at[slot])
-            if has_seg:
-                plgpu.copy_gmem_to_smem(ks_ref.at[batch, pl.ds((lo + step) * bk, bk)],
-                                        ks_smem.at[slot], ks_bar.at[slot])
-
-        def load_v(step, slot):
-            plgpu.copy_gmem_to_smem(v_ref.at[kv_block(step)], v_smem.at[slot], v_bar.at[slot])
-
-        _produce(n_steps, t.stages, [(load_k, k_free), (load_v, v_free)])
+    pl.when(wg == _CONSUMERS)(lambda: _stream_kv(  # the producer warpgroup
+        (k_ref, v_ref, ks_ref), (k_smem, v_smem, ks_smem), (k_bar, v_bar, ks_bar, k_free, v_free),
+        batch=batch, kv_head=kv_head, first=parts[0], bk=bk, n_steps=n_steps, stages=t.stages))
 
 
 def backward(q, k, v, q_seg, kv_seg, alibi_slopes, out, lse, dout, *, spec, block_sizes,
