@@ -3,9 +3,9 @@
 from meshlm.layers.attention import ATTENTION_OUT, Attention, attend
 from meshlm.layers.embeddings import Embed, LearnedPositions, apply_rope
 from meshlm.layers.mlp import Mlp
-from meshlm.layers.norms import LayerNorm, RMSNorm, make_norm
+from meshlm.layers.norms import make_norm
 
 __all__ = [
-    "ATTENTION_OUT", "Attention", "Embed", "LayerNorm", "LearnedPositions", "Mlp", "RMSNorm",
-    "apply_rope", "attend", "make_norm",
+    "ATTENTION_OUT", "Attention", "Embed", "LearnedPositions", "Mlp", "apply_rope", "attend",
+    "make_norm",
 ]
