@@ -37,11 +37,13 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.flash_attention.common import (
+    BWD_INPUTS,
     LOG2E,
     MASK_VALUE,
     AttentionSpec,
     BlockSizes,
     base2,
+    kernel_refs,
     pad_to,
     score_grad,
     tile_logits,
@@ -340,15 +342,11 @@ def _interpret_params(interpret: bool):
 
 
 def _fwd_kernel(*refs, spec2, t, group, nk, kv_len, has_seg, interpret):
-    if has_seg:
-        q_ref, k_ref, v_ref, qs_ref, ks_ref, o_ref, lse_ref, smem, bars = refs
-    else:
-        q_ref, k_ref, v_ref, o_ref, lse_ref, smem, bars = refs
-        qs_ref = ks_ref = None
-    q_smem, k_smem, v_smem, vec_smem, qs_smem, ks_smem = smem
-    q_bar, k_bar, v_bar, ks_bar, k_free, v_free, sched = bars
+    r = kernel_refs(refs, ("q", "k", "v"), has_seg, False, ("o", "lse", "smem", "bars"))
+    q_smem, k_smem, v_smem, vec_smem, qs_smem, ks_smem = r.smem
+    q_bar, k_bar, v_bar, ks_bar, k_free, v_free, sched = r.bars
     bq, bk = t.owned, t.streamed
-    head_dim = q_ref.shape[-1]
+    head_dim = r.q.shape[-1]
     wg = lax.axis_index(_WG)
     batch, head, kv_head, cta_row, parts, n_steps, padded_kv = _query_cta(
         spec2, t, group, nk, kv_len
@@ -363,10 +361,10 @@ def _fwd_kernel(*refs, spec2, t, group, nk, kv_len, has_seg, interpret):
         plgpu.set_max_registers(_CONSUMER_REGS, action="increase")
         row = cta_row + wg * bq
         my_q = q_smem.at[wg]
-        plgpu.copy_gmem_to_smem(q_ref.at[batch, pl.ds(row, bq), head], my_q, q_bar.at[wg])
+        plgpu.copy_gmem_to_smem(r.q.at[batch, pl.ds(row, bq), head], my_q, q_bar.at[wg])
         q_seg = None
         if has_seg:
-            plgpu.copy_gmem_to_smem(qs_ref.at[batch, pl.ds(row, bq)], qs_smem.at[wg],
+            plgpu.copy_gmem_to_smem(r.q_seg.at[batch, pl.ds(row, bq)], qs_smem.at[wg],
                                     q_bar.at[_CONSUMERS + wg])
             plgpu.barrier_wait(q_bar.at[_CONSUMERS + wg])
             q_seg = _vec(qs_smem.at[wg], 0)
@@ -392,7 +390,7 @@ def _fwd_kernel(*refs, spec2, t, group, nk, kv_len, has_seg, interpret):
                 p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
                 l = l * alpha + p.sum(axis=1)
                 acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
-                p = p.astype(q_ref.dtype)
+                p = p.astype(r.q.dtype)
                 plgpu.barrier_arrive(sched)
                 plgpu.barrier_wait(v_bar.at[slot])
                 plgpu.barrier_wait(sched)
@@ -418,16 +416,16 @@ def _fwd_kernel(*refs, spec2, t, group, nk, kv_len, has_seg, interpret):
         dead = m <= 0.5 * MASK_VALUE
         inv = 1.0 / jnp.where(dead, 1.0, l)
         inv = jnp.where(dead, 0.0, inv)
-        my_q[...] = (acc * lax.broadcast_in_dim(inv, acc.shape, [0])).astype(q_ref.dtype)
+        my_q[...] = (acc * lax.broadcast_in_dim(inv, acc.shape, [0])).astype(r.q.dtype)
         lse_vec = vec_smem.at[wg]
         lse_vec[...] = jnp.where(dead, -jnp.inf, (m + jnp.log2(jnp.where(dead, 1.0, l))) / LOG2E)
         plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(my_q, o_ref.at[batch, pl.ds(row, bq), head])
-        plgpu.copy_smem_to_gmem(lse_vec, lse_ref.at[batch, head, pl.ds(row, bq)])
+        plgpu.copy_smem_to_gmem(my_q, r.o.at[batch, pl.ds(row, bq), head])
+        plgpu.copy_smem_to_gmem(lse_vec, r.lse.at[batch, head, pl.ds(row, bq)])
         plgpu.wait_smem_to_gmem(0)
 
     pl.when(wg == _CONSUMERS)(lambda: _stream_kv(  # the producer warpgroup
-        (k_ref, v_ref, ks_ref), (k_smem, v_smem, ks_smem), (k_bar, v_bar, ks_bar, k_free, v_free),
+        (r.k, r.v, r.kv_seg), (k_smem, v_smem, ks_smem), (k_bar, v_bar, ks_bar, k_free, v_free),
         batch=batch, kv_head=kv_head, first=parts[0], bk=bk, n_steps=n_steps, stages=t.stages))
 
 
@@ -489,16 +487,12 @@ def forward(q, k, v, q_seg, kv_seg, alibi_slopes, *, spec, block_sizes, interpre
 
 
 def _dkv_kernel(*refs, spec2, t, group, nq, kv_len, padded, has_seg, interpret):
-    if has_seg:
-        q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qs_ref, ks_ref, dk_ref, dv_ref, smem, bars = refs
-    else:
-        q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, smem, bars = refs
-        qs_ref = ks_ref = None
-    k_smem, v_smem, ks_smem, q_smem, do_smem, lse_smem, delta_smem, qs_smem = smem
-    own_bar, q_bar, do_bar, lse_bar, delta_bar, qs_bar, free = bars
+    r = kernel_refs(refs, BWD_INPUTS, has_seg, False, ("dk", "dv", "smem", "bars"))
+    k_smem, v_smem, ks_smem, q_smem, do_smem, lse_smem, delta_smem, qs_smem = r.smem
+    own_bar, q_bar, do_bar, lse_bar, delta_bar, qs_bar, free = r.bars
     bk, bq = t.owned, t.streamed
-    head_dim = q_ref.shape[-1]
-    dtype = q_ref.dtype
+    head_dim = r.q.shape[-1]
+    dtype = r.q.dtype
     batch, kv_head = lax.axis_index("batch"), lax.axis_index("heads")
     wg = lax.axis_index(_WG)
     cta_key = lax.axis_index("k") * (_CONSUMERS * bk)
@@ -513,11 +507,11 @@ def _dkv_kernel(*refs, spec2, t, group, nq, kv_len, padded, has_seg, interpret):
         key = cta_key + wg * bk
         my_k, my_v = k_smem.at[wg], v_smem.at[wg]
         kv_slice = (batch, pl.ds(key, bk), kv_head)
-        plgpu.copy_gmem_to_smem(k_ref.at[kv_slice], my_k, own_bar.at[wg])
-        plgpu.copy_gmem_to_smem(v_ref.at[kv_slice], my_v, own_bar.at[_CONSUMERS + wg])
+        plgpu.copy_gmem_to_smem(r.k.at[kv_slice], my_k, own_bar.at[wg])
+        plgpu.copy_gmem_to_smem(r.v.at[kv_slice], my_v, own_bar.at[_CONSUMERS + wg])
         k_seg = None
         if has_seg:
-            plgpu.copy_gmem_to_smem(ks_ref.at[batch, pl.ds(key, bk)], ks_smem.at[wg],
+            plgpu.copy_gmem_to_smem(r.kv_seg.at[batch, pl.ds(key, bk)], ks_smem.at[wg],
                                     own_bar.at[2 * _CONSUMERS + wg])
             plgpu.barrier_wait(own_bar.at[2 * _CONSUMERS + wg])
             k_seg = _vec(ks_smem.at[wg], 0)
@@ -560,8 +554,8 @@ def _dkv_kernel(*refs, spec2, t, group, nq, kv_len, padded, has_seg, interpret):
         my_k[...] = (dk * (spec2.scale / LOG2E)).astype(dtype)
         my_v[...] = dv.astype(dtype)
         plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(my_k, dk_ref.at[kv_slice], commit_group=False)
-        plgpu.copy_smem_to_gmem(my_v, dv_ref.at[kv_slice], commit_group=False)
+        plgpu.copy_smem_to_gmem(my_k, r.dk.at[kv_slice], commit_group=False)
+        plgpu.copy_smem_to_gmem(my_v, r.dv.at[kv_slice], commit_group=False)
         plgpu.commit_smem_to_gmem_group()
         plgpu.wait_smem_to_gmem(0)
 
@@ -572,30 +566,26 @@ def _dkv_kernel(*refs, spec2, t, group, nq, kv_len, padded, has_seg, interpret):
             q_head = kv_head * group + g
             row = (lo + step - g * per_head) * bq
             rows = (batch, pl.ds(row, bq), q_head)
-            plgpu.copy_gmem_to_smem(q_ref.at[rows], q_smem.at[slot], q_bar.at[slot])
-            plgpu.copy_gmem_to_smem(lse_ref.at[batch, q_head, pl.ds(row, bq)],
+            plgpu.copy_gmem_to_smem(r.q.at[rows], q_smem.at[slot], q_bar.at[slot])
+            plgpu.copy_gmem_to_smem(r.lse.at[batch, q_head, pl.ds(row, bq)],
                                     lse_smem.at[slot], lse_bar.at[slot])
-            plgpu.copy_gmem_to_smem(do_ref.at[rows], do_smem.at[slot], do_bar.at[slot])
-            plgpu.copy_gmem_to_smem(delta_ref.at[batch, q_head, pl.ds(row, bq)],
+            plgpu.copy_gmem_to_smem(r.do.at[rows], do_smem.at[slot], do_bar.at[slot])
+            plgpu.copy_gmem_to_smem(r.delta.at[batch, q_head, pl.ds(row, bq)],
                                     delta_smem.at[slot], delta_bar.at[slot])
             if has_seg:
-                plgpu.copy_gmem_to_smem(qs_ref.at[batch, pl.ds(row, bq)], qs_smem.at[slot],
+                plgpu.copy_gmem_to_smem(r.q_seg.at[batch, pl.ds(row, bq)], qs_smem.at[slot],
                                         qs_bar.at[slot])
 
         _produce(n_steps, t.stages, [(load, free)])
 
 
 def _dq_kernel(*refs, spec2, t, group, nk, kv_len, has_seg, interpret):
-    if has_seg:
-        q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qs_ref, ks_ref, dq_ref, smem, bars = refs
-    else:
-        q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, smem, bars = refs
-        qs_ref = ks_ref = None
-    q_smem, do_smem, lse_smem, delta_smem, qs_smem, k_smem, v_smem, ks_smem = smem
-    own_bar, k_bar, v_bar, ks_bar, k_free, v_free = bars
+    r = kernel_refs(refs, BWD_INPUTS, has_seg, False, ("dq", "smem", "bars"))
+    q_smem, do_smem, lse_smem, delta_smem, qs_smem, k_smem, v_smem, ks_smem = r.smem
+    own_bar, k_bar, v_bar, ks_bar, k_free, v_free = r.bars
     bq, bk = t.owned, t.streamed
-    head_dim = q_ref.shape[-1]
-    dtype = q_ref.dtype
+    head_dim = r.q.shape[-1]
+    dtype = r.q.dtype
     wg = lax.axis_index(_WG)
     batch, head, kv_head, cta_row, parts, n_steps, padded_kv = _query_cta(
         spec2, t, group, nk, kv_len
@@ -609,12 +599,12 @@ def _dq_kernel(*refs, spec2, t, group, nk, kv_len, has_seg, interpret):
         rows = (batch, pl.ds(row, bq), head)
         vec = (batch, head, pl.ds(row, bq))
         n_own = 5 if has_seg else 4
-        plgpu.copy_gmem_to_smem(q_ref.at[rows], my_q, own_bar.at[wg * n_own])
-        plgpu.copy_gmem_to_smem(do_ref.at[rows], my_do, own_bar.at[wg * n_own + 1])
-        plgpu.copy_gmem_to_smem(lse_ref.at[vec], lse_smem.at[wg], own_bar.at[wg * n_own + 2])
-        plgpu.copy_gmem_to_smem(delta_ref.at[vec], delta_smem.at[wg], own_bar.at[wg * n_own + 3])
+        plgpu.copy_gmem_to_smem(r.q.at[rows], my_q, own_bar.at[wg * n_own])
+        plgpu.copy_gmem_to_smem(r.do.at[rows], my_do, own_bar.at[wg * n_own + 1])
+        plgpu.copy_gmem_to_smem(r.lse.at[vec], lse_smem.at[wg], own_bar.at[wg * n_own + 2])
+        plgpu.copy_gmem_to_smem(r.delta.at[vec], delta_smem.at[wg], own_bar.at[wg * n_own + 3])
         if has_seg:
-            plgpu.copy_gmem_to_smem(qs_ref.at[batch, pl.ds(row, bq)], qs_smem.at[wg],
+            plgpu.copy_gmem_to_smem(r.q_seg.at[batch, pl.ds(row, bq)], qs_smem.at[wg],
                                     own_bar.at[wg * n_own + 4])
         for i in range(n_own):
             plgpu.barrier_wait(own_bar.at[wg * n_own + i])
@@ -649,11 +639,11 @@ def _dq_kernel(*refs, spec2, t, group, nk, kv_len, has_seg, interpret):
         dq = _fused_range(parts, body, dq)
         my_q[...] = (dq * (spec2.scale / LOG2E)).astype(dtype)
         plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(my_q, dq_ref.at[rows])
+        plgpu.copy_smem_to_gmem(my_q, r.dq.at[rows])
         plgpu.wait_smem_to_gmem(0)
 
     pl.when(wg == _CONSUMERS)(lambda: _stream_kv(  # the producer warpgroup
-        (k_ref, v_ref, ks_ref), (k_smem, v_smem, ks_smem), (k_bar, v_bar, ks_bar, k_free, v_free),
+        (r.k, r.v, r.kv_seg), (k_smem, v_smem, ks_smem), (k_bar, v_bar, ks_bar, k_free, v_free),
         batch=batch, kv_head=kv_head, first=parts[0], bk=bk, n_steps=n_steps, stages=t.stages))
 
 
