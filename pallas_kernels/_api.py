@@ -1,5 +1,5 @@
-"""Argument checks, lowering loading and the scan kernels' custom VJP that the ``api`` modules
-share."""
+"""Argument checks, lowering loading, the compilation target and the scan kernels' custom VJP
+that the ``api`` modules share."""
 
 from __future__ import annotations
 
@@ -30,6 +30,45 @@ def load_lowering(package: str, name: str):
         return importlib.import_module(f"{package}.{name}"), None
     except Exception as e:  # noqa: BLE001 - any import failure just makes the lowering unavailable
         return None, f"{type(e).__name__}: {e}"
+
+
+_LOWERING_PLATFORM = {"triton": "gpu", "mosaic_gpu": "gpu", "tpu": "tpu"}
+
+
+def target_platform() -> str:
+    """The platform being compiled for: the abstract mesh's device when one is set (lowering ahead
+    of time for another machine, e.g. exporting for a GPU from a CPU host), else the default
+    backend."""
+    device = jax.sharding.get_abstract_mesh().abstract_device
+    if device is None:
+        return jax.default_backend()
+    return "gpu" if device.platform in ("gpu", "cuda", "rocm") else device.platform
+
+
+def gpu_arch() -> str | None:
+    """The target GPU's compute capability as ``"9.0"``, or None off a GPU or for an unknown one."""
+    # What the Pallas Triton lowering itself compiles for, abstract mesh included.
+    from jax._src.pallas.triton import gpu_info
+
+    try:
+        return gpu_info.get_gpu_info().arch_name
+    except ValueError:
+        return None
+
+
+def lowering_for(device_kind: str, platform: str = "gpu"):
+    """A context in which ``jit`` lowers for an abstract device of that kind (ahead-of-time
+    compilation for another machine): the kernels take its lowering and tiles from any host."""
+    device = jax.sharding.AbstractDevice(device_kind=device_kind, num_cores=None, platform=platform)
+    mesh = jax.sharding.AbstractMesh((1,), ("x",), axis_types=(jax.sharding.AxisType.Auto,),
+                                     abstract_device=device)
+    return jax.sharding.use_abstract_mesh(mesh)
+
+
+def platform_reason(lowering: str) -> str | None:
+    """Why the target platform cannot run ``lowering`` natively (None if it can)."""
+    want, got = _LOWERING_PLATFORM[lowering], target_platform()
+    return None if got == want else f"needs a {want.upper()} backend, got {got}"
 
 
 def unvary_like(g, primal):

@@ -7,7 +7,6 @@ The Triton kernels run in interpret mode on CPU and are compared with the float3
 from __future__ import annotations
 
 import functools
-import types
 
 import jax
 import jax.numpy as jnp
@@ -15,7 +14,11 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, PartitionSpec as P
 
+from pallas_kernels._api import lowering_for
 from pallas_kernels.flash_attention import BlockSizes, flash_attention
+from pallas_kernels.flash_attention import api as fa_api
+from pallas_kernels.flash_attention import triton as fa_triton
+from pallas_kernels.flash_attention.common import AttentionSpec
 
 pytestmark = pytest.mark.usefixtures("fast_compile")
 
@@ -156,17 +159,10 @@ def test_invalid_arguments_raise_value_error(args, kwargs, match):
     ],
     ids=["plain", "all_features"],
 )
-def test_kernels_lower_to_triton_for_cuda(kwargs, monkeypatch):
-    # Interpret mode never runs the Triton lowering rules; lowering for CUDA here (with a Hopper
-    # described to the lowering in place of a device) catches kernel code that only interprets.
-    from jax._src.pallas.triton import pallas_call_registration
-
-    from pallas_kernels.flash_attention import api, triton
-
-    monkeypatch.setattr(api, "_platform_reason", lambda name: None)
-    monkeypatch.setattr(pallas_call_registration.gpu_info_lib, "get_gpu_info",
-                        lambda: types.SimpleNamespace(compute_capability=90))
-    monkeypatch.setattr(triton, "_FALLBACK", triton._TUNED["9.0"])
+def test_kernels_lower_to_triton_for_cuda(kwargs):
+    # Interpret mode never runs the Triton lowering rules; lowering for an abstract H100 from this
+    # CPU host (as jax.export would) catches kernel code that only interprets, and shows that
+    # "auto" and the tile table follow the target, not the host.
     q = jax.ShapeDtypeStruct((2, 1000, 8, 128), jnp.bfloat16)
     kv = jax.ShapeDtypeStruct((2, 1000, 2, 128), jnp.bfloat16)
     attend = functools.partial(flash_attention, implementation="triton", **kwargs)
@@ -174,5 +170,10 @@ def test_kernels_lower_to_triton_for_cuda(kwargs, monkeypatch):
     def fwd_bwd(q, k, v):
         return jax.vjp(attend, q, k, v)[1](jnp.ones(q.shape, q.dtype))
 
-    text = jax.jit(fwd_bwd).trace(q, kv, kv).lower(lowering_platforms=("cuda",)).as_text()
+    with lowering_for("NVIDIA H100"):
+        assert fa_api._choose("auto", q.shape, kv.shape, q.dtype, AttentionSpec(),
+                              BlockSizes(), False) == "mosaic_gpu"
+        assert fa_triton._tuned(128) == fa_triton._TUNED["9.0"][128]
+        text = jax.jit(fwd_bwd).trace(q, kv, kv).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("__gpu$xla.gpu.triton") == 3  # forward, dK/dV, dQ
+    assert fa_triton._tuned(128) == fa_triton._FALLBACK[128]  # back on the CPU host

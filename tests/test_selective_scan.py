@@ -15,6 +15,7 @@ import pytest
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
+from pallas_kernels._api import lowering_for
 from pallas_kernels.selective_scan import reference, selective_scan, selective_scan_step
 
 _seeds = itertools.count(1000)
@@ -249,3 +250,22 @@ def test_bad_groups_and_options_raise():
     with pytest.raises(ValueError, match=r"u must have rank 2"):
         selective_scan_step(inputs["initial_state"], inputs["u"], inputs["delta"],
                             inputs["A"], inputs["B"], inputs["C"])  # fmt: skip
+
+
+def test_auto_lowers_to_triton_for_an_abstract_gpu():
+    """From this CPU host, "auto" targeting an H100 picks the Triton kernels (forward and
+    backward lower for CUDA), and off the abstract GPU it is the reference."""
+    sds = jax.ShapeDtypeStruct
+    b, length, d, n = 1, 100, 64, 16
+    args = (sds((b, length, d), jnp.bfloat16), sds((b, length, d), jnp.bfloat16),
+            sds((d, n), jnp.float32), sds((b, length, 1, n), jnp.bfloat16),
+            sds((b, length, 1, n), jnp.bfloat16))
+
+    def fwd_bwd(*a):
+        y, vjp = jax.vjp(lambda *x: selective_scan(*x, delta_softplus=True), *a)
+        return vjp(jnp.ones(y.shape, y.dtype))
+
+    with lowering_for("NVIDIA H100"):
+        text = jax.jit(fwd_bwd).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("__gpu$xla.gpu.triton") == 2  # forward, backward
+    assert "__gpu$xla.gpu.triton" not in jax.jit(fwd_bwd).trace(*args).lower().as_text()

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
+from pallas_kernels._api import lowering_for
 from pallas_kernels.ssd import reference, ssd, ssd_step
 
 TOL = {jnp.float32: 1e-4, jnp.bfloat16: 3e-2}
@@ -241,3 +242,22 @@ def test_step_bad_state_raises():
     x, dt, B, C = a["x"][:, 0], a["dt"][:, 0], a["B"][:, 0], a["C"][:, 0]
     with pytest.raises(ValueError, match="state must be float32"):
         ssd_step(a["initial_state"].astype(jnp.bfloat16), x, dt, a["A"], B, C)
+
+
+def test_auto_lowers_to_triton_for_an_abstract_gpu():
+    """From this CPU host, "auto" targeting an H100 picks the Triton kernels (forward and
+    backward lower for CUDA), and off the abstract GPU it is the plain-JAX chunked form."""
+    sds = jax.ShapeDtypeStruct
+    b, length, heads, p, n = 1, 300, 2, 16, 16
+    args = (sds((b, length, heads, p), jnp.bfloat16), sds((b, length, heads), jnp.float32),
+            sds((heads,), jnp.float32), sds((b, length, 1, n), jnp.bfloat16),
+            sds((b, length, 1, n), jnp.bfloat16))
+
+    def fwd_bwd(*a):
+        y, vjp = jax.vjp(functools.partial(ssd, chunk_size=64, dt_softplus=True), *a)
+        return vjp(jnp.ones(y.shape, y.dtype))
+
+    with lowering_for("NVIDIA H100"):
+        text = jax.jit(fwd_bwd).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("__gpu$xla.gpu.triton") == 4  # states + outputs, dstates + grads
+    assert "__gpu$xla.gpu.triton" not in jax.jit(fwd_bwd).trace(*args).lower().as_text()

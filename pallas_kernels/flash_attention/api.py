@@ -15,7 +15,14 @@ import jax
 import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero, custom_vjp_primal_tree_values
 
-from pallas_kernels._api import is_int, load_lowering, shape_of
+from pallas_kernels._api import (
+    gpu_arch,
+    is_int,
+    load_lowering,
+    platform_reason,
+    shape_of,
+    target_platform,
+)
 from pallas_kernels.flash_attention import reference
 from pallas_kernels.flash_attention.common import AttentionSpec, BlockSizes
 
@@ -203,24 +210,19 @@ _load_lowering = functools.partial(load_lowering, "pallas_kernels.flash_attentio
 
 
 def _platform_reason(name: str) -> str | None:
-    """Why the current default backend cannot run lowering ``name`` natively (None if it can)."""
-    backend = jax.default_backend()
-    if name == "tpu":
-        return None if backend == "tpu" else f"needs a TPU backend, got {backend}"
-    if backend != "gpu":
-        return f"needs a GPU backend, got {backend}"
-    if name == "mosaic_gpu":
-        cc = getattr(jax.devices()[0], "compute_capability", "")
-        if not str(cc).startswith("9."):
-            return f"needs a Hopper GPU (compute capability 9.x), got {cc or 'unknown'}"
+    """Why the target cannot run lowering ``name`` natively (None if it can)."""
+    if reason := platform_reason(name):
+        return reason
+    if name == "mosaic_gpu" and not (arch := gpu_arch() or "").startswith("9."):
+        return f"needs a Hopper GPU (compute capability 9.x), got {arch or 'unknown'}"
     return None
 
 
 def _auto_order() -> tuple[str, ...]:
-    backend = jax.default_backend()
-    if backend == "gpu":
+    platform = target_platform()
+    if platform == "gpu":
         return ("triton",) if _platform_reason("mosaic_gpu") else ("mosaic_gpu", "triton")
-    if backend == "tpu":
+    if platform == "tpu":
         return ("tpu",)
     return ()
 

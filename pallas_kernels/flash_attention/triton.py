@@ -30,6 +30,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels._api import gpu_arch
 from pallas_kernels._pallas_util import out_type
 from pallas_kernels.flash_attention.common import (
     BWD_INPUTS,
@@ -59,14 +60,15 @@ class Tiles:
 
 
 # Defaults: compute capability -> head_dim -> (forward, dK/dV, dQ). The dK/dV kernel keeps a key
-# tile resident and streams query tiles; the dQ kernel the reverse. These are FlashAttention-2
-# starting points not yet confirmed on the device: `scripts/bench_attention.py --sweep` times the
-# candidates on the GPU at hand and prints the best to put here.
+# tile resident and streams query tiles; the dQ kernel the reverse. FlashAttention-2 starting
+# points not yet timed on the device; the 9.0 ones are the largest that spill no registers and
+# fit shared memory when compiled for sm_90a (`scripts/kernel_resources.py`, BENCHMARKS.md).
+# `scripts/bench_attention.py --sweep` times the candidates on the GPU at hand.
 _TUNED: dict[str, dict[int, tuple[Tiles, Tiles, Tiles]]] = {
     "9.0": {
-        64: (Tiles(128, 64, 4, 3), Tiles(32, 128, 4, 3), Tiles(128, 32, 4, 3)),
-        128: (Tiles(128, 64, 8, 3), Tiles(64, 128, 8, 2), Tiles(128, 64, 8, 2)),
-        256: (Tiles(64, 64, 4, 2), Tiles(32, 64, 4, 2), Tiles(64, 32, 4, 2)),
+        64: (Tiles(128, 64, 4, 3), Tiles(32, 128, 8, 3), Tiles(128, 32, 4, 3)),
+        128: (Tiles(128, 64, 8, 3), Tiles(32, 128, 8, 2), Tiles(128, 64, 8, 2)),
+        256: (Tiles(64, 64, 8, 2), Tiles(16, 64, 8, 2), Tiles(64, 32, 8, 2)),
     },
     "8.0": {
         64: (Tiles(128, 64, 4, 3), Tiles(32, 128, 4, 3), Tiles(128, 32, 4, 3)),
@@ -100,8 +102,7 @@ def supports(q_shape, k_shape, dtype, spec: AttentionSpec, block_sizes: BlockSiz
 
 
 def _tuned(head_dim: int) -> tuple[Tiles, Tiles, Tiles]:
-    device = jax.devices()[0]
-    table = _TUNED.get(str(getattr(device, "compute_capability", "")), _FALLBACK)
+    table = _TUNED.get(gpu_arch() or "", _FALLBACK)
     return table[min(d for d in (64, 128, 256) if d >= head_dim)]
 
 

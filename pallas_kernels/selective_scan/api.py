@@ -13,7 +13,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels._api import checkpointed_scan, is_int, load_lowering, shape_of
+from pallas_kernels._api import checkpointed_scan, is_int, load_lowering, platform_reason, shape_of
 from pallas_kernels.selective_scan import reference
 from pallas_kernels.selective_scan.common import ScanConfig
 
@@ -177,16 +177,12 @@ def _check_scan_args(u, delta, A, B, C, D, z, delta_bias, initial_state, state_r
 _load_lowering = functools.partial(load_lowering, "pallas_kernels.selective_scan")
 
 
-def _native(name: str) -> bool:
-    return jax.default_backend() == {"triton": "gpu", "tpu": "tpu"}[name]
-
-
 def _choose(implementation, dims, block_d, chunk, delta_softplus, interpret) -> ScanConfig | None:
     """The kernel configuration to run, or None for the reference."""
     if implementation == "xla":
         return None
     if implementation == "auto":
-        candidates = [n for n in ("triton", "tpu") if interpret or _native(n)]
+        candidates = [n for n in ("triton", "tpu") if interpret or not platform_reason(n)]
         for name in candidates:
             module, _ = _load_lowering(name)
             if module is not None and module.supports(dims, block_d, chunk) is None:
@@ -195,11 +191,10 @@ def _choose(implementation, dims, block_d, chunk, delta_softplus, interpret) -> 
     module, error = _load_lowering(implementation)
     if module is None:
         raise ValueError(f"implementation={implementation!r} is unavailable ({error})")
-    if not interpret and not _native(implementation):
+    if not interpret and (why := platform_reason(implementation)):
         raise ValueError(
-            f"implementation={implementation!r} needs a "
-            f"{ {'triton': 'GPU', 'tpu': 'TPU'}[implementation]} backend, got "
-            f"{jax.default_backend()}; pass interpret=True to run it in interpret mode"
+            f"implementation={implementation!r} {why}; pass interpret=True to run it in "
+            "interpret mode"
         )
     if reason := module.supports(dims, block_d, chunk):
         raise ValueError(f"implementation={implementation!r} does not support this call: {reason}")

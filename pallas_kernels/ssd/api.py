@@ -11,7 +11,14 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels._api import checkpointed_scan, is_int, load_lowering, shape_of
+from pallas_kernels._api import (
+    checkpointed_scan,
+    is_int,
+    load_lowering,
+    platform_reason,
+    shape_of,
+    target_platform,
+)
 from pallas_kernels.ssd import reference
 from pallas_kernels.ssd.common import SSDConfig
 
@@ -175,12 +182,6 @@ def _block(given, default, extent):
 _load_lowering = functools.partial(load_lowering, "pallas_kernels.ssd")
 
 
-def _platform_reason(name: str) -> str | None:
-    backend = jax.default_backend()
-    want = {"triton": "gpu", "tpu": "tpu"}[name]
-    return None if backend == want else f"needs a {want.upper()} backend, got {backend}"
-
-
 def _choose(implementation, x_shape, B_shape, chunk_size, block_t, block_p, interpret) -> str:
     if implementation in ("xla", "xla_chunked"):
         return implementation
@@ -194,10 +195,9 @@ def _choose(implementation, x_shape, B_shape, chunk_size, block_t, block_p, inte
         return module.supports(x_shape, B_shape, chunk_size, bt, bp)
 
     if implementation == "auto":
-        backend = jax.default_backend()
-        name = {"gpu": "triton", "tpu": "tpu"}.get(backend)
+        name = {"gpu": "triton", "tpu": "tpu"}.get(target_platform())
         return name if name is not None and reason(name) is None else "xla_chunked"
-    if not interpret and (why := _platform_reason(implementation)):
+    if not interpret and (why := platform_reason(implementation)):
         raise ValueError(
             f"implementation={implementation!r} {why}; pass interpret=True to run it in "
             "interpret mode"

@@ -1,0 +1,231 @@
+"""Registers, spills and shared memory of every Triton kernel, from Triton's compiler and ptxas,
+on any machine (no GPU needed).
+
+    PYTHONPATH=src:. python3 scripts/kernel_resources.py [--gpu "NVIDIA H100"] [--ops ...]
+
+A tile that spills registers to local memory or asks for more shared memory than an SM has is
+slow or unlaunchable whatever its timing elsewhere; this catches both before a device is at hand.
+Each operation is lowered for CUDA at its benchmark shape (the same as scripts/bench_*.py) under
+an abstract mesh of the named GPU, so the kernels take that GPU's default tiles. Every Triton
+kernel is then compiled with the ``triton`` package (``pip install triton``; the GPU image has it)
+for that GPU's architecture and assembled with the ptxas it bundles. jaxlib compiles with its own
+copy of Triton, so the numbers are a close proxy, not the device's own; timings still come from
+the bench scripts. ``--sweep`` compiles the flash-attention tile candidates of
+``scripts/bench_attention.py --sweep`` and lists the ones that neither spill nor overflow.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import pathlib
+import re
+import subprocess
+import sys
+import tempfile
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels._api import lowering_for
+from pallas_kernels.flash_attention import flash_attention
+from pallas_kernels.flash_attention import triton as fa_triton
+from pallas_kernels.flash_attention.common import AttentionSpec, BlockSizes
+from pallas_kernels.selective_scan import selective_scan
+from pallas_kernels.ssd import ssd
+
+sys.path.insert(0, str(pathlib.Path(__file__).parent))
+import benchlib  # noqa: E402
+
+# Opt-in shared memory per thread block (bytes): more does not launch.
+_MAX_SHARED = {"8.0": 166912, "8.6": 101376, "8.9": 101376, "9.0": 232448, "10.0": 232448}
+_SDS = jax.ShapeDtypeStruct
+_BF16 = jnp.bfloat16
+
+
+@dataclasses.dataclass(frozen=True)
+class Kernel:
+    """One compiled Triton kernel's launch and resource figures."""
+
+    op: str
+    name: str
+    num_warps: int
+    num_stages: int
+    shared: int
+    registers: int
+    spill_bytes: int
+
+
+def _arch(device_kind: str) -> str:
+    from jax._src.pallas.triton import gpu_info  # what the Pallas Triton lowering itself reads
+
+    with lowering_for(device_kind):
+        return gpu_info.get_gpu_info().arch_name
+
+
+def _triton_calls(fn, args, device_kind: str) -> list[dict]:
+    """``fn`` lowered for CUDA: each Triton custom call's kernel text and launch parameters."""
+    from jax._src.lib.mlir import ir
+    from jax._src.lib.triton import dialect as tt_dialect
+
+    with lowering_for(device_kind):
+        module = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).compiler_ir()
+    calls = []
+
+    def walk(op):
+        for region in op.regions:
+            for block in region:
+                for child in block:
+                    target = child.attributes["call_target_name"] if (
+                        child.name == "stablehlo.custom_call") else None
+                    if target is not None and ir.StringAttr(target).value == "__gpu$xla.gpu.triton":
+                        calls.append(child.attributes["mhlo.backend_config"])
+                    walk(child)
+
+    walk(module.operation)
+    kernels = []
+    for config in calls:
+        with ir.Context() as ctx:
+            tt_dialect.register_dialect(ctx)
+            text = ir.Module.parse(ir.StringAttr(config["ir"]).value_bytes).operation.get_asm()
+        kernels.append(dict(
+            name=ir.StringAttr(config["name"]).value, ttir=text,
+            num_warps=ir.IntegerAttr(config["num_warps"]).value,
+            num_stages=ir.IntegerAttr(config["num_stages"]).value,
+        ))
+    return kernels
+
+
+def _compile(op: str, call: dict, arch: str, workdir: pathlib.Path) -> Kernel:
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    capability = int(arch.replace(".", ""))
+    source = workdir / f"{call['name']}.ttir"
+    source.write_text(call["ttir"])
+    compiled = triton.compile(
+        str(source), target=GPUTarget("cuda", capability, 32),
+        options=dict(num_warps=call["num_warps"], num_stages=call["num_stages"]))
+    ptx = source.with_suffix(".ptx")
+    ptx.write_text(compiled.asm["ptx"])
+    ptxas = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    suffix = "a" if capability >= 90 else ""  # wgmma needs the architecture-specific target
+    report = subprocess.run([str(ptxas), f"-arch=sm_{capability}{suffix}", "-v", str(ptx),
+                             "-o", str(ptx.with_suffix(".cubin"))],
+                            capture_output=True, text=True, check=True).stderr
+    spills = re.search(r"(\d+) bytes spill stores", report)
+    return Kernel(op, call["name"], call["num_warps"], call["num_stages"],
+                  compiled.metadata.shared, int(re.search(r"Used (\d+) registers", report)[1]),
+                  int(spills[1]) if spills else 0)
+
+
+def _fwd_bwd(fn, n_diff: int):
+    """Forward and the gradients of the first ``n_diff`` arguments: all the kernels of a step."""
+
+    def run(*args):
+        y, vjp = jax.vjp(lambda *d: fn(*d, *args[n_diff:]), *args[:n_diff])
+        return vjp(jnp.ones(y.shape, y.dtype))
+
+    return run
+
+
+def _attention_cases():
+    for head_dim in (64, 128, 256):
+        for causal in (False, True):
+            q = _SDS((1, 4096, 16, head_dim), _BF16)
+            attend = functools.partial(flash_attention, causal=causal, implementation="triton")
+            yield f"flash_attention d{head_dim}{' causal' if causal else ''}", _fwd_bwd(attend, 3), (q, q, q)
+
+
+def _selective_scan_case():
+    b, length, d, n = 8, 2048, 1536, 16  # scripts/bench_scan.py's shape
+    args = (_SDS((b, length, d), _BF16), _SDS((b, length, d), _BF16), _SDS((d, n), jnp.float32),
+            _SDS((b, length, 1, n), _BF16), _SDS((b, length, 1, n), _BF16),
+            _SDS((d,), jnp.float32), _SDS((b, length, d), _BF16), _SDS((d,), jnp.float32))
+
+    def scan(u, delta, A, B, C, D, z, bias):
+        return selective_scan(u, delta, A, B, C, D=D, z=z, delta_bias=bias, delta_softplus=True,
+                              implementation="triton")
+
+    yield "selective_scan 8x2048x1536x16", _fwd_bwd(scan, 8), args
+
+
+def _ssd_case():
+    b, length, heads, p, n = 2, 8192, 64, 64, 128  # scripts/bench_ssd.py's shape
+    args = (_SDS((b, length, heads, p), _BF16), _SDS((b, length, heads), jnp.float32),
+            _SDS((heads,), jnp.float32), _SDS((b, length, 1, n), _BF16),
+            _SDS((b, length, 1, n), _BF16), _SDS((heads,), jnp.float32),
+            _SDS((heads,), jnp.float32))
+
+    def scan(x, dt, A, B, C, D, bias):
+        return ssd(x, dt, A, B, C, D=D, dt_bias=bias, dt_softplus=True, implementation="triton")
+
+    yield "ssd 2x8192x64x64x128", _fwd_bwd(scan, 7), args
+
+
+_CASES = {"flash_attention": _attention_cases, "selective_scan": _selective_scan_case,
+          "ssd": _ssd_case}
+
+
+def _sweep_cases(head_dim: int):
+    """bench_attention's sweep candidates (non-causal), one kernel compiled per case."""
+    Tiles = fa_triton.Tiles
+    q = _SDS((1, 4096, 16, head_dim), _BF16)
+    lse = _SDS((1, 16, 4096), jnp.float32)
+    common = dict(spec=AttentionSpec(causal=False, scale=head_dim ** -0.5),
+                  block_sizes=BlockSizes(), interpret=False)
+    grid = [(w, s) for w in (4, 8) for s in (1, 2, 3)]
+    shapes = {"fwd": ((128, 64), (128, 128), (64, 64), (64, 128)),
+              "dkv": ((64, 128), (32, 128), (64, 64), (128, 128), (32, 64)),
+              "dq": ((128, 64), (64, 64), (128, 32), (64, 32), (128, 128))}
+    for kind, sizes in shapes.items():
+        for (bq, bk), (w, s) in ((size, ws) for size in sizes for ws in grid):
+            tiles = Tiles(bq, bk, w, s)
+            if kind == "fwd":
+                fn = functools.partial(fa_triton.forward, **common, tiles=tiles)
+                yield f"fwd {tiles}", (lambda q, k, v, fn=fn: fn(q, k, v, None, None, None)), (q, q, q)
+            else:
+                # Both backward kernels take the candidate; only the one named is compiled.
+                fn = functools.partial(fa_triton.backward, **common, tiles=(tiles, tiles))
+                keep = "flash_attention_dkv" if kind == "dkv" else "flash_attention_dq"
+                yield (f"{kind} {tiles}", keep), (
+                    lambda q, k, v, o, l, g, fn=fn: fn(q, k, v, None, None, None, o, l, g)
+                ), (q, q, q, q, lse, q)
+
+
+def main(argv=None) -> list[Kernel]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--gpu", default="NVIDIA H100", help="device kind to compile for")
+    parser.add_argument("--ops", nargs="*", default=list(_CASES), choices=list(_CASES))
+    parser.add_argument("--sweep", action="store_true", help="flash-attention tile candidates")
+    parser.add_argument("--head-dim", type=int, default=128, choices=(64, 128, 256),
+                        help="head_dim of the --sweep")
+    parser.add_argument("--out", type=pathlib.Path, help="also write the rows as JSON here")
+    args = parser.parse_args(argv)
+    arch = _arch(args.gpu)
+    limit = _MAX_SHARED.get(arch)
+    cases = _sweep_cases(args.head_dim) if args.sweep else (c for op in args.ops for c in _CASES[op]())
+    kernels = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for label, fn, fn_args in cases:
+            label, keep = label if isinstance(label, tuple) else (label, None)
+            for call in _triton_calls(fn, fn_args, args.gpu):
+                if keep in (None, call["name"]):
+                    kernels.append(_compile(label, call, arch, pathlib.Path(tmp)))
+                    print(f"compiled {label}: {call['name']}", flush=True)
+    fits = lambda k: k.spill_bytes == 0 and (limit is None or k.shared <= limit)
+    print(f"\n{args.gpu} (sm_{arch.replace('.', '')}), jax {jax.__version__}; "
+          f"shared-memory limit {limit} bytes per block")
+    benchlib.print_table(
+        ["operation", "kernel", "warps", "stages", "shared KiB", "registers", "spill bytes", "ok"],
+        [[k.op, k.name, k.num_warps, k.num_stages, round(k.shared / 1024, 1), k.registers,
+          k.spill_bytes, "yes" if fits(k) else "NO"] for k in kernels])
+    if args.out:
+        args.out.write_text(json.dumps([dataclasses.asdict(k) for k in kernels], indent=1))
+    return kernels
+
+
+if __name__ == "__main__":
+    main()
