@@ -71,6 +71,24 @@ def platform_reason(lowering: str) -> str | None:
     return None if got == want else f"needs a {want.upper()} backend, got {got}"
 
 
+def named_lowering(package: str, implementation: str, interpret: bool, unsupported, *,
+                   platform=platform_reason):
+    """The module of the lowering a caller named, or a ``ValueError`` saying why it cannot run
+    this call: it failed to import, the target cannot run it natively (unless ``interpret``), or
+    ``unsupported(module)`` (a reason or None) refuses the arguments."""
+    module, error = load_lowering(package, implementation)
+    if module is None:
+        raise ValueError(f"implementation={implementation!r} is unavailable ({error})")
+    if not interpret and (why := platform(implementation)):
+        raise ValueError(
+            f"implementation={implementation!r} {why}; pass interpret=True to run it in "
+            "interpret mode"
+        )
+    if why := unsupported(module):
+        raise ValueError(f"implementation={implementation!r} does not support this call: {why}")
+    return module
+
+
 def unvary_like(g, primal):
     """``g`` summed over the mesh axes it varies over and ``primal`` does not (None stays None).
 

@@ -91,9 +91,9 @@ def jax_worker(args) -> dict:
     model = build_model(cfg.model)
     tx, schedule = make_optimizer(cfg)
     t0 = time.perf_counter()
+    abstract, shardings = state_shardings(model, tx, mesh, rules, cfg.data.seq_len)
     state, _ = create_train_state(model, tx, mesh, rules, cfg.data.seq_len,
-                                  jax.random.key(cfg.train.seed))
-    abstract, _ = state_shardings(model, tx, mesh, rules, cfg.data.seq_len)
+                                  jax.random.key(cfg.train.seed), shardings)
     train_step = make_train_step(cfg, model, tx, schedule, mesh, rules, abstract)
     compile_s = time.perf_counter() - t0
 
@@ -175,7 +175,7 @@ def _jax_profile(run_steps, steps: int, top: int = 30) -> str:
         by_thread[thread] = by_thread.get(thread, 0.0) + dur
     if not totals:
         return "no GPU events in the trace; processes: " + ", ".join(sorted(procs.values()))
-    lines = [f"per step, ms: " + ", ".join(f"{t}={d / 1e3 / steps:.2f}"
+    lines = ["per step, ms: " + ", ".join(f"{t}={d / 1e3 / steps:.2f}"
                                            for t, d in sorted(by_thread.items()))]
     for (thread, name), (dur, n) in sorted(totals.items(), key=lambda kv: -kv[1][0])[:top]:
         lines.append(f"{dur / 1e3 / steps:8.3f} ms {n // steps:4d}x  [{thread[:18]}] {name[:110]}")

@@ -57,6 +57,10 @@ class Kernel:
     registers: int
     spill_bytes: int
 
+    def fits(self, shared_limit: int | None) -> bool:
+        """Spills nothing and launches (shared memory within the per-block limit)."""
+        return self.spill_bytes == 0 and (shared_limit is None or self.shared <= shared_limit)
+
 
 def _arch(device_kind: str) -> str:
     from jax._src.pallas.triton import gpu_info  # what the Pallas Triton lowering itself reads
@@ -131,12 +135,13 @@ def _fwd_bwd(fn, n_diff: int):
     return run
 
 
-def _attention_cases():
-    for head_dim in (64, 128, 256):
+def _attention_cases(head_dims):
+    for head_dim in head_dims:
         for causal in (False, True):
             q = _SDS((1, 4096, 16, head_dim), _BF16)
             attend = functools.partial(flash_attention, causal=causal, implementation="triton")
-            yield f"flash_attention d{head_dim}{' causal' if causal else ''}", _fwd_bwd(attend, 3), (q, q, q)
+            label = f"flash_attention d{head_dim}{' causal' if causal else ''}"
+            yield label, None, _fwd_bwd(attend, 3), (q, q, q)
 
 
 def _selective_scan_case():
@@ -149,7 +154,7 @@ def _selective_scan_case():
         return selective_scan(u, delta, A, B, C, D=D, z=z, delta_bias=bias, delta_softplus=True,
                               implementation="triton")
 
-    yield "selective_scan 8x2048x1536x16", _fwd_bwd(scan, 8), args
+    yield "selective_scan 8x2048x1536x16", None, _fwd_bwd(scan, 8), args
 
 
 def _ssd_case():
@@ -162,15 +167,14 @@ def _ssd_case():
     def scan(x, dt, A, B, C, D, bias):
         return ssd(x, dt, A, B, C, D=D, dt_bias=bias, dt_softplus=True, implementation="triton")
 
-    yield "ssd 2x8192x64x64x128", _fwd_bwd(scan, 7), args
+    yield "ssd 2x8192x64x64x128", None, _fwd_bwd(scan, 7), args
 
 
-_CASES = {"flash_attention": _attention_cases, "selective_scan": _selective_scan_case,
-          "ssd": _ssd_case}
+_OPS = ("flash_attention", "selective_scan", "ssd")
 
 
 def _sweep_cases(head_dim: int):
-    """bench_attention's sweep candidates (non-causal), one kernel compiled per case."""
+    """bench_attention's sweep candidates (non-causal): ``(label, kernel to keep, fn, args)``."""
     Tiles = fa_triton.Tiles
     q = _SDS((1, 4096, 16, head_dim), _BF16)
     lse = _SDS((1, 16, 4096), jnp.float32)
@@ -185,43 +189,47 @@ def _sweep_cases(head_dim: int):
             tiles = Tiles(bq, bk, w, s)
             if kind == "fwd":
                 fn = functools.partial(fa_triton.forward, **common, tiles=tiles)
-                yield f"fwd {tiles}", (lambda q, k, v, fn=fn: fn(q, k, v, None, None, None)), (q, q, q)
+                yield (f"d{head_dim} fwd {tiles}", None,
+                       lambda q, k, v, fn=fn: fn(q, k, v, None, None, None), (q, q, q))
             else:
                 # Both backward kernels take the candidate; only the one named is compiled.
                 fn = functools.partial(fa_triton.backward, **common, tiles=(tiles, tiles))
                 keep = "flash_attention_dkv" if kind == "dkv" else "flash_attention_dq"
-                yield (f"{kind} {tiles}", keep), (
-                    lambda q, k, v, o, l, g, fn=fn: fn(q, k, v, None, None, None, o, l, g)
-                ), (q, q, q, q, lse, q)
+                yield (f"d{head_dim} {kind} {tiles}", keep,
+                       lambda q, k, v, o, l, g, fn=fn: fn(q, k, v, None, None, None, o, l, g),
+                       (q, q, q, q, lse, q))
 
 
 def main(argv=None) -> list[Kernel]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--gpu", default="NVIDIA H100", help="device kind to compile for")
-    parser.add_argument("--ops", nargs="*", default=list(_CASES), choices=list(_CASES))
+    parser.add_argument("--ops", nargs="*", default=list(_OPS), choices=_OPS)
+    parser.add_argument("--head-dims", type=int, nargs="+", default=[64, 128, 256],
+                        choices=(64, 128, 256), help="flash-attention head dims")
     parser.add_argument("--sweep", action="store_true", help="flash-attention tile candidates")
-    parser.add_argument("--head-dim", type=int, default=128, choices=(64, 128, 256),
-                        help="head_dim of the --sweep")
     parser.add_argument("--out", type=pathlib.Path, help="also write the rows as JSON here")
     args = parser.parse_args(argv)
     arch = _arch(args.gpu)
     limit = _MAX_SHARED.get(arch)
-    cases = _sweep_cases(args.head_dim) if args.sweep else (c for op in args.ops for c in _CASES[op]())
+    cases_of = {"flash_attention": lambda: _attention_cases(args.head_dims),
+                "selective_scan": _selective_scan_case, "ssd": _ssd_case}
+    if args.sweep:
+        cases = (case for head_dim in args.head_dims for case in _sweep_cases(head_dim))
+    else:
+        cases = (case for op in args.ops for case in cases_of[op]())
     kernels = []
     with tempfile.TemporaryDirectory() as tmp:
-        for label, fn, fn_args in cases:
-            label, keep = label if isinstance(label, tuple) else (label, None)
+        for label, keep, fn, fn_args in cases:
             for call in _triton_calls(fn, fn_args, args.gpu):
                 if keep in (None, call["name"]):
                     kernels.append(_compile(label, call, arch, pathlib.Path(tmp)))
                     print(f"compiled {label}: {call['name']}", flush=True)
-    fits = lambda k: k.spill_bytes == 0 and (limit is None or k.shared <= limit)
     print(f"\n{args.gpu} (sm_{arch.replace('.', '')}), jax {jax.__version__}; "
           f"shared-memory limit {limit} bytes per block")
     benchlib.print_table(
         ["operation", "kernel", "warps", "stages", "shared KiB", "registers", "spill bytes", "ok"],
         [[k.op, k.name, k.num_warps, k.num_stages, round(k.shared / 1024, 1), k.registers,
-          k.spill_bytes, "yes" if fits(k) else "NO"] for k in kernels])
+          k.spill_bytes, "yes" if k.fits(limit) else "NO"] for k in kernels])
     if args.out:
         args.out.write_text(json.dumps([dataclasses.asdict(k) for k in kernels], indent=1))
     return kernels

@@ -17,7 +17,8 @@ def compile_train_step(cfg, devices):
     rules = sharding.axis_rules(cfg.mesh)
     model = build_model(cfg.model)
     tx, schedule = make_optimizer(cfg)
-    abstract, _ = state_shardings(model, tx, mesh, rules, cfg.data.seq_len)
-    state, _ = create_train_state(model, tx, mesh, rules, cfg.data.seq_len, jax.random.key(0))
+    abstract, shardings = state_shardings(model, tx, mesh, rules, cfg.data.seq_len)
+    state, _ = create_train_state(model, tx, mesh, rules, cfg.data.seq_len, jax.random.key(0),
+                                  shardings)
     step = make_train_step(cfg, model, tx, schedule, mesh, rules, abstract)
     return mesh, rules, state, step

@@ -19,6 +19,7 @@ from pallas_kernels._api import (
     gpu_arch,
     is_int,
     load_lowering,
+    named_lowering,
     platform_reason,
     shape_of,
     target_platform,
@@ -206,7 +207,8 @@ def _check_block_sizes(block_sizes) -> BlockSizes:
 # ----------------------------------------------------------------------------- dispatch
 
 
-_load_lowering = functools.partial(load_lowering, "pallas_kernels.flash_attention")
+_PACKAGE = "pallas_kernels.flash_attention"
+_load_lowering = functools.partial(load_lowering, _PACKAGE)
 
 
 def _platform_reason(name: str) -> str | None:
@@ -236,16 +238,9 @@ def _choose(implementation, q_shape, k_shape, dtype, spec, block_sizes, interpre
             if module is not None and module.supports(q_shape, k_shape, dtype, spec, block_sizes) is None:
                 return name
         return "xla"
-    module, error = _load_lowering(implementation)
-    if module is None:
-        raise ValueError(f"implementation={implementation!r} is unavailable ({error})")
-    if not interpret and (reason := _platform_reason(implementation)):
-        raise ValueError(
-            f"implementation={implementation!r} {reason}; pass interpret=True to run it in "
-            "interpret mode"
-        )
-    if reason := module.supports(q_shape, k_shape, dtype, spec, block_sizes):
-        raise ValueError(f"implementation={implementation!r} does not support this call: {reason}")
+    named_lowering(_PACKAGE, implementation, interpret,
+                   lambda m: m.supports(q_shape, k_shape, dtype, spec, block_sizes),
+                   platform=_platform_reason)
     return implementation
 
 

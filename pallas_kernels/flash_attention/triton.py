@@ -24,7 +24,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 
-import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
@@ -61,8 +60,8 @@ class Tiles:
 
 # Defaults: compute capability -> head_dim -> (forward, dK/dV, dQ). The dK/dV kernel keeps a key
 # tile resident and streams query tiles; the dQ kernel the reverse. FlashAttention-2 starting
-# points not yet timed on the device; the 9.0 ones are the largest that spill no registers and
-# fit shared memory when compiled for sm_90a (`scripts/kernel_resources.py`, BENCHMARKS.md).
+# points not yet timed on the device; the 9.0 ones are picked among the tiles that spill no
+# registers and fit shared memory when compiled for sm_90a (`scripts/kernel_resources.py`).
 # `scripts/bench_attention.py --sweep` times the candidates on the GPU at hand.
 _TUNED: dict[str, dict[int, tuple[Tiles, Tiles, Tiles]]] = {
     "9.0": {

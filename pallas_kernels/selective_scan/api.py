@@ -10,10 +10,16 @@ from __future__ import annotations
 
 import functools
 
-import jax
 import jax.numpy as jnp
 
-from pallas_kernels._api import checkpointed_scan, is_int, load_lowering, platform_reason, shape_of
+from pallas_kernels._api import (
+    checkpointed_scan,
+    is_int,
+    load_lowering,
+    named_lowering,
+    platform_reason,
+    shape_of,
+)
 from pallas_kernels.selective_scan import reference
 from pallas_kernels.selective_scan.common import ScanConfig
 
@@ -174,7 +180,8 @@ def _check_scan_args(u, delta, A, B, C, D, z, delta_bias, initial_state, state_r
 # ----------------------------------------------------------------------------- dispatch
 
 
-_load_lowering = functools.partial(load_lowering, "pallas_kernels.selective_scan")
+_PACKAGE = "pallas_kernels.selective_scan"
+_load_lowering = functools.partial(load_lowering, _PACKAGE)
 
 
 def _choose(implementation, dims, block_d, chunk, delta_softplus, interpret) -> ScanConfig | None:
@@ -188,16 +195,8 @@ def _choose(implementation, dims, block_d, chunk, delta_softplus, interpret) -> 
             if module is not None and module.supports(dims, block_d, chunk) is None:
                 return module.config(dims, block_d, chunk, delta_softplus, interpret)
         return None
-    module, error = _load_lowering(implementation)
-    if module is None:
-        raise ValueError(f"implementation={implementation!r} is unavailable ({error})")
-    if not interpret and (why := platform_reason(implementation)):
-        raise ValueError(
-            f"implementation={implementation!r} {why}; pass interpret=True to run it in "
-            "interpret mode"
-        )
-    if reason := module.supports(dims, block_d, chunk):
-        raise ValueError(f"implementation={implementation!r} does not support this call: {reason}")
+    module = named_lowering(_PACKAGE, implementation, interpret,
+                            lambda m: m.supports(dims, block_d, chunk))
     return module.config(dims, block_d, chunk, delta_softplus, interpret)
 
 

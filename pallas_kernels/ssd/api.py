@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import functools
 
-import jax
 import jax.numpy as jnp
 
 from pallas_kernels._api import (
     checkpointed_scan,
     is_int,
     load_lowering,
-    platform_reason,
+    named_lowering,
     shape_of,
     target_platform,
 )
@@ -179,31 +178,24 @@ def _block(given, default, extent):
 # ----------------------------------------------------------------------------- dispatch
 
 
-_load_lowering = functools.partial(load_lowering, "pallas_kernels.ssd")
+_PACKAGE = "pallas_kernels.ssd"
+_load_lowering = functools.partial(load_lowering, _PACKAGE)
 
 
 def _choose(implementation, x_shape, B_shape, chunk_size, block_t, block_p, interpret) -> str:
     if implementation in ("xla", "xla_chunked"):
         return implementation
 
-    def reason(name):
-        module, error = _load_lowering(name)
-        if module is None:
-            return f"unavailable ({error})"
+    def unsupported(name):
         bt = _block(block_t, _DEFAULT_BLOCK_T[name], chunk_size)
         bp = _block(block_p, _DEFAULT_BLOCK_P[name], x_shape[3])
-        return module.supports(x_shape, B_shape, chunk_size, bt, bp)
+        return lambda module: module.supports(x_shape, B_shape, chunk_size, bt, bp)
 
     if implementation == "auto":
         name = {"gpu": "triton", "tpu": "tpu"}.get(target_platform())
-        return name if name is not None and reason(name) is None else "xla_chunked"
-    if not interpret and (why := platform_reason(implementation)):
-        raise ValueError(
-            f"implementation={implementation!r} {why}; pass interpret=True to run it in "
-            "interpret mode"
-        )
-    if why := reason(implementation):
-        raise ValueError(f"implementation={implementation!r} does not support this call: {why}")
+        module = _load_lowering(name)[0] if name is not None else None
+        return name if module is not None and unsupported(name)(module) is None else "xla_chunked"
+    named_lowering(_PACKAGE, implementation, interpret, unsupported(implementation))
     return implementation
 
 

@@ -34,7 +34,7 @@ def mesh_shape(cfg: MeshConfig, num_devices: int) -> dict[str, int]:
     bad = [f"mesh.{n}={s}" for n, s in sizes.items() if s == 0 or s < -1]
     if bad or len(free) > 1:
         raise ConfigError(
-            f"mesh axis sizes must be positive with at most one -1 (all remaining devices); got "
+            "mesh axis sizes must be positive with at most one -1 (all remaining devices); got "
             + ", ".join(bad or [f"mesh.{n}=-1" for n in free])
         )
     fixed = math.prod(s for s in sizes.values() if s != -1)
