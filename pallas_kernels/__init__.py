@@ -3,3 +3,7 @@
 Standalone: depends on jax only and never imports meshlm. Each operation lives in its own
 subpackage with a plain-JAX ``reference`` beside its kernels and one public function in ``api``.
 """
+
+from pallas_kernels._api import lowering_for
+
+__all__ = ["lowering_for"]

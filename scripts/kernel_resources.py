@@ -29,7 +29,7 @@ import tempfile
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels._api import lowering_for
+from pallas_kernels import lowering_for
 from pallas_kernels.flash_attention import flash_attention
 from pallas_kernels.flash_attention import triton as fa_triton
 from pallas_kernels.flash_attention.common import AttentionSpec, BlockSizes

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, PartitionSpec as P
 
-from pallas_kernels._api import lowering_for
+from pallas_kernels import lowering_for
 from pallas_kernels.flash_attention import BlockSizes, flash_attention
 from pallas_kernels.flash_attention import api as fa_api
 from pallas_kernels.flash_attention import triton as fa_triton

@@ -15,7 +15,7 @@ import pytest
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from pallas_kernels._api import lowering_for
+from pallas_kernels import lowering_for
 from pallas_kernels.selective_scan import reference, selective_scan, selective_scan_step
 
 _seeds = itertools.count(1000)

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from pallas_kernels._api import lowering_for
+from pallas_kernels import lowering_for
 from pallas_kernels.ssd import reference, ssd, ssd_step
 
 TOL = {jnp.float32: 1e-4, jnp.bfloat16: 3e-2}
