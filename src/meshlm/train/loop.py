@@ -24,6 +24,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
 from meshlm import sharding
@@ -100,12 +101,13 @@ def _axes_of(mesh, rules, logical: str) -> str:
 
 
 @contextlib.contextmanager
-def _sigterm_flag() -> Iterator[dict]:
+def _sigterm_flag(install: bool = True) -> Iterator[dict]:
     """``{"signal": None}`` that becomes the signal number when SIGTERM arrives; the previous
     handler is restored on exit. Outside the main thread (where Python cannot install handlers)
-    the flag never flips."""
+    or with ``install=False`` (several processes: JAX's preemption service owns SIGTERM) the
+    flag never flips by itself."""
     flag: dict[str, Any] = {"signal": None}
-    if threading.current_thread() is not threading.main_thread():
+    if not install or threading.current_thread() is not threading.main_thread():
         yield flag
         return
 
@@ -200,7 +202,10 @@ def train(cfg: Config) -> dict[str, Any]:
     bar = tqdm(total=steps, initial=step, unit="step", dynamic_ncols=True,
                disable=not cfg.train.progress_bar)
     try:
-        with _sigterm_flag() as stop:  # from here on a SIGTERM is a save, never a lost run
+        # With several processes a local flag would stop them at different steps, one saving
+        # (a collective) while another trains; JAX's preemption service picks one step for all.
+        distributed = jax.process_count() > 1
+        with _sigterm_flag(install=not distributed) as stop:  # a SIGTERM is a save from here on
             if resume_from is None:  # the baseline that later evaluations are read against
                 ev = evaluate(state.params)
                 writer.write(0, "val", ev)
@@ -213,6 +218,8 @@ def train(cfg: Config) -> dict[str, Any]:
                     profiling = True
                 state, metrics = train_step(state, put(next(train_iter)))
                 step += 1
+                if distributed and multihost_utils.reached_preemption_sync_point(step):
+                    stop["signal"] = signal.SIGTERM
                 pending.append(metrics)
                 bar.update(1)
                 if profiling and step == cfg.train.profile_steps[1]:
