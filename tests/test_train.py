@@ -17,7 +17,7 @@ from flax.core import meta
 from _helpers import compile_train_step
 from meshlm.config import ConfigError, load_config
 from meshlm.models import build_model
-from meshlm.train.metrics import format_mfu, mfu, peak_flops
+from meshlm.train.metrics import MetricWriter, format_mfu, mfu, peak_flops, read_jsonl
 from meshlm.train.optimizer import decay_mask, make_optimizer, make_schedule
 from meshlm.train.state import state_shardings
 
@@ -200,3 +200,13 @@ def test_loop_derives_the_state_shardings_once(tmp_path, monkeypatch):
     with pytest.raises(Created) as info:
         loop.train(tiny(f"train.run_dir={tmp_path}", "train.progress_bar=false"))
     assert len(derived) == 1 and info.value.args[-1] is derived[0][1]
+
+
+def test_only_the_primary_process_writes_metrics(tmp_path):
+    """Every process of a multi-process run shares the run directory; one record, not N."""
+    for primary in (True, False, False):
+        writer = MetricWriter(tmp_path, primary=primary)
+        writer.write(1, "train", {"loss": 2.5, "mfu": None})
+        writer.close()
+    assert read_jsonl(tmp_path) == [{"step": 1, "split": "train", "loss": 2.5, "mfu": None}]
+    assert len(list((tmp_path / "tensorboard").iterdir())) == 1

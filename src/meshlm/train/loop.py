@@ -164,7 +164,9 @@ def train(cfg: Config) -> dict[str, Any]:
     else:
         state, _ = create_train_state(model, tx, mesh, rules, seq_len,
                                       jax.random.key(cfg.train.seed), state_sh)
-    save_config(cfg, run_dir / "config.yaml")
+    primary = jax.process_index() == 0  # the one process that writes the run's records
+    if primary:
+        save_config(cfg, run_dir / "config.yaml")
     n_params = param_count(state.params)
     log.info(
         "%s parameters, %d devices (%s), mesh %s, %d tokens per step",
@@ -190,7 +192,7 @@ def train(cfg: Config) -> dict[str, Any]:
     steps, log_every = cfg.train.steps, cfg.train.log_every
     fpt = flops_per_token(cfg.model, seq_len)
     tokens_per_step = cfg.data.batch_size * seq_len
-    writer = MetricWriter(run_dir)
+    writer = MetricWriter(run_dir, primary=primary)
     summary: dict[str, Any] = {"run_dir": str(run_dir), "params": n_params, "preempted": False,
                                "train_loss": None, "val_loss": None, "val_perplexity": None,
                                "tokens_per_s": None, "mfu": None}
@@ -200,7 +202,7 @@ def train(cfg: Config) -> dict[str, Any]:
     timed_tokens, timed_seconds, first_interval = 0, 0.0, True
     profiling = False
     bar = tqdm(total=steps, initial=step, unit="step", dynamic_ncols=True,
-               disable=not cfg.train.progress_bar)
+               disable=not (cfg.train.progress_bar and primary))
     try:
         # With several processes a local flag would stop them at different steps, one saving
         # (a collective) while another trains; JAX's preemption service picks one step for all.

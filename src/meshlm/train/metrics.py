@@ -63,10 +63,15 @@ class MetricWriter:
     """Scalars to TensorBoard event files (``<run_dir>/tensorboard``) and to
     ``<run_dir>/metrics.jsonl``, one JSON object per line: ``{"step", "split", name: value...}``.
 
-    The JSONL file is appended to, so a resumed run continues the same record.
+    The JSONL file is appended to, so a resumed run continues the same record. Only the
+    ``primary`` process (index 0 of a multi-process run) writes; the others' calls do nothing, so
+    a run directory shared by every process gets one record.
     """
 
-    def __init__(self, run_dir: str | os.PathLike):
+    def __init__(self, run_dir: str | os.PathLike, *, primary: bool = True):
+        self._primary = primary
+        if not primary:
+            return
         from tensorboardX import SummaryWriter  # heavy import, only for writing runs
 
         run_dir = pathlib.Path(run_dir)
@@ -75,6 +80,8 @@ class MetricWriter:
         self._jsonl = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")
 
     def write(self, step: int, split: str, values: Mapping[str, float | None]) -> None:
+        if not self._primary:
+            return
         values = {k: (None if v is None else float(v)) for k, v in values.items()}
         for name, value in values.items():
             if value is not None:
@@ -83,6 +90,8 @@ class MetricWriter:
         self._jsonl.flush()
 
     def close(self) -> None:
+        if not self._primary:
+            return
         self._tb.close()
         self._jsonl.close()
 
