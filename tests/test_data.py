@@ -388,6 +388,9 @@ def test_other_processes_read_what_process_0_prepared(stdlib_run, tmp_path, monk
     token caches and never tokenizes; where process 0 left nothing it names the shared-directory
     requirement."""
     run_dir, data = stdlib_run
+    # As process 0: the caches of this corpus, which a test that built another corpus in the same
+    # run directory replaced (a run keeps one cache per split).
+    build_data(_cfg(), run_dir)
     barriers = []
     monkeypatch.setattr(jax, "process_index", lambda: 1)
     monkeypatch.setattr(jax, "process_count", lambda: 2)
