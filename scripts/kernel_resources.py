@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels import lowering_for
+from pallas_kernels._api import gpu_arch
 from pallas_kernels.flash_attention import flash_attention
 from pallas_kernels.flash_attention import triton as fa_triton
 from pallas_kernels.flash_attention.common import AttentionSpec, BlockSizes
@@ -63,10 +64,12 @@ class Kernel:
 
 
 def _arch(device_kind: str) -> str:
-    from jax._src.pallas.triton import gpu_info  # what the Pallas Triton lowering itself reads
-
     with lowering_for(device_kind):
-        return gpu_info.get_gpu_info().arch_name
+        arch = gpu_arch()
+    if arch is None:
+        raise SystemExit(f"--gpu {device_kind!r} is not a GPU kind jax knows (e.g. 'NVIDIA H100', "
+                         "'NVIDIA A100', 'NVIDIA B200')")
+    return arch
 
 
 def _triton_calls(fn, args, device_kind: str) -> list[dict]:
