@@ -60,8 +60,8 @@ class Tiles:
 
 # Defaults: compute capability -> head_dim -> (forward, dK/dV, dQ). The dK/dV kernel keeps a key
 # tile resident and streams query tiles; the dQ kernel the reverse. FlashAttention-2 starting
-# points not yet timed on the device; the 9.0 ones are picked among the tiles that spill no
-# registers and fit shared memory when compiled for sm_90a (`scripts/kernel_resources.py`).
+# points not yet timed on a device, picked among the tiles that spill no registers and fit shared
+# memory when compiled for sm_90a / sm_80, causal or not (`scripts/kernel_resources.py`).
 # `scripts/bench_attention.py --sweep` times the candidates on the GPU at hand.
 _TUNED: dict[str, dict[int, tuple[Tiles, Tiles, Tiles]]] = {
     "9.0": {
@@ -70,9 +70,9 @@ _TUNED: dict[str, dict[int, tuple[Tiles, Tiles, Tiles]]] = {
         256: (Tiles(64, 64, 8, 2), Tiles(16, 64, 8, 2), Tiles(64, 32, 8, 2)),
     },
     "8.0": {
-        64: (Tiles(128, 64, 4, 3), Tiles(32, 128, 4, 3), Tiles(128, 32, 4, 3)),
-        128: (Tiles(128, 64, 8, 2), Tiles(64, 64, 4, 2), Tiles(64, 64, 4, 2)),
-        256: (Tiles(64, 32, 4, 2), Tiles(32, 32, 4, 1), Tiles(32, 32, 4, 1)),
+        64: (Tiles(128, 64, 8, 3), Tiles(32, 128, 8, 2), Tiles(128, 32, 4, 3)),
+        128: (Tiles(64, 128, 8, 2), Tiles(64, 64, 8, 2), Tiles(64, 64, 8, 2)),
+        256: (Tiles(64, 64, 8, 2), Tiles(32, 32, 8, 1), Tiles(64, 32, 8, 2)),
     },
 }
 _FALLBACK = {
