@@ -38,6 +38,8 @@ from pallas_kernels.selective_scan import selective_scan
 from pallas_kernels.ssd import ssd
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
+import bench_scan  # noqa: E402
+import bench_ssd  # noqa: E402
 import benchlib  # noqa: E402
 
 # Opt-in shared memory per thread block (bytes): more does not launch.
@@ -148,29 +150,30 @@ def _attention_cases(head_dims):
 
 
 def _selective_scan_case():
-    b, length, d, n = 8, 2048, 1536, 16  # scripts/bench_scan.py's shape
-    args = (_SDS((b, length, d), _BF16), _SDS((b, length, d), _BF16), _SDS((d, n), jnp.float32),
-            _SDS((b, length, 1, n), _BF16), _SDS((b, length, 1, n), _BF16),
-            _SDS((d,), jnp.float32), _SDS((b, length, d), _BF16), _SDS((d,), jnp.float32))
+    shape = bench_scan.DEFAULT_SHAPES[0]
+    x, _ = jax.eval_shape(lambda: bench_scan.make_inputs(*shape))  # shapes only, no arrays
 
     def scan(u, delta, A, B, C, D, z, bias):
         return selective_scan(u, delta, A, B, C, D=D, z=z, delta_bias=bias, delta_softplus=True,
                               implementation="triton")
 
-    yield "selective_scan 8x2048x1536x16", None, _fwd_bwd(scan, 8), args
+    label = "selective_scan " + "x".join(map(str, shape))
+    yield label, None, _fwd_bwd(scan, 8), tuple(x[n] for n in bench_scan.GRAD_ARGS)
 
 
 def _ssd_case():
-    b, length, heads, p, n = 2, 8192, 64, 64, 128  # scripts/bench_ssd.py's shape
-    args = (_SDS((b, length, heads, p), _BF16), _SDS((b, length, heads), jnp.float32),
-            _SDS((heads,), jnp.float32), _SDS((b, length, 1, n), _BF16),
-            _SDS((b, length, 1, n), _BF16), _SDS((heads,), jnp.float32),
-            _SDS((heads,), jnp.float32))
+    length, batch = 8192, 2  # bench_ssd's 8k row: 16k tokens
+    x = jax.eval_shape(lambda: bench_ssd._inputs(
+        jax.random.key(0), batch, length, bench_ssd.HEADS, bench_ssd.HEAD_DIM, bench_ssd.GROUPS,
+        bench_ssd.D_STATE, _BF16))
+    names = ("x", "dt", "A", "B", "C", "D", "dt_bias")
 
     def scan(x, dt, A, B, C, D, bias):
-        return ssd(x, dt, A, B, C, D=D, dt_bias=bias, dt_softplus=True, implementation="triton")
+        return ssd(x, dt, A, B, C, D=D, dt_bias=bias, dt_softplus=True,
+                   chunk_size=bench_ssd.CHUNK, implementation="triton")
 
-    yield "ssd 2x8192x64x64x128", None, _fwd_bwd(scan, 7), args
+    label = f"ssd {batch}x{length}x{bench_ssd.HEADS}x{bench_ssd.HEAD_DIM}x{bench_ssd.D_STATE}"
+    yield label, None, _fwd_bwd(scan, 7), tuple(x[n] for n in names)
 
 
 _OPS = ("flash_attention", "selective_scan", "ssd")
