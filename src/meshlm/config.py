@@ -74,18 +74,31 @@ class ModelConfig:
                 raise ConfigError(f"model.{name} must be positive, got {getattr(self, name)}")
 
 
-# Logical axis -> mesh axes (a name, a list of names, or null for replicated). Flax resolves each
-# tensor's axes in order and skips a mesh axis already used by an earlier dimension, which is what
-# lets activations ('batch' on data+fsdp) and parameters ('embed' on fsdp) share one table.
+# Logical axis -> mesh axes (a name, a list of names, or null for replicated). Parameters and
+# activations have separate names (MaxText's ``activation_*``), so a rule for one (e.g. sequence
+# parallelism on ``activation_length``) never moves the other. Flax resolves each tensor's axes in
+# order and skips a mesh axis already used by an earlier dimension.
 MeshAxes = str | tuple[str, ...] | None
 DEFAULT_RULES: tuple[tuple[str, MeshAxes], ...] = (
-    ("batch", ("data", "fsdp")),
-    ("length", "sequence"),
+    # activations
+    ("activation_batch", ("data", "fsdp")),
+    ("activation_length", "sequence"),
+    ("activation_embed", None),
+    ("activation_heads", "tensor"),
+    ("activation_kv_heads", "tensor"),
+    ("activation_mlp", "tensor"),
+    ("activation_inner", "tensor"),
+    ("activation_vocab", "tensor"),
+    ("activation_expert", "expert"),
+    # parameters
     ("embed", "fsdp"),
     ("heads", "tensor"),
     ("kv_heads", "tensor"),
     ("head_dim", None),
     ("mlp", "tensor"),
+    ("inner", "tensor"),
+    ("state", None),
+    ("conv", None),
     ("vocab", "tensor"),
     ("expert", "expert"),
     ("layers", None),

@@ -21,10 +21,18 @@ from meshlm.config import ConfigError, MeshConfig
 # Slowest to fastest interconnect: tensor parallelism talks most, so it is innermost (neighbouring
 # devices); pipeline stages talk least.
 MESH_AXES = ("pipeline", "data", "fsdp", "sequence", "expert", "tensor")
-LOGICAL_AXES = (
-    "batch", "length", "embed", "heads", "kv_heads", "head_dim", "mlp", "vocab", "expert",
+# Activation axes (what a tensor flowing through the model is split by) and parameter axes (how
+# weights are laid out) are separate names; config.DEFAULT_RULES maps both.
+ACTIVATION_AXES = (
+    "activation_batch", "activation_length", "activation_embed", "activation_heads",
+    "activation_kv_heads", "activation_mlp", "activation_inner", "activation_vocab",
+    "activation_expert",
+)
+PARAMETER_AXES = (
+    "embed", "heads", "kv_heads", "head_dim", "mlp", "inner", "state", "conv", "vocab", "expert",
     "layers", "stage",
 )
+LOGICAL_AXES = ACTIVATION_AXES + PARAMETER_AXES
 
 
 def mesh_shape(cfg: MeshConfig, num_devices: int) -> dict[str, int]:
@@ -106,12 +114,12 @@ def named_sharding(mesh: Mesh, rules, *logical_axes: str | None) -> NamedShardin
 
 def batch_sharding(mesh: Mesh, rules) -> NamedSharding:
     """Sharding of a ``(batch, length)`` token array."""
-    return named_sharding(mesh, rules, "batch", "length")
+    return named_sharding(mesh, rules, "activation_batch", "activation_length")
 
 
 def data_parallel_size(mesh: Mesh, rules) -> int:
     """How many ways the batch dimension is split (the global batch must divide by it)."""
-    spec = nn.logical_to_mesh_axes(("batch",), rules)[0]
+    spec = nn.logical_to_mesh_axes(("activation_batch",), rules)[0]
     names = (spec,) if isinstance(spec, str) else (spec or ())
     return math.prod(mesh.shape[n] for n in names)
 

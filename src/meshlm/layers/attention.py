@@ -22,7 +22,7 @@ Initializer = Callable[..., jax.Array]
 
 # The attention product's output; ``remat="save_attention"`` keeps exactly this tensor.
 ATTENTION_OUT = "attention_out"
-CACHE_AXES = ("batch", "length", "kv_heads", "head_dim")
+CACHE_AXES = ("activation_batch", "activation_length", "activation_kv_heads", "head_dim")
 # Segment id of cache slots not yet written: never equal to a query's id (>= 0), so never seen.
 _EMPTY_SLOT = -1
 
@@ -141,7 +141,7 @@ class Attention(nn.Module):
         if self.rope:
             q = apply_rope(q, positions, self.rope_theta)
             k = apply_rope(k, positions, self.rope_theta)
-        q = nn.with_logical_constraint(q, ("batch", "length", "heads", "head_dim"))
+        q = nn.with_logical_constraint(q, ("activation_batch", "activation_length", "activation_heads", "head_dim"))
         k = nn.with_logical_constraint(k, CACHE_AXES)
         v = nn.with_logical_constraint(v, CACHE_AXES)
 
@@ -153,7 +153,7 @@ class Attention(nn.Module):
             out = attend(q, k, v, q_segment_ids=segment_ids, kv_segment_ids=segment_ids,
                          causal=True, implementation=self.implementation)
         out = checkpoint_name(out, ATTENTION_OUT)
-        out = nn.with_logical_constraint(out, ("batch", "length", "heads", "head_dim"))
+        out = nn.with_logical_constraint(out, ("activation_batch", "activation_length", "activation_heads", "head_dim"))
         return HeadDense(
             (x.shape[-1],), contract=2, kernel_axes=("heads", "head_dim", "embed"),
             use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype,
@@ -167,7 +167,7 @@ class Attention(nn.Module):
             self.variable("cache", "cached_key", zeros, k.shape, k.dtype),
             self.variable("cache", "cached_value", zeros, k.shape, k.dtype),
             self.variable("cache", "cached_segment_ids",
-                          nn.with_logical_partitioning(jnp.zeros, ("batch", "length")),
+                          nn.with_logical_partitioning(jnp.zeros, ("activation_batch", "activation_length")),
                           (batch, max_len), jnp.int32),
             self.variable("cache", "cache_index", lambda: jnp.zeros((), jnp.int32)),
         )

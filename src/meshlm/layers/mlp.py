@@ -42,5 +42,5 @@ class Mlp(nn.Module):
             h = jax.nn.silu(gate) * up
         else:
             raise ValueError(f"unknown mlp {self.kind!r}; choose 'gelu' or 'swiglu'")
-        h = nn.with_logical_constraint(h, ("batch", "length", "mlp"))
+        h = nn.with_logical_constraint(h, ("activation_batch", "activation_length", "activation_mlp"))
         return dense(x.shape[-1], "mlp", "embed", self.out_kernel_init, "wo")(h)

@@ -60,7 +60,7 @@ class Block(nn.Module):
             param_dtype=param_dtype, kernel_init=init, out_kernel_init=out_init, name="mlp",
         )(norm("mlp_norm")(x))
         x = x + nn.Dropout(cfg.dropout)(h, deterministic=self.deterministic)
-        return nn.with_logical_constraint(x, ("batch", "length", "embed")), None
+        return nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed")), None
 
 
 @register("gpt")
@@ -100,7 +100,7 @@ class GPT(nn.Module):
             x = x + LearnedPositions(cfg.max_seq_len, cfg.d_model, init_std=cfg.init_std,
                                      dtype=dtype, param_dtype=param_dtype,
                                      name="position_embed")(positions)
-        x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+        x = nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
 
         block = Block
         if cfg.remat != "none":
@@ -134,4 +134,4 @@ class GPT(nn.Module):
                 (cfg.d_model, cfg.vocab_size), param_dtype,
             )
             logits = logits_matmul(x.astype(dtype), head.astype(dtype), False)
-        return nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
+        return nn.with_logical_constraint(logits, ("activation_batch", "activation_length", "activation_vocab"))

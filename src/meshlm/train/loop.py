@@ -58,17 +58,17 @@ def check_run(cfg: Config, mesh, rules) -> None:
             f" (micro-batches of {micro} rows with train.grad_accum={t.grad_accum})")
         raise ConfigError(
             f"data.batch_size={cfg.data.batch_size}{per} is not divisible by the data-parallel "
-            f"size {dp} (the mesh axes the 'batch' rule maps to: "
-            f"{_axes_of(mesh, rules, 'batch')}); use a batch size that is a multiple of "
+            f"size {dp} (the mesh axes the 'activation_batch' rule maps to: "
+            f"{_axes_of(mesh, rules, 'activation_batch')}); use a batch size that is a multiple of "
             f"{dp * t.grad_accum}"
         )
     check_process_rows(cfg, mesh, rules)
-    seq = sharding.named_sharding(mesh, rules, "length").spec[0]
+    seq = sharding.named_sharding(mesh, rules, "activation_length").spec[0]
     seq_shards = math.prod(mesh.shape[n] for n in _names(seq))
     if cfg.data.seq_len % seq_shards:
         raise ConfigError(
             f"data.seq_len={cfg.data.seq_len} is not divisible by the sequence-parallel size "
-            f"{seq_shards} ({_axes_of(mesh, rules, 'length')})"
+            f"{seq_shards} ({_axes_of(mesh, rules, 'activation_length')})"
         )
 
 
@@ -83,10 +83,11 @@ def check_process_rows(cfg: Config, mesh, rules) -> None:
     held = sharding.rows_held(sharding.batch_sharding(mesh, rules), (b, cfg.data.seq_len))
     if held != [(rows.start, rows.stop)]:
         raise ConfigError(
-            f"under the batch sharding ({_axes_of(mesh, rules, 'batch')}) the devices of process "
+            f"under the batch sharding ({_axes_of(mesh, rules, 'activation_batch')}) the devices "
+            f"of process "
             f"{index} hold rows {', '.join(f'[{a}, {z})' for a, z in held)} of each "
             f"{b}-row batch, but with {count} processes it reads rows [{rows.start}, "
-            f"{rows.stop}); map the 'batch' rule to mesh axes that split the devices of "
+            f"{rows.stop}); map the 'activation_batch' rule to mesh axes that split the devices of "
             "different processes, in process order"
         )
 
