@@ -33,7 +33,7 @@ from pallas_kernels.selective_scan import api, reference  # noqa: E402
 
 DEFAULT_SHAPES = ((8, 2048, 1536, 16), (4, 8192, 2048, 16))
 SWEEP = ((32, 16, 2), (64, 16, 4), (32, 8, 2), (64, 8, 4), (32, 4, 2))  # (block_d, chunk, warps)
-GRAD_ARGS = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
+GRAD_ARGS = ("u", "delta", "A", "B", "C", "D", "z", "dt_bias")
 
 
 def make_inputs(batch, length, d_inner, d_state, seed=0):
@@ -47,16 +47,16 @@ def make_inputs(batch, length, d_inner, d_state, seed=0):
         C=jax.random.normal(k[4], (batch, length, 1, d_state), bf16),
         D=jax.random.normal(k[5], (d_inner,)),
         z=jax.random.normal(k[6], (batch, length, d_inner), bf16),
-        delta_bias=0.3 * jax.random.normal(k[7], (d_inner,)),
+        dt_bias=0.3 * jax.random.normal(k[7], (d_inner,)),
     )
     dy = jax.random.normal(k[8], (batch, length, d_inner), bf16)
     return x, dy
 
 
-def assoc_scan(u, delta, A, B, C, D, z, delta_bias):
+def assoc_scan(u, delta, A, B, C, D, z, dt_bias):
     """Plain JAX, parallel over time: float32 (B, L, D, N) decays and inputs, log-depth combine."""
     f32 = jnp.float32
-    dt = softplus(delta.astype(f32) + delta_bias)
+    dt = softplus(delta.astype(f32) + dt_bias)
     decay = jnp.exp(dt[..., None] * A)
     inp = (dt * u.astype(f32))[..., None] * B.astype(f32)[:, :, 0, None, :]
 
@@ -68,15 +68,15 @@ def assoc_scan(u, delta, A, B, C, D, z, delta_bias):
     return (y * jax.nn.silu(z.astype(f32))).astype(u.dtype)
 
 
-def lax_scan(u, delta, A, B, C, D, z, delta_bias):
+def lax_scan(u, delta, A, B, C, D, z, dt_bias):
     return reference.selective_scan(
-        u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias, delta_softplus=True
+        u, delta, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=True
     )
 
 
 def pallas(cfg):
-    def fn(u, delta, A, B, C, D, z, delta_bias):
-        return api._kernel_scan(cfg, u, delta, A, B, C, D, z, delta_bias, None)[0]
+    def fn(u, delta, A, B, C, D, z, dt_bias):
+        return api._kernel_scan(cfg, u, delta, A, B, C, D, z, dt_bias, None)[0]
 
     return fn
 

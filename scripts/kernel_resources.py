@@ -154,7 +154,7 @@ def _selective_scan_case():
     x, _ = jax.eval_shape(lambda: bench_scan.make_inputs(*shape))  # shapes only, no arrays
 
     def scan(u, delta, A, B, C, D, z, bias):
-        return selective_scan(u, delta, A, B, C, D=D, z=z, delta_bias=bias, delta_softplus=True,
+        return selective_scan(u, delta, A, B, C, D=D, z=z, dt_bias=bias, dt_softplus=True,
                               implementation="triton")
 
     label = "selective_scan " + "x".join(map(str, shape))

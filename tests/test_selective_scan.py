@@ -20,7 +20,7 @@ from pallas_kernels.selective_scan import reference, selective_scan, selective_s
 
 _seeds = itertools.count(1000)
 
-NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
+NAMES = ("u", "delta", "A", "B", "C", "D", "z", "dt_bias", "initial_state")
 
 
 def make_inputs(batch, length, d_inner, n_groups, d_state, dtype, *, full=True):
@@ -36,7 +36,7 @@ def make_inputs(batch, length, d_inner, n_groups, d_state, dtype, *, full=True):
     if full:
         x["D"] = jax.random.normal(k[5], (d_inner,))
         x["z"] = jax.random.normal(k[6], (batch, length, d_inner))
-        x["delta_bias"] = 0.3 * jax.random.normal(k[7], (d_inner,))
+        x["dt_bias"] = 0.3 * jax.random.normal(k[7], (d_inner,))
         x["initial_state"] = jax.random.normal(k[8], (batch, d_inner, d_state))
     # A and the state stay float32 (as Mamba keeps them); activations take the test dtype.
     return {n: v if n in ("A", "initial_state") else v.astype(dtype) for n, v in x.items()}
@@ -64,10 +64,10 @@ def check_against_reference(implementation, inputs, *, softplus, tol_out, tol_gr
     names = tuple(inputs)
     kw = jax.random.split(jax.random.key(next(_seeds)))
     y_ref, h_ref = reference.selective_scan(
-        **inputs, delta_softplus=softplus, return_final_state=True
+        **inputs, dt_softplus=softplus, return_final_state=True
     )
     weights = (jax.random.normal(kw[0], y_ref.shape), jax.random.normal(kw[1], h_ref.shape))
-    _, g_ref = scan_loss(reference.selective_scan, inputs, weights, delta_softplus=softplus)(
+    _, g_ref = scan_loss(reference.selective_scan, inputs, weights, dt_softplus=softplus)(
         *inputs.values()
     )
 
@@ -75,8 +75,8 @@ def check_against_reference(implementation, inputs, *, softplus, tol_out, tol_gr
 
     @jax.jit  # one compilation for the forward and the backward
     def run(*args):
-        y, h = fn(**dict(zip(names, args)), delta_softplus=softplus, return_final_state=True)
-        return y, h, scan_loss(fn, inputs, weights, delta_softplus=softplus)(*args)[1]
+        y, h = fn(**dict(zip(names, args)), dt_softplus=softplus, return_final_state=True)
+        return y, h, scan_loss(fn, inputs, weights, dt_softplus=softplus)(*args)[1]
 
     y, h, g = run(*inputs.values())
     assert y.dtype == inputs["u"].dtype and h.dtype == jnp.float32
@@ -124,12 +124,12 @@ def test_triton_under_vmap_and_jit():
     inputs = make_inputs(1, 7, 8, 1, 4, jnp.float32)
     stacked = {n: jnp.stack([v, 0.5 * v]) for n, v in inputs.items()}
     fn = lambda **a: selective_scan(
-        **a, delta_softplus=True, implementation="triton", interpret=True, chunk=4
+        **a, dt_softplus=True, implementation="triton", interpret=True, chunk=4
     )
     y = jax.jit(jax.vmap(lambda a: fn(**a)))(stacked)
     for i in range(2):
         one = {n: v[i] for n, v in stacked.items()}
-        y_ref = reference.selective_scan(**one, delta_softplus=True)
+        y_ref = reference.selective_scan(**one, dt_softplus=True)
         assert rel_err(y[i], y_ref) < 1e-5
 
 
@@ -155,12 +155,12 @@ def test_triton_inside_shard_map():
 @pytest.mark.parametrize("implementation", ["triton", "tpu"])
 def test_kernels_type_check_inside_shard_map(implementation):
     """Under shard_map's varying-axes check (check_vma=True) the kernels' outputs name the mesh axes
-    they vary over and the gradients of the replicated A, D, delta_bias are summed over the
+    they vary over and the gradients of the replicated A, D, dt_bias are summed over the
     batch shards: the gradient of every input traces (running it would hit the interpret-mode
     limitation above; the numbers are checked there)."""
     inputs = make_inputs(2, 6, 8, 1, 4, jnp.float32)
     mesh = Mesh(np.array(jax.devices()[:2]), ("data",))
-    specs = tuple(P() if n in ("A", "D", "delta_bias") else P("data") for n in NAMES)
+    specs = tuple(P() if n in ("A", "D", "dt_bias") else P("data") for n in NAMES)
     scan = jax.shard_map(
         lambda *a: selective_scan(**dict(zip(NAMES, a)), implementation=implementation,
                                   interpret=True),
@@ -196,11 +196,11 @@ def test_xla_gradients_compose_with_jit_and_vmap():
 
 def test_step_equals_one_step_of_the_scan():
     inputs = make_inputs(2, 3, 8, 2, 4, jnp.float32)
-    y_ref, h_ref = reference.selective_scan(**inputs, delta_softplus=True, return_final_state=True)
+    y_ref, h_ref = reference.selective_scan(**inputs, dt_softplus=True, return_final_state=True)
     state = inputs["initial_state"]
     step = jax.jit(lambda h, u, dt, B, C, z: selective_scan_step(
-        h, u, dt, inputs["A"], B, C, D=inputs["D"], z=z, delta_bias=inputs["delta_bias"],
-        delta_softplus=True,
+        h, u, dt, inputs["A"], B, C, D=inputs["D"], z=z, dt_bias=inputs["dt_bias"],
+        dt_softplus=True,
     ))  # fmt: skip
     for t in range(3):
         y, state = step(state, *(inputs[n][:, t] for n in ("u", "delta", "B", "C", "z")))
@@ -222,7 +222,7 @@ def _valid():
         (lambda x: x.update(B=x["B"][:, :, :, :2], C=x["C"][:, :, :, :2]), "B must have shape"),
         (lambda x: x.update(D=x["D"][:3]), "D must have shape"),
         (lambda x: x.update(z=x["z"][:1]), "z must have shape"),
-        (lambda x: x.update(delta_bias=x["delta_bias"][None]), "delta_bias must have shape"),
+        (lambda x: x.update(dt_bias=x["dt_bias"][None]), "dt_bias must have shape"),
         (lambda x: x.update(initial_state=x["initial_state"][:1]), "initial_state must have"),
         (lambda x: x.update(u=x["u"].astype(jnp.int32)), "u must be a floating-point"),
     ],
@@ -262,7 +262,7 @@ def test_auto_lowers_to_triton_for_an_abstract_gpu():
             sds((b, length, 1, n), jnp.bfloat16))
 
     def fwd_bwd(*a):
-        y, vjp = jax.vjp(lambda *x: selective_scan(*x, delta_softplus=True), *a)
+        y, vjp = jax.vjp(lambda *x: selective_scan(*x, dt_softplus=True), *a)
         return vjp(jnp.ones(y.shape, y.dtype))
 
     with lowering_for("NVIDIA H100"):

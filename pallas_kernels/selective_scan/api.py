@@ -35,8 +35,8 @@ def selective_scan(
     *,
     D=None,
     z=None,
-    delta_bias=None,
-    delta_softplus: bool = False,
+    dt_bias=None,
+    dt_softplus: bool = False,
     initial_state=None,
     return_final_state: bool = False,
     implementation: str = "auto",
@@ -48,7 +48,7 @@ def selective_scan(
 
     Per batch row, channel ``c`` and state index ``n`` (``g = c // (d_inner // n_groups)``)::
 
-        dt_t = softplus(delta_t + delta_bias)   (without softplus unless delta_softplus)
+        dt_t = softplus(delta_t + dt_bias)   (without softplus unless dt_softplus)
         h_t  = exp(dt_t * A[c, n]) * h_{t-1} + dt_t * B_t[g, n] * u_t
         y_t  = (sum_n C_t[g, n] * h_t + D[c] * u_t) * silu(z_t)   (D and the gate when given)
 
@@ -56,9 +56,9 @@ def selective_scan(
       u, delta: ``(batch, length, d_inner)`` floats (any length; no multiple of a block needed).
       A: ``(d_inner, d_state)`` float (computed in float32; negative for a decaying state).
       B, C: ``(batch, length, n_groups, d_state)`` floats; ``n_groups`` divides ``d_inner``.
-      D, delta_bias: optional ``(d_inner,)`` floats.
+      D, dt_bias: optional ``(d_inner,)`` floats.
       z: optional ``(batch, length, d_inner)`` gate.
-      delta_softplus: pass ``delta + delta_bias`` through softplus.
+      dt_softplus: pass ``delta + dt_bias`` through softplus.
       initial_state: optional ``(batch, d_inner, d_state)`` state ``h_{-1}`` (float32 is kept).
       return_final_state: also return the float32 state after the last step.
       implementation: ``"auto"`` (the lowering for the current backend that supports the call,
@@ -77,9 +77,9 @@ def selective_scan(
     Raises:
       ValueError: naming the violated constraint.
     """
-    dims = _check_scan_args(u, delta, A, B, C, D, z, delta_bias, initial_state)
-    if not isinstance(delta_softplus, bool):
-        raise ValueError(f"delta_softplus must be a bool, got {delta_softplus!r}")
+    dims = _check_scan_args(u, delta, A, B, C, D, z, dt_bias, initial_state)
+    if not isinstance(dt_softplus, bool):
+        raise ValueError(f"dt_softplus must be a bool, got {dt_softplus!r}")
     if not isinstance(return_final_state, bool):
         raise ValueError(f"return_final_state must be a bool, got {return_final_state!r}")
     if implementation not in IMPLEMENTATIONS:
@@ -88,18 +88,18 @@ def selective_scan(
         if size is not None and (not is_int(size) or size <= 0):
             raise ValueError(f"{name} must be a positive int or None, got {size!r}")
 
-    cfg = _choose(implementation, dims, block_d, chunk, delta_softplus, bool(interpret))
+    cfg = _choose(implementation, dims, block_d, chunk, dt_softplus, bool(interpret))
     if cfg is None:
         return reference.selective_scan(
-            u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus,
+            u, delta, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus,
             initial_state=initial_state, return_final_state=return_final_state,
         )  # fmt: skip
-    y, h_final = _kernel_scan(cfg, u, delta, A, B, C, D, z, delta_bias, initial_state)
+    y, h_final = _kernel_scan(cfg, u, delta, A, B, C, D, z, dt_bias, initial_state)
     return (y, h_final) if return_final_state else y
 
 
 def selective_scan_step(
-    state, u, delta, A, B, C, *, D=None, z=None, delta_bias=None, delta_softplus: bool = False
+    state, u, delta, A, B, C, *, D=None, z=None, dt_bias=None, dt_softplus: bool = False
 ):
     """One token of the scan (decoding): ``(y, new_state)`` from the state before the token.
 
@@ -112,15 +112,15 @@ def selective_scan_step(
         raise ValueError(f"u must have rank 2 (batch, d_inner), got {shape_of(u)}")
     if getattr(B, "ndim", None) != 3:
         raise ValueError(f"B must have rank 3 (batch, n_groups, d_state), got {shape_of(B)}")
-    if not isinstance(delta_softplus, bool):
-        raise ValueError(f"delta_softplus must be a bool, got {delta_softplus!r}")
+    if not isinstance(dt_softplus, bool):
+        raise ValueError(f"dt_softplus must be a bool, got {dt_softplus!r}")
     expand = lambda x: None if x is None else x[:, None]
     _check_scan_args(
-        expand(u), expand(delta), A, expand(B), expand(C), D, expand(z), delta_bias, state,
+        expand(u), expand(delta), A, expand(B), expand(C), D, expand(z), dt_bias, state,
         state_required=True,
     )  # fmt: skip
     f32 = lambda x: None if x is None else x.astype(jnp.float32)
-    dt = reference.discretize_dt(delta, delta_bias, delta_softplus)
+    dt = reference.discretize_dt(delta, dt_bias, dt_softplus)
     y, new_state = reference.step(
         f32(state), f32(u), dt, f32(A), f32(B), f32(C), f32(D), f32(z)
     )
@@ -130,7 +130,7 @@ def selective_scan_step(
 # ----------------------------------------------------------------------------- validation
 
 
-def _check_scan_args(u, delta, A, B, C, D, z, delta_bias, initial_state, state_required=False):
+def _check_scan_args(u, delta, A, B, C, D, z, dt_bias, initial_state, state_required=False):
     """Checks ranks, shapes and dtypes; returns ``(batch, length, d_inner, n_groups, d_state)``."""
     if getattr(u, "ndim", None) != 3:
         raise ValueError(f"u must have rank 3 (batch, length, d_inner), got {shape_of(u)}")
@@ -159,7 +159,7 @@ def _check_scan_args(u, delta, A, B, C, D, z, delta_bias, initial_state, state_r
         "C": (C, B.shape),
         "z": (z, (batch, length, d_inner)),
         "D": (D, (d_inner,)),
-        "delta_bias": (delta_bias, (d_inner,)),
+        "dt_bias": (dt_bias, (d_inner,)),
         "initial_state": (initial_state, (batch, d_inner, d_state)),
     }
     arrays = {"u": u, "A": A, "B": B}
@@ -184,7 +184,7 @@ _PACKAGE = "pallas_kernels.selective_scan"
 _load_lowering = functools.partial(load_lowering, _PACKAGE)
 
 
-def _choose(implementation, dims, block_d, chunk, delta_softplus, interpret) -> ScanConfig | None:
+def _choose(implementation, dims, block_d, chunk, dt_softplus, interpret) -> ScanConfig | None:
     """The kernel configuration to run, or None for the reference."""
     if implementation == "xla":
         return None
@@ -193,11 +193,11 @@ def _choose(implementation, dims, block_d, chunk, delta_softplus, interpret) -> 
         for name in candidates:
             module, _ = _load_lowering(name)
             if module is not None and module.supports(dims, block_d, chunk) is None:
-                return module.config(dims, block_d, chunk, delta_softplus, interpret)
+                return module.config(dims, block_d, chunk, dt_softplus, interpret)
         return None
     module = named_lowering(_PACKAGE, implementation, interpret,
                             lambda m: m.supports(dims, block_d, chunk))
-    return module.config(dims, block_d, chunk, delta_softplus, interpret)
+    return module.config(dims, block_d, chunk, dt_softplus, interpret)
 
 
 # ----------------------------------------------------------------------------- custom VJP

@@ -24,7 +24,7 @@ class ScanConfig:
     """
 
     implementation: str
-    delta_softplus: bool
+    dt_softplus: bool
     block_d: int
     chunk: int
     forward_chunk: int

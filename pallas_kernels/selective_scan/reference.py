@@ -2,7 +2,7 @@
 
 For every batch row, channel ``c`` (of ``d_inner``) and state index ``n`` (of ``d_state``)::
 
-    dt_t   = softplus(delta_t + delta_bias)      (or delta_t + delta_bias without softplus)
+    dt_t   = softplus(delta_t + dt_bias)      (or delta_t + dt_bias without softplus)
     h_t    = exp(dt_t * A[c, n]) * h_{t-1} + dt_t * B_t[g, n] * u_t
     y_t    = sum_n C_t[g, n] * h_t + D[c] * u_t
     out_t  = y_t * silu(z_t)                     (only when z is given)
@@ -51,8 +51,8 @@ def selective_scan(
     *,
     D=None,
     z=None,
-    delta_bias=None,
-    delta_softplus=False,
+    dt_bias=None,
+    dt_softplus=False,
     initial_state=None,
     return_final_state=False,
 ):
@@ -60,7 +60,7 @@ def selective_scan(
     f32 = lambda x: None if x is None else x.astype(jnp.float32)
     batch, _, d_inner = u.shape
     d_state = A.shape[-1]
-    dt = discretize_dt(delta, delta_bias, delta_softplus)
+    dt = discretize_dt(delta, dt_bias, dt_softplus)
     A, D = f32(A), f32(D)
     h0 = (
         jnp.zeros((batch, d_inner, d_state), jnp.float32)

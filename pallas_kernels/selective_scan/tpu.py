@@ -9,7 +9,7 @@ reduction (two vregs for d_state 16): cheaper and more portable than a dynamic l
 
 Forward: one float32 checkpoint of the state per chunk (``save_checkpoints``). Backward: the chunks
 run in reverse; each first recomputes its ``chunk`` states into VMEM scratch from its checkpoint,
-then runs the adjoint recurrence through them. ``dA, dD, ddelta_bias`` and the initial-state
+then runs the adjoint recurrence through them. ``dA, dD, ddt_bias`` and the initial-state
 gradient accumulate in output blocks that stay resident across the chunk axis; ``dB, dC`` are
 written per channel block and summed over a group's blocks outside (deterministic, no atomics).
 
@@ -60,7 +60,7 @@ def supports(dims, block_d: int | None, chunk: int | None) -> str | None:
     return None
 
 
-def config(dims, block_d, chunk, delta_softplus: bool, interpret: bool) -> common.ScanConfig:
+def config(dims, block_d, chunk, dt_softplus: bool, interpret: bool) -> common.ScanConfig:
     """Explicit sizes as given; else lane-aligned channel blocks, and one chunk for short inputs."""
     _, length, d_inner, n_groups, _ = dims
     per_group = d_inner // n_groups
@@ -73,7 +73,7 @@ def config(dims, block_d, chunk, delta_softplus: bool, interpret: bool) -> commo
     chunk = min(chunk or _CHUNK, length)
     return common.ScanConfig(
         implementation="tpu",
-        delta_softplus=delta_softplus,
+        dt_softplus=dt_softplus,
         block_d=block_d,
         chunk=chunk,
         forward_chunk=chunk,
@@ -219,7 +219,7 @@ def _bwd_kernel(*refs, length, chunk, n_chunks, softplus, flags):
             r.dh0[...] = g
 
 
-def _prepare(u, delta, A, B, C, D, z, delta_bias, h0, extra, chunk):
+def _prepare(u, delta, A, B, C, D, z, dt_bias, h0, extra, chunk):
     """Pads the length to a multiple of ``chunk`` and moves operands into the kernels' layouts."""
     length = u.shape[1]
     n_chunks = pl.cdiv(length, chunk)
@@ -231,7 +231,7 @@ def _prepare(u, delta, A, B, C, D, z, delta_bias, h0, extra, chunk):
     state = lambda x: None if x is None else jnp.swapaxes(x.astype(f32), 1, 2)
     return dict(
         u=seq(u), delta=seq(delta), A=jnp.swapaxes(A.astype(f32), 0, 1), B=grp(B), C=grp(C),
-        D=chan(D), z=seq(z), bias=chan(delta_bias), h0=state(h0),
+        D=chan(D), z=seq(z), bias=chan(dt_bias), h0=state(h0),
         **{name: seq(x) for name, x in extra.items()},
     ), n_chunks  # fmt: skip
 
@@ -259,7 +259,7 @@ def _call(kernel, name, grid, named_in, named_out, scratch, cfg, **static):
     out_flags, out_shapes, out_specs = operands(named_out)
     flags = in_flags + out_flags + tuple((n, True) for n, _ in scratch)
     outs = pl.pallas_call(
-        functools.partial(kernel, softplus=cfg.delta_softplus, flags=flags, **static),
+        functools.partial(kernel, softplus=cfg.dt_softplus, flags=flags, **static),
         out_shape=[out_type(s.shape, s.dtype, *args) for s in out_shapes],
         grid=grid,
         in_specs=in_specs,
@@ -284,11 +284,11 @@ def _inputs(arrays, names, spec):
     return [(n, arrays.get(n), spec[_KINDS[n]]) for n in names]
 
 
-def forward(u, delta, A, B, C, D, z, delta_bias, h0, cfg: common.ScanConfig, *, save_checkpoints):
+def forward(u, delta, A, B, C, D, z, dt_bias, h0, cfg: common.ScanConfig, *, save_checkpoints):
     """Returns ``(y, final_state, checkpoints or None)``; ``final_state`` float32."""
     batch, length, d_inner = u.shape
     n_groups, d_state = B.shape[2], B.shape[3]
-    arrays, n_chunks = _prepare(u, delta, A, B, C, D, z, delta_bias, h0, {}, cfg.chunk)
+    arrays, n_chunks = _prepare(u, delta, A, B, C, D, z, dt_bias, h0, {}, cfg.chunk)
     spec = _specs(n_chunks, cfg.chunk, d_inner, d_state, n_groups, cfg.block_d, reverse=False)
     ckpt = jax.ShapeDtypeStruct((batch, n_chunks, d_state, d_inner), f32)
     res = _call(
@@ -304,13 +304,13 @@ def forward(u, delta, A, B, C, D, z, delta_bias, h0, cfg: common.ScanConfig, *, 
     return res["y"][:, :length], h_final, res.get("ckpt")
 
 
-def backward(dy, dh_final, u, delta, A, B, C, D, z, delta_bias, h0, ckpt, cfg: common.ScanConfig):
-    """Gradients ``(du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dh0)``, None for absent inputs."""
+def backward(dy, dh_final, u, delta, A, B, C, D, z, dt_bias, h0, ckpt, cfg: common.ScanConfig):
+    """Gradients ``(du, ddelta, dA, dB, dC, dD, dz, ddt_bias, dh0)``, None for absent inputs."""
     batch, length, d_inner = u.shape
     n_groups, d_state = B.shape[2], B.shape[3]
     block_d, chunk = cfg.block_d, cfg.chunk
     n_blocks = d_inner // block_d
-    arrays, n_chunks = _prepare(u, delta, A, B, C, D, z, delta_bias, None, {"dout": dy}, chunk)
+    arrays, n_chunks = _prepare(u, delta, A, B, C, D, z, dt_bias, None, {"dout": dy}, chunk)
     arrays["ckpt"] = ckpt
     if dh_final is not None:
         arrays["dh_final"] = jnp.swapaxes(dh_final.astype(f32), 1, 2)
@@ -329,7 +329,7 @@ def backward(dy, dh_final, u, delta, A, B, C, D, z, delta_bias, h0, ckpt, cfg: c
         ("dC", partial, spec["partial"]),
         ("dA", per_state, spec["state"]),
         ("dD", if_given(D, per_chan), spec["row_chan"]),
-        ("dbias", if_given(delta_bias, per_chan), spec["row_chan"]),
+        ("dbias", if_given(dt_bias, per_chan), spec["row_chan"]),
         ("dh0", if_given(h0, per_state), spec["state"]),
     ]
     scratch = [("g", pltpu.VMEM((d_state, block_d), f32)),
@@ -356,6 +356,6 @@ def backward(dy, dh_final, u, delta, A, B, C, D, z, delta_bias, h0, ckpt, cfg: c
         group_sum(res["dC"], C),
         batch_sum("dD", D),
         None if z is None else res["dz"][:, :length],
-        batch_sum("dbias", delta_bias),
+        batch_sum("dbias", dt_bias),
         None if h0 is None else jnp.swapaxes(res["dh0"], 1, 2).astype(h0.dtype),
     )

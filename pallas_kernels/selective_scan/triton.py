@@ -16,7 +16,7 @@ Backward: the programs walk the chunks in reverse. For each chunk they reload it
 recompute the ``chunk`` states in registers (unrolled, so each is a distinct value: no dynamic
 indexing), then run the adjoint recurrence ``g_t = exp(dt_{t+1} A) g_{t+1} + dy_t C_t`` backwards
 through them. Memory is linear in length. Per-channel gradients (du, ddelta, dz) are written
-directly; per-program sums over time (dA, dD, ddelta_bias) and the gradient of the initial state
+directly; per-program sums over time (dA, dD, ddt_bias) and the gradient of the initial state
 are written per batch row and summed over batch outside.
 
 dB and dC are sums over the channels of a group. Each program reduces over its own ``block_d``
@@ -72,7 +72,7 @@ def supports(dims, block_d: int | None, chunk: int | None) -> str | None:
     return None
 
 
-def config(dims, block_d, chunk, delta_softplus: bool, interpret: bool) -> common.ScanConfig:
+def config(dims, block_d, chunk, dt_softplus: bool, interpret: bool) -> common.ScanConfig:
     """The launch configuration: explicit sizes as given, else the defaults fitted to the shape."""
     _, length, d_inner, n_groups, d_state = dims
     d_state_p = common.next_power_of_2(d_state)
@@ -84,7 +84,7 @@ def config(dims, block_d, chunk, delta_softplus: bool, interpret: bool) -> commo
     num_warps = max(1, min(8, block_d * d_state_p // (32 * _STATE_ELEMS_PER_THREAD)))
     return common.ScanConfig(
         implementation="triton",
-        delta_softplus=delta_softplus,
+        dt_softplus=dt_softplus,
         block_d=block_d,
         chunk=chunk,
         forward_chunk=forward_chunk,
@@ -268,7 +268,7 @@ def _launch(kernel, name, named_in, named_out, cfg, *, grid, **static):
     in_flags, args, in_specs = operands(named_in)
     out_flags, out_shapes, out_specs = operands(named_out)
     kernel = functools.partial(
-        kernel, softplus=cfg.delta_softplus, fast_math=cfg.fast_math, flags=in_flags + out_flags,
+        kernel, softplus=cfg.dt_softplus, fast_math=cfg.fast_math, flags=in_flags + out_flags,
         **static,
     )  # fmt: skip
     outs = pl.pallas_call(
@@ -284,7 +284,7 @@ def _launch(kernel, name, named_in, named_out, cfg, *, grid, **static):
     return dict(zip([n for n, s, _ in named_out if s is not None], outs))
 
 
-def forward(u, delta, A, B, C, D, z, delta_bias, h0, cfg: common.ScanConfig, *, save_checkpoints):
+def forward(u, delta, A, B, C, D, z, dt_bias, h0, cfg: common.ScanConfig, *, save_checkpoints):
     """Returns ``(y, final_state, checkpoints or None)``; ``final_state`` float32."""
     batch, length, d_inner = u.shape
     n_groups, d_state = B.shape[2], B.shape[3]
@@ -299,7 +299,7 @@ def forward(u, delta, A, B, C, D, z, delta_bias, h0, cfg: common.ScanConfig, *, 
     res = _launch(
         _fwd_kernel, "selective_scan_fwd",
         [("u", u, seq), ("delta", delta, seq), ("A", A, chan_state), ("B", B, grp), ("C", C, grp),
-         ("D", D, chan), ("z", z, seq), ("bias", delta_bias, chan), ("h0", h0, state)],
+         ("D", D, chan), ("z", z, seq), ("bias", dt_bias, chan), ("h0", h0, state)],
         [("y", jax.ShapeDtypeStruct((batch, length, d_inner), u.dtype), seq),
          ("h_final", jax.ShapeDtypeStruct((batch, d_inner, d_state_p), f32), state),
          ("ckpt", ckpt if save_checkpoints else None,
@@ -309,8 +309,8 @@ def forward(u, delta, A, B, C, D, z, delta_bias, h0, cfg: common.ScanConfig, *, 
     return res["y"], res["h_final"][..., :d_state], res.get("ckpt")
 
 
-def backward(dy, dh_final, u, delta, A, B, C, D, z, delta_bias, h0, ckpt, cfg: common.ScanConfig):
-    """Gradients ``(du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dh0)``, None for absent inputs.
+def backward(dy, dh_final, u, delta, A, B, C, D, z, dt_bias, h0, ckpt, cfg: common.ScanConfig):
+    """Gradients ``(du, ddelta, dA, dB, dC, dD, dz, ddt_bias, dh0)``, None for absent inputs.
 
     ``ckpt`` are the forward's checkpoints (already padded to a power-of-two d_state).
     """
@@ -331,7 +331,7 @@ def backward(dy, dh_final, u, delta, A, B, C, D, z, delta_bias, h0, ckpt, cfg: c
         _bwd_kernel, "selective_scan_bwd",
         [("dout", dy, seq), ("u", u, seq), ("delta", delta, seq), ("A", A_p, chan_state),
          ("B", B_p, grp), ("C", C_p, grp), ("D", D, chan), ("z", z, seq),
-         ("bias", delta_bias, chan), ("dh_final", dh_final_p, state),
+         ("bias", dt_bias, chan), ("dh_final", dh_final_p, state),
          ("ckpt", ckpt,
           pl.BlockSpec((None, n_chunks, block_d, d_state_p), lambda i, j: (i, 0, j, 0)))],
         [("du", jax.ShapeDtypeStruct(u.shape, u.dtype), seq),
@@ -341,7 +341,7 @@ def backward(dy, dh_final, u, delta, A, B, C, D, z, delta_bias, h0, ckpt, cfg: c
          ("dC", jax.ShapeDtypeStruct((batch, n_blocks, length, d_state_p), f32), partial),
          ("dA", per_state, state),
          ("dD", if_given(D, per_chan), row_chan),
-         ("dbias", if_given(delta_bias, per_chan), row_chan),
+         ("dbias", if_given(dt_bias, per_chan), row_chan),
          ("dh0", if_given(h0, per_state), state)],
         cfg, grid=(batch, n_blocks), length=length, chunk=chunk, n_chunks=n_chunks,
     )  # fmt: skip
@@ -363,6 +363,6 @@ def backward(dy, dh_final, u, delta, A, B, C, D, z, delta_bias, h0, ckpt, cfg: c
         group_sum(res["dC"], C),
         batch_sum("dD", D),
         res.get("dz"),
-        batch_sum("dbias", delta_bias),
+        batch_sum("dbias", dt_bias),
         dh0,
     )
