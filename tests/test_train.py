@@ -6,7 +6,6 @@ from __future__ import annotations
 import functools
 import math
 import pathlib
-import types
 
 import jax
 import jax.numpy as jnp
@@ -18,7 +17,12 @@ from _helpers import compile_train_step
 from meshlm.config import ConfigError, load_config
 from meshlm.models import build_model
 from meshlm.train.metrics import MetricWriter, format_mfu, mfu, peak_flops, read_jsonl
-from meshlm.train.optimizer import decay_mask, make_optimizer, make_schedule
+from meshlm.train.optimizer import (
+    decay_mask,
+    make_optimizer,
+    make_schedule,
+    schedule_change_note,
+)
 from meshlm.train.state import state_shardings
 
 TINY = [
@@ -74,9 +78,35 @@ def test_schedule_warmup_then_cosine():
     assert float(lr(1000)) == pytest.approx(0.1, abs=1e-6)  # stays at the floor
 
 
-def test_schedule_rejects_warmup_longer_than_training():
-    with pytest.raises(ConfigError, match="warmup_steps"):
-        make_schedule(tiny("optimizer.warmup_steps=40", "train.steps=40"))
+def test_schedule_clamps_a_warmup_longer_than_training(caplog):
+    """The default config's warmup is longer than a short trial run: the warmup is cut to one
+    update short of the run, with one line saying so, instead of refusing the run."""
+    with caplog.at_level("WARNING", logger="meshlm.train.optimizer"):
+        lr = make_schedule(tiny("optimizer.lr=1.0", "optimizer.min_lr_ratio=0.1",
+                                "optimizer.warmup_steps=30", "train.steps=10"))
+    assert len(caplog.records) == 1
+    assert "optimizer.warmup_steps=30" in caplog.text and "over 9 steps" in caplog.text
+    for k in range(9):  # warms up over 9 updates, the 10th is the floor
+        assert float(lr(k)) == pytest.approx((k + 1) / 9, abs=1e-6)
+    assert float(lr(9)) == pytest.approx(0.1, abs=1e-6)
+    with pytest.raises(ConfigError, match="warmup_steps=-1 must be >= 0"):
+        make_schedule(tiny("optimizer.warmup_steps=-1"))
+
+
+def test_schedule_change_on_resume_is_noted():
+    """Extending train.steps of a resumed run with decay_steps unset stretches the cosine: one
+    line names the jump and the override that pins the old schedule."""
+    saved = tiny("optimizer.lr=1.0", "optimizer.warmup_steps=2", "train.steps=10")
+    longer = tiny("optimizer.lr=1.0", "optimizer.warmup_steps=2", "train.steps=20")
+    note = schedule_change_note(saved, longer, 10)
+    old, new = float(make_schedule(saved)(10)), float(make_schedule(longer)(10))
+    assert new > 2 * old
+    assert note.count("\n") == 0 and f"from {old:.3g} to {new:.3g}" in note
+    assert "optimizer.decay_steps=10" in note
+    assert schedule_change_note(saved, saved, 10) is None
+    assert schedule_change_note(saved, tiny("optimizer.lr=1.0", "optimizer.warmup_steps=2",
+                                            "train.steps=20", "optimizer.decay_steps=10"),
+                                10) is None
 
 
 def test_no_weight_decay_on_norms_and_biases():
@@ -176,30 +206,23 @@ def test_cli_distributed_initializes_jax_before_training(monkeypatch, flag):
     assert calls == ["initialize", "train"] if flag else ["train"]
 
 
-def test_loop_derives_the_state_shardings_once(tmp_path, monkeypatch):
-    """The loop hands ``create_train_state`` the shardings it derived (no second abstract init
-    trace); stopped there, before anything is compiled."""
-    from meshlm.train import loop
+def test_setup_derives_the_state_shardings_once(monkeypatch):
+    """``build`` traces the init abstractly once; ``init_state`` creates the state with exactly
+    those shardings (no second abstract trace)."""
+    from meshlm.train import setup
 
-    derived = []
+    derived, created = [], []
 
     def counted(*args):
         derived.append(state_shardings(*args))
         return derived[-1]
 
-    class Created(Exception):
-        pass
-
-    def create(*args, **kwargs):
-        raise Created(*args, *kwargs.values())
-
-    monkeypatch.setattr(loop, "state_shardings", counted)
-    monkeypatch.setattr(loop, "create_train_state", create)
-    monkeypatch.setattr("meshlm.data.build_data", lambda *a: types.SimpleNamespace(
-        train_iterator=lambda: None))
-    with pytest.raises(Created) as info:
-        loop.train(tiny(f"train.run_dir={tmp_path}", "train.progress_bar=false"))
-    assert len(derived) == 1 and info.value.args[-1] is derived[0][1]
+    monkeypatch.setattr(setup, "state_shardings", counted)
+    monkeypatch.setattr(setup, "create_train_state", lambda *a: created.append(a[-1]))
+    run = setup.build(tiny(), jax.devices()[:1])
+    run.init_state()
+    assert len(derived) == 1 and len(created) == 1
+    assert jax.tree.leaves(created[0]) == jax.tree.leaves(derived[0][1])
 
 
 def test_only_the_primary_process_writes_metrics(tmp_path):

@@ -6,6 +6,7 @@ bias toward zero is a constraint on the function, not on its complexity, and hur
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
 from typing import Any
@@ -15,6 +16,8 @@ import jax.numpy as jnp
 import optax
 
 from meshlm.config import Config, ConfigError
+
+log = logging.getLogger(__name__)
 
 # Leaf names that are never decayed, and path components that mark a normalization layer (its
 # every parameter is exempt). Matching by name, not by rank, keeps the rule right when nn.scan
@@ -27,13 +30,10 @@ def schedule_length(cfg: Config) -> int:
     return cfg.optimizer.decay_steps if cfg.optimizer.decay_steps is not None else cfg.train.steps
 
 
-def make_schedule(cfg: Config) -> optax.Schedule:
-    """Learning rate of update ``count`` (0-based): linear warmup reaching ``lr`` on update
-    ``warmup_steps``, then a half cosine reaching ``min_lr_ratio * lr`` on update
-    ``schedule_length`` and staying there.
-
-    Warmup starts at ``lr / warmup_steps`` rather than 0 so that no update is wasted.
-    """
+def _schedule_shape(cfg: Config) -> tuple[float, float, int, int]:
+    """``(peak, floor, warmup, total)`` of ``cfg``'s schedule. A warmup that is not shorter
+    than the schedule is clamped to one update short of it, so that a short trial run
+    (``train.steps`` below the config's warmup) trains instead of stopping."""
     opt = cfg.optimizer
     total = schedule_length(cfg)
     if opt.lr <= 0 or not 0 <= opt.min_lr_ratio <= 1:
@@ -41,13 +41,15 @@ def make_schedule(cfg: Config) -> optax.Schedule:
             f"optimizer.lr must be > 0 and optimizer.min_lr_ratio in [0, 1]; got lr={opt.lr}, "
             f"min_lr_ratio={opt.min_lr_ratio}"
         )
-    if opt.warmup_steps < 0 or opt.warmup_steps >= total:
+    if opt.warmup_steps < 0 or total < 1:
         raise ConfigError(
-            f"optimizer.warmup_steps={opt.warmup_steps} must be >= 0 and smaller than the schedule "
-            f"length {total} (optimizer.decay_steps, or train.steps when that is null)"
+            f"optimizer.warmup_steps={opt.warmup_steps} must be >= 0 and the schedule length "
+            f"{total} (optimizer.decay_steps, or train.steps when that is null) >= 1"
         )
-    peak, floor, warmup = opt.lr, opt.lr * opt.min_lr_ratio, opt.warmup_steps
+    return opt.lr, opt.lr * opt.min_lr_ratio, min(opt.warmup_steps, total - 1), total
 
+
+def _warmup_cosine(peak: float, floor: float, warmup: int, total: int) -> optax.Schedule:
     def schedule(count):
         t = jnp.asarray(count, jnp.float32) + 1.0  # 1-based index of the update being made
         warm = peak * t / max(warmup, 1)
@@ -56,6 +58,43 @@ def make_schedule(cfg: Config) -> optax.Schedule:
         return jnp.where(t <= warmup, warm, cosine)
 
     return schedule
+
+
+def make_schedule(cfg: Config) -> optax.Schedule:
+    """Learning rate of update ``count`` (0-based): linear warmup reaching ``lr`` on update
+    ``warmup_steps``, then a half cosine reaching ``min_lr_ratio * lr`` on update
+    ``schedule_length`` and staying there.
+
+    Warmup starts at ``lr / warmup_steps`` rather than 0 so that no update is wasted. A warmup
+    at least as long as the schedule is shortened to fit, with a one-line note.
+    """
+    shape = _schedule_shape(cfg)
+    warmup = shape[2]
+    if warmup < cfg.optimizer.warmup_steps:
+        log.warning(
+            "optimizer.warmup_steps=%d is not shorter than the %d-step schedule "
+            "(optimizer.decay_steps, or train.steps when that is null): warming up over %d "
+            "steps instead; set optimizer.warmup_steps to choose",
+            cfg.optimizer.warmup_steps, shape[3], warmup,
+        )
+    return _warmup_cosine(*shape)
+
+
+def schedule_change_note(saved: Config, cfg: Config, step: int) -> str | None:
+    """One line when resuming ``saved``'s run at ``step`` with ``cfg`` changes the learning-rate
+    schedule because ``train.steps`` changed and ``optimizer.decay_steps`` is unset (the cosine
+    is stretched or squeezed to the new length, so the rate jumps); None otherwise."""
+    old_total, new_total = schedule_length(saved), schedule_length(cfg)
+    if cfg.optimizer.decay_steps is not None or old_total == new_total:
+        return None
+    old = float(_warmup_cosine(*_schedule_shape(saved))(step))
+    new = float(_warmup_cosine(*_schedule_shape(cfg))(step))
+    return (
+        f"the learning-rate schedule now decays over {new_total} steps instead of {old_total} "
+        f"(train.steps changed and optimizer.decay_steps is unset): at step {step} the rate "
+        f"goes from {old:.3g} to {new:.3g}; set optimizer.decay_steps={old_total} to keep the "
+        "old schedule"
+    )
 
 
 def decay_mask(params: Any) -> Any:
