@@ -15,6 +15,7 @@ import threading
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -24,6 +25,7 @@ from meshlm.train import checkpoint
 from meshlm.train.checkpoint import CheckpointError
 from meshlm.train.loop import train
 from meshlm.train.metrics import read_jsonl
+from meshlm.train.state import TrainState
 
 STEPS = 10
 TINY_RUN = [
@@ -193,3 +195,105 @@ def test_interrupted_save_leaves_last_good_checkpoint(tmp_path):
             1, args=ocp.args.Composite(state=ocp.args.PyTreeRestore()))
     np.testing.assert_array_equal(restored["state"]["w"], np.ones(8, np.float32))
 
+
+
+def _small_state(step: int) -> TrainState:
+    params = {"w": jax.random.normal(jax.random.key(step), (512,)), "b": jnp.arange(7.0) * step}
+    return TrainState(step=jnp.asarray(step, jnp.int32), params=params, opt_state=())
+
+
+def _damage_arrays(step_dir: pathlib.Path) -> None:
+    """Zero the second half of every array data file, as a torn or overwritten write would."""
+    for f in (step_dir / "state").rglob("*"):
+        if f.is_file() and f.parent.name == "d":
+            data = bytearray(f.read_bytes())
+            data[len(data) // 2:] = bytes(len(data) - len(data) // 2)
+            f.write_bytes(bytes(data))
+
+
+def test_restore_falls_back_past_checkpoints_whose_arrays_are_damaged(tmp_path, caplog):
+    """The newest checkpoint that restores is used; each newer damaged one is set aside with one
+    line naming its root cause (no TensorStore spec dump), and that step can be saved again."""
+    cfg = tiny_run(tmp_path, "checkpoint.keep=3")
+    with checkpoint.open_manager(tmp_path, cfg.checkpoint) as manager:
+        for step in (1, 2, 3):
+            checkpoint.save(manager, _small_state(step), {"next": step}, cfg)
+        manager.wait_until_finished()
+    root = checkpoint.checkpoint_dir(tmp_path)
+    for step in (2, 3):
+        _damage_arrays(root / str(step))
+    abstract = jax.eval_shape(lambda: _small_state(0))
+    with checkpoint.open_manager(tmp_path, cfg.checkpoint) as manager:
+        with caplog.at_level("WARNING", logger="meshlm.train.checkpoint"):
+            step, state, data_state = checkpoint.restore_latest(manager, abstract)
+        assert (step, data_state) == (1, {"next": 1})
+        np.testing.assert_array_equal(state.params["w"], _small_state(1).params["w"])
+        lines = [r.getMessage() for r in caplog.records]
+        assert len(lines) == 2 and "tensorstore_spec" not in caplog.text, caplog.text
+        for line, bad in zip(lines, (3, 2)):
+            assert line.startswith(f"checkpoint step {bad} does not restore (")
+            assert "ZSTD_decompressStream() failed" in line and "resuming from step 1" in line
+        assert sorted(p.name for p in root.iterdir()) == ["1", "2.unreadable", "3.unreadable"]
+        assert checkpoint.finished_steps(tmp_path) == [1]
+        checkpoint.save(manager, _small_state(2), {"next": 2}, cfg)  # the step is free again
+        manager.wait_until_finished()
+    assert checkpoint.finished_steps(tmp_path) == [1, 2]
+
+
+def test_restore_with_no_good_checkpoint_is_one_error_and_renames_nothing(tmp_path):
+    cfg = tiny_run(tmp_path)
+    with checkpoint.open_manager(tmp_path, cfg.checkpoint) as manager:
+        assert checkpoint.restore_latest(manager, jax.eval_shape(lambda: _small_state(0))) is None
+        checkpoint.save(manager, _small_state(1), {"next": 1}, cfg)
+        manager.wait_until_finished()
+    _damage_arrays(checkpoint.checkpoint_dir(tmp_path) / "1")
+    with checkpoint.open_manager(tmp_path, cfg.checkpoint) as manager:
+        with pytest.raises(CheckpointError, match=r"no checkpoint in .* restores; the newest, "
+                                                  r"step 1: .*ZSTD_decompressStream\(\) failed"):
+            checkpoint.restore_latest(manager, jax.eval_shape(lambda: _small_state(0)))
+    assert checkpoint.finished_steps(tmp_path) == [1]
+
+
+_FULL_DISK = textwrap.dedent("""
+    import pathlib, resource, signal, sys, time
+    import jax, jax.numpy as jnp
+    from meshlm.config import load_config
+    from meshlm.train import checkpoint
+    from meshlm.train.state import TrainState
+
+    run = pathlib.Path(sys.argv[1])
+    cfg = load_config(None, [f"train.run_dir={run}", "checkpoint.keep=1"])
+    def state(step, n):
+        w = jax.random.normal(jax.random.key(step), (n,))
+        return TrainState(step=jnp.asarray(step, jnp.int32), params={"w": w}, opt_state=())
+    manager = checkpoint.open_manager(run, cfg.checkpoint)
+    checkpoint.save(manager, state(1, 1000), {}, cfg)
+    manager.wait_until_finished()
+    # A file-size limit fails writes past 100 kB as a full disk does (EFBIG instead of ENOSPC).
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, resource.RLIM_INFINITY))
+    checkpoint.save(manager, state(2, 100_000), {}, cfg)
+    for polls in range(600):  # what the loop does after each step
+        try:
+            checkpoint.raise_if_save_failed(manager)
+        except checkpoint.CheckpointError as e:
+            print(e)
+            break
+        time.sleep(0.05)
+""")
+
+
+def test_a_failed_background_save_is_reported_at_once_and_keeps_the_last_good_one(tmp_path):
+    """The write of step 2 fails in Orbax's background thread: ``raise_if_save_failed`` (called
+    after every step) raises one line with the OS error, step 2 is never listed as complete,
+    and step 1 survives although ``keep=1`` would have removed it after a good save."""
+    proc = subprocess.run([sys.executable, "-c", _FULL_DISK, str(tmp_path)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    message = proc.stdout.strip()
+    assert message.startswith("saving a checkpoint failed: ") and "\n" not in message, message
+    assert "File too large" in message and "tensorstore_spec" not in message
+    assert message.endswith("the last complete checkpoint is step 1")
+    assert checkpoint.finished_steps(tmp_path) == [1]
+    names = [p.name for p in checkpoint.checkpoint_dir(tmp_path).iterdir()]
+    assert any(n.startswith("2.") and "tmp" in n for n in names), names

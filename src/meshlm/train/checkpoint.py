@@ -5,8 +5,14 @@ and optimizer state, written asynchronously from device memory), ``data`` (the g
 ``get_state()``, so a resumed run reads exactly the batches that would have come next) and
 ``config`` (the run's config as JSON, so ``restore_params`` rebuilds the model without any other
 file). Orbax writes a step into ``<step>.orbax-checkpoint-tmp-*`` and renames it into place once
-every item is complete, so an interrupted save leaves only a temporary directory that is never
-listed as a checkpoint, and the previous step stays the latest good one.
+every item is complete, so an interrupted or failed save leaves only a temporary directory that
+is never listed as a checkpoint, and the previous step stays the latest good one.
+
+A background save that fails (a full disk) is reported by ``raise_if_save_failed`` at the next
+step, not at the next save; a checkpoint whose arrays do not restore (a damaged data file) is set
+aside as ``<step>.unreadable`` by ``restore_latest``, which resumes from the newest one that
+restores. Either says the root cause in one line: Orbax's own error records (a traceback from
+each of its threads, TensorStore's spec dumps) are dropped by ``drop_orbax_errors``.
 
 Nothing here deletes a finished checkpoint except Orbax's keep-the-last-K rule after a new save
 succeeded; readers open the directory read-only.
@@ -15,20 +21,27 @@ succeeded; readers open the directory read-only.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pathlib
+import re
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from flax.core import meta
+from jax.experimental import multihost_utils
 from jax.sharding import SingleDeviceSharding
 
 from meshlm.config import CheckpointConfig, Config, ConfigError, from_dict, to_dict
 from meshlm.train.state import TrainState
 
+log = logging.getLogger(__name__)
+
 CHECKPOINT_DIR = "checkpoints"
 ITEMS = ("state", "data", "config")
+SET_ASIDE_SUFFIX = ".unreadable"  # "<step>.unreadable": not a step name, kept for inspection
 # Model settings a resumed run may change: they alter how parameters are used, not their shapes.
 _NO_SHAPE_FIELDS = frozenset({"attention", "remat", "dtype", "dropout"})
 
@@ -126,11 +139,34 @@ def save(manager: ocp.CheckpointManager, state: TrainState, data_state: dict, cf
     """Start saving ``state`` at its step; returns once device arrays are copied to host memory,
     the write finishes in the background (``manager.wait_until_finished()`` to join it)."""
     step = int(jax.device_get(state.step))
-    manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.PyTreeSave(_as_tree(state)),
-        data=ocp.args.JsonSave(data_state),
-        config=ocp.args.JsonSave(to_dict(cfg)),
-    ), force=True)
+    try:  # a synchronous save, or the previous background one, can fail here
+        manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.PyTreeSave(_as_tree(state)),
+            data=ocp.args.JsonSave(data_state),
+            config=ocp.args.JsonSave(to_dict(cfg)),
+        ), force=True)
+    except Exception as e:  # noqa: BLE001 - Orbax and TensorStore raise many types
+        raise _save_failed(manager, e) from e
+
+
+def raise_if_save_failed(manager: ocp.CheckpointManager) -> None:
+    """Raise ``CheckpointError`` if the last background save failed; returns at once while it
+    is still writing. Cheap: call it after every step, so a full disk stops the run at the step
+    it happened, not at the next save. The failed step stays a temporary directory (never
+    listed as a checkpoint) and the earlier checkpoints are kept."""
+    if manager.is_saving_in_progress():
+        return
+    try:
+        manager.wait_until_finished()  # the finished save thread's exception, raised once
+    except Exception as e:  # noqa: BLE001
+        raise _save_failed(manager, e) from e
+
+
+def _save_failed(manager: ocp.CheckpointManager, error: Exception) -> CheckpointError:
+    manager.reload()  # forget the step that failed
+    latest = manager.latest_step()
+    kept = "no checkpoint" if latest is None else f"the last complete checkpoint is step {latest}"
+    return CheckpointError(f"saving a checkpoint failed: {failure_reason(error)}; {kept}")
 
 
 def restore(manager: ocp.CheckpointManager, step: int, abstract_state: TrainState
@@ -147,11 +183,96 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state: TrainStat
     except Exception as e:  # Orbax raises many types (ValueError, FileNotFoundError, tensorstore)
         raise CheckpointError(
             f"checkpoint {str(manager.directory / str(step))!r} is corrupt or does not match the "
-            f"train state: {type(e).__name__}: {e}"
+            f"train state: {failure_reason(e)}"
         ) from e
     tree = out["state"]
     state = TrainState(step=tree["step"], params=tree["params"], opt_state=tree["opt_state"])
     return state, out["data"]
+
+
+def restore_latest(manager: ocp.CheckpointManager, abstract_state: TrainState
+                   ) -> tuple[int, TrainState, dict] | None:
+    """``(step, state, data_state)`` of the newest checkpoint that restores, or None when there
+    is none. Each newer one that does not restore is renamed ``<step>.unreadable`` (so the run
+    can save that step again) with one logged line naming the root cause; if none restores,
+    ``CheckpointError`` and nothing is renamed."""
+    failed: list[tuple[int, CheckpointError]] = []
+    for step in sorted(manager.all_steps(), reverse=True):
+        try:
+            state, data_state = restore(manager, step, abstract_state)
+            error = None
+        except CheckpointError as e:
+            error = e
+        if not _everywhere(error is None):  # every process resumes from the same step
+            failed.append((step, error or CheckpointError("it does not restore on another "
+                                                          "process")))
+            continue
+        for bad, why in failed:
+            aside = _set_aside(manager, bad)
+            log.warning("checkpoint step %d does not restore (%s); set aside as %s, resuming "
+                        "from step %d", bad, _reason_of(why), aside.name, step)
+        return step, state, data_state
+    if failed:
+        step, why = failed[0]
+        raise CheckpointError(
+            f"no checkpoint in {str(manager.directory)!r} restores; the newest, step {step}: "
+            f"{_reason_of(why)}"
+        )
+    return None
+
+
+def _reason_of(error: CheckpointError) -> str:
+    return failure_reason(error.__cause__) if error.__cause__ is not None else str(error)
+
+
+def _everywhere(ok: bool) -> bool:
+    if jax.process_count() == 1:
+        return ok
+    return bool(np.all(multihost_utils.process_allgather(np.asarray(ok))))
+
+
+def _set_aside(manager: ocp.CheckpointManager, step: int) -> pathlib.Path:
+    root = pathlib.Path(str(manager.directory))
+    aside = root / f"{step}{SET_ASIDE_SUFFIX}"
+    n = 1
+    while aside.exists():  # an earlier run set this step aside too
+        n += 1
+        aside = root / f"{step}{SET_ASIDE_SUFFIX}-{n}"
+    if jax.process_index() == 0:
+        os.replace(root / str(step), aside)
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(f"meshlm checkpoint: set aside step {step}")
+    manager.reload()
+    return aside
+
+
+# TensorStore appends bracketed annotations (its spec as JSON, the OS error code, source
+# locations) and nests context as "while X: while Y: cause"; the cause follows the last path.
+_ANNOTATIONS = re.compile(r"\s*\[[a-z_ ]+(\[\d+\])?=.*$", re.S)
+_QUOTED_PATH = re.compile(r'"(/[^"]*)"(: )?')
+
+
+def failure_reason(error: BaseException) -> str:
+    """The root cause of a checkpoint failure in one line: the innermost exception, without
+    TensorStore's annotations, as ``<file>: <what failed>`` when it names a file."""
+    while True:
+        inner = error.__cause__ or (None if error.__suppress_context__ else error.__context__)
+        if inner is None:
+            break
+        error = inner
+    text = _ANNOTATIONS.sub("", str(error)).strip()
+    text = text.splitlines()[0] if text else ""
+    paths = list(_QUOTED_PATH.finditer(text))
+    if paths and text[paths[-1].end():]:
+        return f"{paths[-1].group(1)}: {text[paths[-1].end():]}"
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def drop_orbax_errors(record: logging.LogRecord) -> bool:
+    """A filter for the ``absl`` logger: False for Orbax's ERROR records. Orbax logs each
+    failed save or restore with a traceback from each thread it passed through; meshlm raises
+    one ``CheckpointError`` with the root cause (``failure_reason``) instead."""
+    return not (record.levelno >= logging.ERROR and f"{os.sep}orbax{os.sep}" in record.pathname)
 
 
 def restore_params(run_dir: str | os.PathLike, step: int | None = None) -> tuple[Config, Any]:
@@ -184,7 +305,7 @@ def restore_params(run_dir: str | os.PathLike, step: int | None = None) -> tuple
     except Exception as e:
         raise CheckpointError(
             f"checkpoint {str(path)!r} is corrupt or does not hold this model's parameters: "
-            f"{type(e).__name__}: {e}"
+            f"{failure_reason(e)}"
         ) from e
     return cfg, restored["params"]
 
