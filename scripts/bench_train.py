@@ -8,7 +8,7 @@ fused AdamW), then prints one Markdown table:
 
     config | params | batch x seq | meshlm tok/s | MFU | torch tok/s | torch MFU | ratio
 
-MFU = tokens/s * ``meshlm.models.flops_per_token`` / the device's dense bf16 peak. Every
+MFU = tokens/s * the model's training FLOPs per token / the device's dense bf16 peak. Every
 measurement runs in its own child process, so JAX's and PyTorch's allocators never hold GPU memory
 at the same time and an out-of-memory in one row does not lose the others.
 
@@ -77,29 +77,21 @@ def jax_worker(args) -> dict:
     import jax
     import numpy as np
 
-    from meshlm import sharding
     from meshlm.config import load_config
-    from meshlm.models import build_model
-    from meshlm.train.optimizer import make_optimizer
-    from meshlm.train.state import create_train_state, param_count, state_shardings
-    from meshlm.train.step import make_train_step
+    from meshlm.train.setup import build
+    from meshlm.train.state import param_count
 
     overrides = [*args.set, f"data.batch_size={args.batch}", f"data.seq_len={args.seq}"]
     cfg = load_config(config_path(args.config), overrides)
-    mesh = sharding.make_mesh(cfg.mesh)
-    rules = sharding.axis_rules(cfg.mesh)
-    model = build_model(cfg.model)
-    tx, schedule = make_optimizer(cfg)
     t0 = time.perf_counter()
-    abstract, shardings = state_shardings(model, tx, mesh, rules, cfg.data.seq_len)
-    state, _ = create_train_state(model, tx, mesh, rules, cfg.data.seq_len,
-                                  jax.random.key(cfg.train.seed), shardings)
-    train_step = make_train_step(cfg, model, tx, schedule, mesh, rules, abstract)
+    run = build(cfg)
+    state = run.init_state()
+    train_step = run.train_step
     compile_s = time.perf_counter() - t0
 
     # Full rows of random tokens (one document per row), four batches used in rotation.
     rng = np.random.default_rng(0)
-    batch_sh = sharding.batch_sharding(mesh, rules)
+    batch_sh = run.batch_sharding
     b, length = args.batch, args.seq
     batches = []
     for _ in range(4):
@@ -144,42 +136,14 @@ def jax_worker(args) -> dict:
     }
 
 
-def _jax_profile(run_steps, steps: int, top: int = 30) -> str:
+def _jax_profile(run_steps, steps: int, top: int = 40) -> str:
     """Device time per kernel of ``run_steps(steps)`` (a jax.profiler trace, summed by name)."""
-    import gzip
-    import tempfile
+    from scripts.profile_trace import trace_device_time
 
-    import jax
-
-    with tempfile.TemporaryDirectory() as tmp:
-        jax.profiler.start_trace(tmp, create_perfetto_trace=True)
-        run_steps(steps)
-        jax.profiler.stop_trace()
-        (path,) = pathlib.Path(tmp).glob("plugins/profile/*/perfetto_trace.json.gz")
-        trace = json.load(gzip.open(path))
-    events = trace["traceEvents"] if isinstance(trace, dict) else trace
-    procs = {e["pid"]: e["args"]["name"] for e in events
-             if e.get("ph") == "M" and e.get("name") == "process_name"}
-    threads = {(e["pid"], e.get("tid")): e["args"]["name"] for e in events
-               if e.get("ph") == "M" and e.get("name") == "thread_name"}
-    totals: dict[tuple[str, str], list[float]] = {}
-    for e in events:
-        if e.get("ph") != "X" or "GPU" not in procs.get(e["pid"], ""):
-            continue
-        key = (threads.get((e["pid"], e.get("tid")), "?"), e["name"])
-        t = totals.setdefault(key, [0.0, 0])
-        t[0] += e.get("dur", 0.0)
-        t[1] += 1
-    by_thread: dict[str, float] = {}
-    for (thread, _), (dur, _) in totals.items():
-        by_thread[thread] = by_thread.get(thread, 0.0) + dur
-    if not totals:
-        return "no GPU events in the trace; processes: " + ", ".join(sorted(procs.values()))
-    lines = ["per step, ms: " + ", ".join(f"{t}={d / 1e3 / steps:.2f}"
-                                           for t, d in sorted(by_thread.items()))]
-    for (thread, name), (dur, n) in sorted(totals.items(), key=lambda kv: -kv[1][0])[:top]:
-        lines.append(f"{dur / 1e3 / steps:8.3f} ms {n // steps:4d}x  [{thread[:18]}] {name[:110]}")
-    return "\n".join(lines)
+    try:
+        return trace_device_time(lambda: run_steps(steps), steps).report(top)
+    except RuntimeError as e:  # no GPU events (a CPU run)
+        return str(e)
 
 
 def torch_worker(args) -> dict:
@@ -285,7 +249,6 @@ def main(argv=None) -> None:
 
     batches, seqs = per_config(args.batch, "batch"), per_config(args.seq, "seq")
     from meshlm.config import load_config
-    from meshlm.models import flops_per_token
 
     rows, records = [], []
     out = pathlib.Path(args.out) if args.out else None
@@ -299,7 +262,7 @@ def main(argv=None) -> None:
         seq = seq or base.data.seq_len
         overrides = [*DEFAULTS.get(pathlib.Path(config).stem, {}).get("overrides", ()), *args.set]
         cfg = load_config(config_path(config), [*overrides, f"data.seq_len={seq}"])
-        flops = flops_per_token(cfg.model, seq)
+        flops = _flops_per_token(cfg.model, seq)
         print(f"== {config}: batch {batch} x {seq}, overrides {overrides}", flush=True)
         res = {"jax": run_worker("jax", args, config, batch, seq, overrides)}
         if not args.skip_torch:
@@ -343,6 +306,16 @@ def main(argv=None) -> None:
     print(_table(headers, rows), flush=True)
     if any("error" in r["jax"] for r in records):
         sys.exit(1)
+
+
+def _flops_per_token(model_cfg, seq: int) -> float:
+    """Training FLOPs per token: the config's method (meshlm's model-config API in progress), else
+    the older ``meshlm.models.flops_per_token`` function."""
+    if hasattr(model_cfg, "flops_per_token"):
+        return model_cfg.flops_per_token(seq)
+    from meshlm.models import flops_per_token
+
+    return flops_per_token(model_cfg, seq)
 
 
 def _table(headers, rows) -> str:

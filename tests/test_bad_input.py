@@ -13,7 +13,7 @@ import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from meshlm.config import ConfigError, load_config
-from meshlm.train import checkpoint, loop
+from meshlm.train import checkpoint, loop, setup
 from meshlm.train.state import TrainState
 
 BASE = [
@@ -32,8 +32,9 @@ def snapshot(root: pathlib.Path) -> dict[str, str]:
 def with_checkpoint(run_dir: pathlib.Path, *overrides: str) -> pathlib.Path:
     """``run_dir`` holding one real (small) checkpoint saved with BASE + ``overrides``."""
     cfg = load_config(None, BASE + [f"train.run_dir={run_dir}", *overrides])
-    state = TrainState(step=jnp.asarray(2, jnp.int32), params={"w": jnp.arange(4.0)},
-                       opt_state=())
+    abstract = setup.build(cfg).abstract_state  # the run's real shapes; values are not read
+    state = jax.tree.map(lambda a: jnp.ones(a.shape, a.dtype), abstract).replace(
+        step=jnp.asarray(2, jnp.int32))
     with checkpoint.open_manager(run_dir, cfg.checkpoint) as manager:
         checkpoint.save(manager, state, {"next_index": 2}, cfg)
         manager.wait_until_finished()
@@ -50,8 +51,8 @@ def run_dir(tmp_path):
 def no_compute(monkeypatch):
     """Fail the test if the loop gets as far as tokenizing or compiling."""
 
-    monkeypatch.setattr(loop, "make_train_step", lambda *a, **k: pytest.fail("compiled"))
-    monkeypatch.setattr(loop, "create_train_state", lambda *a, **k: pytest.fail("initialised"))
+    monkeypatch.setattr(setup, "make_train_step", lambda *a, **k: pytest.fail("compiled"))
+    monkeypatch.setattr(setup, "create_train_state", lambda *a, **k: pytest.fail("initialised"))
     monkeypatch.setattr("meshlm.data.build_data", lambda *a, **k: pytest.fail("tokenized"))
 
 
@@ -98,8 +99,8 @@ def test_tokenizer_larger_than_model_vocab(tmp_path, monkeypatch):
     needed = max(tok.get_vocab().values()) + 1
     assert needed > 257
     # The tokenizer check runs in build_data (before any corpus work); only compile is forbidden.
-    monkeypatch.setattr(loop, "make_train_step", lambda *a, **k: pytest.fail("compiled"))
-    monkeypatch.setattr(loop, "create_train_state", lambda *a, **k: pytest.fail("initialised"))
+    monkeypatch.setattr(setup, "make_train_step", lambda *a, **k: pytest.fail("compiled"))
+    monkeypatch.setattr(setup, "create_train_state", lambda *a, **k: pytest.fail("initialised"))
     run_dir = with_checkpoint(tmp_path / "run", "model.vocab_size=257")
     expect_refusal(run_dir, ["model.vocab_size=257", f"data.tokenizer={path}"],
                    rf"vocabulary of {needed} tokens .*model.vocab_size=257")

@@ -20,16 +20,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from meshlm.config import ModelConfig
+from meshlm.config import ConfigError, ModelConfig, model_config
 from meshlm.generate import SamplingParams, generate
-from meshlm.models import build_model, flops_per_token, init_cache
+from meshlm.models import build_model
+from meshlm.models.gpt import GPTConfig
 
 ATOL = 2e-5
 RTOL = 2e-4
 # One token shape for most tests, so that each config's forward is compiled once.
 SHAPE = (2, 16)
 
-GPT2 = ModelConfig(
+GPT2 = GPTConfig(
     vocab_size=97, max_seq_len=24, d_model=32, n_layers=2, n_heads=4, d_ff=64,
     position="learned", norm="layernorm", mlp="gelu", use_bias=True, tie_embeddings=True,
     dtype="float32", scan_layers=True, attention="xla",
@@ -327,7 +328,7 @@ def test_kv_cache_decoding_matches_full_recompute(cfg, explicit_positions):
     full = _logits(cfg, params, seq)
 
     # Prefill the prompt, append a chunk of 3 tokens, then single tokens.
-    cache = init_cache(model, batch, total)
+    cache = cfg.init_cache(model, batch, total)
     chunks = [(0, prompt_len), (prompt_len, prompt_len + 3)]
     chunks += [(t, t + 1) for t in range(prompt_len + 3, total)]
     logits = []
@@ -367,7 +368,7 @@ def test_cudnn_path_masks_match_flash_reference(monkeypatch):
     positions = jnp.asarray([list(range(6)) + list(range(7)) + [0] * 3], jnp.int32)
     _assert_close(_logits(cfg, params, tokens, positions, segment_ids),
                   _logits(LLAMA, params, tokens, positions, segment_ids))
-    cache = init_cache(_model(cfg), 1, SHAPE[1])
+    cache = cfg.init_cache(_model(cfg), 1, SHAPE[1])
     logits = []
     for start, stop in [(0, 9), (9, 12), (12, 13)]:  # prefill, a chunk, one token
         out, mutated = _decode(cfg, params, cache, tokens[:, start:stop])
@@ -443,14 +444,17 @@ def test_flops_per_token_counts_every_matmul_parameter(cfg):
         matmul += params["embed"]["embedding"].size  # the tied LM head is a matmul too
     seq = 16
     attention = 6 * cfg.n_layers * seq * cfg.n_heads * cfg.dim_per_head
-    assert flops_per_token(cfg, seq) == 6 * matmul + attention
+    assert cfg.flops_per_token(seq) == 6 * matmul + attention
 
 
 def test_bad_input_is_a_clear_error():
     with pytest.raises(ValueError, match="exceeds model.max_seq_len"):
         _logits(GPT2, _params(GPT2, 0), jnp.zeros((1, GPT2.max_seq_len + 1), jnp.int32))
     with pytest.raises(ValueError, match="exceeds model.max_seq_len"):
-        init_cache(_model(GPT2), 1, GPT2.max_seq_len + 1)
-    init_cache(_model(LLAMA), 1, LLAMA.max_seq_len + 1)  # RoPE has no table to run out of
-    with pytest.raises(ValueError, match="unknown model.family"):
-        build_model(dataclasses.replace(GPT2, family="nope"))
+        GPT2.init_cache(_model(GPT2), 1, GPT2.max_seq_len + 1)
+    LLAMA.init_cache(_model(LLAMA), 1, LLAMA.max_seq_len + 1)  # RoPE has no table to run out of
+    with pytest.raises(ConfigError, match="unknown family 'nope'; choose one of .*gpt"):
+        model_config("nope")
+    with pytest.raises(ConfigError, match="unknown key 'model.d_state'; valid keys for "
+                                          "model.family 'gpt': .*n_heads"):
+        model_config("gpt", d_state=16)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import functools
 import math
 import pathlib
-import types
 
 import jax
 import jax.numpy as jnp
@@ -207,30 +206,23 @@ def test_cli_distributed_initializes_jax_before_training(monkeypatch, flag):
     assert calls == ["initialize", "train"] if flag else ["train"]
 
 
-def test_loop_derives_the_state_shardings_once(tmp_path, monkeypatch):
-    """The loop hands ``create_train_state`` the shardings it derived (no second abstract init
-    trace); stopped there, before anything is compiled."""
-    from meshlm.train import loop
+def test_setup_derives_the_state_shardings_once(monkeypatch):
+    """``build`` traces the init abstractly once; ``init_state`` creates the state with exactly
+    those shardings (no second abstract trace)."""
+    from meshlm.train import setup
 
-    derived = []
+    derived, created = [], []
 
     def counted(*args):
         derived.append(state_shardings(*args))
         return derived[-1]
 
-    class Created(Exception):
-        pass
-
-    def create(*args, **kwargs):
-        raise Created(*args, *kwargs.values())
-
-    monkeypatch.setattr(loop, "state_shardings", counted)
-    monkeypatch.setattr(loop, "create_train_state", create)
-    monkeypatch.setattr("meshlm.data.build_data", lambda *a: types.SimpleNamespace(
-        train_iterator=lambda: None))
-    with pytest.raises(Created) as info:
-        loop.train(tiny(f"train.run_dir={tmp_path}", "train.progress_bar=false"))
-    assert len(derived) == 1 and info.value.args[-1] is derived[0][1]
+    monkeypatch.setattr(setup, "state_shardings", counted)
+    monkeypatch.setattr(setup, "create_train_state", lambda *a: created.append(a[-1]))
+    run = setup.build(tiny(), jax.devices()[:1])
+    run.init_state()
+    assert len(derived) == 1 and len(created) == 1
+    assert jax.tree.leaves(created[0]) == jax.tree.leaves(derived[0][1])
 
 
 def test_only_the_primary_process_writes_metrics(tmp_path):

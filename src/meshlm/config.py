@@ -11,7 +11,8 @@ import dataclasses
 import pathlib
 import types
 import typing
-from typing import Any, Literal
+from collections.abc import Callable
+from typing import Any, ClassVar, Literal
 
 import yaml
 
@@ -22,56 +23,81 @@ class ConfigError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """Architecture. GPT-2 = learned positions + LayerNorm + GELU + tied embeddings; LLaMA = RoPE +
-    RMSNorm + SwiGLU + grouped-query attention + untied embeddings."""
+    """The fields every model family has. Each family subclasses this in ``meshlm/models/<family>``
+    with its own fields and behaviour (building its module, its loss, FLOPs, decoding cache) and
+    registers it with ``register_family``; the ``model:`` section of a config is the dataclass of
+    the family ``model.family`` names, and only that family's keys are accepted."""
 
-    family: str = "gpt"  # a name in meshlm.models' registry
+    family: str = "gpt"  # a name registered with register_family
     vocab_size: int = 4096
-    max_seq_len: int = 256
+    max_seq_len: int = 256  # longest sequence the model is built for (trained and decoded)
     d_model: int = 256
     n_layers: int = 4
-    n_heads: int = 4
-    n_kv_heads: int | None = None  # None: n_heads (MHA); 1: MQA; else GQA
-    head_dim: int | None = None  # None: d_model // n_heads
-    d_ff: int = 1024
-    position: Literal["learned", "rope"] = "learned"
-    rope_theta: float = 10000.0
-    norm: Literal["layernorm", "rmsnorm"] = "layernorm"
-    norm_eps: float = 1e-5
-    mlp: Literal["gelu", "swiglu"] = "gelu"
-    use_bias: bool = True
-    tie_embeddings: bool = True
-    dropout: float = 0.0
     init_std: float = 0.02
     dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"  # activations / matmuls
     param_dtype: Literal["float32", "bfloat16"] = "float32"
-    scan_layers: bool = True
+    scan_layers: bool = True  # one compiled block scanned over a stacked "layers" axis
     remat: Literal["none", "full", "dots", "dots_no_batch", "save_attention"] = "none"
-    attention: Literal["auto", "xla", "cudnn", "triton", "mosaic_gpu", "tpu"] = "auto"
-
-    @property
-    def kv_heads(self) -> int:
-        return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
-
-    @property
-    def dim_per_head(self) -> int:
-        return self.d_model // self.n_heads if self.head_dim is None else self.head_dim
 
     def validate(self) -> None:
-        if self.n_heads % self.kv_heads:
-            raise ConfigError(
-                f"model.n_kv_heads={self.kv_heads} must divide model.n_heads={self.n_heads}"
-            )
-        if self.head_dim is None and self.d_model % self.n_heads:
-            raise ConfigError(
-                f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads}; "
-                "set model.head_dim explicitly"
-            )
-        if self.position == "rope" and self.dim_per_head % 2:
-            raise ConfigError(f"RoPE needs an even head_dim, got {self.dim_per_head}")
-        for name in ("vocab_size", "max_seq_len", "d_model", "n_layers", "n_heads", "d_ff"):
+        """Raise ``ConfigError`` naming the key and what is allowed; families extend this."""
+        self.require_positive("vocab_size", "max_seq_len", "d_model", "n_layers")
+
+    def require_positive(self, *names: str) -> None:
+        for name in names:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"model.{name} must be positive, got {getattr(self, name)}")
+
+    # A size (field or property) -> the logical axis that splits that dimension; validate_mesh
+    # checks each divides evenly over its shards. Families extend it.
+    sharded_fields: ClassVar[dict[str, str]] = {}
+
+    def validate_mesh(self, axis_size: Callable[[str], int]) -> None:
+        """``ConfigError`` unless every size in ``sharded_fields`` divides over the shards of its
+        logical axis; ``axis_size(logical)`` is that count under the run's mesh and rules."""
+        for name, logical in self.sharded_fields.items():
+            shards, size = axis_size(logical), getattr(self, name)
+            if size % shards:
+                raise ConfigError(
+                    f"model.{name}={size} does not divide over the {shards} shards of logical "
+                    f"axis {logical!r} (mesh.rules map it to mesh axes of that total size); use "
+                    f"a multiple of {shards} or change the mesh"
+                )
+
+
+_FAMILIES: dict[str, type[ModelConfig]] = {}
+
+
+def register_family(name: str):
+    """Class decorator registering a ``ModelConfig`` subclass as ``model.family: name``."""
+
+    def wrap(cls):
+        if name in _FAMILIES:
+            raise ValueError(f"model family {name!r} is already registered")
+        if not (dataclasses.is_dataclass(cls) and issubclass(cls, ModelConfig)):
+            raise TypeError(f"{cls.__name__} must be a dataclass subclass of ModelConfig")
+        _FAMILIES[name] = cls
+        return cls
+
+    return wrap
+
+
+def model_config_class(family: str) -> type[ModelConfig]:
+    """The registered config class of ``family`` (the model modules register on import)."""
+    import meshlm.models  # noqa: F401  (registers every shipped family)
+
+    if family not in _FAMILIES:
+        raise ConfigError(
+            f"model.family: unknown family {family!r}; choose one of {', '.join(sorted(_FAMILIES))}"
+        )
+    return _FAMILIES[family]
+
+
+def model_config(family: str = "gpt", **fields) -> ModelConfig:
+    """A validated model config of ``family`` (keyword fields checked as a YAML section is)."""
+    cfg = _from_dict(model_config_class(family), {"family": family, **fields}, "model")
+    cfg.validate()
+    return cfg
 
 
 # Logical axis -> mesh axes (a name, a list of names, or null for replicated). Parameters and
@@ -177,7 +203,7 @@ class CheckpointConfig:
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    model: ModelConfig = ModelConfig()
+    model: ModelConfig = dataclasses.field(default_factory=lambda: model_config_class("gpt")())
     mesh: MeshConfig = MeshConfig()
     optimizer: OptimizerConfig = OptimizerConfig()
     data: DataConfig = DataConfig()
@@ -242,6 +268,11 @@ def _coerce(value: Any, tp, key: str) -> Any:
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping of {tp.__name__} fields, got {value!r}")
+        if tp is ModelConfig:  # the section's class is the family's
+            family = value.get("family", ModelConfig.family)
+            if not isinstance(family, str):
+                raise ConfigError(f"{key}.family: expected a string, got {family!r}")
+            tp = model_config_class(family)
         return _from_dict(tp, value, key)
     if tp is bool:
         if not isinstance(value, bool):
@@ -274,7 +305,10 @@ def _from_dict(cls, data: dict, prefix: str = ""):
     for k, v in data.items():
         key = f"{prefix}.{k}" if prefix else str(k)
         if k not in fields:
-            raise ConfigError(f"unknown key {key!r}; valid keys here: {', '.join(sorted(fields))}")
+            where = f"for model.family {data.get('family', cls.family)!r}" if issubclass(
+                cls, ModelConfig) else "here"
+            raise ConfigError(
+                f"unknown key {key!r}; valid keys {where}: {', '.join(sorted(fields))}")
         kwargs[k] = _coerce(v, hints[k], key)
     return cls(**kwargs)
 
@@ -327,7 +361,13 @@ def load_config(path: str | pathlib.Path | None = None, overrides: typing.Sequen
         path = pathlib.Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} does not exist")
-        loaded = yaml.safe_load(path.read_text()) or {}
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:  # the parser's mark says where the text stops being YAML
+            mark = getattr(e, "problem_mark", None)
+            where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+            what = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise ConfigError(f"{where}: not valid YAML: {what}") from e
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections")
         tree = loaded

@@ -117,11 +117,16 @@ def batch_sharding(mesh: Mesh, rules) -> NamedSharding:
     return named_sharding(mesh, rules, "activation_batch", "activation_length")
 
 
-def data_parallel_size(mesh: Mesh, rules) -> int:
-    """How many ways the batch dimension is split (the global batch must divide by it)."""
-    spec = nn.logical_to_mesh_axes(("activation_batch",), rules)[0]
+def axis_size(mesh: Mesh, rules, logical: str) -> int:
+    """How many shards the rules split a dimension named ``logical`` into on ``mesh``."""
+    spec = nn.logical_to_mesh_axes((logical,), rules)[0]
     names = (spec,) if isinstance(spec, str) else (spec or ())
     return math.prod(mesh.shape[n] for n in names)
+
+
+def data_parallel_size(mesh: Mesh, rules) -> int:
+    """How many ways the batch dimension is split (the global batch must divide by it)."""
+    return axis_size(mesh, rules, "activation_batch")
 
 
 def rows_held(

@@ -41,11 +41,12 @@ import numpy as np
 import tokenizers
 
 from meshlm.config import ConfigError
+from meshlm.data.batches import DECODER_LM
 from meshlm.data.corpus import read_text
 
 log = logging.getLogger(__name__)
 
-BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
+BATCH_KEYS = tuple(DECODER_LM)
 _CACHE_FORMAT = 1  # bump when the stream layout changes so old caches are not reused
 _ENCODE_CHUNK = 64  # files per tokenizer call: parallel inside, bounded memory outside
 

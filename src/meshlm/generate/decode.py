@@ -13,7 +13,6 @@ import jax
 import jax.numpy as jnp
 
 from meshlm.generate.sampling import SamplingParams, sample
-from meshlm.models import init_cache
 
 
 @functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "sampling", "eos_id"))
@@ -35,7 +34,7 @@ def generate(
     batch, prompt_len = prompt.shape
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    cache = init_cache(model, batch, prompt_len + max_new_tokens)
+    cache = model.config.init_cache(model, batch, prompt_len + max_new_tokens)
 
     def step(cache, tokens):  # positions: the model continues from the tokens it has cached
         logits, mutated = model.apply(

@@ -1,37 +1,96 @@
 """The GPT family: a decoder-only pre-norm transformer.
 
-``ModelConfig`` picks the variant: GPT-2 (learned positions, LayerNorm, GELU, biases, tied
+``GPTConfig`` picks the variant: GPT-2 (learned positions, LayerNorm, GELU, biases, tied
 embeddings) or LLaMA (RoPE, RMSNorm, SwiGLU, grouped-query attention, no biases, untied). Layers
-are stacked by ``nn.scan`` (parameters gain a leading ``"layers"`` axis, one compiled block) or
-unrolled, each block optionally rematerialised with a named policy.
+are stacked by ``layers.stack.apply_stack`` (scanned or unrolled, optionally rematerialised).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from typing import ClassVar, Literal
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
-from meshlm.config import ModelConfig
-from meshlm.layers import ATTENTION_OUT, Attention, Embed, LearnedPositions, Mlp, make_norm
+from meshlm.config import ConfigError, register_family
+from meshlm.layers import Attention, Embed, LearnedPositions, Mlp, make_norm
 from meshlm.layers.embeddings import logits_matmul
-from meshlm.models import register
+from meshlm.layers.stack import apply_stack
+from meshlm.models.base import DecoderLMConfig
 
-_REMAT_POLICIES = {
-    "full": None,  # save nothing: recompute the whole block in the backward pass
-    "dots": jax.checkpoint_policies.checkpoint_dots,
-    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-    "save_attention": jax.checkpoint_policies.save_only_these_names(ATTENTION_OUT),
-}
+
+@register_family("gpt")
+@dataclasses.dataclass(frozen=True)
+class GPTConfig(DecoderLMConfig):
+    """GPT-2 = learned positions + LayerNorm + GELU + tied embeddings; LLaMA = RoPE + RMSNorm +
+    SwiGLU + grouped-query attention + untied embeddings."""
+
+    family: str = "gpt"
+    n_heads: int = 4
+    n_kv_heads: int | None = None  # None: n_heads (MHA); 1: MQA; else GQA
+    head_dim: int | None = None  # None: d_model // n_heads
+    d_ff: int = 1024
+    position: Literal["learned", "rope"] = "learned"
+    rope_theta: float = 10000.0
+    norm: Literal["layernorm", "rmsnorm"] = "layernorm"
+    norm_eps: float = 1e-5
+    mlp: Literal["gelu", "swiglu"] = "gelu"
+    use_bias: bool = True
+    tie_embeddings: bool = True
+    dropout: float = 0.0
+    attention: Literal["auto", "xla", "cudnn", "triton", "mosaic_gpu", "tpu"] = "auto"
+
+    # field -> the logical axis its dimension is split by (validate_mesh checks divisibility)
+    sharded_fields: ClassVar[dict[str, str]] = {"n_heads": "heads", "kv_heads": "kv_heads",
+                                                "d_ff": "mlp"}
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
+
+    @property
+    def dim_per_head(self) -> int:
+        return self.d_model // self.n_heads if self.head_dim is None else self.head_dim
+
+    def validate(self) -> None:
+        super().validate()
+        self.require_positive("n_heads", "d_ff")
+        if self.n_heads % self.kv_heads:
+            raise ConfigError(
+                f"model.n_kv_heads={self.kv_heads} must divide model.n_heads={self.n_heads}"
+            )
+        if self.head_dim is None and self.d_model % self.n_heads:
+            raise ConfigError(
+                f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads}; "
+                "set model.head_dim explicitly"
+            )
+        if self.position == "rope" and self.dim_per_head % 2:
+            raise ConfigError(f"RoPE needs an even head_dim, got {self.dim_per_head}")
+
+    def build(self) -> nn.Module:
+        return GPT(self)
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """PaLM appendix B convention: ``6 * N`` for the matmul parameters N (attention q/k/v/out
+        and MLP kernels of every layer, plus the ``d_model * vocab`` LM head, counted even when
+        tied because the product is computed), plus attention scores and the weighted sum:
+        ``2 * 2 * seq_len * n_heads * head_dim`` forward per layer, times 3 for the backward,
+        halved because causal attention needs only the lower triangle. Embedding lookups, norms,
+        biases and activations are not counted (not matmuls)."""
+        d, hd = self.d_model, self.dim_per_head
+        attention = d * self.n_heads * hd * 2 + d * self.kv_heads * hd * 2
+        mlp = d * self.d_ff * (3 if self.mlp == "swiglu" else 2)
+        matmul_params = self.n_layers * (attention + mlp) + d * self.vocab_size
+        return 6.0 * matmul_params + 6.0 * self.n_layers * seq_len * self.n_heads * hd
 
 
 class Block(nn.Module):
     """``x + drop(attn(norm(x)))`` then ``x + drop(mlp(norm(x)))``; returns ``(x, None)`` so the
     same module is a ``nn.scan`` body."""
 
-    config: ModelConfig
+    config: GPTConfig
     deterministic: bool = True
     decode: bool = False
 
@@ -63,7 +122,6 @@ class Block(nn.Module):
         return nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed")), None
 
 
-@register("gpt")
 class GPT(nn.Module):
     """Tokens ``(batch, length)`` -> float32 logits ``(batch, length, vocab)``.
 
@@ -72,7 +130,7 @@ class GPT(nn.Module):
     document; the caller restarts ``positions`` at every document.
     """
 
-    config: ModelConfig
+    config: GPTConfig
 
     @nn.compact
     def __call__(self, tokens, positions=None, segment_ids=None, deterministic: bool = True,
@@ -102,26 +160,9 @@ class GPT(nn.Module):
                                      name="position_embed")(positions)
         x = nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
 
-        block = Block
-        if cfg.remat != "none":
-            # Under scan every iteration is already a separate computation, so CSE cannot merge
-            # the recomputation away and prevent_cse's extra barriers are pure cost.
-            block = nn.remat(Block, policy=_REMAT_POLICIES[cfg.remat],
-                             prevent_cse=not cfg.scan_layers)
-        if cfg.scan_layers:
-            x, _ = nn.scan(
-                block,
-                variable_axes={"params": 0, "cache": 0},
-                split_rngs={"params": True, "dropout": True},
-                in_axes=(nn.broadcast, nn.broadcast),
-                length=cfg.n_layers,
-                metadata_params={nn.PARTITION_NAME: "layers"},
-            )(cfg, deterministic, decode, name="layers")(x, positions, segment_ids)
-        else:
-            for i in range(cfg.n_layers):
-                x, _ = block(cfg, deterministic, decode, name=f"layers_{i}")(
-                    x, positions, segment_ids)
-
+        x = apply_stack(Block, x, positions, segment_ids, n_layers=cfg.n_layers,
+                        scan=cfg.scan_layers, remat=cfg.remat, config=cfg,
+                        deterministic=deterministic, decode=decode)
         x = make_norm(cfg.norm, epsilon=cfg.norm_eps, use_bias=cfg.use_bias, dtype=dtype,
                       param_dtype=param_dtype, name="final_norm")(x)
         if cfg.tie_embeddings:

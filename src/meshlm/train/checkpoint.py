@@ -30,6 +30,7 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from flax.core import meta
 from jax.experimental import multihost_utils
 from jax.sharding import SingleDeviceSharding
@@ -42,12 +43,14 @@ log = logging.getLogger(__name__)
 CHECKPOINT_DIR = "checkpoints"
 ITEMS = ("state", "data", "config")
 SET_ASIDE_SUFFIX = ".unreadable"  # "<step>.unreadable": not a step name, kept for inspection
-# Model settings a resumed run may change: they alter how parameters are used, not their shapes.
-_NO_SHAPE_FIELDS = frozenset({"attention", "remat", "dtype", "dropout"})
 
 
 class CheckpointError(ValueError):
     """A checkpoint is missing, unreadable or does not match the run; names the path."""
+
+
+class CheckpointSaveError(RuntimeError):
+    """Writing a checkpoint failed (a full disk, a lost mount): the run cannot go on."""
 
 
 def checkpoint_dir(run_dir: str | os.PathLike) -> pathlib.Path:
@@ -55,13 +58,10 @@ def checkpoint_dir(run_dir: str | os.PathLike) -> pathlib.Path:
 
 
 def finished_steps(run_dir: str | os.PathLike) -> list[int]:
-    """Steps with a complete checkpoint directory (in-progress or interrupted saves excluded),
-    ascending. Read from the file system alone: no Orbax manager, nothing created or removed."""
+    """Steps with a finalized checkpoint (in-progress or interrupted saves excluded), ascending.
+    Orbax's own step listing: nothing created or removed."""
     root = checkpoint_dir(run_dir)
-    if not root.is_dir():
-        return []
-    return sorted(int(p.name) for p in root.iterdir()
-                  if p.is_dir() and p.name.isdigit())  # "<step>.orbax-checkpoint-tmp-*" excluded
+    return sorted(ocp.step.checkpoint_steps(root)) if root.is_dir() else []
 
 
 def _read_config(step_dir: pathlib.Path) -> Config:
@@ -79,13 +79,17 @@ def _read_config(step_dir: pathlib.Path) -> Config:
         raise CheckpointError(f"checkpoint {str(step_dir)!r} holds an invalid config: {e}") from e
 
 
-def check_latest(run_dir: str | os.PathLike, cfg: Config | None = None) -> tuple[int, Config] | None:
-    """Cheap checks of the newest checkpoint before anything is built or compiled.
+def check_latest(run_dir: str | os.PathLike, abstract_state: TrainState | None = None,
+                 cfg: Config | None = None) -> tuple[int, Config] | None:
+    """Cheap checks of the newest checkpoint before anything is compiled.
 
     Returns ``(step, saved config)``, or None when the run has no checkpoint. Raises
     ``CheckpointError`` when the newest step lacks one of its items or its metadata or config
-    cannot be read, or (given ``cfg``) when its model's shape-defining settings differ from
-    ``cfg.model``. Damaged array data is found by ``restore``.
+    cannot be read, or (given ``abstract_state``) when the shapes or dtypes of its arrays (Orbax's
+    metadata) differ from the state this run would train: a changed setting that leaves every
+    shape alone (attention implementation, remat, activation dtype) resumes. The message names
+    the differing arrays and (given ``cfg``) the model settings that changed. Damaged array data
+    is found by ``restore``.
     """
     steps = finished_steps(run_dir)
     if not steps:
@@ -97,28 +101,55 @@ def check_latest(run_dir: str | os.PathLike, cfg: Config | None = None) -> tuple
             f"checkpoint {str(step_dir)!r} is corrupt or incomplete: missing {', '.join(missing)}; "
             "remove that step directory to resume from an earlier one"
         )
-    for meta_file in ("_CHECKPOINT_METADATA", "state/_METADATA"):
-        try:
-            json.loads((step_dir / meta_file).read_text())
-        except (OSError, ValueError) as e:
-            raise CheckpointError(
-                f"checkpoint {str(step_dir)!r} is corrupt or incomplete: {meta_file} is "
-                f"unreadable ({e}); remove that step directory to resume from an earlier one"
-            ) from e
+    try:
+        json.loads((step_dir / "_CHECKPOINT_METADATA").read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(
+            f"checkpoint {str(step_dir)!r} is corrupt or incomplete: _CHECKPOINT_METADATA is "
+            f"unreadable ({e}); remove that step directory to resume from an earlier one"
+        ) from e
+    try:
+        saved_arrays = ocp.PyTreeCheckpointHandler().metadata(epath.Path(step_dir / "state")).tree
+    except Exception as e:  # noqa: BLE001 - Orbax raises many types for an unreadable file
+        raise CheckpointError(
+            f"checkpoint {str(step_dir)!r} is corrupt or incomplete: its state/_METADATA is "
+            f"unreadable ({type(e).__name__}: {e}); remove that step directory to resume from an "
+            "earlier one"
+        ) from e
     saved = _read_config(step_dir)
-    if cfg is not None:
-        old, new = _shape_fields(saved), _shape_fields(cfg)
-        if old != new:
-            diff = ", ".join(f"model.{k}: {old[k]!r} -> {new[k]!r}" for k in old if old[k] != new[k])
+    if abstract_state is not None:
+        diff = _shape_diff(saved_arrays, _as_tree(abstract_state))
+        if diff:
+            if cfg is not None:
+                old, new = to_dict(saved.model), to_dict(cfg.model)
+                diff = [f"model.{k}: {old.get(k)!r} -> {new.get(k)!r}"
+                        for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)
+                        ] + diff
             raise CheckpointError(
-                f"the checkpoint {str(step_dir)!r} was trained with a different model ({diff}); "
-                "use another train.run_dir or set checkpoint.resume=false with a fresh run_dir"
+                f"the checkpoint {str(step_dir)!r} was trained with a different model "
+                f"({'; '.join(diff[:4])}{'; ...' if len(diff) > 4 else ''}); use another "
+                "train.run_dir or set checkpoint.resume=false with a fresh run_dir"
             )
     return steps[-1], saved
 
 
-def _shape_fields(cfg: Config) -> dict[str, Any]:
-    return {k: v for k, v in to_dict(cfg.model).items() if k not in _NO_SHAPE_FIELDS}
+def _shape_diff(saved: Any, expected: Any) -> list[str]:
+    """``"path: saved (shape, dtype) -> expected"`` for every array that differs or exists on
+    only one side."""
+    def flat(tree):
+        leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+        return {jax.tree_util.keystr(path, simple=True, separator="/"): (tuple(x.shape),
+                                                                          str(x.dtype))
+                for path, x in leaves}
+
+    old, new = flat(saved), flat(expected)
+    if any(old.get(k) != v for k, v in new.items() if k.startswith("params/")):
+        # the optimizer state repeats every parameter's difference
+        old = {k: v for k, v in old.items() if k.startswith("params/")}
+        new = {k: v for k, v in new.items() if k.startswith("params/")}
+    show = lambda v: "absent" if v is None else f"{v[1]}{list(v[0])}"  # noqa: E731
+    return [f"{k}: {show(old.get(k))} -> {show(new.get(k))}"
+            for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)]
 
 
 def open_manager(run_dir: str | os.PathLike, cfg: CheckpointConfig) -> ocp.CheckpointManager:
@@ -150,9 +181,9 @@ def save(manager: ocp.CheckpointManager, state: TrainState, data_state: dict, cf
 
 
 def raise_if_save_failed(manager: ocp.CheckpointManager) -> None:
-    """Raise ``CheckpointError`` if the last background save failed; returns at once while it
-    is still writing. Cheap: call it after every step, so a full disk stops the run at the step
-    it happened, not at the next save. The failed step stays a temporary directory (never
+    """Raise ``CheckpointSaveError`` if the last background save failed; returns at once while
+    it is still writing. Cheap: call it after every step, so a full disk stops the run at the
+    step it happened, not at the next save. The failed step stays a temporary directory (never
     listed as a checkpoint) and the earlier checkpoints are kept."""
     if manager.is_saving_in_progress():
         return
@@ -162,11 +193,11 @@ def raise_if_save_failed(manager: ocp.CheckpointManager) -> None:
         raise _save_failed(manager, e) from e
 
 
-def _save_failed(manager: ocp.CheckpointManager, error: Exception) -> CheckpointError:
+def _save_failed(manager: ocp.CheckpointManager, error: Exception) -> CheckpointSaveError:
     manager.reload()  # forget the step that failed
     latest = manager.latest_step()
     kept = "no checkpoint" if latest is None else f"the last complete checkpoint is step {latest}"
-    return CheckpointError(f"saving a checkpoint failed: {failure_reason(error)}; {kept}")
+    return CheckpointSaveError(f"saving a checkpoint failed: {failure_reason(error)}; {kept}")
 
 
 def restore(manager: ocp.CheckpointManager, step: int, abstract_state: TrainState
@@ -290,8 +321,8 @@ def restore_params(run_dir: str | os.PathLike, step: int | None = None) -> tuple
         raise CheckpointError(f"no checkpoint of step {step} in {str(root)!r}; have {steps}")
     cfg = _read_config(root / str(step))
     model = build_model(cfg.model)
-    tokens = jax.ShapeDtypeStruct((1, cfg.data.seq_len), "int32")
-    boxed = jax.eval_shape(lambda t: model.init(jax.random.key(0), t), tokens)["params"]
+    inputs = cfg.model.example_inputs(1, cfg.data.seq_len)
+    boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), *inputs))["params"]
     device = SingleDeviceSharding(jax.devices()[0])
     params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
                           meta.unbox(boxed))

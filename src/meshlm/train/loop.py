@@ -1,25 +1,29 @@
-"""The training loop: ``train(cfg) -> summary``.
+"""The training loop as hooks: ``train(cfg) -> summary``.
 
 Order matters for bad input: everything that can be checked without compute (the mesh against
-the devices present, the batch against the data-parallel size and the processes, the latest
-checkpoint's integrity and model, the tokenizer against the model's vocabulary) is checked first,
-so a wrong setting stops with one message before anything is compiled and before any checkpoint is
-written or removed. Then the state is created (or restored) sharded, the steps are compiled once,
-and the loop feeds batches, logs, evaluates and checkpoints. SIGTERM (a preemption) finishes the
-current step, saves a checkpoint and returns; rerunning the same command resumes from it and
-reproduces the losses of an uninterrupted run.
+the devices present, the batch against the data-parallel size and the processes, the model's
+sizes against its shards, the latest checkpoint's integrity and array shapes, the tokenizer
+against the model's vocabulary) is checked first, so a wrong setting stops with one message
+before anything is compiled and before any checkpoint is written or removed. Then the state is
+created (or restored) sharded and the loop runs: one compiled step, then every hook that is due.
+
+Evaluation, metrics and throughput, checkpointing and profiling are hooks with their own
+cadence (clu's periodic actions, Levanter's ``add_hook``); time spent in hooks is not counted
+as training throughput. SIGTERM finishes the current step, saves a checkpoint and returns;
+rerunning the same command resumes from it and reproduces the losses of an uninterrupted run.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import pathlib
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
@@ -27,78 +31,90 @@ import numpy as np
 from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
-from meshlm import sharding
 from meshlm.config import Config, ConfigError, save_config
-from meshlm.models import build_model, flops_per_token
 from meshlm.train import checkpoint
 from meshlm.train.metrics import MetricWriter, format_mfu, mfu
-from meshlm.train.optimizer import make_optimizer
-from meshlm.train.state import create_train_state, param_count, state_shardings
-from meshlm.train.step import make_eval_step, make_train_step
+from meshlm.train.setup import Run, build
+from meshlm.train.state import TrainState, param_count
 
 log = logging.getLogger(__name__)
 
 
-def check_run(cfg: Config, mesh, rules) -> None:
-    """Loop and batch settings that need the mesh; raises ``ConfigError`` naming the fix."""
-    t = cfg.train
-    for name in ("steps", "log_every", "eval_every", "eval_batches"):
-        if getattr(t, name) < 1:
-            raise ConfigError(f"train.{name} must be >= 1, got {getattr(t, name)}")
-    if t.profile_steps and (len(t.profile_steps) != 2
-                            or not 0 <= t.profile_steps[0] < t.profile_steps[1]):
-        raise ConfigError(
-            f"train.profile_steps must be [start, stop] with 0 <= start < stop, got "
-            f"{list(t.profile_steps)}"
-        )
-    dp = sharding.data_parallel_size(mesh, rules)
-    micro = cfg.data.batch_size // t.grad_accum
-    if micro % dp:
-        per = "" if t.grad_accum == 1 else (
-            f" (micro-batches of {micro} rows with train.grad_accum={t.grad_accum})")
-        raise ConfigError(
-            f"data.batch_size={cfg.data.batch_size}{per} is not divisible by the data-parallel "
-            f"size {dp} (the mesh axes the 'activation_batch' rule maps to: "
-            f"{_axes_of(mesh, rules, 'activation_batch')}); use a batch size that is a multiple of "
-            f"{dp * t.grad_accum}"
-        )
-    check_process_rows(cfg, mesh, rules)
-    seq = sharding.named_sharding(mesh, rules, "activation_length").spec[0]
-    seq_shards = math.prod(mesh.shape[n] for n in _names(seq))
-    if cfg.data.seq_len % seq_shards:
-        raise ConfigError(
-            f"data.seq_len={cfg.data.seq_len} is not divisible by the sequence-parallel size "
-            f"{seq_shards} ({_axes_of(mesh, rules, 'activation_length')})"
-        )
+@dataclasses.dataclass
+class Hook:
+    """``fn(step, state, metrics)`` after every ``every``-th step; also after the run's last
+    step when ``on_last``, and after the step at which a stop (SIGTERM) arrived when
+    ``on_stop``. The time a ``paused`` hook takes is not training time (not in throughput)."""
+
+    fn: Callable[[int, TrainState, dict], None]
+    every: int = 1
+    on_last: bool = True
+    on_stop: bool = False
+    paused: bool = True
+
+    def due(self, step: int, last: bool, stopping: bool) -> bool:
+        return step % self.every == 0 or (last and self.on_last) or (stopping and self.on_stop)
 
 
-def check_process_rows(cfg: Config, mesh, rules) -> None:
-    """Each process reads its ``process_rows`` block of every global batch; under the batch
-    sharding its devices must hold exactly that block (``make_array_from_process_local_data``
-    places the block on them)."""
-    from meshlm.data.pipeline import process_rows
+class Throughput:
+    """Tokens/s and MFU over each logging interval, excluding time spent in other hooks; the
+    first interval (compilation, warm-up) is left out of the run's mean."""
 
-    b, index, count = cfg.data.batch_size, jax.process_index(), jax.process_count()
-    rows = process_rows(b, index, count)
-    held = sharding.rows_held(sharding.batch_sharding(mesh, rules), (b, cfg.data.seq_len))
-    if held != [(rows.start, rows.stop)]:
-        raise ConfigError(
-            f"under the batch sharding ({_axes_of(mesh, rules, 'activation_batch')}) the devices "
-            f"of process "
-            f"{index} hold rows {', '.join(f'[{a}, {z})' for a, z in held)} of each "
-            f"{b}-row batch, but with {count} processes it reads rows [{rows.start}, "
-            f"{rows.stop}); map the 'activation_batch' rule to mesh axes that split the devices of "
-            "different processes, in process order"
-        )
+    def __init__(self, run: Run):
+        self.tokens_per_step = run.cfg.data.batch_size * run.cfg.data.seq_len
+        self.fpt = run.flops_per_token
+        self.devices = list(run.mesh.devices.flat)
+        self.timed_tokens, self.timed_seconds, self.first = 0, 0.0, True
+        self.start()
+
+    def start(self) -> None:
+        self.tick = time.perf_counter()
+
+    def pause(self, seconds: float) -> None:
+        self.tick += seconds
+
+    def interval(self, steps: int) -> tuple[float, float | None]:
+        now = time.perf_counter()
+        seconds, self.tick = now - self.tick, now
+        tps = steps * self.tokens_per_step / seconds
+        if not self.first:
+            self.timed_tokens += steps * self.tokens_per_step
+            self.timed_seconds += seconds
+        self.first = False
+        return tps, mfu(tps, self.fpt, self.devices)
+
+    def mean(self) -> tuple[float | None, float | None]:
+        if not self.timed_seconds:
+            return None, None
+        tps = self.timed_tokens / self.timed_seconds
+        return tps, mfu(tps, self.fpt, self.devices)
 
 
-def _names(spec) -> tuple[str, ...]:
-    return (spec,) if isinstance(spec, str) else tuple(spec or ())
+class Profiler:
+    """A ``jax.profiler`` trace of the steps after ``start`` up to ``stop`` (``train.profile_steps``)
+    into ``<run_dir>/profile``; call it after every step, ``close()`` at the end."""
 
+    def __init__(self, profile_steps: tuple[int, ...], run_dir: pathlib.Path, step: int):
+        self.window = tuple(profile_steps)
+        self.path = str(run_dir / "profile")
+        self.active = False
+        self(step)
 
-def _axes_of(mesh, rules, logical: str) -> str:
-    names = _names(sharding.named_sharding(mesh, rules, logical).spec[0])
-    return " x ".join(f"{n}={mesh.shape[n]}" for n in names) or "none"
+    def __call__(self, step: int, state: Any = None, _metrics: Any = None) -> None:
+        if not self.window:
+            return
+        start, stop = self.window
+        if not self.active and start <= step < stop:
+            jax.profiler.start_trace(self.path)
+            self.active = True
+        elif self.active and step >= stop:
+            jax.block_until_ready(state)
+            self.close()
+
+    def close(self) -> None:
+        if self.active:
+            jax.profiler.stop_trace()
+            self.active = False
 
 
 @contextlib.contextmanager
@@ -122,25 +138,37 @@ def _sigterm_flag(install: bool = True) -> Iterator[dict]:
         signal.signal(signal.SIGTERM, previous)
 
 
+def check_loop(cfg: Config) -> None:
+    """Loop settings; raises ``ConfigError`` naming the fix."""
+    t = cfg.train
+    for name in ("steps", "log_every", "eval_every", "eval_batches"):
+        if getattr(t, name) < 1:
+            raise ConfigError(f"train.{name} must be >= 1, got {getattr(t, name)}")
+    if t.profile_steps and (len(t.profile_steps) != 2
+                            or not 0 <= t.profile_steps[0] < t.profile_steps[1]):
+        raise ConfigError(
+            f"train.profile_steps must be [start, stop] with 0 <= start < stop, got "
+            f"{list(t.profile_steps)}"
+        )
+
+
 def train(cfg: Config) -> dict[str, Any]:
     """Train (or resume) the run in ``cfg.train.run_dir`` on every device JAX sees.
 
     Returns a summary: ``step``, ``train_loss`` (mean of the last logging interval),
     ``val_loss``, ``val_perplexity``, ``tokens_per_s`` (mean over the run's steps after the
     first interval), ``mfu`` (None when the device's peak is unknown), ``params``,
-    ``preempted`` (stopped by SIGTERM) and ``run_dir``.
+    ``preempted`` (stopped by SIGTERM), ``checkpoint_step`` and ``run_dir``.
     """
     from meshlm.data import build_data  # tokenizers/grain: only needed once checks have passed
 
     run_dir = pathlib.Path(cfg.train.run_dir).expanduser()
     # ---- checks, no compute
-    mesh = sharding.make_mesh(cfg.mesh)
-    rules = sharding.axis_rules(cfg.mesh)
-    check_run(cfg, mesh, rules)
-    tx, schedule = make_optimizer(cfg)
+    check_loop(cfg)
+    run = build(cfg)
     resume_from = None
     if cfg.checkpoint.resume:
-        resume_from = checkpoint.check_latest(run_dir, cfg)
+        resume_from = checkpoint.check_latest(run_dir, run.abstract_state, cfg)
     elif checkpoint.finished_steps(run_dir):
         raise ConfigError(
             f"checkpoint.resume=false but {str(checkpoint.checkpoint_dir(run_dir))!r} already "
@@ -148,137 +176,108 @@ def train(cfg: Config) -> dict[str, Any]:
         )
     data = build_data(cfg, run_dir)  # checks the tokenizer against model.vocab_size first
 
-    # ---- build and compile
-    model = build_model(cfg.model)
-    seq_len = cfg.data.seq_len
-    abstract, state_sh = state_shardings(model, tx, mesh, rules, seq_len)
-    train_step = make_train_step(cfg, model, tx, schedule, mesh, rules, abstract)
-    eval_step = make_eval_step(cfg, model, mesh, rules, abstract)
-    batch_sh = sharding.batch_sharding(mesh, rules)
-    global_shape = (cfg.data.batch_size, seq_len)
+    # ---- state
     train_iter = data.train_iterator()
     manager = checkpoint.open_manager(run_dir, cfg.checkpoint)
     if resume_from is not None:
-        state, data_state = checkpoint.restore(manager, resume_from[0], abstract)
+        state, data_state = checkpoint.restore(manager, resume_from[0], run.abstract_state)
         train_iter.set_state(data_state)
         log.info("resumed %s from step %d", run_dir, resume_from[0])
     else:
-        state, _ = create_train_state(model, tx, mesh, rules, seq_len,
-                                      jax.random.key(cfg.train.seed), state_sh)
+        state = run.init_state()
     primary = jax.process_index() == 0  # the one process that writes the run's records
     if primary:
         save_config(cfg, run_dir / "config.yaml")
     n_params = param_count(state.params)
     log.info(
         "%s parameters, %d devices (%s), mesh %s, %d tokens per step",
-        f"{n_params:,}", mesh.size, jax.devices()[0].device_kind,
-        {k: v for k, v in mesh.shape.items() if v > 1} or "single device",
-        cfg.data.batch_size * seq_len,
+        f"{n_params:,}", run.mesh.size, jax.devices()[0].device_kind,
+        {k: v for k, v in run.mesh.shape.items() if v > 1} or "single device",
+        cfg.data.batch_size * cfg.data.seq_len,
     )
+    val = run.put(data.val_batches(cfg.train.eval_batches))  # placed once, read every evaluation
 
-    def put(batch):
-        # Each process holds only its rows (check_process_rows); together they are one array.
-        return jax.make_array_from_process_local_data(batch_sh, batch, global_shape)
-
-    val = put(data.val_batches(cfg.train.eval_batches))  # placed once, read every evaluation
-
-    def evaluate(params) -> dict[str, float]:
-        sums = jax.device_get([eval_step(params, b) for b in val])
-        total = sum(float(m["loss_sum"]) for m in sums)
-        tokens = sum(float(m["tokens"]) for m in sums)
-        loss = total / max(tokens, 1.0)
-        return {"loss": loss, "perplexity": math.exp(min(loss, 80.0))}
-
-    # ---- loop
-    steps, log_every = cfg.train.steps, cfg.train.log_every
-    fpt = flops_per_token(cfg.model, seq_len)
-    tokens_per_step = cfg.data.batch_size * seq_len
+    # ---- hooks
+    steps = cfg.train.steps
+    step = int(jax.device_get(state.step))
     writer = MetricWriter(run_dir, primary=primary)
+    throughput = Throughput(run)
     summary: dict[str, Any] = {"run_dir": str(run_dir), "params": n_params, "preempted": False,
                                "train_loss": None, "val_loss": None, "val_perplexity": None,
-                               "tokens_per_s": None, "mfu": None}
-    step = int(jax.device_get(state.step))
-    last_saved = step if resume_from is not None else None
-    pending: list[dict] = []
-    timed_tokens, timed_seconds, first_interval = 0, 0.0, True
-    profiling = False
+                               "tokens_per_s": None, "mfu": None,
+                               "checkpoint_step": step if resume_from is not None else None}
     bar = tqdm(total=steps, initial=step, unit="step", dynamic_ncols=True,
                disable=not (cfg.train.progress_bar and primary))
+    pending: list[dict] = []
+
+    def evaluate(at: int, _state=None, _metrics=None) -> None:
+        sums = jax.device_get([run.eval_step(state.params, b) for b in val])
+        loss = sum(float(m["loss_sum"]) for m in sums) / max(sum(float(m["tokens"])
+                                                                 for m in sums), 1.0)
+        ev = {"loss": loss, "perplexity": math.exp(min(loss, 80.0))}
+        writer.write(at, "val", ev)
+        summary.update(val_loss=ev["loss"], val_perplexity=ev["perplexity"])
+        bar.write(f"step {at}: val loss {ev['loss']:.4f}, perplexity {ev['perplexity']:.2f}")
+
+    def log_metrics(at: int, _state, _metrics) -> None:
+        got = jax.device_get(pending)
+        tps, util = throughput.interval(len(got))
+        loss = float(np.mean([m["loss"] for m in got]))
+        scalars = {k: float(np.mean([m[k] for m in got])) for k in got[-1] if k != "lr"}
+        writer.write(at, "train", {**scalars, "loss": loss, "lr": got[-1]["lr"],
+                                   "tokens_per_s": tps, "mfu": util})
+        summary["train_loss"] = loss
+        bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}", mfu=format_mfu(util),
+                        refresh=False)
+        pending.clear()
+
+    def save(at: int, state_now: TrainState, _metrics=None) -> None:
+        checkpoint.save(manager, state_now, train_iter.get_state(), cfg)
+        summary["checkpoint_step"] = at
+
+    profiler = Profiler(cfg.train.profile_steps, run_dir, step)
+    hooks = [
+        Hook(lambda _s, _st, m: (pending.append(m), bar.update(1)), paused=False),
+        Hook(log_metrics, every=cfg.train.log_every, on_stop=True, paused=False),
+        Hook(evaluate, every=cfg.train.eval_every),
+        Hook(save, every=cfg.checkpoint.every, on_stop=True),
+        Hook(profiler, on_stop=True),
+    ]
+
+    # ---- loop
+    # With several processes a local flag would stop them at different steps, one saving (a
+    # collective) while another trains; JAX's preemption service picks one step for all.
+    distributed = jax.process_count() > 1
     try:
-        # With several processes a local flag would stop them at different steps, one saving
-        # (a collective) while another trains; JAX's preemption service picks one step for all.
-        distributed = jax.process_count() > 1
         with _sigterm_flag(install=not distributed) as stop:  # a SIGTERM is a save from here on
             if resume_from is None:  # the baseline that later evaluations are read against
-                ev = evaluate(state.params)
-                writer.write(0, "val", ev)
-                bar.write(f"step 0: val loss {ev['loss']:.4f}, "
-                          f"perplexity {ev['perplexity']:.2f}")
-            tick = time.perf_counter()
+                evaluate(0)
+            throughput.start()
             while step < steps and stop["signal"] is None:
-                if cfg.train.profile_steps and step == cfg.train.profile_steps[0]:
-                    jax.profiler.start_trace(str(run_dir / "profile"))
-                    profiling = True
-                state, metrics = train_step(state, put(next(train_iter)))
+                state, metrics = run.train_step(state, run.put(next(train_iter)))
                 step += 1
                 if distributed and multihost_utils.reached_preemption_sync_point(step):
                     stop["signal"] = signal.SIGTERM
-                pending.append(metrics)
-                bar.update(1)
-                if profiling and step == cfg.train.profile_steps[1]:
-                    jax.block_until_ready(state)
-                    jax.profiler.stop_trace()
-                    profiling = False
-                if step % log_every == 0 or step == steps or stop["signal"] is not None:
-                    got = jax.device_get(pending)
-                    seconds = time.perf_counter() - tick
-                    tick = time.perf_counter()
-                    tps = len(got) * tokens_per_step / seconds
-                    if not first_interval:  # the first interval holds the warm-up
-                        timed_tokens += len(got) * tokens_per_step
-                        timed_seconds += seconds
-                    first_interval = False
-                    util = mfu(tps, fpt, list(mesh.devices.flat))
-                    loss = float(np.mean([m["loss"] for m in got]))
-                    writer.write(step, "train", {
-                        "loss": loss, "lr": got[-1]["lr"],
-                        "grad_norm": float(np.mean([m["grad_norm"] for m in got])),
-                        "tokens_per_s": tps, "mfu": util,
-                    })
-                    summary["train_loss"] = loss
-                    bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}",
-                                    mfu=format_mfu(util), refresh=False)
-                    pending = []
-                paused = time.perf_counter()  # eval and checkpoint time is not throughput
-                if step % cfg.train.eval_every == 0 or step == steps:
-                    ev = evaluate(state.params)
-                    writer.write(step, "val", ev)
-                    summary.update(val_loss=ev["loss"], val_perplexity=ev["perplexity"])
-                    bar.write(f"step {step}: val loss {ev['loss']:.4f}, "
-                              f"perplexity {ev['perplexity']:.2f}")
-                if (step % cfg.checkpoint.every == 0 or step == steps
-                        or stop["signal"] is not None):
-                    checkpoint.save(manager, state, train_iter.get_state(), cfg)
-                    last_saved = step
-                tick += time.perf_counter() - paused
+                last, stopping = step == steps, stop["signal"] is not None
+                for hook in hooks:
+                    if hook.due(step, last, stopping):
+                        started = time.perf_counter()
+                        hook.fn(step, state, metrics)
+                        if hook.paused:
+                            throughput.pause(time.perf_counter() - started)
             if stop["signal"] is not None:
-                if last_saved != step:  # it arrived before the first step
-                    checkpoint.save(manager, state, train_iter.get_state(), cfg)
-                    last_saved = step
+                if summary["checkpoint_step"] != step:  # it arrived before the first step
+                    save(step, state)
                 summary["preempted"] = True
                 bar.write(f"SIGTERM: saved a checkpoint at step {step}; rerun to resume")
     finally:
-        if profiling:
-            jax.profiler.stop_trace()
+        profiler.close()
         bar.close()
         manager.wait_until_finished()
         manager.close()
         writer.close()
     if summary["val_loss"] is None and not summary["preempted"]:  # resumed a finished run
-        ev = evaluate(state.params)
-        summary.update(val_loss=ev["loss"], val_perplexity=ev["perplexity"])
-    if timed_seconds:
-        tps = timed_tokens / timed_seconds
-        summary.update(tokens_per_s=tps, mfu=mfu(tps, fpt, list(mesh.devices.flat)))
-    summary.update(step=step, checkpoint_step=last_saved)
+        evaluate(step)
+    tps, util = throughput.mean()
+    summary.update(step=step, tokens_per_s=tps, mfu=util)
     return summary

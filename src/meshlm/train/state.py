@@ -20,6 +20,7 @@ from flax.core import meta
 from jax.sharding import Mesh
 
 from meshlm import sharding
+from meshlm.config import ModelConfig
 
 
 @flax.struct.dataclass
@@ -31,24 +32,24 @@ class TrainState:
     opt_state: Any
 
 
-def init_tokens_shape(mesh: Mesh, rules, seq_len: int) -> tuple[int, int]:
-    """Token shape used to trace ``model.init``: one row per data-parallel shard, so activation
-    sharding constraints inside the model divide evenly."""
-    return sharding.data_parallel_size(mesh, rules), seq_len
-
-
-def _boxed_params(model: nn.Module, rng: jax.Array, shape: tuple[int, int]) -> Any:
-    return model.init(rng, jnp.zeros(shape, jnp.int32))["params"]
+def _boxed_params(model_cfg: ModelConfig, model: nn.Module, rng: jax.Array, mesh: Mesh, rules,
+                  seq_len: int) -> Any:
+    """``model.init``'s parameters, still boxed with their logical axes. Traced with one row per
+    data-parallel shard, so activation sharding constraints inside the model divide evenly."""
+    inputs = model_cfg.example_inputs(sharding.data_parallel_size(mesh, rules), seq_len)
+    return model.init(rng, *inputs)["params"]
 
 
 def state_shardings(
-    model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh, rules, seq_len: int
+    model_cfg: ModelConfig, model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh,
+    rules, seq_len: int,
 ) -> tuple[TrainState, TrainState]:
     """``(abstract_state, shardings)``: shapes/dtypes (each ``ShapeDtypeStruct`` carrying its
     sharding, as Orbax restore wants) and the matching tree of ``NamedSharding``s."""
-    shape = init_tokens_shape(mesh, rules, seq_len)
     with nn.logical_axis_rules(rules):
-        boxed = jax.eval_shape(lambda rng: _boxed_params(model, rng, shape), jax.random.key(0))
+        boxed = jax.eval_shape(
+            lambda rng: _boxed_params(model_cfg, model, rng, mesh, rules, seq_len),
+            jax.random.key(0))
     param_sh = sharding.logical_to_sharding(nn.get_partition_spec(boxed), mesh, rules)
     params = meta.unbox(boxed)
     opt_state = jax.eval_shape(tx.init, params)
@@ -66,17 +67,14 @@ def state_shardings(
 
 
 def create_train_state(
-    model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh, rules, seq_len: int,
-    rng: jax.Array, shardings: TrainState | None = None,
-) -> tuple[TrainState, TrainState]:
-    """``(state, shardings)`` with parameters initialized from ``rng``, created sharded.
-    ``shardings``: ``state_shardings``'s, when the caller has them (saves an abstract trace)."""
-    if shardings is None:
-        _, shardings = state_shardings(model, tx, mesh, rules, seq_len)
-    shape = init_tokens_shape(mesh, rules, seq_len)
+    model_cfg: ModelConfig, model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh,
+    rules, seq_len: int, rng: jax.Array, shardings: TrainState,
+) -> TrainState:
+    """The state with parameters initialized from ``rng``, created with ``shardings``
+    (``state_shardings``'s)."""
 
     def init(rng):
-        params = meta.unbox(_boxed_params(model, rng, shape))
+        params = meta.unbox(_boxed_params(model_cfg, model, rng, mesh, rules, seq_len))
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
     # Traced with the rules but without a current mesh: ``out_shardings`` alone decide where every
@@ -84,8 +82,7 @@ def create_train_state(
     # Flax's DenseGeneral would otherwise constrain its flattened initial kernel with the
     # unflattened kernel's spec and fail.
     with nn.logical_axis_rules(rules):
-        state = jax.jit(init, out_shardings=shardings)(rng)
-    return state, shardings
+        return jax.jit(init, out_shardings=shardings)(rng)
 
 
 def param_count(params: Any) -> int:

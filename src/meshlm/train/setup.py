@@ -1,0 +1,139 @@
+"""The one builder of a run: mesh, rules, model, optimizer, shardings, state and compiled steps.
+
+    run = build(cfg)                  # checks and abstract shapes only: nothing computed
+    state = run.init_state()          # parameters and optimizer state, born sharded
+    state, metrics = run.train_step(state, run.put(batch))
+    sums = run.eval_step(state.params, run.put(batch))
+
+The training loop, the tests, the benchmark scripts and the notebook all start here, so the
+order of construction (and every check that needs the mesh) is written once. ``build`` raises
+``ConfigError`` for settings that cannot work on the devices present before anything is traced.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import optax
+from jax.sharding import Mesh, NamedSharding
+
+from meshlm import sharding
+from meshlm.config import Config, ConfigError
+from meshlm.models import build_model
+from meshlm.train.optimizer import make_optimizer
+from meshlm.train.state import TrainState, create_train_state, state_shardings
+from meshlm.train.step import make_eval_step, make_train_step
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Run:
+    """Everything built from a ``Config`` for one mesh. The steps compile on first use."""
+
+    cfg: Config
+    mesh: Mesh
+    rules: tuple
+    model: nn.Module
+    tx: optax.GradientTransformation
+    schedule: Callable[[Any], Any]
+    abstract_state: TrainState  # ShapeDtypeStructs, each carrying its sharding
+    batch_sharding: NamedSharding
+
+    @property
+    def shardings(self) -> TrainState:
+        return jax.tree.map(lambda a: a.sharding, self.abstract_state)
+
+    @property
+    def global_batch_shape(self) -> tuple[int, int]:
+        return self.cfg.data.batch_size, self.cfg.data.seq_len
+
+    def init_state(self, seed: int | None = None) -> TrainState:
+        """A fresh state from ``seed`` (default ``train.seed``), created sharded."""
+        seed = self.cfg.train.seed if seed is None else seed
+        return create_train_state(self.cfg.model, self.model, self.tx, self.mesh, self.rules,
+                                  self.cfg.data.seq_len, jax.random.key(seed), self.shardings)
+
+    @functools.cached_property
+    def train_step(self) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+        return make_train_step(self)
+
+    @functools.cached_property
+    def eval_step(self) -> Callable[[Any, dict], dict]:
+        return make_eval_step(self)
+
+    def put(self, batch: dict) -> dict:
+        """A host batch -> global arrays under the batch sharding. With several processes each
+        passes only its ``process_rows`` (``check_process_rows``); together they are one array."""
+        return jax.make_array_from_process_local_data(self.batch_sharding, batch,
+                                                      self.global_batch_shape)
+
+    @property
+    def flops_per_token(self) -> float:
+        return self.cfg.model.flops_per_token(self.cfg.data.seq_len)
+
+
+def build(cfg: Config, devices: Sequence[jax.Device] | None = None) -> Run:
+    """Check ``cfg`` against ``devices`` (default: every device) and build the run abstractly."""
+    mesh = sharding.make_mesh(cfg.mesh, devices)
+    rules = sharding.axis_rules(cfg.mesh)
+    check_batch(cfg, mesh, rules)
+    cfg.model.validate_mesh(lambda logical: sharding.axis_size(mesh, rules, logical))
+    model = build_model(cfg.model)
+    tx, schedule = make_optimizer(cfg)
+    abstract, _ = state_shardings(cfg.model, model, tx, mesh, rules, cfg.data.seq_len)
+    return Run(cfg=cfg, mesh=mesh, rules=rules, model=model, tx=tx, schedule=schedule,
+               abstract_state=abstract, batch_sharding=sharding.batch_sharding(mesh, rules))
+
+
+def check_batch(cfg: Config, mesh: Mesh, rules) -> None:
+    """The batch against the data-parallel size, the processes and the sequence shards."""
+    t = cfg.train
+    dp = sharding.data_parallel_size(mesh, rules)
+    micro = cfg.data.batch_size // t.grad_accum
+    if micro % dp:
+        per = "" if t.grad_accum == 1 else (
+            f" (micro-batches of {micro} rows with train.grad_accum={t.grad_accum})")
+        raise ConfigError(
+            f"data.batch_size={cfg.data.batch_size}{per} is not divisible by the data-parallel "
+            f"size {dp} (the mesh axes the 'activation_batch' rule maps to: "
+            f"{_axes_of(mesh, rules, 'activation_batch')}); use a batch size that is a multiple "
+            f"of {dp * t.grad_accum}"
+        )
+    check_process_rows(cfg, mesh, rules)
+    seq_shards = sharding.axis_size(mesh, rules, "activation_length")
+    if cfg.data.seq_len % seq_shards:
+        raise ConfigError(
+            f"data.seq_len={cfg.data.seq_len} is not divisible by the sequence-parallel size "
+            f"{seq_shards} ({_axes_of(mesh, rules, 'activation_length')})"
+        )
+
+
+def check_process_rows(cfg: Config, mesh: Mesh, rules) -> None:
+    """Each process reads its ``process_rows`` block of every global batch; under the batch
+    sharding its devices must hold exactly that block (``make_array_from_process_local_data``
+    places the block on them)."""
+    from meshlm.data.pipeline import process_rows
+
+    b, index, count = cfg.data.batch_size, jax.process_index(), jax.process_count()
+    rows = process_rows(b, index, count)
+    held = sharding.rows_held(sharding.batch_sharding(mesh, rules), (b, cfg.data.seq_len))
+    if held != [(rows.start, rows.stop)]:
+        raise ConfigError(
+            f"under the batch sharding ({_axes_of(mesh, rules, 'activation_batch')}) the devices "
+            f"of process {index} hold rows {', '.join(f'[{a}, {z})' for a, z in held)} of each "
+            f"{b}-row batch, but with {count} processes it reads rows [{rows.start}, "
+            f"{rows.stop}); map the 'activation_batch' rule to mesh axes that split the devices "
+            "of different processes, in process order"
+        )
+
+
+def _axes_of(mesh: Mesh, rules, logical: str) -> str:
+    spec = nn.logical_to_mesh_axes((logical,), rules)[0]
+    names = (spec,) if isinstance(spec, str) else tuple(spec or ())
+    return " x ".join(f"{n}={mesh.shape[n]}" for n in names) or "none"
+
