@@ -44,13 +44,17 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _train(args) -> int:
+    import jax
+
+    from meshlm.accelerators import startup_report
     from meshlm.train.loop import train
 
     if args.distributed:
-        import jax
-
         jax.distributed.initialize()  # before anything asks JAX for its devices
-    summary = train(load_config(args.config, args.overrides))
+    cfg = load_config(args.config, args.overrides)
+    for line in startup_report(jax.devices()):  # the devices; a warning if JAX misses a GPU/TPU
+        logging.getLogger("meshlm").info(line)
+    summary = train(cfg)
     print(json.dumps(summary))
     return EXIT_PREEMPTED if summary["preempted"] else 0
 
