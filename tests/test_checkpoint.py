@@ -276,7 +276,7 @@ _FULL_DISK = textwrap.dedent("""
     for polls in range(600):  # what the loop does after each step
         try:
             checkpoint.raise_if_save_failed(manager)
-        except checkpoint.CheckpointError as e:
+        except checkpoint.CheckpointSaveError as e:
             print(e)
             break
         time.sleep(0.05)

@@ -1,51 +1,61 @@
-"""The ``meshlm`` entry point in-process: train a tiny model, sample from it, and bad input
-exiting with status 2 and one message."""
+"""The ``meshlm`` entry point in-process: README's quick start (its train command on the default
+config, made tiny by appended overrides, then its generate command as written), sampling, and
+bad input exiting with status 2 and one message."""
 
 from __future__ import annotations
 
 import contextlib
 import io
 import json
+import pathlib
+import shlex
+import shutil
 
 import pytest
-import yaml
 
 from meshlm.cli import EXIT_BAD_INPUT, main
 from meshlm.train import checkpoint
 
-TINY = {
-    "model": {"vocab_size": 320, "d_model": 32, "n_layers": 1, "n_heads": 2, "d_ff": 64,
-              "max_seq_len": 64, "attention": "xla", "dtype": "float32"},
-    "data": {"seq_len": 32, "batch_size": 8, "max_files": 10},
-    "optimizer": {"warmup_steps": 1},
-    "train": {"steps": 4, "eval_every": 4, "eval_batches": 1, "log_every": 2,
-              "progress_bar": False},
-    "checkpoint": {"every": 2, "keep": 1},
-}
+REPO = pathlib.Path(__file__).parents[1]
+# Appended to the README's train command: a model and corpus small enough for CI. The default
+# config's 128 learned positions, sequence length, batch and warmup stay as shipped.
+TINY = ["train.steps=3", "model.n_layers=1", "model.d_model=32", "model.n_heads=2",
+        "model.d_ff=64", "model.vocab_size=300", "data.max_files=12", "train.eval_batches=1"]
+
+
+def readme_commands() -> dict[str, list[str]]:
+    """The ``meshlm`` command lines of README.md's code blocks, by subcommand."""
+    text = (REPO / "README.md").read_text()
+    commands = {}
+    for line in text.replace("\\\n", " ").splitlines():
+        if line.startswith(".venv/bin/meshlm "):
+            argv = shlex.split(line)[1:]
+            commands[argv[0]] = argv
+    return commands
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cli")
-    config = root / "tiny.yaml"
-    config.write_text(yaml.safe_dump(TINY))
-    run_dir = root / "run"
+    """README's train command, run where the README's relative paths (configs/, runs/default)
+    hold: ``(config, run_dir, summary, where)``."""
+    where = tmp_path_factory.mktemp("cli")
+    shutil.copytree(REPO / "configs", where / "configs")
     out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        assert main(["train", "--config", str(config), f"train.run_dir={run_dir}"]) == 0
+    with contextlib.chdir(where), contextlib.redirect_stdout(out):
+        assert main([*readme_commands()["train"], *TINY]) == 0
     summary = json.loads(out.getvalue().strip().splitlines()[-1])
-    return config, run_dir, summary
+    return where / "configs" / "default.yaml", where / "runs" / "default", summary, where
 
 
 def test_train_writes_a_run_and_prints_a_summary(trained):
-    _, run_dir, summary = trained
-    assert summary["step"] == 4 and summary["val_loss"] > 0 and not summary["preempted"]
-    assert checkpoint.finished_steps(run_dir) == [4]
+    _, run_dir, summary, _ = trained
+    assert summary["step"] == 3 and summary["val_loss"] > 0 and not summary["preempted"]
+    assert checkpoint.finished_steps(run_dir) == [3]
     assert (run_dir / "tokenizer.json").is_file() and (run_dir / "metrics.jsonl").is_file()
 
 
 def test_generate_prints_the_prompt_and_a_continuation(trained, capsys):
-    _, run_dir, _ = trained
+    _, run_dir, _, _ = trained
     args = ["generate", "--run-dir", str(run_dir), "--prompt", "def main(", "--max-new-tokens",
             "12", "--seed", "3"]
     assert main(args) == 0
@@ -61,12 +71,54 @@ def test_generate_prints_the_prompt_and_a_continuation(trained, capsys):
     (["train", "--config", "{missing}"], "does not exist"),
     (["generate", "--run-dir", "{missing}"], "no checkpoint in"),
     (["generate", "--run-dir", "{run}", "--top-p", "0"], "top_p must be in (0, 1]"),
-    (["generate", "--run-dir", "{run}", "--max-new-tokens", "100"], "model.max_seq_len=64"),
+    (["generate", "--run-dir", "{run}", "--top-k", "301"],
+     "--top-k 301 exceeds the model's vocabulary (model.vocab_size=300)"),
+    (["generate", "--run-dir", "{run}", "--temperature", "nan"], "temperature must be a finite"),
+    (["generate", "--run-dir", "{run}", "--temperature", "inf"], "temperature must be a finite"),
+    (["generate", "--run-dir", "{run}", "--temperature", "-0.5"], "temperature must be a finite"),
+    (["generate", "--run-dir", "{run}", "--prompt", "x " * 150], "leaves no room in the model's "
+     "context of model.max_seq_len=128"),
 ])
 def test_bad_input_exits_2_with_one_message(trained, tmp_path, capsys, argv, message):
-    config, run_dir, _ = trained
+    config, run_dir, _, _ = trained
     argv = [a.format(config=config, run=run_dir, missing=tmp_path / "missing") for a in argv]
     assert main(argv) == EXIT_BAD_INPUT
     err = capsys.readouterr().err.strip()
     assert err.startswith("meshlm: error: ") and message in err and "\n" not in err, err
 
+
+
+def test_malformed_yaml_is_one_line_with_its_position(tmp_path, capsys):
+    config = tmp_path / "broken.yaml"
+    config.write_text("model:\n  d_model: 32\n  n_layers: [1\ntrain:\n  steps: 3\n")
+    assert main(["train", "--config", str(config)]) == EXIT_BAD_INPUT
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"meshlm: error: {config}:4:6: not valid YAML") and "\n" not in err, err
+
+
+def test_generate_stops_at_the_models_context(trained, capsys):
+    """More new tokens than the learned positions hold: the sample stops at model.max_seq_len
+    with one note on stderr instead of refusing."""
+    _, run_dir, _, _ = trained
+    args = ["generate", "--run-dir", str(run_dir), "--prompt", "def main(", "--temperature",
+            "0", "--max-new-tokens"]
+    assert main([*args, "150"]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith("def main(")
+    assert err.count("\n") == 1 and "context is 128 tokens" in err, err
+    assert main([*args, "5"]) == 0
+    assert capsys.readouterr().err == ""  # within the context: no note
+
+
+def test_readme_generate_runs_as_written(trained, monkeypatch, capsys):
+    """README's generate command exactly as written, after its train command (the fixture),
+    then with the default --max-new-tokens: both ask for more tokens than the default model's
+    128 learned positions hold after the prompt."""
+    monkeypatch.chdir(trained[3])
+    generate = readme_commands()["generate"]
+    assert main(generate) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith(generate[generate.index("--prompt") + 1])
+    assert "context is 128 tokens" in err
+    i = generate.index("--max-new-tokens")
+    assert main(generate[:i] + generate[i + 2:]) == 0

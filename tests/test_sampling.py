@@ -60,8 +60,17 @@ def test_samples_only_from_filtered_support():
         assert allowed[row, draws[:, row]].all()
 
 
-@pytest.mark.parametrize("kwargs", [dict(temperature=-1.0), dict(top_k=-2), dict(top_p=0.0),
-                                    dict(top_p=1.5)])
+@pytest.mark.parametrize("kwargs", [
+    dict(temperature=-1.0), dict(temperature=float("nan")), dict(temperature=float("inf")),
+    dict(top_k=-2), dict(top_p=0.0), dict(top_p=1.5), dict(top_p=float("nan")),
+])
 def test_bad_sampling_params(kwargs):
     with pytest.raises(ValueError, match=next(iter(kwargs))):
         SamplingParams(**kwargs)
+
+
+def test_top_k_beyond_the_vocabulary_is_refused():
+    logits = _logits(7, (2, 30))
+    assert np.isfinite(np.asarray(filter_logits(logits, SamplingParams(top_k=30)))).all()
+    with pytest.raises(ValueError, match="top_k=31 exceeds the vocabulary of 30 tokens"):
+        filter_logits(logits, SamplingParams(top_k=31))

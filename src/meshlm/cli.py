@@ -16,6 +16,7 @@ from collections.abc import Sequence
 
 from meshlm.config import ConfigError, load_config
 
+EXIT_FAILED = 1  # the run could not go on (a checkpoint could not be written)
 EXIT_BAD_INPUT = 2
 EXIT_PREEMPTED = 128 + signal.SIGTERM
 
@@ -49,6 +50,7 @@ def _train(args) -> int:
     from meshlm.accelerators import startup_report
     from meshlm.train.loop import train
 
+    _quiet_orbax_failures()
     if args.distributed:
         jax.distributed.initialize()  # before anything asks JAX for its devices
     cfg = load_config(args.config, args.overrides)
@@ -69,6 +71,7 @@ def _generate(args) -> int:
     from meshlm.models import build_model
     from meshlm.train.checkpoint import restore_params
 
+    _quiet_orbax_failures()
     if args.max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     try:
@@ -77,25 +80,45 @@ def _generate(args) -> int:
     except ValueError as e:
         raise ConfigError(str(e)) from e
     cfg, params = restore_params(args.run_dir)
+    if args.top_k > cfg.model.vocab_size:
+        raise ConfigError(
+            f"--top-k {args.top_k} exceeds the model's vocabulary "
+            f"(model.vocab_size={cfg.model.vocab_size}); use at most that, or 0 for off"
+        )
     tokenizer = load_run_tokenizer(args.run_dir)
     eos = eos_id(tokenizer, repr(args.run_dir))
     # A document starts after an end-of-text token in training, so the prompt does too.
     prompt = [eos] + tokenizer.encode(args.prompt).ids
-    total = len(prompt) + args.max_new_tokens
-    if cfg.model.position == "learned" and total > cfg.model.max_seq_len:
+    # The model is built for max_seq_len tokens (learned positions have no row beyond it): the
+    # sample stops there, as a document would end, rather than refusing the request.
+    context = cfg.model.max_seq_len
+    if len(prompt) >= context:
         raise ConfigError(
-            f"prompt ({len(prompt)} tokens with the start token) + --max-new-tokens "
-            f"{args.max_new_tokens} = {total} exceeds the model's learned positions "
-            f"(model.max_seq_len={cfg.model.max_seq_len})"
+            f"the prompt is {len(prompt)} tokens with the start token, which leaves no room in "
+            f"the model's context of model.max_seq_len={context} tokens; shorten it"
         )
+    max_new = min(args.max_new_tokens, context - len(prompt))
+    if max_new < args.max_new_tokens:
+        print(f"meshlm: note: the model's context is {context} tokens (model.max_seq_len), so "
+              f"generating at most {max_new} after the {len(prompt)}-token prompt",
+              file=sys.stderr)
     new = generate(build_model(cfg.model), params, jnp.asarray([prompt], jnp.int32),
-                   jax.random.key(args.seed), max_new_tokens=args.max_new_tokens,
+                   jax.random.key(args.seed), max_new_tokens=max_new,
                    sampling=sampling, eos_id=eos)
     ids = [int(t) for t in jax.device_get(new)[0]]
     if eos in ids:
         ids = ids[: ids.index(eos)]
     print(args.prompt + tokenizer.decode(ids))
     return 0
+
+
+def _quiet_orbax_failures() -> None:
+    """Orbax logs a failed save or restore with a traceback from each of its threads; meshlm
+    raises one error naming the root cause instead. (Not in ``main``: importing the checkpoint
+    module imports Orbax, which ``--help`` and config errors do without.)"""
+    from meshlm.train.checkpoint import drop_orbax_errors
+
+    logging.getLogger("absl").addFilter(drop_orbax_errors)  # once: the same function object
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -108,13 +131,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as e:
         print(f"meshlm: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except ValueError as e:
-        from meshlm.train.checkpoint import CheckpointError
+    except (ValueError, RuntimeError) as e:
+        from meshlm.train.checkpoint import CheckpointError, CheckpointSaveError
 
-        if not isinstance(e, CheckpointError):
+        if not isinstance(e, (CheckpointError, CheckpointSaveError)):
             raise
         print(f"meshlm: error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return EXIT_BAD_INPUT if isinstance(e, CheckpointError) else EXIT_FAILED
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -17,8 +18,12 @@ class SamplingParams:
     top_p: float = 1.0
 
     def __post_init__(self):
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        # NaN compares false with everything, so "< 0" alone would let it through to sample
+        # NaN logits; infinity would divide every logit to 0 (a uniform draw, never intended).
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise ValueError(
+                f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature}"
+            )
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:
@@ -27,6 +32,11 @@ class SamplingParams:
 
 def filter_logits(logits: jax.Array, params: SamplingParams) -> jax.Array:
     """Temperature-scaled logits with everything outside top-k / the top-p nucleus at -inf."""
+    if params.top_k > logits.shape[-1]:
+        raise ValueError(
+            f"top_k={params.top_k} exceeds the vocabulary of {logits.shape[-1]} tokens "
+            "(0 = off)"
+        )
     logits = logits.astype(jnp.float32) / params.temperature
     if params.top_k:
         kth = jax.lax.top_k(logits, params.top_k)[0][..., -1:]
