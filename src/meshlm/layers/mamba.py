@@ -1,0 +1,515 @@
+"""Mamba-1 and Mamba-2 mixers (the sequence-mixing half of a Mamba block) on the project's kernels.
+
+``MambaMixer`` (Gu & Dao 2023; HF ``MambaMixer``) runs ``pallas_kernels.selective_scan``;
+``Mamba2Mixer`` (Dao & Gu 2024; HF ``Mamba2Mixer``) runs ``pallas_kernels.ssd``. Both map
+``x (batch, length, d_model) -> (batch, length, d_model)`` and share one calling convention:
+
+- ``mixer.apply(variables, x, segment_ids=None)``. ``segment_ids (batch, length)`` int marks packed
+  documents: the id changes at every document boundary (0 = padding, itself a document). The
+  convolution and the SSM state restart at each boundary, so a packed row computes what separate
+  rows would. Ids are compared with the previous step only, so each document must be one
+  contiguous run (as packing makes them).
+- ``decode`` (a module field, as ``Attention``'s): the layer keeps its recurrent state in the
+  ``"cache"`` collection: ``conv_state*`` (the last ``d_conv - 1`` convolution inputs), ``ssm_state``
+  (float32) and ``segment_id`` (the id of the last step seen). ``init`` with ``decode=True`` creates
+  zero caches for the input's batch (the input's length does not matter) and leaves them zero;
+  ``apply(..., mutable=["cache"])`` continues from the cache: several steps (a prompt) run the full
+  scan from the cached state, one step uses ``*_step`` (O(1) per token), and both store the final
+  states. Without ``segment_ids`` a decoding call continues the cached document; with them, a
+  first id different from the cached one starts a new document.
+
+Packed documents reuse the kernels unchanged, which take only an initial state: with ``dt``
+discretised outside (``softplus(dt + bias)``), a boundary step gets ``dt' = S = 64 / min|A|`` and
+input ``x' = x * dt / S``, so its input term ``dt' * B * x'`` is unchanged while the decay
+``exp(dt' * A) <= exp(-64) ~ 2e-28`` erases the previous document's state (below float32
+resolution); the ``D`` skip and Mamba-1's ``silu(z)`` gate are then applied outside the kernel.
+The chunked SSD forms sum ``dt * A`` within a chunk, so each boundary in a chunk adds ~64 to those
+sums and float32 rounds decays by ~|sum| * 6e-8 relative. Without ``segment_ids`` the kernels
+take ``dt``, its bias and softplus fused (the fast path).
+
+Logical axes: parameters ``embed, inner, heads, head_dim, state, conv``; activations
+``activation_batch, activation_length, activation_inner, activation_heads``. Tensor parallelism
+shards everything of size ``d_inner`` or ``heads``; ``B``/``C`` and ``dt_rank`` stay replicated.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from meshlm.layers.attention import HeadDense
+from meshlm.layers.conv import CausalConv1d, uniform_init
+from pallas_kernels.selective_scan import selective_scan, selective_scan_step
+from pallas_kernels.ssd import ssd, ssd_step
+
+Initializer = Callable[..., jax.Array]
+f32 = jnp.float32
+
+BATCH_LENGTH = ("activation_batch", "activation_length")
+# -dt * A at a document boundary: exp(-64) ~ 1.6e-28 is below float32 resolution of any state.
+_RESET_EXPONENT = 64.0
+# Position of a step whose document began before this call (every convolution tap valid).
+_FAR = 2**30
+
+
+# ----------------------------------------------------------------------------- shared pieces
+
+
+class _Documents(NamedTuple):
+    """Where packed documents start: ``reset (batch, length)`` bool, the step starts a document;
+    ``pos (batch, length)`` int, steps since its document started (``>= _FAR`` when it started
+    before this call). Both None without segment ids."""
+
+    reset: jax.Array | None
+    pos: jax.Array | None
+
+
+def _documents(segment_ids, previous) -> _Documents:
+    """Boundaries of ``segment_ids``; ``previous (batch,)`` is the id before step 0 (a decode
+    cache's), None when the sequence starts at step 0 (a fresh zero state needs no reset)."""
+    if segment_ids is None:
+        return _Documents(None, None)
+    seg = segment_ids.astype(jnp.int32)
+    before = seg[:, :1] if previous is None else previous[:, None]
+    reset = seg != jnp.concatenate([before, seg[:, :-1]], axis=1)
+    t = jnp.arange(seg.shape[1], dtype=jnp.int32)
+    start = jax.lax.cummax(jnp.where(reset, t, -_FAR), axis=1)
+    return _Documents(reset, t - start)
+
+
+def _restart(x, dt, reset, min_decay_rate):
+    """Scan inputs ``(x', dt')`` that restart the state at every ``reset`` step (module docstring).
+
+    ``dt`` is discretised float32 of ``reset``'s rank; ``x`` has extra trailing axes (head_dim);
+    ``min_decay_rate`` (the smallest ``|A|`` per channel/head) broadcasts against ``dt``.
+    """
+    step = jax.lax.stop_gradient(_RESET_EXPONENT / jnp.maximum(min_decay_rate, 1e-20))
+    dt_k = jnp.where(reset, step, dt)
+    scale = jnp.where(reset, dt / step, 1.0)
+    scale = scale.reshape(scale.shape + (1,) * (x.ndim - dt.ndim))
+    return (x.astype(f32) * scale).astype(x.dtype), dt_k
+
+
+def _dt_bias_init(dt_min: float, dt_max: float, floor: float):
+    """Inverse softplus of ``dt ~ LogUniform(dt_min, dt_max)`` (clipped below at ``floor``), so the
+    initial step sizes span that range (the Mamba reference initialisation)."""
+
+    def init(key, shape, dtype=f32):
+        u = jax.random.uniform(key, shape, f32)
+        dt = jnp.exp(u * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+        dt = jnp.maximum(dt, floor)
+        return (dt + jnp.log(-jnp.expm1(-dt))).astype(dtype)
+
+    return init
+
+
+def _check_call(module, x, segment_ids, positive_fields):
+    """Validate the module's sizes and the call's arrays; returns ``(batch, length, d_model)``."""
+    for name in positive_fields:
+        value = getattr(module, name)
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{type(module).__name__}.{name} must be a positive int, got {value!r}")
+    if x.ndim != 3:
+        raise ValueError(f"x must have shape (batch, length, d_model), got {x.shape}")
+    if segment_ids is not None:
+        if segment_ids.shape != x.shape[:2]:
+            raise ValueError(f"segment_ids must have shape (batch, length) = {x.shape[:2]}, "
+                             f"got {segment_ids.shape}")
+        if not jnp.issubdtype(segment_ids.dtype, jnp.integer):
+            raise ValueError(f"segment_ids must be integers, got {segment_ids.dtype}")
+    return x.shape
+
+
+def _decode_cache(module, specs):
+    """The ``"cache"`` variables (name -> ``(shape, dtype, logical axes)``) when this call
+    continues from them, else None: without ``decode``, and on the call that creates them
+    (``init``), which runs as a plain forward and leaves them zero, as ``Attention`` does."""
+    if not module.decode:
+        return None
+    exists = module.has_variable("cache", "ssm_state")
+    cache = {
+        name: module.variable("cache", name, nn.with_logical_partitioning(jnp.zeros, axes),
+                              shape, dtype)
+        for name, (shape, dtype, axes) in specs.items()
+    }
+    return cache if exists else None
+
+
+def _cached(cache, name):
+    """A cache variable's value, or None when not continuing from a cache."""
+    return None if cache is None else cache[name].value
+
+
+def _log_uniform_a_init(low: float, high: float):
+    """``A_log = log(U(low, high))``: per-head decay rates spread over ``[low, high]`` (mamba_ssm)."""
+
+    def init(key, shape, dtype=f32):
+        return jnp.log(jax.random.uniform(key, shape, f32, low, high)).astype(dtype)
+
+    return init
+
+
+def _dense(features, axes, init, module, name, use_bias):
+    """``nn.Dense`` whose kernel carries ``axes`` (and bias ``axes[-1:]``)."""
+    return nn.Dense(
+        features, use_bias=use_bias, dtype=module.dtype, param_dtype=module.param_dtype,
+        kernel_init=nn.with_logical_partitioning(init, axes),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[-1:]), name=name,
+    )
+
+
+# ----------------------------------------------------------------------------- Mamba-1
+
+
+class _DtProjection(nn.Module):
+    """``dt_rank -> d_inner`` projection returning ``(x @ kernel, bias)`` apart, so the scan
+    kernel adds the bias inside its softplus; HF ``dt_proj`` (init: kernel ``U(+-rank**-0.5)``,
+    bias the inverse softplus of a log-uniform step size)."""
+
+    features: int
+    bias_init: Initializer
+    dtype: Any = f32
+    param_dtype: Any = f32
+
+    @nn.compact
+    def __call__(self, x):
+        rank = x.shape[-1]
+        kernel = self.param("kernel", nn.with_logical_partitioning(
+            uniform_init(rank**-0.5), (None, "inner")), (rank, self.features), self.param_dtype)
+        bias = self.param("bias", nn.with_logical_partitioning(self.bias_init, ("inner",)),
+                          (self.features,), self.param_dtype)
+        x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
+        return x @ kernel, bias
+
+
+def _mamba1_a_log_init(key, shape, dtype=f32):
+    """``A = -[1, 2, ..., d_state]`` for every channel (S4D-real, the Mamba initialisation)."""
+    del key
+    return jnp.broadcast_to(jnp.log(jnp.arange(1, shape[-1] + 1, dtype=f32)), shape).astype(dtype)
+
+
+class MambaMixer(nn.Module):
+    """The Mamba-1 mixer: ``out_proj(selective_scan(silu(conv(x_in)), dt, A, B, C, D, z))``.
+
+    ``in_proj`` maps ``d_model`` to ``x_in`` and the gate ``z`` (``d_inner = expand * d_model``
+    each); a causal depthwise conv of width ``d_conv`` (+ SiLU) mixes ``x_in`` locally;
+    ``x_proj`` maps it to ``(dt_rank, B, C)`` with ``dt_rank = ceil(d_model / 16)`` by default and
+    ``dt_proj`` widens ``dt`` to ``d_inner``; ``A = -exp(A_log)`` and the scan applies
+    ``softplus(dt + dt_proj.bias)``, the ``D`` skip and the ``silu(z)`` gate.
+
+    Params (HF ``MambaForCausalLM`` ``backbone.layers.{i}.mixer.<name>`` -> ours; ``I = d_inner``,
+    ``R = dt_rank``, ``N = d_state``, ``K = d_conv``, ``E = d_model``):
+
+    ==========================  ===============================  ==============================
+    HF (torch layout)           meshlm param (logical axes)      mapping
+    ==========================  ===============================  ==============================
+    in_proj.weight (2I, E)      in_proj/kernel (E, 2, I)         ``w.reshape(2, I, E)``
+                                (embed, -, inner)                ``.transpose(2, 0, 1)``; [0]=x,
+                                                                 [1]=z; bias ``(2, I)`` likewise
+    conv1d.weight (I, 1, K)     conv1d/kernel (K, I)             ``w[:, 0, :].T``
+                                (conv, inner)
+    conv1d.bias (I)             conv1d/bias (I) (inner)          as is
+    x_proj.weight (R+2N, I)     x_proj/kernel (I, R+2N)          ``w.T`` (columns: dt, B, C)
+                                (inner, -)
+    dt_proj.weight (I, R)       dt_proj/kernel (R, I) (-, inner) ``w.T``
+    dt_proj.bias (I)            dt_proj/bias (I) (inner)         as is
+    A_log (I, N)                A_log (I, N) (inner, state)      as is
+    D (I)                       D (I) (inner)                    as is
+    out_proj.weight (E, I)      out_proj/kernel (I, E)           ``w.T``; bias as is
+                                (inner, embed)
+    ==========================  ===============================  ==============================
+
+    Cache (``decode``): ``conv_state (batch, K - 1, I)`` in ``dtype``, ``ssm_state (batch, I, N)``
+    float32, ``segment_id (batch,)`` int32.
+    """
+
+    d_state: int = 16
+    d_conv: int = 4
+    expand: int = 2
+    dt_rank: int | None = None  # None: ceil(d_model / 16)
+    use_bias: bool = False  # in_proj / out_proj biases (HF ``use_bias``)
+    use_conv_bias: bool = True
+    dt_min: float = 1e-3
+    dt_max: float = 1e-1
+    dt_init_floor: float = 1e-4
+    implementation: str = "auto"  # selective_scan's: "auto", "xla", "triton", "tpu"
+    interpret: bool = False
+    decode: bool = False
+    dtype: Any = f32
+    param_dtype: Any = f32
+    kernel_init: Initializer = nn.initializers.normal(0.02)
+    out_kernel_init: Initializer = nn.initializers.normal(0.02)
+
+    @nn.compact
+    def __call__(self, x, segment_ids=None):
+        """``x (batch, length, d_model)``, ``segment_ids (batch, length)`` int or None."""
+        fields = ("d_state", "d_conv", "expand") + (() if self.dt_rank is None else ("dt_rank",))
+        batch, length, d_model = _check_call(self, x, segment_ids, fields)
+        d_inner, N, K = self.expand * d_model, self.d_state, self.d_conv
+        dt_rank = math.ceil(d_model / 16) if self.dt_rank is None else self.dt_rank
+        act_inner = BATCH_LENGTH + ("activation_inner",)
+
+        xz = HeadDense((2, d_inner), contract=1, kernel_axes=("embed", None, "inner"),
+                       use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype,
+                       kernel_init=self.kernel_init, name="in_proj")(x)
+        xz = nn.with_logical_constraint(xz, BATCH_LENGTH + (None, "activation_inner"))
+        u, z = xz[:, :, 0], xz[:, :, 1]
+
+        cache = _decode_cache(self, {
+            "conv_state": ((batch, K - 1, d_inner), self.dtype,
+                           ("activation_batch", "conv", "activation_inner")),
+            "ssm_state": ((batch, d_inner, N), f32, ("activation_batch", "activation_inner", "state")),
+            "segment_id": ((batch,), jnp.int32, ("activation_batch",)),
+        })
+        docs = _documents(segment_ids, _cached(cache, "segment_id"))
+        u, conv_state = CausalConv1d(K, ("inner",), use_bias=self.use_conv_bias, dtype=self.dtype,
+                                     param_dtype=self.param_dtype, name="conv1d")(
+            u, _cached(cache, "conv_state"), docs.pos)
+        u = nn.with_logical_constraint(jax.nn.silu(u), act_inner)
+
+        dbc = _dense(dt_rank + 2 * N, ("inner", None), self.kernel_init, self, "x_proj", False)(u)
+        dt, B, C = jnp.split(dbc, [dt_rank, dt_rank + N], axis=-1)
+        bias_init = _dt_bias_init(self.dt_min, self.dt_max, self.dt_init_floor)
+        dt, dt_bias = _DtProjection(d_inner, bias_init, self.dtype, self.param_dtype,
+                                    name="dt_proj")(dt)
+        A_log = self.param("A_log", nn.with_logical_partitioning(_mamba1_a_log_init,
+                                                                 ("inner", "state")),
+                           (d_inner, N), self.param_dtype)
+        D = self.param("D", nn.with_logical_partitioning(nn.initializers.ones, ("inner",)),
+                       (d_inner,), self.param_dtype)
+        A = -jnp.exp(A_log.astype(f32))
+        B, C = B[:, :, None], C[:, :, None]  # one group
+        ssm = dict(A=A, B=B, C=C, D=D, z=z, dt_bias=dt_bias)
+
+        if cache is None:
+            y = self._scan(u, dt, ssm, docs, None)
+        else:
+            h0 = cache["ssm_state"].value
+            if length == 1:
+                if docs.reset is not None:
+                    h0 = jnp.where(docs.reset[:, 0, None, None], 0.0, h0)
+                y, h = selective_scan_step(
+                    h0, u[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], D=D, z=z[:, 0], dt_bias=dt_bias,
+                    dt_softplus=True)
+                y = y[:, None]
+            else:
+                y, h = self._scan(u, dt, ssm, docs, h0)
+            cache["ssm_state"].value, cache["conv_state"].value = h, conv_state
+            if segment_ids is not None:
+                cache["segment_id"].value = segment_ids[:, -1].astype(jnp.int32)
+
+        y = nn.with_logical_constraint(y, act_inner)
+        return _dense(d_model, ("inner", "embed"), self.out_kernel_init, self, "out_proj",
+                      self.use_bias)(y)
+
+    def _scan(self, u, dt, ssm, docs, h0):
+        """The selective scan over the whole call; ``(y, final state)`` when ``h0`` is given."""
+        opts = dict(initial_state=h0, return_final_state=h0 is not None,
+                    implementation=self.implementation, interpret=self.interpret)
+        A, B, C, D, z, bias = (ssm[k] for k in ("A", "B", "C", "D", "z", "dt_bias"))
+        if docs.reset is None:
+            return selective_scan(u, dt, A, B, C, D=D, z=z, dt_bias=bias, dt_softplus=True, **opts)
+        dt = jax.nn.softplus(dt.astype(f32) + bias.astype(f32))
+        u_k, dt_k = _restart(u, dt, docs.reset[..., None], jnp.min(-A, axis=-1))
+        out = selective_scan(u_k, dt_k, A, B, C, **opts)
+        y, h = out if h0 is not None else (out, None)
+        y = (y.astype(f32) + D.astype(f32) * u.astype(f32)) * jax.nn.silu(z.astype(f32))
+        y = y.astype(u.dtype)
+        return (y, h) if h0 is not None else y
+
+
+# ----------------------------------------------------------------------------- Mamba-2
+
+
+class GatedRMSNorm(nn.Module):
+    """``scale * rmsnorm(y * silu(z))`` over groups of ``features // groups`` channels, float32
+    statistics (Mamba-2's gated norm, ``norm_before_gate=False``). ``scale`` carries ``inner``.
+
+    Not ``nn.RMSNorm``: the gate enters before the statistics, and grouping would give the scale
+    a 2-D ``(groups, features // groups)`` shape that no longer matches the checkpoints' vector.
+    """
+
+    groups: int = 1
+    epsilon: float = 1e-5
+    dtype: Any = f32
+    param_dtype: Any = f32
+
+    @nn.compact
+    def __call__(self, y, z):
+        features = y.shape[-1]
+        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("inner",)),
+                           (features,), self.param_dtype)
+        h = y.astype(f32) * jax.nn.silu(z.astype(f32))
+        g = h.reshape(h.shape[:-1] + (self.groups, features // self.groups))
+        g = g * jax.lax.rsqrt(jnp.mean(g * g, axis=-1, keepdims=True) + self.epsilon)
+        return (g.reshape(h.shape) * scale.astype(f32)).astype(self.dtype)
+
+
+class Mamba2Mixer(nn.Module):
+    """The Mamba-2 mixer: ``out_proj(norm(ssd(x, dt, A, B, C, D), z))``.
+
+    Projections of the input give the gate ``z`` and ``x`` (``d_inner = expand * d_model`` each,
+    ``heads = d_inner / head_dim``), ``B`` and ``C`` (``n_groups`` groups of ``d_state``, head
+    ``h`` reading group ``h // (heads / n_groups)``) and one ``dt`` per head; a causal depthwise
+    conv (+ SiLU) runs over ``x``, ``B`` and ``C``; ``A = -exp(A_log)`` per head; the SSD applies
+    ``softplus(dt + dt_bias)`` and the ``D`` skip; ``GatedRMSNorm`` gates by ``silu(z)``.
+
+    The projections and the conv are separate kernels (HF concatenates them) so that ``z``,
+    ``x`` and everything per head shard over ``inner``/``heads`` while ``B``/``C`` stay
+    replicated. ``norm_per_group=True`` normalises each of the ``n_groups`` groups of channels on
+    its own, as the reference ``mamba_ssm`` Mamba2 does; HF's ``MambaRMSNormGated`` normalises all
+    of ``d_inner`` at once (``False``). The two agree when ``n_groups == 1``.
+
+    Params (HF ``Mamba2ForCausalLM`` ``backbone.layers.{i}.mixer.<name>``; ``I = d_inner``,
+    ``G = n_groups``, ``N = d_state``, ``H = heads``, ``K = d_conv``, ``E = d_model``; HF's
+    in_proj rows are ``[z (I), x (I), B (G*N), C (G*N), dt (H)]`` and its conv1d channels
+    ``[x (I), B (G*N), C (G*N)]``):
+
+    =========================  =================================  ============================
+    HF (torch layout)          meshlm param (logical axes)        mapping
+    =========================  =================================  ============================
+    in_proj.weight             zx_proj/kernel (E, 2, I)           ``w[:2I].reshape(2, I, E)``
+    (2I + 2GN + H, E)          (embed, -, inner)                  ``.transpose(2, 0, 1)``
+                               bc_proj/kernel (E, 2, G, N)        ``w[2I:2I+2GN].reshape(2, G,``
+                               (embed, -, -, state)               ``N, E).transpose(3, 0, 1, 2)``
+                               dt_proj/kernel (E, H)              ``w[2I+2GN:].T``
+                               (embed, heads)                     (biases, if any, likewise)
+    conv1d.weight              conv_x/kernel (K, I)               ``w[:I, 0].T``
+    (I + 2GN, 1, K)            (conv, inner)
+                               conv_bc/kernel (K, 2, G, N)        ``w[I:, 0].T.reshape(K, 2,``
+                               (conv, -, -, state)                ``G, N)``
+    conv1d.bias (I + 2GN)      conv_x/bias (I), conv_bc/bias      ``b[:I]``,
+                               (2, G, N)                          ``b[I:].reshape(2, G, N)``
+    dt_bias, A_log, D (H)      dt_bias, A_log, D (H) (heads)      as is
+    norm.weight (I)            norm/scale (I) (inner)             as is
+    out_proj.weight (E, I)     out_proj/kernel (I, E)             ``w.T``
+                               (inner, embed)
+    =========================  =================================  ============================
+
+    Cache (``decode``): ``conv_state_x (batch, K - 1, I)``, ``conv_state_bc (batch, K - 1, 2, G,
+    N)`` in ``dtype``, ``ssm_state (batch, H, head_dim, N)`` float32, ``segment_id (batch,)``.
+    """
+
+    d_state: int = 128
+    d_conv: int = 4
+    expand: int = 2
+    head_dim: int = 64
+    n_groups: int = 1
+    chunk_size: int = 256
+    use_bias: bool = False
+    use_conv_bias: bool = True
+    norm_eps: float = 1e-5
+    norm_per_group: bool = True
+    a_init_range: tuple[float, float] = (1.0, 16.0)
+    dt_min: float = 1e-3
+    dt_max: float = 1e-1
+    dt_init_floor: float = 1e-4
+    implementation: str = "auto"  # ssd's: "auto", "xla", "xla_chunked", "triton", "tpu"
+    interpret: bool = False
+    decode: bool = False
+    dtype: Any = f32
+    param_dtype: Any = f32
+    kernel_init: Initializer = nn.initializers.normal(0.02)
+    out_kernel_init: Initializer = nn.initializers.normal(0.02)
+
+    @nn.compact
+    def __call__(self, x, segment_ids=None):
+        """``x (batch, length, d_model)``, ``segment_ids (batch, length)`` int or None."""
+        fields = ("d_state", "d_conv", "expand", "head_dim", "n_groups", "chunk_size")
+        batch, length, d_model = _check_call(self, x, segment_ids, fields)
+        d_inner, N, K, G, P = self.expand * d_model, self.d_state, self.d_conv, self.n_groups, self.head_dim
+        if d_inner % P:
+            raise ValueError(f"Mamba2Mixer: d_inner = expand * d_model = {d_inner} must be "
+                             f"divisible by head_dim = {P}")
+        H = d_inner // P
+        if H % G:
+            raise ValueError(f"Mamba2Mixer: n_groups = {G} must divide heads = d_inner / head_dim "
+                             f"= {H}")
+        lo, hi = self.a_init_range
+        if not 0 < lo <= hi:
+            raise ValueError(f"Mamba2Mixer.a_init_range must satisfy 0 < low <= high, got {lo, hi}")
+        act_inner = BATCH_LENGTH + ("activation_inner",)
+        act_heads = BATCH_LENGTH + ("activation_heads", None)
+
+        def project(features, axes, name):
+            return HeadDense(features, contract=1, kernel_axes=("embed", *axes),
+                             use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype,
+                             kernel_init=self.kernel_init, name=name)(x)
+
+        zx = project((2, d_inner), (None, "inner"), "zx_proj")
+        zx = nn.with_logical_constraint(zx, BATCH_LENGTH + (None, "activation_inner"))
+        z, xs = zx[:, :, 0], zx[:, :, 1]
+        bc = project((2, G, N), (None, None, "state"), "bc_proj")
+        dt = project((H,), ("heads",), "dt_proj")
+
+        cache = _decode_cache(self, {
+            "conv_state_x": ((batch, K - 1, d_inner), self.dtype,
+                             ("activation_batch", "conv", "activation_inner")),
+            "conv_state_bc": ((batch, K - 1, 2, G, N), self.dtype,
+                              ("activation_batch", "conv", None, None, "state")),
+            "ssm_state": ((batch, H, P, N), f32,
+                          ("activation_batch", "activation_heads", "head_dim", "state")),
+            "segment_id": ((batch,), jnp.int32, ("activation_batch",)),
+        })
+        docs = _documents(segment_ids, _cached(cache, "segment_id"))
+
+        def conv(v, channel_axes, name, state_name):
+            v, state = CausalConv1d(K, channel_axes, use_bias=self.use_conv_bias,
+                                    dtype=self.dtype, param_dtype=self.param_dtype, name=name)(
+                v, _cached(cache, state_name), docs.pos)
+            return jax.nn.silu(v), state
+
+        xs, conv_x_state = conv(xs, ("inner",), "conv_x", "conv_state_x")
+        bc, conv_bc_state = conv(bc, (None, None, "state"), "conv_bc", "conv_state_bc")
+        xh = nn.with_logical_constraint(xs.reshape(batch, length, H, P), act_heads)
+        B, C = bc[:, :, 0], bc[:, :, 1]
+
+        def head_param(name, init):
+            return self.param(name, nn.with_logical_partitioning(init, ("heads",)), (H,),
+                              self.param_dtype)
+
+        A_log = head_param("A_log", _log_uniform_a_init(lo, hi))
+        D = head_param("D", nn.initializers.ones)
+        dt_bias = head_param("dt_bias", _dt_bias_init(self.dt_min, self.dt_max, self.dt_init_floor))
+        A = -jnp.exp(A_log.astype(f32))
+
+        if cache is None:
+            y = self._scan(xh, dt, A, B, C, D, dt_bias, docs, None)
+        else:
+            h0 = cache["ssm_state"].value
+            if length == 1:
+                if docs.reset is not None:
+                    h0 = jnp.where(docs.reset[:, 0, None, None, None], 0.0, h0)
+                y, h = ssd_step(h0, xh[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], D=D,
+                                dt_bias=dt_bias, dt_softplus=True)
+                y = y[:, None]
+            else:
+                y, h = self._scan(xh, dt, A, B, C, D, dt_bias, docs, h0)
+            cache["ssm_state"].value = h
+            cache["conv_state_x"].value, cache["conv_state_bc"].value = conv_x_state, conv_bc_state
+            if segment_ids is not None:
+                cache["segment_id"].value = segment_ids[:, -1].astype(jnp.int32)
+
+        y = nn.with_logical_constraint(y, act_heads).reshape(batch, length, d_inner)
+        y = GatedRMSNorm(G if self.norm_per_group else 1, self.norm_eps, self.dtype,
+                         self.param_dtype, name="norm")(y, z)
+        y = nn.with_logical_constraint(y, act_inner)
+        return _dense(d_model, ("inner", "embed"), self.out_kernel_init, self, "out_proj",
+                      self.use_bias)(y)
+
+    def _scan(self, x, dt, A, B, C, D, dt_bias, docs, h0):
+        """The SSD over the whole call; ``(y, final state)`` when ``h0`` is given."""
+        opts = dict(chunk_size=self.chunk_size, initial_state=h0, return_final_state=h0 is not None,
+                    implementation=self.implementation, interpret=self.interpret)
+        if docs.reset is None:
+            return ssd(x, dt, A, B, C, D=D, dt_bias=dt_bias, dt_softplus=True, **opts)
+        dt = jax.nn.softplus(dt.astype(f32) + dt_bias.astype(f32))
+        x_k, dt_k = _restart(x, dt, docs.reset[..., None], -A)
+        out = ssd(x_k, dt_k, A, B, C, **opts)
+        y, h = out if h0 is not None else (out, None)
+        y = (y.astype(f32) + D.astype(f32)[:, None] * x.astype(f32)).astype(x.dtype)
+        return (y, h) if h0 is not None else y
