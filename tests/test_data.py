@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
+import shutil
 
 import jax
 import numpy as np
@@ -27,7 +28,7 @@ from meshlm.data import (
     process_rows,
 )
 from meshlm.data.corpus import corpus_split, split_files
-from meshlm.data.tokenizer import load_run_tokenizer
+from meshlm.data.tokenizer import CORPUS_RECORD, load_run_tokenizer
 
 SEQ_LEN = 32
 BATCH = 4
@@ -124,10 +125,43 @@ def test_tokenizer_is_trained_saved_and_reused(stdlib_run):
     assert saved.stat().st_mtime_ns == mtime
     assert again.tokenizer.to_str() == data.tokenizer.to_str()
     assert _equal_batches(again.val_batches(1)[0], data.val_batches(1)[0])
-    # A different corpus in the same run still uses the saved tokenizer (not retrained).
-    other = build_data(_cfg("data.max_files=5"), run_dir)
-    assert other.tokenizer.to_str() == data.tokenizer.to_str()
+    # Another corpus in the same run is refused: the tokenizer never saw it, and retraining
+    # would change the token ids the run's checkpoints were trained on.
+    with pytest.raises(ConfigError, match=r"trained on another corpus \(7 train files under .*"
+                                          r"this run's has 4 under .*data.tokenizer="):
+        build_data(_cfg("data.max_files=5"), run_dir)
     assert saved.stat().st_mtime_ns == mtime
+
+
+def test_a_run_keeps_its_tokenizer_for_a_new_corpus_when_told(stdlib_run, tmp_path):
+    """``data.tokenizer=<run_dir>/tokenizer.json`` is the explicit way to keep it: the corpus
+    record goes, and later runs of that directory reuse the tokenizer on any corpus."""
+    run_dir, data = stdlib_run
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for name in (TOKENIZER_FILE, CORPUS_RECORD):
+        shutil.copy(run_dir / name, copy / name)
+    kept = build_data(_cfg("data.max_files=5", f"data.tokenizer={copy / TOKENIZER_FILE}"), copy)
+    assert kept.tokenizer.to_str() == data.tokenizer.to_str()
+    assert not (copy / CORPUS_RECORD).exists()
+    again = build_data(_cfg("data.max_files=6"), copy)
+    assert again.tokenizer.to_str() == data.tokenizer.to_str()
+
+
+def test_a_corpus_without_text_leaves_no_tokenizer(stdlib_run, tmp_path):
+    """A corpus of blank files stops before a tokenizer of no text is saved (which a later run
+    with a real corpus would have reused); the same run directory then trains on real text."""
+    blank = tmp_path / "blank"
+    blank.mkdir()
+    for i in range(4):
+        (blank / f"empty{i}.txt").write_text(" \n" * i)
+    run_dir = tmp_path / "run"
+    with pytest.raises(ConfigError, match="hold no text to train a tokenizer on"):
+        build_data(_cfg("data.source=files", f"data.paths=['{blank}/*.txt']",
+                        "data.max_files=null"), run_dir)
+    assert not (run_dir / TOKENIZER_FILE).exists()
+    real = build_data(_cfg(), run_dir)
+    assert real.tokenizer.to_str() == stdlib_run[1].tokenizer.to_str()
 
 
 def test_tokenizer_vocab_larger_than_model_is_an_error(stdlib_run, tmp_path):

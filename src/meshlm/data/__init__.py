@@ -36,6 +36,8 @@ from meshlm.data.pipeline import (
 from meshlm.data.tokenizer import (
     EOS,
     TOKENIZER_FILE,
+    check_trained_on,
+    corpus_record,
     eos_id,
     existing_tokenizer,
     load_run_tokenizer,
@@ -111,6 +113,9 @@ def build_data(cfg: Config, run_dir: str | os.PathLike) -> Data:
     primary = index == 0
     tokenizer = existing_tokenizer(d.tokenizer, run_dir, cfg.model.vocab_size, copy=primary)
     split = corpus_split(d)
+    corpus = corpus_record(split.root, split.train)
+    if d.tokenizer is None and tokenizer is not None:  # the run's own: trained on this corpus?
+        check_trained_on(run_dir, corpus)  # on every process, before process 0 may block them
     tokenizer_file = run_dir / TOKENIZER_FILE
 
     def token_streams(tokenizer: tokenizers.Tokenizer):
@@ -127,7 +132,7 @@ def build_data(cfg: Config, run_dir: str | os.PathLike) -> Data:
         if tokenizer is None:
             tokenizer = train_tokenizer(
                 (read_text(f) for f in split.train), len(split.train), cfg.model.vocab_size,
-                run_dir,
+                run_dir, corpus,
             )
         eos, vocab, rows = token_streams(tokenizer)
     if count > 1:

@@ -1,13 +1,18 @@
 """The run's tokenizer: a byte-level BPE trained on the train split, or the user's tokenizer.json.
 
 Whichever it is, it is stored as ``<run_dir>/tokenizer.json`` so that a resumed run and
-``meshlm generate`` use exactly the tokenizer the weights were trained with. Byte-level BPE maps
+``meshlm generate`` use exactly the tokenizer the weights were trained with. A trained one is
+tied to its corpus by ``tokenizer.corpus.json`` (which train files it learned from): a later run
+of the same directory on another corpus is refused rather than silently given a tokenizer that
+never saw its text, and rather than retrained under checkpoints whose token ids it would change. Byte-level BPE maps
 every byte sequence to tokens and back, so any text (any language, any Unicode, ``\\r\\n``)
 survives ``decode(encode(text))`` unchanged, with no unknown token.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import pathlib
@@ -22,6 +27,7 @@ from meshlm.config import ConfigError
 log = logging.getLogger(__name__)
 
 TOKENIZER_FILE = "tokenizer.json"
+CORPUS_RECORD = "tokenizer.corpus.json"  # which corpus the run's trained tokenizer learned from
 EOS = "<|endoftext|>"
 # The document separator looked up in a user's tokenizer, in this order (GPT-2, LLaMA-3,
 # SentencePiece style, Gemma style).
@@ -103,14 +109,51 @@ def existing_tokenizer(
         if not saved.is_file() or saved.read_text(encoding="utf-8") != text:
             run_dir.mkdir(parents=True, exist_ok=True)
             write_atomic(saved, text)
+        # The user's choice: not tied to a corpus (also how a run keeps its trained tokenizer
+        # for a new corpus, with data.tokenizer=<run_dir>/tokenizer.json).
+        (run_dir / CORPUS_RECORD).unlink(missing_ok=True)
     return tokenizer
 
 
+def corpus_record(root: pathlib.Path, files: Iterable[pathlib.Path]) -> dict:
+    """What identifies a corpus to its tokenizer: its train files' paths relative to the corpus
+    root (not their sizes or times: an edited file needs no new tokenizer)."""
+    names = sorted(f.relative_to(root).as_posix() for f in files)
+    digest = hashlib.sha256("\n".join(names).encode()).hexdigest()[:16]
+    return {"root": str(root), "files": len(names), "digest": digest}
+
+
+def check_trained_on(run_dir: pathlib.Path, corpus: dict) -> None:
+    """``ConfigError`` when the run's saved tokenizer was trained on another corpus than
+    ``corpus`` (a ``corpus_record``). A tokenizer without a record (the user's, or saved before
+    records) is not checked."""
+    path = run_dir / CORPUS_RECORD
+    if not path.is_file():
+        return
+    try:
+        trained = json.loads(path.read_text(encoding="utf-8"))
+        same = trained["digest"] == corpus["digest"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"{str(path)!r} is unreadable ({e}); remove it to reuse "
+                          f"{str(run_dir / TOKENIZER_FILE)!r} without the check") from e
+    if not same:
+        raise ConfigError(
+            f"{str(run_dir / TOKENIZER_FILE)!r} was trained on another corpus "
+            f"({trained['files']} train files under {trained['root']}; this run's has "
+            f"{corpus['files']} under {corpus['root']}) and is not retrained, since the run's "
+            "checkpoints depend on its token ids: use a fresh train.run_dir for this corpus, or "
+            f"data.tokenizer={run_dir / TOKENIZER_FILE} to keep this tokenizer"
+        )
+
+
 def train_tokenizer(
-    texts: Iterable[str], num_texts: int, model_vocab_size: int, run_dir: pathlib.Path
+    texts: Iterable[str], num_texts: int, model_vocab_size: int, run_dir: pathlib.Path,
+    corpus: dict,
 ) -> tokenizers.Tokenizer:
     """Train a byte-level BPE with ``model_vocab_size`` tokens (fewer if the text runs out of
-    merges) including ``<|endoftext|>``, and save it as ``<run_dir>/tokenizer.json``."""
+    merges) including ``<|endoftext|>``, and save it as ``<run_dir>/tokenizer.json`` with
+    ``corpus`` (its ``corpus_record``) beside it. Texts that are all blank are a ``ConfigError``
+    and nothing is saved (a 257-token tokenizer of no text would be reused by later runs)."""
     if model_vocab_size < MIN_TRAINED_VOCAB:
         raise ConfigError(
             f"model.vocab_size={model_vocab_size} is too small for a byte-level BPE, which needs "
@@ -127,11 +170,26 @@ def train_tokenizer(
         show_progress=False,
     )
     start = time.perf_counter()
-    tokenizer.train_from_iterator(texts, trainer=trainer, length=num_texts)
+    blank = True
+
+    def watched(texts: Iterable[str]) -> Iterable[str]:
+        nonlocal blank
+        for text in texts:
+            blank = blank and not text.strip()
+            yield text
+
+    tokenizer.train_from_iterator(watched(texts), trainer=trainer, length=num_texts)
+    if blank:
+        raise ConfigError(
+            f"the train split's {num_texts} file(s) under {corpus['root']} hold no text to train "
+            "a tokenizer on"
+        )
     log.info(
         "trained a byte-level BPE of %d tokens on %d files in %.1fs",
         tokenizer.get_vocab_size(), num_texts, time.perf_counter() - start,
     )
     run_dir.mkdir(parents=True, exist_ok=True)
+    # The record first: interrupted in between, the next run trains again and replaces it.
+    write_atomic(run_dir / CORPUS_RECORD, json.dumps(corpus))
     write_atomic(run_dir / TOKENIZER_FILE, tokenizer.to_str(pretty=True))
     return tokenizer
