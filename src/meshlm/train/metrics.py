@@ -7,11 +7,15 @@ training FLOPs per token, recomputation not counted) over the devices' dense bf1
 from __future__ import annotations
 
 import json
+import logging
+import math
 import os
 import pathlib
 from collections.abc import Mapping, Sequence
 
 import jax
+
+log = logging.getLogger(__name__)
 
 # Dense (no sparsity) bf16 peak FLOP/s per device, from the vendors' data sheets. Matched as a
 # lowercase substring of ``jax.Device.device_kind``, first match wins, so specific names (PCIe)
@@ -63,12 +67,16 @@ class MetricWriter:
     """Scalars to TensorBoard event files (``<run_dir>/tensorboard``) and to
     ``<run_dir>/metrics.jsonl``, one JSON object per line: ``{"step", "split", name: value...}``.
 
-    The JSONL file is appended to, so a resumed run continues the same record. Only the
-    ``primary`` process (index 0 of a multi-process run) writes; the others' calls do nothing, so
-    a run directory shared by every process gets one record.
+    The JSONL file is appended to, so a resumed run continues the same record. A run killed
+    after its last checkpoint wrote records for steps that the resumed run replays: given
+    ``first_step`` (0 for a fresh start, the restored step + 1 on resume), records of that step
+    and later are dropped from both files before writing, so each step is recorded once. Only
+    the ``primary`` process (index 0 of a multi-process run) writes; the others' calls do
+    nothing, so a run directory shared by every process gets one record.
     """
 
-    def __init__(self, run_dir: str | os.PathLike, *, primary: bool = True):
+    def __init__(self, run_dir: str | os.PathLike, *, primary: bool = True,
+                 first_step: int | None = None):
         self._primary = primary
         if not primary:
             return
@@ -76,7 +84,13 @@ class MetricWriter:
 
         run_dir = pathlib.Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
-        self._tb = SummaryWriter(str(run_dir / "tensorboard"))
+        if first_step is not None:
+            dropped = drop_records_from(run_dir, first_step)
+            if dropped:
+                log.info("dropped %d metric records of steps >= %d left by an interrupted run",
+                         dropped, first_step)
+        # purge_step hides the TensorBoard events of the replayed steps the same way.
+        self._tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=first_step)
         self._jsonl = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")
 
     def write(self, step: int, split: str, values: Mapping[str, float | None]) -> None:
@@ -94,6 +108,29 @@ class MetricWriter:
             return
         self._tb.close()
         self._jsonl.close()
+
+
+def drop_records_from(run_dir: str | os.PathLike, step: int) -> int:
+    """Remove the records of ``step`` and later from ``<run_dir>/metrics.jsonl`` (rewritten
+    whole, then renamed into place); returns how many were removed."""
+    path = pathlib.Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return 0
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    kept = [line + "\n" for line in lines if _step_of(line) < step]
+    dropped = len(lines) - len(kept)
+    if dropped:
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp.write_text("".join(kept), encoding="utf-8")
+        os.replace(tmp, path)
+    return dropped
+
+
+def _step_of(line: str) -> float:
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):  # a line torn by a kill mid-write: dropped
+        return math.inf
 
 
 def read_jsonl(run_dir: str | os.PathLike) -> list[dict]:
