@@ -4,7 +4,8 @@ For each GPT config (default: ~125M, ~350M, ~1.3B parameters) this times, on one
 ``meshlm.train.step.make_train_step`` (bf16 compute, fp32 parameters and AdamW state, global-norm
 clipping, the state built by ``create_train_state``) and ``scripts/torch_gpt.py``'s PyTorch model
 of the same architecture and batch (torch.compile, scaled_dot_product_attention, bf16 autocast,
-fused AdamW), then prints one Markdown table:
+fused AdamW), then prints one Markdown table. A step time is the mean of ``--steps`` steps with one
+sync at the end, the fastest of ``--rounds`` such rounds (all recorded), after ``--warmup`` steps:
 
     config | params | batch x seq | meshlm tok/s | MFU | torch tok/s | torch MFU | ratio
 
@@ -109,11 +110,19 @@ def jax_worker(args) -> dict:
     for i in range(1, args.warmup):
         state, metrics = train_step(state, batches[i % 4])
     jax.block_until_ready((state, metrics))
-    t0 = time.perf_counter()
-    for i in range(args.steps):
-        state, metrics = train_step(state, batches[i % 4])
-    jax.block_until_ready((state, metrics))
-    step_s = (time.perf_counter() - t0) / args.steps
+    # Each round: ``steps`` steps and one sync. ``dispatch_s`` is the host time spent inside the
+    # step calls; when it nears the step time, the host, not the GPU, sets the pace.
+    round_s, dispatch_s = [], []
+    for _ in range(args.rounds):
+        t0, host = time.perf_counter(), 0.0
+        for i in range(args.steps):
+            t = time.perf_counter()
+            state, metrics = train_step(state, batches[i % 4])
+            host += time.perf_counter() - t
+        jax.block_until_ready((state, metrics))
+        round_s.append((time.perf_counter() - t0) / args.steps)
+        dispatch_s.append(host / args.steps)
+    step_s = min(round_s)
     last_loss = float(metrics["loss"])
     summary = None
     if args.profile:
@@ -127,7 +136,8 @@ def jax_worker(args) -> dict:
     device = jax.devices()[0]
     stats = device.memory_stats() or {}
     return {
-        "step_s": step_s, "tokens_per_s": b * length / step_s, "params": param_count(state.params),
+        "step_s": step_s, "round_s": round_s, "dispatch_s": dispatch_s,
+        "tokens_per_s": b * length / step_s, "params": param_count(state.params),
         "first_loss": first_loss, "last_loss": last_loss,
         "finite": bool(np.isfinite(last_loss)), "compile_s": compile_s,
         "peak_gib": stats.get("peak_bytes_in_use", 0) / 2**30, "device_kind": device.device_kind,
@@ -154,7 +164,7 @@ def torch_worker(args) -> dict:
 
     cfg = load_config(config_path(args.config), [*args.set, f"data.seq_len={args.seq}"])
     result = measure(cfg.model, args.batch, args.seq, steps=args.steps, warmup=args.warmup,
-                     profile=args.profile)
+                     profile=args.profile, rounds=args.rounds)
     result["versions"] = f"torch {torch.__version__}"
     result["device_kind"] = torch.cuda.get_device_name()
     return result
@@ -167,7 +177,7 @@ def run_worker(kind: str, args, config: str, batch: int, seq: int, overrides) ->
     """One measurement in a child process; returns its result or ``{"error": ...}``."""
     cmd = [sys.executable, str(pathlib.Path(__file__).resolve()), "--worker", kind,
            "--config", config, "--batch", str(batch), "--seq", str(seq),
-           "--steps", str(args.steps), "--warmup", str(args.warmup)]
+           "--steps", str(args.steps), "--warmup", str(args.warmup), "--rounds", str(args.rounds)]
     for item in overrides:
         cmd += ["--set", item]
     if args.profile:
@@ -206,7 +216,12 @@ def main(argv=None) -> None:
     parser.add_argument("--seq", default=None,
                         help="sequence length: one value, or one per config (default: per config)")
     parser.add_argument("--steps", type=int, default=10, help="timed steps (default: 10)")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (default: 3)")
+    parser.add_argument("--warmup", type=int, default=4,
+                        help="untimed steps first (default: 4, one pass over the 4 rotating "
+                             "batches, so that no timed step is the first use of its inputs)")
+    parser.add_argument("--rounds", type=int, default=2,
+                        help="timed rounds of --steps steps; the fastest counts, all are "
+                             "recorded (default: %(default)s)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="meshlm config override for every config, after the per-config "
                              "defaults (e.g. model.remat=none); repeatable")
@@ -262,7 +277,7 @@ def main(argv=None) -> None:
         seq = seq or base.data.seq_len
         overrides = [*DEFAULTS.get(pathlib.Path(config).stem, {}).get("overrides", ()), *args.set]
         cfg = load_config(config_path(config), [*overrides, f"data.seq_len={seq}"])
-        flops = _flops_per_token(cfg.model, seq)
+        flops = cfg.model.flops_per_token(seq)
         print(f"== {config}: batch {batch} x {seq}, overrides {overrides}", flush=True)
         res = {"jax": run_worker("jax", args, config, batch, seq, overrides)}
         if not args.skip_torch:
@@ -302,20 +317,11 @@ def main(argv=None) -> None:
 
     devices = sorted({r["jax"].get("device_kind", "?") for r in records})
     print(f"\nmeshlm train step vs torch.compile, device: {', '.join(devices)}; "
-          f"{args.steps} timed steps after {args.warmup}; XLA_FLAGS+={args.xla_flags!r}")
+          f"best of {args.rounds} rounds of {args.steps} steps after {args.warmup}; "
+          f"XLA_FLAGS+={args.xla_flags!r}")
     print(_table(headers, rows), flush=True)
     if any("error" in r["jax"] for r in records):
         sys.exit(1)
-
-
-def _flops_per_token(model_cfg, seq: int) -> float:
-    """Training FLOPs per token: the config's method (meshlm's model-config API in progress), else
-    the older ``meshlm.models.flops_per_token`` function."""
-    if hasattr(model_cfg, "flops_per_token"):
-        return model_cfg.flops_per_token(seq)
-    from meshlm.models import flops_per_token
-
-    return flops_per_token(model_cfg, seq)
 
 
 def _table(headers, rows) -> str:

@@ -128,3 +128,29 @@ def test_supports_block_sizes():
         shape, shape, jnp.bfloat16, spec, BlockSizes(block_k=96))
     assert "shared memory" in mosaic_gpu.supports(
         shape, shape, jnp.bfloat16, spec, BlockSizes(block_k=256, block_q=256))
+
+
+
+def _kernel_modules(layers: int) -> int:
+    """How many Mosaic GPU kernel modules the lowering of ``layers`` chained forward + backward
+    calls holds (lowered for a CUDA device: no GPU needed)."""
+    spec = AttentionSpec(scale=0.125, causal=True)
+    kw = dict(spec=spec, block_sizes=BlockSizes(), interpret=False)
+
+    def model(q, k, v, do):
+        for _ in range(layers):
+            out, lse = mosaic_gpu.forward(q, k, v, None, None, None, **kw)
+            dq, dk, dv = mosaic_gpu.backward(q, k, v, None, None, None, out, lse, do, **kw)
+            q, k, v = out + dq, k + dk, v + dv
+        return q, k, v
+
+    x = jax.ShapeDtypeStruct((1, 256, 2, 64), jnp.bfloat16)
+    text = jax.jit(model).trace(x, x, x, x).lower(lowering_platforms=("cuda",)).as_text()
+    return text.count("kernel_hash")
+
+
+def test_layers_share_kernel_builds():
+    """Identical calls (one per layer) share one lowering and one kernel build: the forward, dK/dV
+    and dQ kernels appear once however many layers call them, so compile time does not grow
+    with depth."""
+    assert _kernel_modules(2) == _kernel_modules(4) == 3

@@ -338,6 +338,14 @@ def _interpret_params(interpret: bool):
     return plgpu.InterpretGPUParams() if interpret else None
 
 
+# ``forward`` and ``backward`` are jitted: a model calls attention once per layer with the same
+# shapes, and un-jitted every call site traced, lowered and built its own Mosaic kernels (their
+# modules differ by source locations, so the compiled-kernel cache missed too). Jitted, identical
+# calls share one trace, one lowering and one kernel build: lowering gpt2_125m's 12-layer gradient
+# for an H100 went from 22 s and 36 kernel modules to 3.4 s and 3 (on a CPU host).
+_once_per_shape = functools.partial(jax.jit, static_argnames=("spec", "block_sizes", "interpret"))
+
+
 # ----------------------------------------------------------------------------- forward
 
 
@@ -429,6 +437,7 @@ def _fwd_kernel(*refs, spec2, t, group, nk, kv_len, has_seg, interpret):
         batch=batch, kv_head=kv_head, first=parts[0], bk=bk, n_steps=n_steps, stages=t.stages))
 
 
+@_once_per_shape
 def forward(q, k, v, q_seg, kv_seg, alibi_slopes, *, spec, block_sizes, interpret):
     """``(out, lse)`` per the lowering contract (see ``supports`` for what is handled)."""
     if alibi_slopes is not None:
@@ -647,6 +656,7 @@ def _dq_kernel(*refs, spec2, t, group, nk, kv_len, has_seg, interpret):
         batch=batch, kv_head=kv_head, first=parts[0], bk=bk, n_steps=n_steps, stages=t.stages))
 
 
+@_once_per_shape
 def backward(q, k, v, q_seg, kv_seg, alibi_slopes, out, lse, dout, *, spec, block_sizes,
              interpret):
     """``(dq, dk, dv)`` per the lowering contract."""
