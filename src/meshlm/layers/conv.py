@@ -3,8 +3,8 @@
 Output step ``t`` of channel ``c`` is ``bias[c] + sum_k kernel[k, c] * x[t - (K - 1) + k, c]``:
 ``kernel[K - 1]`` weighs the current step, as PyTorch's ``Conv1d(groups=channels,
 padding=K - 1)`` truncated to the input length does (HF's ``conv1d.weight[c, 0, k]`` is
-``kernel[k, c]``). ``K`` is small (4), so the convolution is ``K`` shifted multiply-adds: elementwise
-over channels, hence sharded like its input with no communication.
+``kernel[k, c]``). ``K`` is small (4), so the convolution is ``K`` shifted multiply-adds:
+elementwise over channels, hence sharded like its input with no communication.
 """
 
 from __future__ import annotations
@@ -59,8 +59,9 @@ class CausalConv1d(nn.Module):
                 f"x has channel dims {channels} but channel_axes names {len(self.channel_axes)}"
             )
         init = uniform_init(1.0 / math.sqrt(K))  # fan_in of a depthwise filter is K
-        kernel = self.param("kernel", nn.with_logical_partitioning(init, ("conv", *self.channel_axes)),
-                            (K, *channels), self.param_dtype)
+        kernel = self.param(
+            "kernel", nn.with_logical_partitioning(init, ("conv", *self.channel_axes)),
+            (K, *channels), self.param_dtype)
         batch, length = x.shape[:2]
         if state is None:
             state = jnp.zeros((batch, K - 1, *channels), x.dtype)
