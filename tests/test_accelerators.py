@@ -227,6 +227,8 @@ def test_install_step_outside_colab_runs_pip_and_says_when_to_restart(monkeypatc
 def test_notebook_first_cell_outside_colab_changes_nothing(monkeypatch, capsys):
     """The cell as written, run from notebooks/ in this checkout's environment (which has
     meshlm and the pinned JAX): it finds the checkout and installs nothing."""
+    if "meshlm" not in acc.installed_versions():  # e.g. run from a PYTHONPATH, not `make test`
+        pytest.skip("meshlm is not installed in this environment: the cell would install it")
     cell = json.loads((REPO / "notebooks/quickstart.ipynb").read_text())["cells"][1]
     source = "".join(cell["source"])
     assert "install_for_notebook" in source
