@@ -11,6 +11,7 @@ import dataclasses
 import math
 
 import jax.numpy as jnp
+from jax import lax
 
 from pallas_kernels._pallas_util import Refs
 
@@ -143,6 +144,87 @@ def score_grad(p, dp, delta, logits, visible, spec: AttentionSpec):
         unmasked = logits if visible is None else jnp.where(visible, logits, 0.0)
         ds = ds * soft_cap_grad(unmasked, spec)
     return ds
+
+
+# ----------------------------------------------------------------------------- visited blocks
+# Which key blocks a block of query rows visits, and which query blocks a block of keys is seen
+# by, under causal / sliding-window masks and a query offset; written once for every lowering.
+# Positions and block indices may be traced int32 scalars (program ids) or static Python ints;
+# all-static inputs give static results, so a lowering can skip an empty or full range at trace
+# time. Segment ids never shrink a range (they are masked per element).
+
+
+def _static(*xs) -> bool:
+    return all(isinstance(x, int) for x in xs)
+
+
+def _div(x, d: int):
+    """Floor division of a non-negative position by a static block size."""
+    return x // d if _static(x) else lax.div(x, jnp.int32(d))
+
+
+def _max0(x):
+    return max(x, 0) if _static(x) else jnp.maximum(x, 0)
+
+
+def _min(a, b):
+    return min(a, b) if _static(a, b) else jnp.minimum(a, b)
+
+
+def _clip(x, lo, hi):
+    return min(max(x, lo), hi) if _static(x, lo, hi) else jnp.minimum(jnp.maximum(x, lo), hi)
+
+
+def key_blocks(q_first, rows: int, block_k: int, num_k_blocks: int, spec: AttentionSpec,
+               kv_len: int | None = None):
+    """Key blocks that query rows at absolute positions ``[q_first, q_first + rows)`` see.
+
+    Returns ``(lo, full_lo, full_hi, hi)``: blocks ``[lo, hi)`` hold a key that some row sees;
+    within them ``[full_lo, full_hi)`` are seen whole by every row (no causal, window or padding
+    mask needed). ``kv_len`` is given when the last block runs past the keys (padding): the block
+    holding padded keys is then never full.
+    """
+    bk, nk = block_k, num_k_blocks
+    q_last = q_first + rows - 1
+    lo, full_lo, full_hi, hi = 0, 0, nk, nk
+    if spec.causal:
+        hi = _min(_div(q_last, bk) + 1, nk)
+        full_hi = _div(q_first + 1, bk)
+        if spec.sliding_window is not None:
+            w = spec.sliding_window
+            lo = _div(_max0(q_first - w + 1), bk)
+            full_lo = _div(_max0(q_last - w + 1) + bk - 1, bk)
+    if kv_len is not None:
+        full_hi = _min(full_hi, kv_len // bk)
+    full_lo = _clip(full_lo, lo, hi)
+    full_hi = _clip(full_hi, full_lo, hi)
+    return lo, full_lo, full_hi, hi
+
+
+def query_blocks(k_first, keys: int, block_q: int, num_q_blocks: int, spec: AttentionSpec,
+                 kv_len: int | None = None):
+    """Query blocks (row ``r`` at position ``q_offset + r``) that see a key of ``[k_first,
+    k_first + keys)``; the convention of ``key_blocks`` (a block of keys holding padding, which
+    ``kv_len`` announces, is masked whole)."""
+    bq, nq, off = block_q, num_q_blocks, spec.q_offset
+    k_last = k_first + keys - 1
+    lo, full_lo, full_hi, hi = 0, 0, nq, nq
+    if spec.causal:
+        lo = _div(_max0(k_first - off), bq)
+        full_lo = _div(_max0(k_last - off) + bq - 1, bq)
+        if spec.sliding_window is not None:
+            w = spec.sliding_window
+            hi = _min(_div(_max0(k_last + w - off) + bq - 1, bq), nq)
+            full_hi = _div(_max0(k_first + w - off), bq)
+    if kv_len is not None:
+        # Arithmetic, not a select: the Triton lowering mistypes a scalar select between two
+        # constants.
+        edge = k_first + keys > kv_len
+        edge = int(edge) if isinstance(edge, bool) else edge.astype(jnp.int32)
+        full_hi = full_hi - edge * (full_hi - full_lo)
+    full_lo = _clip(full_lo, lo, hi)
+    full_hi = _clip(full_hi, full_lo, hi)
+    return lo, full_lo, full_hi, hi
 
 
 def pad_to(x, axis: int, size: int, value=0):

@@ -44,7 +44,9 @@ from pallas_kernels.flash_attention.common import (
     BlockSizes,
     base2,
     kernel_refs,
+    key_blocks,
     pad_to,
+    query_blocks,
     score_grad,
     tile_logits,
 )
@@ -127,10 +129,6 @@ def _div(x, d: int):
     return lax.div(x, jnp.int32(d))
 
 
-def _clip(x, lo, hi):
-    return jnp.minimum(jnp.maximum(x, lo), hi)
-
-
 def _tile_smem(shape, dtype):
     """Shared memory for a wgmma operand: 8x64 tiles with the 128-byte swizzle."""
     return plgpu.SMEM(
@@ -207,49 +205,6 @@ def _logits(s, spec2, masked, *, q_dim, q_first, k_first, kv_len, q_seg, k_seg):
     )
 
 
-def _kv_blocks(p0, rows, bk, nk, kv_len, spec):
-    """Key blocks for query rows at absolute positions ``[p0, p0 + rows)``.
-
-    Returns ``(lo, full_lo, full_hi, hi)``: blocks ``[lo, hi)`` hold a key some row sees; within
-    them ``[full_lo, full_hi)`` need no causal / window / padding mask.
-    """
-    p1 = p0 + rows - 1
-    zero, nk_ = jnp.int32(0), jnp.int32(nk)
-    lo, full_lo, full_hi, hi = zero, zero, nk_, nk_
-    if spec.causal:
-        hi = jnp.minimum(_div(p1, bk) + 1, nk_)
-        full_hi = _div(p0 + 1, bk)
-        if spec.sliding_window is not None:
-            w = spec.sliding_window
-            lo = _div(jnp.maximum(p0 - w + 1, 0), bk)
-            full_lo = _div(jnp.maximum(p1 - w + 1, 0) + bk - 1, bk)
-    if nk * bk != kv_len:
-        full_hi = jnp.minimum(full_hi, kv_len // bk)
-    full_lo = _clip(full_lo, lo, hi)
-    full_hi = _clip(full_hi, full_lo, hi)
-    return lo, full_lo, full_hi, hi
-
-
-def _q_blocks(k0, keys, bq, nq, kv_len, spec):
-    """Query blocks (rows ``r``, position ``q_offset + r``) that see a key of ``[k0, k0+keys)``."""
-    k1 = k0 + keys - 1
-    off = spec.q_offset
-    zero, nq_ = jnp.int32(0), jnp.int32(nq)
-    lo, full_lo, full_hi, hi = zero, zero, nq_, nq_
-    if spec.causal:
-        lo = _div(jnp.maximum(k0 - off, 0), bq)
-        full_lo = _div(jnp.maximum(k1 - off, 0) + bq - 1, bq)
-        if spec.sliding_window is not None:
-            w = spec.sliding_window
-            hi = jnp.minimum(_div(jnp.maximum(k1 + w - off, 0) + bq - 1, bq), nq_)
-            full_hi = _div(jnp.maximum(k0 + w - off, 0), bq)
-    # A block of keys that holds padding is masked whole.
-    full_hi = jnp.where(k0 + keys > kv_len, full_lo, full_hi)
-    full_lo = _clip(full_lo, lo, hi)
-    full_hi = _clip(full_hi, full_lo, hi)
-    return lo, full_lo, full_hi, hi
-
-
 def _produce(n_steps, stages, loads):
     """The producer warpgroup: fill the ring, then refill each slot once its consumers are done.
 
@@ -282,14 +237,14 @@ def _produce(n_steps, stages, loads):
 def _query_cta(spec2, t, group, nk, kv_len):
     """Where a forward or dQ CTA stands: ``(batch, head, kv_head, cta_row, parts, n_steps,
     padded_kv)``. Its ``_CONSUMERS`` query tiles start at row ``cta_row`` and see the key blocks
-    ``parts`` (``_kv_blocks``), ``n_steps`` of them; ``padded_kv`` is ``kv_len`` when the last
+    ``parts`` (``key_blocks``), ``n_steps`` of them; ``padded_kv`` is ``kv_len`` when the last
     key block runs past the keys, else None."""
     bq, bk = t.owned, t.streamed
     batch, head = lax.axis_index("batch"), lax.axis_index("heads")
     cta_row = lax.axis_index("q") * (_CONSUMERS * bq)
-    parts = _kv_blocks(spec2.q_offset + cta_row, _CONSUMERS * bq, bk, nk, kv_len, spec2)
-    n_steps = jnp.maximum(parts[3] - parts[0], 0)
     padded_kv = None if nk * bk == kv_len else kv_len
+    parts = key_blocks(spec2.q_offset + cta_row, _CONSUMERS * bq, bk, nk, spec2, padded_kv)
+    n_steps = jnp.maximum(parts[3] - parts[0], 0)
     return batch, head, _div(head, group), cta_row, parts, n_steps, padded_kv
 
 
@@ -505,7 +460,7 @@ def _dkv_kernel(*refs, spec2, t, group, nq, kv_len, padded, has_seg, interpret):
     batch, kv_head = lax.axis_index("batch"), lax.axis_index("heads")
     wg = lax.axis_index(_WG)
     cta_key = lax.axis_index("k") * (_CONSUMERS * bk)
-    parts = _q_blocks(cta_key, _CONSUMERS * bk, bq, nq, kv_len, spec2)
+    parts = query_blocks(cta_key, _CONSUMERS * bk, bq, nq, spec2, kv_len if padded else None)
     lo, hi = parts[0], parts[3]
     per_head = jnp.maximum(hi - lo, 0)
     n_steps = group * per_head

@@ -43,7 +43,9 @@ from pallas_kernels.flash_attention.common import (
     AttentionSpec,
     BlockSizes,
     kernel_refs,
+    key_blocks,
     pad_to,
+    query_blocks,
     score_grad,
     tile_logits,
 )
@@ -124,25 +126,14 @@ def supports(q_shape, k_shape, dtype, spec: AttentionSpec, block_sizes: BlockSiz
 
 def _kv_block_range(qi, spec: AttentionSpec, bq: int, bk: int, nk: int):
     """Inclusive range of key blocks that query block ``qi`` can see."""
-    lo, hi = 0, nk - 1
-    if spec.causal:
-        q_first = spec.q_offset + qi * bq
-        hi = jnp.minimum(hi, (q_first + bq - 1) // bk)
-        if spec.sliding_window is not None:
-            lo = jnp.maximum(lo, (q_first - spec.sliding_window + 1) // bk)
-    return lo, hi
+    lo, _, _, hi = key_blocks(spec.q_offset + qi * bq, bq, bk, nk, spec)
+    return lo, hi - 1
 
 
 def _q_block_range(ki, spec: AttentionSpec, bq: int, bk: int, nq: int):
     """Inclusive range of query blocks that can see key block ``ki``."""
-    lo, hi = 0, nq - 1
-    if spec.causal:
-        k_first = ki * bk
-        lo = jnp.maximum(lo, (k_first - spec.q_offset) // bq)
-        if spec.sliding_window is not None:
-            k_last = k_first + bk - 1
-            hi = jnp.minimum(hi, (k_last + spec.sliding_window - 1 - spec.q_offset) // bq)
-    return lo, hi
+    lo, _, _, hi = query_blocks(ki * bk, bk, bq, nq, spec)
+    return lo, hi - 1
 
 
 def _clamp(i, lo, hi, n: int):

@@ -39,7 +39,9 @@ from pallas_kernels.flash_attention.common import (
     BlockSizes,
     base2,
     kernel_refs,
+    key_blocks,
     pad_to,
+    query_blocks,
     score_grad,
     tile_logits,
 )
@@ -128,71 +130,10 @@ def _dot(a, b, *, trans_b: bool = False):
     return lax.dot_general(a, b, dims, precision=precision, preferred_element_type=jnp.float32)
 
 
-def _div(x, d: int):
-    """Floor division of a non-negative traced or static int by a static positive int."""
-    if isinstance(x, int):
-        return x // d
-    return lax.div(x, jnp.int32(d))
-
-
-def _nonneg(x):
-    return max(x, 0) if isinstance(x, int) else jnp.maximum(x, 0)
-
-
-def _clip(x, lo, hi):
-    if all(isinstance(a, int) for a in (x, lo, hi)):
-        return min(max(x, lo), hi)
-    return jnp.minimum(jnp.maximum(x, lo), hi)
-
-
 def _loop(lo, hi, body, carry):
     if isinstance(lo, int) and isinstance(hi, int) and lo >= hi:
         return carry
     return lax.fori_loop(lo, hi, body, carry)
-
-
-def _kv_range(q_first, bq, bk, nk, kv_len, padded_kv, spec):
-    """Key blocks for the query block whose first row sits at ``q_first``.
-
-    Returns ``(lo, full_lo, full_hi, hi)``: blocks ``[lo, hi)`` hold a visible key; within them
-    ``[full_lo, full_hi)`` need no causal / window / padding mask.
-    """
-    q_last = q_first + bq - 1
-    lo, full_lo, full_hi, hi = 0, 0, nk, nk
-    if spec.causal:
-        hi = jnp.minimum(_div(q_last, bk) + 1, nk)
-        full_hi = _div(q_first + 1, bk)
-        if spec.sliding_window is not None:
-            w = spec.sliding_window
-            lo = _div(_nonneg(q_first - w + 1), bk)
-            full_lo = _div(_nonneg(q_last - w + 1) + bk - 1, bk)
-    if padded_kv:
-        full_hi = _clip(full_hi, 0, kv_len // bk)
-    full_lo = _clip(full_lo, lo, hi)
-    full_hi = _clip(full_hi, full_lo, hi)
-    return lo, full_lo, full_hi, hi
-
-
-def _q_range(k_first, bq, bk, nq, kv_len, padded_kv, spec):
-    """Query blocks that see the key block starting at ``k_first``; same convention as _kv_range."""
-    k_last = k_first + bk - 1
-    lo, full_lo, full_hi, hi = 0, 0, nq, nq
-    if spec.causal:
-        lo = _div(_nonneg(k_first - spec.q_offset), bq)
-        full_lo = _div(_nonneg(k_last - spec.q_offset) + bq - 1, bq)
-        if spec.sliding_window is not None:
-            w = spec.sliding_window
-            rows_end = k_last + w - spec.q_offset  # rows i < rows_end see a key of this block
-            hi = jnp.minimum(_div(_nonneg(rows_end) + bq - 1, bq), nq)
-            full_hi = _div(_nonneg(k_first + w - spec.q_offset), bq)
-    if padded_kv:
-        # The block holding padded keys is masked whole. (Arithmetic, not a where: the Triton
-        # lowering mistypes a scalar select between two constants.)
-        edge = (k_first + bk > kv_len).astype(jnp.int32)
-        full_hi = full_hi - edge * (full_hi - full_lo)
-    full_lo = _clip(full_lo, lo, hi)
-    full_hi = _clip(full_hi, full_lo, hi)
-    return lo, full_lo, full_hi, hi
 
 
 def _iota(n: int):
@@ -228,7 +169,7 @@ def _over_key_blocks(r, step, carry, *, spec2, tiles, nq, nk, kv_len, has_seg, h
 
         return tile
 
-    lo, full_lo, full_hi, hi = _kv_range(q_first, bq, bk, nk, kv_len, padded_kv, spec2)
+    lo, full_lo, full_hi, hi = key_blocks(q_first, bq, bk, nk, spec2, kv_len if padded_kv else None)
     carry = _loop(lo, full_lo, body(True), carry)
     carry = _loop(full_lo, full_hi, body(False), carry)
     return _loop(full_hi, hi, body(True), carry)
@@ -380,7 +321,8 @@ def _dkv_kernel(*refs, spec2, tiles, nq, kv_len, padded_kv, group, has_seg, has_
 
         return _loop(0, group * count, step, carry)
 
-    lo, full_lo, full_hi, hi = _q_range(k_first, bq, bk, nq, kv_len, padded_kv, spec2)
+    lo, full_lo, full_hi, hi = query_blocks(k_first, bk, bq, nq, spec2,
+                                           kv_len if padded_kv else None)
     zeros = jnp.zeros((bk, head_dim), jnp.float32)
     carry = visit(lo, full_lo, True, (zeros, zeros))
     carry = visit(full_lo, full_hi, False, carry)
