@@ -50,7 +50,7 @@ class ModelConfig:
 
     # A size (field or property) -> the logical axis that splits that dimension; validate_mesh
     # checks each divides evenly over its shards. Families extend it.
-    sharded_fields: ClassVar[dict[str, str]] = {}
+    sharded_fields: ClassVar[dict[str, str]] = {"vocab_size": "vocab", "d_model": "embed"}
 
     def validate_mesh(self, axis_size: Callable[[str], int]) -> None:
         """``ConfigError`` unless every size in ``sharded_fields`` divides over the shards of its

@@ -10,7 +10,7 @@ losses) overrides ``batch_fields``, ``example_inputs`` and ``loss``.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import flax.linen as nn
 import jax
@@ -18,20 +18,58 @@ import jax.numpy as jnp
 
 from meshlm.config import ModelConfig
 from meshlm.data.batches import DECODER_LM
+from meshlm.layers import Embed, make_norm
+from meshlm.layers.embeddings import logits_matmul
+from meshlm.layers.stack import apply_stack
 from meshlm.train.losses import token_cross_entropy
+
+ACTIVATION_EMBED = ("activation_batch", "activation_length", "activation_embed")
 
 
 @dataclasses.dataclass(frozen=True)
 class DecoderLMConfig(ModelConfig):
     """A decoder-only language model: tokens ``(batch, length)`` -> float32 logits
     ``(batch, length, vocab)``, called as ``module(tokens, positions=, segment_ids=,
-    deterministic=, decode=)``."""
+    deterministic=, decode=)``. By default the module is ``DecoderLM``: embeddings, the family's
+    ``block`` stacked ``n_layers`` times, a final norm and the LM head."""
+
+    norm: Literal["layernorm", "rmsnorm"] = "rmsnorm"
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True
 
     batch_fields: ClassVar[dict[str, str]] = DECODER_LM
 
     def build(self) -> nn.Module:
         """The family's (stateless) linen module; parameters come from ``module.init``."""
-        raise NotImplementedError(f"{type(self).__name__} must implement build()")
+        return DecoderLM(self)
+
+    def block(self) -> type[nn.Module]:
+        """The repeated block: a module with fields ``config, deterministic, decode`` whose
+        ``__call__(x, positions, segment_ids)`` returns ``(x, None)``."""
+        raise NotImplementedError(f"{type(self).__name__} must implement block()")
+
+    @property
+    def norm_bias(self) -> bool:
+        return False
+
+    def make_norm(self, name: str) -> nn.Module:
+        return make_norm(self.norm, epsilon=self.norm_eps, use_bias=self.norm_bias,
+                         dtype=jnp.dtype(self.dtype), param_dtype=jnp.dtype(self.param_dtype),
+                         name=name)
+
+    def add_positions(self, x: jax.Array, positions: jax.Array) -> jax.Array:
+        """Absolute position information added to the embeddings (none by default); called
+        inside ``DecoderLM``, so it may create parameters."""
+        return x
+
+    @property
+    def context_length(self) -> int | None:
+        """The longest sequence the model can read (a learned position table), None if any."""
+        return None
+
+    @property
+    def uses_dropout(self) -> bool:
+        return False
 
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs (forward + backward) per token at ``seq_len``, for MFU."""
@@ -66,3 +104,54 @@ class DecoderLMConfig(ModelConfig):
             jax.ShapeDtypeStruct((batch_size, max_len), jnp.int32),
         )["cache"]
         return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+
+class DecoderLM(nn.Module):
+    """Tokens ``(batch, length)`` -> float32 logits ``(batch, length, vocab)``.
+
+    ``positions`` default to ``0..length-1`` (with ``decode=True``: continuing from the number of
+    tokens already cached). ``segment_ids`` (0 = padding) keep packed documents apart; the caller
+    restarts ``positions`` at every document.
+    """
+
+    config: DecoderLMConfig
+
+    @nn.compact
+    def __call__(self, tokens, positions=None, segment_ids=None, deterministic: bool = True,
+                 decode: bool = False):
+        cfg = self.config
+        dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+        batch, length = tokens.shape
+        if cfg.context_length is not None and length > cfg.context_length:
+            raise ValueError(
+                f"sequence length {length} exceeds model.max_seq_len={cfg.context_length} (the "
+                "size of the learned position table)"
+            )
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+            if decode:
+                index = self.variable("cache", "position_index", lambda: jnp.zeros((), jnp.int32))
+                if not self.is_initializing():
+                    positions = positions + index.value
+                    index.value = index.value + length
+
+        embed = Embed(cfg.vocab_size, cfg.d_model, init_std=cfg.init_std, dtype=dtype,
+                      param_dtype=param_dtype, name="embed")
+        x = cfg.add_positions(embed(tokens), positions)
+        x = nn.with_logical_constraint(x, ACTIVATION_EMBED)
+        x = apply_stack(cfg.block(), x, positions, segment_ids, n_layers=cfg.n_layers,
+                        scan=cfg.scan_layers, remat=cfg.remat, config=cfg,
+                        deterministic=deterministic, decode=decode)
+        x = cfg.make_norm("final_norm")(x)
+        if cfg.tie_embeddings:
+            logits = embed.attend(x)
+        else:
+            head = self.param(
+                "lm_head",
+                nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std),
+                                             ("embed", "vocab")),
+                (cfg.d_model, cfg.vocab_size), param_dtype,
+            )
+            logits = logits_matmul(x.astype(dtype), head.astype(dtype), False)
+        return nn.with_logical_constraint(
+            logits, ("activation_batch", "activation_length", "activation_vocab"))

@@ -47,7 +47,7 @@ def make_train_step(run) -> Callable[[TrainState, dict], tuple[TrainState, dict]
     """
     cfg, model_cfg = run.cfg, run.cfg.model
     accum = cfg.train.grad_accum
-    use_dropout = getattr(model_cfg, "dropout", 0.0) > 0
+    use_dropout = model_cfg.uses_dropout
     seed = cfg.train.seed
     shardings = run.shardings
 
