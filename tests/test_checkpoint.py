@@ -140,13 +140,27 @@ def copied_run(full_run, tmp_path):
     return run_dir
 
 
-def test_corrupt_metadata_stops_training_before_compute(copied_run):
-    latest = copied_run / "checkpoints" / "10"
-    (latest / "state" / "_METADATA").write_text("{ not json")
-    before = snapshot(copied_run / "checkpoints")
-    with pytest.raises(CheckpointError, match=f"{latest}.*corrupt.*_METADATA"):
+def test_corrupt_metadata_falls_back_and_none_readable_stops_before_compute(full_run,
+                                                                            copied_run, caplog):
+    """With every checkpoint's metadata unreadable the run stops before compute, naming the
+    newest and changing nothing; with only the newest unreadable it resumes from the one
+    before, setting the newest aside with one line."""
+    root = copied_run / "checkpoints"
+    for step in (9, 10):
+        (root / str(step) / "state" / "_METADATA").write_text("{ not json")
+    before = snapshot(root)
+    with pytest.raises(CheckpointError, match=f"{root / '10'}.*corrupt.*_METADATA"):
         train(tiny_run(copied_run, "train.steps=12"))
-    assert snapshot(copied_run / "checkpoints") == before
+    assert snapshot(root) == before
+    shutil.copy(full_run[0] / "checkpoints" / "9" / "state" / "_METADATA",
+                root / "9" / "state" / "_METADATA")
+    with caplog.at_level("WARNING", logger="meshlm.train.checkpoint"):
+        summary = train(tiny_run(copied_run, "train.steps=12"))
+    assert summary["step"] == 12 and (root / "10.unreadable").is_dir()
+    skipped = [r.getMessage() for r in caplog.records if r.name == checkpoint.__name__]
+    assert len(skipped) == 1 and skipped[0].startswith("checkpoint step 10 does not restore")
+    assert "resuming from step 9" in skipped[0]
+    assert checkpoint.finished_steps(copied_run) == [9, 12]  # every=3: step 10 is not saved
 
 
 def test_corrupt_array_data_is_a_clear_error(copied_run):

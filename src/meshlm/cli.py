@@ -1,8 +1,10 @@
 """``meshlm train --config F [section.key=value ...]`` and ``meshlm generate --run-dir R ...``.
 
 Bad input (a config, a checkpoint or a prompt that cannot work) prints one line,
-``meshlm: error: ...``, and exits with status 2; a run stopped by SIGTERM exits with 143
-(128 + SIGTERM) after saving its checkpoint, so a scheduler sees a preemption, not a success.
+``meshlm: error: ...``, and exits with status 2; a checkpoint that cannot be written exits with
+1. A run stopped by SIGTERM or Ctrl-C exits with 128 + the signal's number (143, 130) after
+saving its checkpoint, so a scheduler sees a preemption, not a success; a second Ctrl-C exits
+with 130 at once, without saving.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from meshlm.config import ConfigError, load_config
 
 EXIT_FAILED = 1  # the run could not go on (a checkpoint could not be written)
 EXIT_BAD_INPUT = 2
-EXIT_PREEMPTED = 128 + signal.SIGTERM
+EXIT_INTERRUPTED = 128 + signal.SIGINT  # SIGTERM: 143
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -58,7 +60,7 @@ def _train(args) -> int:
         logging.getLogger("meshlm").info(line)
     summary = train(cfg)
     print(json.dumps(summary))
-    return EXIT_PREEMPTED if summary["preempted"] else 0
+    return 128 + signal.Signals[summary["signal"]] if summary["signal"] else 0
 
 
 def _generate(args) -> int:
@@ -128,6 +130,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("meshlm").setLevel(logging.INFO)
     try:
         return {"train": _train, "generate": _generate}[args.command](args)
+    except KeyboardInterrupt:  # a Ctrl-C outside the training loop, or a second one inside it
+        print("meshlm: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except ConfigError as e:
         print(f"meshlm: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -81,20 +81,49 @@ def _read_config(step_dir: pathlib.Path) -> Config:
 
 def check_latest(run_dir: str | os.PathLike, abstract_state: TrainState | None = None,
                  cfg: Config | None = None) -> tuple[int, Config] | None:
-    """Cheap checks of the newest checkpoint before anything is compiled.
+    """Cheap checks of the checkpoints before anything is compiled; nothing is written.
 
-    Returns ``(step, saved config)``, or None when the run has no checkpoint. Raises
-    ``CheckpointError`` when the newest step lacks one of its items or its metadata or config
-    cannot be read, or (given ``abstract_state``) when the shapes or dtypes of its arrays (Orbax's
-    metadata) differ from the state this run would train: a changed setting that leaves every
-    shape alone (attention implementation, remat, activation dtype) resumes. The message names
-    the differing arrays and (given ``cfg``) the model settings that changed. Damaged array data
-    is found by ``restore``.
+    Returns ``(step, saved config)`` of the newest checkpoint whose items, metadata and config
+    can be read (``restore_latest`` sets newer, damaged ones aside and says why), or None when
+    the run has no checkpoint. Raises ``CheckpointError`` when none can be read, or (given
+    ``abstract_state``) when the shapes or dtypes of its arrays (Orbax's metadata) differ from
+    the state this run would train: a changed setting that leaves every shape alone (attention
+    implementation, remat, activation dtype) resumes. The message names the differing arrays
+    and (given ``cfg``) the model settings that changed. Damaged array data is found by
+    ``restore``.
     """
     steps = finished_steps(run_dir)
     if not steps:
         return None
-    step_dir = checkpoint_dir(run_dir) / str(steps[-1])
+    damaged = []
+    for step in reversed(steps):
+        step_dir = checkpoint_dir(run_dir) / str(step)
+        try:
+            saved_arrays, saved = _read_step(step_dir)
+            break
+        except CheckpointError as e:
+            damaged.append(e)
+    else:
+        raise damaged[0]
+    if abstract_state is not None:
+        diff = _shape_diff(saved_arrays, _as_tree(abstract_state))
+        if diff:
+            if cfg is not None:
+                old, new = to_dict(saved.model), to_dict(cfg.model)
+                diff = [f"model.{k}: {old.get(k)!r} -> {new.get(k)!r}"
+                        for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)
+                        ] + diff
+            raise CheckpointError(
+                f"the checkpoint {str(step_dir)!r} was trained with a different model "
+                f"({'; '.join(diff[:4])}{'; ...' if len(diff) > 4 else ''}); use another "
+                "train.run_dir or set checkpoint.resume=false with a fresh run_dir"
+            )
+    return step, saved
+
+
+def _read_step(step_dir: pathlib.Path) -> tuple[Any, Config]:
+    """``(Orbax's metadata tree of the state, saved config)``; ``CheckpointError`` naming what
+    is missing or unreadable."""
     missing = [name for name in ITEMS if not (step_dir / name).is_dir()]
     if missing:
         raise CheckpointError(
@@ -113,24 +142,10 @@ def check_latest(run_dir: str | os.PathLike, abstract_state: TrainState | None =
     except Exception as e:  # noqa: BLE001 - Orbax raises many types for an unreadable file
         raise CheckpointError(
             f"checkpoint {str(step_dir)!r} is corrupt or incomplete: its state/_METADATA is "
-            f"unreadable ({type(e).__name__}: {e}); remove that step directory to resume from an "
+            f"unreadable ({failure_reason(e)}); remove that step directory to resume from an "
             "earlier one"
         ) from e
-    saved = _read_config(step_dir)
-    if abstract_state is not None:
-        diff = _shape_diff(saved_arrays, _as_tree(abstract_state))
-        if diff:
-            if cfg is not None:
-                old, new = to_dict(saved.model), to_dict(cfg.model)
-                diff = [f"model.{k}: {old.get(k)!r} -> {new.get(k)!r}"
-                        for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)
-                        ] + diff
-            raise CheckpointError(
-                f"the checkpoint {str(step_dir)!r} was trained with a different model "
-                f"({'; '.join(diff[:4])}{'; ...' if len(diff) > 4 else ''}); use another "
-                "train.run_dir or set checkpoint.resume=false with a fresh run_dir"
-            )
-    return steps[-1], saved
+    return saved_arrays, _read_config(step_dir)
 
 
 def _shape_diff(saved: Any, expected: Any) -> list[str]:
@@ -191,6 +206,17 @@ def raise_if_save_failed(manager: ocp.CheckpointManager) -> None:
         manager.wait_until_finished()  # the finished save thread's exception, raised once
     except Exception as e:  # noqa: BLE001
         raise _save_failed(manager, e) from e
+
+
+def finish(manager: ocp.CheckpointManager) -> None:
+    """Wait for the last background save and close ``manager``; a failed save raises
+    ``CheckpointSaveError`` (one line) rather than Orbax's own error."""
+    try:
+        manager.wait_until_finished()
+    except Exception as e:  # noqa: BLE001
+        raise _save_failed(manager, e) from e
+    finally:
+        manager.close()  # its own wait does not raise the same failure twice
 
 
 def _save_failed(manager: ocp.CheckpointManager, error: Exception) -> CheckpointSaveError:

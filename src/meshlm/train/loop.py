@@ -9,32 +9,35 @@ created (or restored) sharded and the loop runs: one compiled step, then every h
 
 Evaluation, metrics and throughput, checkpointing and profiling are hooks with their own
 cadence (clu's periodic actions, Levanter's ``add_hook``); time spent in hooks is not counted
-as training throughput. SIGTERM finishes the current step, saves a checkpoint and returns;
-rerunning the same command resumes from it and reproduces the losses of an uninterrupted run.
+as training throughput. SIGTERM or Ctrl-C finishes the current step, saves a checkpoint and
+returns; rerunning the same command resumes from it (past any checkpoint that does not restore)
+and reproduces the losses of an uninterrupted run. A failed background save stops the run at the
+next step.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import math
 import pathlib
 import signal
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
-from tqdm.auto import tqdm
 
 from meshlm.config import Config, ConfigError, save_config
 from meshlm.train import checkpoint
-from meshlm.train.metrics import MetricWriter, format_mfu, mfu
+from meshlm.train.console import Console
+from meshlm.train.metrics import MetricWriter, mfu
+from meshlm.train.optimizer import schedule_change_note
+from meshlm.train.run_dir import check_writable
 from meshlm.train.setup import Run, build
+from meshlm.train.signals import stop_on_signals
 from meshlm.train.state import TrainState, param_count
 
 log = logging.getLogger(__name__)
@@ -117,27 +120,6 @@ class Profiler:
             self.active = False
 
 
-@contextlib.contextmanager
-def _sigterm_flag(install: bool = True) -> Iterator[dict]:
-    """``{"signal": None}`` that becomes the signal number when SIGTERM arrives; the previous
-    handler is restored on exit. Outside the main thread (where Python cannot install handlers)
-    or with ``install=False`` (several processes: JAX's preemption service owns SIGTERM) the
-    flag never flips by itself."""
-    flag: dict[str, Any] = {"signal": None}
-    if not install or threading.current_thread() is not threading.main_thread():
-        yield flag
-        return
-
-    def handler(signum, _frame):
-        flag["signal"] = signum
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield flag
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 def check_loop(cfg: Config) -> None:
     """Loop settings; raises ``ConfigError`` naming the fix."""
     t = cfg.train
@@ -158,12 +140,13 @@ def train(cfg: Config) -> dict[str, Any]:
     Returns a summary: ``step``, ``train_loss`` (mean of the last logging interval),
     ``val_loss``, ``val_perplexity``, ``tokens_per_s`` (mean over the run's steps after the
     first interval), ``mfu`` (None when the device's peak is unknown), ``params``,
-    ``preempted`` (stopped by SIGTERM), ``checkpoint_step`` and ``run_dir``.
+    ``preempted`` (stopped by a signal, after saving), ``signal`` (its name, or None),
+    ``checkpoint_step`` and ``run_dir``.
     """
     from meshlm.data import build_data  # tokenizers/grain: only needed once checks have passed
 
-    run_dir = pathlib.Path(cfg.train.run_dir).expanduser()
     # ---- checks, no compute
+    run_dir = check_writable(cfg.train.run_dir)
     check_loop(cfg)
     run = build(cfg)
     resume_from = None
@@ -179,10 +162,18 @@ def train(cfg: Config) -> dict[str, Any]:
     # ---- state
     train_iter = data.train_iterator()
     manager = checkpoint.open_manager(run_dir, cfg.checkpoint)
-    if resume_from is not None:
-        state, data_state = checkpoint.restore(manager, resume_from[0], run.abstract_state)
+    restored = None if resume_from is None else checkpoint.restore_latest(manager,
+                                                                           run.abstract_state)
+    if restored is not None:
+        restored_step, state, data_state = restored
         train_iter.set_state(data_state)
-        log.info("resumed %s from step %d", run_dir, resume_from[0])
+        log.info("resumed %s from step %d", run_dir, restored_step)
+        note = schedule_change_note(resume_from[1], cfg, restored_step)
+        if note:
+            log.warning(note)
+        if restored_step >= cfg.train.steps:
+            log.warning("the run is already at step %d of train.steps=%d: nothing to train "
+                        "(raise train.steps to continue)", restored_step, cfg.train.steps)
     else:
         state = run.init_state()
     primary = jax.process_index() == 0  # the one process that writes the run's records
@@ -200,14 +191,15 @@ def train(cfg: Config) -> dict[str, Any]:
     # ---- hooks
     steps = cfg.train.steps
     step = int(jax.device_get(state.step))
-    writer = MetricWriter(run_dir, primary=primary)
+    # Records an interrupted attempt left past the restored step are replayed: drop them.
+    writer = MetricWriter(run_dir, primary=primary,
+                          first_step=0 if restored is None else step + 1)
     throughput = Throughput(run)
     summary: dict[str, Any] = {"run_dir": str(run_dir), "params": n_params, "preempted": False,
-                               "train_loss": None, "val_loss": None, "val_perplexity": None,
-                               "tokens_per_s": None, "mfu": None,
-                               "checkpoint_step": step if resume_from is not None else None}
-    bar = tqdm(total=steps, initial=step, unit="step", dynamic_ncols=True,
-               disable=not (cfg.train.progress_bar and primary))
+                               "signal": None, "train_loss": None, "val_loss": None,
+                               "val_perplexity": None, "tokens_per_s": None, "mfu": None,
+                               "checkpoint_step": step if restored is not None else None}
+    console = Console(steps, step, progress_bar=cfg.train.progress_bar, primary=primary)
     pending: list[dict] = []
 
     def evaluate(at: int, _state=None, _metrics=None) -> None:
@@ -217,7 +209,7 @@ def train(cfg: Config) -> dict[str, Any]:
         ev = {"loss": loss, "perplexity": math.exp(min(loss, 80.0))}
         writer.write(at, "val", ev)
         summary.update(val_loss=ev["loss"], val_perplexity=ev["perplexity"])
-        bar.write(f"step {at}: val loss {ev['loss']:.4f}, perplexity {ev['perplexity']:.2f}")
+        console.eval(at, ev["loss"], ev["perplexity"])
 
     def log_metrics(at: int, _state, _metrics) -> None:
         got = jax.device_get(pending)
@@ -227,8 +219,7 @@ def train(cfg: Config) -> dict[str, Any]:
         writer.write(at, "train", {**scalars, "loss": loss, "lr": got[-1]["lr"],
                                    "tokens_per_s": tps, "mfu": util})
         summary["train_loss"] = loss
-        bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}", mfu=format_mfu(util),
-                        refresh=False)
+        console.train(at, loss, float(got[-1]["lr"]), tps, util)
         pending.clear()
 
     def save(at: int, state_now: TrainState, _metrics=None) -> None:
@@ -237,7 +228,9 @@ def train(cfg: Config) -> dict[str, Any]:
 
     profiler = Profiler(cfg.train.profile_steps, run_dir, step)
     hooks = [
-        Hook(lambda _s, _st, m: (pending.append(m), bar.update(1)), paused=False),
+        Hook(lambda _s, _st, m: (pending.append(m), console.step()), paused=False),
+        # A background save that failed (a full disk) stops the run now, not at the next save.
+        Hook(lambda *_: checkpoint.raise_if_save_failed(manager), paused=False),
         Hook(log_metrics, every=cfg.train.log_every, on_stop=True, paused=False),
         Hook(evaluate, every=cfg.train.eval_every),
         Hook(save, every=cfg.checkpoint.every, on_stop=True),
@@ -249,33 +242,32 @@ def train(cfg: Config) -> dict[str, Any]:
     # collective) while another trains; JAX's preemption service picks one step for all.
     distributed = jax.process_count() > 1
     try:
-        with _sigterm_flag(install=not distributed) as stop:  # a SIGTERM is a save from here on
-            if resume_from is None:  # the baseline that later evaluations are read against
+        with stop_on_signals(install=not distributed) as stop:  # SIGTERM, Ctrl-C: save, stop
+            if restored is None:  # the baseline that later evaluations are read against
                 evaluate(0)
             throughput.start()
-            while step < steps and stop["signal"] is None:
+            while step < steps and not stop:
                 state, metrics = run.train_step(state, run.put(next(train_iter)))
                 step += 1
                 if distributed and multihost_utils.reached_preemption_sync_point(step):
-                    stop["signal"] = signal.SIGTERM
-                last, stopping = step == steps, stop["signal"] is not None
+                    stop.signal = signal.SIGTERM
+                last, stopping = step == steps, bool(stop)
                 for hook in hooks:
                     if hook.due(step, last, stopping):
                         started = time.perf_counter()
                         hook.fn(step, state, metrics)
                         if hook.paused:
                             throughput.pause(time.perf_counter() - started)
-            if stop["signal"] is not None:
+            if stop:
                 if summary["checkpoint_step"] != step:  # it arrived before the first step
                     save(step, state)
-                summary["preempted"] = True
-                bar.write(f"SIGTERM: saved a checkpoint at step {step}; rerun to resume")
+                summary.update(preempted=True, signal=stop.name)
+                console.note(f"{stop.name}: saved a checkpoint at step {step}; rerun to resume")
     finally:
         profiler.close()
-        bar.close()
-        manager.wait_until_finished()
-        manager.close()
+        console.close()
         writer.close()
+        checkpoint.finish(manager)
     if summary["val_loss"] is None and not summary["preempted"]:  # resumed a finished run
         evaluate(step)
     tps, util = throughput.mean()
