@@ -200,7 +200,7 @@ def test_cli_distributed_initializes_jax_before_training(monkeypatch, flag):
 
     calls = []
     monkeypatch.setattr(jax.distributed, "initialize", lambda: calls.append("initialize"))
-    monkeypatch.setattr(loop, "train", lambda cfg: calls.append("train") or {"preempted": False})
+    monkeypatch.setattr(loop, "train", lambda cfg: calls.append("train") or {"signal": None})
     config = pathlib.Path(__file__).parents[1] / "configs" / "default.yaml"
     assert cli.main(["train", "--config", str(config)] + ["--distributed"] * flag) == 0
     assert calls == ["initialize", "train"] if flag else ["train"]
