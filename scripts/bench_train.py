@@ -1,10 +1,12 @@
 """Training throughput and MFU of meshlm's real train step beside a torch.compile baseline.
 
-For each GPT config (default: ~125M, ~350M, ~1.3B parameters) this times, on one device,
-``meshlm.train.step.make_train_step`` (bf16 compute, fp32 parameters and AdamW state, global-norm
-clipping, the state built by ``create_train_state``) and ``scripts/torch_gpt.py``'s PyTorch model
-of the same architecture and batch (torch.compile, scaled_dot_product_attention, bf16 autocast,
-fused AdamW), then prints one Markdown table. A step time is the mean of ``--steps`` steps with one
+For each config (default: GPT ~125M, ~350M, ~1.3B parameters; any family) this times, on one
+device, the train step ``meshlm.train.setup.build`` compiles (bf16 compute, fp32 parameters and
+AdamW state, global-norm clipping) and, for the GPT family, ``scripts/torch_gpt.py``'s PyTorch
+model of the same architecture and batch (torch.compile, scaled_dot_product_attention, bf16
+autocast, fused AdamW), then prints one Markdown table. A config entry may carry its own
+overrides after ``@`` (``mamba_130m@model.implementation=xla``), so one run can set a model
+beside a variant of itself. A step time is the mean of ``--steps`` steps with one
 sync at the end, the fastest of ``--rounds`` such rounds (all recorded), after ``--warmup`` steps:
 
     config | params | batch x seq | meshlm tok/s | MFU | torch tok/s | torch MFU | ratio
@@ -17,6 +19,8 @@ at the same time and an out-of-memory in one row does not lose the others.
     PYTHONPATH=src:. python3 scripts/bench_train.py --smoke           # CPU check, tiny config
     PYTHONPATH=src:. python3 scripts/bench_train.py --configs gpt2_125m --batch 32 \\
         --set model.remat=none --skip-torch                           # one tuning point
+    PYTHONPATH=src:. python3 scripts/bench_train.py --configs \
+        gpt2_125m@model.max_seq_len=2048,mamba2_130m --batch 8 --seq 2048  # families, same tokens
 """
 
 from __future__ import annotations
@@ -256,7 +260,8 @@ def main(argv=None) -> None:
 
     def per_config(text, key):
         if text is None:
-            return [DEFAULTS.get(pathlib.Path(c).stem, {}).get(key) for c in configs]
+            return [DEFAULTS.get(pathlib.Path(c.split("@")[0]).stem, {}).get(key)
+                    for c in configs]
         values = [int(v) for v in text.split(",")]
         if len(values) not in (1, len(configs)):
             raise SystemExit(f"--{key}: give one value or {len(configs)} (one per config)")
@@ -271,16 +276,18 @@ def main(argv=None) -> None:
         out.mkdir(parents=True, exist_ok=True)
     headers = ["config", "params", "batch x seq", "meshlm tok/s", "MFU", "torch tok/s",
                "torch MFU", "ratio"]
-    for config, batch, seq in zip(configs, batches, seqs):
+    for entry, batch, seq in zip(configs, batches, seqs):
+        config, *own = entry.split("@")
         base = load_config(config_path(config))
         batch = batch or base.data.batch_size
         seq = seq or base.data.seq_len
-        overrides = [*DEFAULTS.get(pathlib.Path(config).stem, {}).get("overrides", ()), *args.set]
+        overrides = [*DEFAULTS.get(pathlib.Path(config).stem, {}).get("overrides", ()), *own,
+                     *args.set]
         cfg = load_config(config_path(config), [*overrides, f"data.seq_len={seq}"])
         flops = cfg.model.flops_per_token(seq)
-        print(f"== {config}: batch {batch} x {seq}, overrides {overrides}", flush=True)
+        print(f"== {entry}: batch {batch} x {seq}, overrides {overrides}", flush=True)
         res = {"jax": run_worker("jax", args, config, batch, seq, overrides)}
-        if not args.skip_torch:
+        if not args.skip_torch and cfg.model.family == "gpt":  # torch_gpt.py models GPT only
             res["torch"] = run_worker("torch", args, config, batch, seq, overrides)
         for kind, r in res.items():
             profile = r.pop("profile", None)
@@ -306,9 +313,9 @@ def main(argv=None) -> None:
         if params and torch_res and torch_res.get("params") not in (None, params):
             print(f"   WARNING: parameter counts differ: meshlm {params:,}, torch "
                   f"{torch_res['params']:,}", flush=True)
-        rows.append([pathlib.Path(config).stem, f"{params / 1e6:.0f}M" if params else "?",
+        rows.append([entry.replace(str(ROOT / "configs") + "/", ""), f"{params / 1e6:.0f}M" if params else "?",
                      f"{batch} x {seq}", *cols(jax_res), *cols(torch_res), ratio])
-        records.append({"config": config, "batch": batch, "seq": seq, "overrides": overrides,
+        records.append({"config": entry, "batch": batch, "seq": seq, "overrides": overrides,
                         "xla_flags": args.xla_flags, "flops_per_token": flops,
                         "peak_flops": peak, **res})
         if out:
