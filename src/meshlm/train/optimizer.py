@@ -50,6 +50,14 @@ def _schedule_shape(cfg: Config) -> tuple[float, float, int, int]:
 
 
 def _warmup_cosine(peak: float, floor: float, warmup: int, total: int) -> optax.Schedule:
+    """Linear warmup to ``peak`` over ``warmup`` updates, then cosine to ``floor`` at ``total``.
+
+    Not ``optax.warmup_cosine_decay_schedule``: that one is indexed by the updates already made
+    (its first update uses ``init_value``, 0 by default, a wasted step), this one by the update
+    being made, so update 1 uses ``peak / warmup`` and update ``total`` exactly ``floor`` for
+    every ``warmup`` including 0, which optax's cannot express (it needs ``warmup_steps >= 1``
+    for a non-zero first rate).
+    """
     def schedule(count):
         t = jnp.asarray(count, jnp.float32) + 1.0  # 1-based index of the update being made
         warm = peak * t / max(warmup, 1)
