@@ -39,10 +39,10 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4, "H800": 989.4, "A100": 312.0, "L4": 121.0}
 
 # Per config: the batch, sequence length and meshlm overrides this benchmark runs by default,
-# tuned on an H100 (notes in BENCHMARKS.md): cuDNN attention; layers unrolled (nn.scan's stacked
-# residuals cost ~25% of a 125M step in copies and dynamic-update-slices); no remat where the
-# activations fit. The PyTorch baseline gets the same batch and sequence length.
-_FAST = ("model.attention=cudnn", "model.scan_layers=false")
+# tuned on an H100 (notes in BENCHMARKS.md): the config's own attention; layers unrolled
+# (nn.scan's stacked residuals cost ~25% of a 125M step in copies and dynamic-update-slices); no
+# remat where the activations fit. The PyTorch baseline gets the same batch and sequence length.
+_FAST = ("model.scan_layers=false",)
 DEFAULTS = {
     "gpt2_125m": dict(batch=16, seq=1024, overrides=(*_FAST, "model.remat=none")),
     "gpt2_350m": dict(batch=16, seq=1024, overrides=(*_FAST, "model.remat=none")),
