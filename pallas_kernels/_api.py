@@ -1,8 +1,10 @@
-"""Argument checks, lowering loading, the compilation target and the scan kernels' custom VJP
-that the ``api`` modules share."""
+"""What the ``api`` modules of every op share: the dispatch policy (``Dispatch``), argument checks,
+lowering loading, the compilation target and its per-device defaults, and the scan kernels'
+custom VJP."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib
 import numbers
@@ -30,9 +32,6 @@ def load_lowering(package: str, name: str):
         return importlib.import_module(f"{package}.{name}"), None
     except Exception as e:  # noqa: BLE001 - any import failure just makes the lowering unavailable
         return None, f"{type(e).__name__}: {e}"
-
-
-_LOWERING_PLATFORM = {"triton": "gpu", "mosaic_gpu": "gpu", "tpu": "tpu"}
 
 
 def target_platform() -> str:
@@ -65,28 +64,146 @@ def lowering_for(device_kind: str, platform: str = "gpu"):
     return jax.sharding.use_abstract_mesh(mesh)
 
 
-def platform_reason(lowering: str) -> str | None:
-    """Why the target platform cannot run ``lowering`` natively (None if it can)."""
-    want, got = _LOWERING_PLATFORM[lowering], target_platform()
-    return None if got == want else f"needs a {want.upper()} backend, got {got}"
+def target_device_kind() -> str:
+    """The device kind being compiled for (the abstract mesh's, else the default device's)."""
+    device = jax.sharding.get_abstract_mesh().abstract_device
+    return (device or jax.devices()[0]).device_kind
 
 
-def named_lowering(package: str, implementation: str, interpret: bool, unsupported, *,
-                   platform=platform_reason):
-    """The module of the lowering a caller named, or a ``ValueError`` saying why it cannot run
-    this call: it failed to import, the target cannot run it natively (unless ``interpret``), or
-    ``unsupported(module)`` (a reason or None) refuses the arguments."""
-    module, error = load_lowering(package, implementation)
-    if module is None:
-        raise ValueError(f"implementation={implementation!r} is unavailable ({error})")
-    if not interpret and (why := platform(implementation)):
-        raise ValueError(
-            f"implementation={implementation!r} {why}; pass interpret=True to run it in "
-            "interpret mode"
-        )
-    if why := unsupported(module):
-        raise ValueError(f"implementation={implementation!r} does not support this call: {why}")
-    return module
+def device_default(table: dict):
+    """The entry of a lowering's per-device default table for the target device.
+
+    Keys are compute capabilities (``"9.0"``) or substrings of the device kind (``"v5 lite"``);
+    ``""`` holds the default for every other device.
+    """
+    arch, kind = gpu_arch(), target_device_kind().lower()
+    for key, value in table.items():
+        if key and (key == arch or key.lower() in kind):
+            return value
+    return table[""]
+
+
+# ----------------------------------------------------------------------------- dispatch
+
+
+@dataclasses.dataclass(frozen=True)
+class Lowering:
+    """One named implementation of an op besides ``"xla"``.
+
+    Its module ``<package>.<name>`` provides ``supports(call, tiles) -> reason or None`` and, for
+    a Pallas lowering, ``Tiles`` (a frozen dataclass of its launch shape) and
+    ``default_tiles(call) -> Tiles`` (looked up in its per-device table with
+    ``device_default``). ``call`` is the op's static description of the arguments.
+    """
+
+    name: str
+    platform: str  # "gpu" or "tpu": the backend it runs on natively
+    arch: str | None = None  # a compute-capability prefix it needs ("9." for Hopper)
+    pallas: bool = True  # runs in interpret mode with interpret=True; takes tiles=
+    auto: bool = True  # "auto" may pick it
+
+
+@dataclasses.dataclass(frozen=True)
+class Dispatch:
+    """The implementations of one op and the policy shared by every op.
+
+    - ``"xla"`` is the op's plain-JAX implementation.
+    - ``"auto"`` picks the first of ``lowerings`` (listed fastest first) that runs natively on the
+      target platform, imports, and supports the call with its default tiles; else ``"xla"``. It
+      never raises, and ``interpret`` never changes what it picks.
+    - A named lowering runs or raises a ``ValueError`` saying why: it failed to import, the target
+      cannot run it natively (``interpret=True`` runs a named Pallas lowering on any backend, in
+      interpret mode), or it does not support the call or the given tiles.
+    - ``tiles=`` is the named Pallas lowering's ``Tiles``; None takes its per-device default.
+    """
+
+    package: str
+    lowerings: tuple[Lowering, ...]
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return ("auto", "xla", *(lowering.name for lowering in self.lowerings))
+
+    def choose(self, implementation: str, call, *, interpret: bool, tiles=None):
+        """``(name, tiles)``: ``("xla", None)`` or a lowering and its tiles (None if not Pallas)."""
+        if implementation not in self.names:
+            raise ValueError(f"implementation must be one of {self.names}, got {implementation!r}")
+        if tiles is not None and implementation in ("auto", "xla"):
+            pallas = tuple(x.name for x in self.lowerings if x.pallas)
+            raise ValueError(
+                f"tiles are the launch shape of one Pallas lowering: name it with implementation= "
+                f"(one of {pallas}), got implementation={implementation!r}"
+            )
+        if implementation == "xla":
+            return "xla", None
+        if implementation == "auto":
+            return self._auto(call)
+        return self._named(implementation, call, interpret, tiles)
+
+    def _auto(self, call):
+        for lowering in self.lowerings:
+            if not lowering.auto or _platform_reason(lowering):
+                continue
+            module, _ = load_lowering(self.package, lowering.name)
+            if module is None:
+                continue
+            tiles = module.default_tiles(call) if lowering.pallas else None
+            if module.supports(call, tiles) is None:
+                return lowering.name, tiles
+        return "xla", None
+
+    def unavailable(self, name: str, interpret: bool = False) -> str | None:
+        """Why lowering ``name`` cannot run on the target whatever the call (None if it can)."""
+        lowering = next(x for x in self.lowerings if x.name == name)
+        module, error = load_lowering(self.package, name)
+        if module is None:
+            return f"is unavailable ({error})"
+        if interpret and not lowering.pallas:
+            return "is not a Pallas kernel: it has no interpret mode (interpret=True)"
+        if not interpret and (why := _platform_reason(lowering)):
+            hint = "; pass interpret=True to run it in interpret mode" if lowering.pallas else ""
+            return why + hint
+        return None
+
+    def _named(self, name, call, interpret, tiles):
+        if why := self.unavailable(name, interpret):
+            raise ValueError(f"implementation={name!r} {why}")
+        lowering = next(x for x in self.lowerings if x.name == name)
+        module, _ = load_lowering(self.package, name)
+        if tiles is None:
+            tiles = module.default_tiles(call) if lowering.pallas else None
+        elif not lowering.pallas:
+            raise ValueError(f"implementation={name!r} takes no tiles, got {tiles!r}")
+        else:
+            _check_tiles(tiles, module.Tiles)
+        if why := module.supports(call, tiles):
+            raise ValueError(f"implementation={name!r} does not support this call: {why}")
+        return name, tiles
+
+
+def _platform_reason(lowering: Lowering) -> str | None:
+    """Why the target cannot run ``lowering`` natively (None if it can)."""
+    if (got := target_platform()) != lowering.platform:
+        return f"needs a {lowering.platform.upper()} backend, got {got}"
+    if lowering.arch is not None and not (arch := gpu_arch() or "").startswith(lowering.arch):
+        return f"needs a GPU of compute capability {lowering.arch}x, got {arch or 'unknown'}"
+    return None
+
+
+def _check_tiles(tiles, cls, path: str = "tiles"):
+    """``tiles`` is a ``cls`` whose leaves (nested tile dataclasses allowed) are ints >= 1."""
+    if not isinstance(tiles, cls):
+        raise ValueError(f"{path} must be a {_qualified(cls)}, got {_qualified(type(tiles))}")
+    for field in dataclasses.fields(tiles):
+        value, where = getattr(tiles, field.name), f"{path}.{field.name}"
+        if dataclasses.is_dataclass(value):
+            _check_tiles(value, type(value), where)
+        elif not is_int(value) or value < 1:
+            raise ValueError(f"{where} must be a positive int, got {value!r}")
+
+
+def _qualified(cls) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 def unvary_like(g, primal):

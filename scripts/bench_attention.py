@@ -7,9 +7,11 @@ not), plus a GQA row (8 query heads per kv head) and a sliding-window row. FLOPs
 visible (query, key) pairs: 4 * batch * heads * head_dim * pairs for the forward (causal halves
 the square), and 3.5x that for forward + backward (two matmuls forward, five backward).
 
-``--check`` compares every lowering with cuDNN on the timed shapes and with the float32 reference
-on small shapes with the features cuDNN lacks. ``--sweep`` times Triton tile configurations at the
-largest sequence and prints the best, to be copied into ``triton._TUNED``.
+``cudnn`` is ``flash_attention(implementation="cudnn")``; ``xla`` is jax's own XLA attention
+(``jax.nn.dot_product_attention``), not the float32 reference. ``--check`` compares every
+lowering with cuDNN on the timed shapes and with the float32 reference on small shapes with the
+features cuDNN lacks. ``--sweep`` times Triton tile configurations at the largest sequence and
+prints the best, to be copied into ``triton.DEFAULT_TILES``.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from benchlib import device_description, print_table, time_ms
 
 from pallas_kernels.flash_attention import api, flash_attention
 from pallas_kernels.flash_attention import triton as fa_triton
-from pallas_kernels.flash_attention.common import AttentionSpec, BlockSizes
+from pallas_kernels.flash_attention.common import AttentionSpec, Call
 
 PALLAS = ("triton", "mosaic_gpu")
 BASELINES = ("cudnn", "xla")
@@ -73,16 +75,16 @@ INTERPRET = False  # --interpret: Pallas in interpret mode, to smoke-test this s
 
 
 def attention_fn(impl: str, row: Row):
-    if impl in BASELINES:
+    if impl == "xla":
         # Query i sees keys i-w+1..i: w-1 to the left, none to the right.
         window = None if row.window is None else (row.window - 1, 0)
         return functools.partial(
             jax.nn.dot_product_attention, is_causal=row.causal, local_window_size=window,
-            implementation=impl,
+            implementation="xla",
         )
     return functools.partial(
         flash_attention, causal=row.causal, sliding_window=row.window, implementation=impl,
-        interpret=INTERPRET,
+        interpret=INTERPRET and impl in PALLAS,
     )
 
 
@@ -114,9 +116,7 @@ def available_pallas(names) -> list[str]:
     """Lowerings that exist and run on this backend (the others are reported, not timed)."""
     out = []
     for name in names:
-        module, error = api._load_lowering(name)
-        reason = error if module is None or INTERPRET else api._platform_reason(name)
-        if reason:
+        if reason := api.DISPATCH.unavailable(name, interpret=INTERPRET):
             print(f"skipping {name}: {reason}", flush=True)
         else:
             out.append(name)
@@ -233,13 +233,13 @@ def check_features(impls, kv_len):
 
 def sweep(row: Row, deadline: float, iters: int):
     """Times Triton tile configurations for the forward, dK/dV and dQ kernels of ``row``."""
-    Tiles = fa_triton.Tiles
+    Tiles, KernelTiles = fa_triton.Tiles, fa_triton.KernelTiles
     q, k, v, d_out = inputs(row, seed=7)
     spec = AttentionSpec(causal=row.causal, scale=row.head_dim ** -0.5)
-    common = dict(spec=spec, block_sizes=BlockSizes(), interpret=INTERPRET)
-    out, lse = jax.jit(lambda q, k, v: fa_triton.forward(q, k, v, None, None, None, **common))(
-        q, k, v)
-    _, tuned_dkv, tuned_dq = fa_triton._tuned(row.head_dim)
+    default = fa_triton.default_tiles(Call(q.shape, k.shape, q.dtype, spec))
+    common = dict(spec=spec, interpret=INTERPRET)
+    out, lse = jax.jit(lambda q, k, v: fa_triton.forward(q, k, v, None, None, None, **common,
+                                                         tiles=default))(q, k, v)
     flops = row.fwd_flops()
     found = {}
 
@@ -263,26 +263,30 @@ def sweep(row: Row, deadline: float, iters: int):
     grid = [(w, s) for w in (4, 8) for s in (2, 3, 4)]
     run(
         "fwd",
-        [Tiles(bq, bk, w, s) for bq, bk in ((128, 64), (128, 128), (64, 64), (64, 128))
+        [KernelTiles(bq, bk, w, s) for bq, bk in ((128, 64), (128, 128), (64, 64), (64, 128))
          for w, s in grid],
-        lambda t: lambda q, k, v: fa_triton.forward(q, k, v, None, None, None, **common, tiles=t),
+        lambda t: lambda q, k, v: fa_triton.forward(
+            q, k, v, None, None, None, **common, tiles=Tiles(t, default.dkv, default.dq)),
         (q, k, v),
     )
 
     def bwd(dkv, dq):
         return lambda q, k, v, out, lse, d_out: fa_triton.backward(
-            q, k, v, None, None, None, out, lse, d_out, **common, tiles=(dkv, dq))
+            q, k, v, None, None, None, out, lse, d_out, **common,
+            tiles=Tiles(default.fwd, dkv, dq))
 
     best_dkv = run(
         "dkv",
-        [Tiles(bq, bk, w, s) for bq, bk in ((64, 128), (32, 128), (64, 64), (128, 128), (32, 64))
+        [KernelTiles(bq, bk, w, s)
+         for bq, bk in ((64, 128), (32, 128), (64, 64), (128, 128), (32, 64))
          for w, s in grid if s < 4],
-        lambda t: bwd(t, tuned_dq),
+        lambda t: bwd(t, default.dq),
         (q, k, v, out, lse, d_out),
-    ) or tuned_dkv
+    ) or default.dkv
     run(
         "dq",
-        [Tiles(bq, bk, w, s) for bq, bk in ((128, 64), (64, 64), (128, 32), (64, 32), (128, 128))
+        [KernelTiles(bq, bk, w, s)
+         for bq, bk in ((128, 64), (64, 64), (128, 32), (64, 32), (128, 128))
          for w, s in grid if s < 4],
         lambda t: bwd(best_dkv, t),
         (q, k, v, out, lse, d_out),

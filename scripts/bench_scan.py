@@ -16,7 +16,6 @@ Mamba-2 table of scripts/bench_ssd.py.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
 
@@ -29,10 +28,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import benchlib  # noqa: E402
 
 from pallas_kernels._ssm_math import softplus  # noqa: E402
-from pallas_kernels.selective_scan import api, reference  # noqa: E402
+from pallas_kernels.selective_scan import api, reference, triton  # noqa: E402
+from pallas_kernels.selective_scan.common import Call  # noqa: E402
 
 DEFAULT_SHAPES = ((8, 2048, 1536, 16), (4, 8192, 2048, 16))
-SWEEP = ((32, 16, 2), (64, 16, 4), (32, 8, 2), (64, 8, 4), (32, 4, 2))  # (block_d, chunk, warps)
+SWEEP = ((32, 16), (64, 16), (32, 8), (64, 8), (32, 4))  # (block_d, chunk); warps follow block_d
 GRAD_ARGS = ("u", "delta", "A", "B", "C", "D", "z", "dt_bias")
 
 
@@ -72,6 +72,12 @@ def lax_scan(u, delta, A, B, C, D, z, dt_bias):
     return reference.selective_scan(
         u, delta, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=True
     )
+
+
+def triton_config(batch, length, d_inner, d_state, tiles=None):
+    """The Triton launch configuration: ``tiles``, else the device's default ones."""
+    call = Call(batch, length, d_inner, 1, d_state)
+    return triton.config(call, tiles or triton.default_tiles(call), True, False)
 
 
 def pallas(cfg):
@@ -136,8 +142,7 @@ def main(argv=None):
     rows, sweep_rows = [], []
     for batch, length, d_inner, d_state in shapes:
         x, dy = make_inputs(batch, length, d_inner, d_state)
-        dims = (batch, length, d_inner, 1, d_state)
-        cfg = api._choose("triton", dims, None, None, True, False)
+        cfg = triton_config(batch, length, d_inner, d_state)
         shape = f"{batch}x{length}x{d_inner}x{d_state}"
         # Checked at the first shape only: the reference's backward at the larger one takes minutes.
         if (batch, length, d_inner, d_state) == shapes[0]:
@@ -172,11 +177,9 @@ def main(argv=None):
 
     for batch, length, d_inner, d_state in shapes[:1] if args.sweep else ():
         x, dy = make_inputs(batch, length, d_inner, d_state)
-        cfg = api._choose("triton", (batch, length, d_inner, 1, d_state), None, None, True, False)
-        for block_d, chunk, warps in SWEEP:
-            c = dataclasses.replace(
-                cfg, block_d=block_d, chunk=chunk, forward_chunk=chunk, num_warps=warps
-            )
+        for block_d, chunk in SWEEP:
+            c = triton_config(batch, length, d_inner, d_state, triton.Tiles(block_d, chunk, chunk))
+            warps = c.num_warps
             try:
                 t_f = benchlib.time_ms(jax.jit(pallas(c)), *(x[n] for n in GRAD_ARGS))
                 t_fb = benchlib.time_ms(fwd_bwd(pallas(c)), x, dy)

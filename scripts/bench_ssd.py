@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import benchlib  # noqa: E402
 
-from pallas_kernels.ssd import reference, ssd  # noqa: E402
+from pallas_kernels.ssd import reference, ssd, triton  # noqa: E402
 
 HEADS, HEAD_DIM, D_STATE, GROUPS, CHUNK = 64, 64, 128, 1, 256
 
@@ -53,16 +53,16 @@ def _inputs(key, batch, length, heads, head_dim, groups, d_state, dtype, *, gate
 
 
 def _fn(impl, names, **opts):
-    """``f(*arrays) -> (y, final_state)`` for one implementation."""
+    """``f(*arrays) -> (y, final_state)`` for one implementation (``"xla"``: the chunked plain-JAX
+    form; ``"reference"``: the sequential float32 scan)."""
 
     def f(*vals):
         kw = dict(zip(names, vals))
         pos = [kw.pop(n) for n in ("x", "dt", "A", "B", "C")]
-        if impl == "chunked":
-            return reference.ssd_chunked(*pos, **kw, chunk_size=CHUNK, dt_softplus=True,
-                                         return_final_state=True)
-        return ssd(*pos, **kw, dt_softplus=True, return_final_state=True, implementation=impl,
-                   **opts)
+        if impl == "reference":
+            return reference.ssd(*pos, **kw, dt_softplus=True, return_final_state=True)
+        return ssd(*pos, **kw, chunk_size=CHUNK, dt_softplus=True, return_final_state=True,
+                   implementation=impl, **opts)
 
     return f
 
@@ -92,11 +92,11 @@ def check(impl, dtype, tol, length=1001, **opts):
     dy = jax.random.normal(jax.random.PRNGKey(7), args["x"].shape).astype(dtype)
     errs = {}
     outs = {}
-    for name in (impl, "xla"):
+    for name in (impl, "reference"):
         f = _fn(name, names, **(opts if name == impl else {}))
         outs[name] = (jax.jit(f)(*vals), _fwd_and_vjp(f)[1](dy, *vals))
     (y, h), grads = outs[impl]
-    (y_ref, h_ref), grads_ref = outs["xla"]
+    (y_ref, h_ref), grads_ref = outs["reference"]
     errs["y"], errs["state"] = _rel(y, y_ref), _rel(h, h_ref)
     for n, g, r in zip(names, grads, grads_ref):
         errs["d" + n] = _rel(g, r)
@@ -135,7 +135,7 @@ def main(argv=None):
                        jnp.bfloat16)
         names, vals = list(args), list(args.values())
         dy = jax.random.normal(jax.random.PRNGKey(1), args["x"].shape).astype(jnp.bfloat16)
-        base_fwd, base_bwd = _fwd_and_vjp(_fn("chunked", names))
+        base_fwd, base_bwd = _fwd_and_vjp(_fn("xla", names))
         t_base_fwd = benchlib.time_ms(base_fwd, *vals, iters=a.iters)
         t_base_bwd = benchlib.time_ms(base_bwd, dy, *vals, iters=a.iters)
         y_base = base_fwd(*vals)
@@ -147,7 +147,7 @@ def main(argv=None):
                 if time.time() - start > a.budget_s:
                     print(f"budget: skipping {impl} {bt}x{bp}x{nw} at {length}", flush=True)
                     continue
-                opts = dict(chunk_size=CHUNK, block_t=bt, block_p=bp, num_warps=nw)
+                opts = dict(tiles=None if bt is None else triton.Tiles(bt, bp, nw))
                 label = impl if bt is None else f"{impl} {bt}x{bp}x{nw}"
                 try:
                     fwd, fwd_bwd = _fwd_and_vjp(_fn(impl, names, **opts))

@@ -33,7 +33,7 @@ from pallas_kernels import lowering_for
 from pallas_kernels._api import gpu_arch
 from pallas_kernels.flash_attention import flash_attention
 from pallas_kernels.flash_attention import triton as fa_triton
-from pallas_kernels.flash_attention.common import AttentionSpec, BlockSizes
+from pallas_kernels.flash_attention.common import AttentionSpec
 from pallas_kernels.selective_scan import selective_scan
 from pallas_kernels.ssd import ssd
 
@@ -181,25 +181,23 @@ _OPS = ("flash_attention", "selective_scan", "ssd")
 
 def _sweep_cases(head_dim: int):
     """bench_attention's sweep candidates (non-causal): ``(label, kernel to keep, fn, args)``."""
-    Tiles = fa_triton.Tiles
     q = _SDS((1, 4096, 16, head_dim), _BF16)
     lse = _SDS((1, 16, 4096), jnp.float32)
-    common = dict(spec=AttentionSpec(causal=False, scale=head_dim ** -0.5),
-                  block_sizes=BlockSizes(), interpret=False)
+    common = dict(spec=AttentionSpec(causal=False, scale=head_dim ** -0.5), interpret=False)
     grid = [(w, s) for w in (4, 8) for s in (1, 2, 3)]
     shapes = {"fwd": ((128, 64), (128, 128), (64, 64), (64, 128)),
               "dkv": ((64, 128), (32, 128), (64, 64), (128, 128), (32, 64)),
               "dq": ((128, 64), (64, 64), (128, 32), (64, 32), (128, 128))}
     for kind, sizes in shapes.items():
         for (bq, bk), (w, s) in ((size, ws) for size in sizes for ws in grid):
-            tiles = Tiles(bq, bk, w, s)
+            tiles = fa_triton.KernelTiles(bq, bk, w, s)
+            every = fa_triton.Tiles(tiles, tiles, tiles)  # only the kernel named is compiled
             if kind == "fwd":
-                fn = functools.partial(fa_triton.forward, **common, tiles=tiles)
+                fn = functools.partial(fa_triton.forward, **common, tiles=every)
                 yield (f"d{head_dim} fwd {tiles}", None,
                        lambda q, k, v, fn=fn: fn(q, k, v, None, None, None), (q, q, q))
             else:
-                # Both backward kernels take the candidate; only the one named is compiled.
-                fn = functools.partial(fa_triton.backward, **common, tiles=(tiles, tiles))
+                fn = functools.partial(fa_triton.backward, **common, tiles=every)
                 keep = "flash_attention_dkv" if kind == "dkv" else "flash_attention_dq"
                 yield (f"d{head_dim} {kind} {tiles}", keep,
                        lambda q, k, v, o, l, g, fn=fn: fn(q, k, v, None, None, None, o, l, g),

@@ -17,7 +17,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).parents[1] / "scripts"))
 import kernel_resources  # noqa: E402
 
 from pallas_kernels.flash_attention import triton as fa_triton  # noqa: E402
-from pallas_kernels.flash_attention.common import AttentionSpec, BlockSizes  # noqa: E402
+from pallas_kernels.flash_attention.common import AttentionSpec  # noqa: E402
 
 H100 = "NVIDIA H100"
 
@@ -38,12 +38,12 @@ def test_a_spilling_tile_is_reported(tmp_path):
     # 4 warps for a 64x128 dK/dV tile at head_dim 128 spill about 2.5 KB per thread on sm_90a.
     q = jax.ShapeDtypeStruct((1, 1024, 2, 128), jnp.bfloat16)
     lse = jax.ShapeDtypeStruct((1, 2, 1024), jnp.float32)
-    tiles = fa_triton.Tiles(64, 128, 4, 2)
+    tiles = fa_triton.KernelTiles(64, 128, 4, 2)
     spec = AttentionSpec(causal=False, scale=128 ** -0.5)
 
     def backward(q, k, v, o, lse, do):
         return fa_triton.backward(q, k, v, None, None, None, o, lse, do, spec=spec,
-                                  block_sizes=BlockSizes(), interpret=False, tiles=(tiles, tiles))
+                                  interpret=False, tiles=fa_triton.Tiles(tiles, tiles, tiles))
 
     calls = kernel_resources._triton_calls(backward, (q, q, q, q, lse, q), H100)
     dkv = next(c for c in calls if c["name"] == "flash_attention_dkv")

@@ -350,33 +350,6 @@ def test_kv_cache_decoding_matches_full_recompute(cfg, explicit_positions):
     np.testing.assert_array_equal(jnp.argmax(recomputed[:, prompt_len - 1:-1], -1), out)
 
 
-def test_cudnn_path_masks_match_flash_reference(monkeypatch):
-    """``attention="cudnn"`` turns segment ids and the decode offset into an explicit mask. cuDNN
-    needs a GPU, so the same call runs here with jax's XLA implementation: what is checked is
-    that mask, against the ``flash_attention`` reference path."""
-    original = jax.nn.dot_product_attention
-
-    def xla_instead(*args, implementation=None, **kwargs):
-        assert implementation == "cudnn"
-        return original(*args, implementation="xla", **kwargs)
-
-    monkeypatch.setattr(jax.nn, "dot_product_attention", xla_instead)
-    cfg = dataclasses.replace(LLAMA, attention="cudnn")
-    params = _params(LLAMA, seed=20)
-    tokens = _tokens(21, (1, SHAPE[1]), cfg.vocab_size)
-    segment_ids = jnp.asarray([[1] * 6 + [2] * 7 + [0] * 3], jnp.int32)
-    positions = jnp.asarray([list(range(6)) + list(range(7)) + [0] * 3], jnp.int32)
-    _assert_close(_logits(cfg, params, tokens, positions, segment_ids),
-                  _logits(LLAMA, params, tokens, positions, segment_ids))
-    cache = cfg.init_cache(_model(cfg), 1, SHAPE[1])
-    logits = []
-    for start, stop in [(0, 9), (9, 12), (12, 13)]:  # prefill, a chunk, one token
-        out, mutated = _decode(cfg, params, cache, tokens[:, start:stop])
-        cache = mutated["cache"]
-        logits.append(out)
-    _assert_close(jnp.concatenate(logits, 1), _logits(LLAMA, params, tokens)[:, :13], atol=5e-5)
-
-
 def _expected_axes(cfg):
     """Logical axes of every parameter per the framework contract (before scan's 'layers')."""
     layer = {

@@ -15,8 +15,20 @@ import pytest
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
+from kernel_checks import rel_err
+
 from pallas_kernels import lowering_for
-from pallas_kernels.selective_scan import reference, selective_scan, selective_scan_step
+from pallas_kernels.selective_scan import (
+    reference,
+    selective_scan,
+    selective_scan_step,
+    tpu,
+    triton,
+)
+from pallas_kernels.selective_scan.api import DISPATCH
+from pallas_kernels.selective_scan.common import Call
+
+pytestmark = pytest.mark.usefixtures("fast_compile")
 
 _seeds = itertools.count(1000)
 
@@ -40,12 +52,6 @@ def make_inputs(batch, length, d_inner, n_groups, d_state, dtype, *, full=True):
         x["initial_state"] = jax.random.normal(k[8], (batch, d_inner, d_state))
     # A and the state stay float32 (as Mamba keeps them); activations take the test dtype.
     return {n: v if n in ("A", "initial_state") else v.astype(dtype) for n, v in x.items()}
-
-
-def rel_err(x, ref):
-    x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
-    assert np.all(np.isfinite(x)), "non-finite values"
-    return np.linalg.norm(x - ref) / max(np.linalg.norm(ref), 1e-30)
 
 
 def scan_loss(fn, inputs, weights, **kwargs):
@@ -100,23 +106,24 @@ def test_triton_matches_reference(dtype, full, n_groups, length, d_state):
     # length, so the partial last chunk and the checkpoints between chunks are exercised.
     inputs = make_inputs(2, length, 16, n_groups, d_state, dtype, full=full)
     tol = (1e-5, 1e-4) if dtype == jnp.float32 else (1e-2, 1e-2)
-    check_against_reference(
-        "triton", inputs, softplus=full, tol_out=tol[0], tol_grad=tol[1], block_d=4, chunk=3
-    )
+    check_against_reference("triton", inputs, softplus=full, tol_out=tol[0], tol_grad=tol[1],
+                            tiles=triton.Tiles(block_d=4, chunk=3, forward_chunk=3))
 
 
 @pytest.mark.parametrize(
-    "dtype,full,n_groups,length,d_inner,chunk",
-    [(jnp.float32, True, 2, 150, 256, 128), (jnp.bfloat16, False, 1, 20, 64, None)],
+    "dtype,full,n_groups,length,d_inner,tiles",
+    [(jnp.float32, True, 2, 150, 256, tpu.Tiles(block_d=128, chunk=128)),
+     (jnp.bfloat16, False, 1, 20, 64, None)],
     ids=["f32-all-features-groups", "bf16-minimal"],
 )
-def test_tpu_matches_reference(dtype, full, n_groups, length, d_inner, chunk):
+def test_tpu_matches_reference(dtype, full, n_groups, length, d_inner, tiles):
     # The f32 case runs two 128-step chunks (the second partial) over one 128-lane block per
-    # group; the bf16 case one chunk covering the whole (unaligned) length and all 64 channels.
+    # group; the bf16 case (default tiles) one chunk covering the whole (unaligned) length and all
+    # 64 channels.
     inputs = make_inputs(1, length, d_inner, n_groups, 3, dtype, full=full)
     tol = (1e-5, 1e-4) if dtype == jnp.float32 else (1e-2, 1e-2)
     check_against_reference(
-        "tpu", inputs, softplus=full, tol_out=tol[0], tol_grad=tol[1], chunk=chunk
+        "tpu", inputs, softplus=full, tol_out=tol[0], tol_grad=tol[1], tiles=tiles
     )
 
 
@@ -124,7 +131,7 @@ def test_triton_under_vmap_and_jit():
     inputs = make_inputs(1, 7, 8, 1, 4, jnp.float32)
     stacked = {n: jnp.stack([v, 0.5 * v]) for n, v in inputs.items()}
     fn = lambda **a: selective_scan(
-        **a, dt_softplus=True, implementation="triton", interpret=True, chunk=4
+        **a, dt_softplus=True, implementation="triton", interpret=True, tiles=triton.Tiles(8, 4, 4)
     )
     y = jax.jit(jax.vmap(lambda a: fn(**a)))(stacked)
     for i in range(2):
@@ -143,7 +150,8 @@ def test_triton_inside_shard_map():
     mesh = Mesh(np.array(jax.devices()[:2]), ("data",))
     batch = P("data")
     scan = jax.shard_map(
-        lambda *a: selective_scan(*a, implementation="triton", interpret=True, chunk=4),
+        lambda *a: selective_scan(*a, implementation="triton", interpret=True,
+                                  tiles=triton.Tiles(8, 4, 4)),
         mesh=mesh, in_specs=(batch, batch, P(), batch, batch), out_specs=batch, check_vma=False,
     )  # fmt: skip
     args = tuple(inputs.values())
@@ -174,9 +182,15 @@ def test_kernels_type_check_inside_shard_map(implementation):
 # ----------------------------------------------------------------------------- API
 
 
-def test_auto_falls_back_to_reference_on_cpu():
+@pytest.mark.parametrize("interpret", [False, True])
+def test_auto_is_the_reference_on_cpu(interpret):
+    """"auto" on a CPU target runs the reference; interpret=True does not change that."""
     inputs = make_inputs(2, 5, 8, 2, 3, jnp.float32)
-    y, h = selective_scan(**inputs, return_final_state=True)
+    def scan(**a):
+        return selective_scan(**a, return_final_state=True, interpret=interpret)
+
+    assert "pallas_call" not in str(jax.make_jaxpr(scan)(**inputs))
+    y, h = scan(**inputs)
     y_ref, h_ref = reference.selective_scan(**inputs, return_final_state=True)
     np.testing.assert_array_equal(y, y_ref)
     np.testing.assert_array_equal(h, h_ref)
@@ -241,10 +255,15 @@ def test_bad_groups_and_options_raise():
     inputs = _valid()
     with pytest.raises(ValueError, match="implementation must be one of"):
         selective_scan(**inputs, implementation="cuda")
-    with pytest.raises(ValueError, match="chunk must be a positive int"):
-        selective_scan(**inputs, chunk=0)
-    with pytest.raises(ValueError, match="block_d must be a power of 2"):
-        selective_scan(**inputs, implementation="triton", interpret=True, block_d=3)
+    with pytest.raises(ValueError, match="tiles.chunk must be a positive int"):
+        selective_scan(**inputs, implementation="tpu", interpret=True, tiles=tpu.Tiles(8, 0))
+    with pytest.raises(ValueError, match="tiles.block_d must be a power of 2"):
+        selective_scan(**inputs, implementation="triton", interpret=True,
+                       tiles=triton.Tiles(3, 4, 4))
+    with pytest.raises(ValueError, match=r"tiles must be a .*triton\.Tiles, got .*tpu\.Tiles"):
+        selective_scan(**inputs, implementation="triton", interpret=True, tiles=tpu.Tiles(8, 4))
+    with pytest.raises(ValueError, match="name it with implementation="):
+        selective_scan(**inputs, tiles=triton.Tiles(8, 4, 4))
     with pytest.raises(ValueError, match="needs a GPU backend"):
         selective_scan(**inputs, implementation="triton")
     with pytest.raises(ValueError, match=r"u must have rank 2"):
@@ -253,8 +272,8 @@ def test_bad_groups_and_options_raise():
 
 
 def test_auto_lowers_to_triton_for_an_abstract_gpu():
-    """From this CPU host, "auto" targeting an H100 picks the Triton kernels (forward and
-    backward lower for CUDA), and off the abstract GPU it is the reference."""
+    """From this CPU host, "auto" targeting an H100 picks the Triton kernels with the GPU's default
+    tiles (forward and backward lower for CUDA), and off the abstract GPU it is the reference."""
     sds = jax.ShapeDtypeStruct
     b, length, d, n = 1, 100, 64, 16
     args = (sds((b, length, d), jnp.bfloat16), sds((b, length, d), jnp.bfloat16),
@@ -267,5 +286,8 @@ def test_auto_lowers_to_triton_for_an_abstract_gpu():
 
     with lowering_for("NVIDIA H100"):
         text = jax.jit(fwd_bwd).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+        call = Call(b, length, d, 1, n)
+        assert DISPATCH.choose("auto", call, interpret=False) == (
+            "triton", triton.Tiles(block_d=32, chunk=8, forward_chunk=16))
     assert text.count("__gpu$xla.gpu.triton") == 2  # forward, backward
     assert "__gpu$xla.gpu.triton" not in jax.jit(fwd_bwd).trace(*args).lower().as_text()

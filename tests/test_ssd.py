@@ -1,5 +1,6 @@
-"""pallas_kernels.ssd: the Pallas lowerings (interpret mode) and the chunked plain-JAX form against the
-sequential float32 reference, forward and gradients of every input, on fresh random inputs.
+"""pallas_kernels.ssd: the Pallas lowerings (interpret mode) and the chunked plain-JAX form
+(``implementation="xla"``) against the sequential float32 reference, forward and gradients of
+every input, on fresh random inputs.
 
 Errors are ``|out - ref| / |ref|`` over whole arrays (see ``_rel``). Tolerances: float32 inputs
 1e-4 (the kernels' float32 products agree with the scan to ~1e-6); bfloat16 inputs 3e-2 against
@@ -17,16 +18,17 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
+from kernel_checks import rel_err as _rel
+
 from pallas_kernels import lowering_for
-from pallas_kernels.ssd import reference, ssd, ssd_step
+from pallas_kernels.ssd import reference, ssd, ssd_step, tpu, triton
+from pallas_kernels.ssd.api import DISPATCH
+from pallas_kernels.ssd.common import Call
+
+pytestmark = pytest.mark.usefixtures("fast_compile")
 
 TOL = {jnp.float32: 1e-4, jnp.bfloat16: 3e-2}
 GRAD_NAMES = ("x", "dt", "A", "B", "C", "D", "z", "dt_bias", "initial_state")
-
-
-def _rel(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
 def _seed():
@@ -56,7 +58,8 @@ def _inputs(seed, *, batch, length, heads, head_dim, groups, d_state, dtype, ful
 
 
 def _loss_and_grads(impl, args, seed, **opts):
-    """Value, outputs and gradients w.r.t. every given input of a random linear readout."""
+    """Value, outputs and gradients w.r.t. every given input of a random linear readout;
+    ``impl="reference"`` is the sequential float32 ``reference.ssd``."""
     names = [n for n in GRAD_NAMES if n in args]
     softplus = "dt_bias" in args
     rng = np.random.default_rng(seed + 1)
@@ -66,10 +69,10 @@ def _loss_and_grads(impl, args, seed, **opts):
 
     def loss(*vals):
         kw = dict(zip(names, vals))
-        y, h = ssd(
-            kw.pop("x"), kw.pop("dt"), kw.pop("A"), kw.pop("B"), kw.pop("C"), **kw,
-            dt_softplus=softplus, return_final_state=True, implementation=impl, **opts,
-        )
+        fn = reference.ssd if impl == "reference" else functools.partial(
+            ssd, implementation=impl, **opts)
+        y, h = fn(kw.pop("x"), kw.pop("dt"), kw.pop("A"), kw.pop("B"), kw.pop("C"), **kw,
+                  dt_softplus=softplus, return_final_state=True)
         return jnp.sum(y.astype(jnp.float32) * wy) + jnp.sum(h * wh), (y, h)
 
     grad = jax.jit(jax.grad(loss, argnums=tuple(range(len(names))), has_aux=True))
@@ -86,8 +89,8 @@ CASES = {
                        dtype=jnp.bfloat16, full=False),
 }
 KERNELS = {
-    "triton": dict(interpret=True, chunk_size=32, block_t=16, block_p=16),
-    "tpu": dict(interpret=True, chunk_size=16, block_t=8),
+    "triton": dict(interpret=True, chunk_size=32, tiles=triton.Tiles(16, 16, 4)),
+    "tpu": dict(interpret=True, chunk_size=16, tiles=tpu.Tiles(8)),
 }
 
 
@@ -96,7 +99,7 @@ def _case(case):
     """Fresh inputs of a case and the reference results, computed once per test session."""
     seed = _seed()
     args = _inputs(seed, **CASES[case])
-    return seed, args, _loss_and_grads("xla", args, seed)
+    return seed, args, _loss_and_grads("reference", args, seed)
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -115,9 +118,9 @@ def test_kernel_matches_reference(impl, case):
     assert not bad, f"seed {seed}: errors over {tol}: {bad}"
 
 
-def test_chunked_matches_reference():
+def test_chunked_xla_matches_reference():
     seed, args, (y_ref, h_ref, grads_ref) = _case("f32-full")
-    y, h, grads = _loss_and_grads("xla_chunked", args, seed, chunk_size=16)
+    y, h, grads = _loss_and_grads("xla", args, seed, chunk_size=16)
     assert _rel(y, y_ref) < 1e-4 and _rel(h, h_ref) < 1e-4, seed
     for name in grads:
         assert _rel(grads[name], grads_ref[name]) < 1e-4, (seed, name)
@@ -183,7 +186,8 @@ def test_step_matches_scan():
 
 
 def test_chunked_inside_shard_map():
-    """The plain-JAX paths (auto on CPU) inside shard_map, zero initial state included."""
+    """The plain-JAX path ("xla", and "auto" on CPU) inside shard_map, zero initial state
+    included."""
     seed = _seed()
     a = _inputs(seed, batch=2, length=9, heads=2, head_dim=8, groups=1, d_state=8,
                 dtype=jnp.float32, full=False)
@@ -196,14 +200,19 @@ def test_chunked_inside_shard_map():
         assert _rel(jax.jit(f)(*args), jax.jit(reference.ssd)(*args)) < 1e-4, (seed, impl)
 
 
-def test_auto_falls_back_on_cpu():
+@pytest.mark.parametrize("interpret", [False, True])
+def test_auto_is_the_chunked_xla_on_cpu(interpret):
+    """"auto" on a CPU target runs "xla"; interpret=True does not change that."""
     seed = _seed()
-    a = _inputs(seed, batch=1, length=9, heads=2, head_dim=8, groups=1, d_state=8,
-                dtype=jnp.float32, full=False)
+    a = _inputs(seed, batch=1, length=32, heads=2, head_dim=16, groups=1, d_state=16,
+                dtype=jnp.float32, full=False)  # shapes the Triton kernels would take
     args = (a["x"], a["dt"], a["A"], a["B"], a["C"])
-    got = jax.jit(functools.partial(ssd, chunk_size=4))(*args)  # head_dim 8: no kernel
-    want = jax.jit(reference.ssd)(*args)
-    assert _rel(got, want) < 1e-4, seed
+    auto = functools.partial(ssd, chunk_size=16, interpret=interpret)
+    assert "pallas_call" not in str(jax.make_jaxpr(auto)(*args))
+    got = jax.jit(auto)(*args)
+    np.testing.assert_array_equal(got, jax.jit(functools.partial(
+        ssd, chunk_size=16, implementation="xla"))(*args))
+    assert _rel(got, jax.jit(reference.ssd)(*args)) < 1e-4, seed
 
 
 def _small():
@@ -226,8 +235,16 @@ def _small():
         (lambda a: a.update(chunk_size=0), "chunk_size"),
         (lambda a: a.update(implementation="cuda"), "implementation must be one of"),
         (lambda a: a.update(implementation="triton"), "needs a GPU backend"),
-        (lambda a: a.update(implementation="triton", interpret=True, block_t=24), "block_t"),
-        (lambda a: a.update(implementation="tpu", interpret=True, block_p=8), "block_p"),
+        (lambda a: a.update(implementation="xla_chunked"), "implementation must be one of"),
+        (lambda a: a.update(implementation="triton", interpret=True,
+                            tiles=triton.Tiles(24, 16, 4)), r"tiles\.block_t \(24\)"),
+        (lambda a: a.update(implementation="triton", interpret=True,
+                            tiles=triton.Tiles(16, 16, 0)), "tiles.num_warps must be a positive"),
+        (lambda a: a.update(implementation="tpu", interpret=True, tiles=tpu.Tiles(12)),
+         r"tiles\.block_t \(12\) must divide"),
+        (lambda a: a.update(implementation="tpu", interpret=True, tiles=triton.Tiles(8, 16, 4)),
+         r"tiles must be a .*ssd\.tpu\.Tiles"),
+        (lambda a: a.update(tiles=tpu.Tiles(8)), "name it with implementation="),
     ],
 )
 def test_bad_arguments_raise(change, match):
@@ -259,5 +276,8 @@ def test_auto_lowers_to_triton_for_an_abstract_gpu():
 
     with lowering_for("NVIDIA H100"):
         text = jax.jit(fwd_bwd).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+        # The default tiles, capped at head_dim 16.
+        assert DISPATCH.choose("auto", Call(args[0].shape, args[3].shape, 64),
+                               interpret=False) == ("triton", triton.Tiles(64, 16, 4))
     assert text.count("__gpu$xla.gpu.triton") == 4  # states + outputs, dstates + grads
     assert "__gpu$xla.gpu.triton" not in jax.jit(fwd_bwd).trace(*args).lower().as_text()

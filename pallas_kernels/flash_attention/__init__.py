@@ -1,11 +1,13 @@
-"""Flash attention: one public function over a plain-JAX reference and Pallas kernels.
+"""Flash attention: one public function over a plain-JAX reference, Pallas kernels and cuDNN.
 
 ``flash_attention(q, k, v, ...)`` takes the layout of ``jax.nn.dot_product_attention``
 (``(batch, length, heads, head_dim)``) and supports causal / sliding-window / segment masking,
-GQA and MQA, ALiBi, logit soft-capping and decoding offsets, forward and backward.
+GQA and MQA, ALiBi, logit soft-capping and decoding offsets, forward and backward. Each Pallas
+lowering's launch shape is its module's ``Tiles`` (``triton.Tiles``, ``mosaic_gpu.Tiles``,
+``tpu.Tiles``), passed as ``tiles=``.
 """
 
 from pallas_kernels.flash_attention.api import IMPLEMENTATIONS, flash_attention
-from pallas_kernels.flash_attention.common import AttentionSpec, BlockSizes
+from pallas_kernels.flash_attention.common import AttentionSpec
 
-__all__ = ["IMPLEMENTATIONS", "AttentionSpec", "BlockSizes", "flash_attention"]
+__all__ = ["IMPLEMENTATIONS", "AttentionSpec", "flash_attention"]

@@ -1,7 +1,8 @@
 """``flash_attention``: argument validation, choice of implementation, and the custom VJP.
 
-The lowerings (``triton``, ``mosaic_gpu``, ``tpu``) are imported lazily: a lowering whose module is
-missing or fails to import is skipped by ``"auto"`` and reported by a ``ValueError`` when named.
+The implementations besides ``"xla"`` (``mosaic_gpu``, ``triton``, ``tpu``, ``cudnn``) are imported
+lazily: one whose module is missing or fails to import is skipped by ``"auto"`` and reported by a
+``ValueError`` when named. The policy is ``_api.Dispatch``'s, the same for every op.
 """
 
 from __future__ import annotations
@@ -15,19 +16,18 @@ import jax
 import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero, custom_vjp_primal_tree_values
 
-from pallas_kernels._api import (
-    gpu_arch,
-    is_int,
-    load_lowering,
-    named_lowering,
-    platform_reason,
-    shape_of,
-    target_platform,
-)
+from pallas_kernels._api import Dispatch, Lowering, is_int, load_lowering, shape_of
 from pallas_kernels.flash_attention import reference
-from pallas_kernels.flash_attention.common import AttentionSpec, BlockSizes
+from pallas_kernels.flash_attention.common import AttentionSpec, Call
 
-IMPLEMENTATIONS = ("auto", "xla", "triton", "mosaic_gpu", "tpu")
+# Fastest first: "auto" takes the first that runs natively on the target and supports the call.
+DISPATCH = Dispatch("pallas_kernels.flash_attention", (
+    Lowering("mosaic_gpu", "gpu", arch="9."),
+    Lowering("triton", "gpu"),
+    Lowering("tpu", "tpu"),
+    Lowering("cudnn", "gpu", pallas=False, auto=False),
+))
+IMPLEMENTATIONS = DISPATCH.names
 _DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
 
 
@@ -48,7 +48,7 @@ def flash_attention(
     return_lse: bool = False,
     implementation: str = "auto",
     interpret: bool = False,
-    block_sizes: BlockSizes | None = None,
+    tiles=None,
 ):
     """Memory-efficient exact attention in the layout of ``jax.nn.dot_product_attention``.
 
@@ -68,11 +68,15 @@ def flash_attention(
       scale: multiplies ``q.k``; defaults to ``1 / sqrt(head_dim)``.
       q_offset: absolute position of the first query among the keys (decoding with a cache).
       return_lse: also return the float32 log-sum-exp of the logits, ``(batch, heads, q_len)``.
-      implementation: ``"auto"``, ``"xla"`` (the plain-JAX reference), ``"triton"``,
-        ``"mosaic_gpu"`` or ``"tpu"``. ``"auto"`` picks the fastest lowering for the current
-        backend that supports the arguments and falls back to ``"xla"``.
-      interpret: run the chosen Pallas kernel in interpret mode (how CI tests them on CPU).
-      block_sizes: tile sizes; ``None`` fields take the lowering's tuned default.
+      implementation: ``"auto"``, ``"xla"`` (the plain-JAX reference, which materialises the
+        scores), the Pallas lowerings ``"mosaic_gpu"`` (Hopper), ``"triton"`` (GPU), ``"tpu"``,
+        or ``"cudnn"`` (``jax.nn.dot_product_attention``'s; GPU, no ALiBi, soft cap or
+        ``return_lse``). ``"auto"`` picks the first Pallas lowering in that order that runs
+        natively on the target and supports the call, else ``"xla"``; it never picks cuDNN.
+      interpret: run a named Pallas lowering in interpret mode (how CI tests them on CPU); it
+        never changes what ``"auto"`` picks.
+      tiles: the named Pallas lowering's ``Tiles`` (e.g. ``flash_attention.triton.Tiles``);
+        ``None`` takes its default for the target device.
 
     Returns:
       ``out`` like ``q`` (and ``lse`` when ``return_lse``). A query that sees no key gets zeros,
@@ -107,9 +111,6 @@ def flash_attention(
     scale = 1.0 / math.sqrt(head_dim) if scale is None else _positive_number("scale", scale)
     if not is_int(q_offset) or q_offset < 0:
         raise ValueError(f"q_offset must be an int >= 0, got {q_offset!r}")
-    if implementation not in IMPLEMENTATIONS:
-        raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
-    block_sizes = _check_block_sizes(block_sizes)
 
     spec = AttentionSpec(
         causal=causal,
@@ -120,11 +121,16 @@ def flash_attention(
         has_segment_ids=q_seg is not None,
         has_alibi=alibi_slopes is not None,
     )
-    name = _choose(implementation, q.shape, k.shape, q.dtype, spec, block_sizes, bool(interpret))
+    if not isinstance(return_lse, bool):
+        raise ValueError(f"return_lse must be a bool, got {return_lse!r}")
+    call = Call(q.shape, k.shape, q.dtype, spec, return_lse)
+    name, tiles = DISPATCH.choose(implementation, call, interpret=bool(interpret), tiles=tiles)
     if name == "xla":
         out, lse = reference.attention(q, k, v, q_seg, kv_seg, alibi_slopes, spec=spec)
+    elif name == "cudnn":
+        return _load_lowering("cudnn")[0].attention(q, k, v, q_seg, kv_seg, spec)
     else:
-        plan = _Plan(name, spec, block_sizes, bool(interpret))
+        plan = _Plan(name, spec, tiles, bool(interpret))
         out, lse = _kernel_attention(plan, q, k, v, q_seg, kv_seg, alibi_slopes)
     return (out, lse) if return_lse else out
 
@@ -192,56 +198,7 @@ def _segment_ids(segment_ids, q_segment_ids, kv_segment_ids, batch, q_len, kv_le
     return tuple(out)
 
 
-def _check_block_sizes(block_sizes) -> BlockSizes:
-    if block_sizes is None:
-        return BlockSizes()
-    if not isinstance(block_sizes, BlockSizes):
-        raise ValueError(f"block_sizes must be a BlockSizes, got {type(block_sizes).__name__}")
-    for field in dataclasses.fields(block_sizes):
-        size = getattr(block_sizes, field.name)
-        if size is not None and (not is_int(size) or size <= 0):
-            raise ValueError(f"block_sizes.{field.name} must be a positive int or None, got {size!r}")
-    return block_sizes
-
-
-# ----------------------------------------------------------------------------- dispatch
-
-
-_PACKAGE = "pallas_kernels.flash_attention"
-_load_lowering = functools.partial(load_lowering, _PACKAGE)
-
-
-def _platform_reason(name: str) -> str | None:
-    """Why the target cannot run lowering ``name`` natively (None if it can)."""
-    if reason := platform_reason(name):
-        return reason
-    if name == "mosaic_gpu" and not (arch := gpu_arch() or "").startswith("9."):
-        return f"needs a Hopper GPU (compute capability 9.x), got {arch or 'unknown'}"
-    return None
-
-
-def _auto_order() -> tuple[str, ...]:
-    platform = target_platform()
-    if platform == "gpu":
-        return ("triton",) if _platform_reason("mosaic_gpu") else ("mosaic_gpu", "triton")
-    if platform == "tpu":
-        return ("tpu",)
-    return ()
-
-
-def _choose(implementation, q_shape, k_shape, dtype, spec, block_sizes, interpret) -> str:
-    if implementation == "xla":
-        return "xla"
-    if implementation == "auto":
-        for name in _auto_order():
-            module, _ = _load_lowering(name)
-            if module is not None and module.supports(q_shape, k_shape, dtype, spec, block_sizes) is None:
-                return name
-        return "xla"
-    named_lowering(_PACKAGE, implementation, interpret,
-                   lambda m: m.supports(q_shape, k_shape, dtype, spec, block_sizes),
-                   platform=_platform_reason)
-    return implementation
+_load_lowering = functools.partial(load_lowering, DISPATCH.package)
 
 
 # ----------------------------------------------------------------------------- custom VJP
@@ -253,7 +210,7 @@ class _Plan:
 
     implementation: str
     spec: AttentionSpec
-    block_sizes: BlockSizes
+    tiles: object  # the lowering's Tiles
     interpret: bool
 
     @property
@@ -262,7 +219,7 @@ class _Plan:
 
     @property
     def kwargs(self):
-        return dict(spec=self.spec, block_sizes=self.block_sizes, interpret=self.interpret)
+        return dict(spec=self.spec, tiles=self.tiles, interpret=self.interpret)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))

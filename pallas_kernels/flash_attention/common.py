@@ -42,13 +42,18 @@ class AttentionSpec:
 
 
 @dataclasses.dataclass(frozen=True)
-class BlockSizes:
-    """Tile sizes; ``None`` fields take the lowering's tuned default for the device."""
+class Call:
+    """The static shape of one call: what a lowering's ``supports`` and ``default_tiles`` see."""
 
-    block_q: int | None = None
-    block_k: int | None = None
-    block_q_bwd: int | None = None
-    block_k_bwd: int | None = None
+    q_shape: tuple[int, ...]  # (batch, q_len, heads, head_dim)
+    k_shape: tuple[int, ...]  # (batch, kv_len, kv_heads, head_dim)
+    dtype: jnp.dtype
+    spec: AttentionSpec
+    return_lse: bool = False
+
+    @property
+    def head_dim(self) -> int:
+        return self.q_shape[-1]
 
 
 # The fixed inputs of every lowering's backward kernels, in the order they are passed.

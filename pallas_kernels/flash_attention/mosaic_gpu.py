@@ -36,12 +36,12 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from pallas_kernels._api import device_default
 from pallas_kernels.flash_attention.common import (
     BWD_INPUTS,
     LOG2E,
     MASK_VALUE,
-    AttentionSpec,
-    BlockSizes,
+    Call,
     base2,
     kernel_refs,
     key_blocks,
@@ -62,7 +62,7 @@ _CONSUMER_REGS, _PRODUCER_REGS = 232, 40
 
 
 @dataclasses.dataclass(frozen=True)
-class Tiles:
+class KernelTiles:
     """One kernel's tiles: rows owned per consumer warpgroup, rows streamed per step, ring depth."""
 
     owned: int
@@ -70,50 +70,61 @@ class Tiles:
     stages: int
 
 
-# Defaults per head_dim: (forward, dK/dV, dQ). Forward/dQ own query rows and stream keys; dK/dV
-# owns keys and streams query rows. The forward follows FlashAttention-3's Hopper tiles (a 128-row
-# CTA, 128-key tiles); the backward tiles keep each consumer's live float32 tiles (two 64xD
-# accumulators plus 64-wide score tiles) inside its 232 registers. Not yet swept on a device.
-_TUNED = {
-    64: (Tiles(64, 128, 3), Tiles(64, 64, 2), Tiles(64, 128, 2)),
-    128: (Tiles(64, 128, 2), Tiles(64, 64, 2), Tiles(64, 64, 3)),
+@dataclasses.dataclass(frozen=True)
+class Tiles:
+    """The tiles of the forward, dK/dV and dQ kernels (rows: multiples of 64, at most 256).
+    Forward/dQ own query rows and stream keys; dK/dV owns keys and streams query rows."""
+
+    fwd: KernelTiles
+    dkv: KernelTiles
+    dq: KernelTiles
+
+
+def _tiles(fwd, dkv, dq) -> Tiles:
+    return Tiles(KernelTiles(*fwd), KernelTiles(*dkv), KernelTiles(*dq))
+
+
+# Defaults per head_dim, each kernel's (owned, streamed, stages); "" is every Hopper GPU (the only
+# target). The forward follows FlashAttention-3's Hopper tiles (a 128-row CTA, 128-key tiles);
+# the backward tiles keep each consumer's live float32 tiles (two 64xD accumulators plus 64-wide
+# score tiles) inside its 232 registers. Not yet swept on a device.
+DEFAULT_TILES: dict[str, dict[int, Tiles]] = {
+    "": {
+        64: _tiles((64, 128, 3), (64, 64, 2), (64, 128, 2)),
+        128: _tiles((64, 128, 2), (64, 64, 2), (64, 64, 3)),
+    },
 }
 
 
-def _tiles(head_dim: int, block_sizes: BlockSizes):
-    fwd, dkv, dq = _TUNED[head_dim]
-    bs = block_sizes
-    fwd = dataclasses.replace(fwd, owned=bs.block_q or fwd.owned, streamed=bs.block_k or fwd.streamed)
-    dkv = dataclasses.replace(
-        dkv, owned=bs.block_k_bwd or dkv.owned, streamed=bs.block_q_bwd or dkv.streamed)
-    dq = dataclasses.replace(
-        dq, owned=bs.block_q_bwd or dq.owned, streamed=bs.block_k_bwd or dq.streamed)
-    return fwd, dkv, dq
+def default_tiles(call: Call) -> Tiles:
+    """The target device's tiles for the smallest tabled head_dim >= the call's."""
+    table = device_default(DEFAULT_TILES)
+    return table[next((d for d in sorted(table) if d >= call.head_dim), max(table))]
 
 
-def _smem_bytes(t: Tiles, head_dim: int, owned_tiles: int, streamed_tiles: int) -> int:
+def _smem_bytes(t: KernelTiles, head_dim: int, owned_tiles: int, streamed_tiles: int) -> int:
     """Shared memory of a kernel: owned tiles per consumer plus the streamed ring (+ row vectors)."""
     owned = _CONSUMERS * owned_tiles * t.owned * head_dim * 2
     ring = t.stages * streamed_tiles * t.streamed * head_dim * 2
     return owned + ring + 4 * 4 * (t.stages * t.streamed + _CONSUMERS * t.owned)
 
 
-def supports(q_shape, k_shape, dtype, spec: AttentionSpec, block_sizes: BlockSizes) -> str | None:
+def supports(call: Call, tiles: Tiles) -> str | None:
     """None when these kernels handle the call, else the one-line reason."""
-    del k_shape
-    head_dim = q_shape[-1]
+    head_dim = call.head_dim
     if head_dim not in _HEAD_DIMS:
         return (f"head_dim must be one of {_HEAD_DIMS} (256 exceeds the register/shared-memory "
                 f"budget of the warp-specialised tiles), got {head_dim}")
-    if jnp.dtype(dtype) not in _DTYPES:
-        return f"dtype must be bfloat16 or float16 (wgmma operands), got {jnp.dtype(dtype)}"
-    if spec.has_alibi:
+    if jnp.dtype(call.dtype) not in _DTYPES:
+        return f"dtype must be bfloat16 or float16 (wgmma operands), got {jnp.dtype(call.dtype)}"
+    if call.spec.has_alibi:
         return "ALiBi is not implemented in the Mosaic GPU kernels (the Triton lowering has it)"
-    for field in dataclasses.fields(block_sizes):
-        size = getattr(block_sizes, field.name)
-        if size is not None and (size % 64 or size > 256):
-            return f"block_sizes.{field.name} must be a multiple of 64 and <= 256, got {size}"
-    fwd, dkv, dq = _tiles(head_dim, block_sizes)
+    for kernel in ("fwd", "dkv", "dq"):
+        for field in ("owned", "streamed"):
+            size = getattr(getattr(tiles, kernel), field)
+            if size % 64 or size > 256:
+                return f"tiles.{kernel}.{field} must be a multiple of 64 and <= 256, got {size}"
+    fwd, dkv, dq = tiles.fwd, tiles.dkv, tiles.dq
     for name, t, owned, streamed in (("forward", fwd, 1, 2), ("dK/dV", dkv, 2, 2),
                                      ("dQ", dq, 2, 2)):
         if _smem_bytes(t, head_dim, owned, streamed) > _SMEM_BYTES:
@@ -298,7 +309,7 @@ def _interpret_params(interpret: bool):
 # modules differ by source locations, so the compiled-kernel cache missed too). Jitted, identical
 # calls share one trace, one lowering and one kernel build: lowering gpt2_125m's 12-layer gradient
 # for an H100 went from 22 s and 36 kernel modules to 3.4 s and 3 (on a CPU host).
-_once_per_shape = functools.partial(jax.jit, static_argnames=("spec", "block_sizes", "interpret"))
+_once_per_shape = functools.partial(jax.jit, static_argnames=("spec", "tiles", "interpret"))
 
 
 # ----------------------------------------------------------------------------- forward
@@ -393,13 +404,13 @@ def _fwd_kernel(*refs, spec2, t, group, nk, kv_len, has_seg, interpret):
 
 
 @_once_per_shape
-def forward(q, k, v, q_seg, kv_seg, alibi_slopes, *, spec, block_sizes, interpret):
+def forward(q, k, v, q_seg, kv_seg, alibi_slopes, *, spec, tiles, interpret):
     """``(out, lse)`` per the lowering contract (see ``supports`` for what is handled)."""
     if alibi_slopes is not None:
-        raise ValueError(supports(q.shape, k.shape, q.dtype, spec, block_sizes))
+        raise ValueError(supports(Call(q.shape, k.shape, q.dtype, spec), tiles))
     batch, q_len, heads, head_dim = q.shape
     kv_len, kv_heads = k.shape[1], k.shape[2]
-    t, _, _ = _tiles(head_dim, block_sizes)
+    t = tiles.fwd
     bq, bk = t.owned, t.streamed
     nq, nk = pl.cdiv(q_len, _CONSUMERS * bq), pl.cdiv(kv_len, bk)
     q_pad, kv_pad = nq * _CONSUMERS * bq, nk * bk
@@ -612,15 +623,14 @@ def _dq_kernel(*refs, spec2, t, group, nk, kv_len, has_seg, interpret):
 
 
 @_once_per_shape
-def backward(q, k, v, q_seg, kv_seg, alibi_slopes, out, lse, dout, *, spec, block_sizes,
-             interpret):
+def backward(q, k, v, q_seg, kv_seg, alibi_slopes, out, lse, dout, *, spec, tiles, interpret):
     """``(dq, dk, dv)`` per the lowering contract."""
     if alibi_slopes is not None:
-        raise ValueError(supports(q.shape, k.shape, q.dtype, spec, block_sizes))
+        raise ValueError(supports(Call(q.shape, k.shape, q.dtype, spec), tiles))
     batch, q_len, heads, head_dim = q.shape
     kv_len, kv_heads = k.shape[1], k.shape[2]
     group = heads // kv_heads
-    _, dkv_t, dq_t = _tiles(head_dim, block_sizes)
+    dkv_t, dq_t = tiles.dkv, tiles.dq
     # One padding serves both kernels: queries to a multiple of every query tile, keys likewise.
     q_mult = math.lcm(dkv_t.streamed, _CONSUMERS * dq_t.owned)
     kv_mult = math.lcm(_CONSUMERS * dkv_t.owned, dq_t.streamed)

@@ -29,6 +29,7 @@ blocks. float16 inputs run through the float32 kernels (see ``_WIDENED``).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -37,11 +38,12 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from pallas_kernels._api import device_default
 from pallas_kernels.flash_attention.common import (
     BWD_INPUTS,
     MASK_VALUE,
     AttentionSpec,
-    BlockSizes,
+    Call,
     kernel_refs,
     key_blocks,
     pad_to,
@@ -53,10 +55,24 @@ from pallas_kernels.flash_attention.common import (
 NUM_LANES = 128
 NUM_SUBLANES = 8
 
-# Default tiles. No TPU was available to tune them; 512x512 is the size MaxText's splash attention
-# uses by default on v4/v5/v6, and it fits the 16 MiB default scoped VMEM of v5e with head_dim 256
-# (about 6 MiB forward, 9 MiB dkv). Key a device kind here once it has been measured.
-_DEFAULT_BLOCKS = {"": BlockSizes(block_q=512, block_k=512, block_q_bwd=512, block_k_bwd=512)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Tiles:
+    """Query and key block sizes of the forward / dQ grid and of the dK/dV grid (multiples of 8,
+    the sublane tile)."""
+
+    block_q: int
+    block_k: int
+    block_q_bwd: int
+    block_k_bwd: int
+
+
+# Default tiles by device kind, shrunk to short sequences (see ``default_tiles``). No TPU was
+# available to tune them; 512x512 is the size MaxText's splash attention uses by default on
+# v4/v5/v6, and it fits the 16 MiB default scoped VMEM of v5e with head_dim 256 (about 6 MiB
+# forward, 9 MiB dkv). Key a device kind here once it has been measured.
+DEFAULT_TILES = {"": Tiles(block_q=512, block_k=512, block_q_bwd=512, block_k_bwd=512)}
 
 # float16 tiles are not a native Mosaic-TPU matmul/VPU type on most chips, so float16 inputs are
 # widened to float32 (exact) around the kernels and the results narrowed back.
@@ -73,48 +89,32 @@ def _round_up(x: int, m: int) -> int:
     return -(-x // m) * m
 
 
-def _default_blocks() -> BlockSizes:
-    kind = jax.devices()[0].device_kind.lower()
-    for key, blocks in _DEFAULT_BLOCKS.items():
-        if key and key in kind:
-            return blocks
-    return _DEFAULT_BLOCKS[""]
-
-
-def _resolve_blocks(lq: int, lk: int, dtype, block_sizes: BlockSizes | None):
-    """Concrete (bq, bk, bq_bwd, bk_bwd): explicit sizes as given, defaults shrunk to the lengths.
-
-    A default shrinks to the padded length rounded to the native tile: query rows to the sublane
-    tile of the dtype (8 for float32, 16 for bfloat16) in the forward pass, and to 128 lanes where
-    the dimension is the lane axis (keys everywhere, queries in the transposed dkv kernel).
-    """
-    block_sizes = block_sizes or BlockSizes()
-    default = _default_blocks()
+def default_tiles(call: Call) -> Tiles:
+    """The device's tiles, each shrunk to its padded length rounded to the native tile: query rows
+    to the sublane tile of the kernels' dtype (8 for float32, 16 for bfloat16) in the forward
+    pass, and to 128 lanes where the dimension is the lane axis (keys everywhere, queries in the
+    transposed dkv kernel)."""
+    default = device_default(DEFAULT_TILES)
+    dtype = jnp.float32 if jnp.dtype(call.dtype) == _WIDENED else call.dtype
     sublanes = NUM_SUBLANES * (4 // jnp.dtype(dtype).itemsize)
-
-    def pick(given, dflt, length, tile):
-        return given if given is not None else min(dflt, _round_up(length, tile))
-
-    return (
-        pick(block_sizes.block_q, default.block_q, lq, sublanes),
-        pick(block_sizes.block_k, default.block_k, lk, NUM_LANES),
-        pick(block_sizes.block_q_bwd, default.block_q_bwd, lq, NUM_LANES),
-        pick(block_sizes.block_k_bwd, default.block_k_bwd, lk, NUM_LANES),
+    lq, lk = call.q_shape[1], call.k_shape[1]
+    return Tiles(
+        block_q=min(default.block_q, _round_up(lq, sublanes)),
+        block_k=min(default.block_k, _round_up(lk, NUM_LANES)),
+        block_q_bwd=min(default.block_q_bwd, _round_up(lq, NUM_LANES)),
+        block_k_bwd=min(default.block_k_bwd, _round_up(lk, NUM_LANES)),
     )
 
 
-def supports(q_shape, k_shape, dtype, spec: AttentionSpec, block_sizes: BlockSizes) -> str | None:
+def supports(call: Call, tiles: Tiles) -> str | None:
     """None when these kernels handle the call, else a one-line reason."""
-    del q_shape, k_shape, dtype
-    if spec.q_offset < 0:
-        return f"the TPU kernel needs q_offset >= 0, got {spec.q_offset}"
-    for field in ("block_q", "block_k", "block_q_bwd", "block_k_bwd"):
-        value = getattr(block_sizes, field, None) if block_sizes is not None else None
-        if value is not None and (value <= 0 or value % NUM_SUBLANES):
-            return (
-                f"the TPU kernel needs {field} to be a positive multiple of {NUM_SUBLANES} "
-                f"(the sublane tile), got {value}"
-            )
+    if call.spec.q_offset < 0:
+        return f"the TPU kernel needs q_offset >= 0, got {call.spec.q_offset}"
+    for field in dataclasses.fields(tiles):
+        value = getattr(tiles, field.name)
+        if value % NUM_SUBLANES:
+            return (f"tiles.{field.name} must be a positive multiple of {NUM_SUBLANES} (the "
+                    f"sublane tile), got {value}")
     return None
 
 
@@ -341,19 +341,19 @@ def _pallas_call(kernel, args, *, name: str, grid, in_specs, out_specs, out_shap
     )(*args)
 
 
-def forward(q, k, v, q_seg, kv_seg, alibi_slopes, *, spec: AttentionSpec, block_sizes: BlockSizes,
+def forward(q, k, v, q_seg, kv_seg, alibi_slopes, *, spec: AttentionSpec, tiles: Tiles,
             interpret: bool):
     """Returns ``(out, lse)``: out like q, lse (B, H, Lq) float32, -inf where no key is visible."""
     if q.dtype == _WIDENED:
         out, lse = forward(
             *(x.astype(jnp.float32) for x in (q, k, v)), q_seg, kv_seg, alibi_slopes,
-            spec=spec, block_sizes=block_sizes, interpret=interpret,
+            spec=spec, tiles=tiles, interpret=interpret,
         )
         return out.astype(q.dtype), lse
     batch, lq, heads, head_dim = q.shape
     _, lk, kv_heads, _ = k.shape
     group = heads // kv_heads
-    bq, bk, _, _ = _resolve_blocks(lq, lk, q.dtype, block_sizes)
+    bq, bk = tiles.block_q, tiles.block_k
     lq_p, lk_p = _round_up(lq, bq), _round_up(lk, bk)
     nq, nk = lq_p // bq, lk_p // bk
 
@@ -471,19 +471,19 @@ def _dkv_kernel(*refs, spec: AttentionSpec, bq: int, bk: int, nq: int, group: in
 
 
 def backward(q, k, v, q_seg, kv_seg, alibi_slopes, out, lse, dout, *, spec: AttentionSpec,
-             block_sizes: BlockSizes, interpret: bool):
+             tiles: Tiles, interpret: bool):
     """Returns ``(dq, dk, dv)`` like ``(q, k, v)``; rows with lse = -inf get zero gradients."""
     if q.dtype == _WIDENED:
         grads = backward(
             *(x.astype(jnp.float32) for x in (q, k, v)), q_seg, kv_seg, alibi_slopes,
             out.astype(jnp.float32), lse, dout.astype(jnp.float32),
-            spec=spec, block_sizes=block_sizes, interpret=interpret,
+            spec=spec, tiles=tiles, interpret=interpret,
         )
         return tuple(g.astype(q.dtype) for g in grads)
     batch, lq, heads, head_dim = q.shape
     _, lk, kv_heads, _ = k.shape
     group = heads // kv_heads
-    _, _, bq, bk = _resolve_blocks(lq, lk, q.dtype, block_sizes)
+    bq, bk = tiles.block_q_bwd, tiles.block_k_bwd
     lq_p, lk_p = _round_up(lq, bq), _round_up(lk, bk)
     nq, nk = lq_p // bq, lk_p // bk
 

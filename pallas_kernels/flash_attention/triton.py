@@ -29,14 +29,13 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels._api import gpu_arch
+from pallas_kernels._api import device_default
 from pallas_kernels._pallas_util import out_type
 from pallas_kernels.flash_attention.common import (
     BWD_INPUTS,
     LOG2E,
     MASK_VALUE,
-    AttentionSpec,
-    BlockSizes,
+    Call,
     base2,
     kernel_refs,
     key_blocks,
@@ -51,7 +50,7 @@ _DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
 
 
 @dataclasses.dataclass(frozen=True)
-class Tiles:
+class KernelTiles:
     """One kernel's launch shape: query and key tile sizes, warps per program, pipeline depth."""
 
     block_q: int
@@ -60,64 +59,73 @@ class Tiles:
     num_stages: int
 
 
-# Defaults: compute capability -> head_dim -> (forward, dK/dV, dQ). The dK/dV kernel keeps a key
-# tile resident and streams query tiles; the dQ kernel the reverse. FlashAttention-2 starting
-# points not yet timed on a device, picked among the tiles that spill no registers and fit shared
-# memory when compiled for sm_90a / sm_80, causal or not (`scripts/kernel_resources.py`).
-# `scripts/bench_attention.py --sweep` times the candidates on the GPU at hand.
-_TUNED: dict[str, dict[int, tuple[Tiles, Tiles, Tiles]]] = {
+@dataclasses.dataclass(frozen=True)
+class Tiles:
+    """The launch shapes of the forward, dK/dV and dQ kernels (tiles are powers of 2 >= 16). Each
+    kernel shrinks its tiles to short sequences (decoding), down to Triton's 16-wide minimum."""
+
+    fwd: KernelTiles
+    dkv: KernelTiles
+    dq: KernelTiles
+
+
+def _tiles(fwd, dkv, dq) -> Tiles:
+    return Tiles(KernelTiles(*fwd), KernelTiles(*dkv), KernelTiles(*dq))
+
+
+# Defaults: compute capability -> head_dim -> tiles, each kernel's (block_q, block_k, num_warps,
+# num_stages). The dK/dV kernel keeps a key tile resident and streams query tiles; the dQ kernel
+# the reverse. FlashAttention-2 starting points not yet timed on a device, picked among the tiles
+# that spill no registers and fit shared memory when compiled for sm_90a / sm_80, causal or not
+# (`scripts/kernel_resources.py`). `scripts/bench_attention.py --sweep` times the candidates on
+# the GPU at hand. "" is every other device.
+DEFAULT_TILES: dict[str, dict[int, Tiles]] = {
     "9.0": {
-        64: (Tiles(128, 64, 4, 3), Tiles(32, 128, 8, 3), Tiles(128, 32, 4, 3)),
-        128: (Tiles(128, 64, 8, 3), Tiles(32, 128, 8, 2), Tiles(128, 64, 8, 2)),
-        256: (Tiles(64, 64, 8, 2), Tiles(16, 64, 8, 2), Tiles(64, 32, 8, 2)),
+        64: _tiles((128, 64, 4, 3), (32, 128, 8, 3), (128, 32, 4, 3)),
+        128: _tiles((128, 64, 8, 3), (32, 128, 8, 2), (128, 64, 8, 2)),
+        256: _tiles((64, 64, 8, 2), (16, 64, 8, 2), (64, 32, 8, 2)),
     },
     "8.0": {
-        64: (Tiles(128, 64, 8, 3), Tiles(32, 128, 8, 2), Tiles(128, 32, 4, 3)),
-        128: (Tiles(64, 128, 8, 2), Tiles(64, 64, 8, 2), Tiles(64, 64, 8, 2)),
-        256: (Tiles(64, 64, 8, 2), Tiles(32, 32, 8, 1), Tiles(64, 32, 8, 2)),
+        64: _tiles((128, 64, 8, 3), (32, 128, 8, 2), (128, 32, 4, 3)),
+        128: _tiles((64, 128, 8, 2), (64, 64, 8, 2), (64, 64, 8, 2)),
+        256: _tiles((64, 64, 8, 2), (32, 32, 8, 1), (64, 32, 8, 2)),
+    },
+    "": {
+        64: _tiles((64, 64, 4, 2), (32, 64, 4, 2), (64, 32, 4, 2)),
+        128: _tiles((64, 64, 4, 2), (32, 64, 4, 2), (64, 32, 4, 2)),
+        256: _tiles((32, 32, 4, 1), (32, 32, 4, 1), (32, 32, 4, 1)),
     },
 }
-_FALLBACK = {
-    64: (Tiles(64, 64, 4, 2), Tiles(32, 64, 4, 2), Tiles(64, 32, 4, 2)),
-    128: (Tiles(64, 64, 4, 2), Tiles(32, 64, 4, 2), Tiles(64, 32, 4, 2)),
-    256: (Tiles(32, 32, 4, 1), Tiles(32, 32, 4, 1), Tiles(32, 32, 4, 1)),
-}
 
 
-def supports(q_shape, k_shape, dtype, spec: AttentionSpec, block_sizes: BlockSizes) -> str | None:
+def default_tiles(call: Call) -> Tiles:
+    """The target device's tiles for the smallest tabled head_dim >= the call's."""
+    table = device_default(DEFAULT_TILES)
+    return table[next((d for d in sorted(table) if d >= call.head_dim), max(table))]
+
+
+def supports(call: Call, tiles: Tiles) -> str | None:
     """None when these kernels handle the call, else the reason (Triton needs power-of-2 tiles)."""
-    del k_shape, spec  # Every length, mask and feature is handled.
-    head_dim = q_shape[-1]
-    if head_dim not in _HEAD_DIMS:
-        return f"head_dim must be one of {_HEAD_DIMS}, got {head_dim}"
-    if jnp.dtype(dtype) not in _DTYPES:
-        return f"dtype must be bfloat16, float16 or float32, got {jnp.dtype(dtype)}"
-    for field in dataclasses.fields(block_sizes):
-        size = getattr(block_sizes, field.name)
-        if size is not None and (size < 16 or size & (size - 1)):
-            return f"block_sizes.{field.name} must be a power of 2 >= 16, got {size}"
+    if call.head_dim not in _HEAD_DIMS:  # Every length, mask and feature is handled.
+        return f"head_dim must be one of {_HEAD_DIMS}, got {call.head_dim}"
+    if jnp.dtype(call.dtype) not in _DTYPES:
+        return f"dtype must be bfloat16, float16 or float32, got {jnp.dtype(call.dtype)}"
+    for kernel in ("fwd", "dkv", "dq"):
+        for field in ("block_q", "block_k"):
+            size = getattr(getattr(tiles, kernel), field)
+            if size < 16 or size & (size - 1):
+                return f"tiles.{kernel}.{field} must be a power of 2 >= 16, got {size}"
     return None
 
 
-# ----------------------------------------------------------------------------- tiles
+def _fit(tiles: KernelTiles, q_len: int, kv_len: int) -> KernelTiles:
+    """Tiles shrunk for short sequences (decoding), keeping Triton's 16-wide dot minimum."""
 
+    def fit(block, length):
+        return max(16, min(block, pl.next_power_of_2(length)))
 
-def _tuned(head_dim: int) -> tuple[Tiles, Tiles, Tiles]:
-    table = _TUNED.get(gpu_arch() or "", _FALLBACK)
-    return table[min(d for d in (64, 128, 256) if d >= head_dim)]
-
-
-def _fit(block: int, length: int) -> int:
-    """Shrink a tile for short sequences (decoding) but keep Triton's 16-wide dot minimum."""
-    return max(16, min(block, pl.next_power_of_2(length)))
-
-
-def _resolve(tuned: Tiles, block_q, block_k, q_len, kv_len) -> Tiles:
-    return dataclasses.replace(
-        tuned,
-        block_q=_fit(block_q or tuned.block_q, q_len),
-        block_k=_fit(block_k or tuned.block_k, kv_len),
-    )
+    return dataclasses.replace(tiles, block_q=fit(tiles.block_q, q_len),
+                               block_k=fit(tiles.block_k, kv_len))
 
 
 # ----------------------------------------------------------------------------- shared pieces
@@ -212,15 +220,12 @@ def _q_block(pid, nq, spec):
     return nq - 1 - pid if spec.causal else pid
 
 
-def forward(q, k, v, q_seg, kv_seg, alibi_slopes, *, spec, block_sizes, interpret,
-            tiles: Tiles | None = None):
-    """``(out, lse)`` per the lowering contract; ``tiles`` (for tuning sweeps) overrides all."""
+def forward(q, k, v, q_seg, kv_seg, alibi_slopes, *, spec, tiles: Tiles, interpret):
+    """``(out, lse)`` per the lowering contract."""
     batch, q_len, heads, head_dim = q.shape
     kv_len, kv_heads = k.shape[1], k.shape[2]
     group = heads // kv_heads
-    if tiles is None:
-        tiles = _resolve(_tuned(head_dim)[0], block_sizes.block_q, block_sizes.block_k,
-                         q_len, kv_len)
+    tiles = _fit(tiles.fwd, q_len, kv_len)
     bq, bk = tiles.block_q, tiles.block_k
     nq, nk = pl.cdiv(q_len, bq), pl.cdiv(kv_len, bk)
     spec2 = base2(spec)
@@ -353,22 +358,13 @@ def _dq_kernel(*refs, spec2, tiles, nq, nk, kv_len, has_seg, has_alibi):
     r.dq[...] = (dq * spec2.scale / LOG2E).astype(r.dq.dtype)
 
 
-def backward(q, k, v, q_seg, kv_seg, alibi_slopes, out, lse, dout, *, spec, block_sizes,
-             interpret, tiles: tuple[Tiles, Tiles] | None = None):
-    """``(dq, dk, dv)`` per the lowering contract; ``tiles`` = (dK/dV, dQ) overrides all.
-
-    Explicit ``block_q_bwd``/``block_k_bwd`` apply to both kernels; by default each kernel takes
-    its own tuned pair.
-    """
+def backward(q, k, v, q_seg, kv_seg, alibi_slopes, out, lse, dout, *, spec, tiles: Tiles,
+             interpret):
+    """``(dq, dk, dv)`` per the lowering contract."""
     batch, q_len, heads, head_dim = q.shape
     kv_len, kv_heads = k.shape[1], k.shape[2]
     group = heads // kv_heads
-    if tiles is None:
-        _, tuned_dkv, tuned_dq = _tuned(head_dim)
-        bs = block_sizes
-        tiles = (_resolve(tuned_dkv, bs.block_q_bwd, bs.block_k_bwd, q_len, kv_len),
-                 _resolve(tuned_dq, bs.block_q_bwd, bs.block_k_bwd, q_len, kv_len))
-    dkv_tiles, dq_tiles = tiles
+    dkv_tiles, dq_tiles = _fit(tiles.dkv, q_len, kv_len), _fit(tiles.dq, q_len, kv_len)
     # Tiles are powers of 2, so padding to the larger one suits both kernels.
     q_pad = pl.cdiv(q_len, max(dkv_tiles.block_q, dq_tiles.block_q)) * max(
         dkv_tiles.block_q, dq_tiles.block_q)

@@ -1,29 +1,26 @@
 """``selective_scan`` and ``selective_scan_step``: validation, choice of lowering, custom VJP.
 
 The lowerings (``triton``, ``tpu``) are imported lazily: one whose module fails to import is
-skipped by ``"auto"`` and reported by a ``ValueError`` when named. There is no Mosaic-GPU lowering:
+skipped by ``"auto"`` and reported by a ``ValueError`` when named; the policy is
+``_api.Dispatch``'s, the same for every op. There is no Mosaic-GPU lowering:
 the scan is a per-element recurrence with no matrix product, so wgmma/TMA have nothing to
 accelerate that the Triton kernel's coalesced loads do not already reach.
 """
 
 from __future__ import annotations
 
-import functools
-
 import jax.numpy as jnp
 
-from pallas_kernels._api import (
-    checkpointed_scan,
-    is_int,
-    load_lowering,
-    named_lowering,
-    platform_reason,
-    shape_of,
-)
+from pallas_kernels._api import Dispatch, Lowering, checkpointed_scan, load_lowering, shape_of
 from pallas_kernels.selective_scan import reference
-from pallas_kernels.selective_scan.common import ScanConfig
+from pallas_kernels.selective_scan.common import Call
 
-IMPLEMENTATIONS = ("auto", "xla", "triton", "tpu")
+# Fastest first: "auto" takes the first that runs natively on the target and supports the call.
+DISPATCH = Dispatch("pallas_kernels.selective_scan", (
+    Lowering("triton", "gpu"),
+    Lowering("tpu", "tpu"),
+))
+IMPLEMENTATIONS = DISPATCH.names
 
 
 def selective_scan(
@@ -41,8 +38,7 @@ def selective_scan(
     return_final_state: bool = False,
     implementation: str = "auto",
     interpret: bool = False,
-    block_d: int | None = None,
-    chunk: int | None = None,
+    tiles=None,
 ):
     """The Mamba-1 selective scan (S6) with the ``D`` skip and ``silu(z)`` gate fused.
 
@@ -61,13 +57,14 @@ def selective_scan(
       dt_softplus: pass ``delta + dt_bias`` through softplus.
       initial_state: optional ``(batch, d_inner, d_state)`` state ``h_{-1}`` (float32 is kept).
       return_final_state: also return the float32 state after the last step.
-      implementation: ``"auto"`` (the lowering for the current backend that supports the call,
-        else ``"xla"``), ``"xla"`` (sequential float32 ``lax.scan``), ``"triton"`` or ``"tpu"``.
-      interpret: run the Pallas kernel in interpret mode (how CI tests it on CPU).
-      block_d: channels per program (Triton: a power of 2; TPU: a multiple of 128 or all of
-        them); must divide ``d_inner // n_groups``. ``None`` takes the tuned default.
-      chunk: steps per unrolled chunk and per backward checkpoint (Triton), or steps per grid
-        block (TPU). ``None`` takes the tuned default.
+      implementation: ``"auto"`` (the Pallas lowering of the target platform when it supports
+        the call, else ``"xla"``), ``"xla"`` (the sequential float32 ``lax.scan`` reference),
+        ``"triton"`` or ``"tpu"``.
+      interpret: run a named Pallas lowering in interpret mode (how CI tests them on CPU); it
+        never changes what ``"auto"`` picks.
+      tiles: the named lowering's ``Tiles`` (``selective_scan.triton.Tiles(block_d, chunk,
+        forward_chunk)``, ``selective_scan.tpu.Tiles(block_d, chunk)``); ``None`` takes its
+        default for the target device.
 
     Returns:
       ``y`` in ``u``'s dtype, and the final state ``(batch, d_inner, d_state)`` float32 when
@@ -82,18 +79,14 @@ def selective_scan(
         raise ValueError(f"dt_softplus must be a bool, got {dt_softplus!r}")
     if not isinstance(return_final_state, bool):
         raise ValueError(f"return_final_state must be a bool, got {return_final_state!r}")
-    if implementation not in IMPLEMENTATIONS:
-        raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
-    for name, size in (("block_d", block_d), ("chunk", chunk)):
-        if size is not None and (not is_int(size) or size <= 0):
-            raise ValueError(f"{name} must be a positive int or None, got {size!r}")
-
-    cfg = _choose(implementation, dims, block_d, chunk, dt_softplus, bool(interpret))
-    if cfg is None:
+    interpret = bool(interpret)
+    name, tiles = DISPATCH.choose(implementation, dims, interpret=interpret, tiles=tiles)
+    if name == "xla":
         return reference.selective_scan(
             u, delta, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus,
             initial_state=initial_state, return_final_state=return_final_state,
         )  # fmt: skip
+    cfg = load_lowering(DISPATCH.package, name)[0].config(dims, tiles, dt_softplus, interpret)
     y, h_final = _kernel_scan(cfg, u, delta, A, B, C, D, z, dt_bias, initial_state)
     return (y, h_final) if return_final_state else y
 
@@ -131,7 +124,7 @@ def selective_scan_step(
 
 
 def _check_scan_args(u, delta, A, B, C, D, z, dt_bias, initial_state, state_required=False):
-    """Checks ranks, shapes and dtypes; returns ``(batch, length, d_inner, n_groups, d_state)``."""
+    """Checks ranks, shapes and dtypes; returns the ``Call``."""
     if getattr(u, "ndim", None) != 3:
         raise ValueError(f"u must have rank 3 (batch, length, d_inner), got {shape_of(u)}")
     batch, length, d_inner = u.shape
@@ -174,33 +167,10 @@ def _check_scan_args(u, delta, A, B, C, D, z, dt_bias, initial_state, state_requ
     for name, x in arrays.items():
         if not jnp.issubdtype(x.dtype, jnp.floating):
             raise ValueError(f"{name} must be a floating-point array, got {x.dtype}")
-    return batch, length, d_inner, n_groups, d_state
-
-
-# ----------------------------------------------------------------------------- dispatch
-
-
-_PACKAGE = "pallas_kernels.selective_scan"
-_load_lowering = functools.partial(load_lowering, _PACKAGE)
-
-
-def _choose(implementation, dims, block_d, chunk, dt_softplus, interpret) -> ScanConfig | None:
-    """The kernel configuration to run, or None for the reference."""
-    if implementation == "xla":
-        return None
-    if implementation == "auto":
-        candidates = [n for n in ("triton", "tpu") if interpret or not platform_reason(n)]
-        for name in candidates:
-            module, _ = _load_lowering(name)
-            if module is not None and module.supports(dims, block_d, chunk) is None:
-                return module.config(dims, block_d, chunk, dt_softplus, interpret)
-        return None
-    module = named_lowering(_PACKAGE, implementation, interpret,
-                            lambda m: m.supports(dims, block_d, chunk))
-    return module.config(dims, block_d, chunk, dt_softplus, interpret)
+    return Call(batch, length, d_inner, n_groups, d_state)
 
 
 # ----------------------------------------------------------------------------- custom VJP
 
 
-_kernel_scan = checkpointed_scan("pallas_kernels.selective_scan")
+_kernel_scan = checkpointed_scan(DISPATCH.package)

@@ -7,8 +7,19 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import NamedTuple
 
 LOG2E = math.log2(math.e)
+
+
+class Call(NamedTuple):
+    """The static shape of one call: what a lowering's ``supports`` and ``default_tiles`` see."""
+
+    batch: int
+    length: int
+    d_inner: int
+    n_groups: int
+    d_state: int
 
 
 @dataclasses.dataclass(frozen=True)

@@ -23,6 +23,7 @@ defaults below are not tuned.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -32,49 +33,66 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels import _ssm_math
+from pallas_kernels._api import device_default
 from pallas_kernels._pallas_util import Refs, operands, out_type
 from pallas_kernels.selective_scan import common
 
 f32 = jnp.float32
 _LANES = 128
-# Untuned. The backward's recomputed states, (chunk, d_state, block_d) float32 scratch, take
-# 4 MiB at these sizes and d_state 16, leaving room in the 16 MiB default scoped VMEM of v5e for
-# the double-buffered (chunk, block_d) input and output blocks.
-_BLOCK_D = 512
-_CHUNK = 128
 
 
-def supports(dims, block_d: int | None, chunk: int | None) -> str | None:
+@dataclasses.dataclass(frozen=True)
+class Tiles:
+    """``block_d`` channels per block (a multiple of 128 dividing ``d_inner // n_groups``, or all
+    of ``d_inner``) and ``chunk`` steps per grid step (a multiple of 128, or the whole length;
+    capped at the length)."""
+
+    block_d: int
+    chunk: int
+
+
+# Defaults by device kind ("" is every TPU); untuned. The backward's recomputed states, (chunk,
+# d_state, block_d) float32 scratch, take 4 MiB at these sizes and d_state 16, leaving room in the
+# 16 MiB default scoped VMEM of v5e for the double-buffered (chunk, block_d) input and output
+# blocks. block_d is a cap: the largest lane-aligned divisor of the group's channels under it,
+# or all channels when a group is not lane-aligned.
+DEFAULT_TILES = {"": Tiles(block_d=512, chunk=128)}
+
+
+def default_tiles(call: common.Call) -> Tiles:
+    default = device_default(DEFAULT_TILES)
+    per_group = call.d_inner // call.n_groups
+    if per_group % _LANES:
+        block_d = call.d_inner
+    else:
+        lanes = common.largest_power_of_2_divisor(per_group // _LANES, default.block_d // _LANES)
+        block_d = _LANES * lanes
+    return Tiles(block_d, default.chunk)
+
+
+def supports(call: common.Call, tiles: Tiles) -> str | None:
     """None when these kernels handle the call, else the reason (Mosaic's (8, 128) tiling)."""
-    _, length, d_inner, n_groups, _ = dims
-    per_group = d_inner // n_groups
-    if block_d is not None:
-        if per_group % block_d:
-            return f"block_d ({block_d}) must divide d_inner // n_groups ({per_group})"
-        if block_d % _LANES and block_d != d_inner:
-            return f"block_d must be a multiple of {_LANES} or d_inner ({d_inner}), got {block_d}"
-    elif per_group % _LANES and n_groups > 1:
+    per_group = call.d_inner // call.n_groups
+    if per_group % _LANES and call.n_groups > 1:
         return f"d_inner // n_groups must be a multiple of {_LANES} with groups, got {per_group}"
-    if chunk is not None and chunk % _LANES and chunk < length:
-        return f"chunk must be a multiple of {_LANES} or >= length ({length}), got {chunk}"
+    if per_group % tiles.block_d:
+        return f"tiles.block_d ({tiles.block_d}) must divide d_inner // n_groups ({per_group})"
+    if tiles.block_d % _LANES and tiles.block_d != call.d_inner:
+        return (f"tiles.block_d must be a multiple of {_LANES} or d_inner ({call.d_inner}), got "
+                f"{tiles.block_d}")
+    if tiles.chunk % _LANES and tiles.chunk < call.length:
+        return (f"tiles.chunk must be a multiple of {_LANES} or >= length ({call.length}), got "
+                f"{tiles.chunk}")
     return None
 
 
-def config(dims, block_d, chunk, dt_softplus: bool, interpret: bool) -> common.ScanConfig:
-    """Explicit sizes as given; else lane-aligned channel blocks, and one chunk for short inputs."""
-    _, length, d_inner, n_groups, _ = dims
-    per_group = d_inner // n_groups
-    if block_d is None:
-        if per_group % _LANES:
-            block_d = d_inner
-        else:
-            lanes = common.largest_power_of_2_divisor(per_group // _LANES, _BLOCK_D // _LANES)
-            block_d = _LANES * lanes
-    chunk = min(chunk or _CHUNK, length)
+def config(call: common.Call, tiles: Tiles, dt_softplus: bool, interpret: bool):
+    """The launch configuration of ``tiles`` fitted to the call."""
+    chunk = min(tiles.chunk, call.length)
     return common.ScanConfig(
         implementation="tpu",
         dt_softplus=dt_softplus,
-        block_d=block_d,
+        block_d=tiles.block_d,
         chunk=chunk,
         forward_chunk=chunk,
         num_warps=None,

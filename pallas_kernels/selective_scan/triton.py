@@ -29,6 +29,7 @@ the result is deterministic (bitwise reproducible gradients) and the partials co
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -37,58 +38,72 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels import _ssm_math
+from pallas_kernels._api import device_default
 from pallas_kernels._pallas_util import Refs, operands, out_type
 from pallas_kernels.selective_scan import common
 
 f32 = jnp.float32
 
 
-# Launch defaults, from a sweep on an H100 at (8, 2048, 1536, 16) bf16 (scripts/bench_scan.py
-# --sweep; notes in BENCHMARKS.md): block_d 32 with 2 warps; a 16-step chunk is fastest forward
-# (0.98 ms vs 1.27 ms at 8) but the backward, which holds a chunk of recomputed states in
-# registers, spills at 16 (8.5 ms fwd+bwd vs 4.0 ms at 8). block_d and num_warps shrink as d_state
-# grows so that the state tile stays at about 8 floats per thread.
-_BLOCK_D = 32
-_CHUNK = 8
-_FORWARD_CHUNK = 16
+@dataclasses.dataclass(frozen=True)
+class Tiles:
+    """``block_d`` channels per program (a power of 2 dividing ``d_inner // n_groups``); ``chunk``
+    steps unrolled per loop iteration and per backward checkpoint; ``forward_chunk`` the same for
+    a forward pass that saves no checkpoints (inference), where a longer chunk costs no backward
+    registers. Chunks are capped at the length; the warps follow ``block_d`` and ``d_state``
+    (about 8 state floats per thread)."""
+
+    block_d: int
+    chunk: int
+    forward_chunk: int
+
+
+# Defaults by compute capability ("" is every GPU), from a sweep on an H100 at (8, 2048, 1536, 16)
+# bf16 (scripts/bench_scan.py --sweep; notes in BENCHMARKS.md): block_d 32 with 2 warps; a 16-step
+# chunk is fastest forward (0.98 ms vs 1.27 ms at 8) but the backward, which holds a chunk of
+# recomputed states in registers, spills at 16 (8.5 ms fwd+bwd vs 4.0 ms at 8). block_d is a cap:
+# it shrinks as d_state grows, so that the state tile stays at about 8 floats per thread, and to
+# a divisor of the group's channels.
+DEFAULT_TILES = {"": Tiles(block_d=32, chunk=8, forward_chunk=16)}
 _STATE_ELEMS_PER_THREAD = 8
 _MAX_D_STATE = 256
 _MAX_CHUNK = 64  # the chunk is unrolled at trace time; longer chunks only cost compile time
 
 
-def supports(dims, block_d: int | None, chunk: int | None) -> str | None:
+def default_tiles(call: common.Call) -> Tiles:
+    default = device_default(DEFAULT_TILES)
+    d_state_p = common.next_power_of_2(call.d_state)
+    cap = max(1, min(default.block_d, 32 * 8 * _STATE_ELEMS_PER_THREAD // d_state_p))
+    block_d = common.largest_power_of_2_divisor(call.d_inner // call.n_groups, cap)
+    return Tiles(block_d, default.chunk, default.forward_chunk)
+
+
+def supports(call: common.Call, tiles: Tiles) -> str | None:
     """None when these kernels handle the call, else the reason."""
-    _, _, d_inner, n_groups, d_state = dims
-    per_group = d_inner // n_groups
-    if d_state > _MAX_D_STATE:
-        return f"d_state must be <= {_MAX_D_STATE} (the state tile lives in registers), got {d_state}"
-    if block_d is not None:
-        if block_d & (block_d - 1):
-            return f"block_d must be a power of 2, got {block_d}"
-        if per_group % block_d:
-            return f"block_d ({block_d}) must divide d_inner // n_groups ({per_group})"
-    if chunk is not None and chunk > _MAX_CHUNK:
-        return f"chunk must be <= {_MAX_CHUNK}, got {chunk}"
+    per_group = call.d_inner // call.n_groups
+    if call.d_state > _MAX_D_STATE:
+        return (f"d_state must be <= {_MAX_D_STATE} (the state tile lives in registers), "
+                f"got {call.d_state}")
+    if tiles.block_d & (tiles.block_d - 1):
+        return f"tiles.block_d must be a power of 2, got {tiles.block_d}"
+    if per_group % tiles.block_d:
+        return f"tiles.block_d ({tiles.block_d}) must divide d_inner // n_groups ({per_group})"
+    for name in ("chunk", "forward_chunk"):
+        if getattr(tiles, name) > _MAX_CHUNK:
+            return f"tiles.{name} must be <= {_MAX_CHUNK}, got {getattr(tiles, name)}"
     return None
 
 
-def config(dims, block_d, chunk, dt_softplus: bool, interpret: bool) -> common.ScanConfig:
-    """The launch configuration: explicit sizes as given, else the defaults fitted to the shape."""
-    _, length, d_inner, n_groups, d_state = dims
-    d_state_p = common.next_power_of_2(d_state)
-    if block_d is None:
-        cap = max(1, min(_BLOCK_D, 32 * 8 * _STATE_ELEMS_PER_THREAD // d_state_p))
-        block_d = common.largest_power_of_2_divisor(d_inner // n_groups, cap)
-    forward_chunk = min(chunk or _FORWARD_CHUNK, length)
-    chunk = min(chunk or _CHUNK, length)
-    num_warps = max(1, min(8, block_d * d_state_p // (32 * _STATE_ELEMS_PER_THREAD)))
+def config(call: common.Call, tiles: Tiles, dt_softplus: bool, interpret: bool):
+    """The launch configuration of ``tiles`` fitted to the call."""
+    d_state_p = common.next_power_of_2(call.d_state)
     return common.ScanConfig(
         implementation="triton",
         dt_softplus=dt_softplus,
-        block_d=block_d,
-        chunk=chunk,
-        forward_chunk=forward_chunk,
-        num_warps=num_warps,
+        block_d=tiles.block_d,
+        chunk=min(tiles.chunk, call.length),
+        forward_chunk=min(tiles.forward_chunk, call.length),
+        num_warps=max(1, min(8, tiles.block_d * d_state_p // (32 * _STATE_ELEMS_PER_THREAD))),
         interpret=interpret,
         fast_math=not interpret,
     )

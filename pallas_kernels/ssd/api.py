@@ -1,31 +1,33 @@
 """``ssd`` and ``ssd_step``: argument validation, choice of implementation, and the custom VJP.
 
 The Pallas lowerings (``triton``, ``tpu``) are imported lazily: one whose module fails to import
-is skipped by ``"auto"`` and reported by a ``ValueError`` when named.
+is skipped by ``"auto"`` and reported by a ``ValueError`` when named; the policy is
+``_api.Dispatch``'s, the same for every op. ``"xla"`` is the chunked plain-JAX form (``xla.py``);
+the sequential ``reference.ssd`` is the test oracle of every implementation.
 """
 
 from __future__ import annotations
 
-import functools
-
 import jax.numpy as jnp
 
 from pallas_kernels._api import (
+    Dispatch,
+    Lowering,
     checkpointed_scan,
     is_int,
     load_lowering,
-    named_lowering,
     shape_of,
-    target_platform,
 )
-from pallas_kernels.ssd import reference
-from pallas_kernels.ssd.common import SSDConfig
+from pallas_kernels.ssd import reference, xla
+from pallas_kernels.ssd.common import Call
 
-IMPLEMENTATIONS = ("auto", "xla", "xla_chunked", "triton", "tpu")
+# Fastest first: "auto" takes the first that runs natively on the target and supports the call.
+DISPATCH = Dispatch("pallas_kernels.ssd", (
+    Lowering("triton", "gpu"),
+    Lowering("tpu", "tpu"),
+))
+IMPLEMENTATIONS = DISPATCH.names
 _DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
-# Tile defaults: block_t steps per matrix-product tile, block_p head_dim columns per program.
-_DEFAULT_BLOCK_T = {"triton": 64, "tpu": 128}
-_DEFAULT_BLOCK_P = {"triton": 64, "tpu": None}  # None: all of head_dim
 
 
 def ssd(
@@ -44,9 +46,7 @@ def ssd(
     return_final_state: bool = False,
     implementation: str = "auto",
     interpret: bool = False,
-    block_t: int | None = None,
-    block_p: int | None = None,
-    num_warps: int | None = None,
+    tiles=None,
 ):
     """The Mamba-2 SSD layer (see ``reference`` for the recurrence).
 
@@ -56,19 +56,20 @@ def ssd(
       A: ``(heads,)`` log-decay rates (negative in Mamba-2), any float dtype.
       B, C: ``(batch, length, n_groups, d_state)`` in x's dtype; ``heads`` must be a multiple of
         ``n_groups`` and head ``h`` reads group ``h // (heads // n_groups)``.
-      chunk_size: steps between the saved states (Pallas lowerings; a multiple of ``block_t``)
-        or per einsum chunk (``"xla_chunked"``). The length need not be a multiple of it.
+      chunk_size: steps between the saved states (Pallas lowerings; a multiple of their
+        ``block_t``) or per einsum chunk (``"xla"``). The length need not be a multiple of it.
       D: ``(heads,)`` skip: ``y += D[h] * x``.
       z: like ``x``; gates the output as ``y * silu(z)``.
       dt_bias: ``(heads,)`` added to ``dt``; ``dt_softplus`` then applies softplus.
       initial_state: ``(batch, heads, head_dim, d_state)`` float32 state before step 0.
       return_final_state: also return the float32 state after the last step.
-      implementation: ``"auto"``, ``"xla"`` (the sequential float32 reference),
-        ``"xla_chunked"`` (plain-JAX chunked form), ``"triton"`` or ``"tpu"``. ``"auto"`` picks
-        the Pallas lowering of the current backend when it supports the call, else
-        ``"xla_chunked"``.
-      interpret: run the chosen Pallas kernel in interpret mode (how CI tests them on CPU).
-      block_t, block_p, num_warps: tile sizes of the Pallas lowerings (None: tuned defaults).
+      implementation: ``"auto"``, ``"xla"`` (the chunked plain-JAX form: exact, autodiff
+        gradients), ``"triton"`` or ``"tpu"``. ``"auto"`` picks the Pallas lowering of the
+        target platform when it supports the call, else ``"xla"``.
+      interpret: run a named Pallas lowering in interpret mode (how CI tests them on CPU); it
+        never changes what ``"auto"`` picks.
+      tiles: the named lowering's ``Tiles`` (``ssd.triton.Tiles(block_t, block_p, num_warps)``,
+        ``ssd.tpu.Tiles(block_t)``); ``None`` takes its default for the target device.
 
     Returns:
       ``y`` like ``x`` (and the final state when ``return_final_state``). The kernels feed the
@@ -78,33 +79,19 @@ def ssd(
     Raises:
       ValueError: naming the violated constraint.
     """
-    heads, head_dim, d_state = _check(x, dt, A, B, C, D, z, dt_bias, initial_state)
+    _check(x, dt, A, B, C, D, z, dt_bias, initial_state)
     if not is_int(chunk_size) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
     if not isinstance(dt_softplus, bool):
         raise ValueError(f"dt_softplus must be a bool, got {dt_softplus!r}")
-    if implementation not in IMPLEMENTATIONS:
-        raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
-    for name, v in (("block_t", block_t), ("block_p", block_p), ("num_warps", num_warps)):
-        if v is not None and (not is_int(v) or v < 1):
-            raise ValueError(f"{name} must be a positive int or None, got {v!r}")
-
-    opts = dict(D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus, initial_state=initial_state,
-                return_final_state=return_final_state)
-    name = _choose(implementation, x.shape, B.shape, chunk_size, block_t, block_p, bool(interpret))
+    interpret = bool(interpret)
+    call = Call(x.shape, B.shape, int(chunk_size))
+    name, tiles = DISPATCH.choose(implementation, call, interpret=interpret, tiles=tiles)
     if name == "xla":
-        return reference.ssd(x, dt, A, B, C, **opts)
-    if name == "xla_chunked":
-        return reference.ssd_chunked(x, dt, A, B, C, chunk_size=chunk_size, **opts)
-    cfg = SSDConfig(
-        implementation=name,
-        chunk_size=int(chunk_size),
-        block_t=_block(block_t, _DEFAULT_BLOCK_T[name], chunk_size),
-        block_p=_block(block_p, _DEFAULT_BLOCK_P[name], head_dim),
-        dt_softplus=dt_softplus,
-        num_warps=num_warps,
-        interpret=bool(interpret),
-    )
+        return xla.ssd(x, dt, A, B, C, chunk_size=chunk_size, D=D, z=z, dt_bias=dt_bias,
+                       dt_softplus=dt_softplus, initial_state=initial_state,
+                       return_final_state=return_final_state)
+    cfg = load_lowering(DISPATCH.package, name)[0].config(call, tiles, dt_softplus, interpret)
     y, h_final = _kernel_ssd(cfg, x, dt, A, B, C, D, z, dt_bias, initial_state)
     return (y, h_final) if return_final_state else y
 
@@ -169,37 +156,7 @@ def _check(x, dt, A, B, C, D, z, dt_bias, state):
     return heads, head_dim, d_state
 
 
-def _block(given, default, extent):
-    if given is not None:
-        return given
-    return extent if default is None else min(default, extent)
-
-
-# ----------------------------------------------------------------------------- dispatch
-
-
-_PACKAGE = "pallas_kernels.ssd"
-_load_lowering = functools.partial(load_lowering, _PACKAGE)
-
-
-def _choose(implementation, x_shape, B_shape, chunk_size, block_t, block_p, interpret) -> str:
-    if implementation in ("xla", "xla_chunked"):
-        return implementation
-
-    def unsupported(name):
-        bt = _block(block_t, _DEFAULT_BLOCK_T[name], chunk_size)
-        bp = _block(block_p, _DEFAULT_BLOCK_P[name], x_shape[3])
-        return lambda module: module.supports(x_shape, B_shape, chunk_size, bt, bp)
-
-    if implementation == "auto":
-        name = {"gpu": "triton", "tpu": "tpu"}.get(target_platform())
-        module = _load_lowering(name)[0] if name is not None else None
-        return name if module is not None and unsupported(name)(module) is None else "xla_chunked"
-    named_lowering(_PACKAGE, implementation, interpret, unsupported(implementation))
-    return implementation
-
-
 # ----------------------------------------------------------------------------- custom VJP
 
 
-_kernel_ssd = checkpointed_scan("pallas_kernels.ssd")
+_kernel_ssd = checkpointed_scan(DISPATCH.package)

@@ -20,12 +20,29 @@ input, so they carry the state unchanged and contribute nothing.
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from pallas_kernels import _ssm_math
 
 f32 = jnp.float32
+
+
+class Call(NamedTuple):
+    """The static shape of one call: what a lowering's ``supports`` and ``default_tiles`` see."""
+
+    x_shape: tuple[int, ...]  # (batch, length, heads, head_dim)
+    B_shape: tuple[int, ...]  # (batch, length, n_groups, d_state)
+    chunk_size: int
+
+    @property
+    def head_dim(self) -> int:
+        return self.x_shape[3]
+
+    @property
+    def d_state(self) -> int:
+        return self.B_shape[3]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -19,6 +19,7 @@ that stays resident across the chunk axis.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -27,6 +28,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels import _ssm_math
+from pallas_kernels._api import device_default
 from pallas_kernels._pallas_util import Refs, operands, out_type
 from pallas_kernels.ssd import common
 
@@ -34,16 +36,36 @@ f32 = jnp.float32
 _LANES = 128
 
 
-def supports(x_shape, B_shape, chunk_size, block_t, block_p) -> str | None:
+@dataclasses.dataclass(frozen=True)
+class Tiles:
+    """``block_t`` steps per matrix-product tile (a multiple of 8 dividing ``chunk_size``); a
+    program takes a whole head."""
+
+    block_t: int
+
+
+# Defaults by device kind ("" is every TPU), capped at chunk_size; untuned.
+DEFAULT_TILES = {"": Tiles(block_t=128)}
+
+
+def default_tiles(call: common.Call) -> Tiles:
+    return Tiles(min(device_default(DEFAULT_TILES).block_t, call.chunk_size))
+
+
+def supports(call: common.Call, tiles: Tiles) -> str | None:
     """Why this lowering cannot run the call (None if it can)."""
-    head_dim = x_shape[3]
-    if chunk_size % block_t:
-        return f"block_t ({block_t}) must divide chunk_size ({chunk_size})"
-    if block_t % 8:
-        return f"block_t ({block_t}) must be a multiple of 8"
-    if block_p != head_dim:
-        return f"block_p ({block_p}) must equal head_dim ({head_dim}): one head per program"
+    if call.chunk_size % tiles.block_t:
+        return f"tiles.block_t ({tiles.block_t}) must divide chunk_size ({call.chunk_size})"
+    if tiles.block_t % 8:
+        return f"tiles.block_t ({tiles.block_t}) must be a multiple of 8"
     return None
+
+
+def config(call: common.Call, tiles: Tiles, dt_softplus: bool, interpret: bool):
+    return common.SSDConfig(
+        implementation="tpu", chunk_size=call.chunk_size, block_t=tiles.block_t,
+        block_p=call.head_dim, dt_softplus=dt_softplus, num_warps=None, interpret=interpret,
+    )
 
 
 def _scalars(r):

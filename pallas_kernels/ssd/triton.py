@@ -24,6 +24,7 @@ scalars ``dA``, ``dD``, ``ddt_bias`` per (batch row, chunk, column block).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -32,23 +33,56 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels import _ssm_math
+from pallas_kernels._api import device_default
 from pallas_kernels._pallas_util import Refs, operands, out_type
 from pallas_kernels.ssd import common
 
 f32 = jnp.float32
 
 
-def supports(x_shape, B_shape, chunk_size, block_t, block_p) -> str | None:
+@dataclasses.dataclass(frozen=True)
+class Tiles:
+    """``block_t`` steps per matrix-product tile (a power of 2 >= 16 dividing ``chunk_size``),
+    ``block_p`` head_dim columns per program (a power of 2 >= 16 dividing ``head_dim``) and the
+    warps per program."""
+
+    block_t: int
+    block_p: int
+    num_warps: int
+
+
+# Defaults by compute capability ("" is every GPU), each tile capped at chunk_size / head_dim:
+# 64x64 with 4 warps was fastest of the tiles timed on an H100 (BENCHMARKS.md, bench_ssd.py).
+DEFAULT_TILES = {"": Tiles(block_t=64, block_p=64, num_warps=4)}
+
+
+def default_tiles(call: common.Call) -> Tiles:
+    default = device_default(DEFAULT_TILES)
+    return Tiles(min(default.block_t, call.chunk_size), min(default.block_p, call.head_dim),
+                 default.num_warps)
+
+
+def supports(call: common.Call, tiles: Tiles) -> str | None:
     """Why this lowering cannot run the call (None if it can)."""
-    head_dim, d_state = x_shape[3], B_shape[3]
+    head_dim, d_state, chunk_size = call.head_dim, call.d_state, call.chunk_size
     pow2 = lambda n: n >= 16 and n & (n - 1) == 0
     if not pow2(head_dim) or not pow2(d_state):
         return f"head_dim ({head_dim}) and d_state ({d_state}) must be powers of two >= 16"
-    if not pow2(block_t) or chunk_size % block_t:
-        return f"block_t ({block_t}) must be a power of two >= 16 dividing chunk_size ({chunk_size})"
-    if not pow2(block_p) or head_dim % block_p:
-        return f"block_p ({block_p}) must be a power of two >= 16 dividing head_dim ({head_dim})"
+    if not pow2(tiles.block_t) or chunk_size % tiles.block_t:
+        return (f"tiles.block_t ({tiles.block_t}) must be a power of two >= 16 dividing "
+                f"chunk_size ({chunk_size})")
+    if not pow2(tiles.block_p) or head_dim % tiles.block_p:
+        return (f"tiles.block_p ({tiles.block_p}) must be a power of two >= 16 dividing "
+                f"head_dim ({head_dim})")
     return None
+
+
+def config(call: common.Call, tiles: Tiles, dt_softplus: bool, interpret: bool):
+    return common.SSDConfig(
+        implementation="triton", chunk_size=call.chunk_size, block_t=tiles.block_t,
+        block_p=tiles.block_p, dt_softplus=dt_softplus, num_warps=tiles.num_warps,
+        interpret=interpret,
+    )
 
 
 def _tile(r, t0, T, length, bias, softplus, dtype, *, with_z, with_dout, with_C=True):

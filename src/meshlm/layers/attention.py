@@ -1,8 +1,8 @@
 """Multi-head attention with grouped-query K/V, RoPE, packed segments and a decoding KV cache.
 
 The attention product itself is ``pallas_kernels.flash_attention.flash_attention`` (its
-``implementation="xla"`` reference on CPU, Pallas kernels on GPU/TPU), or cuDNN through
-``jax.nn.dot_product_attention`` when ``implementation="cudnn"``. K/V keep their ``kv_heads``
+``implementation="xla"`` reference on CPU, Pallas kernels on GPU/TPU, or its ``"cudnn"``
+implementation). K/V keep their ``kv_heads``
 (never repeated to ``heads``): the kernels read query head ``h``'s keys from kv head
 ``h // (heads // kv_heads)``.
 """
@@ -29,28 +29,12 @@ _EMPTY_SLOT = -1
 
 def attend(q, k, v, *, q_segment_ids=None, kv_segment_ids=None, causal: bool = True,
            q_offset: int = 0, implementation: str = "auto"):
-    """``softmax(q k^T / sqrt(d)) v`` with ``q (B, Lq, H, D)``, ``k, v (B, Lk, Hkv, D)``.
+    """``softmax(q k^T / sqrt(d)) v`` with ``q (B, Lq, H, D)``, ``k, v (B, Lk, Hkv, D)``, by
+    ``flash_attention(implementation=...)`` (``"cudnn"`` included).
 
     Query ``i`` sits at key position ``q_offset + i`` (``causal``: sees keys ``<=`` that); with
-    segment ids it sees only keys of its own segment. ``implementation="cudnn"`` uses cuDNN,
-    which has no segment-id or query-offset argument: those become an explicit boolean mask
-    ``(B, 1, Lq, Lk)`` (cuDNN turns it into an additive bias, slower than its built-in causal
-    mask but exact). Every other value is passed to ``flash_attention``.
+    segment ids (both or neither) it sees only keys of its own segment.
     """
-    if (q_segment_ids is None) != (kv_segment_ids is None):
-        raise ValueError("give both q_segment_ids and kv_segment_ids, or neither")
-    if implementation == "cudnn":
-        lq, lk = q.shape[1], k.shape[1]
-        mask = None
-        if q_segment_ids is not None:
-            mask = q_segment_ids[:, None, :, None] == kv_segment_ids[:, None, None, :]
-        plain_causal = causal and q_offset == 0 and lq == lk
-        if causal and not plain_causal:
-            visible = jnp.arange(lk)[None, :] <= q_offset + jnp.arange(lq)[:, None]
-            mask = visible[None, None] if mask is None else mask & visible
-        return jax.nn.dot_product_attention(
-            q, k, v, mask=mask, is_causal=plain_causal, implementation="cudnn"
-        )
     from pallas_kernels.flash_attention import flash_attention
 
     return flash_attention(
