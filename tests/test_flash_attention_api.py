@@ -379,3 +379,28 @@ def test_tpu_lowers_to_mosaic():
             sds((4,), jnp.float32),
         )
     assert exported.mlir_module().count("tpu_custom_call") == 3
+
+
+@pytest.mark.parametrize(
+    "spec_kw",
+    [dict(), dict(causal=True, sliding_window=70, q_offset=100, has_segment_ids=True,
+                  logits_soft_cap=30.0)],
+    ids=["plain", "every_mask"],
+)
+def test_mosaic_gpu_lowers_for_cuda(spec_kw):
+    """The Mosaic GPU lowering (which interpret mode skips) of the forward and backward kernels,
+    static and traced block ranges, with keys and queries that are not tile multiples."""
+    spec = AttentionSpec(scale=0.125, **spec_kw)
+    kw = dict(spec=spec, tiles=mosaic_gpu.DEFAULT_TILES[""][128], interpret=False)
+    seg = jax.ShapeDtypeStruct((1, 300), jnp.int32) if spec.has_segment_ids else None
+
+    def fwd_bwd(q, k, v, q_seg, kv_seg):
+        out, lse = mosaic_gpu.forward(q, k, v, q_seg, kv_seg, None, **kw)
+        return mosaic_gpu.backward(q, k, v, q_seg, kv_seg, None, out, lse, out, **kw)
+
+    q = jax.ShapeDtypeStruct((1, 300, 4, 128), jnp.bfloat16)
+    k = jax.ShapeDtypeStruct((1, 300, 2, 128), jnp.bfloat16)
+    with lowering_for("NVIDIA H100"):
+        text = jax.jit(fwd_bwd).trace(q, k, k, seg, seg).lower(
+            lowering_platforms=("cuda",)).as_text()
+    assert text.count("kernel_hash") == 3
