@@ -1,4 +1,5 @@
-"""``meshlm train --config F [section.key=value ...]`` and ``meshlm generate --run-dir R ...``.
+"""``meshlm train --config F [section.key=value ...]``, ``meshlm generate --run-dir R ...`` and
+``meshlm convert hf-to-orbax | orbax-to-hf ...``.
 
 Bad input (a config, a checkpoint or a prompt that cannot work) prints one line,
 ``meshlm: error: ...``, and exits with status 2; a checkpoint that cannot be written exits with
@@ -43,6 +44,19 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=0, help="0 = off")
     p.add_argument("--top-p", type=float, default=0.95, help="1 = off")
     p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("convert", help="HuggingFace checkpoints <-> meshlm run directories")
+    way = p.add_subparsers(dest="direction", required=True)
+    q = way.add_parser("hf-to-orbax", help="a HF directory (config.json, *.safetensors) -> a run")
+    q.add_argument("--hf", required=True, help="local HF model directory")
+    q.add_argument("--out", required=True, help="the run directory to create")
+    q.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                   help="parameter and compute dtype of the run")
+    q.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    q = way.add_parser("orbax-to-hf", help="a run's latest parameters -> a HF directory")
+    q.add_argument("--run-dir", required=True, help="the run directory to read")
+    q.add_argument("--out", required=True, help="the HF directory to create")
+    q.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     return parser
 
 
@@ -114,6 +128,19 @@ def _generate(args) -> int:
     return 0
 
 
+def _convert(args) -> int:
+    from meshlm.convert.hf import hf_to_orbax, orbax_to_hf
+
+    _quiet_orbax_failures()
+    if args.direction == "hf-to-orbax":
+        cfg = hf_to_orbax(args.hf, args.out, dtype=args.dtype, overwrite=args.overwrite)
+        print(f"meshlm: wrote run {args.out} (model.family={cfg.model.family})", file=sys.stderr)
+    else:
+        hf = orbax_to_hf(args.run_dir, args.out, overwrite=args.overwrite)
+        print(f"meshlm: wrote {hf['model_type']} checkpoint {args.out}", file=sys.stderr)
+    return 0
+
+
 def _quiet_orbax_failures() -> None:
     """Orbax logs a failed save or restore with a traceback from each of its threads; meshlm
     raises one error naming the root cause instead. (Not in ``main``: importing the checkpoint
@@ -129,7 +156,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     logging.getLogger("meshlm").setLevel(logging.INFO)
     try:
-        return {"train": _train, "generate": _generate}[args.command](args)
+        return {"train": _train, "generate": _generate, "convert": _convert}[args.command](args)
     except KeyboardInterrupt:  # a Ctrl-C outside the training loop, or a second one inside it
         print("meshlm: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED

@@ -93,6 +93,13 @@ def model_config_class(family: str) -> type[ModelConfig]:
     return _FAMILIES[family]
 
 
+def registered_families() -> dict[str, type[ModelConfig]]:
+    """Every registered family name -> its config class (e.g. to find HF converters)."""
+    import meshlm.models  # noqa: F401  (registers every shipped family)
+
+    return dict(_FAMILIES)
+
+
 def model_config(family: str = "gpt", **fields) -> ModelConfig:
     """A validated model config of ``family`` (keyword fields checked as a YAML section is)."""
     cfg = _from_dict(model_config_class(family), {"family": family, **fields}, "model")
@@ -199,6 +206,9 @@ class CheckpointConfig:
     keep: int = 3
     async_save: bool = True
     resume: bool = True  # continue from the latest checkpoint in run_dir when one exists
+    # a run dir (e.g. ``meshlm convert hf-to-orbax``'s) whose latest parameters start a fresh run:
+    # params only, new optimizer state, step 0; ignored when resuming
+    init_from: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -39,6 +39,25 @@ class DecoderLMConfig(ModelConfig):
 
     batch_fields: ClassVar[dict[str, str]] = DECODER_LM
 
+    # HuggingFace conversion (convert/): the HF ``model_type``s this family reads, and regexes of
+    # HF tensors that hold no parameter (buffers such as a cached causal mask), skipped on read.
+    hf_model_types: ClassVar[tuple[str, ...]] = ()
+    hf_ignored: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def from_hf_config(cls, hf: dict) -> "DecoderLMConfig":
+        """This family's config from a HF ``config.json`` (a ``model_type`` of
+        ``hf_model_types``); an option meshlm does not implement is a ``ConfigError`` naming it."""
+        raise NotImplementedError(f"{cls.__name__} has no HuggingFace conversion")
+
+    def to_hf_config(self) -> dict:
+        """The HF ``config.json`` (``model_type``, ``architectures`` and sizes) of this model."""
+        raise NotImplementedError(f"{type(self).__name__} has no HuggingFace conversion")
+
+    def hf_tensors(self) -> list:
+        """The HF checkpoint's tensors as ``convert.mapping.HFTensor``s: names and layouts."""
+        raise NotImplementedError(f"{type(self).__name__} has no HuggingFace conversion")
+
     def build(self) -> nn.Module:
         """The family's (stateless) linen module; parameters come from ``module.init``."""
         return DecoderLM(self)

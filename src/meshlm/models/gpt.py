@@ -15,6 +15,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from meshlm.config import ConfigError, register_family
+from meshlm.convert.mapping import (HFTensor, conv1d, hf_option, linear, reshaped, same,
+                                    split)
 from meshlm.layers import Attention, LearnedPositions, Mlp
 from meshlm.models.base import ACTIVATION_EMBED, DecoderLMConfig
 
@@ -101,6 +103,137 @@ class GPTConfig(DecoderLMConfig):
         mlp = d * self.d_ff * (3 if self.mlp == "swiglu" else 2)
         matmul_params = self.n_layers * (attention + mlp) + d * self.vocab_size
         return 6.0 * matmul_params + 6.0 * self.n_layers * seq_len * self.n_heads * hd
+
+
+    # ------------------------------------------------------------------ HuggingFace mapping
+    # GPT-2 (``GPT2LMHeadModel``) and LLaMA / Mistral (``LlamaForCausalLM``,
+    # ``MistralForCausalLM``). HF LLaMA's RoPE is the rotate-half form of ``apply_rope``
+    # (feature i pairs with i + D/2, same frequencies), so q/k rows are copied unpermuted.
+
+    hf_model_types: ClassVar[tuple[str, ...]] = ("gpt2", "llama", "mistral")
+    # GPT-2's cached causal mask buffers; LLaMA's cached RoPE frequencies (older checkpoints)
+    hf_ignored: ClassVar[tuple[str, ...]] = (r"\.attn\.(masked_)?bias$", r"rotary_emb\.inv_freq$")
+
+    @classmethod
+    def from_hf_config(cls, hf: dict) -> "GPTConfig":
+        if hf["model_type"] == "gpt2":
+            hf_option(hf, "activation_function", ("gelu_new", "gelu_pytorch_tanh"), "gelu_new")
+            for key, default in (("scale_attn_by_inverse_layer_idx", False),
+                                 ("add_cross_attention", False), ("scale_attn_weights", True)):
+                hf_option(hf, key, (default,), default)
+            d = hf["n_embd"]
+            return cls(vocab_size=hf["vocab_size"], max_seq_len=hf["n_positions"], d_model=d,
+                       n_layers=hf["n_layer"], n_heads=hf["n_head"],
+                       d_ff=hf.get("n_inner") or 4 * d, position="learned", norm="layernorm",
+                       norm_eps=hf.get("layer_norm_epsilon", 1e-5), mlp="gelu", use_bias=True,
+                       tie_embeddings=hf.get("tie_word_embeddings", True))
+        hf_option(hf, "hidden_act", ("silu",), "silu")
+        if hf["model_type"] == "mistral":
+            window = hf.get("sliding_window")
+            if window is not None and window < hf["max_position_embeddings"]:
+                raise ConfigError(f"config.json: sliding_window={window} is not supported "
+                                  "(meshlm attends to the whole context: null)")
+        rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type != "default":
+            raise ConfigError(f"config.json: rope scaling type {rope_type!r} "
+                              "(rope_parameters/rope_scaling) is not supported (supported: "
+                              "'default')")
+        bias = hf.get("attention_bias", False)
+        if hf.get("mlp_bias", False) != bias:
+            raise ConfigError(f"config.json: attention_bias={bias} with mlp_bias="
+                              f"{hf.get('mlp_bias')} is not supported (meshlm's use_bias is both)")
+        heads = hf["num_attention_heads"]
+        return cls(vocab_size=hf["vocab_size"], max_seq_len=hf["max_position_embeddings"],
+                   d_model=hf["hidden_size"], n_layers=hf["num_hidden_layers"], n_heads=heads,
+                   n_kv_heads=hf.get("num_key_value_heads") or heads,
+                   head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+                   d_ff=hf["intermediate_size"], position="rope",
+                   rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
+                   norm="rmsnorm", norm_eps=hf.get("rms_norm_eps", 1e-6), mlp="swiglu",
+                   use_bias=bias, tie_embeddings=hf.get("tie_word_embeddings", False))
+
+    def _hf_model_type(self) -> str:
+        variant = (self.position, self.norm, self.mlp)
+        if variant == ("learned", "layernorm", "gelu") and self.use_bias:
+            return "gpt2"
+        if variant == ("rope", "rmsnorm", "swiglu"):
+            return "llama"
+        raise ConfigError(
+            f"no HuggingFace model_type has position={self.position!r}, norm={self.norm!r}, "
+            f"mlp={self.mlp!r}, use_bias={self.use_bias} (gpt2: learned, layernorm, gelu, "
+            "biases; llama: rope, rmsnorm, swiglu)")
+
+    def to_hf_config(self) -> dict:
+        if self._hf_model_type() == "gpt2":
+            return dict(model_type="gpt2", architectures=["GPT2LMHeadModel"],
+                        vocab_size=self.vocab_size, n_positions=self.max_seq_len,
+                        n_embd=self.d_model, n_layer=self.n_layers, n_head=self.n_heads,
+                        n_inner=self.d_ff, activation_function="gelu_new",
+                        layer_norm_epsilon=self.norm_eps, tie_word_embeddings=self.tie_embeddings)
+        return dict(model_type="llama", architectures=["LlamaForCausalLM"],
+                    vocab_size=self.vocab_size, max_position_embeddings=self.max_seq_len,
+                    hidden_size=self.d_model, num_hidden_layers=self.n_layers,
+                    num_attention_heads=self.n_heads, num_key_value_heads=self.kv_heads,
+                    head_dim=self.dim_per_head, intermediate_size=self.d_ff, hidden_act="silu",
+                    rms_norm_eps=self.norm_eps,
+                    rope_parameters={"rope_type": "default", "rope_theta": self.rope_theta},
+                    attention_bias=self.use_bias, mlp_bias=self.use_bias,
+                    tie_word_embeddings=self.tie_embeddings)
+
+    def hf_tensors(self) -> list[HFTensor]:
+        h, kv, d, e = self.n_heads, self.kv_heads, self.dim_per_head, self.d_model
+        if self._hf_model_type() == "gpt2":
+            return self._gpt2_tensors(h, d, e)
+        layer, bias = "model.layers.{i}.", self.use_bias
+        table = [same("model.embed_tokens.weight", "embed/embedding"),
+                 same("model.norm.weight", "final_norm/scale"),
+                 same(layer + "input_layernorm.weight", "attention_norm/scale"),
+                 same(layer + "post_attention_layernorm.weight", "mlp_norm/scale"),
+                 linear(layer + "self_attn.o_proj.weight", "attention/out/kernel", in_shape=(h, d))]
+        for name, param, heads in (("q", "query", h), ("k", "key", kv), ("v", "value", kv)):
+            table.append(linear(f"{layer}self_attn.{name}_proj.weight",
+                                f"attention/{param}/kernel", out_shape=(heads, d)))
+            if bias:
+                table.append(reshaped(f"{layer}self_attn.{name}_proj.bias",
+                                      f"attention/{param}/bias", (heads, d)))
+        for name, param in (("gate", "wi_gate"), ("up", "wi_up"), ("down", "wo")):
+            table.append(linear(f"{layer}mlp.{name}_proj.weight", f"mlp/{param}/kernel"))
+            if bias:
+                table.append(same(f"{layer}mlp.{name}_proj.bias", f"mlp/{param}/bias"))
+        if bias:
+            table.append(same(layer + "self_attn.o_proj.bias", "attention/out/bias"))
+        if not self.tie_embeddings:
+            table.append(linear("lm_head.weight", "lm_head"))
+        return table
+
+    def _gpt2_tensors(self, h: int, d: int, e: int) -> list[HFTensor]:
+        """GPT-2's ``Conv1D`` weights are already ``(in, out)``; ``c_attn`` fuses q, k, v."""
+        layer = "transformer.h.{i}."
+        qkv = tuple(f"attention/{n}/kernel" for n in ("query", "key", "value"))
+        table = [
+            same("transformer.wte.weight", "embed/embedding"),
+            same("transformer.wpe.weight", "position_embed/embedding"),
+            split(layer + "attn.c_attn.weight", qkv, (h * d,) * 3, axis=1,
+                  to_parts=lambda w, _: w.reshape(e, h, d), from_parts=lambda k, _: k.reshape(e, -1)),
+            split(layer + "attn.c_attn.bias", tuple(p.replace("kernel", "bias") for p in qkv),
+                  (h * d,) * 3, axis=0, to_parts=lambda b, _: b.reshape(h, d),
+                  from_parts=lambda b, _: b.reshape(-1)),
+            conv1d(layer + "attn.c_proj.weight", "attention/out/kernel", in_shape=(h, d)),
+            same(layer + "attn.c_proj.bias", "attention/out/bias"),
+            conv1d(layer + "mlp.c_fc.weight", "mlp/wi/kernel"),
+            same(layer + "mlp.c_fc.bias", "mlp/wi/bias"),
+            conv1d(layer + "mlp.c_proj.weight", "mlp/wo/kernel"),
+            same(layer + "mlp.c_proj.bias", "mlp/wo/bias"),
+        ]
+        for hf_norm, norm in (("ln_1", "attention_norm"), ("ln_2", "mlp_norm")):
+            table += [same(f"{layer}{hf_norm}.weight", f"{norm}/scale"),
+                      same(f"{layer}{hf_norm}.bias", f"{norm}/bias")]
+        table += [same("transformer.ln_f.weight", "final_norm/scale"),
+                  same("transformer.ln_f.bias", "final_norm/bias")]
+        if not self.tie_embeddings:
+            table.append(linear("lm_head.weight", "lm_head"))
+        return table
 
 
 class Block(nn.Module):

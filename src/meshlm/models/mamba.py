@@ -13,7 +13,8 @@ from typing import ClassVar, Literal
 import flax.linen as nn
 import jax.numpy as jnp
 
-from meshlm.config import register_family
+from meshlm.config import ConfigError, register_family
+from meshlm.convert.mapping import HFTensor, hf_option, linear, reshaped, same
 from meshlm.layers.mamba import MambaMixer
 from meshlm.models.base import ACTIVATION_EMBED, DecoderLMConfig
 from pallas_kernels.selective_scan.api import IMPLEMENTATIONS
@@ -52,6 +53,67 @@ class MambaConfig(DecoderLMConfig):
 
     def block(self) -> type[nn.Module]:
         return MambaBlock
+
+    # ------------------------------------------------------------------ HuggingFace mapping
+    # ``MambaForCausalLM``; the mixer's layouts are tabled in ``layers.mamba.MambaMixer``.
+
+    hf_model_types: ClassVar[tuple[str, ...]] = ("mamba",)
+
+    @classmethod
+    def from_hf_config(cls, hf: dict) -> "MambaConfig":
+        hf_option(hf, "hidden_act", ("silu",), "silu")
+        d, expand = hf["hidden_size"], hf.get("expand", 2)
+        if hf.get("intermediate_size", expand * d) != expand * d:
+            raise ConfigError(f"config.json: intermediate_size={hf['intermediate_size']} is not "
+                              f"supported (meshlm's d_inner is expand * hidden_size = {expand * d})")
+        rank = hf.get("time_step_rank", "auto")
+        return cls(vocab_size=hf["vocab_size"], max_seq_len=hf.get("max_position_embeddings", 2048),
+                   d_model=d, n_layers=hf["num_hidden_layers"], d_state=hf.get("state_size", 16),
+                   d_conv=hf.get("conv_kernel", 4), expand=expand,
+                   dt_rank=-(-d // 16) if rank == "auto" else rank,
+                   use_bias=hf.get("use_bias", False), use_conv_bias=hf.get("use_conv_bias", True),
+                   norm="rmsnorm", norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+                   tie_embeddings=hf.get("tie_word_embeddings", True))
+
+    def to_hf_config(self) -> dict:
+        if self.norm != "rmsnorm":
+            raise ConfigError(f"HF Mamba uses RMSNorm, this model has norm={self.norm!r}")
+        return dict(model_type="mamba", architectures=["MambaForCausalLM"],
+                    vocab_size=self.vocab_size, hidden_size=self.d_model,
+                    intermediate_size=self.d_inner, num_hidden_layers=self.n_layers,
+                    state_size=self.d_state, conv_kernel=self.d_conv, expand=self.expand,
+                    time_step_rank=self.rank, use_bias=self.use_bias,
+                    use_conv_bias=self.use_conv_bias, hidden_act="silu",
+                    layer_norm_epsilon=self.norm_eps, tie_word_embeddings=self.tie_embeddings)
+
+    def hf_tensors(self) -> list[HFTensor]:
+        e, i = self.d_model, self.d_inner
+        layer = "backbone.layers.{i}."
+        mixer = layer + "mixer."
+        table = [
+            same("backbone.embeddings.weight", "embed/embedding"),
+            same("backbone.norm_f.weight", "final_norm/scale"),
+            same(layer + "norm.weight", "norm/scale"),
+            HFTensor(mixer + "in_proj.weight", ("mixer/in_proj/kernel",),
+                     lambda w: (w.reshape(2, i, e).transpose(2, 0, 1),),
+                     lambda k: k.transpose(1, 2, 0).reshape(2 * i, e)),
+            HFTensor(mixer + "conv1d.weight", ("mixer/conv1d/kernel",),
+                     lambda w: (w[:, 0, :].T,), lambda k: k.T[:, None, :]),
+            linear(mixer + "x_proj.weight", "mixer/x_proj/kernel"),
+            linear(mixer + "dt_proj.weight", "mixer/dt_proj/kernel"),
+            same(mixer + "dt_proj.bias", "mixer/dt_proj/bias"),
+            same(mixer + "A_log", "mixer/A_log"),
+            same(mixer + "D", "mixer/D"),
+            linear(mixer + "out_proj.weight", "mixer/out_proj/kernel"),
+        ]
+        if self.use_conv_bias:
+            table.append(same(mixer + "conv1d.bias", "mixer/conv1d/bias"))
+        if self.use_bias:
+            table += [reshaped(mixer + "in_proj.bias", "mixer/in_proj/bias", (2, i)),
+                      same(mixer + "out_proj.bias", "mixer/out_proj/bias")]
+        if not self.tie_embeddings:
+            table.append(linear("lm_head.weight", "lm_head"))
+        return table
 
     def flops_per_token(self, seq_len: int) -> float:
         """``6 *`` the matmul parameters (in_proj, x_proj, dt_proj, out_proj of every layer and
