@@ -4,7 +4,8 @@ optionally rematerialised.
 A block is a linen module class whose ``__call__(x, *args)`` returns ``(x, None)`` (the shape of
 an ``nn.scan`` body); the extra ``args`` (positions, segment ids...) are broadcast to every layer.
 Scanned, the parameters (and decoding caches) gain a leading ``"layers"`` axis and one block is
-compiled; unrolled, the blocks are ``<name>_0 .. <name>_{n-1}``.
+compiled; unrolled, the blocks are ``<name>_0 .. <name>_{n-1}``. Values a block sows into
+``"intermediates"`` (MoE router statistics) are stacked along the layers axis when scanned.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ def apply_stack(block: type[nn.Module], x: jax.Array, *args: Any, n_layers: int,
     if scan:
         x, _ = nn.scan(
             block,
-            variable_axes={"params": 0, "cache": 0},
+            variable_axes={"params": 0, "cache": 0, "intermediates": 0},
             split_rngs={"params": True, "dropout": True},
             in_axes=(nn.broadcast,) * len(args),
             length=n_layers,

@@ -1,0 +1,124 @@
+"""The MoE family: a LLaMA-style GPT decoder (``models.gpt``) whose MLP is a sparse mixture of
+SwiGLU experts (``layers.moe.MoeMlp``), Mixtral-like by default.
+
+The loss adds the router's auxiliary losses (load balance, z-loss; mean over layers, weighted by
+their coefficients) as ``aux["aux_loss"]`` and reports them, with the most loaded expert's share,
+as metrics so a collapse of routing is visible.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, ClassVar, Literal
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from meshlm.config import ConfigError, register_family
+from meshlm.layers import Attention
+from meshlm.layers.moe import ROUTERS, MoeMlp, router_statistics
+from meshlm.models.base import ACTIVATION_EMBED
+from meshlm.models.gpt import GPTConfig
+from meshlm.train.losses import token_cross_entropy
+
+
+@register_family("moe")
+@dataclasses.dataclass(frozen=True)
+class MoEConfig(GPTConfig):
+    """GPT fields (attention, norms, positions) plus the experts; ``d_ff`` is one expert's width."""
+
+    family: str = "moe"
+    position: Literal["learned", "rope"] = "rope"
+    norm: Literal["layernorm", "rmsnorm"] = "rmsnorm"
+    mlp: Literal["gelu", "swiglu"] = "swiglu"  # experts are SwiGLU MLPs
+    use_bias: bool = False
+    tie_embeddings: bool = False
+    n_experts: int = 8
+    top_k: int = 2
+    router: Literal["softmax", "sigmoid"] = "softmax"
+    renormalize: bool = True  # the k chosen weights sum to 1
+    load_balance_coef: float = 0.01
+    router_z_coef: float = 1e-3
+
+    sharded_fields: ClassVar[dict[str, str]] = {**GPTConfig.sharded_fields,
+                                                "n_experts": "expert"}
+
+    def validate(self) -> None:
+        super().validate()
+        self.require_positive("n_experts", "top_k")
+        if self.top_k > self.n_experts:
+            raise ConfigError(
+                f"model.top_k={self.top_k} must be at most model.n_experts={self.n_experts}")
+        if self.router not in ROUTERS:
+            raise ConfigError(
+                f"model.router={self.router!r} is not known; choose one of {', '.join(ROUTERS)}")
+        if self.mlp != "swiglu":
+            raise ConfigError(f"model.mlp={self.mlp!r}: MoE experts are SwiGLU; set 'swiglu'")
+        for name in ("load_balance_coef", "router_z_coef"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"model.{name} must be >= 0, got {getattr(self, name)}")
+
+    def block(self) -> type[nn.Module]:
+        return MoEBlock
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """GPT's count (PaLM convention) with each layer's MLP replaced by the active part: k of
+        the ``n_experts`` SwiGLU experts plus the router's ``d_model * n_experts`` matmul."""
+        dense_mlp = 3 * self.d_model * self.d_ff
+        active = self.top_k * dense_mlp + self.d_model * self.n_experts
+        return super().flops_per_token(seq_len) + 6.0 * self.n_layers * (active - dense_mlp)
+
+    def loss(self, model: nn.Module, params: Any, batch: dict, rng: jax.Array | None = None
+             ) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
+        """Cross-entropy sum and token count as ``DecoderLMConfig.loss``; ``aux``:
+        ``aux_loss`` (the weighted router losses), ``load_balance`` and ``router_z`` (means over
+        layers, unweighted; 1 is a uniform load) and ``expert_load_max`` (the largest share of
+        routing slots any expert got in any layer, times ``n_experts``: 1 is uniform, ``n_experts
+        / top_k`` a collapse onto k experts)."""
+        logits, state = model.apply(
+            {"params": params}, batch["inputs"], positions=batch["positions"],
+            segment_ids=batch["segment_ids"], deterministic=rng is None,
+            rngs=None if rng is None else {"dropout": rng}, mutable=["intermediates"],
+        )
+        ce = token_cross_entropy(logits, batch["targets"])
+        mask = batch["loss_mask"].astype(jnp.float32)
+        stats = router_statistics(state["intermediates"])
+        balance, z = jnp.mean(stats["load_balance"]), jnp.mean(stats["router_z"])
+        aux = {
+            "aux_loss": self.load_balance_coef * balance + self.router_z_coef * z,
+            "load_balance": balance, "router_z": z,
+            "expert_load_max": jnp.max(stats["expert_load_max"]),
+        }
+        return jnp.sum(ce * mask), jnp.sum(mask), aux
+
+
+class MoEBlock(nn.Module):
+    """GPT's pre-norm block with the MLP replaced by ``MoeMlp``; returns ``(x, None)``."""
+
+    config: MoEConfig
+    deterministic: bool = True
+    decode: bool = False
+
+    @nn.compact
+    def __call__(self, x, positions, segment_ids):
+        cfg = self.config
+        dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+        init = nn.initializers.normal(cfg.init_std)
+        out_init = nn.initializers.normal(cfg.init_std / math.sqrt(2 * cfg.n_layers))
+
+        h = Attention(
+            num_heads=cfg.n_heads, num_kv_heads=cfg.kv_heads, head_dim=cfg.dim_per_head,
+            use_bias=cfg.use_bias, rope=cfg.position == "rope", rope_theta=cfg.rope_theta,
+            implementation=cfg.attention, decode=self.decode, dtype=dtype,
+            param_dtype=param_dtype, kernel_init=init, out_kernel_init=out_init, name="attention",
+        )(cfg.make_norm("attention_norm")(x), positions, segment_ids)
+        x = x + nn.Dropout(cfg.dropout)(h, deterministic=self.deterministic)
+        h = MoeMlp(
+            n_experts=cfg.n_experts, top_k=cfg.top_k, d_ff=cfg.d_ff, router=cfg.router,
+            renormalize=cfg.renormalize, dtype=dtype, param_dtype=param_dtype,
+            kernel_init=init, out_kernel_init=out_init, name="moe",
+        )(cfg.make_norm("mlp_norm")(x), None if segment_ids is None else segment_ids > 0)
+        x = x + nn.Dropout(cfg.dropout)(h, deterministic=self.deterministic)
+        return nn.with_logical_constraint(x, ACTIVATION_EMBED), None

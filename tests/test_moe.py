@@ -1,0 +1,253 @@
+"""The mixture-of-experts layer and family: the dropless grouped-matmul layer against a dense
+reference that runs every expert on every token, the router losses against their formulas, the
+family's decoding, loss and FLOPs, and expert/data/tensor parallelism on 8 fake CPU devices against
+one device."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from _helpers import compile_train_step
+from flax.core import meta
+
+from meshlm import sharding
+from meshlm.config import ConfigError, load_config, model_config
+from meshlm.layers.moe import MoeMlp
+from meshlm.train.setup import build
+
+D_MODEL, D_FF, N_EXPERTS = 16, 24, 8
+TOL = dict(atol=1e-5, rtol=1e-5)  # float32: the same products summed in another order
+
+
+def random_params(shapes, seed):
+    leaves, tree = jax.tree.flatten(shapes)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    return tree.unflatten([0.3 * jax.random.normal(k, s.shape) for s, k in zip(leaves, keys)])
+
+
+def layer_and_params(top_k, router, renormalize):
+    layer = MoeMlp(n_experts=N_EXPERTS, top_k=top_k, d_ff=D_FF, router=router,
+                   renormalize=renormalize)
+    x = jax.random.normal(jax.random.key(0), (3, 7, D_MODEL))
+    shapes = jax.eval_shape(layer.init, jax.random.key(1), x)["params"]
+    return layer, random_params(meta.unbox(shapes), 2), x
+
+
+def dense_reference(params, x, top_k, router, renormalize):
+    """Every expert on every token, combined with the top-k weights (zero elsewhere)."""
+    t = x.reshape(-1, x.shape[-1])
+    logits = t @ params["router"]
+    scores = jax.nn.softmax(logits) if router == "softmax" else jax.nn.sigmoid(logits)
+    kth = jnp.sort(scores, axis=-1)[:, -top_k][:, None]
+    weights = jnp.where(scores >= kth, scores, 0.0)
+    if renormalize:
+        weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
+    h = (jax.nn.silu(jnp.einsum("td,edf->tef", t, params["wi_gate"]))
+         * jnp.einsum("td,edf->tef", t, params["wi_up"]))
+    out = jnp.einsum("tef,efd->ted", h, params["wo"])
+    return jnp.einsum("ted,te->td", out, weights).reshape(x.shape)
+
+
+@pytest.mark.parametrize("top_k, router, renormalize", [
+    (2, "softmax", True), (1, "softmax", False), (3, "sigmoid", True), (2, "sigmoid", False)])
+def test_dropless_layer_matches_the_dense_reference(top_k, router, renormalize):
+    layer, params, x = layer_and_params(top_k, router, renormalize)
+
+    def grouped(p, x):
+        return layer.apply({"params": p}, x)
+
+    def dense(p, x):
+        return dense_reference(p, x, top_k, router, renormalize)
+
+    np.testing.assert_allclose(grouped(params, x), dense(params, x), **TOL)
+    cotangent = jax.random.normal(jax.random.key(3), x.shape)
+    got = jax.grad(lambda p, x: jnp.sum(grouped(p, x) * cotangent), argnums=(0, 1))(params, x)
+    want = jax.grad(lambda p, x: jnp.sum(dense(p, x) * cotangent), argnums=(0, 1))(params, x)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        assert np.abs(np.asarray(w)).max() > 0
+        np.testing.assert_allclose(g, w, **TOL)
+
+
+@pytest.mark.parametrize("router", ["softmax", "sigmoid"])
+def test_router_losses_follow_their_formulas(router):
+    top_k = 2
+    layer, params, x = layer_and_params(top_k, router, True)
+    mask = np.random.default_rng(0).random(x.shape[:2]) < 0.7  # padding left out
+    _, state = layer.apply({"params": params}, x, jnp.asarray(mask), mutable=["intermediates"])
+    got = {k: float(v[0]) for k, v in state["intermediates"].items()}
+
+    t = np.asarray(x, np.float64).reshape(-1, D_MODEL)[mask.reshape(-1)]
+    logits = t @ np.asarray(params["router"], np.float64)
+    if router == "softmax":
+        scores = np.exp(logits - logits.max(-1, keepdims=True))
+        scores /= scores.sum(-1, keepdims=True)
+        probs = scores
+    else:
+        scores = 1 / (1 + np.exp(-logits))
+        probs = scores / scores.sum(-1, keepdims=True)
+    chosen = np.argsort(-scores, axis=-1)[:, :top_k]
+    counts = np.bincount(chosen.reshape(-1), minlength=N_EXPERTS)
+    fraction = counts / (len(t) * top_k)
+    balance = N_EXPERTS * np.sum(fraction * probs.mean(0))
+    lse = logits.max(-1) + np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1))
+    np.testing.assert_allclose(got["load_balance"], balance, rtol=1e-5)
+    np.testing.assert_allclose(got["router_z"], np.mean(lse ** 2), rtol=1e-5)
+    np.testing.assert_allclose(got["expert_load_max"], fraction.max() * N_EXPERTS, rtol=1e-6)
+
+
+def test_layer_refuses_top_k_beyond_the_experts():
+    layer = MoeMlp(n_experts=4, top_k=5, d_ff=8)
+    with pytest.raises(ValueError, match="top_k=5 must be between 1 and n_experts=4"):
+        layer.init(jax.random.key(0), jnp.ones((1, 2, 8)))
+
+
+# ---------------------------------------------------------------- the family
+FIELDS = dict(vocab_size=64, d_model=32, n_layers=2, max_seq_len=32, n_heads=4, n_kv_heads=2,
+              d_ff=32, n_experts=N_EXPERTS, top_k=2, dtype="float32")
+
+
+@functools.cache
+def model_and_params(scan: bool = True):
+    cfg = model_config("moe", **FIELDS, scan_layers=scan)
+    model = cfg.build()
+    shapes = jax.eval_shape(model.init, jax.random.key(1), jnp.zeros((1, 8), jnp.int32))
+    return cfg, model, random_params(meta.unbox(shapes["params"]), 4)
+
+
+def tokens(seed, shape):
+    return jnp.asarray(np.random.default_rng(seed).integers(0, FIELDS["vocab_size"], shape),
+                       jnp.int32)
+
+
+@pytest.mark.parametrize("scan", [True, False], ids=["scan", "unrolled"])
+def test_decoding_routes_as_the_full_forward(scan):
+    cfg, model, params = model_and_params(scan)
+    seq = tokens(3, (2, 11))
+    full = model.apply({"params": params}, seq)
+    cache = cfg.init_cache(model, 2, 11)
+    got = []
+    for start, stop in [(0, 6)] + [(t, t + 1) for t in range(6, 11)]:
+        logits, mutated = model.apply({"params": params, "cache": cache}, seq[:, start:stop],
+                                      decode=True, mutable=["cache"])
+        cache = mutated["cache"]
+        got.append(logits)
+    np.testing.assert_allclose(jnp.concatenate(got, axis=1), full, atol=1e-5, rtol=1e-4)
+
+
+def lm_batch(seed, b=2, length=12):
+    toks = np.asarray(tokens(seed, (b, length + 1)))
+    seg = np.ones((b, length), np.int32)
+    seg[0, -3:] = 0  # padding: out of the loss and the router statistics
+    return {"inputs": toks[:, :-1], "targets": toks[:, 1:], "segment_ids": seg,
+            "positions": np.broadcast_to(np.arange(length, dtype=np.int32), (b, length)),
+            "loss_mask": (seg > 0).astype(np.float32)}
+
+
+def test_loss_adds_the_weighted_router_losses_of_every_layer():
+    cfg, model, params = model_and_params()
+    batch = lm_batch(5)
+    total, count, aux = cfg.loss(model, params, batch)
+    _, state = model.apply({"params": params}, batch["inputs"], positions=batch["positions"],
+                           segment_ids=batch["segment_ids"], mutable=["intermediates"])
+    per_layer = state["intermediates"]["layers"]["moe"]
+    balance = np.asarray(per_layer["load_balance"][0])
+    z = np.asarray(per_layer["router_z"][0])
+    assert balance.shape == z.shape == (FIELDS["n_layers"],)
+    np.testing.assert_allclose(aux["load_balance"], balance.mean(), rtol=1e-6)
+    np.testing.assert_allclose(aux["router_z"], z.mean(), rtol=1e-6)
+    np.testing.assert_allclose(
+        aux["aux_loss"], cfg.load_balance_coef * balance.mean() + cfg.router_z_coef * z.mean(),
+        rtol=1e-6)
+    assert float(count) == batch["loss_mask"].sum()
+    # The unrolled stack reports the same numbers.
+    cfg_u, model_u, _ = model_and_params(scan=False)
+    unrolled = {f"layers_{i}": jax.tree.map(lambda a, i=i: a[i], params["layers"])
+                for i in range(FIELDS["n_layers"])}
+    params_u = {**{k: v for k, v in params.items() if k != "layers"}, **unrolled}
+    total_u, _, aux_u = cfg_u.loss(model_u, params_u, batch)
+    np.testing.assert_allclose(total_u, total, rtol=1e-5)
+    for k in aux:
+        np.testing.assert_allclose(aux_u[k], aux[k], rtol=1e-5)
+
+
+def test_flops_count_only_the_active_experts():
+    cfg = model_config("moe", **FIELDS)
+    dense = model_config("gpt", **{k: v for k, v in FIELDS.items()
+                                   if k not in ("n_experts", "top_k")},
+                         mlp="swiglu", position="rope", norm="rmsnorm", use_bias=False)
+    d, f, layers = FIELDS["d_model"], FIELDS["d_ff"], FIELDS["n_layers"]
+    extra = 6 * layers * ((FIELDS["top_k"] - 1) * 3 * d * f + d * N_EXPERTS)
+    assert cfg.flops_per_token(16) == dense.flops_per_token(16) + extra
+
+
+def packed_batches(cfg, n):
+    rng = np.random.default_rng(0)
+    b, length = cfg.data.batch_size, cfg.data.seq_len
+    out = []
+    for _ in range(n):
+        toks = rng.integers(0, cfg.model.vocab_size, (b, length + 1), dtype=np.int32)
+        cut = rng.integers(2, length - 2, (b, 1))
+        idx = np.arange(length)[None]
+        seg = 1 + (idx >= cut).astype(np.int32)
+        out.append({"inputs": toks[:, :-1], "targets": toks[:, 1:], "segment_ids": seg,
+                    "positions": np.where(seg == 1, idx, idx - cut).astype(np.int32),
+                    "loss_mask": np.ones((b, length), np.float32)})
+    return out
+
+
+def train_losses(mesh_overrides, devices, steps=3):
+    overrides = ["model.family=moe"] + [f"model.{k}={v}" for k, v in FIELDS.items()]
+    cfg = load_config(None, overrides + mesh_overrides + [
+        "data.seq_len=16", "data.batch_size=8", "optimizer.warmup_steps=1", "optimizer.lr=1e-2",
+        "train.steps=10", "model.load_balance_coef=0.1", "model.router_z_coef=0.01"])
+    mesh, rules, state, step = compile_train_step(cfg, devices)
+    losses, metrics = [], {}
+    for batch in packed_batches(cfg, 1) * steps:  # one batch again: the loss must fall
+        state, metrics = step(state, jax.device_put(batch, sharding.batch_sharding(mesh, rules)))
+        losses.append(float(metrics["loss"]))
+    return state, losses, metrics
+
+
+@functools.cache
+def single_device_losses():
+    _, losses, metrics = train_losses(["mesh.data=1"], jax.devices()[:1])
+    return losses, metrics
+
+
+@pytest.mark.parametrize("mesh", [
+    ["mesh.data=2", "mesh.expert=4"],
+    ["mesh.data=1", "mesh.expert=8"],
+    ["mesh.data=2", "mesh.expert=2", "mesh.tensor=2"],
+    ["mesh.data=4", "mesh.tensor=2"],
+], ids=["dp2-ep4", "ep8", "dp2-ep2-tp2", "dp4-tp2"])
+def test_parallel_training_matches_a_single_device(mesh):
+    single, single_metrics = single_device_losses()
+    state, losses, metrics = train_losses(mesh, jax.devices())
+    np.testing.assert_allclose(losses, single, rtol=2e-5)
+    for k in ("load_balance", "router_z", "expert_load_max"):
+        np.testing.assert_allclose(metrics[k], single_metrics[k], rtol=2e-5)
+    assert losses[-1] < losses[0]
+    # Each device holds only its experts (and, with tensor parallelism, its part of d_ff).
+    ep = dict(m.split("=") for m in (x.removeprefix("mesh.") for x in mesh)).get("expert", "1")
+    tp = dict(m.split("=") for m in (x.removeprefix("mesh.") for x in mesh)).get("tensor", "1")
+    w = state.params["layers"]["moe"]["wi_gate"]  # (layers, experts, embed, d_ff)
+    shard = w.addressable_shards[0].data.shape
+    assert shard == (w.shape[0], w.shape[1] // int(ep), w.shape[2], w.shape[3] // int(tp))
+
+
+@pytest.mark.parametrize("fields, mesh, match", [
+    ({"top_k": 9}, [], r"model.top_k=9 must be at most model.n_experts=8"),
+    ({"router": "relu"}, [], r"model.router"),
+    ({"mlp": "gelu"}, [], r"model.mlp='gelu': MoE experts are SwiGLU"),
+    ({"load_balance_coef": -1}, [], r"model.load_balance_coef must be >= 0"),
+    ({"n_experts": 6}, ["mesh.data=2", "mesh.expert=4"],
+     r"model.n_experts=6 does not divide over the 4 shards of logical axis 'expert'"),
+])
+def test_bad_moe_config_is_one_clear_error(fields, mesh, match):
+    overrides = ["model.family=moe"] + [f"model.{k}={v}" for k, v in fields.items()]
+    with pytest.raises(ConfigError, match=match):
+        build(load_config(None, overrides + mesh + ["data.batch_size=8", "data.seq_len=16"]))
