@@ -14,7 +14,6 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from meshlm.config import ConfigError, load_config
 from meshlm.train import checkpoint, loop, setup
-from meshlm.train.state import TrainState
 
 BASE = [
     "model.vocab_size=512", "model.d_model=32", "model.n_layers=1", "model.n_heads=2",

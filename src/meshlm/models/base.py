@@ -71,6 +71,12 @@ class DecoderLMConfig(ModelConfig):
     def norm_bias(self) -> bool:
         return False
 
+    def layer_kwargs(self) -> dict[str, Any]:
+        """The dtypes and initialisers every layer of the model takes."""
+        init = nn.initializers.normal(self.init_std)
+        return dict(dtype=jnp.dtype(self.dtype), param_dtype=jnp.dtype(self.param_dtype),
+                    kernel_init=init, out_kernel_init=init)
+
     def make_norm(self, name: str) -> nn.Module:
         return make_norm(self.norm, epsilon=self.norm_eps, use_bias=self.norm_bias,
                          dtype=jnp.dtype(self.dtype), param_dtype=jnp.dtype(self.param_dtype),
@@ -174,3 +180,19 @@ class DecoderLM(nn.Module):
             logits = logits_matmul(x.astype(dtype), head.astype(dtype), False)
         return nn.with_logical_constraint(
             logits, ("activation_batch", "activation_length", "activation_vocab"))
+
+
+class MixerBlock(nn.Module):
+    """``x + mixer(norm(x))``, the block of a family whose layer is one token mixer (Mamba,
+    Mamba-2): the config's ``mixer(decode, name)`` builds it, called as ``mixer(x, segment_ids)``.
+    Returns ``(x, None)`` (an ``nn.scan`` body); positions are unused."""
+
+    config: DecoderLMConfig
+    deterministic: bool = True
+    decode: bool = False
+
+    @nn.compact
+    def __call__(self, x, positions, segment_ids):
+        h = self.config.mixer(self.decode, name="mixer")(self.config.make_norm("norm")(x),
+                                                         segment_ids)
+        return nn.with_logical_constraint(x + h, ACTIVATION_EMBED), None

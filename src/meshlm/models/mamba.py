@@ -11,12 +11,11 @@ import dataclasses
 from typing import ClassVar, Literal
 
 import flax.linen as nn
-import jax.numpy as jnp
 
 from meshlm.config import ConfigError, register_family
 from meshlm.convert.mapping import HFTensor, hf_option, linear, reshaped, same
 from meshlm.layers.mamba import MambaMixer
-from meshlm.models.base import ACTIVATION_EMBED, DecoderLMConfig
+from meshlm.models.base import DecoderLMConfig, MixerBlock
 from pallas_kernels.selective_scan.api import IMPLEMENTATIONS
 
 ScanImplementation = Literal[IMPLEMENTATIONS]
@@ -52,7 +51,13 @@ class MambaConfig(DecoderLMConfig):
         self.require_positive("d_state", "d_conv", "expand", "rank")
 
     def block(self) -> type[nn.Module]:
-        return MambaBlock
+        return MixerBlock
+
+    def mixer(self, decode: bool, name: str) -> nn.Module:
+        return MambaMixer(
+            d_state=self.d_state, d_conv=self.d_conv, expand=self.expand, dt_rank=self.dt_rank,
+            use_bias=self.use_bias, use_conv_bias=self.use_conv_bias,
+            implementation=self.implementation, decode=decode, name=name, **self.layer_kwargs())
 
     # ------------------------------------------------------------------ HuggingFace mapping
     # ``MambaForCausalLM``; the mixer's layouts are tabled in ``layers.mamba.MambaMixer``.
@@ -121,24 +126,3 @@ class MambaConfig(DecoderLMConfig):
         e, i, n, r = self.d_model, self.d_inner, self.d_state, self.rank
         per_layer = e * 2 * i + i * (r + 2 * n) + r * i + i * e
         return 6.0 * (self.n_layers * per_layer + e * self.vocab_size)
-
-
-class MambaBlock(nn.Module):
-    """``x + mixer(norm(x))``; returns ``(x, None)`` (an ``nn.scan`` body). Positions unused."""
-
-    config: MambaConfig
-    deterministic: bool = True
-    decode: bool = False
-
-    @nn.compact
-    def __call__(self, x, positions, segment_ids):
-        cfg = self.config
-        h = MambaMixer(
-            d_state=cfg.d_state, d_conv=cfg.d_conv, expand=cfg.expand, dt_rank=cfg.dt_rank,
-            use_bias=cfg.use_bias, use_conv_bias=cfg.use_conv_bias,
-            implementation=cfg.implementation, decode=self.decode, dtype=jnp.dtype(cfg.dtype),
-            param_dtype=jnp.dtype(cfg.param_dtype),
-            kernel_init=nn.initializers.normal(cfg.init_std),
-            out_kernel_init=nn.initializers.normal(cfg.init_std), name="mixer",
-        )(cfg.make_norm("norm")(x), segment_ids)
-        return nn.with_logical_constraint(x + h, ACTIVATION_EMBED), None

@@ -11,12 +11,11 @@ import dataclasses
 from typing import ClassVar, Literal
 
 import flax.linen as nn
-import jax.numpy as jnp
 
 from meshlm.config import ConfigError, register_family
 from meshlm.convert.mapping import HFTensor, hf_option, linear, same, split
 from meshlm.layers.mamba import Mamba2Mixer
-from meshlm.models.base import ACTIVATION_EMBED, DecoderLMConfig
+from meshlm.models.base import DecoderLMConfig, MixerBlock
 from pallas_kernels.ssd.api import IMPLEMENTATIONS
 
 SSDImplementation = Literal[IMPLEMENTATIONS]
@@ -71,7 +70,15 @@ class Mamba2Config(DecoderLMConfig):
         check_chunk_size(self.chunk_size)
 
     def block(self) -> type[nn.Module]:
-        return Mamba2Block
+        return MixerBlock
+
+    def mixer(self, decode: bool, name: str) -> nn.Module:
+        return Mamba2Mixer(
+            d_state=self.d_state, d_conv=self.d_conv, expand=self.expand, head_dim=self.head_dim,
+            n_groups=self.n_groups, chunk_size=self.chunk_size, use_bias=self.use_bias,
+            use_conv_bias=self.use_conv_bias, norm_eps=self.norm_eps,
+            norm_per_group=self.norm_per_group, implementation=self.implementation,
+            decode=decode, name=name, **self.layer_kwargs())
 
     # ------------------------------------------------------------------ HuggingFace mapping
     # ``Mamba2ForCausalLM``; the mixer's layouts are tabled in ``layers.mamba.Mamba2Mixer``. HF's
@@ -173,26 +180,3 @@ class Mamba2Config(DecoderLMConfig):
         params = self.n_layers * (e * (2 * i + 2 * g * n + h) + i * e) + e * self.vocab_size
         ssd = self.n_layers * (q * g * n + q * h * p + 4 * h * p * n)
         return 6.0 * params + 3.0 * ssd
-
-
-class Mamba2Block(nn.Module):
-    """``x + mixer(norm(x))``; returns ``(x, None)`` (an ``nn.scan`` body). Positions unused."""
-
-    config: Mamba2Config
-    deterministic: bool = True
-    decode: bool = False
-
-    @nn.compact
-    def __call__(self, x, positions, segment_ids):
-        cfg = self.config
-        h = Mamba2Mixer(
-            d_state=cfg.d_state, d_conv=cfg.d_conv, expand=cfg.expand, head_dim=cfg.head_dim,
-            n_groups=cfg.n_groups, chunk_size=cfg.chunk_size, use_bias=cfg.use_bias,
-            use_conv_bias=cfg.use_conv_bias, norm_eps=cfg.norm_eps,
-            norm_per_group=cfg.norm_per_group, implementation=cfg.implementation,
-            decode=self.decode, dtype=jnp.dtype(cfg.dtype),
-            param_dtype=jnp.dtype(cfg.param_dtype),
-            kernel_init=nn.initializers.normal(cfg.init_std),
-            out_kernel_init=nn.initializers.normal(cfg.init_std), name="mixer",
-        )(cfg.make_norm("norm")(x), segment_ids)
-        return nn.with_logical_constraint(x + h, ACTIVATION_EMBED), None
