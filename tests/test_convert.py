@@ -333,7 +333,15 @@ def test_bad_input_is_one_clear_error(tmp_path):
 
 
 def test_cli_converts_both_ways(tmp_path, capsys):
+    """Both directions through ``meshlm convert``, then ``meshlm generate`` on the result with the
+    tokenizer.json copied from the HF directory."""
+    import tokenizers
+
     hf = _write_hf(tmp_path / "hf", LLAMA, _random_state(LLAMA))
+    vocab = {"<|endoftext|>": 0, **{ch: i + 1 for i, ch in enumerate("abcdefgh ")}}
+    tokenizer = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="a"))
+    tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.Split("", "isolated")
+    tokenizer.save(str(hf / "tokenizer.json"))
     assert main(["convert", "hf-to-orbax", "--hf", str(hf), "--out", str(tmp_path / "run"),
                  "--dtype", "bfloat16"]) == 0
     cfg, params = restore_params(tmp_path / "run")
@@ -343,7 +351,36 @@ def test_cli_converts_both_ways(tmp_path, capsys):
                  "--out", str(tmp_path / "back")]) == 0
     assert json.loads((tmp_path / "back" / "config.json").read_text())["dtype"] == "bfloat16"
     capsys.readouterr()
+    assert main(["generate", "--run-dir", str(tmp_path / "run"), "--prompt", "ab",
+                 "--max-new-tokens", "3", "--temperature", "0"]) == 0
+    assert capsys.readouterr().out.startswith("ab")
     assert main(["convert", "hf-to-orbax", "--hf", str(tmp_path / "nowhere"),
                  "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("meshlm: error: ") and err.count("\n") == 1 and "not a directory" in err
+
+
+def test_train_starts_from_converted_params(tmp_path):
+    """``checkpoint.init_from``: step 0 from the converted parameters, a fresh optimizer (with a
+    learning rate of 1e-30 the one step leaves them unchanged), and a misfit refused before
+    compute."""
+    from meshlm.config import load_config
+    from meshlm.train.checkpoint import CheckpointError
+    from meshlm.train.loop import train
+
+    c = {**GPT2, "vocab_size": 384, "n_positions": 32}
+    hf_to_orbax(_write_hf(tmp_path / "hf", c, _random_state(c, seed=4)), tmp_path / "hf_run")
+    settings = ["data.batch_size=8", "data.max_files=30", "train.steps=1", "train.log_every=1",
+                "train.eval_batches=1", "train.progress_bar=false", "optimizer.lr=1e-30",
+                "optimizer.warmup_steps=0", f"checkpoint.init_from={tmp_path / 'hf_run'}"]
+    cfg = load_config(tmp_path / "hf_run" / "config.yaml",
+                      settings + [f"train.run_dir={tmp_path / 'ft'}"])
+    assert train(cfg)["checkpoint_step"] == 1
+    _, converted = restore_params(tmp_path / "hf_run")
+    _, trained = restore_params(tmp_path / "ft")
+    for a, b in zip(jax.tree.leaves(converted), jax.tree.leaves(trained)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    other = load_config(tmp_path / "hf_run" / "config.yaml",
+                        settings + [f"train.run_dir={tmp_path / 'bad'}", "model.d_ff=96"])
+    with pytest.raises(CheckpointError, match="parameters of another model .*mlp/wi/kernel"):
+        train(other)

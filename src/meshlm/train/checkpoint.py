@@ -332,9 +332,34 @@ def drop_orbax_errors(record: logging.LogRecord) -> bool:
     return not (record.levelno >= logging.ERROR and f"{os.sep}orbax{os.sep}" in record.pathname)
 
 
-def restore_params(run_dir: str | os.PathLike, step: int | None = None) -> tuple[Config, Any]:
+def check_init_from(run_dir: str | os.PathLike, abstract_params: Any) -> int:
+    """Before compute: the newest checkpoint of ``run_dir`` (``checkpoint.init_from``) holds
+    parameters of exactly ``abstract_params``' shapes (dtypes may differ: restoring casts).
+    Returns its step; ``CheckpointError`` names what differs."""
+    steps = finished_steps(run_dir)
+    if not steps:
+        raise CheckpointError(
+            f"checkpoint.init_from={str(run_dir)!r} holds no checkpoint (train a run there, or "
+            "make one with `meshlm convert hf-to-orbax`)")
+    saved, _ = _read_step(checkpoint_dir(run_dir) / str(steps[-1]))
+    as_f32 = lambda tree: jax.tree.map(  # noqa: E731 - compare shapes only
+        lambda x: jax.ShapeDtypeStruct(tuple(x.shape), np.float32), tree)
+    diff = _shape_diff({"params": as_f32(saved.get("params", {}))},
+                       {"params": as_f32(abstract_params)})
+    if diff:
+        raise CheckpointError(
+            f"checkpoint.init_from={str(run_dir)!r} holds parameters of another model "
+            f"({'; '.join(diff[:4])}{'; ...' if len(diff) > 4 else ''}); its config.yaml says "
+            "which model section to train with")
+    return steps[-1]
+
+
+def restore_params(run_dir: str | os.PathLike, step: int | None = None,
+                   abstract_params: Any = None) -> tuple[Config, Any]:
     """``(config, params)`` of the latest (or the given) checkpoint of ``run_dir``, parameters on
-    the first device. Reads only the parameters, not the optimizer state."""
+    the first device, or placed as ``abstract_params`` (``ShapeDtypeStruct``s with shardings,
+    a run's; each device reads only its shard) when given. Reads only the parameters, not the
+    optimizer state."""
     from meshlm.models import build_model  # the model registry, only needed here
 
     root = checkpoint_dir(run_dir)
@@ -346,13 +371,14 @@ def restore_params(run_dir: str | os.PathLike, step: int | None = None) -> tuple
     elif step not in steps:
         raise CheckpointError(f"no checkpoint of step {step} in {str(root)!r}; have {steps}")
     cfg = _read_config(root / str(step))
-    model = build_model(cfg.model)
-    inputs = cfg.model.example_inputs(1, cfg.data.seq_len)
-    boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), *inputs))["params"]
-    device = SingleDeviceSharding(jax.devices()[0])
-    params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
-                          meta.unbox(boxed))
-    target = {"params": params}
+    if abstract_params is None:
+        model = build_model(cfg.model)
+        inputs = cfg.model.example_inputs(1, cfg.data.seq_len)
+        boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), *inputs))["params"]
+        device = SingleDeviceSharding(jax.devices()[0])
+        abstract_params = jax.tree.map(
+            lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), meta.unbox(boxed))
+    target = {"params": abstract_params}
     path = root / str(step) / "state"
     try:
         restored = ocp.PyTreeCheckpointer().restore(path, args=ocp.args.PyTreeRestore(

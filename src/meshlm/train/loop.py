@@ -157,6 +157,9 @@ def train(cfg: Config) -> dict[str, Any]:
             f"checkpoint.resume=false but {str(checkpoint.checkpoint_dir(run_dir))!r} already "
             "holds checkpoints, which a fresh run would overwrite; choose another train.run_dir"
         )
+    init_from = cfg.checkpoint.init_from if resume_from is None else None  # resuming wins
+    if init_from:
+        checkpoint.check_init_from(init_from, run.abstract_state.params)
     data = build_data(cfg, run_dir)  # checks the tokenizer against model.vocab_size first
 
     # ---- state
@@ -176,6 +179,11 @@ def train(cfg: Config) -> dict[str, Any]:
                         "(raise train.steps to continue)", restored_step, cfg.train.steps)
     else:
         state = run.init_state()
+        if init_from:  # its parameters, placed with this run's shardings; fresh optimizer
+            params = checkpoint.restore_params(init_from,
+                                               abstract_params=run.abstract_state.params)[1]
+            state = state.replace(params=params)
+            log.info("parameters from %s (checkpoint.init_from), step 0", init_from)
     primary = jax.process_index() == 0  # the one process that writes the run's records
     if primary:
         save_config(cfg, run_dir / "config.yaml")
