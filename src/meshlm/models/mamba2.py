@@ -90,7 +90,9 @@ class Mamba2Config(DecoderLMConfig):
     def from_hf_config(cls, hf: dict) -> "Mamba2Config":
         hf_option(hf, "hidden_act", ("silu",), "silu")
         hf_option(hf, "rms_norm", (True,), True)
-        limit = [float(t) for t in hf.get("time_step_limit", (0.0, float("inf")))]
+        # transformers writes infinity as {"__float__": "Infinity"} (JSON has no inf)
+        limit = [float(t["__float__"] if isinstance(t, dict) else t)
+                 for t in hf.get("time_step_limit", (0.0, float("inf")))]
         if limit != [0.0, float("inf")]:
             raise ConfigError(f"config.json: time_step_limit={limit} is not supported (meshlm "
                               "does not clamp the step size: [0.0, inf])")
