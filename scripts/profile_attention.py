@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from meshlm.layers.attention import attend
-from pallas_kernels.flash_attention.common import BlockSizes
+from pallas_kernels.flash_attention.mosaic_gpu import KernelTiles, Tiles
 from scripts.profile_trace import trace_device_time
 
 
@@ -36,12 +36,12 @@ class Case:
     heads: int
     head_dim: int
     segments: bool
-    block_sizes: BlockSizes | None = None
+    tiles: Tiles | None = None  # Mosaic-GPU tiles (None: the lowering's default)
 
     @property
     def label(self) -> str:
-        tiles = "" if self.block_sizes is None else " " + ",".join(
-            f"{k}={v}" for k, v in dataclasses.asdict(self.block_sizes).items() if v)
+        tiles = "" if self.tiles is None else " " + ",".join(
+            f"{k}={t.owned}/{t.streamed}/{t.stages}" for k, t in vars(self.tiles).items())
         seg = "seg" if self.segments else "noseg"
         return f"{self.impl} B{self.batch} L{self.seq} H{self.heads} D{self.head_dim} {seg}{tiles}"
 
@@ -50,7 +50,7 @@ class Case:
 
 
 def functions(case: Case):
-    if case.block_sizes is None:
+    if case.tiles is None:
         impl_fn = attend
     else:  # tiles for a Pallas lowering: call flash_attention directly, as attend would
         from pallas_kernels.flash_attention import flash_attention
@@ -58,7 +58,7 @@ def functions(case: Case):
         def impl_fn(q, k, v, *, q_segment_ids, kv_segment_ids, causal, implementation):
             return flash_attention(q, k, v, causal=causal, q_segment_ids=q_segment_ids,
                                    kv_segment_ids=kv_segment_ids, implementation=implementation,
-                                   block_sizes=case.block_sizes)
+                                   tiles=case.tiles)
 
     def attn(q, k, v, seg):
         return impl_fn(q, k, v, q_segment_ids=seg, kv_segment_ids=seg, causal=True,
@@ -129,11 +129,12 @@ def main():
         cases += [Case(i, b, s, h // 2, 2 * dh, seg) for i in impls if i != "triton"
                   for seg in (True, False)]
     if args.sweep and "mosaic_gpu" in impls:
-        for bs in (BlockSizes(block_k=64), BlockSizes(block_k=256),
-                   BlockSizes(block_q_bwd=128, block_k_bwd=64),
-                   BlockSizes(block_q_bwd=64, block_k_bwd=128),
-                   BlockSizes(block_q_bwd=128, block_k_bwd=128)):
-            cases.append(Case("mosaic_gpu", b, s, h, dh, True, bs))
+        k = KernelTiles  # (owned, streamed, stages) around the d64 defaults
+        for fwd, dkv in (((64, 64, 3), (64, 64, 2)), ((64, 256, 2), (64, 64, 2)),
+                         ((64, 128, 3), (128, 64, 2)), ((64, 128, 3), (64, 128, 2)),
+                         ((64, 128, 3), (128, 128, 2))):
+            tiles = Tiles(fwd=k(*fwd), dkv=k(*dkv), dq=k(*fwd))
+            cases.append(Case("mosaic_gpu", b, s, h, dh, True, tiles))
 
     deadline = time.monotonic() + args.deadline_s
     results = []
@@ -143,7 +144,7 @@ def main():
             print(f"{case.label}: skipped (deadline)", flush=True)
             continue
         try:
-            r = measure(case, args.iters, profile=case.block_sizes is None)
+            r = measure(case, args.iters, profile=case.tiles is None)
         except Exception as e:  # noqa: BLE001 - a failing case is reported, not fatal
             traceback.print_exc()
             r = {"case": case.label, "error": f"{type(e).__name__}: {str(e)[:200]}"}

@@ -414,7 +414,7 @@ class Mamba2Mixer(nn.Module):
     dt_min: float = 1e-3
     dt_max: float = 1e-1
     dt_init_floor: float = 1e-4
-    implementation: str = "auto"  # ssd's: "auto", "xla", "xla_chunked", "triton", "tpu"
+    implementation: str = "auto"  # ssd's: "auto", "xla", "triton", "tpu"
     interpret: bool = False
     decode: bool = False
     dtype: Any = f32
