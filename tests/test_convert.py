@@ -5,9 +5,10 @@ or ones) under the names and torch layouts of ``GPT2LMHeadModel``, ``LlamaForCau
 ``MambaForCausalLM`` and ``Mamba2ForCausalLM``, transcribed from the transformers sources and
 independent of the families' tables. Checked: HF -> Orbax -> HF is bit-exact; the converted
 GPT-2 and LLaMA give the logits of a plain-numpy forward written from HF's math over the HF
-tensors themselves (so a mislaid tensor shows); conversion onto an 8-device FSDP x tensor mesh
-places every parameter with the rule table's sharding; bad input is one clear error. Parity with
-the torch implementation needs torch: ``scripts/check_hf_parity.py`` (GPU machine).
+tensors themselves, as do Mamba and Mamba-2 against sequential scans of HF's slow paths (so a
+mislaid tensor shows); conversion onto an 8-device FSDP x tensor mesh places every parameter with
+the rule table's sharding; bad input is one clear error. Parity with the torch implementation
+needs torch: ``scripts/check_hf_parity.py`` (GPU machine).
 """
 
 from __future__ import annotations
@@ -219,6 +220,80 @@ def _llama_forward(c, w, tokens):
     return _rms_norm(x, w["model.norm.weight"], eps) @ w["lm_head.weight"].T
 
 
+def _causal_conv(u, w, b):
+    """HF's depthwise ``Conv1d(padding=K-1)`` cut to the input length: ``u (B, L, C)``, ``w (C,
+    1, K)``; output ``t`` is ``b + sum_k w[:, 0, k] * u[t - (K - 1) + k]``."""
+    k = w.shape[-1]
+    padded = np.concatenate([np.zeros((u.shape[0], k - 1, u.shape[2])), u], axis=1)
+    return b + sum(padded[:, j:j + u.shape[1]] * w[:, 0, j] for j in range(k))
+
+
+def _silu(x):
+    return x / (1 + np.exp(-x))
+
+
+def _softplus(x):
+    return np.log1p(np.exp(x))
+
+
+def _mamba_mixer(c, w, p, x):
+    """HF ``MambaMixer.slow_forward`` (no cache) as a sequential scan."""
+    i_, n, r = c["expand"] * c["hidden_size"], c["state_size"], c["time_step_rank"]
+    xz = x @ w[p + "in_proj.weight"].T + w[p + "in_proj.bias"]
+    u, gate = xz[..., :i_], xz[..., i_:]
+    u = _silu(_causal_conv(u, w[p + "conv1d.weight"], w[p + "conv1d.bias"]))
+    dbc = u @ w[p + "x_proj.weight"].T
+    dt, bb, cc = dbc[..., :r], dbc[..., r:r + n], dbc[..., r + n:]
+    dt = _softplus(dt @ w[p + "dt_proj.weight"].T + w[p + "dt_proj.bias"])  # (B, L, I)
+    a = -np.exp(w[p + "A_log"])  # (I, N)
+    h = np.zeros((x.shape[0], i_, n))
+    ys = []
+    for t in range(x.shape[1]):
+        h = np.exp(a * dt[:, t, :, None]) * h + (dt[:, t] * u[:, t])[..., None] * bb[:, t, None]
+        ys.append(np.einsum("bin,bn->bi", h, cc[:, t]))
+    y = (np.stack(ys, 1) + u * w[p + "D"]) * _silu(gate)
+    return y @ w[p + "out_proj.weight"].T + w[p + "out_proj.bias"]
+
+
+def _mamba2_mixer(c, w, p, x):
+    """HF ``Mamba2Mixer.torch_forward`` (no cache) as a sequential scan; group ``g`` of B/C
+    serves heads ``g * H/G ..`` (``repeat_interleave``); the gated norm spans all of d_inner."""
+    i_, n, g, h, hd = (c["expand"] * c["hidden_size"], c["state_size"], c["n_groups"],
+                       c["num_heads"], c["head_dim"])
+    proj = x @ w[p + "in_proj.weight"].T
+    gate, xbc, dt = proj[..., :i_], proj[..., i_:2 * i_ + 2 * g * n], proj[..., 2 * i_ + 2 * g * n:]
+    xbc = _silu(_causal_conv(xbc, w[p + "conv1d.weight"], w[p + "conv1d.bias"]))
+    b_, length = x.shape[:2]
+    u = xbc[..., :i_].reshape(b_, length, h, hd)
+    bb = np.repeat(xbc[..., i_:i_ + g * n].reshape(b_, length, g, n), h // g, axis=2)
+    cc = np.repeat(xbc[..., i_ + g * n:].reshape(b_, length, g, n), h // g, axis=2)
+    dt = _softplus(dt + w[p + "dt_bias"])  # (B, L, H)
+    a = -np.exp(w[p + "A_log"])
+    state = np.zeros((b_, h, hd, n))
+    ys = []
+    for t in range(length):
+        state = (np.exp(dt[:, t] * a)[..., None, None] * state
+                 + (dt[:, t, :, None] * u[:, t])[..., None] * bb[:, t, :, None, :])
+        ys.append(np.einsum("bhpn,bhn->bhp", state, cc[:, t]))
+    y = (np.stack(ys, 1) + u * w[p + "D"][:, None]).reshape(b_, length, i_)
+    y = y * _silu(gate)
+    y = y / np.sqrt((y * y).mean(-1, keepdims=True) + c["layer_norm_epsilon"])
+    return (y * w[p + "norm.weight"]) @ w[p + "out_proj.weight"].T
+
+
+def _mamba_forward(c, w, tokens):
+    """``MambaForCausalLM`` / ``Mamba2ForCausalLM``: ``x + mixer(RMSNorm(x))`` per layer."""
+    mixer = _mamba_mixer if c["model_type"] == "mamba" else _mamba2_mixer
+    eps = c["layer_norm_epsilon"]
+    x = w["backbone.embeddings.weight"][tokens]
+    for i in range(c["num_hidden_layers"]):
+        p = f"backbone.layers.{i}."
+        x = x + mixer(c, w, p + "mixer.", _rms_norm(x, w[p + "norm.weight"], eps))
+    x = _rms_norm(x, w["backbone.norm_f.weight"], eps)
+    head = w["backbone.embeddings.weight"] if c["tie_word_embeddings"] else w["lm_head.weight"]
+    return x @ head.T
+
+
 # ----------------------------------------------------------------------------------- tests
 
 
@@ -242,9 +317,10 @@ def test_round_trip_is_bit_exact(tmp_path, model_type):
     assert again.model == cfg.model
 
 
-@pytest.mark.parametrize("scan", [True, False], ids=["scanned", "unrolled"])
-@pytest.mark.parametrize("model_type,forward", [("gpt2", _gpt2_forward),
-                                                ("llama", _llama_forward)])
+@pytest.mark.parametrize("model_type,forward,scan", [
+    ("gpt2", _gpt2_forward, True), ("gpt2", _gpt2_forward, False),
+    ("llama", _llama_forward, True), ("llama", _llama_forward, False),
+    ("mamba", _mamba_forward, True), ("mamba2", _mamba_forward, True)])
 def test_converted_logits_match_hf_math(tmp_path, model_type, forward, scan, monkeypatch):
     c = CONFIGS[model_type]
     state = _random_state(c, seed=1)
@@ -260,7 +336,7 @@ def test_converted_logits_match_hf_math(tmp_path, model_type, forward, scan, mon
     hf_to_orbax(hf, tmp_path / "run")
     cfg, params = restore_params(tmp_path / "run")
     assert cfg.model.scan_layers == scan and ("layers" in params) == scan
-    tokens = np.random.default_rng(2).integers(0, c["vocab_size"], (2, 12))
+    tokens = np.random.default_rng(2).integers(0, c["vocab_size"], (2, 16))
     logits = build_model(cfg.model).apply({"params": params}, jnp.asarray(tokens, jnp.int32))
     expected = forward(c, {k: v.astype(np.float64) for k, v in state.items()}, tokens)
     np.testing.assert_allclose(np.asarray(logits), expected, atol=ATOL, rtol=RTOL)
@@ -384,3 +460,21 @@ def test_train_starts_from_converted_params(tmp_path):
                         settings + [f"train.run_dir={tmp_path / 'bad'}", "model.d_ff=96"])
     with pytest.raises(CheckpointError, match="parameters of another model .*mlp/wi/kernel"):
         train(other)
+
+
+@pytest.mark.parametrize("model_type", list(CONFIGS))
+def test_transformers_configs_translate_both_ways(model_type):
+    """``config.json`` as transformers writes it (its defaults, JSON infinity included) gives the
+    model of the same sizes, and ``to_hf_config()`` is read by transformers' config class back to
+    that model. (Configs need no torch; the models do: scripts/check_hf_parity.py.)"""
+    transformers = pytest.importorskip("transformers")
+
+    spec = {k: v for k, v in CONFIGS[model_type].items() if k != "model_type"}
+    written = json.loads(transformers.AutoConfig.for_model(model_type, **spec).to_json_string())
+    cfg = run_config(written).model
+    assert (cfg.vocab_size, cfg.d_model, cfg.n_layers) == (61, 32, 2)
+    back = cfg.to_hf_config()
+    assert back["architectures"][0] in ("GPT2LMHeadModel", "LlamaForCausalLM", "MambaForCausalLM",
+                                        "Mamba2ForCausalLM")
+    reread = transformers.AutoConfig.for_model(back.pop("model_type"), **back)
+    assert run_config(json.loads(reread.to_json_string())).model == cfg
