@@ -17,7 +17,7 @@ from flax.core import meta
 
 from meshlm import sharding
 from meshlm.config import ConfigError, load_config, model_config
-from meshlm.layers.moe import MoeMlp
+from meshlm.layers.moe import MoeMlp, expert_swiglu, per_batch_shard
 from meshlm.train.setup import build
 
 D_MODEL, D_FF, N_EXPERTS = 16, 24, 8
@@ -106,6 +106,21 @@ def test_layer_refuses_top_k_beyond_the_experts():
     layer = MoeMlp(n_experts=4, top_k=5, d_ff=8)
     with pytest.raises(ValueError, match="top_k=5 must be between 1 and n_experts=4"):
         layer.init(jax.random.key(0), jnp.ones((1, 2, 8)))
+
+
+def test_each_data_shard_routes_only_its_own_rows():
+    """Under a data-parallel mesh the sort and grouped matmuls run per shard (``shard_map``);
+    without a mesh, or with rows that do not divide, the layer runs on the whole batch."""
+    cfg = load_config(None, ["mesh.data=4", "mesh.expert=2"])
+    mesh, rules = sharding.make_mesh(cfg.mesh), sharding.axis_rules(cfg.mesh)
+    assert per_batch_shard(expert_swiglu, 8) is expert_swiglu  # no mesh
+    layer, params, _ = layer_and_params(2, "softmax", True)
+    x = jax.random.normal(jax.random.key(5), (8, 3, D_MODEL))
+    with sharding.activate(mesh, rules):
+        assert per_batch_shard(expert_swiglu, 6) is expert_swiglu  # 6 rows over 4 shards
+        assert per_batch_shard(expert_swiglu, 8) is not expert_swiglu
+        got = jax.jit(layer.apply)({"params": params}, x)
+    np.testing.assert_allclose(got, dense_reference(params, x, 2, "softmax", True), **TOL)
 
 
 # ---------------------------------------------------------------- the family

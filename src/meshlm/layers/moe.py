@@ -9,12 +9,14 @@ entry per layer; ``router_statistics`` gathers them) so the family's loss can ad
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec
 
 Initializer = Callable[..., jax.Array]
 ROUTERS = ("softmax", "sigmoid")
@@ -116,21 +118,45 @@ class MoeMlp(nn.Module):
         self.sow("intermediates", "router_z", router_z_loss(logits, valid))
         self.sow("intermediates", "expert_load_max", jnp.max(fraction) * e)
 
-        out = expert_swiglu(tokens.astype(self.dtype), experts,
-                            w_gate.astype(self.dtype), w_up.astype(self.dtype),
-                            w_out.astype(self.dtype))
+        k = self.top_k
+        out = per_batch_shard(expert_swiglu, batch)(
+            x.astype(self.dtype), experts.reshape(batch, length, k),
+            w_gate.astype(self.dtype), w_up.astype(self.dtype), w_out.astype(self.dtype))
+        out = out.reshape(batch * length, k, d_model)
         y = jnp.einsum("tkd,tk->td", out.astype(jnp.float32), weights).astype(self.dtype)
         return nn.with_logical_constraint(
             y.reshape(batch, length, d_model),
             ("activation_batch", "activation_length", "activation_embed"))
 
 
-def expert_swiglu(tokens: jax.Array, experts: jax.Array, w_gate: jax.Array, w_up: jax.Array,
+def per_batch_shard(fn: Callable, batch: int) -> Callable:
+    """``fn(x, experts, *weights)`` run by each data-parallel shard on its own rows.
+
+    Sorting tokens by expert is a global permutation: left to the partitioner, every device
+    would gather all rows of the batch and run the experts on all of them. Inside ``shard_map``
+    over the mesh axes the ``activation_batch`` rule names, each shard sorts its own rows; the
+    remaining axes (``expert``, ``tensor``) stay automatic, so expert-sharded weights stay where
+    they are. Without a mesh, or with a batch that does not divide, ``fn`` runs as is.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    spec = nn.logical_to_mesh_axes(("activation_batch",))[0] if mesh.axis_names else None
+    names = (spec,) if isinstance(spec, str) else tuple(spec or ())
+    axes = tuple(a for a in names if a in mesh.axis_names and mesh.shape[a] > 1)
+    shards = math.prod(mesh.shape[a] for a in axes)
+    if not axes or batch % shards:
+        return fn
+    rows, whole = PartitionSpec(axes), PartitionSpec()
+    return jax.shard_map(fn, in_specs=(rows, rows, whole, whole, whole), out_specs=rows,
+                         axis_names=set(axes))
+
+
+def expert_swiglu(x: jax.Array, experts: jax.Array, w_gate: jax.Array, w_up: jax.Array,
                   w_out: jax.Array) -> jax.Array:
-    """Each token through each of its experts: ``tokens (T, embed)``, ``experts (T, k)`` ->
-    ``(T, k, embed)``. The ``T * k`` (token, expert) pairs are sorted by expert, multiplied by
-    grouped matmuls over the contiguous groups, and put back in the original order."""
-    n_tokens, k = experts.shape
+    """Each token through each of its experts: ``x (batch, length, embed)``, ``experts (batch,
+    length, k)`` -> ``(batch, length, k, embed)``. The (token, expert) pairs are sorted by expert,
+    multiplied by grouped matmuls over the contiguous groups, and put back in the original order."""
+    *lead, k = experts.shape
+    tokens = x.reshape(-1, x.shape[-1])
     flat = experts.reshape(-1)
     order = jnp.argsort(flat, stable=True)
     group_sizes = jnp.bincount(flat, length=w_gate.shape[0]).astype(jnp.int32)
@@ -140,7 +166,7 @@ def expert_swiglu(tokens: jax.Array, experts: jax.Array, w_gate: jax.Array, w_up
     hidden = nn.with_logical_constraint(hidden, (None, "activation_mlp"))
     out = jax.lax.ragged_dot(hidden, w_out, group_sizes)
     inverse = jnp.argsort(order)
-    return out[inverse].reshape(n_tokens, k, -1)
+    return out[inverse].reshape(*lead, k, -1)
 
 
 def router_statistics(intermediates: Any) -> dict[str, jax.Array]:
