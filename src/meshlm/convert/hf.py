@@ -145,7 +145,7 @@ def _expected_hf_shape(t: HFTensor, targets: dict, layer: int | None, scan: bool
 
 
 def _place(array: np.ndarray, target: jax.ShapeDtypeStruct) -> jax.Array:
-    array = array.astype(target.dtype)
+    array = array.astype(target.dtype, copy=False)
     return jax.make_array_from_callback(target.shape, target.sharding, lambda index: array[index])
 
 
@@ -174,7 +174,7 @@ def load_hf_params(ckpt: HFCheckpoint, model_cfg, abstract: Any) -> Any:
 
     placed: dict[str, jax.Array] = {}
     for t in table:
-        stacks: dict[str, list[np.ndarray]] = {p: [] for p in t.params}
+        stacks: dict[str, np.ndarray] = {}  # scanned: the layers of each param, filled in place
         for i in layers if t.per_layer else [None]:
             name = t.hf_name(i)
             w = ckpt.get(name)
@@ -184,15 +184,18 @@ def load_hf_params(ckpt: HFCheckpoint, model_cfg, abstract: Any) -> Any:
                                       f"needs {list(expected)}")
             for p, a in zip(t.params, t.to_params(w)):
                 if i is not None and scan:
-                    stacks[p].append(a)
+                    target = targets[_target(p, i, scan)]
+                    if p not in stacks:
+                        stacks[p] = np.empty(target.shape, target.dtype)
+                    stacks[p][i] = a
                 else:
                     path = _target(p, i, scan)
                     placed[path] = _place(a, targets[path])
             del w
-        for p, arrays in stacks.items():
-            if arrays:
-                path = _target(p, 0, True)
-                placed[path] = _place(np.stack(arrays), targets[path])
+        for p, stack in stacks.items():
+            path = _target(p, 0, True)
+            placed[path] = _place(stack, targets[path])
+        del stacks
     left = sorted(targets.keys() - placed.keys())
     if left:  # a table that misses a parameter is a bug in the family's mapping
         raise ConversionError(f"the {model_cfg.family} HF table fills no value for {left}")

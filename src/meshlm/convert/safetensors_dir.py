@@ -119,13 +119,17 @@ def write_shards(tensors: Iterable[tuple[str, np.ndarray]], out: pathlib.Path,
         size += array.nbytes
         total += array.nbytes
     flush()
+    def publish(k, file):  # safetensors creates its files private (0600); these are shared
+        os.chmod(out / f"shard-{k}.tmp", 0o644)
+        os.replace(out / f"shard-{k}.tmp", out / file)
+
     if len(shards) == 1:
-        os.replace(out / "shard-1.tmp", out / SINGLE_FILE)
+        publish(1, SINGLE_FILE)
         return
     weight_map = {}
     for k, names in enumerate(shards, 1):
         file = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
-        os.replace(out / f"shard-{k}.tmp", out / file)
+        publish(k, file)
         weight_map.update({name: file for name in names})
     (out / INDEX_FILE).write_text(json.dumps(
         {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
