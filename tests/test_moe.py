@@ -180,6 +180,9 @@ def test_loss_adds_the_weighted_router_losses_of_every_layer():
         aux["aux_loss"], cfg.load_balance_coef * balance.mean() + cfg.router_z_coef * z.mean(),
         rtol=1e-6)
     assert float(count) == batch["loss_mask"].sum()
+    load = [float(aux[f"expert_load_max/layer_{i}"]) for i in range(FIELDS["n_layers"])]
+    np.testing.assert_allclose(load, per_layer["expert_load_max"][0], rtol=1e-6)
+    assert float(aux["expert_load_max"]) == max(load) >= 1.0
     # The unrolled stack reports the same numbers.
     cfg_u, model_u, _ = model_and_params(scan=False)
     unrolled = {f"layers_{i}": jax.tree.map(lambda a, i=i: a[i], params["layers"])

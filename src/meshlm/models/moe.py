@@ -75,8 +75,8 @@ class MoEConfig(GPTConfig):
         """Cross-entropy sum and token count as ``DecoderLMConfig.loss``; ``aux``:
         ``aux_loss`` (the weighted router losses), ``load_balance`` and ``router_z`` (means over
         layers, unweighted; 1 is a uniform load) and ``expert_load_max`` (the largest share of
-        routing slots any expert got in any layer, times ``n_experts``: 1 is uniform, ``n_experts
-        / top_k`` a collapse onto k experts)."""
+        routing slots any expert got, times ``n_experts``: 1 is uniform, ``n_experts / top_k`` a
+        collapse onto k experts), over all layers and per layer (``expert_load_max/layer_<i>``)."""
         logits, state = model.apply(
             {"params": params}, batch["inputs"], positions=batch["positions"],
             segment_ids=batch["segment_ids"], deterministic=rng is None,
@@ -90,6 +90,7 @@ class MoEConfig(GPTConfig):
             "aux_loss": self.load_balance_coef * balance + self.router_z_coef * z,
             "load_balance": balance, "router_z": z,
             "expert_load_max": jnp.max(stats["expert_load_max"]),
+            **{f"expert_load_max/layer_{i}": v for i, v in enumerate(stats["expert_load_max"])},
         }
         return jnp.sum(ce * mask), jnp.sum(mask), aux
 
