@@ -3,9 +3,9 @@
 The HF checkpoints here are written by the tests themselves: random float32 tensors (never zeros
 or ones) under the names and torch layouts of ``GPT2LMHeadModel``, ``LlamaForCausalLM``,
 ``MambaForCausalLM`` and ``Mamba2ForCausalLM``, transcribed from the transformers sources and
-independent of the families' tables. Checked: HF -> Orbax -> HF is bit-exact; the converted
-GPT-2 and LLaMA give the logits of a plain-numpy forward written from HF's math over the HF
-tensors themselves, as do Mamba and Mamba-2 against sequential scans of HF's slow paths (so a
+independent of the families' tables. Checked: HF -> Orbax -> HF -> Orbax is bit-exact; the
+converted GPT-2 and LLaMA give the logits of a plain-numpy forward written from HF's math over the
+HF tensors themselves, as do Mamba and Mamba-2 against sequential scans of HF's slow paths (so a
 mislaid tensor shows); conversion onto an 8-device FSDP x tensor mesh places every parameter with
 the rule table's sharding; bad input is one clear error. Parity with the torch implementation
 needs torch: ``scripts/check_hf_parity.py`` (GPU machine).
@@ -312,9 +312,12 @@ def test_round_trip_is_bit_exact(tmp_path, model_type):
     for name, array in state.items():
         assert out[name].dtype == array.dtype and np.array_equal(out[name], array), name
     assert back["model_type"] == model_type
-    # the written config.json translates to the same model
-    again = run_config(json.loads((tmp_path / "back" / "config.json").read_text()))
-    assert again.model == cfg.model
+    # the written directory converts again to the same model and bit-identical parameters
+    assert hf_to_orbax(tmp_path / "back", tmp_path / "again").model == cfg.model
+    first, second = restore_params(tmp_path / "run")[1], restore_params(tmp_path / "again")[1]
+    assert jax.tree.structure(first) == jax.tree.structure(second)
+    for a, b in zip(jax.tree.leaves(first), jax.tree.leaves(second)):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
 
 
 @pytest.mark.parametrize("model_type,forward,scan", [
@@ -393,6 +396,10 @@ def test_bad_input_is_one_clear_error(tmp_path):
     state = {**_random_state(GPT2), "transformer.h.0.extra.weight": np.ones(3, np.float32)}
     with pytest.raises(ConversionError, match="no parameter for: transformer.h.0.extra.weight"):
         convert(state=state, out="f")
+    (tmp_path / "hf_empty").mkdir()
+    (tmp_path / "hf_empty" / "config.json").write_text(json.dumps(GPT2))
+    with pytest.raises(ConversionError, match="has no \\*.safetensors weights"):
+        hf_to_orbax(tmp_path / "hf_empty", tmp_path / "h")
     truncated = tmp_path / "hf_trunc"
     _write_hf(truncated, GPT2, _random_state(GPT2))
     data = (truncated / "model.safetensors").read_bytes()
@@ -404,8 +411,30 @@ def test_bad_input_is_one_clear_error(tmp_path):
         hf_to_orbax(hf, tmp_path / "run")
     hf_to_orbax(hf, tmp_path / "run", overwrite=True)
     assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]  # failures left no debris
-    for name in "abcdefg":
+    for name in "abcdefgh":
         assert not (tmp_path / name).exists()
+
+
+def test_a_family_without_a_table_is_refused(tmp_path):
+    """orbax-to-hf of a RetNet run (no HF model_type), and of an MoE run (its config subclasses
+    GPT's, whose table it must not inherit)."""
+    from flax.core import meta
+
+    from meshlm.config import Config, model_config
+    from meshlm.convert.hf import write_run
+
+    for family, extra in (("retnet", {}), ("moe", {"mlp": "swiglu", "position": "rope",
+                                                   "norm": "rmsnorm", "use_bias": False})):
+        model = model_config(family, vocab_size=64, d_model=32, n_layers=1, dtype="float32",
+                             **extra)
+        cfg = Config(model=model)
+        params = build_model(model).init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
+        write_run(tmp_path / family, cfg, meta.unbox(params))
+        with pytest.raises(ConversionError, match=f"model.family='{family}' has no HuggingFace "
+                                                  "conversion; families that have one: gpt, "
+                                                  "mamba, mamba2"):
+            orbax_to_hf(tmp_path / family, tmp_path / f"{family}_hf")
+        assert not (tmp_path / f"{family}_hf").exists()
 
 
 def test_cli_converts_both_ways(tmp_path, capsys):

@@ -262,6 +262,10 @@ def orbax_to_hf(run_dir: str | os.PathLike, out: str | os.PathLike, *, overwrite
     from meshlm.train.checkpoint import restore_params
 
     cfg, params = restore_params(run_dir)
+    if not vars(type(cfg.model)).get("hf_model_types"):  # not inherited: MoE is not GPT's table
+        raise ConversionError(
+            f"model.family={cfg.model.family!r} has no HuggingFace conversion; families that "
+            f"have one: {', '.join(sorted({c.family for c in hf_families().values()}))}")
     hf_config = {**cfg.model.to_hf_config(), "dtype": cfg.model.param_dtype}
     out, tmp = _prepare_out(out, overwrite)
     try:
