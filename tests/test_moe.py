@@ -204,6 +204,28 @@ def test_flops_count_only_the_active_experts():
     assert cfg.flops_per_token(16) == dense.flops_per_token(16) + extra
 
 
+def test_shared_experts_add_a_dense_swiglu_for_every_token():
+    cfg = model_config("moe", **FIELDS, n_shared_experts=2)
+    model = cfg.build()
+    shapes = jax.eval_shape(model.init, jax.random.key(1), jnp.zeros((1, 8), jnp.int32))
+    params = random_params(meta.unbox(shapes["params"]), 6)
+    shared = params["layers"]["shared_experts"]
+    assert shared["wi_gate"]["kernel"].shape[-1] == 2 * FIELDS["d_ff"]
+    seq = tokens(7, (2, 9))
+    apply = jax.jit(lambda p: model.apply({"params": p}, seq))
+    # Without their output projection the shared experts add nothing: the routed-only model.
+    silent = {**params, "layers": {**params["layers"], "shared_experts": {
+        **shared, "wo": jax.tree.map(jnp.zeros_like, shared["wo"])}}}
+    routed_only = {**params, "layers": {k: v for k, v in params["layers"].items()
+                                        if k != "shared_experts"}}
+    np.testing.assert_allclose(apply(silent), jax.jit(
+        lambda p: model_and_params()[1].apply({"params": p}, seq))(routed_only), **TOL)
+    assert np.abs(np.asarray(apply(params) - apply(silent))).max() > 1e-3
+    d, f = FIELDS["d_model"], FIELDS["d_ff"]
+    assert (cfg.flops_per_token(16) - model_config("moe", **FIELDS).flops_per_token(16)
+            == 6 * FIELDS["n_layers"] * 2 * 3 * d * f)
+
+
 def packed_batches(cfg, n):
     rng = np.random.default_rng(0)
     b, length = cfg.data.batch_size, cfg.data.seq_len
@@ -262,6 +284,7 @@ def test_parallel_training_matches_a_single_device(mesh):
     ({"router": "relu"}, [], r"model.router"),
     ({"mlp": "gelu"}, [], r"model.mlp='gelu': MoE experts are SwiGLU"),
     ({"load_balance_coef": -1}, [], r"model.load_balance_coef must be >= 0"),
+    ({"n_shared_experts": -1}, [], r"model.n_shared_experts must be >= 0, got -1"),
     ({"n_experts": 6}, ["mesh.data=2", "mesh.expert=4"],
      r"model.n_experts=6 does not divide over the 4 shards of logical axis 'expert'"),
 ])

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from meshlm.config import ConfigError, register_family
-from meshlm.layers import Attention
+from meshlm.layers import Attention, Mlp
 from meshlm.layers.moe import ROUTERS, MoeMlp, router_statistics
 from meshlm.models.base import ACTIVATION_EMBED
 from meshlm.models.gpt import GPTConfig
@@ -39,6 +39,7 @@ class MoEConfig(GPTConfig):
     top_k: int = 2
     router: Literal["softmax", "sigmoid"] = "softmax"
     renormalize: bool = True  # the k chosen weights sum to 1
+    n_shared_experts: int = 0  # SwiGLU experts every token goes through (DeepSeek-MoE)
     load_balance_coef: float = 0.01
     router_z_coef: float = 1e-3
 
@@ -48,6 +49,9 @@ class MoEConfig(GPTConfig):
     def validate(self) -> None:
         super().validate()
         self.require_positive("n_experts", "top_k")
+        if self.n_shared_experts < 0:
+            raise ConfigError(
+                f"model.n_shared_experts must be >= 0, got {self.n_shared_experts}")
         if self.top_k > self.n_experts:
             raise ConfigError(
                 f"model.top_k={self.top_k} must be at most model.n_experts={self.n_experts}")
@@ -65,9 +69,11 @@ class MoEConfig(GPTConfig):
 
     def flops_per_token(self, seq_len: int) -> float:
         """GPT's count (PaLM convention) with each layer's MLP replaced by the active part: k of
-        the ``n_experts`` SwiGLU experts plus the router's ``d_model * n_experts`` matmul."""
+        the ``n_experts`` SwiGLU experts, the shared experts and the router's ``d_model *
+        n_experts`` matmul."""
         dense_mlp = 3 * self.d_model * self.d_ff
-        active = self.top_k * dense_mlp + self.d_model * self.n_experts
+        active = ((self.top_k + self.n_shared_experts) * dense_mlp
+                  + self.d_model * self.n_experts)
         return super().flops_per_token(seq_len) + 6.0 * self.n_layers * (active - dense_mlp)
 
     def loss(self, model: nn.Module, params: Any, batch: dict, rng: jax.Array | None = None
@@ -96,7 +102,9 @@ class MoEConfig(GPTConfig):
 
 
 class MoEBlock(nn.Module):
-    """GPT's pre-norm block with the MLP replaced by ``MoeMlp``; returns ``(x, None)``."""
+    """GPT's pre-norm block with the MLP replaced by ``MoeMlp`` (plus, with shared experts, one
+    SwiGLU MLP of ``n_shared_experts * d_ff`` that every token goes through); returns
+    ``(x, None)``."""
 
     config: MoEConfig
     deterministic: bool = True
@@ -116,10 +124,15 @@ class MoEBlock(nn.Module):
             param_dtype=param_dtype, kernel_init=init, out_kernel_init=out_init, name="attention",
         )(cfg.make_norm("attention_norm")(x), positions, segment_ids)
         x = x + nn.Dropout(cfg.dropout)(h, deterministic=self.deterministic)
+        normed = cfg.make_norm("mlp_norm")(x)
         h = MoeMlp(
             n_experts=cfg.n_experts, top_k=cfg.top_k, d_ff=cfg.d_ff, router=cfg.router,
             renormalize=cfg.renormalize, dtype=dtype, param_dtype=param_dtype,
             kernel_init=init, out_kernel_init=out_init, name="moe",
-        )(cfg.make_norm("mlp_norm")(x), None if segment_ids is None else segment_ids > 0)
+        )(normed, None if segment_ids is None else segment_ids > 0)
+        if cfg.n_shared_experts:
+            h = h + Mlp(d_ff=cfg.n_shared_experts * cfg.d_ff, kind="swiglu", use_bias=False,
+                        dtype=dtype, param_dtype=param_dtype, kernel_init=init,
+                        out_kernel_init=out_init, name="shared_experts")(normed)
         x = x + nn.Dropout(cfg.dropout)(h, deterministic=self.deterministic)
         return nn.with_logical_constraint(x, ACTIVATION_EMBED), None
