@@ -102,10 +102,13 @@ def test_router_losses_follow_their_formulas(router):
     np.testing.assert_allclose(got["expert_load_max"], fraction.max() * N_EXPERTS, rtol=1e-6)
 
 
-def test_layer_refuses_top_k_beyond_the_experts():
+def test_layer_refuses_top_k_beyond_the_experts_and_unknown_routers():
     layer = MoeMlp(n_experts=4, top_k=5, d_ff=8)
     with pytest.raises(ValueError, match="top_k=5 must be between 1 and n_experts=4"):
         layer.init(jax.random.key(0), jnp.ones((1, 2, 8)))
+    with pytest.raises(ValueError, match="unknown router 'relu'; choose one of softmax, sigmoid"):
+        MoeMlp(n_experts=4, top_k=2, d_ff=8, router="relu").init(
+            jax.random.key(0), jnp.ones((1, 2, 8)))
 
 
 def test_each_data_shard_routes_only_its_own_rows():
