@@ -1,0 +1,68 @@
+"""Tiny random transformers models of each supported ``model_type``, with their outputs, as
+fixtures for ``tests/test_convert.py`` (needs torch and transformers: run on the GPU machine).
+
+For each type: ``AutoModelForCausalLM.from_config`` (float32, seeded) saved with
+``save_pretrained`` under ``tests/fixtures/hf/<type>/``, plus ``reference.npz``: fixed
+``input_ids`` (2 x 16), their ``logits``, a ``prompt`` (1 x 8) and its 20 ``greedy`` new tokens
+(``generate(do_sample=False)``, no end-of-text stop). Each fixture is a few hundred KB. The
+fixtures are written by the reference implementation, never by hand; the test converts each and
+checks logits (max abs difference <= 1e-4), greedy tokens (identical) and the round trip.
+
+    python scripts/make_hf_fixtures.py [--out tests/fixtures/hf]
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+
+import numpy as np
+
+SPECS = {
+    "gpt2": dict(vocab_size=128, n_positions=64, n_embd=32, n_layer=2, n_head=4),
+    "llama": dict(vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                  rope_parameters={"rope_type": "default", "rope_theta": 500.0}),
+    "mistral": dict(vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                    sliding_window=None),
+    "mamba": dict(vocab_size=128, hidden_size=32, state_size=8, num_hidden_layers=2),
+    "mamba2": dict(vocab_size=128, hidden_size=32, state_size=8, head_dim=8, num_heads=8,
+                   n_groups=2, num_hidden_layers=2, chunk_size=16),
+}
+
+
+def make(model_type: str, out: pathlib.Path) -> None:
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.AutoConfig.for_model(model_type, **SPECS[model_type])
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    model.save_pretrained(out, safe_serialization=True)
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, config.vocab_size, (2, 16))
+    prompt = ids[:1, :8]
+    with torch.no_grad():
+        logits = model(torch.as_tensor(ids)).logits.numpy()
+        model.generation_config.eos_token_id = None  # 20 tokens, whatever they are
+        full = model.generate(torch.as_tensor(prompt), max_new_tokens=20, do_sample=False,
+                              pad_token_id=0).numpy()
+    np.savez(out / "reference.npz", input_ids=ids.astype(np.int32),
+             logits=logits.astype(np.float32), prompt=prompt.astype(np.int32),
+             greedy=full[:, prompt.shape[1]:].astype(np.int32))
+    print(f"{model_type}: {out} ({sum(f.stat().st_size for f in out.iterdir()) // 1024} KiB)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", default=str(pathlib.Path(__file__).parents[1] / "tests" /
+                                             "fixtures" / "hf"))
+    parser.add_argument("--types", nargs="*", default=list(SPECS), choices=list(SPECS))
+    args = parser.parse_args()
+    for t in args.types:
+        make(t, pathlib.Path(args.out) / t)
+
+
+if __name__ == "__main__":
+    main()
