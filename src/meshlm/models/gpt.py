@@ -71,6 +71,12 @@ class GPTConfig(DecoderLMConfig):
     def block(self) -> type[nn.Module]:
         return Block
 
+    def feed_forward(self, x, segment_ids, **layer_kwargs):
+        """The block's position-wise layer on the normalised ``x`` (called inside ``Block``, so it
+        creates the block's parameters): the dense MLP here; the MoE family swaps in experts."""
+        return Mlp(d_ff=self.d_ff, kind=self.mlp, use_bias=self.use_bias, name="mlp",
+                   **layer_kwargs)(x)
+
     @property
     def norm_bias(self) -> bool:
         return self.use_bias
@@ -260,9 +266,7 @@ class Block(nn.Module):
             param_dtype=param_dtype, kernel_init=init, out_kernel_init=out_init, name="attention",
         )(cfg.make_norm("attention_norm")(x), positions, segment_ids)
         x = x + nn.Dropout(cfg.dropout)(h, deterministic=self.deterministic)
-        h = Mlp(
-            d_ff=cfg.d_ff, kind=cfg.mlp, use_bias=cfg.use_bias, dtype=dtype,
-            param_dtype=param_dtype, kernel_init=init, out_kernel_init=out_init, name="mlp",
-        )(cfg.make_norm("mlp_norm")(x))
+        h = cfg.feed_forward(cfg.make_norm("mlp_norm")(x), segment_ids, dtype=dtype,
+                             param_dtype=param_dtype, kernel_init=init, out_kernel_init=out_init)
         x = x + nn.Dropout(cfg.dropout)(h, deterministic=self.deterministic)
         return nn.with_logical_constraint(x, ACTIVATION_EMBED), None

@@ -9,7 +9,6 @@ as metrics so a collapse of routing is visible.
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, ClassVar, Literal
 
 import flax.linen as nn
@@ -17,9 +16,8 @@ import jax
 import jax.numpy as jnp
 
 from meshlm.config import ConfigError, register_family
-from meshlm.layers import Attention, Mlp
+from meshlm.layers import Mlp
 from meshlm.layers.moe import ROUTERS, MoeMlp, router_statistics
-from meshlm.models.base import ACTIVATION_EMBED
 from meshlm.models.gpt import GPTConfig
 from meshlm.train.losses import token_cross_entropy
 
@@ -64,8 +62,17 @@ class MoEConfig(GPTConfig):
             if getattr(self, name) < 0:
                 raise ConfigError(f"model.{name} must be >= 0, got {getattr(self, name)}")
 
-    def block(self) -> type[nn.Module]:
-        return MoEBlock
+    def feed_forward(self, x, segment_ids, **layer_kwargs):
+        """``MoeMlp`` (padding left out of the routing statistics) plus, with shared experts, one
+        SwiGLU MLP of ``n_shared_experts * d_ff`` that every token goes through."""
+        h = MoeMlp(
+            n_experts=self.n_experts, top_k=self.top_k, d_ff=self.d_ff, router=self.router,
+            renormalize=self.renormalize, name="moe", **layer_kwargs,
+        )(x, None if segment_ids is None else segment_ids > 0)
+        if self.n_shared_experts:
+            h = h + Mlp(d_ff=self.n_shared_experts * self.d_ff, kind="swiglu", use_bias=False,
+                        name="shared_experts", **layer_kwargs)(x)
+        return h
 
     def flops_per_token(self, seq_len: int) -> float:
         """GPT's count (PaLM convention) with each layer's MLP replaced by the active part: k of
@@ -99,40 +106,3 @@ class MoEConfig(GPTConfig):
             **{f"expert_load_max/layer_{i}": v for i, v in enumerate(stats["expert_load_max"])},
         }
         return jnp.sum(ce * mask), jnp.sum(mask), aux
-
-
-class MoEBlock(nn.Module):
-    """GPT's pre-norm block with the MLP replaced by ``MoeMlp`` (plus, with shared experts, one
-    SwiGLU MLP of ``n_shared_experts * d_ff`` that every token goes through); returns
-    ``(x, None)``."""
-
-    config: MoEConfig
-    deterministic: bool = True
-    decode: bool = False
-
-    @nn.compact
-    def __call__(self, x, positions, segment_ids):
-        cfg = self.config
-        dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
-        init = nn.initializers.normal(cfg.init_std)
-        out_init = nn.initializers.normal(cfg.init_std / math.sqrt(2 * cfg.n_layers))
-
-        h = Attention(
-            num_heads=cfg.n_heads, num_kv_heads=cfg.kv_heads, head_dim=cfg.dim_per_head,
-            use_bias=cfg.use_bias, rope=cfg.position == "rope", rope_theta=cfg.rope_theta,
-            implementation=cfg.attention, decode=self.decode, dtype=dtype,
-            param_dtype=param_dtype, kernel_init=init, out_kernel_init=out_init, name="attention",
-        )(cfg.make_norm("attention_norm")(x), positions, segment_ids)
-        x = x + nn.Dropout(cfg.dropout)(h, deterministic=self.deterministic)
-        normed = cfg.make_norm("mlp_norm")(x)
-        h = MoeMlp(
-            n_experts=cfg.n_experts, top_k=cfg.top_k, d_ff=cfg.d_ff, router=cfg.router,
-            renormalize=cfg.renormalize, dtype=dtype, param_dtype=param_dtype,
-            kernel_init=init, out_kernel_init=out_init, name="moe",
-        )(normed, None if segment_ids is None else segment_ids > 0)
-        if cfg.n_shared_experts:
-            h = h + Mlp(d_ff=cfg.n_shared_experts * cfg.d_ff, kind="swiglu", use_bias=False,
-                        dtype=dtype, param_dtype=param_dtype, kernel_init=init,
-                        out_kernel_init=out_init, name="shared_experts")(normed)
-        x = x + nn.Dropout(cfg.dropout)(h, deterministic=self.deterministic)
-        return nn.with_logical_constraint(x, ACTIVATION_EMBED), None
