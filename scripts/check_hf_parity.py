@@ -5,7 +5,9 @@ builds a randomly initialised transformers model from a config (real shapes by d
 GPT-2 124M, Llama-3.2-1B with plain RoPE, Mistral-7B's first 2 layers, Mamba-130m,
 Mamba-2-130m; ``--small`` for tiny ones), saves it with ``save_pretrained`` (safetensors),
 converts it with ``meshlm.convert.hf_to_orbax``, runs both on the same random tokens and prints
-the max abs logit difference and the mean KL(HF || meshlm) of the next-token distributions. It
+the max abs logit difference and the mean KL(HF || meshlm) of the next-token distributions,
+beside the KL of each from transformers in float32 (in bfloat16 both round differently: the
+HF-bf16 KL is the noise floor a correct port shares). It
 then writes the run back with ``orbax_to_hf``, reloads that with
 ``AutoModelForCausalLM.from_pretrained`` and checks its logits equal the original's exactly.
 
@@ -73,6 +75,13 @@ def _hf_logits(model, tokens, torch, device):
     return out.float().cpu().numpy()
 
 
+def _kl(p_logits, q_logits) -> float:
+    """Mean KL(p || q) of the next-token distributions."""
+    logp = jax.nn.log_softmax(jnp.asarray(p_logits, jnp.float32), -1)
+    logq = jax.nn.log_softmax(jnp.asarray(q_logits, jnp.float32), -1)
+    return float(jnp.mean(jnp.sum(jnp.exp(logp) * (logp - logq), -1)))
+
+
 def check(model_type: str, spec: dict, args, torch, device) -> dict:
     import transformers
 
@@ -85,6 +94,7 @@ def check(model_type: str, spec: dict, args, torch, device) -> dict:
         model.save_pretrained(f"{tmp}/hf", safe_serialization=True)
         vocab = model.config.vocab_size
         tokens = np.random.default_rng(0).integers(0, vocab, (args.batch, args.seq))
+        exact = _hf_logits(model, tokens, torch, device)  # float32: the yardstick of both
         want = _hf_logits(model.to(getattr(torch, args.dtype)), tokens, torch, device)
         del model
 
@@ -94,9 +104,7 @@ def check(model_type: str, spec: dict, args, torch, device) -> dict:
         cfg, params = restore_params(f"{tmp}/run")
         got = np.asarray(build_model(cfg.model).apply(
             {"params": params}, jnp.asarray(tokens, jnp.int32)), np.float32)
-        logp = jax.nn.log_softmax(jnp.asarray(want), -1)
-        logq = jax.nn.log_softmax(jnp.asarray(got), -1)
-        kl = float(jnp.mean(jnp.sum(jnp.exp(logp) * (logp - logq), -1)))
+        kl = _kl(want, got)
 
         orbax_to_hf(f"{tmp}/run", f"{tmp}/back")
         back = transformers.AutoModelForCausalLM.from_pretrained(f"{tmp}/back",
@@ -104,6 +112,7 @@ def check(model_type: str, spec: dict, args, torch, device) -> dict:
         again = _hf_logits(back.eval(), tokens, torch, device)
         return dict(type=model_type, params=sum(x.size for x in jax.tree.leaves(params)),
                     max_abs_diff=float(np.max(np.abs(got - want))), kl=kl,
+                    kl_fp32=_kl(exact, got), floor_fp32=_kl(exact, want),
                     round_trip_exact=bool(np.array_equal(again, want)), convert_s=seconds)
 
 
@@ -118,14 +127,18 @@ def main() -> None:
     import torch
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    jax.config.update("jax_default_matmul_precision", "highest")  # no TF32: torch uses none
     specs = SMALL if args.small else REAL
     print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}, torch {torch.__version__} on "
           f"{device}, dtype {args.dtype}, tokens {args.batch}x{args.seq}")
-    print(f"{'type':8s} {'params':>12s} {'max|dlogit|':>12s} {'KL':>10s} {'HF->run->HF':>12s} "
-          f"{'convert s':>9s}")
+    # KL: HF vs meshlm, both in --dtype. KL fp32: meshlm (--dtype) vs HF in float32, beside
+    # floor: HF (--dtype) vs HF in float32, the rounding noise a correct port shares.
+    print(f"{'type':8s} {'params':>12s} {'max|dlogit|':>12s} {'KL':>10s} {'KL fp32':>10s} "
+          f"{'floor':>10s} {'HF->run->HF':>12s} {'convert s':>9s}")
     for t in args.types:
         r = check(t, specs[t], args, torch, device)
         print(f"{r['type']:8s} {r['params']:12,d} {r['max_abs_diff']:12.3e} {r['kl']:10.3e} "
+              f"{r['kl_fp32']:10.3e} {r['floor_fp32']:10.3e} "
               f"{'exact' if r['round_trip_exact'] else 'DIFFERS':>12s} {r['convert_s']:9.1f}")
 
 
