@@ -123,6 +123,7 @@ DEFAULT_RULES: tuple[tuple[str, MeshAxes], ...] = (
     ("activation_inner", "tensor"),
     ("activation_vocab", "tensor"),
     ("activation_expert", "expert"),
+    ("activation_stage", "pipeline"),
     # parameters
     ("embed", "fsdp"),
     ("heads", "tensor"),
@@ -189,6 +190,10 @@ class TrainConfig:
 
     steps: int = 300
     grad_accum: int = 1
+    # pipeline parallelism (mesh.pipeline > 1): microbatches per accumulation step flowing
+    # through the stages, and layer groups per stage (1: GPipe; more: the circular schedule)
+    microbatches: int = 1
+    pipeline_repeats: int = 1
     eval_every: int = 100
     eval_batches: int = 8
     log_every: int = 10
@@ -232,6 +237,10 @@ class Config:
                 f"data.batch_size={self.data.batch_size} must be a multiple of "
                 f"train.grad_accum={self.train.grad_accum} (>= 1)"
             )
+        t = self.train
+        if t.microbatches < 1 or t.pipeline_repeats < 1:
+            raise ConfigError(f"train.microbatches={t.microbatches} and train.pipeline_repeats="
+                              f"{t.pipeline_repeats} must be >= 1")
         return self
 
 

@@ -26,7 +26,7 @@ MESH_AXES = ("pipeline", "data", "fsdp", "sequence", "expert", "tensor")
 ACTIVATION_AXES = (
     "activation_batch", "activation_length", "activation_embed", "activation_heads",
     "activation_kv_heads", "activation_mlp", "activation_inner", "activation_vocab",
-    "activation_expert",
+    "activation_expert", "activation_stage",
 )
 PARAMETER_AXES = (
     "embed", "heads", "kv_heads", "head_dim", "mlp", "inner", "state", "conv", "vocab", "expert",

@@ -6,6 +6,8 @@ an ``nn.scan`` body); the extra ``args`` (positions, segment ids...) are broadca
 Scanned, the parameters (and decoding caches) gain a leading ``"layers"`` axis and one block is
 compiled; unrolled, the blocks are ``<name>_0 .. <name>_{n-1}``. Values a block sows into
 ``"intermediates"`` (MoE router statistics) are stacked along the layers axis when scanned.
+With a ``PipelineSchedule`` of several stages the scanned stack runs as a pipeline
+(``layers/pipeline.py``: parameters laid out ``(repeats, stages, layers_per_stage, ...)``).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import flax.linen as nn
 import jax
 
 from meshlm.layers.attention import ATTENTION_OUT
+from meshlm.layers.pipeline import PipelineSchedule, apply_pipeline
 
 REMAT_POLICIES = {
     "none": None,
@@ -27,13 +30,21 @@ REMAT_POLICIES = {
 
 
 def apply_stack(block: type[nn.Module], x: jax.Array, *args: Any, n_layers: int, scan: bool,
-                remat: str = "none", name: str = "layers", **block_fields: Any) -> jax.Array:
+                remat: str = "none", name: str = "layers",
+                pipeline: PipelineSchedule | None = None, **block_fields: Any) -> jax.Array:
     """``x`` through ``n_layers`` blocks ``block(**block_fields)``; call inside a compact module.
 
     ``remat`` names a policy of ``REMAT_POLICIES`` ("none": keep every activation).
+    ``pipeline`` of more than one stage (scanned stacks only) runs the layers as a pipeline.
     """
     if remat not in REMAT_POLICIES:
         raise ValueError(f"unknown remat {remat!r}; choose one of {', '.join(REMAT_POLICIES)}")
+    if pipeline is not None and pipeline.stages > 1:
+        if not scan:
+            raise ValueError("a pipelined layer stack needs scanned layers (scan_layers=True)")
+        return apply_pipeline(
+            block, x, *args, n_layers=n_layers, schedule=pipeline, name=name,
+            remat_policy=False if remat == "none" else REMAT_POLICIES[remat], **block_fields)
     if remat != "none":
         # Under scan every iteration is already a separate computation, so CSE cannot merge the
         # recomputation away and prevent_cse's extra barriers are pure cost.

@@ -20,6 +20,7 @@ from meshlm.config import ModelConfig
 from meshlm.data.batches import DECODER_LM
 from meshlm.layers import Embed, make_norm
 from meshlm.layers.embeddings import logits_matmul
+from meshlm.layers.pipeline import PipelineSchedule
 from meshlm.layers.stack import apply_stack
 from meshlm.train.losses import token_cross_entropy
 
@@ -140,6 +141,8 @@ class DecoderLM(nn.Module):
     """
 
     config: DecoderLMConfig
+    # Set by train.setup from mesh.pipeline / train.microbatches / train.pipeline_repeats.
+    pipeline: PipelineSchedule | None = None
 
     @nn.compact
     def __call__(self, tokens, positions=None, segment_ids=None, deterministic: bool = True,
@@ -165,7 +168,7 @@ class DecoderLM(nn.Module):
         x = cfg.add_positions(embed(tokens), positions)
         x = nn.with_logical_constraint(x, ACTIVATION_EMBED)
         x = apply_stack(cfg.block(), x, positions, segment_ids, n_layers=cfg.n_layers,
-                        scan=cfg.scan_layers, remat=cfg.remat, config=cfg,
+                        scan=cfg.scan_layers, remat=cfg.remat, pipeline=self.pipeline, config=cfg,
                         deterministic=deterministic, decode=decode)
         x = cfg.make_norm("final_norm")(x)
         if cfg.tie_embeddings:

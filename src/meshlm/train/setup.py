@@ -24,6 +24,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from meshlm import sharding
 from meshlm.config import Config, ConfigError
+from meshlm.layers.pipeline import PipelineSchedule
 from meshlm.models import build_model
 from meshlm.train.optimizer import make_optimizer
 from meshlm.train.state import TrainState, create_train_state, state_shardings
@@ -82,7 +83,7 @@ def build(cfg: Config, devices: Sequence[jax.Device] | None = None) -> Run:
     rules = sharding.axis_rules(cfg.mesh)
     check_batch(cfg, mesh, rules)
     cfg.model.validate_mesh(lambda logical: sharding.axis_size(mesh, rules, logical))
-    model = build_model(cfg.model)
+    model = with_pipeline(build_model(cfg.model), pipeline_schedule(cfg, mesh, rules))
     tx, schedule = make_optimizer(cfg)
     abstract, _ = state_shardings(cfg.model, model, tx, mesh, rules, cfg.data.seq_len)
     return Run(cfg=cfg, mesh=mesh, rules=rules, model=model, tx=tx, schedule=schedule,
@@ -110,6 +111,50 @@ def check_batch(cfg: Config, mesh: Mesh, rules) -> None:
             f"data.seq_len={cfg.data.seq_len} is not divisible by the sequence-parallel size "
             f"{seq_shards} ({_axes_of(mesh, rules, 'activation_length')})"
         )
+
+
+def pipeline_schedule(cfg: Config, mesh: Mesh, rules) -> PipelineSchedule | None:
+    """The pipeline schedule of ``mesh.pipeline`` stages (None: no pipeline), checked against the
+    layer count and the batch before anything is traced."""
+    t, stages = cfg.train, mesh.shape["pipeline"]
+    if stages == 1:
+        if t.microbatches > 1 or t.pipeline_repeats > 1:
+            raise ConfigError(
+                f"train.microbatches={t.microbatches} and train.pipeline_repeats="
+                f"{t.pipeline_repeats} apply to pipeline parallelism, but mesh.pipeline=1; set "
+                "them to 1 (use train.grad_accum to split a batch without a pipeline)")
+        return None
+    if not cfg.model.scan_layers:
+        raise ConfigError(f"mesh.pipeline={stages} needs model.scan_layers=true")
+    pipe = PipelineSchedule(stages, t.microbatches, t.pipeline_repeats)
+    n_layers, dp = cfg.model.n_layers, sharding.data_parallel_size(mesh, rules)
+    if n_layers % (stages * pipe.repeats):
+        raise ConfigError(
+            f"model.n_layers={n_layers} is not divisible by mesh.pipeline={stages} x "
+            f"train.pipeline_repeats={pipe.repeats}; use a multiple of {stages * pipe.repeats}")
+    rows = cfg.data.batch_size // t.grad_accum
+    if rows % (dp * pipe.microbatches):
+        raise ConfigError(
+            f"train.microbatches={pipe.microbatches} does not divide the per-data-shard batch: "
+            f"data.batch_size={cfg.data.batch_size} / train.grad_accum={t.grad_accum} = {rows} "
+            f"rows over data-parallel size {dp} = {rows / dp:g}; use a batch size that is a "
+            f"multiple of {dp * pipe.microbatches * t.grad_accum}")
+    if pipe.repeats > 1 and pipe.microbatches < stages:
+        raise ConfigError(
+            f"train.pipeline_repeats={pipe.repeats} (the circular schedule) needs "
+            f"train.microbatches >= mesh.pipeline, got {pipe.microbatches} < {stages}")
+    return pipe
+
+
+def with_pipeline(model: nn.Module, pipe: PipelineSchedule | None) -> nn.Module:
+    """``model`` running its layer stack under ``pipe`` (a module field the family's module must
+    have: every ``DecoderLM`` family does)."""
+    if pipe is None:
+        return model
+    if "pipeline" not in {f.name for f in dataclasses.fields(model)}:
+        raise ConfigError(f"mesh.pipeline={pipe.stages}: {type(model).__name__} has no "
+                          "pipelined layer stack; use mesh.pipeline=1")
+    return model.clone(pipeline=pipe)
 
 
 def check_process_rows(cfg: Config, mesh: Mesh, rules) -> None:
