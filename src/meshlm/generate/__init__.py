@@ -1,6 +1,7 @@
-"""Sampling with a KV cache: ``generate(model, params, prompt, rng, max_new_tokens=...)``."""
+"""Decoding with a cache: sampling (``generate``) and beam search (``beam_search``)."""
 
+from meshlm.generate.beam import BeamResult, beam_search
 from meshlm.generate.decode import generate
 from meshlm.generate.sampling import SamplingParams, filter_logits, sample
 
-__all__ = ["SamplingParams", "filter_logits", "generate", "sample"]
+__all__ = ["BeamResult", "SamplingParams", "beam_search", "filter_logits", "generate", "sample"]
