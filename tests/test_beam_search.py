@@ -16,7 +16,11 @@ import pytest
 
 from meshlm.config import model_config
 from meshlm.generate import SamplingParams, beam_search, generate
-from meshlm.generate.beam import (beam_search_loop, cache_batch_axes, length_penalty_factor)
+from meshlm.generate.beam import (
+    beam_search_loop,
+    cache_batch_axes,
+    length_penalty_factor,
+)
 
 VOCAB = 4
 TOL = 1e-4  # float32: cached decoding vs one full forward, summed over a few tokens
@@ -202,3 +206,58 @@ def test_bad_arguments(kwargs, match):
     args = dict(beam_width=2, max_new_tokens=2, length_penalty=0.6) | kwargs
     with pytest.raises(ValueError, match=match):
         beam_search(model, params, prompts(1), **args)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A run directory of an untrained tiny GPT with a trained byte-level tokenizer."""
+    from flax.core import meta
+
+    from meshlm.config import Config, DataConfig
+    from meshlm.convert.hf import write_run
+    from meshlm.data.tokenizer import train_tokenizer
+
+    where = tmp_path_factory.mktemp("beam_run")
+    texts = ["def main(argv):\n    return sorted(argv)\n"] * 4
+    train_tokenizer(texts, len(texts), 300, where, {"root": "inline"})
+    model = model_config("gpt", vocab_size=300, d_model=16, n_layers=1, n_heads=2, d_ff=32,
+                         max_seq_len=24, dtype="float32", init_std=0.3)
+    params = model.build().init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
+    write_run(where, Config(model=model, data=DataConfig(seq_len=16)), meta.unbox(params))
+    return where
+
+
+def test_cli_beam_search_prints_the_best_hypothesis(run_dir, capsys):
+    from meshlm.cli import main
+    from meshlm.data import load_run_tokenizer
+    from meshlm.data.tokenizer import eos_id
+    from meshlm.train.checkpoint import restore_params
+
+    argv = ["generate", "--run-dir", str(run_dir), "--prompt", "def", "--max-new-tokens", "6",
+            "--beam-width", "3", "--length-penalty", "0.0"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    cfg, params = restore_params(run_dir)
+    tokenizer = load_run_tokenizer(run_dir)
+    eos = eos_id(tokenizer, "test")
+    prompt = jnp.asarray([[eos] + tokenizer.encode("def").ids], jnp.int32)
+    best = beam_search(cfg.model.build(), params, prompt, beam_width=3, max_new_tokens=6,
+                       length_penalty=0.0, eos_id=eos).tokens[0, 0].tolist()
+    best = best[: best.index(eos)] if eos in best else best
+    assert out == "def" + tokenizer.decode(best) + "\n"
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--beam-width", "0"], "--beam-width must be >= 1 (1 = sample, > 1 = beam search), got 0"),
+    (["--beam-width", "2", "--length-penalty", "nan"], "--length-penalty must be a finite number"),
+    (["--length-penalty", "1.0"], "--length-penalty ranks beam search's hypotheses; it needs "
+                                  "--beam-width > 1"),
+    (["--beam-width", "2", "--temperature", "0.5", "--top-p", "0.9"],
+     "--temperature, --top-p choose how to sample, but --beam-width 2 searches instead"),
+])
+def test_cli_bad_beam_flags_exit_2_with_one_message(run_dir, capsys, flags, message):
+    from meshlm.cli import EXIT_BAD_INPUT, main
+
+    assert main(["generate", "--run-dir", str(run_dir), *flags]) == EXIT_BAD_INPUT
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("meshlm: error: ") and message in err and "\n" not in err, err

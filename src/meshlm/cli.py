@@ -40,10 +40,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", required=True, help="the run's train.run_dir")
     p.add_argument("--prompt", default="", help="text to continue (empty: start a document)")
     p.add_argument("--max-new-tokens", type=int, default=200)
-    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=0, help="0 = off")
-    p.add_argument("--top-p", type=float, default=0.95, help="1 = off")
+    p.add_argument("--temperature", type=float, help="0 = greedy (default 0.8)")
+    p.add_argument("--top-k", type=int, help="0 = off (default 0)")
+    p.add_argument("--top-p", type=float, help="1 = off (default 0.95)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--beam-width", type=int, default=1,
+                   help="> 1: beam search (deterministic) instead of sampling (default 1)")
+    p.add_argument("--length-penalty", type=float,
+                   help="beam search: alpha of the ((5 + length) / 6) ** alpha divisor of a "
+                        "hypothesis' log-probability; 0 = none, > 0 favours longer (default 0.6)")
 
     p = sub.add_parser("convert", help="HuggingFace checkpoints <-> meshlm run directories")
     way = p.add_subparsers(dest="direction", required=True)
@@ -78,53 +83,14 @@ def _train(args) -> int:
 
 
 def _generate(args) -> int:
-    import jax
-    import jax.numpy as jnp
-
-    from meshlm.data import load_run_tokenizer
-    from meshlm.data.tokenizer import eos_id
-    from meshlm.generate import SamplingParams, generate
-    from meshlm.models import build_model
-    from meshlm.train.checkpoint import restore_params
+    from meshlm.generate.text import Request, complete
 
     _quiet_orbax_failures()
-    if args.max_new_tokens < 1:
-        raise ConfigError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    try:
-        sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k,
-                                  top_p=args.top_p)
-    except ValueError as e:
-        raise ConfigError(str(e)) from e
-    cfg, params = restore_params(args.run_dir)
-    if args.top_k > cfg.model.vocab_size:
-        raise ConfigError(
-            f"--top-k {args.top_k} exceeds the model's vocabulary "
-            f"(model.vocab_size={cfg.model.vocab_size}); use at most that, or 0 for off"
-        )
-    tokenizer = load_run_tokenizer(args.run_dir)
-    eos = eos_id(tokenizer, repr(args.run_dir))
-    # A document starts after an end-of-text token in training, so the prompt does too.
-    prompt = [eos] + tokenizer.encode(args.prompt).ids
-    # The model is built for max_seq_len tokens (learned positions have no row beyond it): the
-    # sample stops there, as a document would end, rather than refusing the request.
-    context = cfg.model.max_seq_len
-    if len(prompt) >= context:
-        raise ConfigError(
-            f"the prompt is {len(prompt)} tokens with the start token, which leaves no room in "
-            f"the model's context of model.max_seq_len={context} tokens; shorten it"
-        )
-    max_new = min(args.max_new_tokens, context - len(prompt))
-    if max_new < args.max_new_tokens:
-        print(f"meshlm: note: the model's context is {context} tokens (model.max_seq_len), so "
-              f"generating at most {max_new} after the {len(prompt)}-token prompt",
-              file=sys.stderr)
-    new = generate(build_model(cfg.model), params, jnp.asarray([prompt], jnp.int32),
-                   jax.random.key(args.seed), max_new_tokens=max_new,
-                   sampling=sampling, eos_id=eos)
-    ids = [int(t) for t in jax.device_get(new)[0]]
-    if eos in ids:
-        ids = ids[: ids.index(eos)]
-    print(args.prompt + tokenizer.decode(ids))
+    print(complete(Request(
+        run_dir=args.run_dir, prompt=args.prompt, max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+        beam_width=args.beam_width, length_penalty=args.length_penalty,
+    )))
     return 0
 
 

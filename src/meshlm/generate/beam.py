@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -63,7 +64,8 @@ def cache_batch_axes(make_cache: Callable[[int], Any]) -> list[int | None]:
     """The batch axis of each leaf (in ``jax.tree.leaves`` order) of the caches that
     ``make_cache(batch_size)`` builds, None for a leaf without one: the axis whose size follows
     the batch size (shapes only, nothing is computed)."""
-    one, two = (jax.tree.leaves(jax.eval_shape(lambda: make_cache(n))) for n in (1, 2))
+    one, two = (jax.tree.leaves(jax.eval_shape(functools.partial(make_cache, n)))
+                for n in (1, 2))
     axes = []
     for a, b in zip(one, two):
         differ = [i for i, (x, y) in enumerate(zip(a.shape, b.shape)) if x != y]
