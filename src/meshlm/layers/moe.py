@@ -129,6 +129,15 @@ class MoeMlp(nn.Module):
             ("activation_batch", "activation_length", "activation_embed"))
 
 
+def _pipelined(mesh) -> bool:
+    """Pipeline stages run as a vmap sharded over the stage axis (layers/pipeline.py); a
+    shard_map inside it would need that axis manual as well, which its sharding constraints
+    forbid, so there the partitioner places the sort (planned: a shard_map over the stages)."""
+    spec = nn.logical_to_mesh_axes(("activation_stage",))[0]
+    names = (spec,) if isinstance(spec, str) else tuple(spec or ())
+    return any(a in mesh.axis_names and mesh.shape[a] > 1 for a in names)
+
+
 def per_batch_shard(fn: Callable, batch: int) -> Callable:
     """``fn(x, experts, *weights)`` run by each data-parallel shard on its own rows.
 
@@ -136,14 +145,15 @@ def per_batch_shard(fn: Callable, batch: int) -> Callable:
     would gather all rows of the batch and run the experts on all of them. Inside ``shard_map``
     over the mesh axes the ``activation_batch`` rule names, each shard sorts its own rows; the
     remaining axes (``expert``, ``tensor``) stay automatic, so expert-sharded weights stay where
-    they are. Without a mesh, or with a batch that does not divide, ``fn`` runs as is.
+    they are. Without a mesh, with a batch that does not divide, or in pipeline stages, ``fn``
+    runs as is.
     """
     mesh = jax.sharding.get_abstract_mesh()
     spec = nn.logical_to_mesh_axes(("activation_batch",))[0] if mesh.axis_names else None
     names = (spec,) if isinstance(spec, str) else tuple(spec or ())
     axes = tuple(a for a in names if a in mesh.axis_names and mesh.shape[a] > 1)
     shards = math.prod(mesh.shape[a] for a in axes)
-    if not axes or batch % shards:
+    if not axes or batch % shards or _pipelined(mesh):
         return fn
     rows, whole = PartitionSpec(axes), PartitionSpec()
     return jax.shard_map(fn, in_specs=(rows, rows, whole, whole, whole), out_specs=rows,
