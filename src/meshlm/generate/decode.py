@@ -1,7 +1,8 @@
-"""Autoregressive decoding with a KV cache: one jitted prefill + while-loop decode.
+"""Autoregressive sampling with a cache: one jitted prefill + while-loop decode.
 
 The prompt fills the cache in one call (prefill); each later step feeds the last sampled token at
-its position and reads one row of logits, so a step costs O(length) instead of O(length^2).
+its position and reads one row of logits, so a step costs O(length) instead of O(length^2). The
+loop (``sampling_loop``) takes any step function, so seq2seq decoding reuses it.
 """
 
 from __future__ import annotations
@@ -43,6 +44,16 @@ def generate(
         return logits[:, -1], mutated["cache"]
 
     logits, cache = step(cache, prompt)
+    return sampling_loop(step, logits, cache, rng, max_new_tokens=max_new_tokens,
+                         sampling=sampling, eos_id=eos_id)
+
+
+def sampling_loop(step, logits: jax.Array, cache, rng: jax.Array, *, max_new_tokens: int,
+                  sampling: SamplingParams, eos_id: int | None) -> jax.Array:
+    """Sample ``max_new_tokens`` tokens per row from the first step's ``logits`` (batch, vocab)
+    and the ``cache`` that produced them; ``step(cache, tokens (batch, 1)) -> (logits, cache)``
+    decodes one more token (any model: decoder-only, or a seq2seq decoder). Traceable."""
+    batch = logits.shape[0]
     rng, key = jax.random.split(rng)
     first = sample(logits, key, sampling)
     # With an EOS, slots the loop never writes (every row stopped early) already hold it.
