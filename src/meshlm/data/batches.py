@@ -17,3 +17,19 @@ DECODER_LM: dict[str, str] = {
     "positions": "int32",
     "loss_mask": "float32",
 }
+
+# Sequence to sequence (T5): the encoder reads ``encoder_tokens``; the decoder reads
+# ``decoder_tokens`` (the targets shifted right behind the decoder start token, per segment) and
+# predicts ``targets``. Both sides are packed: segment ``s`` of the decoder row belongs to
+# segment ``s`` of the encoder row (ids from 1, 0 = padding), positions restart in each, and
+# ``loss_mask`` is 1 on the real target tokens. Both sides have the batch's one length.
+SEQ2SEQ: dict[str, str] = {
+    "encoder_tokens": "int32",
+    "encoder_positions": "int32",
+    "encoder_segment_ids": "int32",
+    "decoder_tokens": "int32",
+    "decoder_positions": "int32",
+    "decoder_segment_ids": "int32",
+    "targets": "int32",
+    "loss_mask": "float32",
+}

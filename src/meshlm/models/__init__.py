@@ -17,6 +17,6 @@ def build_model(cfg: ModelConfig) -> nn.Module:
     return cfg.build()
 
 
-from meshlm.models import gpt, mamba, mamba2, moe, retnet  # noqa: F401  (registers the families)
+from meshlm.models import gpt, mamba, mamba2, moe, retnet, t5  # noqa: F401  (registers the families)
 
 __all__ = ["build_model"]
