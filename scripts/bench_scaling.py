@@ -127,7 +127,8 @@ def main(argv=None) -> None:
         args.xla_flags = ""
     unknown = set(args.strategies.split(",")) - set(STRATEGIES)
     if unknown:
-        raise SystemExit(f"unknown strategies {sorted(unknown)}; choose from {', '.join(STRATEGIES)}")
+        raise SystemExit(
+            f"unknown strategies {sorted(unknown)}; choose from {', '.join(STRATEGIES)}")
 
     from meshlm.config import load_config
 

@@ -1,6 +1,6 @@
 """Pipeline parallelism on 8 fake CPU devices: the pipelined loss and gradients equal the
 unpipelined ones (GPipe and the circular schedule with 2 repeats; 2, 4, 8 stages; 1, P, 2P
-microbatches; composed with FSDP, TP, remat and gradient accumulation; Mamba-2 and MoE), each device
+microbatches; composed with FSDP, TP, remat and gradient accumulation; RetNet and MoE), each device
 holds only its stage's layers, and bad settings are ConfigErrors before anything compiles."""
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ GPT = ("model.family=gpt", "model.vocab_size=64", "model.d_model=32", "model.n_l
        "model.n_heads=4", "model.d_ff=64", "model.max_seq_len=8", "model.attention=xla")
 FAMILIES = {
     "gpt": GPT,
-    "mamba2": ("model.family=mamba2", "model.vocab_size=64", "model.d_model=32",
-               "model.n_layers=2", "model.d_state=8", "model.head_dim=16", "model.chunk_size=4",
-               "model.max_seq_len=8", "model.implementation=xla"),
+    "retnet": ("model.family=retnet", "model.vocab_size=64", "model.d_model=32",
+               "model.n_layers=2", "model.n_heads=4", "model.d_ff=64", "model.chunk_size=8",
+               "model.max_seq_len=8"),
     "moe": ("model.family=moe", "model.vocab_size=64", "model.d_model=32", "model.n_layers=2",
             "model.n_heads=4", "model.n_kv_heads=2", "model.d_ff=16", "model.n_experts=4",
             "model.top_k=2", "model.max_seq_len=8", "model.attention=xla"),
@@ -34,6 +34,7 @@ COMMON = ("model.dtype=float32", "data.seq_len=8", "data.batch_size=16", "optimi
 # float32; the pipelined and plain stacks run the same layers in the same order on the same rows,
 # so only the summation order of the sharded reductions differs (observed <= 1e-7).
 LOSS_RTOL, GRAD_ATOL = 1e-5, 1e-6
+pytestmark = pytest.mark.usefixtures("fast_compile")  # XLA's optimisations only cost time here
 
 
 def config(family, *overrides):
@@ -127,7 +128,7 @@ def test_circular_schedule_runs_each_layer_group_in_order():
 
 
 @pytest.mark.parametrize("family,overrides", [
-    ("mamba2", ("mesh.pipeline=2", "train.microbatches=2")),
+    ("retnet", ("mesh.pipeline=2", "train.microbatches=2")),
     # one microbatch: the router statistics (averaged over microbatches) equal the full batch's
     ("moe", ("mesh.pipeline=2", "train.microbatches=1")),
 ])

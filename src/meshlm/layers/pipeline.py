@@ -2,11 +2,12 @@
 ``stage`` axis, microbatches flowing from stage to stage.
 
 Layout. The stacked block parameters have shape ``(repeats, stages, layers_per_stage, ...)``
-with logical axes ``(None, "stage", "layers", ...)`` (the repeat axis is never sharded); flattening the three leading axes gives
-the unpipelined ``(n_layers, ...)`` stack in layer order (``stage_params`` / ``unstage_params``).
-The ``stage`` rule shards the second axis, so a device holds only its stage's layers: for GPipe
-(``repeats=1``) a contiguous run of ``n_layers / stages``, for the circular schedule layer groups
-``s, s + stages, s + 2 stages, ...`` of ``layers_per_stage`` layers each.
+with logical axes ``(None, "stage", "layers", ...)`` (the repeat axis is never sharded);
+flattening the three leading axes gives the unpipelined ``(n_layers, ...)`` stack in layer order
+(``stage_params`` / ``unstage_params``). The ``stage`` rule shards the second axis, so a device
+holds only its stage's layers: for GPipe (``repeats=1``) a contiguous run of ``n_layers /
+stages``, for the circular schedule layer groups ``s, s + stages, s + 2 stages, ...`` of
+``layers_per_stage`` layers each.
 
 Schedule (the one loop both share, after MaxText's ``pipeline.py``). The batch is cut into
 ``microbatches`` (strided rows, so each keeps its data-parallel sharding); work item ``k`` is
