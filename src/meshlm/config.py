@@ -43,6 +43,11 @@ class ModelConfig:
         """Raise ``ConfigError`` naming the key and what is allowed; families extend this."""
         self.require_positive("vocab_size", "max_seq_len", "d_model", "n_layers")
 
+    @property
+    def reserved_ids(self) -> int:
+        """Ids at the end of the vocabulary a trained tokenizer leaves free (T5's sentinels)."""
+        return 0
+
     def require_positive(self, *names: str) -> None:
         for name in names:
             if getattr(self, name) <= 0:
@@ -171,10 +176,17 @@ class OptimizerConfig:
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
     """Where tokens come from. ``stdlib``: the Python standard library's own .py files (every
-    Python has them); ``files``: the user's text files (``paths`` are globs)."""
+    Python has them); ``files``: the user's text files (``paths`` are globs); ``pairs``: JSONL
+    (input, target) pairs for a sequence-to-sequence family (``paths`` are globs)."""
 
-    source: Literal["stdlib", "files"] = "stdlib"
+    source: Literal["stdlib", "files", "pairs"] = "stdlib"
     paths: tuple[str, ...] = ()
+    # source "pairs" (sequence-to-sequence fine-tuning): JSONL files, one object a line, with
+    # these (input, target) string fields
+    pair_fields: tuple[str, str] = ("input", "target")
+    # T5 span corruption (a sequence-to-sequence family on stdlib / files text)
+    noise_density: float = 0.15
+    mean_noise_span_length: float = 3.0
     tokenizer: str | None = None  # path to a tokenizer.json; None: train a byte-level BPE
     seq_len: int = 256
     batch_size: int = 32  # global, in rows of seq_len tokens

@@ -24,7 +24,8 @@ import tokenizers
 from jax.experimental import multihost_utils
 
 from meshlm.config import Config, ConfigError
-from meshlm.data.corpus import corpus_split, read_text
+from meshlm.data.batches import SEQ2SEQ
+from meshlm.data.corpus import corpus_split, read_text, split_files, user_files
 from meshlm.data.pipeline import (
     BATCH_KEYS,
     PackedRows,
@@ -110,6 +111,8 @@ def build_data(cfg: Config, run_dir: str | os.PathLike) -> Data:
     run_dir = pathlib.Path(run_dir)
     index, count = jax.process_index(), jax.process_count()
     process_rows(d.batch_size, index, count)  # the per-process split is possible
+    if d.source == "pairs":
+        return build_pair_data(cfg, run_dir)
     primary = index == 0
     tokenizer = existing_tokenizer(d.tokenizer, run_dir, cfg.model.vocab_size, copy=primary)
     split = corpus_split(d)
@@ -122,8 +125,9 @@ def build_data(cfg: Config, run_dir: str | os.PathLike) -> Data:
         eos = eos_id(tokenizer, repr(str(tokenizer_file)))
         vocab = vocab_size(tokenizer)
         rows = {
-            name: PackedRows(*token_stream(name, tokenizer, tokenizer_file, files, eos, vocab,
-                                           run_dir / "data", encode=primary), d.seq_len)
+            name: task_rows(cfg, tokenizer, eos, *token_stream(
+                name, tokenizer, tokenizer_file, files, eos, vocab, run_dir / "data",
+                encode=primary), seed=d.seed + (name == "val"))
             for name, files in (("train", split.train), ("val", split.val))
         }
         return eos, vocab, rows
@@ -131,8 +135,8 @@ def build_data(cfg: Config, run_dir: str | os.PathLike) -> Data:
     if primary:
         if tokenizer is None:
             tokenizer = train_tokenizer(
-                (read_text(f) for f in split.train), len(split.train), cfg.model.vocab_size,
-                run_dir, corpus,
+                (read_text(f) for f in split.train), len(split.train),
+                cfg.model.vocab_size - cfg.model.reserved_ids, run_dir, corpus,
             )
         eos, vocab, rows = token_streams(tokenizer)
     if count > 1:
@@ -158,3 +162,49 @@ def build_data(cfg: Config, run_dir: str | os.PathLike) -> Data:
         process_index=index,
         process_count=count,
     )
+
+
+def task_rows(cfg: Config, tokenizer: tokenizers.Tokenizer, eos: int, tokens: np.ndarray,
+              starts: np.ndarray, seed: int):
+    """A split's token stream as rows of the model's batch type: packed next-token rows, or
+    span-corrupted rows for a sequence-to-sequence family."""
+    if cfg.model.batch_fields == SEQ2SEQ:
+        from meshlm.data.seq2seq import span_corruption_rows
+
+        return span_corruption_rows(cfg, tokenizer, eos, tokens, seed)
+    return PackedRows(tokens, starts, cfg.data.seq_len)
+
+
+def build_pair_data(cfg: Config, run_dir: pathlib.Path) -> Data:
+    """``data.source: pairs``: JSONL (input, target) pairs, split by file as the text sources
+    are, packed into ``SEQ2SEQ`` rows; the tokenizer is the user's (``data.tokenizer``), the
+    run's, or one trained on the train pairs' text. Every process reads the (small) files."""
+    from meshlm.data import seq2seq
+
+    d = cfg.data
+    if cfg.model.batch_fields != SEQ2SEQ:
+        raise ConfigError(f"data.source='pairs' feeds a sequence-to-sequence family; "
+                          f"model.family={cfg.model.family!r} reads a token stream (use "
+                          "data.source 'stdlib' or 'files')")
+    root, files = user_files(d.paths)
+    split = split_files(root, files, d.val_fraction, d.max_files)
+    texts = {name: [(f"{f}:{i + 1}", pair) for f in fs
+                    for i, pair in enumerate(seq2seq.read_pairs(f, d.pair_fields))]
+             for name, fs in (("train", split.train), ("val", split.val))}
+    tokenizer = existing_tokenizer(d.tokenizer, run_dir, cfg.model.vocab_size,
+                                   copy=jax.process_index() == 0)
+    if tokenizer is None:
+        tokenizer = train_tokenizer(
+            (t for _, pair in texts["train"] for t in pair), 2 * len(texts["train"]),
+            cfg.model.vocab_size - cfg.model.reserved_ids, run_dir,
+            corpus_record(root, split.train))
+    eos = eos_id(tokenizer, repr(str(run_dir / TOKENIZER_FILE)))
+    start = seq2seq.decoder_start_id(tokenizer, cfg.model.decoder_start_token)
+    rows = {name: seq2seq.TextPairRows(
+        seq2seq.encode_pairs(tokenizer, [p for _, p in items], eos, d.seq_len,
+                             [w for w, _ in items]), d.seq_len, start)
+            for name, items in texts.items()}
+    return Data(tokenizer=tokenizer, eos_id=eos, vocab_size=vocab_size(tokenizer),
+                train_rows=rows["train"], val_rows=rows["val"], batch_size=d.batch_size,
+                seed=d.seed, worker_count=d.worker_count, process_index=jax.process_index(),
+                process_count=jax.process_count())

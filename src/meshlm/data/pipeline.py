@@ -267,5 +267,5 @@ def val_batches(
     for i in range(n):  # by index: no prefetch threads for a handful of batches
         picked = [rows[j] if j < len(rows) else pad
                   for j in range(i * batch_size + part.start, i * batch_size + part.stop)]
-        out.append({k: np.stack([r[k] for r in picked]) for k in BATCH_KEYS})
+        out.append({k: np.stack([r[k] for r in picked]) for k in pad})
     return out
