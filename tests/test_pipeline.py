@@ -14,7 +14,8 @@ import pytest
 
 from meshlm import sharding
 from meshlm.config import ConfigError, load_config
-from meshlm.layers.pipeline import stage_params, unstage_params
+from meshlm.layers.pipeline import per_stage_policy, stage_params, unstage_params
+from meshlm.layers.stack import REMAT_POLICIES
 from meshlm.train.setup import build
 from meshlm.train.state import TrainState
 
@@ -140,7 +141,7 @@ def test_composed_train_steps_and_stage_placement():
     """pipeline=2 x fsdp=2 x tensor=2 with remat and 2 accumulation steps trains to the
     single-device losses; every device holds only its stage's layers (and their Adam moments),
     and the stages exchange activations by collective-permute."""
-    extra = ("train.grad_accum=2", "model.remat=full")
+    extra = ("train.grad_accum=2", "model.remat=dots_no_batch")
     plain = build(config("gpt", *extra))
     run = build(config("gpt", "mesh.pipeline=2", "mesh.fsdp=2", "mesh.tensor=2",
                        "train.microbatches=2", *extra))
@@ -165,6 +166,20 @@ def test_composed_train_steps_and_stage_placement():
             assert shard.data.shape[1] == 1
             assert shard.index[1] == slice(stage_of[shard.device], stage_of[shard.device] + 1)
     assert "collective-permute" in run.train_step.as_text()
+
+
+def test_remat_policy_sees_through_the_stage_vmap(capsys):
+    """Under the stage vmap every weight matmul has a batch dimension; "dots_no_batch" must still
+    save the layer's matmul outputs (and only those), as it does without the vmap."""
+    def layer(w, x):
+        return jnp.tanh(jnp.tanh(x @ w) @ w)
+
+    w, x = jnp.ones((2, 4, 4)), jnp.ones((2, 3, 4))
+    for policy, saved in ((REMAT_POLICIES["dots_no_batch"], 0),
+                          (per_stage_policy(REMAT_POLICIES["dots_no_batch"]), 2)):
+        staged_layer = jax.vmap(jax.checkpoint(layer, policy=policy))
+        jax.ad_checkpoint.print_saved_residuals(lambda w, x: jnp.sum(staged_layer(w, x)), w, x)
+        assert capsys.readouterr().out.count("output of dot_general") == saved
 
 
 @pytest.mark.parametrize("overrides,match", [

@@ -89,6 +89,25 @@ def _staged_module(block: type[nn.Module], n_args: int, schedule: PipelineSchedu
                    axis_size=schedule.repeats, metadata_params={nn.PARTITION_NAME: None})
 
 
+def per_stage_policy(policy: Callable | None) -> Callable | None:
+    """``policy`` for a layer run under the stage ``vmap``, which gives each matmul of a stage's
+    own weights a leading batch dimension: such a ``dot_general`` is judged as the unbatched one
+    (else "dots_no_batch" would save no matmul at all and recompute the whole layer)."""
+    if policy is None:
+        return None
+
+    def judge(prim, *avals, **params):
+        if prim is jax.lax.dot_general_p:
+            (lc, rc), (lb, rb) = params["dimension_numbers"]
+            if lb[:1] == (0,) and rb[:1] == (0,):
+                def drop(dims):
+                    return tuple(d - 1 for d in dims)
+                params = {**params, "dimension_numbers": (
+                    (drop(lc), drop(rc)), (drop(lb[1:]), drop(rb[1:])))}
+        return policy(prim, *avals, **params)
+    return judge
+
+
 def _stage_mesh_axes() -> str | tuple[str, ...] | None:
     """The mesh axes the current rules give ``activation_stage`` (for vmap's spmd_axis_name)."""
     spec = nn.logical_to_mesh_axes(("activation_stage",))[0]
@@ -139,7 +158,8 @@ def apply_pipeline(block: type[nn.Module], x: jax.Array, *args: Any, n_layers: i
         return h, state.get("intermediates", {})
 
     if remat_policy is not False:
-        run_layer = jax.checkpoint(run_layer, policy=remat_policy, prevent_cse=False)
+        run_layer = jax.checkpoint(run_layer, policy=per_stage_policy(remat_policy),
+                                   prevent_cse=False)
 
     def run_stage(p, h, key, *layer_args):
         """One stage: its ``layers_per_stage`` layers in order -> (output, sown per layer)."""
