@@ -1,0 +1,216 @@
+"""Context parallelism: attention over a length axis sharded on the ``sequence`` mesh axis.
+
+Each of the ``S`` devices keeps its queries while the K/V blocks (and their segment ids) travel
+round the ring by ``ppermute``; at every step a device attends its queries to the block it holds
+with ``flash_attention(..., return_lse=True)`` and folds the partial output into a running one by
+log-sum-exp. The backward pass is autodiff through the ring (``ppermute`` transposes to the
+reverse rotation, and the kernel's custom VJP takes the lse cotangent).
+
+Causal attention in the model's contiguous layout would leave device 0 one block of work and
+device ``S-1`` all ``S``: so for causal attention the length is cut into ``2S`` chunks and device
+``i`` holds chunks ``i`` and ``2S-1-i`` (zig-zag), regrouped from and back to the contiguous
+layout by two ``ppermute`` each. Then every step but the first costs each device exactly half a
+block product: a block from an earlier device is seen whole by all local queries through its
+first chunk only, a block from a later device is seen whole by the local second chunk only, and
+fully masked chunk pairs are never computed.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from pallas_kernels.flash_attention import flash_attention
+
+Q_AXES = ("activation_batch", "activation_length", "activation_heads", None)
+KV_AXES = ("activation_batch", "activation_length", "activation_kv_heads", None)
+
+
+def _mesh_axes(logical: str, mesh) -> tuple[str, ...]:
+    """The mesh axes of size > 1 that the current rules give ``logical``."""
+    spec = nn.logical_to_mesh_axes((logical,))[0]
+    names = (spec,) if isinstance(spec, str) else tuple(spec or ())
+    return tuple(a for a in names if a in mesh.axis_names and mesh.shape[a] > 1)
+
+
+def sequence_shards() -> int:
+    """How many ways the current mesh and rules split ``activation_length`` (1: no context
+    parallelism, or no mesh)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if not mesh.axis_names:
+        return 1
+    return math.prod(mesh.shape[a] for a in _mesh_axes("activation_length", mesh))
+
+
+def context_parallel_attention(q, k, v, segment_ids=None, *, causal: bool = True,
+                               implementation: str = "auto"):
+    """Self-attention of ``q (B, L, H, D)`` over ``k, v (B, L, Hkv, D)`` whose length axis the
+    current rules shard over the mesh (``sequence_shards() > 1``), by ring attention inside
+    ``shard_map``; batch and head axes stay split as the rules say. ``segment_ids (B, L)`` or
+    None. Equals ``flash_attention(q, k, v, causal=causal, segment_ids=segment_ids)``."""
+    mesh = jax.sharding.get_abstract_mesh()
+    seq = _mesh_axes("activation_length", mesh)
+    if not seq:
+        raise ValueError("context_parallel_attention needs a mesh whose rules shard "
+                         "'activation_length' (mesh.sequence > 1)")
+    shards = math.prod(mesh.shape[a] for a in seq)
+    length = q.shape[1]
+    chunks = 2 * shards if causal else shards
+    if length % chunks:
+        raise ValueError(
+            f"ring attention over {shards} sequence shards needs the length ({length}) to be a "
+            f"multiple of {chunks}" + (" (2 x shards: causal attention uses the zig-zag "
+                                       "layout)" if causal else ""))
+    batch = _mesh_axes("activation_batch", mesh)
+    heads = _mesh_axes("activation_heads", mesh)
+    kv_heads = _mesh_axes("activation_kv_heads", mesh)
+    manual = set(seq + batch + heads + kv_heads)
+    b, s = batch or None, seq if len(seq) > 1 else seq[0]
+    q_spec = P(b, s, heads or None, None)
+    kv_spec = P(b, s, kv_heads or None, None)
+    seg_spec = P(b, s)
+    axis = seq if len(seq) > 1 else seq[0]
+
+    def local(q, k, v, seg=None):
+        if causal:
+            q, k, v, seg = (None if x is None else to_zigzag(x, axis, shards)
+                            for x in (q, k, v, seg))
+        out = ring_attention(q, k, v, seg, seg, axis_name=axis, shards=shards, causal=causal,
+                             implementation=implementation)
+        return from_zigzag(out, axis, shards) if causal else out
+
+    args, in_specs = (q, k, v), (q_spec, kv_spec, kv_spec)
+    if segment_ids is not None:
+        args, in_specs = args + (segment_ids,), in_specs + (seg_spec,)
+    return jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=q_spec,
+                         axis_names=manual)(*args)
+
+
+# ----------------------------------------------------------------------------- the ring
+
+
+def ring_attention(q, k, v, q_seg, kv_seg, *, axis_name, shards: int, causal: bool,
+                   implementation: str = "auto"):
+    """Inside ``shard_map``: this device's queries against every device's K/V block.
+
+    With ``causal`` the blocks must be in the zig-zag layout (``to_zigzag``); otherwise any
+    layout. Returns the attention output like ``q``.
+    """
+    def attend(q, k, v, q_seg, kv_seg, causal):
+        return flash_attention(q, k, v, causal=causal, q_segment_ids=q_seg, kv_segment_ids=kv_seg,
+                               return_lse=True, implementation=implementation)
+
+    me = jax.lax.axis_index(axis_name)
+    half = q.shape[1] // 2
+    rotate = [(i, (i + 1) % shards) for i in range(shards)]
+    out = lse = None
+    for step in range(shards):
+        if step:
+            k, v = (jax.lax.ppermute(x, axis_name, rotate) for x in (k, v))
+            if kv_seg is not None:
+                kv_seg = jax.lax.ppermute(kv_seg, axis_name, rotate)
+        if not causal:
+            part = attend(q, k, v, q_seg, kv_seg, False)
+        elif step == 0:  # its own block: chunk order is position order, so plain causal
+            part = attend(q, k, v, q_seg, kv_seg, True)
+        else:
+            part = jax.lax.cond(step <= me, functools.partial(_earlier_block, attend, half),
+                                functools.partial(_later_block, attend, half),
+                                q, k, v, q_seg, kv_seg)
+        out, lse = part if out is None else _merge(out, lse, *part)
+    return out.astype(q.dtype)
+
+
+def _earlier_block(attend, half, q, k, v, q_seg, kv_seg):
+    """The block of an earlier device: every local query sees its first chunk, none its second."""
+    kv_seg = None if kv_seg is None else kv_seg[:, :half]
+    return attend(q, k[:, :half], v[:, :half], q_seg, kv_seg, False)
+
+
+def _later_block(attend, half, q, k, v, q_seg, kv_seg):
+    """The block of a later device: the local second chunk sees all of it, the first nothing."""
+    q_seg = None if q_seg is None else q_seg[:, half:]
+    out, lse = attend(q[:, half:], k, v, q_seg, kv_seg, False)
+    out = jnp.concatenate([jnp.zeros_like(out), out], axis=1)
+    return out, jnp.concatenate([jnp.full_like(lse, -jnp.inf), lse], axis=2)
+
+
+def _merge(out_a, lse_a, out_b, lse_b):
+    """Two attention outputs over disjoint key sets -> the output over their union (float32).
+
+    ``lse (B, H, L)`` is ``-inf`` for a query that saw no key; such rows stay zero with zero
+    gradients (every division and log is guarded on both branches of its ``where``)."""
+    m = jnp.maximum(lse_a, lse_b)
+    m = jnp.where(jnp.isfinite(m), m, 0.0)
+    w_a, w_b = jnp.exp(lse_a - m), jnp.exp(lse_b - m)
+    total = w_a + w_b
+    seen = total > 0
+    safe = jnp.where(seen, total, 1.0)
+    lse = jnp.where(seen, m + jnp.log(safe), -jnp.inf)
+
+    def weigh(o, w):  # (B, H, L) weights onto (B, L, H, D) outputs
+        return o.astype(jnp.float32) * jnp.swapaxes(w / safe, 1, 2)[..., None]
+
+    return weigh(out_a, w_a) + weigh(out_b, w_b), lse
+
+
+# ----------------------------------------------------------------------------- zig-zag layout
+
+
+def _contiguous(shards):
+    return [(2 * d, 2 * d + 1) for d in range(shards)]
+
+
+def _zigzag(shards):
+    return [(d, 2 * shards - 1 - d) for d in range(shards)]
+
+
+def to_zigzag(x, axis_name, shards: int):
+    """Inside ``shard_map``: device ``d`` holding chunks ``2d, 2d+1`` of the length axis (axis 1)
+    -> holding chunks ``d, 2S-1-d``."""
+    return _regroup(x, axis_name, _contiguous(shards), _zigzag(shards))
+
+
+def from_zigzag(x, axis_name, shards: int):
+    """The inverse of ``to_zigzag``."""
+    return _regroup(x, axis_name, _zigzag(shards), _contiguous(shards))
+
+
+def _regroup(x, axis_name, src, dst):
+    """Move the two chunks of axis 1 that device ``d`` holds (``src[d]``, in order) so that it
+    holds ``dst[d]``, by two ``ppermute``: one per slot, grouped by the side (sending or
+    receiving) on which each transfer's slot is the same on every device."""
+    where_src = {c: (d, s) for d, pair in enumerate(src) for s, c in enumerate(pair)}
+    where_dst = {c: (d, s) for d, pair in enumerate(dst) for s, c in enumerate(pair)}
+    by_src = [[(*where_src[c], *where_dst[c]) for c in (pair[s] for pair in src)]
+              for s in range(2)]
+    by_dst = [[(*where_src[c], *where_dst[c]) for c in (pair[s] for pair in dst)]
+              for s in range(2)]
+    # Transfers (src_dev, src_slot, dst_dev, dst_slot); each group must send one chunk from and
+    # deliver one chunk to every device.
+    def one_to_one(g):
+        return len({t[0] for t in g}) == len({t[2] for t in g}) == len(g)
+
+    groups = by_src if all(map(one_to_one, by_src)) else by_dst
+    assert all(map(one_to_one, groups)), (src, dst)
+    me = jax.lax.axis_index(axis_name)
+    half = x.shape[1] // 2
+    chunks = (x[:, :half], x[:, half:])
+    received = []
+    for group in groups:
+        send_slot = [0] * len(src)
+        recv_slot = [0] * len(src)
+        for s_dev, s_slot, d_dev, d_slot in group:
+            send_slot[s_dev], recv_slot[d_dev] = s_slot, d_slot
+        sent = jnp.where(jnp.asarray(send_slot)[me] == 0, chunks[0], chunks[1])
+        got = jax.lax.ppermute(sent, axis_name, [(t[0], t[2]) for t in group])
+        received.append((jnp.asarray(recv_slot)[me], got))
+    (slot_a, a), (_, b) = received
+    first = jnp.where(slot_a == 0, a, b)
+    second = jnp.where(slot_a == 0, b, a)
+    return jnp.concatenate([first, second], axis=1)
