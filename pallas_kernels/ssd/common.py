@@ -20,6 +20,7 @@ input, so they carry the state unchanged and contribute nothing.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import NamedTuple
 
 import jax
@@ -90,23 +91,30 @@ class Chunk:
 
     ``x (T,P)``, ``B, C (T,N)`` as loaded (input dtype); ``dt (T,)`` float32, already discretized
     and zero past the end; ``A`` a float32 scalar. Products run with operands in ``dtype`` (the
-    input dtype: bfloat16 on the tensor cores) and float32 results.
+    input dtype: bfloat16 on the tensor cores) and float32 results. The ``(T,T)`` tiles are
+    computed on first use, so a kernel that needs neither ``L`` nor ``C B^T`` never builds them.
     """
 
     def __init__(self, x, dt, A, B, C, dtype):
-        T = dt.shape[0]
         self.x, self.dt, self.B, self.C, self.dtype = x, dt, B, C, dtype
         self.s = _inclusive_cumsum(dt * A)  # (T,)
         self.s_total = jnp.sum(dt * A)
-        row = jax.lax.broadcasted_iota(jnp.int32, (T, T), 0)
-        col = jax.lax.broadcasted_iota(jnp.int32, (T, T), 1)
-        # Mask the exponent, not the exponential: above the diagonal s_t - s_u > 0 can overflow.
-        diff = jnp.where(row >= col, self.s[:, None] - self.s[None, :], -jnp.inf)
-        self.L = jnp.exp(diff)  # (T,T)
-        self.CB = mm_nt(C, B, dtype)  # (T,T)
         self.xdt = x.astype(f32) * dt[:, None]  # (T,P)
         self.decay_in = jnp.exp(self.s)  # state entering the chunk -> step t
         self.decay_out = jnp.exp(self.s_total - self.s)  # step t -> end of the chunk
+
+    @functools.cached_property
+    def L(self):
+        """``(T,T)`` decays from step u to step t, zero above the diagonal."""
+        T = self.dt.shape[0]
+        row = jax.lax.broadcasted_iota(jnp.int32, (T, T), 0)
+        col = jax.lax.broadcasted_iota(jnp.int32, (T, T), 1)
+        # Mask the exponent, not the exponential: above the diagonal s_t - s_u > 0 can overflow.
+        return jnp.exp(jnp.where(row >= col, self.s[:, None] - self.s[None, :], -jnp.inf))
+
+    @functools.cached_property
+    def CB(self):
+        return mm_nt(self.C, self.B, self.dtype)  # (T,T)
 
     def y_off(self, H):
         """Contribution of the entering state ``H (P,N)`` to the outputs, ``(T,P)``."""
@@ -116,6 +124,11 @@ class Chunk:
         return mm(self.L * self.CB, self.xdt, self.dtype) + self.y_off(H)
 
     def next_state(self, H):
+        """The state leaving the chunk, float32 ``(P,N)``."""
+        return _advance(H, self.xdt, self.s, self.s_total, self.B, self.dtype)
+
+
+def next_state(self, H):
         """The state leaving the chunk, float32 ``(P,N)``."""
         return _advance(H, self.xdt, self.s, self.s_total, self.B, self.dtype)
 
@@ -154,19 +167,43 @@ def chunk_backward(c: Chunk, H, dH, dout, A, D, z):
     ``dout (T,P)`` the float32 gradient of the chunk's outputs. Returns a dict of float32
     values: ``dx (T,P)``, ``ddt (T,)`` (w.r.t. the discretized dt), ``dB, dC (T,N)`` (this head's
     share), ``dz (T,P)`` or None, the per-chunk sums ``dA``, ``dD`` (scalars) and ``dH`` for the
-    state entering the chunk.
+    state entering the chunk. The two halves below are what a kernel may run apart.
     """
-    x = c.x.astype(f32)
+    g = state_side_grads(c, H, dH, dout, D, z)
+    g |= input_side_grads(c, dH, g["dy"], g["ds"], A, D, g["ds_total"])
+    g["dH"] = entering_state_grad(c, dH, g["dy"])
+    return g
+
+
+def state_side_grads(c: Chunk, H, dH, dout, D, z):
+    """The half of ``chunk_backward`` that reads the entering state ``H`` (and no ``(P,N)`` state
+    beside it for longer than one reduction): ``dC (T,N)``, the gated output gradient ``dy`` and
+    ``dz`` (None without ``z``), ``ds (T,)``: this half's gradient w.r.t. the cumulative
+    log-decays, and ``ds_total``, its gradient w.r.t. the chunk's total ``s_T``. (A kernel may
+    add ``ds_total`` to the last step's ``ds`` instead: every step's decay reaches ``s_T`` as
+    it reaches the last step's ``s_t``.)"""
+    ds_total = jnp.exp(c.s_total) * jnp.sum(dH * H)  # first: dH is then dead (registers)
     dz = None
     if z is not None:
         y = c.y_ssm(H)
         if D is not None:
-            y = y + D * x
+            y = y + D * c.x.astype(f32)
         _, dy_factor, dz_factor = _ssm_math.gate_and_grad(y, z.astype(f32))
         dz = dout * dz_factor
         dy = dout * dy_factor
     else:
         dy = dout
+    dM = c.L * mm_nt(dy, c.xdt, c.dtype)  # (T,T): gradient of L * C B^T, masked to u <= t
+    dC = mm(dM, c.B, c.dtype) + c.decay_in[:, None] * mm(dy, H, c.dtype)
+    ds = jnp.sum(dy * c.y_off(H), axis=1)
+    return dict(dC=dC, dy=dy, dz=dz, ds=ds, ds_total=ds_total)
+
+
+def input_side_grads(c: Chunk, dH, dy, ds_state, A, D, ds_total_state=0.0):
+    """The half of ``chunk_backward`` that needs no entering state: ``dx``, ``ddt``, ``dB`` and the
+    sums ``dA``, ``dD`` from the gated output gradient ``dy`` and ``state_side_grads``' ``ds``
+    and ``ds_total``."""
+    x = c.x.astype(f32)
     M = c.L * c.CB  # (T,T), zero above the diagonal
     BdH = mm_nt(c.B, dH, c.dtype)  # (T,P): B_t . dH^T
     dxdt = mm_tn(M, dy, c.dtype) + c.decay_out[:, None] * BdH
@@ -176,26 +213,22 @@ def chunk_backward(c: Chunk, H, dH, dout, A, D, z):
     if D is not None:
         dx = dx + D * dy
         dD = jnp.sum(dy * x)
-    dM = c.L * mm_nt(dy, c.xdt, c.dtype)  # (T,T): gradient of M, masked to u <= t
-    dC = mm(dM, c.B, c.dtype) + c.decay_in[:, None] * mm(dy, H, c.dtype)
+    dM = c.L * mm_nt(dy, c.xdt, c.dtype)
     dB = mm_tn(dM, c.C, c.dtype) + c.decay_out[:, None] * mm(c.xdt, dH, c.dtype)
     # Gradient w.r.t. the cumulative log-decays s_t, then w.r.t. each a_u = sum over t >= u.
     G = dM * c.CB  # d/d(s_t - s_u) of the intra-chunk term
     w = c.decay_out * jnp.sum(c.xdt * BdH, axis=1)  # d/d(s_T - s_u) of the state input
-    ds = (
-        jnp.sum(G, axis=1)
-        - jnp.sum(G, axis=0)
-        + jnp.sum(dy * c.y_off(H), axis=1)
-        - w
-    )
-    exp_total = jnp.exp(c.s_total)
-    ds_total = exp_total * jnp.sum(dH * H) + jnp.sum(w)
-    # Reverse inclusive cumsum of ds, plus ds_total which every a_u reaches through s_T.
-    da = jnp.sum(ds) - _exclusive_cumsum(ds) + ds_total
+    ds = jnp.sum(G, axis=1) - jnp.sum(G, axis=0) + ds_state - w
+    # Reverse inclusive cumsum of ds, plus the gradient w.r.t. s_T, which every a_u reaches.
+    da = jnp.sum(ds) - _exclusive_cumsum(ds) + jnp.sum(w) + ds_total_state
     ddt = ddt + A * da
     dA = jnp.sum(c.dt * da)
-    dH_in = exp_total * dH + mm_tn(dy * c.decay_in[:, None], c.C, c.dtype)
-    return dict(dx=dx, ddt=ddt, dB=dB, dC=dC, dz=dz, dA=dA, dD=dD, dH=dH_in)
+    return dict(dx=dx, ddt=ddt, dB=dB, dA=dA, dD=dD)
+
+
+def entering_state_grad(c: Chunk, dH, dy):
+    """Gradient of the state entering the chunk (``prev_state_grad`` on a built ``Chunk``)."""
+    return jnp.exp(c.s_total) * dH + mm_tn(dy * c.decay_in[:, None], c.C, c.dtype)
 
 
 def _exclusive_cumsum(v):

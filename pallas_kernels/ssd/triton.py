@@ -6,20 +6,23 @@ steps whose arithmetic is ``common.Chunk``: four products on the tensor cores (`
 ``(L * C B^T) (dt x)``, ``C H^T``, ``(dt x)^T B``), exact float32 cumulative decays, and the ``D``
 skip and ``silu(z)`` gate fused before ``y`` is written once.
 
-Forward, two kernels: a sequential pass that only advances the state (one product per tile) and
-writes it at every ``chunk_size`` boundary (``(batch, heads, n_chunks, head_dim, d_state)``
-float32, what the Mamba-2 kernels keep too), then the outputs with one program per chunk, so the
-heavy part runs in parallel over the length. The chunk states are the forward's only residual:
-memory is linear in length and no per-step state is stored.
+The state entering every tile is saved (``(batch, heads, n_tiles, head_dim, d_state)`` float32,
+so ``chunk_size`` only has to be a multiple of ``block_t``): every other kernel then has one
+program per tile, with no state to recompute and parallel over the whole length.
 
-Backward, two kernels of the same shape: a sequential reverse pass writes the gradient of the
-state leaving every chunk (one product per tile), then one program per chunk walks its tiles in
-reverse, recomputing each tile's entering state from the chunk's saved state (at most
-``chunk_size / block_t - 1`` state updates) and applying ``common.chunk_backward``.
+Forward, two kernels: a sequential pass that only advances the state (one product per tile) and
+writes it before every tile, then the outputs of each tile. The saved states are the forward's
+only residual: memory is linear in length and no per-step state is stored.
+
+Backward, three kernels: a sequential reverse pass writes the gradient of the state leaving every
+tile (one product per tile); then per tile ``common.state_side_grads`` (``dC`` and the
+decay-gradient terms that read the saved state) and ``common.input_side_grads`` (``dx``, ``ddt``,
+``dB``), so no program holds a state and its gradient at once (one kernel doing both spilled
+~3.8 KB of registers per thread on an H100 and was 39% of a Mamba-2 train step).
 
 Sums over programs are written as float32 partials and reduced outside (deterministic, no
 atomics): ``dB``/``dC`` per (head, column block), ``ddt`` per column block, and the per-head
-scalars ``dA``, ``dD``, ``ddt_bias`` per (batch row, chunk, column block).
+scalars ``dA``, ``dD``, ``ddt_bias`` per (batch row, tile, column block).
 """
 
 from __future__ import annotations
@@ -78,8 +81,9 @@ def supports(call: common.Call, tiles: Tiles) -> str | None:
 
 
 def config(call: common.Call, tiles: Tiles, dt_softplus: bool, interpret: bool):
+    # A state is saved before every tile: the kernels' chunk is the tile.
     return common.SSDConfig(
-        implementation="triton", chunk_size=call.chunk_size, block_t=tiles.block_t,
+        implementation="triton", chunk_size=tiles.block_t, block_t=tiles.block_t,
         block_p=tiles.block_p, dt_softplus=dt_softplus, num_warps=tiles.num_warps,
         interpret=interpret,
     )
@@ -123,115 +127,110 @@ def _head_scalars(r, h):
     return A, None if D is None else D[h].astype(f32), None if bias is None else bias[h].astype(f32)
 
 
-def _chunk_tiles(k, n_sub, n_tiles):
-    """First tile of chunk ``k`` and how many of its tiles hold steps (the last chunk may be short)."""
-    lo = k * n_sub
-    return lo, jnp.minimum(n_sub, n_tiles - lo)
-
-
-def _state_kernel(*refs, length, T, n_sub, n_tiles, n_chunks, softplus, dtype, flags):
-    """Sequential pass: the state entering every chunk (and the final state); one product a tile."""
+def _state_kernel(*refs, length, T, n_tiles, softplus, dtype, flags):
+    """Sequential pass: the state entering every tile (and the final state); one product a tile."""
     r = Refs(refs, flags)
     A, _, bias = _head_scalars(r, pl.program_id(1))
     H = jnp.zeros(r.h_final.shape, f32) if r.h0 is None else r.h0[...].astype(f32)
 
-    def tile_body(i, H):
-        v = _tile(r, i * T, T, length, bias, softplus, dtype, with_z=False, with_dout=False,
+    def tile_body(k, H):
+        r.ckpt[k] = H
+        v = _tile(r, k * T, T, length, bias, softplus, dtype, with_z=False, with_dout=False,
                   with_C=False)
         return common.next_state(v["x"], v["dt"], A, v["B"], H, dtype)
 
-    def chunk_body(k, H):
-        r.ckpt[k] = H
-        lo, n = _chunk_tiles(k, n_sub, n_tiles)
-        return jax.lax.fori_loop(lo, lo + n, tile_body, H)
-
-    r.h_final[...] = jax.lax.fori_loop(0, n_chunks, chunk_body, H)
+    r.h_final[...] = jax.lax.fori_loop(0, n_tiles, tile_body, H)
 
 
-def _out_kernel(*refs, length, T, n_sub, n_tiles, n_chunks, softplus, dtype, flags):
-    """Outputs of one chunk (programs run in parallel over chunks) from its entering state."""
+def _tile_program(r, n_tiles):
+    """``(head, tile)`` of a program of the per-tile grid ``(batch, head * n_tiles + tile, ...)``."""
+    return pl.program_id(1) // n_tiles, pl.program_id(1) % n_tiles
+
+
+def _out_kernel(*refs, length, T, n_tiles, softplus, dtype, flags):
+    """Outputs of one tile (programs run in parallel over tiles) from its entering state."""
     r = Refs(refs, flags)
-    h, k = pl.program_id(1) // n_chunks, pl.program_id(1) % n_chunks
+    h, k = _tile_program(r, n_tiles)
     A, D, bias = _head_scalars(r, h)
-
-    def tile_body(i, H):
-        t0 = i * T
-        v = _tile(r, t0, T, length, bias, softplus, dtype, with_z=r.z is not None, with_dout=False)
-        c = common.Chunk(v["x"], v["dt"], A, v["B"], v["C"], dtype)
-        _store(r.y, t0, v["valid"], common.chunk_output(c, H, D, v.get("z")))
-        return c.next_state(H)
-
-    lo, n = _chunk_tiles(k, n_sub, n_tiles)
-    jax.lax.fori_loop(lo, lo + n, tile_body, r.ckpt[k].astype(f32))
+    v = _tile(r, k * T, T, length, bias, softplus, dtype, with_z=r.z is not None,
+              with_dout=False)
+    c = common.Chunk(v["x"], v["dt"], A, v["B"], v["C"], dtype)
+    _store(r.y, k * T, v["valid"], common.chunk_output(c, r.ckpt[...].astype(f32), D, v.get("z")))
 
 
-def _dstate_kernel(*refs, length, T, n_sub, n_tiles, n_chunks, softplus, dtype, flags):
-    """Sequential reverse pass: the gradient of the state leaving every chunk (and of h0)."""
+def _dstate_kernel(*refs, length, T, n_tiles, softplus, dtype, flags):
+    """Sequential reverse pass: the gradient of the state leaving every tile (and of h0)."""
     r = Refs(refs, flags)
     A, _, bias = _head_scalars(r, pl.program_id(1))
     dH = jnp.zeros(r.dck.shape[1:], f32) if r.dh_final is None else r.dh_final[...].astype(f32)
 
-    def chunk_body(kk, dH):
-        k = n_chunks - 1 - kk
+    def tile_body(kk, dH):
+        k = n_tiles - 1 - kk
         r.dck[k] = dH
-        lo, n = _chunk_tiles(k, n_sub, n_tiles)
+        v = _tile(r, k * T, T, length, bias, softplus, dtype, with_z=r.z is not None,
+                  with_dout=True)
+        dy = v["dout"] if r.z is None else v["dout"] * _ssm_math.silu(v["z"].astype(f32))
+        return common.prev_state_grad(dy, v["dt"], A, v["C"], dH, dtype)
 
-        def tile_body(it, dH):
-            v = _tile(r, (lo + n - 1 - it) * T, T, length, bias, softplus, dtype,
-                      with_z=r.z is not None, with_dout=True)
-            dy = v["dout"] if r.z is None else v["dout"] * _ssm_math.silu(v["z"].astype(f32))
-            return common.prev_state_grad(dy, v["dt"], A, v["C"], dH, dtype)
-
-        return jax.lax.fori_loop(0, n, tile_body, dH)
-
-    dH = jax.lax.fori_loop(0, n_chunks, chunk_body, dH)
+    dH = jax.lax.fori_loop(0, n_tiles, tile_body, dH)
     if r.dh0 is not None:
         r.dh0[...] = dH
 
 
-def _grad_kernel(*refs, length, T, n_sub, n_tiles, n_chunks, softplus, dtype, flags):
-    """Gradients of one chunk (parallel over chunks) from its entering state and leaving dH."""
+def _state_grad_kernel(*refs, length, T, n_tiles, softplus, dtype, flags):
+    """``common.state_side_grads`` of one tile: the only backward kernel holding the state."""
     r = Refs(refs, flags)
-    h, k = pl.program_id(1) // n_chunks, pl.program_id(1) % n_chunks
+    h, k = _tile_program(r, n_tiles)
     A, D, bias = _head_scalars(r, h)
-    H0 = r.ckpt[k].astype(f32)
-    lo, n = _chunk_tiles(k, n_sub, n_tiles)
-    zero = jnp.zeros((), f32)
+    t0 = k * T
+    v = _tile(r, t0, T, length, bias, softplus, dtype, with_z=r.z is not None, with_dout=True)
+    c = common.Chunk(v["x"], v["dt"], A, v["B"], v["C"], dtype)
+    g = common.state_side_grads(c, r.ckpt[...].astype(f32), r.dck[...].astype(f32), v["dout"], D,
+                                v.get("z"))
+    valid = v["valid"]
+    _store(r.dC, t0, valid, g["dC"])
+    # ds_total rides on the last step of the sequence inside the tile (see state_side_grads).
+    last = t0 + jax.lax.broadcasted_iota(jnp.int32, (T,), 0) == jnp.minimum(t0 + T, length) - 1
+    _store(r.ds, t0, valid, g["ds"] + jnp.where(last, g["ds_total"], 0.0))
+    if r.dz is not None:
+        _store(r.dz, t0, valid, g["dz"])
+        _store(r.dy, t0, valid, g["dy"])
 
-    def replay(j, H):
-        v = _tile(r, j * T, T, length, bias, softplus, dtype, with_z=False, with_dout=False,
-                  with_C=False)
-        return common.next_state(v["x"], v["dt"], A, v["B"], H, dtype)
 
-    def tile_body(it, carry):
-        dH, dA, dD, dbias = carry
-        i = lo + n - 1 - it
-        H = jax.lax.fori_loop(lo, i, replay, H0)
-        t0 = i * T
-        v = _tile(r, t0, T, length, bias, softplus, dtype, with_z=r.z is not None, with_dout=True)
-        c = common.Chunk(v["x"], v["dt"], A, v["B"], v["C"], dtype)
-        g = common.chunk_backward(c, H, dH, v["dout"], A, D, v.get("z"))
-        valid = v["valid"]
-        ddt = g["ddt"] * _ssm_math.sigmoid(v["raw"]) if softplus else g["ddt"]
-        ddt = jnp.where(valid, ddt, 0.0)
-        _store(r.dx, t0, valid, g["dx"])
-        _store(r.ddt, t0, valid, ddt)
-        _store(r.dB, t0, valid, g["dB"])
-        _store(r.dC, t0, valid, g["dC"])
-        if r.dz is not None:
-            _store(r.dz, t0, valid, g["dz"])
-        dD = dD if D is None else dD + g["dD"]
-        return g["dH"], dA + g["dA"], dD, dbias + jnp.sum(ddt)
-
-    init = (r.dck[k].astype(f32), zero, zero, zero)
-    _, dA, dD, dbias = jax.lax.fori_loop(0, n, tile_body, init)
+def _grad_kernel(*refs, length, T, n_tiles, softplus, dtype, flags):
+    """``common.input_side_grads`` of one tile from the gradient of the state leaving it."""
+    r = Refs(refs, flags)
+    h, k = _tile_program(r, n_tiles)
+    A, D, bias = _head_scalars(r, h)
+    t0 = k * T
+    v = _tile(r, t0, T, length, bias, softplus, dtype, with_z=False, with_dout=True)
+    valid = v["valid"]
+    dy = v["dout"] if r.dy is None else plgpu.load(r.dy.at[pl.ds(t0, T)],
+                                                    mask=_rows(valid, r.dy), other=0.0)
+    ds = plgpu.load(r.ds.at[pl.ds(t0, T)], mask=valid, other=0.0)
+    c = common.Chunk(v["x"], v["dt"], A, v["B"], v["C"], dtype)
+    g = common.input_side_grads(c, r.dck[...].astype(f32), dy, ds, A, D)
+    ddt = g["ddt"] * _ssm_math.sigmoid(v["raw"]) if softplus else g["ddt"]
+    ddt = jnp.where(valid, ddt, 0.0)
+    _store(r.dx, t0, valid, g["dx"])
+    _store(r.ddt, t0, valid, ddt)
+    _store(r.dB, t0, valid, g["dB"])
+    dD = jnp.zeros((), f32) if D is None else g["dD"]
     lane = jax.lax.broadcasted_iota(jnp.int32, (4,), 0)
-    r.sums[...] = jnp.where(lane == 0, dA, jnp.where(lane == 1, dD, jnp.where(lane == 2, dbias, 0.0)))
+    r.sums[...] = jnp.where(lane == 0, g["dA"], jnp.where(lane == 1, dD,
+                                                           jnp.where(lane == 2, jnp.sum(ddt), 0.0)))
 
 
-def _specs(x_shape, B_shape, block_p, n_chunks):
-    """BlockSpecs for grid (batch, head, column block) and for the per-chunk grid
-    (batch, head * n_chunks + chunk, column block), in that order."""
+def _rows(valid, ref):
+    """``valid (T,)`` broadcast over a ``(T, ...)`` tile of ``ref``."""
+    T = valid.shape[0]
+    return jnp.broadcast_to(valid.reshape((T,) + (1,) * (ref.ndim - 1)), (T, *ref.shape[1:]))
+
+
+def _specs(x_shape, B_shape, block_p, n_tiles):
+    """BlockSpecs for grid (batch, head, column block) and for the per-tile grid
+    (batch, head * n_tiles + tile, column block), in that order. ``states`` is every tile's
+    state of a (batch row, head, column block), ``tile_state`` one tile's."""
     _, length, heads, _ = x_shape
     n_groups, d_state = B_shape[2], B_shape[3]
     rep = heads // n_groups
@@ -244,11 +243,13 @@ def _specs(x_shape, B_shape, block_p, n_chunks):
                              lambda i, j, p: (i, 0, hd(j) // rep, 0)),
             head=pl.BlockSpec((heads,), lambda i, j, p: (0,)),
             state=pl.BlockSpec((None, None, block_p, d_state), lambda i, j, p: (i, hd(j), p, 0)),
-            chunks=pl.BlockSpec((None, None, n_chunks, block_p, d_state),
+            states=pl.BlockSpec((None, None, n_tiles, block_p, d_state),
                                 lambda i, j, p: (i, hd(j), 0, p, 0)),
+            tile_state=pl.BlockSpec((None, None, None, block_p, d_state),
+                                    lambda i, j, p: (i, hd(j), j % n_tiles, p, 0)),
         )
 
-    return specs(lambda j: j), specs(lambda j: j // n_chunks)
+    return specs(lambda j: j), specs(lambda j: j // n_tiles)
 
 
 def _call(kernel, cfg, grid, named_in, named_out, static, name):
@@ -269,40 +270,40 @@ def _call(kernel, cfg, grid, named_in, named_out, static, name):
     return dict(zip([n for n, s, _ in named_out if s is not None], outs))
 
 
-def _static(x, cfg, n_chunks):
+def _static(x, cfg):
     T = cfg.block_t
-    return dict(length=x.shape[1], T=T, n_sub=cfg.chunk_size // T,
-                n_tiles=pl.cdiv(x.shape[1], T), n_chunks=n_chunks, softplus=cfg.dt_softplus,
-                dtype=x.dtype)
+    return dict(length=x.shape[1], T=T, n_tiles=pl.cdiv(x.shape[1], T),
+                softplus=cfg.dt_softplus, dtype=x.dtype)
 
 
 def forward(x, dt, A, B, C, D, z, dt_bias, h0, cfg: common.SSDConfig, *, save_checkpoints):
     """Returns ``(y, final_state, checkpoints or None)``; states float32.
 
     Two kernels: a sequential pass that only advances the state (one product per tile) and
-    writes it at every chunk boundary, then the outputs with one program per chunk.
+    writes the state entering every tile, then the outputs with one program per tile.
     """
     batch, length, heads, head_dim = x.shape
     d_state = B.shape[3]
-    n_chunks = pl.cdiv(length, cfg.chunk_size)
+    st = _static(x, cfg)
+    n_tiles = st["n_tiles"]
     n_pb = head_dim // cfg.block_p
-    st = _static(x, cfg, n_chunks)
-    sp, spc = _specs(x.shape, B.shape, cfg.block_p, n_chunks)
+    sp, spt = _specs(x.shape, B.shape, cfg.block_p, n_tiles)
     states = _call(
         _state_kernel, cfg, (batch, heads, n_pb),
         [("x", x, sp["seq"]), ("dt", dt, sp["dt"]), ("A", A, sp["head"]), ("B", B, sp["grp"]),
          ("bias", dt_bias, sp["head"]), ("h0", h0, sp["state"])],
         [("h_final", jax.ShapeDtypeStruct((batch, heads, head_dim, d_state), f32), sp["state"]),
-         ("ckpt", jax.ShapeDtypeStruct((batch, heads, n_chunks, head_dim, d_state), f32),
-          sp["chunks"])],
+         ("ckpt", jax.ShapeDtypeStruct((batch, heads, n_tiles, head_dim, d_state), f32),
+          sp["states"])],
         st, "ssd_fwd_states",
     )
     y = _call(
-        _out_kernel, cfg, (batch, heads * n_chunks, n_pb),
-        [("x", x, spc["seq"]), ("dt", dt, spc["dt"]), ("A", A, spc["head"]),
-         ("B", B, spc["grp"]), ("C", C, spc["grp"]), ("D", D, spc["head"]),
-         ("z", z, spc["seq"]), ("bias", dt_bias, spc["head"]), ("ckpt", states["ckpt"], spc["chunks"])],
-        [("y", jax.ShapeDtypeStruct(x.shape, x.dtype), spc["seq"])],
+        _out_kernel, cfg, (batch, heads * n_tiles, n_pb),
+        [("x", x, spt["seq"]), ("dt", dt, spt["dt"]), ("A", A, spt["head"]),
+         ("B", B, spt["grp"]), ("C", C, spt["grp"]), ("D", D, spt["head"]),
+         ("z", z, spt["seq"]), ("bias", dt_bias, spt["head"]),
+         ("ckpt", states["ckpt"], spt["tile_state"])],
+        [("y", jax.ShapeDtypeStruct(x.shape, x.dtype), spt["seq"])],
         st, "ssd_fwd_outputs",
     )["y"]
     return y, states["h_final"], (states["ckpt"] if save_checkpoints else None)
@@ -311,47 +312,62 @@ def forward(x, dt, A, B, C, D, z, dt_bias, h0, cfg: common.SSDConfig, *, save_ch
 def backward(dout, dh_final, x, dt, A, B, C, D, z, dt_bias, h0, ckpt, cfg: common.SSDConfig):
     """Gradients ``(dx, ddt, dA, dB, dC, dD, dz, ddt_bias, dh0)``, None for absent inputs.
 
-    A sequential reverse pass writes the state gradient at every chunk boundary (one product
-    per tile); then one program per chunk computes all gradients of its steps.
+    A sequential reverse pass writes the gradient of the state leaving every tile (one product
+    per tile); then two kernels with one program per tile: the state side (``dC``, the decay
+    gradient terms that read the saved state; with ``z`` the gated output gradient) and the
+    input side (``dx``, ``ddt``, ``dB``, the per-head sums), so neither holds two states.
     """
     batch, length, heads, head_dim = x.shape
     n_groups, d_state = B.shape[2], B.shape[3]
-    n_chunks = ckpt.shape[2]
+    st = _static(x, cfg)
+    n_tiles = st["n_tiles"]
     n_pb = head_dim // cfg.block_p
-    st = _static(x, cfg, n_chunks)
-    sp, spc = _specs(x.shape, B.shape, cfg.block_p, n_chunks)
+    sp, spt = _specs(x.shape, B.shape, cfg.block_p, n_tiles)
     f32_state = jax.ShapeDtypeStruct((batch, heads, head_dim, d_state), f32)
     dstates = _call(
         _dstate_kernel, cfg, (batch, heads, n_pb),
         [("dt", dt, sp["dt"]), ("A", A, sp["head"]), ("C", C, sp["grp"]), ("z", z, sp["seq"]),
          ("bias", dt_bias, sp["head"]), ("dout", dout, sp["seq"]),
          ("dh_final", dh_final, sp["state"])],
-        [("dck", jax.ShapeDtypeStruct(ckpt.shape, f32), sp["chunks"]),
+        [("dck", jax.ShapeDtypeStruct(ckpt.shape, f32), sp["states"]),
          ("dh0", None if h0 is None else f32_state, sp["state"])],
         st, "ssd_bwd_states",
     )
+    # Per-(head, column block) float32 partials over the whole length, summed outside.
     partial_t = lambda *n: pl.BlockSpec(
         (None, None, length, *n),
-        lambda i, j, p: (i, j // n_chunks * n_pb + p, 0) + (0,) * len(n),
+        lambda i, j, p: (i, j // n_tiles * n_pb + p, 0) + (0,) * len(n),
     )
     part = lambda *n: jax.ShapeDtypeStruct((batch, heads * n_pb, length, *n), f32)
+    gated = z is not None
+    state_side = _call(
+        _state_grad_kernel, cfg, (batch, heads * n_tiles, n_pb),
+        [("x", x, spt["seq"]), ("dt", dt, spt["dt"]), ("A", A, spt["head"]),
+         ("B", B, spt["grp"]), ("C", C, spt["grp"]), ("D", D, spt["head"]),
+         ("z", z, spt["seq"]), ("bias", dt_bias, spt["head"]), ("dout", dout, spt["seq"]),
+         ("ckpt", ckpt, spt["tile_state"]), ("dck", dstates["dck"], spt["tile_state"])],
+        [("dC", part(d_state), partial_t(d_state)),
+         ("ds", part(), partial_t()),
+         ("dz", jax.ShapeDtypeStruct(x.shape, x.dtype) if gated else None, spt["seq"]),
+         ("dy", jax.ShapeDtypeStruct(x.shape, f32) if gated else None, spt["seq"])],
+        st, "ssd_bwd_state_side",
+    )
     res = _call(
-        _grad_kernel, cfg, (batch, heads * n_chunks, n_pb),
-        [("x", x, spc["seq"]), ("dt", dt, spc["dt"]), ("A", A, spc["head"]),
-         ("B", B, spc["grp"]), ("C", C, spc["grp"]), ("D", D, spc["head"]),
-         ("z", z, spc["seq"]), ("bias", dt_bias, spc["head"]), ("dout", dout, spc["seq"]),
-         ("ckpt", ckpt, spc["chunks"]), ("dck", dstates["dck"], spc["chunks"])],
-        [("dx", jax.ShapeDtypeStruct(x.shape, x.dtype), spc["seq"]),
+        _grad_kernel, cfg, (batch, heads * n_tiles, n_pb),
+        [("x", x, spt["seq"]), ("dt", dt, spt["dt"]), ("A", A, spt["head"]),
+         ("B", B, spt["grp"]), ("C", C, spt["grp"]), ("D", D, spt["head"]),
+         ("bias", dt_bias, spt["head"]), ("dout", dout, spt["seq"]),
+         ("dy", state_side.get("dy"), spt["seq"]), ("ds", state_side["ds"], partial_t()),
+         ("dck", dstates["dck"], spt["tile_state"])],
+        [("dx", jax.ShapeDtypeStruct(x.shape, x.dtype), spt["seq"]),
          ("ddt", part(), partial_t()),
          ("dB", part(d_state), partial_t(d_state)),
-         ("dC", part(d_state), partial_t(d_state)),
-         ("dz", None if z is None else jax.ShapeDtypeStruct(x.shape, z.dtype), spc["seq"]),
-         ("sums", jax.ShapeDtypeStruct((batch, heads * n_chunks, n_pb, 4), f32),
+         ("sums", jax.ShapeDtypeStruct((batch, heads * n_tiles, n_pb, 4), f32),
           pl.BlockSpec((None, None, None, 4), lambda i, j, p: (i, j, p, 0)))],
         st, "ssd_bwd_grads",
     )
-    res["dh0"] = dstates.get("dh0")
-    res["sums"] = res["sums"].reshape(batch, heads, n_chunks * n_pb, 4)
+    res |= dict(dC=state_side["dC"], dz=state_side.get("dz"), dh0=dstates.get("dh0"))
+    res["sums"] = res["sums"].reshape(batch, heads, n_tiles * n_pb, 4)
     return _reduce_partials(res, x, dt, A, B, D, dt_bias, h0, n_groups, n_pb)
 
 
