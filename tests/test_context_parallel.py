@@ -14,13 +14,14 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from meshlm import sharding
-from meshlm.config import DEFAULT_RULES, ConfigError, MeshConfig
+from meshlm.config import DEFAULT_RULES, ConfigError, MeshConfig, load_config
 from meshlm.layers import ring_attention
+from meshlm.train.setup import build
 from pallas_kernels.flash_attention import flash_attention
 
 # float32 throughout; only the summation order (blockwise log-sum-exp merging) differs.
 ATOL = 2e-5
-B, L, H, HKV, D = 2, 32, 4, 2, 8
+B, H, HKV, D = 2, 4, 2, 8
 
 
 def packed_segments(rng, batch, length):
@@ -29,7 +30,7 @@ def packed_segments(rng, batch, length):
     return (np.arange(length)[None, :, None] >= cuts[:, None, :]).sum(-1).astype(np.int32)
 
 
-def inputs(seed, segments):
+def inputs(seed, segments, L):
     rng = np.random.default_rng(seed)
     q = rng.normal(size=(B, L, H, D)).astype(np.float32)
     k = rng.normal(size=(B, L, HKV, D)).astype(np.float32)
@@ -47,14 +48,18 @@ def loss_and_grads(attend, q, k, v, cot, seg):
     return out, grads
 
 
-@pytest.mark.parametrize("mesh_cfg", [
-    MeshConfig(data=2, sequence=4),
-    MeshConfig(data=1, sequence=2, tensor=2, fsdp=2),
-], ids=["dp2_sp4", "fsdp2_sp2_tp2"])
-@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
-@pytest.mark.parametrize("segments", [True, False], ids=["segments", "nosegments"])
-def test_ring_attention_matches_unsharded(mesh_cfg, causal, segments):
-    q, k, v, cot, seg = inputs(hash((causal, segments)) % 1000, segments)
+DP2_SP4 = MeshConfig(data=2, sequence=4)
+FSDP2_SP2_TP2 = MeshConfig(data=1, sequence=2, tensor=2, fsdp=2)
+
+
+@pytest.mark.parametrize("mesh_cfg, length, causal, segments", [
+    (DP2_SP4, 32, True, True),
+    (DP2_SP4, 32, False, False),
+    (DP2_SP4, 20, True, True),  # 20 = 5 x 4, not a multiple of 8: contiguous causal ring
+    (FSDP2_SP2_TP2, 16, True, True),
+], ids=["sp4-causal-seg", "sp4-full", "sp4-causal-seg-contiguous", "fsdp2-sp2-tp2-causal-seg"])
+def test_ring_attention_matches_unsharded(mesh_cfg, length, causal, segments):
+    q, k, v, cot, seg = inputs(length + 2 * causal + segments, segments, length)
     want_out, want_grads = jax.jit(functools.partial(
         loss_and_grads, lambda q, k, v, s: flash_attention(
             q, k, v, causal=causal, segment_ids=s, implementation="xla")))(q, k, v, cot, seg)
@@ -94,3 +99,58 @@ def test_zigzag_round_trip(shards):
     order = [c for d in range(shards) for c in (d, 2 * shards - 1 - d)]
     np.testing.assert_array_equal(np.asarray(z[0]).reshape(2 * shards, 3), chunks[order])
     np.testing.assert_array_equal(back, x)
+
+
+# LLaMA-style (RoPE, GQA), so equal losses also mean every shard rotates by its global positions.
+TINY = [
+    "model.vocab_size=128", "model.d_model=32", "model.n_layers=2", "model.n_heads=4",
+    "model.n_kv_heads=2", "model.position=rope", "model.norm=rmsnorm", "model.mlp=swiglu",
+    "model.use_bias=false", "model.d_ff=64", "model.max_seq_len=16", "model.attention=xla",
+    "model.dtype=float32", "data.seq_len=16", "data.batch_size=4", "train.steps=20",
+    "optimizer.warmup_steps=2", "optimizer.lr=1e-2",
+]
+STEPS = 3
+LOSS_RTOL = 2e-5  # summation order differs between layouts, nothing else
+
+
+def packed_batches(n):
+    """Token rows packed with several documents each: segment ids, and positions restarting at
+    every document (as data packing writes them)."""
+    rng = np.random.default_rng(0)
+    out = []
+    for _ in range(n):
+        tokens = rng.integers(0, 128, (4, 17), dtype=np.int32)
+        seg = packed_segments(rng, 4, 16)
+        starts = np.maximum.accumulate(
+            np.where(np.diff(seg, prepend=-1, axis=1) != 0, np.arange(16), 0), axis=1)
+        out.append({"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "segment_ids": seg,
+                    "positions": (np.arange(16) - starts).astype(np.int32),
+                    "loss_mask": np.ones((4, 16), np.float32)})
+    return out
+
+
+def train_losses(overrides, devices):
+    cfg = load_config(None, TINY + overrides)
+    run = build(cfg, devices)
+    state, losses = run.init_state(0), []
+    for batch in packed_batches(STEPS):
+        state, metrics = run.train_step(state, run.put(batch))
+        losses.append(float(metrics["loss"]))
+    return losses, run.train_step.as_text()
+
+
+@pytest.fixture(scope="module")
+def single_device_losses():
+    return train_losses(["mesh.data=1"], jax.devices()[:1])[0]
+
+
+@pytest.mark.parametrize("overrides, n_devices", [
+    (["mesh.data=1", "mesh.sequence=4"], 4),
+    (["mesh.data=2", "mesh.sequence=2", "mesh.tensor=2"], 8),
+], ids=["sp4", "dp2-sp2-tp2"])
+def test_gpt_with_sequence_sharding_trains_to_single_device_losses(
+        overrides, n_devices, single_device_losses):
+    losses, hlo = train_losses(overrides, jax.devices()[:n_devices])
+    assert "collective-permute" in hlo  # the ring ran (nothing else permutes here)
+    np.testing.assert_allclose(losses, single_device_losses, rtol=LOSS_RTOL)
+    assert losses[-1] < losses[0]

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
+from meshlm.layers import ring_attention
 from meshlm.layers.embeddings import apply_rope
 
 Initializer = Callable[..., jax.Array]
@@ -134,8 +135,12 @@ class Attention(nn.Module):
         else:
             if self.decode:  # initialising: create the cache, sized by this input
                 self._cache_variables(k)
-            out = attend(q, k, v, q_segment_ids=segment_ids, kv_segment_ids=segment_ids,
-                         causal=True, implementation=self.implementation)
+            if not self.decode and ring_attention.applies():  # context parallelism
+                out = ring_attention.context_parallel_attention(
+                    q, k, v, segment_ids, causal=True, implementation=self.implementation)
+            else:
+                out = attend(q, k, v, q_segment_ids=segment_ids, kv_segment_ids=segment_ids,
+                             causal=True, implementation=self.implementation)
         out = checkpoint_name(out, ATTENTION_OUT)
         out = nn.with_logical_constraint(out, ("activation_batch", "activation_length", "activation_heads", "head_dim"))
         return HeadDense(

@@ -12,7 +12,8 @@ device ``S-1`` all ``S``: so for causal attention the length is cut into ``2S`` 
 layout by two ``ppermute`` each. Then every step but the first costs each device exactly half a
 block product: a block from an earlier device is seen whole by all local queries through its
 first chunk only, a block from a later device is seen whole by the local second chunk only, and
-fully masked chunk pairs are never computed.
+fully masked chunk pairs are never computed. A length that is a multiple of ``S`` but not of
+``2S`` keeps the contiguous layout (correct, unbalanced: blocks from later devices are skipped).
 """
 
 from __future__ import annotations
@@ -47,6 +48,14 @@ def sequence_shards() -> int:
     return math.prod(mesh.shape[a] for a in _mesh_axes("activation_length", mesh))
 
 
+def applies() -> bool:
+    """Whether self-attention here should run as ring attention: the rules shard the length and
+    the layer stack is not pipelined (a stage is a vmap sharded over the stage axis, inside which
+    ``shard_map`` cannot run; there the partitioner gathers the length instead)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return sequence_shards() > 1 and not _mesh_axes("activation_stage", mesh)
+
+
 def context_parallel_attention(q, k, v, segment_ids=None, *, causal: bool = True,
                                implementation: str = "auto"):
     """Self-attention of ``q (B, L, H, D)`` over ``k, v (B, L, Hkv, D)`` whose length axis the
@@ -60,12 +69,10 @@ def context_parallel_attention(q, k, v, segment_ids=None, *, causal: bool = True
                          "'activation_length' (mesh.sequence > 1)")
     shards = math.prod(mesh.shape[a] for a in seq)
     length = q.shape[1]
-    chunks = 2 * shards if causal else shards
-    if length % chunks:
-        raise ValueError(
-            f"ring attention over {shards} sequence shards needs the length ({length}) to be a "
-            f"multiple of {chunks}" + (" (2 x shards: causal attention uses the zig-zag "
-                                       "layout)" if causal else ""))
+    if length % shards:
+        raise ValueError(f"ring attention over {shards} sequence shards needs the length "
+                         f"({length}) to be a multiple of {shards}")
+    zigzag = causal and length % (2 * shards) == 0
     batch = _mesh_axes("activation_batch", mesh)
     heads = _mesh_axes("activation_heads", mesh)
     kv_heads = _mesh_axes("activation_kv_heads", mesh)
@@ -77,12 +84,12 @@ def context_parallel_attention(q, k, v, segment_ids=None, *, causal: bool = True
     axis = seq if len(seq) > 1 else seq[0]
 
     def local(q, k, v, seg=None):
-        if causal:
+        if zigzag:
             q, k, v, seg = (None if x is None else to_zigzag(x, axis, shards)
                             for x in (q, k, v, seg))
         out = ring_attention(q, k, v, seg, seg, axis_name=axis, shards=shards, causal=causal,
-                             implementation=implementation)
-        return from_zigzag(out, axis, shards) if causal else out
+                             zigzag=zigzag, implementation=implementation)
+        return from_zigzag(out, axis, shards) if zigzag else out
 
     args, in_specs = (q, k, v), (q_spec, kv_spec, kv_spec)
     if segment_ids is not None:
@@ -95,11 +102,12 @@ def context_parallel_attention(q, k, v, segment_ids=None, *, causal: bool = True
 
 
 def ring_attention(q, k, v, q_seg, kv_seg, *, axis_name, shards: int, causal: bool,
-                   implementation: str = "auto"):
+                   zigzag: bool = True, implementation: str = "auto"):
     """Inside ``shard_map``: this device's queries against every device's K/V block.
 
-    With ``causal`` the blocks must be in the zig-zag layout (``to_zigzag``); otherwise any
-    layout. Returns the attention output like ``q``.
+    With ``causal`` the blocks are in the zig-zag layout (``to_zigzag``) if ``zigzag``, else
+    contiguous (device ``d`` holds the ``d``-th block); without, any layout. Returns the
+    attention output like ``q``.
     """
     def attend(q, k, v, q_seg, kv_seg, causal):
         return flash_attention(q, k, v, causal=causal, q_segment_ids=q_seg, kv_segment_ids=kv_seg,
@@ -118,12 +126,21 @@ def ring_attention(q, k, v, q_seg, kv_seg, *, axis_name, shards: int, causal: bo
             part = attend(q, k, v, q_seg, kv_seg, False)
         elif step == 0:  # its own block: chunk order is position order, so plain causal
             part = attend(q, k, v, q_seg, kv_seg, True)
+        elif not zigzag:  # an earlier device's block is seen whole, a later one's not at all
+            part = jax.lax.cond(step <= me, functools.partial(attend, causal=False), _unseen,
+                                q, k, v, q_seg, kv_seg)
         else:
             part = jax.lax.cond(step <= me, functools.partial(_earlier_block, attend, half),
                                 functools.partial(_later_block, attend, half),
                                 q, k, v, q_seg, kv_seg)
         out, lse = part if out is None else _merge(out, lse, *part)
     return out.astype(q.dtype)
+
+
+def _unseen(q, k, v, q_seg, kv_seg):
+    """A later device's block in the contiguous layout: no local query sees any of it."""
+    lse = jnp.full_like(jnp.swapaxes(q[..., 0], 1, 2), -jnp.inf, dtype=jnp.float32)
+    return jnp.zeros_like(q), lse
 
 
 def _earlier_block(attend, half, q, k, v, q_seg, kv_seg):
