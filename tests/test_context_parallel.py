@@ -154,3 +154,19 @@ def test_gpt_with_sequence_sharding_trains_to_single_device_losses(
     assert "collective-permute" in hlo  # the ring ran (nothing else permutes here)
     np.testing.assert_allclose(losses, single_device_losses, rtol=LOSS_RTOL)
     assert losses[-1] < losses[0]
+
+
+def test_sequence_shards_must_divide_the_length():
+    with pytest.raises(ConfigError, match=r"data.seq_len=18 is not divisible by the "
+                                          r"sequence-parallel size 4 \(sequence=4\)"):
+        build(load_config(None, TINY + ["mesh.data=1", "mesh.sequence=4", "data.seq_len=18",
+                                        "model.max_seq_len=18"]), jax.devices()[:4])
+
+
+@pytest.mark.parametrize("family", ["mamba", "mamba2", "retnet", "t5"])
+def test_families_without_context_parallelism_refuse_sequence_sharding(family):
+    """Their layers scan (or attend with T5's relative bias) over the whole length: a sharded
+    length would be gathered on every device, so it is refused rather than silently unsplit."""
+    cfg = load_config(f"configs/{family}_tiny.yaml", ["mesh.data=1", "mesh.sequence=2"])
+    with pytest.raises(ConfigError, match=f"model.family={family} has no context parallelism"):
+        build(cfg, jax.devices()[:2])

@@ -56,10 +56,19 @@ class ModelConfig:
     # A size (field or property) -> the logical axis that splits that dimension; validate_mesh
     # checks each divides evenly over its shards. Families extend it.
     sharded_fields: ClassVar[dict[str, str]] = {"vocab_size": "vocab", "d_model": "embed"}
+    # Whether the family's layers run with the length axis sharded (context parallelism: ring
+    # attention). Recurrent scans and T5's attention would gather the whole length instead.
+    context_parallel: ClassVar[bool] = False
 
     def validate_mesh(self, axis_size: Callable[[str], int]) -> None:
         """``ConfigError`` unless every size in ``sharded_fields`` divides over the shards of its
         logical axis; ``axis_size(logical)`` is that count under the run's mesh and rules."""
+        if axis_size("activation_length") > 1 and not self.context_parallel:
+            raise ConfigError(
+                f"model.family={self.family} has no context parallelism, but the mesh shards "
+                f"the length {axis_size('activation_length')} ways (mesh.sequence); use "
+                "mesh.sequence=1 (families with it: those whose layers attend by ring "
+                "attention, e.g. gpt, moe)")
         for name, logical in self.sharded_fields.items():
             shards, size = axis_size(logical), getattr(self, name)
             if size % shards:

@@ -44,6 +44,7 @@ class GPTConfig(DecoderLMConfig):
     sharded_fields: ClassVar[dict[str, str]] = {**DecoderLMConfig.sharded_fields,
                                                 "n_heads": "heads", "kv_heads": "kv_heads",
                                                 "d_ff": "mlp"}
+    context_parallel: ClassVar[bool] = True  # attention shards the length by ring attention
 
     @property
     def kv_heads(self) -> int:

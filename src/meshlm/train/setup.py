@@ -104,13 +104,13 @@ def check_batch(cfg: Config, mesh: Mesh, rules) -> None:
             f"{_axes_of(mesh, rules, 'activation_batch')}); use a batch size that is a multiple "
             f"of {dp * t.grad_accum}"
         )
-    check_process_rows(cfg, mesh, rules)
     seq_shards = sharding.axis_size(mesh, rules, "activation_length")
     if cfg.data.seq_len % seq_shards:
         raise ConfigError(
             f"data.seq_len={cfg.data.seq_len} is not divisible by the sequence-parallel size "
             f"{seq_shards} ({_axes_of(mesh, rules, 'activation_length')})"
         )
+    check_process_rows(cfg, mesh, rules)  # (after the checks that make the batch shardable)
 
 
 def pipeline_schedule(cfg: Config, mesh: Mesh, rules) -> PipelineSchedule | None:
