@@ -107,8 +107,12 @@ def ring_attention(q, k, v, q_seg, kv_seg, *, axis_name, shards: int, causal: bo
 
     With ``causal`` the blocks are in the zig-zag layout (``to_zigzag``) if ``zigzag``, else
     contiguous (device ``d`` holds the ``d``-th block); without, any layout. Returns the
-    attention output like ``q``.
+    attention output like ``q``. ``implementation="cudnn"`` (which returns no log-sum-exp) runs
+    as ``"auto"``: the fastest lowering that does.
     """
+    if implementation == "cudnn":
+        implementation = "auto"
+
     def attend(q, k, v, q_seg, kv_seg, causal):
         return flash_attention(q, k, v, causal=causal, q_segment_ids=q_seg, kv_segment_ids=kv_seg,
                                return_lse=True, implementation=implementation)
