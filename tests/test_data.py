@@ -13,9 +13,8 @@ import shutil
 import jax
 import numpy as np
 import pytest
-from jax.experimental import multihost_utils
 
-from meshlm import sharding
+from meshlm import distributed, sharding
 from meshlm.config import ConfigError, MeshConfig, load_config
 from meshlm.data import (
     BATCH_KEYS,
@@ -428,7 +427,7 @@ def test_other_processes_read_what_process_0_prepared(stdlib_run, tmp_path, monk
     barriers = []
     monkeypatch.setattr(jax, "process_index", lambda: 1)
     monkeypatch.setattr(jax, "process_count", lambda: 2)
-    monkeypatch.setattr(multihost_utils, "sync_global_devices", barriers.append)
+    monkeypatch.setattr(distributed, "check_process_0", lambda ok, what: barriers.append(ok))
     monkeypatch.setattr(pipeline, "encode_documents", lambda *a: pytest.fail("tokenized"))
     mtime = (run_dir / TOKENIZER_FILE).stat().st_mtime_ns
     other = build_data(_cfg(), run_dir)

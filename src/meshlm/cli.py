@@ -13,11 +13,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 from collections.abc import Sequence
 
+from meshlm import distributed
 from meshlm.config import ConfigError, load_config
+from meshlm.distributed import HEARTBEAT_TIMEOUT_S, INIT_TIMEOUT_S
 
 EXIT_FAILED = 1  # the run could not go on (a checkpoint could not be written)
 EXIT_BAD_INPUT = 2
@@ -33,8 +36,19 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="section.key=value",
                    help="settings applied over the file, e.g. train.steps=100")
     p.add_argument("--distributed", action="store_true",
-                   help="one of several processes (one per host): jax.distributed.initialize() "
-                        "finds the others through SLURM, Open MPI, Kubernetes or Cloud TPU")
+                   help="one of several processes (one per host); the flags below, else "
+                        "JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID, else "
+                        "SLURM, Open MPI, Kubernetes or Cloud TPU say who the processes are")
+    p.add_argument("--coordinator-address", metavar="HOST:PORT",
+                   help="--distributed: process 0's host and a free port on it")
+    p.add_argument("--num-processes", type=int, metavar="N", help="--distributed: processes")
+    p.add_argument("--process-id", type=int, metavar="I", help="--distributed: this one, 0..N-1")
+    p.add_argument("--init-timeout", type=int, default=INIT_TIMEOUT_S, metavar="S",
+                   help="--distributed: seconds for all processes to reach the coordinator "
+                        f"(default {INIT_TIMEOUT_S})")
+    p.add_argument("--heartbeat-timeout", type=int, default=HEARTBEAT_TIMEOUT_S, metavar="S",
+                   help="--distributed: seconds of silence after which a process counts as dead "
+                        f"and every process stops (default {HEARTBEAT_TIMEOUT_S})")
 
     p = sub.add_parser("generate", help="sample text from a run's latest checkpoint")
     p.add_argument("--run-dir", required=True, help="the run's train.run_dir")
@@ -72,8 +86,14 @@ def _train(args) -> int:
     from meshlm.train.loop import train
 
     _quiet_orbax_failures()
-    if args.distributed:
-        jax.distributed.initialize()  # before anything asks JAX for its devices
+    cluster_flags = [f for f in ("coordinator_address", "num_processes", "process_id")
+                     if getattr(args, f) is not None]
+    if cluster_flags and not args.distributed:
+        raise ConfigError(f"--{cluster_flags[0].replace('_', '-')} needs --distributed")
+    if args.distributed:  # before anything asks JAX for its devices
+        cluster = distributed.resolve(args.coordinator_address, args.num_processes,
+                                      args.process_id)
+        distributed.initialize(cluster, args.init_timeout, args.heartbeat_timeout)
     cfg = load_config(args.config, args.overrides)
     for line in startup_report(jax.devices()):  # the devices; a warning if JAX misses a GPU/TPU
         logging.getLogger("meshlm").info(line)
@@ -122,20 +142,65 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     logging.getLogger("meshlm").setLevel(logging.INFO)
     try:
-        return {"train": _train, "generate": _generate, "convert": _convert}[args.command](args)
-    except KeyboardInterrupt:  # a Ctrl-C outside the training loop, or a second one inside it
+        code = {"train": _train, "generate": _generate, "convert": _convert}[args.command](args)
+    except BaseException as e:  # noqa: BLE001 - reported by _failure in one line, or re-raised
+        code = _failure(e) if not _several_processes() else _failure_of_one_process(e)
+    if _several_processes():
+        # Not through atexit: JAX's shutdown barrier would wait for peers that are gone and then
+        # abort; the others see this one leave and stop too.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
+def _several_processes() -> bool:
+    return "jax" in sys.modules and sys.modules["jax"].distributed.is_initialized()
+
+
+def _failure_of_one_process(e: BaseException) -> int:
+    """``_failure``, except that a bug prints its traceback and returns: the process must still
+    leave at once, so that the others stop too."""
+    try:
+        return _failure(e)
+    except BaseException:  # noqa: BLE001 - printed, and the process exits with status 1
+        import traceback
+
+        traceback.print_exc()
+        return EXIT_FAILED
+
+
+def _failure(e: BaseException) -> int:
+    """The exit status for ``e`` after printing its one line; re-raises ``e`` when it is not
+    a failure meshlm reports (a bug)."""
+    if isinstance(e, KeyboardInterrupt):  # a Ctrl-C outside the training loop, or a second one
         print("meshlm: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except ConfigError as e:
+    if isinstance(e, ConfigError):
         print(f"meshlm: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except (ValueError, RuntimeError) as e:
-        from meshlm.train.checkpoint import CheckpointError, CheckpointSaveError
+    if isinstance(e, distributed.DistributedError):
+        print(f"meshlm: error: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    if not isinstance(e, (ValueError, RuntimeError)):
+        raise e
+    from meshlm.train.checkpoint import CheckpointError, CheckpointSaveError
 
-        if not isinstance(e, (CheckpointError, CheckpointSaveError)):
-            raise
+    if isinstance(e, (CheckpointError, CheckpointSaveError)):
         print(f"meshlm: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT if isinstance(e, CheckpointError) else EXIT_FAILED
+    if _several_processes() and isinstance(e, _jax_runtime_error()):
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"meshlm: error: {distributed.where()}: a computation across the processes failed "
+              f"(did another process stop?): {first}", file=sys.stderr)
+        return EXIT_FAILED
+    raise e
+
+
+def _jax_runtime_error() -> type:
+    import jax
+
+    return jax.errors.JaxRuntimeError
 
 
 if __name__ == "__main__":

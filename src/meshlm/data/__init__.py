@@ -21,8 +21,8 @@ import grain
 import jax
 import numpy as np
 import tokenizers
-from jax.experimental import multihost_utils
 
+from meshlm import distributed
 from meshlm.config import Config, ConfigError
 from meshlm.data.batches import SEQ2SEQ
 from meshlm.data.corpus import corpus_split, read_text, split_files, user_files
@@ -132,15 +132,21 @@ def build_data(cfg: Config, run_dir: str | os.PathLike) -> Data:
         }
         return eos, vocab, rows
 
+    failed = None
     if primary:
-        if tokenizer is None:
-            tokenizer = train_tokenizer(
-                (read_text(f) for f in split.train), len(split.train),
-                cfg.model.vocab_size - cfg.model.reserved_ids, run_dir, corpus,
-            )
-        eos, vocab, rows = token_streams(tokenizer)
-    if count > 1:
-        multihost_utils.sync_global_devices("meshlm.data.build_data: process 0 prepared the data")
+        try:
+            if tokenizer is None:
+                tokenizer = train_tokenizer(
+                    (read_text(f) for f in split.train), len(split.train),
+                    cfg.model.vocab_size - cfg.model.reserved_ids, run_dir, corpus,
+                )
+            eos, vocab, rows = token_streams(tokenizer)
+        except Exception as e:  # noqa: BLE001 - re-raised after the others learn of it
+            failed = e
+    if count > 1:  # the barrier: the others read process 0's files after it
+        distributed.check_process_0(failed is None, "preparing the tokenizer and token cache")
+    if failed is not None:
+        raise failed
     if not primary:
         if not tokenizer_file.is_file():
             raise ConfigError(
