@@ -199,10 +199,12 @@ def test_cli_distributed_initializes_jax_before_training(monkeypatch, flag):
     from meshlm.train import loop
 
     calls = []
-    monkeypatch.setattr(jax.distributed, "initialize", lambda: calls.append("initialize"))
+    monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: calls.append("initialize"))
     monkeypatch.setattr(loop, "train", lambda cfg: calls.append("train") or {"signal": None})
     config = pathlib.Path(__file__).parents[1] / "configs" / "default.yaml"
-    assert cli.main(["train", "--config", str(config)] + ["--distributed"] * flag) == 0
+    cluster = ["--distributed", "--coordinator-address", "127.0.0.1:1234", "--num-processes", "1",
+               "--process-id", "0"]
+    assert cli.main(["train", "--config", str(config)] + cluster * flag) == 0
     assert calls == ["initialize", "train"] if flag else ["train"]
 
 
