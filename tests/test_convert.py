@@ -1,7 +1,8 @@
 """HuggingFace checkpoints <-> meshlm run directories (``meshlm.convert``).
 
 The HF checkpoints here are written by the tests themselves: random float32 tensors (never zeros
-or ones) under the names and torch layouts of ``GPT2LMHeadModel``, ``LlamaForCausalLM``,
+or ones) under the names and torch layouts of ``GPT2LMHeadModel``, ``LlamaForCausalLM`` (also with Llama-3
+RoPE scaling), ``MistralForCausalLM`` (a sliding window), ``Qwen2ForCausalLM`` (q/k/v biases),
 ``MambaForCausalLM`` and ``Mamba2ForCausalLM``, transcribed from the transformers sources and
 independent of the families' tables. Checked: HF -> Orbax -> HF -> Orbax is bit-exact; the
 converted GPT-2 and LLaMA give the logits of a plain-numpy forward written from HF's math over the
@@ -49,7 +50,19 @@ MAMBA2 = dict(model_type="mamba2", vocab_size=61, hidden_size=32, num_heads=8, h
               state_size=4, n_groups=2, num_hidden_layers=2, conv_kernel=4, expand=2,
               chunk_size=8, use_bias=False, use_conv_bias=True, layer_norm_epsilon=1e-5,
               tie_word_embeddings=False)
-CONFIGS = {"gpt2": GPT2, "llama": LLAMA, "mamba": MAMBA, "mamba2": MAMBA2}
+# Llama 3.1's scaling with a short original context, so that the tiny head's frequencies fall
+# in all three bands (kept, interpolated, divided by factor).
+LLAMA3 = {**LLAMA, "rope_parameters": {"rope_type": "llama3", "rope_theta": 500.0, "factor": 8.0,
+                                       "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                       "original_max_position_embeddings": 64}}
+MISTRAL = {**LLAMA, "model_type": "mistral", "sliding_window": 4}  # shorter than the 16 tokens
+QWEN2 = dict(model_type="qwen2", vocab_size=61, max_position_embeddings=64, hidden_size=32,
+             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+             intermediate_size=40, hidden_act="silu", rms_norm_eps=1e-6,
+             rope_parameters={"rope_type": "default", "rope_theta": 1000.0},
+             use_sliding_window=False, tie_word_embeddings=True)
+CONFIGS = {"gpt2": GPT2, "llama": LLAMA, "llama3": LLAMA3, "mistral": MISTRAL, "qwen2": QWEN2,
+           "mamba": MAMBA, "mamba2": MAMBA2}
 
 
 def _shapes(c: dict) -> dict[str, tuple[int, ...]]:
@@ -68,11 +81,13 @@ def _shapes(c: dict) -> dict[str, tuple[int, ...]]:
                         p + "mlp.c_fc.bias": (f,), p + "mlp.c_proj.weight": (f, e),
                         p + "mlp.c_proj.bias": (e,)})
         return out
-    if t == "llama":
-        e, f, d = c["hidden_size"], c["intermediate_size"], c["head_dim"]
-        h, k = c["num_attention_heads"], c["num_key_value_heads"]
-        out = {"model.embed_tokens.weight": (v, e), "model.norm.weight": (e,),
-               "lm_head.weight": (v, e)}
+    if t in ("llama", "mistral", "qwen2"):
+        e, f, h, k = (c["hidden_size"], c["intermediate_size"], c["num_attention_heads"],
+                      c["num_key_value_heads"])
+        d = c.get("head_dim") or e // h
+        out = {"model.embed_tokens.weight": (v, e), "model.norm.weight": (e,)}
+        if not c["tie_word_embeddings"]:
+            out["lm_head.weight"] = (v, e)
         for i in range(c["num_hidden_layers"]):
             p = f"model.layers.{i}."
             out.update({p + "input_layernorm.weight": (e,),
@@ -83,6 +98,10 @@ def _shapes(c: dict) -> dict[str, tuple[int, ...]]:
                         p + "self_attn.o_proj.weight": (e, h * d),
                         p + "mlp.gate_proj.weight": (f, e), p + "mlp.up_proj.weight": (f, e),
                         p + "mlp.down_proj.weight": (e, f)})
+            if t == "qwen2":
+                out.update({p + "self_attn.q_proj.bias": (h * d,),
+                            p + "self_attn.k_proj.bias": (k * d,),
+                            p + "self_attn.v_proj.bias": (k * d,)})
         return out
     e, n, k = c["hidden_size"], c["state_size"], c["conv_kernel"]
     i_ = c["expand"] * e
@@ -158,13 +177,15 @@ def _rms_norm(x, w, eps):
     return x / np.sqrt((x * x).mean(-1, keepdims=True) + eps) * w
 
 
-def _attention(q, k, v):
-    """Causal softmax attention, ``q (B, L, H, D)``, ``k, v (B, L, Hkv, D)``."""
+def _attention(q, k, v, window=None):
+    """Causal softmax attention, ``q (B, L, H, D)``, ``k, v (B, L, Hkv, D)``; with ``window``
+    query i sees keys ``i - window < j <= i`` (transformers' sliding_window_overlay)."""
     k = np.repeat(k, q.shape[2] // k.shape[2], axis=2)
     v = np.repeat(v, q.shape[2] // v.shape[2], axis=2)
     s = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(q.shape[-1])
     length = q.shape[1]
-    s = np.where(np.tril(np.ones((length, length), bool)), s, -np.inf)
+    i, j = np.arange(length)[:, None], np.arange(length)[None, :]
+    s = np.where((j <= i) & (j > i - (window or length)), s, -np.inf)
     w = np.exp(s - s.max(-1, keepdims=True))
     w = w / w.sum(-1, keepdims=True)
     return np.einsum("bhqk,bkhd->bqhd", w, v).reshape(q.shape[0], length, -1)
@@ -190,34 +211,58 @@ def _gpt2_forward(c, w, tokens):
     return x @ w["transformer.wte.weight"].T
 
 
-def _rotate_half_rope(x, theta):
+def _llama3_frequencies(freqs, rope):
+    """Llama 3.1's frequency scaling as Meta's reference code writes it, one frequency at a
+    time: short wavelengths kept, long ones divided by ``factor``, a smooth blend between."""
+    factor, low, high = rope["factor"], rope["low_freq_factor"], rope["high_freq_factor"]
+    old = rope["original_max_position_embeddings"]
+    out = []
+    for freq in freqs:
+        wavelen = 2 * np.pi / freq
+        if wavelen < old / high:
+            out.append(freq)
+        elif wavelen > old / low:
+            out.append(freq / factor)
+        else:
+            smooth = (old / wavelen - low) / (high - low)
+            out.append((1 - smooth) * freq / factor + smooth * freq)
+    return np.array(out)
+
+
+def _rotate_half_rope(x, rope):
     """HF LLaMA: ``x * cos + rotate_half(x) * sin`` with ``cos = cat(cos f, cos f)``."""
     d, length = x.shape[-1], x.shape[1]
-    freq = 1.0 / theta ** (np.arange(0, d, 2) / d)
+    freq = 1.0 / rope["rope_theta"] ** (np.arange(0, d, 2) / d)
+    if rope["rope_type"] == "llama3":
+        freq = _llama3_frequencies(freq, rope)
     angle = np.concatenate([np.arange(length)[:, None] * freq] * 2, -1)[None, :, None, :]
     rotated = np.concatenate([-x[..., d // 2:], x[..., :d // 2]], -1)
     return x * np.cos(angle) + rotated * np.sin(angle)
 
 
 def _llama_forward(c, w, tokens):
-    """``LlamaForCausalLM``: Linear is ``x @ W.T``; SwiGLU; untied head."""
-    h, kv, d, eps = (c["num_attention_heads"], c["num_key_value_heads"], c["head_dim"],
-                     c["rms_norm_eps"])
-    theta = c["rope_parameters"]["rope_theta"]
+    """``LlamaForCausalLM`` / ``MistralForCausalLM`` / ``Qwen2ForCausalLM``: Linear is
+    ``x @ W.T (+ b)``; SwiGLU; Mistral's sliding window; Qwen2's q/k/v biases."""
+    h, kv, eps = c["num_attention_heads"], c["num_key_value_heads"], c["rms_norm_eps"]
+    d = c.get("head_dim") or c["hidden_size"] // h
+    rope = c["rope_parameters"]
     b, length = tokens.shape
     x = w["model.embed_tokens.weight"][tokens]
     for i in range(c["num_hidden_layers"]):
         p = f"model.layers.{i}."
         y = _rms_norm(x, w[p + "input_layernorm.weight"], eps)
-        q, k, v = ((y @ w[f"{p}self_attn.{n}_proj.weight"].T).reshape(b, length, heads, d)
+        q, k, v = ((y @ w[f"{p}self_attn.{n}_proj.weight"].T
+                    + w.get(f"{p}self_attn.{n}_proj.bias", 0.0)).reshape(b, length, heads, d)
                    for n, heads in (("q", h), ("k", kv), ("v", kv)))
-        q, k = _rotate_half_rope(q, theta), _rotate_half_rope(k, theta)
-        x = x + _attention(q, k, v) @ w[p + "self_attn.o_proj.weight"].T
+        q, k = _rotate_half_rope(q, rope), _rotate_half_rope(k, rope)
+        x = x + (_attention(q, k, v, c.get("sliding_window"))
+                 @ w[p + "self_attn.o_proj.weight"].T)
         y = _rms_norm(x, w[p + "post_attention_layernorm.weight"], eps)
         gate = y @ w[p + "mlp.gate_proj.weight"].T
         u = gate / (1 + np.exp(-gate)) * (y @ w[p + "mlp.up_proj.weight"].T)
         x = x + u @ w[p + "mlp.down_proj.weight"].T
-    return _rms_norm(x, w["model.norm.weight"], eps) @ w["lm_head.weight"].T
+    head = w["model.embed_tokens.weight"] if c["tie_word_embeddings"] else w["lm_head.weight"]
+    return _rms_norm(x, w["model.norm.weight"], eps) @ head.T
 
 
 def _causal_conv(u, w, b):
@@ -297,7 +342,7 @@ def _mamba_forward(c, w, tokens):
 # ----------------------------------------------------------------------------------- tests
 
 
-@pytest.mark.parametrize("model_type", list(CONFIGS))
+@pytest.mark.parametrize("model_type", [t for t in CONFIGS if t != "llama3"])  # llama's table
 def test_round_trip_is_bit_exact(tmp_path, model_type):
     c = CONFIGS[model_type]
     state = _random_state(c)
@@ -311,7 +356,7 @@ def test_round_trip_is_bit_exact(tmp_path, model_type):
     assert sorted(out) == sorted(state)
     for name, array in state.items():
         assert out[name].dtype == array.dtype and np.array_equal(out[name], array), name
-    assert back["model_type"] == model_type
+    assert back["model_type"] == c["model_type"]
     # the written directory converts again to the same model and bit-identical parameters
     assert hf_to_orbax(tmp_path / "back", tmp_path / "again").model == cfg.model
     first, second = restore_params(tmp_path / "run")[1], restore_params(tmp_path / "again")[1]
@@ -323,6 +368,8 @@ def test_round_trip_is_bit_exact(tmp_path, model_type):
 @pytest.mark.parametrize("model_type,forward,scan", [
     ("gpt2", _gpt2_forward, True), ("gpt2", _gpt2_forward, False),
     ("llama", _llama_forward, True), ("llama", _llama_forward, False),
+    ("llama3", _llama_forward, True), ("mistral", _llama_forward, True),
+    ("qwen2", _llama_forward, False),
     ("mamba", _mamba_forward, True), ("mamba2", _mamba_forward, True)])
 def test_converted_logits_match_hf_math(tmp_path, model_type, forward, scan, monkeypatch):
     c = CONFIGS[model_type]
@@ -379,9 +426,18 @@ def test_bad_input_is_one_clear_error(tmp_path):
     with pytest.raises(ConfigError, match="model_type 'bert' is not supported; supported: "
                                           "gpt2, llama, mamba, mamba2, mistral"):
         convert({**GPT2, "model_type": "bert"}, out="a")
-    with pytest.raises(ConfigError, match="rope scaling type 'llama3'"):
-        convert({**LLAMA, "rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5,
+    with pytest.raises(ConfigError, match="rope scaling type 'yarn' .*supported: 'default', "
+                                          "'linear', 'llama3'"):
+        convert({**LLAMA, "rope_parameters": {"rope_type": "yarn", "rope_theta": 5e5,
                                               "factor": 8.0}}, _random_state(LLAMA), out="b")
+    with pytest.raises(ConfigError, match="use_sliding_window=true with layer_types .*"
+                                          "max_window_layers=1"):
+        convert({**QWEN2, "use_sliding_window": True, "sliding_window": 4,
+                 "max_window_layers": 1}, _random_state(QWEN2), out="b")
+    with pytest.raises(ConfigError, match="partial_rotary_factor=0.5 is not supported"):
+        convert({**LLAMA, "rope_parameters": {"rope_type": "default", "rope_theta": 5e5,
+                                              "partial_rotary_factor": 0.5}},
+                _random_state(LLAMA), out="b")
     with pytest.raises(ConfigError, match="activation_function='relu' is not supported"):
         convert({**GPT2, "activation_function": "relu"}, out="c")
     state = _random_state(GPT2)
@@ -499,12 +555,15 @@ def test_transformers_configs_translate_both_ways(model_type):
     transformers = pytest.importorskip("transformers")
 
     spec = {k: v for k, v in CONFIGS[model_type].items() if k != "model_type"}
-    written = json.loads(transformers.AutoConfig.for_model(model_type, **spec).to_json_string())
+    hf_type = CONFIGS[model_type]["model_type"]
+    written = json.loads(transformers.AutoConfig.for_model(hf_type, **spec).to_json_string())
     cfg = run_config(written).model
     assert (cfg.vocab_size, cfg.d_model, cfg.n_layers) == (61, 32, 2)
     back = cfg.to_hf_config()
-    assert back["architectures"][0] in ("GPT2LMHeadModel", "LlamaForCausalLM", "MambaForCausalLM",
-                                        "Mamba2ForCausalLM")
+    assert back["model_type"] == hf_type
+    assert back["architectures"][0] in ("GPT2LMHeadModel", "LlamaForCausalLM",
+                                        "MistralForCausalLM", "Qwen2ForCausalLM",
+                                        "MambaForCausalLM", "Mamba2ForCausalLM")
     reread = transformers.AutoConfig.for_model(back.pop("model_type"), **back)
     assert run_config(json.loads(reread.to_json_string())).model == cfg
 
@@ -512,7 +571,8 @@ def test_transformers_configs_translate_both_ways(model_type):
 FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "hf"
 
 
-@pytest.mark.parametrize("model_type", ["gpt2", "llama", "mistral", "mamba", "mamba2"])
+@pytest.mark.parametrize("model_type", ["gpt2", "llama", "llama3", "mistral", "qwen2", "mamba",
+                                        "mamba2"])
 def test_transformers_fixture(tmp_path, model_type):
     """A model made and run by transformers itself (scripts/make_hf_fixtures.py, torch): the
     converted model's logits within 1e-4, its 20 greedy tokens identical, and the round trip

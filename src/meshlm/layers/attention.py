@@ -1,4 +1,5 @@
-"""Multi-head attention with grouped-query K/V, RoPE, packed segments and a decoding KV cache.
+"""Multi-head attention with grouped-query K/V, RoPE, packed segments, an optional sliding window
+(Mistral) and a decoding KV cache.
 
 The attention product itself is ``pallas_kernels.flash_attention.flash_attention`` (its
 ``implementation="xla"`` reference on CPU, Pallas kernels on GPU/TPU, or its ``"cudnn"``
@@ -17,7 +18,7 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from meshlm.layers import ring_attention
-from meshlm.layers.embeddings import apply_rope
+from meshlm.layers.embeddings import RopeScaling, apply_rope
 
 Initializer = Callable[..., jax.Array]
 
@@ -29,18 +30,19 @@ _EMPTY_SLOT = -1
 
 
 def attend(q, k, v, *, q_segment_ids=None, kv_segment_ids=None, causal: bool = True,
-           q_offset: int = 0, implementation: str = "auto"):
+           q_offset: int = 0, sliding_window: int | None = None, implementation: str = "auto"):
     """``softmax(q k^T / sqrt(d)) v`` with ``q (B, Lq, H, D)``, ``k, v (B, Lk, Hkv, D)``, by
     ``flash_attention(implementation=...)`` (``"cudnn"`` included).
 
     Query ``i`` sits at key position ``q_offset + i`` (``causal``: sees keys ``<=`` that); with
-    segment ids (both or neither) it sees only keys of its own segment.
+    segment ids (both or neither) it sees only keys of its own segment; with ``sliding_window=w``
+    (needs ``causal``) only the ``w`` latest keys, its own included.
     """
     from pallas_kernels.flash_attention import flash_attention
 
     return flash_attention(
         q, k, v, causal=causal, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
-        q_offset=q_offset, implementation=implementation,
+        q_offset=q_offset, sliding_window=sliding_window, implementation=implementation,
     )
 
 
@@ -84,6 +86,10 @@ class HeadDense(nn.Module):
 class Attention(nn.Module):
     """Causal self-attention: q/k/v/out projections with head axes, optional RoPE, GQA/MQA.
 
+    ``use_bias`` gives every projection a bias, ``qkv_bias`` only q/k/v (Qwen2).
+    ``sliding_window=w`` lets a token see the ``w`` latest tokens, itself included (Mistral), in
+    training and in decoding (where it applies to the cached keys); None sees the whole context.
+
     With ``decode=True`` the layer keeps a KV cache in the ``"cache"`` collection
     (``cached_key``/``cached_value`` of shape ``(batch, max_len, kv_heads, head_dim)``, the
     ``cached_segment_ids`` and the ``cache_index``). Initialising with ``decode=True`` sizes the
@@ -96,8 +102,11 @@ class Attention(nn.Module):
     num_kv_heads: int
     head_dim: int
     use_bias: bool = True
+    qkv_bias: bool = False
     rope: bool = False
     rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    sliding_window: int | None = None
     implementation: str = "auto"
     decode: bool = False
     dtype: Any = jnp.float32
@@ -113,10 +122,13 @@ class Attention(nn.Module):
                 f"num_kv_heads={self.num_kv_heads} must divide num_heads={self.num_heads}"
             )
 
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise ValueError(f"sliding_window must be None or >= 1, got {self.sliding_window}")
+
         def project(heads, head_axis, name):
             return HeadDense(
                 (heads, self.head_dim), contract=1, kernel_axes=("embed", head_axis, "head_dim"),
-                use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype,
+                use_bias=self.use_bias or self.qkv_bias, dtype=self.dtype, param_dtype=self.param_dtype,
                 kernel_init=self.kernel_init, name=name,
             )(x)
 
@@ -124,8 +136,8 @@ class Attention(nn.Module):
         k = project(self.num_kv_heads, "kv_heads", "key")
         v = project(self.num_kv_heads, "kv_heads", "value")
         if self.rope:
-            q = apply_rope(q, positions, self.rope_theta)
-            k = apply_rope(k, positions, self.rope_theta)
+            q = apply_rope(q, positions, self.rope_theta, self.rope_scaling)
+            k = apply_rope(k, positions, self.rope_theta, self.rope_scaling)
         q = nn.with_logical_constraint(q, ("activation_batch", "activation_length", "activation_heads", "head_dim"))
         k = nn.with_logical_constraint(k, CACHE_AXES)
         v = nn.with_logical_constraint(v, CACHE_AXES)
@@ -136,11 +148,16 @@ class Attention(nn.Module):
             if self.decode:  # initialising: create the cache, sized by this input
                 self._cache_variables(k)
             if not self.decode and ring_attention.applies():  # context parallelism
+                if self.sliding_window is not None:
+                    raise ValueError(
+                        f"sliding_window={self.sliding_window} is not supported with context "
+                        "parallelism (activation_length sharded over the sequence axis)")
                 out = ring_attention.context_parallel_attention(
                     q, k, v, segment_ids, causal=True, implementation=self.implementation)
             else:
                 out = attend(q, k, v, q_segment_ids=segment_ids, kv_segment_ids=segment_ids,
-                             causal=True, implementation=self.implementation)
+                             causal=True, sliding_window=self.sliding_window,
+                             implementation=self.implementation)
         out = checkpoint_name(out, ATTENTION_OUT)
         out = nn.with_logical_constraint(out, ("activation_batch", "activation_length", "activation_heads", "head_dim"))
         return HeadDense(
@@ -177,14 +194,16 @@ class Attention(nn.Module):
         end = start + length
         cidx.value = end
         kv_segs = jnp.where(jnp.arange(max_len)[None, :] < end, segs, _EMPTY_SLOT)
-        if length == 1:
+        if length == 1 and self.sliding_window is None:
             # One query at the newest slot: causality is exactly "slot already written".
             return attend(q, keys, values, q_segment_ids=segment_ids, kv_segment_ids=kv_segs,
                           causal=False, implementation=self.implementation)
         # Several queries at a traced offset, but the kernels take a static ``q_offset``: rotate
         # the cache so the new tokens occupy its last ``length`` slots (``q_offset = max_len -
         # length``); the unwritten slots wrap to the front, where their segment id hides them.
+        # Distances between written slots are kept, so a sliding window (one token included)
+        # counts back from each query over the cached keys.
         roll = lambda a: jnp.roll(a, -end, axis=1)
         return attend(q, roll(keys), roll(values), q_segment_ids=segment_ids,
                       kv_segment_ids=roll(kv_segs), causal=True, q_offset=max_len - length,
-                      implementation=self.implementation)
+                      sliding_window=self.sliding_window, implementation=self.implementation)

@@ -1,9 +1,12 @@
-"""Token embeddings (with the tied output projection), learned absolute positions and RoPE."""
+"""Token embeddings (with the tied output projection), learned absolute positions and RoPE
+(with the linear and Llama-3 frequency scalings of long-context checkpoints)."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from typing import Any
+import math
+from typing import Any, Literal
 
 import flax.linen as nn
 import jax
@@ -87,12 +90,59 @@ class LearnedPositions(nn.Module):
         return jnp.take(table, positions, axis=0, mode="fill").astype(self.dtype)
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, theta: float = 10000.0) -> jax.Array:
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """How RoPE's inverse frequencies are stretched for a longer context than pre-training's.
+
+    ``linear`` (position interpolation, Chen et al. 2023) divides every frequency by ``factor``.
+    ``llama3`` (Llama 3.1) leaves wavelengths shorter than ``original_max_len /
+    high_freq_factor`` alone, divides those longer than ``original_max_len / low_freq_factor``
+    by ``factor``, and in between interpolates the two by ``original_max_len / wavelength``.
+    """
+
+    kind: Literal["linear", "llama3"]
+    factor: float
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_len: int = 8192
+
+    def __post_init__(self):
+        if self.kind not in ("linear", "llama3"):
+            raise ValueError(f"RoPE scaling kind must be 'linear' or 'llama3', got {self.kind!r}")
+        if not self.factor > 0:
+            raise ValueError(f"RoPE scaling factor must be > 0, got {self.factor}")
+        if self.kind == "llama3" and not (0 < self.low_freq_factor < self.high_freq_factor
+                                          and self.original_max_len > 0):
+            raise ValueError(
+                "llama3 RoPE scaling needs 0 < low_freq_factor < high_freq_factor and "
+                f"original_max_len > 0, got {self.low_freq_factor}, {self.high_freq_factor}, "
+                f"{self.original_max_len}")
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None = None) -> jax.Array:
+    """The ``head_dim // 2`` float32 inverse frequencies ``theta ** (-2i / head_dim)``, scaled."""
+    inv_freq = theta ** (-jnp.arange(head_dim // 2, dtype=jnp.float32) * 2.0 / head_dim)
+    if scaling is None:
+        return inv_freq
+    slow = inv_freq / scaling.factor
+    if scaling.kind == "linear":
+        return slow
+    old_len, low, high = scaling.original_max_len, scaling.low_freq_factor, scaling.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    smooth = (old_len / wavelen - low) / (high - low)
+    between = (1 - smooth) * slow + smooth * inv_freq
+    return jnp.where(wavelen < old_len / high, inv_freq,
+                     jnp.where(wavelen > old_len / low, slow, between))
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, theta: float = 10000.0,
+               scaling: RopeScaling | None = None) -> jax.Array:
     """Rotary position embedding (Su et al. 2021), "rotate half" layout (GPT-NeoX / HF LLaMA).
 
     Feature ``i < D/2`` is paired with feature ``i + D/2`` and the pair is rotated by the angle
-    ``position * theta ** (-2i / D)``. Computed in float32 (angles of positions in the thousands
-    lose all precision in bfloat16), returned in ``x.dtype``.
+    ``position * inv_freq[i]`` (``rope_inv_freq``: ``theta ** (-2i / D)``, stretched by
+    ``scaling``). Computed in float32 (angles of positions in the thousands lose all precision in
+    bfloat16), returned in ``x.dtype``.
 
     Args:
       x: ``(batch, length, heads, head_dim)`` with an even ``head_dim``.
@@ -102,7 +152,7 @@ def apply_rope(x: jax.Array, positions: jax.Array, theta: float = 10000.0) -> ja
     if head_dim % 2:
         raise ValueError(f"RoPE needs an even head_dim, got {head_dim}")
     half = head_dim // 2
-    inv_freq = theta ** (-jnp.arange(half, dtype=jnp.float32) * 2.0 / head_dim)
+    inv_freq = rope_inv_freq(head_dim, theta, scaling)
     angles = positions.astype(jnp.float32)[..., None] * inv_freq  # (batch, length, half)
     sin = jnp.sin(angles)[:, :, None, :]
     cos = jnp.cos(angles)[:, :, None, :]

@@ -2,7 +2,8 @@
 attention + MLP block).
 
 ``GPTConfig`` picks the variant: GPT-2 (learned positions, LayerNorm, GELU, biases, tied
-embeddings) or LLaMA (RoPE, RMSNorm, SwiGLU, grouped-query attention, no biases, untied).
+embeddings) or LLaMA (RoPE, RMSNorm, SwiGLU, grouped-query attention, no biases, untied), with
+LLaMA's relatives: Llama-3 RoPE scaling, Mistral's sliding window, Qwen2's q/k/v biases.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from meshlm.config import ConfigError, register_family
 from meshlm.convert.mapping import (HFTensor, conv1d, hf_option, linear, reshaped, same,
                                     split)
 from meshlm.layers import Attention, LearnedPositions, Mlp
+from meshlm.layers.embeddings import RopeScaling
 from meshlm.models.base import ACTIVATION_EMBED, DecoderLMConfig
 
 
@@ -34,6 +36,15 @@ class GPTConfig(DecoderLMConfig):
     d_ff: int = 1024
     position: Literal["learned", "rope"] = "learned"
     rope_theta: float = 10000.0
+    # RoPE frequency scaling (see layers.embeddings.RopeScaling): "linear" uses rope_factor;
+    # "llama3" also the low/high frequency factors and the pre-training context length.
+    rope_scaling: Literal["none", "linear", "llama3"] = "none"
+    rope_factor: float = 1.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_len: int = 8192
+    sliding_window: int | None = None  # a token sees the latest w tokens (itself included)
+    qkv_bias: bool = False  # biases on q/k/v only (Qwen2); use_bias puts them everywhere
     norm: Literal["layernorm", "rmsnorm"] = "layernorm"
     mlp: Literal["gelu", "swiglu"] = "gelu"
     use_bias: bool = True
@@ -68,6 +79,28 @@ class GPTConfig(DecoderLMConfig):
             )
         if self.position == "rope" and self.dim_per_head % 2:
             raise ConfigError(f"RoPE needs an even head_dim, got {self.dim_per_head}")
+        if self.rope_scaling != "none":
+            if self.position != "rope":
+                raise ConfigError(f"model.rope_scaling={self.rope_scaling!r} needs "
+                                  f"model.position='rope', got {self.position!r}")
+            try:
+                self.rope_scaling_spec
+            except ValueError as e:
+                raise ConfigError(f"model.rope_*: {e}") from None
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise ConfigError(
+                f"model.sliding_window must be null (whole context) or >= 1, got "
+                f"{self.sliding_window}")
+        if self.qkv_bias and self.use_bias:
+            raise ConfigError("model.qkv_bias=true with model.use_bias=true: use_bias already "
+                              "gives q/k/v their biases; set one of them")
+
+    @property
+    def rope_scaling_spec(self) -> RopeScaling | None:
+        if self.rope_scaling == "none":
+            return None
+        return RopeScaling(self.rope_scaling, self.rope_factor, self.rope_low_freq_factor,
+                           self.rope_high_freq_factor, self.rope_original_max_len)
 
     def block(self) -> type[nn.Module]:
         return Block
@@ -103,21 +136,27 @@ class GPTConfig(DecoderLMConfig):
         and MLP kernels of every layer, plus the ``d_model * vocab`` LM head, counted even when
         tied because the product is computed), plus attention scores and the weighted sum:
         ``2 * 2 * seq_len * n_heads * head_dim`` forward per layer, times 3 for the backward,
-        halved because causal attention needs only the lower triangle. Embedding lookups, norms,
-        biases and activations are not counted (not matmuls)."""
+        halved because causal attention needs only the lower triangle (with a sliding window
+        ``w < seq_len``, ``seq_len`` becomes ``2w - w^2 / seq_len``: twice the mean number of
+        keys a query sees). Embedding lookups, norms, biases and activations are not counted
+        (not matmuls)."""
         d, hd = self.d_model, self.dim_per_head
         attention = d * self.n_heads * hd * 2 + d * self.kv_heads * hd * 2
         mlp = d * self.d_ff * (3 if self.mlp == "swiglu" else 2)
         matmul_params = self.n_layers * (attention + mlp) + d * self.vocab_size
-        return 6.0 * matmul_params + 6.0 * self.n_layers * seq_len * self.n_heads * hd
+        w = self.sliding_window
+        span = seq_len if w is None or w >= seq_len else 2 * w - w * w / seq_len
+        return 6.0 * matmul_params + 6.0 * self.n_layers * span * self.n_heads * hd
 
 
     # ------------------------------------------------------------------ HuggingFace mapping
-    # GPT-2 (``GPT2LMHeadModel``) and LLaMA / Mistral (``LlamaForCausalLM``,
-    # ``MistralForCausalLM``). HF LLaMA's RoPE is the rotate-half form of ``apply_rope``
-    # (feature i pairs with i + D/2, same frequencies), so q/k rows are copied unpermuted.
+    # GPT-2 (``GPT2LMHeadModel``) and LLaMA / Mistral / Qwen2 (``LlamaForCausalLM``,
+    # ``MistralForCausalLM``, ``Qwen2ForCausalLM``). HF LLaMA's RoPE is the rotate-half form of
+    # ``apply_rope`` (feature i pairs with i + D/2, same frequencies), so q/k rows are copied
+    # unpermuted. Written back, a rope model is Qwen2 when it has q/k/v biases only, Mistral when
+    # it has a sliding window, else LLaMA.
 
-    hf_model_types: ClassVar[tuple[str, ...]] = ("gpt2", "llama", "mistral")
+    hf_model_types: ClassVar[tuple[str, ...]] = ("gpt2", "llama", "mistral", "qwen2")
     # GPT-2's cached causal mask buffers; LLaMA's cached RoPE frequencies (older checkpoints)
     hf_ignored: ClassVar[tuple[str, ...]] = (r"\.attn\.(masked_)?bias$", r"rotary_emb\.inv_freq$")
 
@@ -135,19 +174,10 @@ class GPTConfig(DecoderLMConfig):
                        norm_eps=hf.get("layer_norm_epsilon", 1e-5), mlp="gelu", use_bias=True,
                        tie_embeddings=hf.get("tie_word_embeddings", True))
         hf_option(hf, "hidden_act", ("silu",), "silu")
-        if hf["model_type"] == "mistral":
-            window = hf.get("sliding_window")
-            if window is not None and window < hf["max_position_embeddings"]:
-                raise ConfigError(f"config.json: sliding_window={window} is not supported "
-                                  "(meshlm attends to the whole context: null)")
-        rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type != "default":
-            raise ConfigError(f"config.json: rope scaling type {rope_type!r} "
-                              "(rope_parameters/rope_scaling) is not supported (supported: "
-                              "'default')")
-        bias = hf.get("attention_bias", False)
-        if hf.get("mlp_bias", False) != bias:
+        bias, qkv_bias = hf.get("attention_bias", False), False
+        if hf["model_type"] == "qwen2":  # q/k/v always biased, o_proj and the MLP never
+            bias, qkv_bias = False, True
+        elif hf.get("mlp_bias", False) != bias:
             raise ConfigError(f"config.json: attention_bias={bias} with mlp_bias="
                               f"{hf.get('mlp_bias')} is not supported (meshlm's use_bias is both)")
         heads = hf["num_attention_heads"]
@@ -155,38 +185,62 @@ class GPTConfig(DecoderLMConfig):
                    d_model=hf["hidden_size"], n_layers=hf["num_hidden_layers"], n_heads=heads,
                    n_kv_heads=hf.get("num_key_value_heads") or heads,
                    head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
-                   d_ff=hf["intermediate_size"], position="rope",
-                   rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
-                   norm="rmsnorm", norm_eps=hf.get("rms_norm_eps", 1e-6), mlp="swiglu",
-                   use_bias=bias, tie_embeddings=hf.get("tie_word_embeddings", False))
+                   d_ff=hf["intermediate_size"], position="rope", **_rope_from_hf(hf),
+                   sliding_window=_window_from_hf(hf), norm="rmsnorm",
+                   norm_eps=hf.get("rms_norm_eps", 1e-6), mlp="swiglu", use_bias=bias,
+                   qkv_bias=qkv_bias, tie_embeddings=hf.get("tie_word_embeddings", False))
 
     def _hf_model_type(self) -> str:
         variant = (self.position, self.norm, self.mlp)
-        if variant == ("learned", "layernorm", "gelu") and self.use_bias:
+        if (variant == ("learned", "layernorm", "gelu") and self.use_bias
+                and self.sliding_window is None):
             return "gpt2"
         if variant == ("rope", "rmsnorm", "swiglu"):
-            return "llama"
+            if self.qkv_bias:
+                return "qwen2"
+            if self.sliding_window is None:
+                return "llama"
+            if not self.use_bias:
+                return "mistral"
         raise ConfigError(
             f"no HuggingFace model_type has position={self.position!r}, norm={self.norm!r}, "
-            f"mlp={self.mlp!r}, use_bias={self.use_bias} (gpt2: learned, layernorm, gelu, "
-            "biases; llama: rope, rmsnorm, swiglu)")
+            f"mlp={self.mlp!r}, use_bias={self.use_bias}, sliding_window={self.sliding_window} "
+            "(gpt2: learned, layernorm, gelu, biases, no window; llama: rope, rmsnorm, swiglu, "
+            "no window; mistral: llama's without biases, a window; qwen2: llama's with qkv_bias)")
 
     def to_hf_config(self) -> dict:
-        if self._hf_model_type() == "gpt2":
+        model_type = self._hf_model_type()
+        if model_type == "gpt2":
             return dict(model_type="gpt2", architectures=["GPT2LMHeadModel"],
                         vocab_size=self.vocab_size, n_positions=self.max_seq_len,
                         n_embd=self.d_model, n_layer=self.n_layers, n_head=self.n_heads,
                         n_inner=self.d_ff, activation_function="gelu_new",
                         layer_norm_epsilon=self.norm_eps, tie_word_embeddings=self.tie_embeddings)
-        return dict(model_type="llama", architectures=["LlamaForCausalLM"],
-                    vocab_size=self.vocab_size, max_position_embeddings=self.max_seq_len,
-                    hidden_size=self.d_model, num_hidden_layers=self.n_layers,
-                    num_attention_heads=self.n_heads, num_key_value_heads=self.kv_heads,
-                    head_dim=self.dim_per_head, intermediate_size=self.d_ff, hidden_act="silu",
-                    rms_norm_eps=self.norm_eps,
-                    rope_parameters={"rope_type": "default", "rope_theta": self.rope_theta},
-                    attention_bias=self.use_bias, mlp_bias=self.use_bias,
-                    tie_word_embeddings=self.tie_embeddings)
+        rope = {"rope_type": "default" if self.rope_scaling == "none" else self.rope_scaling,
+                "rope_theta": self.rope_theta}
+        if self.rope_scaling != "none":
+            rope["factor"] = self.rope_factor
+        if self.rope_scaling == "llama3":
+            rope.update(low_freq_factor=self.rope_low_freq_factor,
+                        high_freq_factor=self.rope_high_freq_factor,
+                        original_max_position_embeddings=self.rope_original_max_len)
+        architecture = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+                        "qwen2": "Qwen2ForCausalLM"}[model_type]
+        out = dict(model_type=model_type, architectures=[architecture],
+                   vocab_size=self.vocab_size, max_position_embeddings=self.max_seq_len,
+                   hidden_size=self.d_model, num_hidden_layers=self.n_layers,
+                   num_attention_heads=self.n_heads, num_key_value_heads=self.kv_heads,
+                   head_dim=self.dim_per_head, intermediate_size=self.d_ff, hidden_act="silu",
+                   rms_norm_eps=self.norm_eps, rope_parameters=rope,
+                   tie_word_embeddings=self.tie_embeddings)
+        if model_type == "llama":
+            out.update(attention_bias=self.use_bias, mlp_bias=self.use_bias)
+        elif model_type == "mistral":
+            out.update(sliding_window=self.sliding_window)
+        else:  # every layer slides (max_window_layers=0) or none does
+            out.update(use_sliding_window=self.sliding_window is not None,
+                       sliding_window=self.sliding_window, max_window_layers=0)
+        return out
 
     def hf_tensors(self) -> list[HFTensor]:
         h, kv, d, e = self.n_heads, self.kv_heads, self.dim_per_head, self.d_model
@@ -201,7 +255,7 @@ class GPTConfig(DecoderLMConfig):
         for name, param, heads in (("q", "query", h), ("k", "key", kv), ("v", "value", kv)):
             table.append(linear(f"{layer}self_attn.{name}_proj.weight",
                                 f"attention/{param}/kernel", out_shape=(heads, d)))
-            if bias:
+            if bias or self.qkv_bias:
                 table.append(reshaped(f"{layer}self_attn.{name}_proj.bias",
                                       f"attention/{param}/bias", (heads, d)))
         for name, param in (("gate", "wi_gate"), ("up", "wi_up"), ("down", "wo")):
@@ -243,6 +297,52 @@ class GPTConfig(DecoderLMConfig):
         return table
 
 
+_ROPE_TYPES = ("default", "linear", "llama3")
+
+
+def _rope_from_hf(hf: dict) -> dict:
+    """``GPTConfig``'s rope fields from ``rope_parameters`` (transformers 5) or the older
+    ``rope_scaling`` + top-level ``rope_theta``."""
+    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind not in _ROPE_TYPES:
+        raise ConfigError(f"config.json: rope scaling type {kind!r} (rope_parameters/"
+                          f"rope_scaling) is not supported (supported: "
+                          f"{', '.join(repr(t) for t in _ROPE_TYPES)})")
+    hf_option(rope, "partial_rotary_factor", (1.0,), 1.0)
+    out = dict(rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))))
+    if kind == "default":
+        return out
+    out.update(rope_scaling=kind, rope_factor=float(rope["factor"]))
+    if kind == "llama3":
+        out.update(rope_low_freq_factor=float(rope["low_freq_factor"]),
+                   rope_high_freq_factor=float(rope["high_freq_factor"]),
+                   rope_original_max_len=int(rope.get("original_max_position_embeddings",
+                                                      hf["max_position_embeddings"])))
+    return out
+
+
+def _window_from_hf(hf: dict) -> int | None:
+    """Mistral's ``sliding_window`` (null: none), or Qwen2's where every layer slides (its
+    ``layer_types``, by default the layers from ``max_window_layers`` on when
+    ``use_sliding_window``); a mix of sliding and full layers is refused."""
+    if hf["model_type"] == "mistral":
+        return hf.get("sliding_window")
+    if hf["model_type"] != "qwen2":
+        return None
+    window = hf.get("sliding_window") if hf.get("use_sliding_window", False) else None
+    if window is None:
+        return None
+    n, first = hf["num_hidden_layers"], hf.get("max_window_layers", 28)
+    types = hf.get("layer_types") or ["sliding_attention" if i >= first else "full_attention"
+                                      for i in range(n)]
+    if len(set(types)) > 1:
+        raise ConfigError(
+            f"config.json: use_sliding_window=true with layer_types {types} (max_window_layers="
+            f"{first}) is not supported: meshlm's sliding_window applies to every layer or none")
+    return window if types[0] == "sliding_attention" else None
+
+
 class Block(nn.Module):
     """``x + drop(attn(norm(x)))`` then ``x + drop(mlp(norm(x)))``; returns ``(x, None)`` so the
     same module is a ``nn.scan`` body."""
@@ -262,8 +362,9 @@ class Block(nn.Module):
 
         h = Attention(
             num_heads=cfg.n_heads, num_kv_heads=cfg.kv_heads, head_dim=cfg.dim_per_head,
-            use_bias=cfg.use_bias, rope=cfg.position == "rope", rope_theta=cfg.rope_theta,
-            implementation=cfg.attention, decode=self.decode, dtype=dtype,
+            use_bias=cfg.use_bias, qkv_bias=cfg.qkv_bias, rope=cfg.position == "rope",
+            rope_theta=cfg.rope_theta, rope_scaling=cfg.rope_scaling_spec,
+            sliding_window=cfg.sliding_window, implementation=cfg.attention, decode=self.decode, dtype=dtype,
             param_dtype=param_dtype, kernel_init=init, out_kernel_init=out_init, name="attention",
         )(cfg.make_norm("attention_norm")(x), positions, segment_ids)
         x = x + nn.Dropout(cfg.dropout)(h, deterministic=self.deterministic)
