@@ -2,9 +2,11 @@
 
 For each config (default: GPT ~125M, ~350M, ~1.3B parameters; any family) this times, on one
 device, the train step ``meshlm.train.setup.build`` compiles (bf16 compute, fp32 parameters and
-AdamW state, global-norm clipping) and, for the GPT family, ``scripts/torch_gpt.py``'s PyTorch
-model of the same architecture and batch (torch.compile, scaled_dot_product_attention, bf16
-autocast, fused AdamW), then prints one Markdown table. A config entry may carry its own
+AdamW state, global-norm clipping) and, for the GPT and T5 families, a PyTorch model of the same
+architecture and batch (``scripts/torch_gpt.py``; ``scripts/torch_t5.py``: transformers'
+``T5ForConditionalGeneration``; torch.compile, bf16 autocast, fused AdamW; skipped where torch
+has no CUDA), then prints one Markdown table. For T5 a token is a row position (one encoder and
+one decoder token, both sides ``--seq`` long). A config entry may carry its own
 overrides after ``@`` (``mamba_130m@model.implementation=xla``), so one run can set a model
 beside a variant of itself. A step time is the mean of ``--steps`` steps with one
 sync at the end, the fastest of ``--rounds`` such rounds (all recorded), after ``--warmup`` steps:
@@ -49,6 +51,8 @@ DEFAULTS = {
     "gpt_1p3b": dict(batch=8, seq=2048, overrides=(*_FAST, "model.remat=dots_no_batch")),
 }
 SMOKE = dict(config="default", batch=4, seq=64, steps=2, warmup=1)
+# The PyTorch baseline module (its ``measure``) of each family that has one.
+TORCH_BASELINES = {"gpt": "scripts.torch_gpt", "t5": "scripts.torch_t5"}
 
 # XLA flags for the JAX child processes (appended to any XLA_FLAGS already set): cuBLAS rather
 # than Triton for plain GEMMs measured ~4% faster at 125M (one device: no latency-hiding
@@ -65,6 +69,16 @@ def config_path(name: str) -> pathlib.Path:
         names = ", ".join(sorted(p.stem for p in (ROOT / "configs").glob("*.yaml")))
         raise SystemExit(f"unknown config {name!r}: give a YAML path or one of {names}")
     return path
+
+
+def _has_cuda_torch() -> bool:
+    """Whether a torch with CUDA is installed (checked in a child: no CUDA context here)."""
+    probe = "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"
+    try:
+        return subprocess.run([sys.executable, "-c", probe], capture_output=True,
+                              timeout=120).returncode == 0
+    except subprocess.TimeoutExpired:
+        return False
 
 
 def peak_flops(device_kind: str) -> float | None:
@@ -96,18 +110,9 @@ def jax_worker(args) -> dict:
 
     # Full rows of random tokens (one document per row), four batches used in rotation.
     rng = np.random.default_rng(0)
-    batch_sh = run.batch_sharding
     b, length = args.batch, args.seq
-    batches = []
-    for _ in range(4):
-        tokens = rng.integers(0, cfg.model.vocab_size, (b, length + 1), dtype=np.int32)
-        batch = {
-            "inputs": tokens[:, :-1], "targets": tokens[:, 1:],
-            "segment_ids": np.ones((b, length), np.int32),
-            "positions": np.broadcast_to(np.arange(length, dtype=np.int32), (b, length)),
-            "loss_mask": np.ones((b, length), np.float32),
-        }
-        batches.append(jax.device_put(batch, batch_sh))
+    batches = [jax.device_put(random_batch(cfg, rng, b, length), run.batch_sharding)
+               for _ in range(4)]
 
     state, metrics = train_step(state, batches[0])
     first_loss = float(metrics["loss"])
@@ -150,6 +155,21 @@ def jax_worker(args) -> dict:
     }
 
 
+def random_batch(cfg, rng, b: int, length: int) -> dict:
+    """A batch of the family's type (``batch_fields``): random token fields, positions
+    ``0..length-1``, one segment per row, every token counted in the loss."""
+    import numpy as np
+
+    def field(name, dtype):
+        if name.endswith("positions"):
+            return np.broadcast_to(np.arange(length, dtype=dtype), (b, length))
+        if name.endswith("segment_ids") or name == "loss_mask":
+            return np.ones((b, length), dtype)
+        return rng.integers(0, cfg.model.vocab_size, (b, length), dtype=dtype)
+
+    return {k: field(k, np.dtype(d)) for k, d in cfg.model.batch_fields.items()}
+
+
 def _jax_profile(run_steps, steps: int, top: int = 40) -> str:
     """Device time per kernel of ``run_steps(steps)`` (a jax.profiler trace, summed by name)."""
     from scripts.profile_trace import trace_device_time
@@ -161,12 +181,14 @@ def _jax_profile(run_steps, steps: int, top: int = 40) -> str:
 
 
 def torch_worker(args) -> dict:
+    import importlib
+
     import torch
 
     from meshlm.config import load_config
-    from scripts.torch_gpt import measure
 
     cfg = load_config(config_path(args.config), [*args.set, f"data.seq_len={args.seq}"])
+    measure = importlib.import_module(TORCH_BASELINES[cfg.model.family]).measure
     result = measure(cfg.model, args.batch, args.seq, steps=args.steps, warmup=args.warmup,
                      profile=args.profile, rounds=args.rounds)
     result["versions"] = f"torch {torch.__version__}"
@@ -287,7 +309,7 @@ def main(argv=None) -> None:
         flops = cfg.model.flops_per_token(seq)
         print(f"== {entry}: batch {batch} x {seq}, overrides {overrides}", flush=True)
         res = {"jax": run_worker("jax", args, config, batch, seq, overrides)}
-        if not args.skip_torch and cfg.model.family == "gpt":  # torch_gpt.py models GPT only
+        if not args.skip_torch and cfg.model.family in TORCH_BASELINES and _has_cuda_torch():
             res["torch"] = run_worker("torch", args, config, batch, seq, overrides)
         for kind, r in res.items():
             profile = r.pop("profile", None)
