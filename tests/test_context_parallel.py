@@ -54,13 +54,15 @@ DP2_SP4 = MeshConfig(data=2, sequence=4)
 FSDP2_SP2_TP2 = MeshConfig(data=1, sequence=2, tensor=2, fsdp=2)
 
 
-@pytest.mark.parametrize("mesh_cfg, length, causal, segments", [
-    (DP2_SP4, 32, True, True),
-    (DP2_SP4, 32, False, False),
-    (DP2_SP4, 20, True, True),  # 20 = 5 x 4, not a multiple of 8: contiguous causal ring
-    (FSDP2_SP2_TP2, 16, True, True),
-], ids=["sp4-causal-seg", "sp4-full", "sp4-causal-seg-contiguous", "fsdp2-sp2-tp2-causal-seg"])
-def test_ring_attention_matches_unsharded(mesh_cfg, length, causal, segments):
+@pytest.mark.parametrize("method, mesh_cfg, length, causal, segments", [
+    ("ring", DP2_SP4, 32, True, True),
+    ("ring", DP2_SP4, 32, False, False),
+    ("ring", DP2_SP4, 20, True, True),  # 20 = 5 x 4, not a multiple of 8: contiguous causal ring
+    ("ring", FSDP2_SP2_TP2, 16, True, True),
+    ("ulysses", MeshConfig(data=2, sequence=2, expert=2), 16, True, True),
+], ids=["sp4-causal-seg", "sp4-full", "sp4-causal-seg-contiguous", "fsdp2-sp2-tp2-causal-seg",
+        "ulysses-sp2-causal-seg"])
+def test_context_parallel_attention_matches_unsharded(method, mesh_cfg, length, causal, segments):
     q, k, v, cot, seg = inputs(length + 2 * causal + segments, segments, length)
     want_out, want_grads = jax.jit(functools.partial(
         loss_and_grads, lambda q, k, v, s: flash_attention(
@@ -75,7 +77,7 @@ def test_ring_attention_matches_unsharded(mesh_cfg, length, causal, segments):
         ks, vs = (put(x, *ring_attention.KV_AXES) for x in (k, v))
         segs = put(seg, "activation_batch", "activation_length")
         ring = functools.partial(ring_attention.context_parallel_attention, causal=causal,
-                                 implementation="xla")
+                                 method=method, implementation="xla")
         step = jax.jit(functools.partial(loss_and_grads, lambda q, k, v, s: ring(q, k, v, s)))
         out, grads = step(qs, ks, vs, cots, segs)
     assert out.sharding.spec[1] == "sequence"  # the output stays sharded by length

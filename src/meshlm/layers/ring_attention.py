@@ -1,5 +1,8 @@
 """Context parallelism: attention over a length axis sharded on the ``sequence`` mesh axis.
 
+Two methods: ring attention (below) and Ulysses (all-to-all to a head split and back; see
+``context_parallel_attention``).
+
 Each of the ``S`` devices keeps its queries while the K/V blocks (and their segment ids) travel
 round the ring by ``ppermute``; at every step a device attends its queries to the block it holds
 with ``flash_attention(..., return_lse=True)`` and folds the partial output into a running one by
@@ -56,12 +59,23 @@ def applies() -> bool:
     return sequence_shards() > 1 and not _mesh_axes("activation_stage", mesh)
 
 
+METHODS = ("ring", "ulysses")
+
+
 def context_parallel_attention(q, k, v, segment_ids=None, *, causal: bool = True,
-                               implementation: str = "auto"):
+                               method: str = "ring", implementation: str = "auto"):
     """Self-attention of ``q (B, L, H, D)`` over ``k, v (B, L, Hkv, D)`` whose length axis the
-    current rules shard over the mesh (``sequence_shards() > 1``), by ring attention inside
-    ``shard_map``; batch and head axes stay split as the rules say. ``segment_ids (B, L)`` or
-    None. Equals ``flash_attention(q, k, v, causal=causal, segment_ids=segment_ids)``."""
+    current rules shard over the mesh (``sequence_shards() > 1``), inside ``shard_map``; batch
+    and head axes stay split as the rules say. ``segment_ids (B, L)`` or None. Equals
+    ``flash_attention(q, k, v, causal=causal, segment_ids=segment_ids)``.
+
+    ``method="ring"``: ring attention (any head count). ``"ulysses"``: an all-to-all trades the
+    length split for a head split, each device attends its heads over the whole length, and a
+    second all-to-all trades back; it needs the local query and kv head counts divisible by the
+    sequence shards, and moves 4 activations per layer instead of ring's ``S-1`` K/V blocks.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     mesh = jax.sharding.get_abstract_mesh()
     seq = _mesh_axes("activation_length", mesh)
     if not seq:
@@ -83,7 +97,17 @@ def context_parallel_attention(q, k, v, segment_ids=None, *, causal: bool = True
     seg_spec = P(b, s)
     axis = seq if len(seq) > 1 else seq[0]
 
+    if method == "ulysses":
+        local_heads = (q.shape[2] // math.prod(mesh.shape[a] for a in heads),
+                       k.shape[2] // math.prod(mesh.shape[a] for a in kv_heads))
+        if local_heads[0] % shards or local_heads[1] % shards:
+            raise ValueError(
+                f"ulysses attention over {shards} sequence shards needs the per-device query "
+                f"and kv head counts {local_heads} divisible by {shards}; use method='ring'")
+
     def local(q, k, v, seg=None):
+        if method == "ulysses":
+            return _ulysses(q, k, v, seg, axis, causal, implementation)
         if zigzag:
             q, k, v, seg = (None if x is None else to_zigzag(x, axis, shards)
                             for x in (q, k, v, seg))
@@ -96,6 +120,18 @@ def context_parallel_attention(q, k, v, segment_ids=None, *, causal: bool = True
         args, in_specs = args + (segment_ids,), in_specs + (seg_spec,)
     return jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=q_spec,
                          axis_names=manual)(*args)
+
+
+def _ulysses(q, k, v, seg, axis, causal, implementation):
+    """Inside ``shard_map``: heads split, length whole, attend, and back."""
+    def gather_length(x):  # (B, L/S, h, D) -> (B, L, h/S, D)
+        return jax.lax.all_to_all(x, axis, split_axis=2, concat_axis=1, tiled=True)
+
+    if seg is not None:
+        seg = jax.lax.all_gather(seg, axis, axis=1, tiled=True)
+    out = flash_attention(*map(gather_length, (q, k, v)), causal=causal, segment_ids=seg,
+                          implementation=implementation)
+    return jax.lax.all_to_all(out, axis, split_axis=1, concat_axis=2, tiled=True)
 
 
 # ----------------------------------------------------------------------------- the ring
