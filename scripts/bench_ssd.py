@@ -111,8 +111,9 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--lengths", type=int, nargs="+", default=[2048, 8192])
     p.add_argument("--tokens", type=int, default=16384)
+    p.add_argument("--heads", type=int, default=HEADS, help="24: Mamba-2 130M's layer")
     p.add_argument("--variants", nargs="+", default=["64x64x4"],
-                   help="Triton tiles block_t x block_p x num_warps")
+                   help="Triton tiles block_t x block_p x num_warps [x scan_block_p]")
     p.add_argument("--no-check", action="store_true")
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--budget-s", type=float, default=1e9,
@@ -131,8 +132,8 @@ def main(argv=None):
     rows = []
     for length in a.lengths:
         batch = max(1, a.tokens // length)
-        args = _inputs(jax.random.PRNGKey(length), batch, length, HEADS, HEAD_DIM, GROUPS, D_STATE,
-                       jnp.bfloat16)
+        args = _inputs(jax.random.PRNGKey(length), batch, length, a.heads, HEAD_DIM, GROUPS,
+                       D_STATE, jnp.bfloat16)
         names, vals = list(args), list(args.values())
         dy = jax.random.normal(jax.random.PRNGKey(1), args["x"].shape).astype(jnp.bfloat16)
         base_fwd, base_bwd = _fwd_and_vjp(_fn("xla", names))
@@ -143,12 +144,12 @@ def main(argv=None):
                      1.0, 1.0, "-"])
         print(rows[-1], flush=True)
         for impl in impls:
-            for bt, bp, nw in variants if impl == "triton" else [(None, None, None)]:
+            for v in variants if impl == "triton" else [None]:
+                label = impl if v is None else f"{impl} {'x'.join(map(str, v))}"
                 if time.time() - start > a.budget_s:
-                    print(f"budget: skipping {impl} {bt}x{bp}x{nw} at {length}", flush=True)
+                    print(f"budget: skipping {label} at {length}", flush=True)
                     continue
-                opts = dict(tiles=None if bt is None else triton.Tiles(bt, bp, nw))
-                label = impl if bt is None else f"{impl} {bt}x{bp}x{nw}"
+                opts = dict(tiles=None if v is None else triton.Tiles(*v))
                 try:
                     fwd, fwd_bwd = _fwd_and_vjp(_fn(impl, names, **opts))
                     t_fwd = benchlib.time_ms(fwd, *vals, iters=a.iters)
@@ -160,7 +161,7 @@ def main(argv=None):
                 rows.append([length, batch, label, t_fwd, t_bwd, t_base_fwd / t_fwd,
                              t_base_bwd / t_bwd, f"{err:.1e}"])
                 print(rows[-1], flush=True)
-    print(f"\n{benchlib.device_description()}; heads {HEADS}, head_dim {HEAD_DIM}, d_state "
+    print(f"\n{benchlib.device_description()}; heads {a.heads}, head_dim {HEAD_DIM}, d_state "
           f"{D_STATE}, groups {GROUPS}, bf16, D + dt_bias + softplus; chunk_size {CHUNK}")
     return benchlib.print_table(
         ["length", "batch", "implementation", "fwd ms", "fwd+bwd ms", "fwd speed-up",

@@ -118,6 +118,18 @@ def test_kernel_matches_reference(impl, case):
     assert not bad, f"seed {seed}: errors over {tol}: {bad}"
 
 
+def test_triton_state_passes_narrower_than_tiles():
+    """``scan_block_p < block_p``: the sequential state passes split head_dim into more programs
+    than the per-tile kernels read the saved states with."""
+    seed, args, (y_ref, h_ref, grads_ref) = _case("f32-full")
+    tiles = triton.Tiles(16, 32, 4, scan_block_p=16)
+    y, h, grads = _loss_and_grads("triton", args, seed, interpret=True, chunk_size=32, tiles=tiles)
+    errors = {"y": _rel(y, y_ref), "final_state": _rel(h, h_ref)}
+    errors |= {"d" + name: _rel(g, grads_ref[name]) for name, g in grads.items()}
+    bad = {k: v for k, v in errors.items() if not v < TOL[jnp.float32]}
+    assert not bad, f"seed {seed}: {bad}"
+
+
 def test_chunked_xla_matches_reference():
     seed, args, (y_ref, h_ref, grads_ref) = _case("f32-full")
     y, h, grads = _loss_and_grads("xla", args, seed, chunk_size=16)
@@ -240,6 +252,8 @@ def _small():
                             tiles=triton.Tiles(24, 16, 4)), r"tiles\.block_t \(24\)"),
         (lambda a: a.update(implementation="triton", interpret=True,
                             tiles=triton.Tiles(16, 16, 0)), "tiles.num_warps must be a positive"),
+        (lambda a: a.update(implementation="triton", interpret=True,
+                            tiles=triton.Tiles(16, 16, 4, 24)), r"tiles\.scan_block_p \(24\)"),
         (lambda a: a.update(implementation="tpu", interpret=True, tiles=tpu.Tiles(12)),
          r"tiles\.block_t \(12\) must divide"),
         (lambda a: a.update(implementation="tpu", interpret=True, tiles=triton.Tiles(8, 16, 4)),

@@ -63,6 +63,7 @@ class SSDConfig:
     dt_softplus: bool
     num_warps: int | None
     interpret: bool
+    scan_block_p: int | None = None  # Triton's sequential state passes (``triton.Tiles``)
 
 
 def _dot(a, b, contract, dtype):

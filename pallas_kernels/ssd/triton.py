@@ -46,12 +46,21 @@ f32 = jnp.float32
 @dataclasses.dataclass(frozen=True)
 class Tiles:
     """``block_t`` steps per matrix-product tile (a power of 2 >= 16 dividing ``chunk_size``),
-    ``block_p`` head_dim columns per program (a power of 2 >= 16 dividing ``head_dim``) and the
-    warps per program."""
+    ``block_p`` head_dim columns per program (a power of 2 >= 16 dividing ``head_dim``), the
+    warps per program, and ``scan_block_p`` head_dim columns per program of the two sequential
+    state passes (likewise; 0 means ``block_p``). The sequential passes have one program per
+    (batch row, head, column block) walking the whole length, so at long sequences and few rows
+    narrower columns give them more programs in flight; the per-tile kernels are parallel over
+    the length already and keep ``block_p`` (each column block adds ``dB``/``dC`` partials)."""
 
     block_t: int
     block_p: int
     num_warps: int
+    scan_block_p: int = 0
+
+    def __post_init__(self):
+        if self.scan_block_p == 0:
+            object.__setattr__(self, "scan_block_p", self.block_p)
 
 
 # Defaults by compute capability ("" is every GPU), each tile capped at chunk_size / head_dim:
@@ -62,7 +71,7 @@ DEFAULT_TILES = {"": Tiles(block_t=64, block_p=64, num_warps=4)}
 def default_tiles(call: common.Call) -> Tiles:
     default = device_default(DEFAULT_TILES)
     return Tiles(min(default.block_t, call.chunk_size), min(default.block_p, call.head_dim),
-                 default.num_warps)
+                 default.num_warps, min(default.scan_block_p, call.head_dim))
 
 
 def supports(call: common.Call, tiles: Tiles) -> str | None:
@@ -74,9 +83,10 @@ def supports(call: common.Call, tiles: Tiles) -> str | None:
     if not pow2(tiles.block_t) or chunk_size % tiles.block_t:
         return (f"tiles.block_t ({tiles.block_t}) must be a power of two >= 16 dividing "
                 f"chunk_size ({chunk_size})")
-    if not pow2(tiles.block_p) or head_dim % tiles.block_p:
-        return (f"tiles.block_p ({tiles.block_p}) must be a power of two >= 16 dividing "
-                f"head_dim ({head_dim})")
+    for name in ("block_p", "scan_block_p"):
+        if not pow2(value := getattr(tiles, name)) or head_dim % value:
+            return (f"tiles.{name} ({value}) must be a power of two >= 16 dividing "
+                    f"head_dim ({head_dim})")
     return None
 
 
@@ -85,7 +95,7 @@ def config(call: common.Call, tiles: Tiles, dt_softplus: bool, interpret: bool):
     return common.SSDConfig(
         implementation="triton", chunk_size=tiles.block_t, block_t=tiles.block_t,
         block_p=tiles.block_p, dt_softplus=dt_softplus, num_warps=tiles.num_warps,
-        interpret=interpret,
+        interpret=interpret, scan_block_p=tiles.scan_block_p,
     )
 
 
@@ -287,9 +297,10 @@ def forward(x, dt, A, B, C, D, z, dt_bias, h0, cfg: common.SSDConfig, *, save_ch
     st = _static(x, cfg)
     n_tiles = st["n_tiles"]
     n_pb = head_dim // cfg.block_p
-    sp, spt = _specs(x.shape, B.shape, cfg.block_p, n_tiles)
+    sp = _specs(x.shape, B.shape, cfg.scan_block_p, n_tiles)[0]  # the sequential pass's
+    spt = _specs(x.shape, B.shape, cfg.block_p, n_tiles)[1]  # the per-tile kernels'
     states = _call(
-        _state_kernel, cfg, (batch, heads, n_pb),
+        _state_kernel, cfg, (batch, heads, head_dim // cfg.scan_block_p),
         [("x", x, sp["seq"]), ("dt", dt, sp["dt"]), ("A", A, sp["head"]), ("B", B, sp["grp"]),
          ("bias", dt_bias, sp["head"]), ("h0", h0, sp["state"])],
         [("h_final", jax.ShapeDtypeStruct((batch, heads, head_dim, d_state), f32), sp["state"]),
@@ -322,10 +333,11 @@ def backward(dout, dh_final, x, dt, A, B, C, D, z, dt_bias, h0, ckpt, cfg: commo
     st = _static(x, cfg)
     n_tiles = st["n_tiles"]
     n_pb = head_dim // cfg.block_p
-    sp, spt = _specs(x.shape, B.shape, cfg.block_p, n_tiles)
+    sp = _specs(x.shape, B.shape, cfg.scan_block_p, n_tiles)[0]
+    spt = _specs(x.shape, B.shape, cfg.block_p, n_tiles)[1]
     f32_state = jax.ShapeDtypeStruct((batch, heads, head_dim, d_state), f32)
     dstates = _call(
-        _dstate_kernel, cfg, (batch, heads, n_pb),
+        _dstate_kernel, cfg, (batch, heads, head_dim // cfg.scan_block_p),
         [("dt", dt, sp["dt"]), ("A", A, sp["head"]), ("C", C, sp["grp"]), ("z", z, sp["seq"]),
          ("bias", dt_bias, sp["head"]), ("dout", dout, sp["seq"]),
          ("dh_final", dh_final, sp["state"])],
