@@ -56,8 +56,9 @@ def ssd(
       A: ``(heads,)`` log-decay rates (negative in Mamba-2), any float dtype.
       B, C: ``(batch, length, n_groups, d_state)`` in x's dtype; ``heads`` must be a multiple of
         ``n_groups`` and head ``h`` reads group ``h // (heads // n_groups)``.
-      chunk_size: steps between the saved states (Pallas lowerings; a multiple of their
-        ``block_t``) or per einsum chunk (``"xla"``). The length need not be a multiple of it.
+      chunk_size: steps per einsum chunk (``"xla"``) or between the saved states (``"tpu"``);
+        a multiple of a Pallas lowering's ``block_t`` (``"triton"`` saves the state before every
+        ``block_t`` tile). The length need not be a multiple of it.
       D: ``(heads,)`` skip: ``y += D[h] * x``.
       z: like ``x``; gates the output as ``y * silu(z)``.
       dt_bias: ``(heads,)`` added to ``dt``; ``dt_softplus`` then applies softplus.
@@ -68,8 +69,9 @@ def ssd(
         target platform when it supports the call, else ``"xla"``.
       interpret: run a named Pallas lowering in interpret mode (how CI tests them on CPU); it
         never changes what ``"auto"`` picks.
-      tiles: the named lowering's ``Tiles`` (``ssd.triton.Tiles(block_t, block_p, num_warps)``,
-        ``ssd.tpu.Tiles(block_t)``); ``None`` takes its default for the target device.
+      tiles: the named lowering's ``Tiles`` (``ssd.triton.Tiles(block_t, block_p, num_warps,
+        scan_block_p)``, ``ssd.tpu.Tiles(block_t)``); ``None`` takes its default for the target
+        device.
 
     Returns:
       ``y`` like ``x`` (and the final state when ``return_final_state``). The kernels feed the
