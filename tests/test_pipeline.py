@@ -6,6 +6,7 @@ holds only its stage's layers, and bad settings are ConfigErrors before anything
 from __future__ import annotations
 
 import functools
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -19,6 +20,7 @@ from meshlm.layers.stack import REMAT_POLICIES
 from meshlm.train.setup import build
 from meshlm.train.state import TrainState
 
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 GPT = ("model.family=gpt", "model.vocab_size=64", "model.d_model=32", "model.n_layers=8",
        "model.n_heads=4", "model.d_ff=64", "model.max_seq_len=8", "model.attention=xla")
 FAMILIES = {
@@ -198,3 +200,10 @@ def test_remat_policy_sees_through_the_stage_vmap(capsys):
 def test_bad_pipeline_settings_are_config_errors(overrides, match):
     with pytest.raises(ConfigError, match=match):
         build(config("gpt", *overrides))
+
+
+def test_encoder_decoder_is_not_pipelined():
+    """T5's two stacks are not pipelined (yet): a ConfigError naming the family."""
+    with pytest.raises(ConfigError, match=r"mesh.pipeline=2: model.family='t5' \(T5\) has no "
+                                          r"pipelined layer stack"):
+        build(load_config(ROOT / "configs" / "t5_tiny.yaml", ["mesh.pipeline=2"]))

@@ -83,7 +83,7 @@ def build(cfg: Config, devices: Sequence[jax.Device] | None = None) -> Run:
     rules = sharding.axis_rules(cfg.mesh)
     check_batch(cfg, mesh, rules)
     cfg.model.validate_mesh(lambda logical: sharding.axis_size(mesh, rules, logical))
-    model = with_pipeline(build_model(cfg.model), pipeline_schedule(cfg, mesh, rules))
+    model = pipelined(build_model(cfg.model), cfg, mesh, rules)
     tx, schedule = make_optimizer(cfg)
     abstract, _ = state_shardings(cfg.model, model, tx, mesh, rules, cfg.data.seq_len)
     return Run(cfg=cfg, mesh=mesh, rules=rules, model=model, tx=tx, schedule=schedule,
@@ -113,9 +113,9 @@ def check_batch(cfg: Config, mesh: Mesh, rules) -> None:
     check_process_rows(cfg, mesh, rules)  # (after the checks that make the batch shardable)
 
 
-def pipeline_schedule(cfg: Config, mesh: Mesh, rules) -> PipelineSchedule | None:
-    """The pipeline schedule of ``mesh.pipeline`` stages (None: no pipeline), checked against the
-    layer count and the batch before anything is traced."""
+def pipelined(model: nn.Module, cfg: Config, mesh: Mesh, rules) -> nn.Module:
+    """``model`` running its layer stack as ``mesh.pipeline`` stages (unchanged for one), the
+    schedule checked against the model and the batch before anything is traced."""
     t, stages = cfg.train, mesh.shape["pipeline"]
     if stages == 1:
         if t.microbatches > 1 or t.pipeline_repeats > 1:
@@ -123,7 +123,11 @@ def pipeline_schedule(cfg: Config, mesh: Mesh, rules) -> PipelineSchedule | None
                 f"train.microbatches={t.microbatches} and train.pipeline_repeats="
                 f"{t.pipeline_repeats} apply to pipeline parallelism, but mesh.pipeline=1; set "
                 "them to 1 (use train.grad_accum to split a batch without a pipeline)")
-        return None
+        return model
+    if "pipeline" not in {f.name for f in dataclasses.fields(model)}:  # DecoderLM's field
+        raise ConfigError(f"mesh.pipeline={stages}: model.family={cfg.model.family!r} "
+                          f"({type(model).__name__}) has no pipelined layer stack; use "
+                          "mesh.pipeline=1")
     if not cfg.model.scan_layers:
         raise ConfigError(f"mesh.pipeline={stages} needs model.scan_layers=true")
     pipe = PipelineSchedule(stages, t.microbatches, t.pipeline_repeats)
@@ -143,17 +147,6 @@ def pipeline_schedule(cfg: Config, mesh: Mesh, rules) -> PipelineSchedule | None
         raise ConfigError(
             f"train.pipeline_repeats={pipe.repeats} (the circular schedule) needs "
             f"train.microbatches >= mesh.pipeline, got {pipe.microbatches} < {stages}")
-    return pipe
-
-
-def with_pipeline(model: nn.Module, pipe: PipelineSchedule | None) -> nn.Module:
-    """``model`` running its layer stack under ``pipe`` (a module field the family's module must
-    have: every ``DecoderLM`` family does)."""
-    if pipe is None:
-        return model
-    if "pipeline" not in {f.name for f in dataclasses.fields(model)}:
-        raise ConfigError(f"mesh.pipeline={pipe.stages}: {type(model).__name__} has no "
-                          "pipelined layer stack; use mesh.pipeline=1")
     return model.clone(pipeline=pipe)
 
 
