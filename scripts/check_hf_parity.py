@@ -2,8 +2,10 @@
 
 Needs torch and transformers (the GPU machine has both; CI does not). For each model type it
 builds a randomly initialised transformers model from a config (real shapes by default:
-GPT-2 124M, Llama-3.2-1B with plain RoPE, Mistral-7B's first 2 layers, Mamba-130m,
-Mamba-2-130m; ``--small`` for tiny ones), saves it with ``save_pretrained`` (safetensors),
+GPT-2 124M, Llama-3.2-1B with its Llama-3 RoPE scaling, Mistral-7B-v0.1's first 2 layers with its
+4096-token sliding window, Qwen2-0.5B with its q/k/v biases, Mamba-130m, Mamba-2-130m; ``--small``
+for tiny ones, where Mistral's window of 32 is shorter than the tokens), with its biases (zeros
+from transformers' init) drawn at random, saves it with ``save_pretrained`` (safetensors),
 converts it with ``meshlm.convert.hf_to_orbax``, runs both on the same random tokens and prints
 the max abs logit difference and the mean KL(HF || meshlm) of the next-token distributions,
 beside the KL of each from transformers in float32 (in bfloat16 both round differently: the
@@ -33,11 +35,18 @@ REAL = {
     "llama": dict(model_type="llama", vocab_size=128256, hidden_size=2048, intermediate_size=8192,
                   num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
                   head_dim=64, max_position_embeddings=4096, rms_norm_eps=1e-5,
-                  rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
+                  rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0,
+                                   "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                   "original_max_position_embeddings": 8192},
                   tie_word_embeddings=True),
     "mistral": dict(model_type="mistral", vocab_size=32000, hidden_size=4096,
                     intermediate_size=14336, num_hidden_layers=2, num_attention_heads=32,
-                    num_key_value_heads=8, max_position_embeddings=4096, sliding_window=None),
+                    num_key_value_heads=8, max_position_embeddings=4096, sliding_window=4096),
+    "qwen2": dict(model_type="qwen2", vocab_size=151936, hidden_size=896, intermediate_size=4864,
+                  num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+                  max_position_embeddings=32768, rms_norm_eps=1e-6, use_sliding_window=False,
+                  rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+                  tie_word_embeddings=True),
     "mamba": dict(model_type="mamba", vocab_size=50280, hidden_size=768, num_hidden_layers=24,
                   state_size=16),
     "mamba2": dict(model_type="mamba2", vocab_size=50288, hidden_size=768, num_hidden_layers=24,
@@ -49,10 +58,17 @@ SMALL = {
                  n_head=4),
     "llama": dict(model_type="llama", vocab_size=512, hidden_size=64, intermediate_size=128,
                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                  max_position_embeddings=256),
+                  max_position_embeddings=256,
+                  rope_parameters={"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0,
+                                   "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                   "original_max_position_embeddings": 256}),
     "mistral": dict(model_type="mistral", vocab_size=512, hidden_size=64, intermediate_size=128,
                     num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                    max_position_embeddings=256, sliding_window=None),
+                    max_position_embeddings=256, sliding_window=32),
+    "qwen2": dict(model_type="qwen2", vocab_size=512, hidden_size=64, intermediate_size=128,
+                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  max_position_embeddings=256, use_sliding_window=False,
+                  tie_word_embeddings=True),
     "mamba": dict(model_type="mamba", vocab_size=512, hidden_size=64, num_hidden_layers=2,
                   state_size=8),
     "mamba2": dict(model_type="mamba2", vocab_size=512, hidden_size=64, num_hidden_layers=2,
@@ -66,7 +82,12 @@ def _hf_model(spec: dict, torch):
     spec = dict(spec)
     config = transformers.AutoConfig.for_model(spec.pop("model_type"), **spec)
     torch.manual_seed(0)
-    return transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(".bias") and not param.any():  # not special inits
+                param.normal_(0.0, 0.02)
+    return model
 
 
 def _hf_logits(model, tokens, torch, device):

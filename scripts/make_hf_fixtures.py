@@ -1,14 +1,16 @@
 """Tiny random transformers models of each supported ``model_type``, with their outputs, as
 fixtures for ``tests/test_convert.py`` (needs torch and transformers: run on the GPU machine).
 
-For each type: ``AutoModelForCausalLM.from_config`` (float32, seeded) saved with
-``save_pretrained`` under ``tests/fixtures/hf/<type>/``, plus ``reference.npz``: fixed
+For each fixture (a ``model_type``, or a named variant of one: ``llama3`` is LLaMA with Llama-3
+RoPE scaling): ``AutoModelForCausalLM.from_config`` (float32, seeded; biases, which transformers
+initialises to zero, drawn at random where still zero so that a misplaced bias shows) saved with
+``save_pretrained`` under ``tests/fixtures/hf/<name>/``, plus ``reference.npz``: fixed
 ``input_ids`` (2 x 16), their ``logits``, a ``prompt`` (1 x 8) and its 20 ``greedy`` new tokens
 (``generate(do_sample=False)``, no end-of-text stop). Each fixture is a few hundred KB. The
 fixtures are written by the reference implementation, never by hand; the test converts each and
 checks logits (max abs difference <= 1e-4), greedy tokens (identical) and the round trip.
 
-    python scripts/make_hf_fixtures.py [--out tests/fixtures/hf]
+    python scripts/make_hf_fixtures.py [--out tests/fixtures/hf] [--types llama3 mistral ...]
 """
 
 from __future__ import annotations
@@ -18,27 +20,45 @@ import pathlib
 
 import numpy as np
 
+# name -> config of AutoConfig.for_model(model_type, ...) (model_type defaults to the name).
+# llama3's original context of 64 puts the tiny head's 4 frequencies in all three of Llama 3.1's
+# bands; mistral's window of 8 is shorter than the 16 input tokens and the 28 generated ones.
 SPECS = {
     "gpt2": dict(vocab_size=128, n_positions=64, n_embd=32, n_layer=2, n_head=4),
     "llama": dict(vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                   rope_parameters={"rope_type": "default", "rope_theta": 500.0}),
+    "llama3": dict(model_type="llama", vocab_size=128, hidden_size=32, intermediate_size=48,
+                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                   max_position_embeddings=64,
+                   rope_parameters={"rope_type": "llama3", "rope_theta": 500.0, "factor": 8.0,
+                                    "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                    "original_max_position_embeddings": 64}),
     "mistral": dict(vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                    sliding_window=None),
+                    sliding_window=8),
+    "qwen2": dict(vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                  use_sliding_window=False, tie_word_embeddings=True,
+                  rope_parameters={"rope_type": "default", "rope_theta": 1000.0}),
     "mamba": dict(vocab_size=128, hidden_size=32, state_size=8, num_hidden_layers=2),
     "mamba2": dict(vocab_size=128, hidden_size=32, state_size=8, head_dim=8, num_heads=8,
                    n_groups=2, num_hidden_layers=2, chunk_size=16),
 }
 
 
-def make(model_type: str, out: pathlib.Path) -> None:
+def make(name: str, out: pathlib.Path) -> None:
     import torch
     import transformers
 
     torch.manual_seed(0)
-    config = transformers.AutoConfig.for_model(model_type, **SPECS[model_type])
+    spec = dict(SPECS[name])
+    config = transformers.AutoConfig.for_model(spec.pop("model_type", name), **spec)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for param_name, param in model.named_parameters():
+            if param_name.endswith(".bias") and not param.any():  # not special inits
+                param.normal_(0.0, 0.1)
     model.save_pretrained(out, safe_serialization=True)
     rng = np.random.default_rng(0)
     ids = rng.integers(0, config.vocab_size, (2, 16))
@@ -51,7 +71,7 @@ def make(model_type: str, out: pathlib.Path) -> None:
     np.savez(out / "reference.npz", input_ids=ids.astype(np.int32),
              logits=logits.astype(np.float32), prompt=prompt.astype(np.int32),
              greedy=full[:, prompt.shape[1]:].astype(np.int32))
-    print(f"{model_type}: {out} ({sum(f.stat().st_size for f in out.iterdir()) // 1024} KiB)")
+    print(f"{name}: {out} ({sum(f.stat().st_size for f in out.iterdir()) // 1024} KiB)")
 
 
 def main() -> None:

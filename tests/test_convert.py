@@ -1,11 +1,11 @@
 """HuggingFace checkpoints <-> meshlm run directories (``meshlm.convert``).
 
 The HF checkpoints here are written by the tests themselves: random float32 tensors (never zeros
-or ones) under the names and torch layouts of ``GPT2LMHeadModel``, ``LlamaForCausalLM`` (also with Llama-3
-RoPE scaling), ``MistralForCausalLM`` (a sliding window), ``Qwen2ForCausalLM`` (q/k/v biases),
-``MambaForCausalLM`` and ``Mamba2ForCausalLM``, transcribed from the transformers sources and
-independent of the families' tables. Checked: HF -> Orbax -> HF -> Orbax is bit-exact; the
-converted GPT-2 and LLaMA give the logits of a plain-numpy forward written from HF's math over the
+or ones) under the names and torch layouts of ``GPT2LMHeadModel``, ``LlamaForCausalLM`` (also
+with Llama-3 RoPE scaling), ``MistralForCausalLM`` (a sliding window), ``Qwen2ForCausalLM`` (q/k/v
+biases), ``MambaForCausalLM`` and ``Mamba2ForCausalLM``, transcribed from the transformers sources
+and independent of the families' tables. Checked: HF -> Orbax -> HF -> Orbax is bit-exact; the
+converted GPT-2 and LLaMA (Llama-3, Mistral, Qwen2) give the logits of a plain-numpy forward written from HF's math over the
 HF tensors themselves, as do Mamba and Mamba-2 against sequential scans of HF's slow paths (so a
 mislaid tensor shows); conversion onto an 8-device FSDP x tensor mesh places every parameter with
 the rule table's sharding; bad input is one clear error. Parity with the torch implementation

@@ -128,8 +128,8 @@ class Attention(nn.Module):
         def project(heads, head_axis, name):
             return HeadDense(
                 (heads, self.head_dim), contract=1, kernel_axes=("embed", head_axis, "head_dim"),
-                use_bias=self.use_bias or self.qkv_bias, dtype=self.dtype, param_dtype=self.param_dtype,
-                kernel_init=self.kernel_init, name=name,
+                use_bias=self.use_bias or self.qkv_bias, dtype=self.dtype,
+                param_dtype=self.param_dtype, kernel_init=self.kernel_init, name=name,
             )(x)
 
         q = project(self.num_heads, "heads", "query")
