@@ -411,3 +411,123 @@ def test_pairs_source_needs_a_seq2seq_family(tmp_path):
     cfg = load_config(None, ["data.source=pairs", f"data.paths=[{tmp_path}/*.jsonl]"])
     with pytest.raises(ConfigError, match="data.source='pairs' feeds a sequence-to-sequence"):
         build_data(cfg, tmp_path / "run")
+
+
+# ------------------------------------------------------------------------- HuggingFace
+
+
+def _hf_checkpoint(tmp_path, gated: bool):
+    """A random tiny ``T5ForConditionalGeneration`` directory (config.json + safetensors)."""
+    from safetensors.numpy import save_file
+
+    c = dict(model_type="t5", architectures=["T5ForConditionalGeneration"], vocab_size=40,
+             d_model=16, d_kv=4, d_ff=24, num_layers=2, num_decoder_layers=3, num_heads=2,
+             relative_attention_num_buckets=8, relative_attention_max_distance=20,
+             layer_norm_epsilon=1e-6, feed_forward_proj="gated-gelu" if gated else "relu",
+             tie_word_embeddings=not gated, decoder_start_token_id=0, n_positions=32)
+    d, inner, ff, v = c["d_model"], c["num_heads"] * c["d_kv"], c["d_ff"], c["vocab_size"]
+    shapes = {"shared.weight": (v, d), "encoder.final_layer_norm.weight": (d,),
+              "decoder.final_layer_norm.weight": (d,)}
+    wi = ("wi_0", "wi_1") if gated else ("wi",)
+    for stack, n, sub in (("encoder", 2, ["SelfAttention"]),
+                          ("decoder", 3, ["SelfAttention", "EncDecAttention"])):
+        shapes[f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight"] = (8, 2)
+        for i in range(n):
+            for j, module in enumerate(sub + ["DenseReluDense"]):
+                pre = f"{stack}.block.{i}.layer.{j}"
+                shapes[f"{pre}.layer_norm.weight"] = (d,)
+                if module == "DenseReluDense":
+                    shapes.update({f"{pre}.{module}.{w}.weight": (ff, d) for w in wi})
+                    shapes[f"{pre}.{module}.wo.weight"] = (d, ff)
+                else:
+                    shapes.update({f"{pre}.{module}.{w}.weight": (inner, d) for w in "qkv"})
+                    shapes[f"{pre}.{module}.o.weight"] = (d, inner)
+    if gated:
+        shapes["lm_head.weight"] = (v, d)
+    rng = np.random.default_rng(7)
+    state = {k: (1 + 0.1 * rng.standard_normal(s) if "norm" in k else
+                 0.4 * rng.standard_normal(s)).astype(np.float32) for k, s in shapes.items()}
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    save_file(state, str(hf / "model.safetensors"))
+    (hf / "config.json").write_text(json.dumps(c))
+    return hf, c, state
+
+
+def _hf_logits(c, w, enc, dec):
+    """HF ``T5ForConditionalGeneration``'s forward in numpy float32, from its tensor names."""
+    eps, heads, gated = c["layer_norm_epsilon"], c["num_heads"], c["feed_forward_proj"] != "relu"
+
+    def norm(x, name):
+        return x / np.sqrt(np.mean(x * x, -1, keepdims=True) + eps) * w[name]
+
+    def bias(stack, q, k, bidirectional):
+        table = w[f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight"]
+        rel = np.arange(k)[None, :] - np.arange(q)[:, None]
+        buckets = np.vectorize(python_bucket)(rel, bidirectional, 8, 20)
+        return table[buckets].transpose(2, 0, 1)
+
+    def attention(x, kv, pre, b):
+        split = lambda t: t.reshape(len(t), heads, -1).transpose(1, 0, 2)  # noqa: E731
+        q, k, v = (split(a @ w[f"{pre}.{n}.weight"].T) for a, n in ((x, "q"), (kv, "k"),
+                                                                     (kv, "v")))
+        s = q @ k.transpose(0, 2, 1) + b
+        p = np.exp(s - s.max(-1, keepdims=True))
+        out = (p / p.sum(-1, keepdims=True)) @ v
+        return out.transpose(1, 0, 2).reshape(len(x), -1) @ w[f"{pre}.o.weight"].T
+
+    def ffn(x, pre):
+        g = lambda n: x @ w[f"{pre}.DenseReluDense.{n}.weight"].T  # noqa: E731
+        if gated:
+            a = g("wi_0")
+            h = 0.5 * a * (1 + np.tanh(np.sqrt(2 / np.pi) * (a + 0.044715 * a ** 3))) * g("wi_1")
+        else:
+            h = np.maximum(g("wi"), 0)
+        return h @ w[f"{pre}.DenseReluDense.wo.weight"].T
+
+    x, b = w["shared.weight"][enc], bias("encoder", len(enc), len(enc), True)
+    for i in range(c["num_layers"]):
+        pre = f"encoder.block.{i}.layer"
+        x = x + attention(norm(x, f"{pre}.0.layer_norm.weight"),
+                          norm(x, f"{pre}.0.layer_norm.weight"), f"{pre}.0.SelfAttention", b)
+        x = x + ffn(norm(x, f"{pre}.1.layer_norm.weight"), f"{pre}.1")
+    enc_out = norm(x, "encoder.final_layer_norm.weight")
+    y = w["shared.weight"][dec]
+    b = bias("decoder", len(dec), len(dec), False)
+    b = np.where(np.tril(np.ones((len(dec),) * 2, bool)), b, -np.inf)
+    for i in range(c["num_decoder_layers"]):
+        pre = f"decoder.block.{i}.layer"
+        h = norm(y, f"{pre}.0.layer_norm.weight")
+        y = y + attention(h, h, f"{pre}.0.SelfAttention", b)
+        y = y + attention(norm(y, f"{pre}.1.layer_norm.weight"), enc_out,
+                          f"{pre}.1.EncDecAttention", 0.0)
+        y = y + ffn(norm(y, f"{pre}.2.layer_norm.weight"), f"{pre}.2")
+    y = norm(y, "decoder.final_layer_norm.weight")
+    if not gated:
+        return (y * c["d_model"] ** -0.5) @ w["shared.weight"].T
+    return y @ w["lm_head.weight"].T
+
+
+@pytest.mark.parametrize("gated", [False, True], ids=["t5", "flan-t5"])
+def test_hf_conversion_matches_hf_math_and_round_trips(tmp_path, gated):
+    from safetensors.numpy import load_file
+
+    from meshlm.convert.hf import hf_to_orbax, orbax_to_hf
+    from meshlm.train.checkpoint import restore_params
+
+    hf, c, state = _hf_checkpoint(tmp_path, gated)
+    hf_to_orbax(hf, tmp_path / "run")
+    cfg, params = restore_params(tmp_path / "run")
+    assert (cfg.model.decoder_layers, cfg.model.tie_embeddings) == (3, not gated)
+    rng = np.random.default_rng(1)
+    enc, dec = rng.integers(0, 40, (1, 9)), rng.integers(0, 40, (1, 6))
+    model = build_model(cfg.model)
+    got = _apply(model, params, jnp.asarray(enc, jnp.int32), jnp.asarray(dec, jnp.int32))
+    np.testing.assert_allclose(got[0], _hf_logits(c, state, enc[0], dec[0]), rtol=1e-4,
+                               atol=1e-4)
+    back = orbax_to_hf(tmp_path / "run", tmp_path / "back")
+    assert back["num_decoder_layers"] == 3 and back["feed_forward_proj"] == c["feed_forward_proj"]
+    again = load_file(str(tmp_path / "back" / "model.safetensors"))
+    assert again.keys() == state.keys()
+    for k, a in state.items():
+        assert again[k].tobytes() == a.tobytes(), k

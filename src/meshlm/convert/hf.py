@@ -72,11 +72,12 @@ def _unflat(flat: dict[str, Any]) -> dict:
     return tree
 
 
-def _target(param: str, layer: int | None, scan: bool) -> str:
-    """The flat param path of ``param`` (relative to a layer's block when ``layer`` is given)."""
+def _target(param: str, layer: int | None, scan: bool, stack: str = "") -> str:
+    """The flat param path of ``param`` (relative to a layer's block of the layer stack under
+    ``stack`` when ``layer`` is given)."""
     if layer is None:
         return param
-    return f"layers/{param}" if scan else f"layers_{layer}/{param}"
+    return f"{stack}layers/{param}" if scan else f"{stack}layers_{layer}/{param}"
 
 
 def _prepare_out(out: str | os.PathLike, overwrite: bool) -> tuple[pathlib.Path, pathlib.Path]:
@@ -139,7 +140,7 @@ def _expected_hf_shape(t: HFTensor, targets: dict, layer: int | None, scan: bool
     (never touched) arrays of the parameters' shapes."""
     parts = []
     for p in t.params:
-        shape = targets[_target(p, layer, scan)].shape
+        shape = targets[_target(p, layer, scan, t.stack)].shape
         parts.append(np.empty(shape[1:] if layer is not None and scan else shape, np.uint8))
     return tuple(t.to_hf(*parts).shape)
 
@@ -154,9 +155,9 @@ def load_hf_params(ckpt: HFCheckpoint, model_cfg, abstract: Any) -> Any:
     of its ``abstract`` leaf. Every table tensor must exist with the shape the model needs, and
     every stored tensor must be in the table or ``hf_ignored``."""
     targets = _flat(abstract)
-    scan, layers = model_cfg.scan_layers, range(model_cfg.n_layers)
+    scan, n_layers = model_cfg.scan_layers, model_cfg.n_layers
     table = model_cfg.hf_tensors()
-    plan = [(t, i) for t in table for i in (layers if t.per_layer else [None])]
+    plan = [(t, i) for t in table for i in t.layers(n_layers)]
     wanted = {ckpt.resolve(t.hf_name(i)) for t, i in plan}
     missing = [t.hf_name(i) for t, i in plan if ckpt.resolve(t.hf_name(i)) is None]
     if missing:
@@ -175,7 +176,7 @@ def load_hf_params(ckpt: HFCheckpoint, model_cfg, abstract: Any) -> Any:
     placed: dict[str, jax.Array] = {}
     for t in table:
         stacks: dict[str, np.ndarray] = {}  # scanned: the layers of each param, filled in place
-        for i in layers if t.per_layer else [None]:
+        for i in t.layers(n_layers):
             name = t.hf_name(i)
             w = ckpt.get(name)
             expected = _expected_hf_shape(t, targets, i, scan)
@@ -184,16 +185,16 @@ def load_hf_params(ckpt: HFCheckpoint, model_cfg, abstract: Any) -> Any:
                                       f"needs {list(expected)}")
             for p, a in zip(t.params, t.to_params(w)):
                 if i is not None and scan:
-                    target = targets[_target(p, i, scan)]
+                    target = targets[_target(p, i, scan, t.stack)]
                     if p not in stacks:
                         stacks[p] = np.empty(target.shape, target.dtype)
                     stacks[p][i] = a
                 else:
-                    path = _target(p, i, scan)
+                    path = _target(p, i, scan, t.stack)
                     placed[path] = _place(a, targets[path])
             del w
         for p, stack in stacks.items():
-            path = _target(p, 0, True)
+            path = _target(p, 0, True, t.stack)
             placed[path] = _place(stack, targets[path])
         del stacks
     left = sorted(targets.keys() - placed.keys())
@@ -245,10 +246,10 @@ def hf_state(model_cfg, params: Any):
     """``(HF name, numpy array)`` of every tensor of the family's table, in table order."""
     flat, scan = _flat(params), model_cfg.scan_layers
     for t in model_cfg.hf_tensors():
-        for i in range(model_cfg.n_layers) if t.per_layer else [None]:
+        for i in t.layers(model_cfg.n_layers):
             arrays = []
             for p in t.params:
-                a = flat[_target(p, i, scan)]
+                a = flat[_target(p, i, scan, t.stack)]
                 arrays.append(np.asarray(a[i] if i is not None and scan else a))
             yield t.hf_name(i), t.to_hf(*arrays)
 

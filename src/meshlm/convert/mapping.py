@@ -34,10 +34,21 @@ class HFTensor:
     params: tuple[str, ...]
     to_params: Callable[[np.ndarray], tuple[np.ndarray, ...]]
     to_hf: Callable[..., np.ndarray]
+    # Per-layer tensors of a model with several layer stacks (T5's encoder and decoder): the
+    # params path the stack's ``layers`` sit under (e.g. ``"encoder/"``) and its layer count
+    # (None: the model's ``n_layers``).
+    stack: str = ""
+    n_layers: int | None = None
 
     @property
     def per_layer(self) -> bool:
         return LAYER in self.hf
+
+    def layers(self, model_layers: int) -> range | list[None]:
+        """The layer indices this tensor is read for (``[None]``: not per layer)."""
+        if not self.per_layer:
+            return [None]
+        return range(model_layers if self.n_layers is None else self.n_layers)
 
     def hf_name(self, layer: int | None) -> str:
         return self.hf.replace(LAYER, str(layer)) if self.per_layer else self.hf

@@ -17,6 +17,9 @@ Packing: encoder and decoder rows each hold several segments (ids from 1, 0 = pa
 restart per segment); self-attention stays within a segment and decoder segment ``s``
 cross-attends only to encoder segment ``s``.
 
+HuggingFace: ``T5ForConditionalGeneration`` (``model_type: t5``) converts both ways (the table
+is ``T5Config.hf_tensors``).
+
 API for generation: ``encode(model, params, tokens, ...) -> enc_out`` and
 ``decode(model, params, enc_out, tokens, ..., cache=None) -> (logits, cache)``; the cache
 (``T5Config.init_cache``) holds each decoder layer's self-attention K/V and its cross-attention
@@ -34,6 +37,7 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from meshlm.config import ConfigError, ModelConfig, register_family
+from meshlm.convert.mapping import HFTensor, hf_option, linear, same
 from meshlm.data.batches import SEQ2SEQ
 from meshlm.layers import ATTENTION_OUT, Embed, make_norm
 from meshlm.layers.attention import CACHE_AXES
@@ -109,6 +113,82 @@ class T5Config(ModelConfig):
 
     def build(self) -> nn.Module:
         return T5(self)
+
+    # ------------------------------------------------------------------ HuggingFace mapping
+    # ``T5ForConditionalGeneration`` (T5, T5 v1.1, Flan-T5). HF keeps one relative-bias table per
+    # stack in its block 0, as meshlm keeps one per stack.
+
+    hf_model_types: ClassVar[tuple[str, ...]] = ("t5",)
+
+    @property
+    def hf_ignored(self) -> tuple[str, ...]:
+        """Tied copies of ``shared.weight`` older checkpoints store (and the tied LM head)."""
+        tied = (r"^lm_head\.weight$",) if self.tie_embeddings else ()
+        return (r"^(encoder|decoder)\.embed_tokens\.weight$", *tied)
+
+    @classmethod
+    def from_hf_config(cls, hf: dict) -> "T5Config":
+        ff = hf_option(hf, "feed_forward_proj", ("relu", "gated-gelu"), "relu")
+        hf_option(hf, "dense_act_fn", ("relu",) if ff == "relu" else ("gelu_new",),
+                  "relu" if ff == "relu" else "gelu_new")
+        hf_option(hf, "decoder_start_token_id", (0,), 0)
+        hf_option(hf, "is_encoder_decoder", (True,), True)
+        return cls(
+            vocab_size=hf["vocab_size"], max_seq_len=hf.get("n_positions", 512),
+            d_model=hf["d_model"], n_layers=hf["num_layers"],
+            n_decoder_layers=hf.get("num_decoder_layers") or hf["num_layers"],
+            n_heads=hf["num_heads"], d_kv=hf["d_kv"], d_ff=hf["d_ff"], feed_forward=ff,
+            tie_embeddings=hf.get("tie_word_embeddings", True),
+            relative_buckets=hf.get("relative_attention_num_buckets", 32),
+            relative_max_distance=hf.get("relative_attention_max_distance", 128),
+            norm_eps=hf.get("layer_norm_epsilon", 1e-6), dropout=hf.get("dropout_rate", 0.1),
+            init_std=hf.get("initializer_factor", 1.0),
+            extra_ids=min(100, hf["vocab_size"] - 1), decoder_start_token="<pad>")
+
+    def to_hf_config(self) -> dict:
+        return dict(
+            model_type="t5", architectures=["T5ForConditionalGeneration"],
+            vocab_size=self.vocab_size, n_positions=self.max_seq_len, d_model=self.d_model,
+            d_kv=self.d_kv, d_ff=self.d_ff, num_layers=self.n_layers,
+            num_decoder_layers=self.decoder_layers, num_heads=self.n_heads,
+            relative_attention_num_buckets=self.relative_buckets,
+            relative_attention_max_distance=self.relative_max_distance,
+            layer_norm_epsilon=self.norm_eps, dropout_rate=self.dropout,
+            initializer_factor=self.init_std, feed_forward_proj=self.feed_forward,
+            tie_word_embeddings=self.tie_embeddings, is_encoder_decoder=True,
+            decoder_start_token_id=0, pad_token_id=0)
+
+    def hf_tensors(self) -> list[HFTensor]:
+        heads = (self.n_heads, self.d_kv)
+
+        def attention(hf, param):
+            return [*(linear(f"{hf}.{n}.weight", f"{param}/{p}", out_shape=heads)
+                      for n, p in (("q", "query"), ("k", "key"), ("v", "value"))),
+                    linear(f"{hf}.o.weight", f"{param}/out", in_shape=heads)]
+
+        def ffn(hf):
+            names = ("wi",) if self.feed_forward == "relu" else ("wi_0", "wi_1")
+            return [linear(f"{hf}.DenseReluDense.{n}.weight", f"mlp/{n}")
+                    for n in (*names, "wo")] + [same(f"{hf}.layer_norm.weight", "mlp_norm/scale")]
+
+        enc, dec = "encoder.block.{i}.layer", "decoder.block.{i}.layer"
+        encoder = [*attention(f"{enc}.0.SelfAttention", "attention"),
+                   same(f"{enc}.0.layer_norm.weight", "attention_norm/scale"), *ffn(f"{enc}.1")]
+        decoder = [*attention(f"{dec}.0.SelfAttention", "self_attention"),
+                   same(f"{dec}.0.layer_norm.weight", "self_attention_norm/scale"),
+                   *attention(f"{dec}.1.EncDecAttention", "cross_attention"),
+                   same(f"{dec}.1.layer_norm.weight", "cross_attention_norm/scale"),
+                   *ffn(f"{dec}.2")]
+        table = [same("shared.weight", "embed/embedding")]
+        for stack, layers, n in (("encoder", encoder, self.n_layers),
+                                 ("decoder", decoder, self.decoder_layers)):
+            table += [dataclasses.replace(t, stack=f"{stack}/", n_layers=n) for t in layers]
+            table += [same(f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias."
+                           "weight", f"{stack}/relative_bias/embedding"),
+                      same(f"{stack}.final_layer_norm.weight", f"{stack}/final_norm/scale")]
+        if not self.tie_embeddings:
+            table.append(linear("lm_head.weight", "lm_head"))
+        return table
 
     def make_norm(self, name: str) -> nn.Module:
         return make_norm("rmsnorm", epsilon=self.norm_eps, use_bias=False,
