@@ -34,7 +34,7 @@ REAL = {
     "gpt2": dict(model_type="gpt2"),  # GPT2Config defaults: 124M
     "llama": dict(model_type="llama", vocab_size=128256, hidden_size=2048, intermediate_size=8192,
                   num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
-                  head_dim=64, max_position_embeddings=4096, rms_norm_eps=1e-5,
+                  head_dim=64, max_position_embeddings=131072, rms_norm_eps=1e-5,
                   rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0,
                                    "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                                    "original_max_position_embeddings": 8192},
@@ -61,7 +61,7 @@ SMALL = {
                   max_position_embeddings=256,
                   rope_parameters={"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0,
                                    "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                                   "original_max_position_embeddings": 256}),
+                                   "original_max_position_embeddings": 128}),
     "mistral": dict(model_type="mistral", vocab_size=512, hidden_size=64, intermediate_size=128,
                     num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                     max_position_embeddings=256, sliding_window=32),

@@ -21,7 +21,7 @@ import pathlib
 import numpy as np
 
 # name -> config of AutoConfig.for_model(model_type, ...) (model_type defaults to the name).
-# llama3's original context of 64 puts the tiny head's 4 frequencies in all three of Llama 3.1's
+# llama3's original context of 32 puts the tiny head's 4 frequencies in all three of Llama 3.1's
 # bands; mistral's window of 8 is shorter than the 16 input tokens and the 28 generated ones.
 SPECS = {
     "gpt2": dict(vocab_size=128, n_positions=64, n_embd=32, n_layer=2, n_head=4),
@@ -33,7 +33,7 @@ SPECS = {
                    max_position_embeddings=64,
                    rope_parameters={"rope_type": "llama3", "rope_theta": 500.0, "factor": 8.0,
                                     "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                                    "original_max_position_embeddings": 64}),
+                                    "original_max_position_embeddings": 32}),
     "mistral": dict(vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                     sliding_window=8),

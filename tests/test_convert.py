@@ -54,7 +54,7 @@ MAMBA2 = dict(model_type="mamba2", vocab_size=61, hidden_size=32, num_heads=8, h
 # in all three bands (kept, interpolated, divided by factor).
 LLAMA3 = {**LLAMA, "rope_parameters": {"rope_type": "llama3", "rope_theta": 500.0, "factor": 8.0,
                                        "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                                       "original_max_position_embeddings": 64}}
+                                       "original_max_position_embeddings": 32}}
 MISTRAL = {**LLAMA, "model_type": "mistral", "sliding_window": 4}  # shorter than the 16 tokens
 QWEN2 = dict(model_type="qwen2", vocab_size=61, max_position_embeddings=64, hidden_size=32,
              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
