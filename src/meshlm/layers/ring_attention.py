@@ -63,7 +63,8 @@ METHODS = ("ring", "ulysses")
 
 
 def context_parallel_attention(q, k, v, segment_ids=None, *, causal: bool = True,
-                               method: str = "ring", implementation: str = "auto"):
+                               method: str = "ring", implementation: str = "auto",
+                               interpret: bool = False):
     """Self-attention of ``q (B, L, H, D)`` over ``k, v (B, L, Hkv, D)`` whose length axis the
     current rules shard over the mesh (``sequence_shards() > 1``), inside ``shard_map``; batch
     and head axes stay split as the rules say. ``segment_ids (B, L)`` or None. Equals
@@ -73,6 +74,7 @@ def context_parallel_attention(q, k, v, segment_ids=None, *, causal: bool = True
     length split for a head split, each device attends its heads over the whole length, and a
     second all-to-all trades back; it needs the local query and kv head counts divisible by the
     sequence shards, and moves 4 activations per layer instead of ring's ``S-1`` K/V blocks.
+    ``implementation`` and ``interpret`` are ``flash_attention``'s, for each block.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -90,7 +92,10 @@ def context_parallel_attention(q, k, v, segment_ids=None, *, causal: bool = True
     batch = _mesh_axes("activation_batch", mesh)
     heads = _mesh_axes("activation_heads", mesh)
     kv_heads = _mesh_axes("activation_kv_heads", mesh)
-    manual = set(seq + batch + heads + kv_heads)
+    if set(heads) != set(kv_heads):
+        raise ValueError(f"context parallelism needs query and kv heads split over the same mesh "
+                         f"axes, got {heads} and {kv_heads} (mesh.rules)")
+    manual = set(seq + batch + heads)
     b, s = batch or None, seq if len(seq) > 1 else seq[0]
     q_spec = P(b, s, heads or None, None)
     kv_spec = P(b, s, kv_heads or None, None)
@@ -107,22 +112,25 @@ def context_parallel_attention(q, k, v, segment_ids=None, *, causal: bool = True
 
     def local(q, k, v, seg=None):
         if method == "ulysses":
-            return _ulysses(q, k, v, seg, axis, causal, implementation)
+            return _ulysses(q, k, v, seg, axis, causal, implementation, interpret)
         if zigzag:
             q, k, v, seg = (None if x is None else to_zigzag(x, axis, shards)
                             for x in (q, k, v, seg))
         out = ring_attention(q, k, v, seg, seg, axis_name=axis, shards=shards, causal=causal,
-                             zigzag=zigzag, implementation=implementation)
+                             zigzag=zigzag, implementation=implementation, interpret=interpret)
         return from_zigzag(out, axis, shards) if zigzag else out
 
     args, in_specs = (q, k, v), (q_spec, kv_spec, kv_spec)
     if segment_ids is not None:
         args, in_specs = args + (segment_ids,), in_specs + (seg_spec,)
+    # check_vma=False: Pallas kernels (interpret mode included) give outputs without the
+    # varying-axes type that lax.cond and loops check. q, k and v are split over every manual
+    # axis (checked above), so no gradient needs a psum that the unchecked transpose would lose.
     return jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=q_spec,
-                         axis_names=manual)(*args)
+                         axis_names=manual, check_vma=False)(*args)
 
 
-def _ulysses(q, k, v, seg, axis, causal, implementation):
+def _ulysses(q, k, v, seg, axis, causal, implementation, interpret):
     """Inside ``shard_map``: heads split, length whole, attend, and back."""
     def gather_length(x):  # (B, L/S, h, D) -> (B, L, h/S, D)
         return jax.lax.all_to_all(x, axis, split_axis=2, concat_axis=1, tiled=True)
@@ -130,7 +138,7 @@ def _ulysses(q, k, v, seg, axis, causal, implementation):
     if seg is not None:
         seg = jax.lax.all_gather(seg, axis, axis=1, tiled=True)
     out = flash_attention(*map(gather_length, (q, k, v)), causal=causal, segment_ids=seg,
-                          implementation=implementation)
+                          implementation=implementation, interpret=interpret)
     return jax.lax.all_to_all(out, axis, split_axis=1, concat_axis=2, tiled=True)
 
 
@@ -138,7 +146,7 @@ def _ulysses(q, k, v, seg, axis, causal, implementation):
 
 
 def ring_attention(q, k, v, q_seg, kv_seg, *, axis_name, shards: int, causal: bool,
-                   zigzag: bool = True, implementation: str = "auto"):
+                   zigzag: bool = True, implementation: str = "auto", interpret: bool = False):
     """Inside ``shard_map``: this device's queries against every device's K/V block.
 
     With ``causal`` the blocks are in the zig-zag layout (``to_zigzag``) if ``zigzag``, else
@@ -151,7 +159,8 @@ def ring_attention(q, k, v, q_seg, kv_seg, *, axis_name, shards: int, causal: bo
 
     def attend(q, k, v, q_seg, kv_seg, causal):
         return flash_attention(q, k, v, causal=causal, q_segment_ids=q_seg, kv_segment_ids=kv_seg,
-                               return_lse=True, implementation=implementation)
+                               return_lse=True, implementation=implementation,
+                               interpret=interpret)
 
     me = jax.lax.axis_index(axis_name)
     half = q.shape[1] // 2
