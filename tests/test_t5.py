@@ -379,6 +379,20 @@ def test_pairs_source_end_to_end(tmp_path):
     assert data.val_batches(1)[0]["targets"].shape == (2, 16)
 
 
+def test_text_files_become_span_corrupted_batches(tmp_path):
+    for i in range(4):
+        (tmp_path / f"doc{i}.txt").write_text(f"def f{i}(x):\n    return x * {i} + 1\n" * 20)
+    cfg = load_config(None, TINY + [
+        "data.source=files", f"data.paths=[{tmp_path}/*.txt]", "model.vocab_size=300",
+        "model.decoder_start_token=<|endoftext|>", "data.batch_size=2"])
+    data = build_data(cfg, tmp_path / "run")
+    assert data.vocab_size <= 300 - cfg.model.extra_ids  # the sentinel ids stay free
+    batch = next(data.train_iterator())
+    assert set(batch) == set(SEQ2SEQ)
+    sentinels = batch["encoder_tokens"][batch["encoder_tokens"] >= 300 - cfg.model.extra_ids]
+    assert sentinels.size and sentinels.max() == 299
+
+
 # ------------------------------------------------------------------------- bad input
 
 

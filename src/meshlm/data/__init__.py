@@ -200,6 +200,9 @@ def build_pair_data(cfg: Config, run_dir: pathlib.Path) -> Data:
     tokenizer = existing_tokenizer(d.tokenizer, run_dir, cfg.model.vocab_size,
                                    copy=jax.process_index() == 0)
     if tokenizer is None:
+        if jax.process_count() > 1:
+            raise ConfigError("data.source='pairs' with several processes needs "
+                              "data.tokenizer (or a tokenizer saved in train.run_dir)")
         tokenizer = train_tokenizer(
             (t for _, pair in texts["train"] for t in pair), 2 * len(texts["train"]),
             cfg.model.vocab_size - cfg.model.reserved_ids, run_dir,
