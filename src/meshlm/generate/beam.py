@@ -127,7 +127,12 @@ def beam_search_loop(step: StepFn, logits: jax.Array, cache: Any, batch_axes: li
         logp, pick = jax.lax.top_k(jnp.where(ends, neg_inf, cand_logp), beam)
         seqs, source = cand_seqs[row, pick], source[row, pick]
         cache = gather_rows(cache, batch_axes, (row * beam + source).reshape(-1))
-        logits, cache = step(cache, seqs[:, :, t].reshape(batch * beam, 1))
+        # The next step's logits, unless this was the last token (its step would need one more
+        # cache slot than the tokens fed, and compute logits nobody reads).
+        logits, cache = jax.lax.cond(
+            t + 1 < max_new_tokens,
+            lambda c: step(c, seqs[:, :, t].reshape(batch * beam, 1)),
+            lambda c: (logits.reshape(batch * beam, vocab), c), cache)
         logits = logits.reshape(batch, beam, vocab)
 
         # Done: a full finished set that no alive beam can still beat.
@@ -168,7 +173,7 @@ def beam_search(model: nn.Module, params, prompt: jax.Array, *, beam_width: int,
 def _beam_search(model, params, prompt, length_penalty, *, beam_width, max_new_tokens, eos_id):
     batch, prompt_len = prompt.shape
     make_cache = functools.partial(model.config.init_cache, model,
-                                   max_len=prompt_len + max_new_tokens)
+                                   max_len=prompt_len + max_new_tokens - 1)
 
     def step(cache, tokens):
         logits, mutated = model.apply(

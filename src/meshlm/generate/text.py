@@ -1,8 +1,9 @@
 """Text in, text out from a run directory: what ``meshlm generate`` does.
 
 The request's flags are checked before anything loads (a bad value is one ``ConfigError``),
-then the run's latest parameters and tokenizer continue the prompt by sampling or, with a beam
-width above 1, by beam search.
+then the run's latest parameters and tokenizer continue the prompt (a decoder-only model) or
+transduce it (a seq2seq model: the prompt is the encoder's input), by sampling or, with a beam
+width above 1, by beam search. Which of the two is the family's batch type, not its name.
 """
 
 from __future__ import annotations
@@ -74,10 +75,12 @@ class Request:
 
 
 def complete(request: Request) -> str:
-    """The prompt followed by its continuation (up to the first end-of-text token)."""
+    """A decoder-only model's output: the prompt followed by its continuation. A seq2seq
+    model's: the output for the prompt as its input. Either ends before the first end-of-text
+    token."""
     from meshlm.data import load_run_tokenizer
+    from meshlm.data.batches import SEQ2SEQ
     from meshlm.data.tokenizer import eos_id
-    from meshlm.models import build_model
     from meshlm.train.checkpoint import restore_params
 
     request.check()
@@ -90,6 +93,22 @@ def complete(request: Request) -> str:
         )
     tokenizer = load_run_tokenizer(request.run_dir)
     eos = eos_id(tokenizer, repr(request.run_dir))
+    run = _transduce if cfg.model.batch_fields == SEQ2SEQ else _continue
+    ids = [int(t) for t in jax.device_get(run(request, cfg, params, tokenizer, eos, sampling))]
+    if eos in ids:
+        ids = ids[: ids.index(eos)]
+    return tokenizer.decode(ids) if run is _transduce else request.prompt + tokenizer.decode(ids)
+
+
+def _fewer_tokens_note(context: int, max_new: int, request: Request, after: str) -> None:
+    print(f"meshlm: note: the model's context is {context} tokens (model.max_seq_len), so "
+          f"generating at most {max_new} {after}", file=sys.stderr)
+
+
+def _continue(request, cfg, params, tokenizer, eos, sampling) -> jax.Array:
+    """A decoder-only model's new tokens after the prompt (one row)."""
+    from meshlm.models import build_model
+
     # A document starts after an end-of-text token in training, so the prompt does too.
     prompt = [eos] + tokenizer.encode(request.prompt).ids
     # The model is built for max_seq_len tokens (learned positions have no row beyond it): the
@@ -102,18 +121,42 @@ def complete(request: Request) -> str:
         )
     max_new = min(request.max_new_tokens, context - len(prompt))
     if max_new < request.max_new_tokens:
-        print(f"meshlm: note: the model's context is {context} tokens (model.max_seq_len), so "
-              f"generating at most {max_new} after the {len(prompt)}-token prompt",
-              file=sys.stderr)
+        _fewer_tokens_note(context, max_new, request, f"after the {len(prompt)}-token prompt")
     model, tokens = build_model(cfg.model), jnp.asarray([prompt], jnp.int32)
     if request.beam_width > 1:
-        alpha = LENGTH_PENALTY if request.length_penalty is None else request.length_penalty
-        new = beam_search(model, params, tokens, beam_width=request.beam_width,
-                          max_new_tokens=max_new, length_penalty=alpha, eos_id=eos).tokens[:, 0]
-    else:
-        new = generate(model, params, tokens, jax.random.key(request.seed),
-                       max_new_tokens=max_new, sampling=sampling, eos_id=eos)
-    ids = [int(t) for t in jax.device_get(new)[0]]
-    if eos in ids:
-        ids = ids[: ids.index(eos)]
-    return request.prompt + tokenizer.decode(ids)
+        return beam_search(model, params, tokens, beam_width=request.beam_width,
+                           max_new_tokens=max_new, length_penalty=_alpha(request),
+                           eos_id=eos).tokens[0, 0]
+    return generate(model, params, tokens, jax.random.key(request.seed), max_new_tokens=max_new,
+                    sampling=sampling, eos_id=eos)[0]
+
+
+def _transduce(request, cfg, params, tokenizer, eos, sampling) -> jax.Array:
+    """A seq2seq model's output tokens for the prompt as its input (one row): the input ends
+    with end-of-text and the decoder starts from ``model.decoder_start_token``, as in training."""
+    from meshlm.data.seq2seq import decoder_start_id
+    from meshlm.generate.seq2seq import seq2seq_beam_search, seq2seq_generate
+    from meshlm.models import build_model
+
+    inputs = tokenizer.encode(request.prompt).ids + [eos]
+    length = cfg.model.max_seq_len
+    if len(inputs) > length:
+        raise ConfigError(
+            f"the input is {len(inputs)} tokens with the end-of-text token, more than the "
+            f"encoder's model.max_seq_len={length}; shorten it"
+        )
+    start = decoder_start_id(tokenizer, cfg.model.decoder_start_token)
+    max_new = min(request.max_new_tokens, length)  # the decoder's length bounds the output
+    if max_new < request.max_new_tokens:
+        _fewer_tokens_note(length, max_new, request, "output tokens")
+    model, tokens = build_model(cfg.model), jnp.asarray([inputs], jnp.int32)
+    if request.beam_width > 1:
+        return seq2seq_beam_search(model, params, tokens, start_id=start,
+                                   beam_width=request.beam_width, max_new_tokens=max_new,
+                                   length_penalty=_alpha(request), eos_id=eos).tokens[0, 0]
+    return seq2seq_generate(model, params, tokens, jax.random.key(request.seed), start_id=start,
+                            max_new_tokens=max_new, sampling=sampling, eos_id=eos)[0]
+
+
+def _alpha(request: Request) -> float:
+    return LENGTH_PENALTY if request.length_penalty is None else request.length_penalty
