@@ -108,6 +108,7 @@ class Attention(nn.Module):
     rope_scaling: RopeScaling | None = None
     sliding_window: int | None = None
     implementation: str = "auto"
+    context_parallel: str = "ring"  # with the length sequence-sharded: "ring" or "ulysses"
     decode: bool = False
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
@@ -153,7 +154,8 @@ class Attention(nn.Module):
                         f"sliding_window={self.sliding_window} is not supported with context "
                         "parallelism (activation_length sharded over the sequence axis)")
                 out = ring_attention.context_parallel_attention(
-                    q, k, v, segment_ids, causal=True, implementation=self.implementation)
+                    q, k, v, segment_ids, causal=True, method=self.context_parallel,
+                    implementation=self.implementation)
             else:
                 out = attend(q, k, v, q_segment_ids=segment_ids, kv_segment_ids=segment_ids,
                              causal=True, sliding_window=self.sliding_window,
@@ -193,16 +195,19 @@ class Attention(nn.Module):
         ck.value, cv.value, cseg.value = keys, values, segs
         end = start + length
         cidx.value = end
-        kv_segs = jnp.where(jnp.arange(max_len)[None, :] < end, segs, _EMPTY_SLOT)
-        if length == 1 and self.sliding_window is None:
-            # One query at the newest slot: causality is exactly "slot already written".
+        slot = jnp.arange(max_len)[None, :]
+        kv_segs = jnp.where(slot < end, segs, _EMPTY_SLOT)
+        if length == 1:
+            # One query at the newest slot: causality is exactly "slot already written", and a
+            # window of w keeps the slots from end - w on; the others are hidden as unwritten.
+            if self.sliding_window is not None:
+                kv_segs = jnp.where(slot >= end - self.sliding_window, kv_segs, _EMPTY_SLOT)
             return attend(q, keys, values, q_segment_ids=segment_ids, kv_segment_ids=kv_segs,
                           causal=False, implementation=self.implementation)
         # Several queries at a traced offset, but the kernels take a static ``q_offset``: rotate
         # the cache so the new tokens occupy its last ``length`` slots (``q_offset = max_len -
         # length``); the unwritten slots wrap to the front, where their segment id hides them.
-        # Distances between written slots are kept, so a sliding window (one token included)
-        # counts back from each query over the cached keys.
+        # Distances between written slots are kept, so the window counts back over the cache.
         roll = lambda a: jnp.roll(a, -end, axis=1)
         return attend(q, roll(keys), roll(values), q_segment_ids=segment_ids,
                       kv_segment_ids=roll(kv_segs), causal=True, q_offset=max_len - length,
