@@ -170,3 +170,28 @@ def test_families_without_context_parallelism_refuse_sequence_sharding(family):
     cfg = load_config(f"configs/{family}_tiny.yaml", ["mesh.data=1", "mesh.sequence=2"])
     with pytest.raises(ConfigError, match=f"model.family={family} has no context parallelism"):
         build(cfg, jax.devices()[:2])
+
+
+@pytest.mark.parametrize("method, collective", [("ring", "ppermute"), ("ulysses", "all_to_all")])
+def test_model_context_parallel_picks_the_method(method, collective):
+    """``model.context_parallel`` reaches the layer (traced only: the methods are checked above)."""
+    from meshlm.layers.attention import Attention
+
+    mesh = sharding.make_mesh(MeshConfig(data=2, sequence=2, expert=2))
+    layer = Attention(num_heads=4, num_kv_heads=2, head_dim=8, implementation="xla",
+                      context_parallel=method)
+    x, pos = jnp.ones((2, 16, 32)), jnp.broadcast_to(jnp.arange(16), (2, 16))
+    with sharding.activate(mesh, DEFAULT_RULES):
+        jaxpr = str(jax.make_jaxpr(layer.init)(jax.random.key(0), x, pos))
+    assert collective in jaxpr
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (["model.context_parallel=ulysses", "mesh.sequence=4", "mesh.data=2"],
+     r"model.context_parallel=ulysses .* model.kv_heads=2 over 1 tensor shards leaves 2"),
+    (["model.sliding_window=4", "mesh.sequence=2", "mesh.data=4"],
+     r"model.sliding_window=4 has no context parallelism \(mesh.sequence=2\)"),
+], ids=["ulysses-heads", "sliding-window"])
+def test_context_parallel_config_errors(overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        build(load_config(None, TINY + overrides), jax.devices())

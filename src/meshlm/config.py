@@ -58,12 +58,12 @@ class ModelConfig:
     sharded_fields: ClassVar[dict[str, str]] = {"vocab_size": "vocab", "d_model": "embed"}
     # Whether the family's layers run with the length axis sharded (context parallelism: ring
     # attention). Recurrent scans and T5's attention would gather the whole length instead.
-    context_parallel: ClassVar[bool] = False
+    supports_context_parallel: ClassVar[bool] = False
 
     def validate_mesh(self, axis_size: Callable[[str], int]) -> None:
         """``ConfigError`` unless every size in ``sharded_fields`` divides over the shards of its
         logical axis; ``axis_size(logical)`` is that count under the run's mesh and rules."""
-        if axis_size("activation_length") > 1 and not self.context_parallel:
+        if axis_size("activation_length") > 1 and not self.supports_context_parallel:
             raise ConfigError(
                 f"model.family={self.family} has no context parallelism, but the mesh shards "
                 f"the length {axis_size('activation_length')} ways (mesh.sequence); use "

@@ -50,12 +50,14 @@ class GPTConfig(DecoderLMConfig):
     use_bias: bool = True
     dropout: float = 0.0
     attention: Literal["auto", "xla", "cudnn", "triton", "mosaic_gpu", "tpu"] = "auto"
+    # attention over a sequence-sharded length (mesh.sequence > 1): layers/ring_attention.py
+    context_parallel: Literal["ring", "ulysses"] = "ring"
 
     # field -> the logical axis its dimension is split by (validate_mesh checks divisibility)
     sharded_fields: ClassVar[dict[str, str]] = {**DecoderLMConfig.sharded_fields,
                                                 "n_heads": "heads", "kv_heads": "kv_heads",
                                                 "d_ff": "mlp"}
-    context_parallel: ClassVar[bool] = True  # attention shards the length by ring attention
+    supports_context_parallel: ClassVar[bool] = True
 
     @property
     def kv_heads(self) -> int:
@@ -94,6 +96,22 @@ class GPTConfig(DecoderLMConfig):
         if self.qkv_bias and self.use_bias:
             raise ConfigError("model.qkv_bias=true with model.use_bias=true: use_bias already "
                               "gives q/k/v their biases; set one of them")
+
+    def validate_mesh(self, axis_size) -> None:
+        super().validate_mesh(axis_size)
+        shards = axis_size("activation_length")
+        if shards > 1 and self.sliding_window is not None:
+            raise ConfigError(f"model.sliding_window={self.sliding_window} has no context "
+                              f"parallelism (mesh.sequence={shards}); use mesh.sequence=1")
+        if shards > 1 and self.context_parallel == "ulysses":
+            for name, heads, logical in (("n_heads", self.n_heads, "activation_heads"),
+                                         ("kv_heads", self.kv_heads, "activation_kv_heads")):
+                if (heads // axis_size(logical)) % shards:
+                    raise ConfigError(
+                        f"model.context_parallel=ulysses splits heads over the {shards} sequence "
+                        f"shards, but model.{name}={heads} over {axis_size(logical)} tensor "
+                        f"shards leaves {heads // axis_size(logical)} per device; use "
+                        "model.context_parallel=ring")
 
     @property
     def rope_scaling_spec(self) -> RopeScaling | None:
@@ -364,7 +382,8 @@ class Block(nn.Module):
             num_heads=cfg.n_heads, num_kv_heads=cfg.kv_heads, head_dim=cfg.dim_per_head,
             use_bias=cfg.use_bias, qkv_bias=cfg.qkv_bias, rope=cfg.position == "rope",
             rope_theta=cfg.rope_theta, rope_scaling=cfg.rope_scaling_spec,
-            sliding_window=cfg.sliding_window, implementation=cfg.attention, decode=self.decode,
+            sliding_window=cfg.sliding_window, implementation=cfg.attention,
+            context_parallel=cfg.context_parallel, decode=self.decode,
             dtype=dtype, param_dtype=param_dtype, kernel_init=init, out_kernel_init=out_init, name="attention",
         )(cfg.make_norm("attention_norm")(x), positions, segment_ids)
         x = x + nn.Dropout(cfg.dropout)(h, deterministic=self.deterministic)
