@@ -6,9 +6,12 @@ steps whose arithmetic is ``common.Chunk``: four products on the tensor cores (`
 ``(L * C B^T) (dt x)``, ``C H^T``, ``(dt x)^T B``), exact float32 cumulative decays, and the ``D``
 skip and ``silu(z)`` gate fused before ``y`` is written once.
 
-The state entering every tile is saved (``(batch, heads, n_tiles, head_dim, d_state)`` float32,
-so ``chunk_size`` only has to be a multiple of ``block_t``): every other kernel then has one
-program per tile, with no state to recompute and parallel over the whole length.
+The state entering every tile is saved (``(batch, heads, n_tiles, head_dim, d_state)``, so
+``chunk_size`` only has to be a multiple of ``block_t``): every other kernel then has one program
+per tile, with no state to recompute and parallel over the whole length. The saved states and
+their gradients are stored in the input dtype, half the bytes for bfloat16: every product that
+reads them feeds the matrix units that dtype anyway (only the ``<dH, H>`` term of the decay
+gradient sees the rounding); the carried state and the final state stay float32.
 
 Forward, two kernels: a sequential pass that only advances the state (one product per tile) and
 writes it before every tile, then the outputs of each tile. The saved states are the forward's
@@ -144,7 +147,7 @@ def _state_kernel(*refs, length, T, n_tiles, softplus, dtype, flags):
     H = jnp.zeros(r.h_final.shape, f32) if r.h0 is None else r.h0[...].astype(f32)
 
     def tile_body(k, H):
-        r.ckpt[k] = H
+        r.ckpt[k] = H.astype(r.ckpt.dtype)
         v = _tile(r, k * T, T, length, bias, softplus, dtype, with_z=False, with_dout=False,
                   with_C=False)
         return common.next_state(v["x"], v["dt"], A, v["B"], H, dtype)
@@ -176,7 +179,7 @@ def _dstate_kernel(*refs, length, T, n_tiles, softplus, dtype, flags):
 
     def tile_body(kk, dH):
         k = n_tiles - 1 - kk
-        r.dck[k] = dH
+        r.dck[k] = dH.astype(r.dck.dtype)
         v = _tile(r, k * T, T, length, bias, softplus, dtype, with_z=r.z is not None,
                   with_dout=True)
         dy = v["dout"] if r.z is None else v["dout"] * _ssm_math.silu(v["z"].astype(f32))
@@ -287,7 +290,8 @@ def _static(x, cfg):
 
 
 def forward(x, dt, A, B, C, D, z, dt_bias, h0, cfg: common.SSDConfig, *, save_checkpoints):
-    """Returns ``(y, final_state, checkpoints or None)``; states float32.
+    """Returns ``(y, final_state, checkpoints or None)``; the final state float32, the
+    checkpoints (the state entering every tile) in x's dtype.
 
     Two kernels: a sequential pass that only advances the state (one product per tile) and
     writes the state entering every tile, then the outputs with one program per tile.
@@ -304,7 +308,7 @@ def forward(x, dt, A, B, C, D, z, dt_bias, h0, cfg: common.SSDConfig, *, save_ch
         [("x", x, sp["seq"]), ("dt", dt, sp["dt"]), ("A", A, sp["head"]), ("B", B, sp["grp"]),
          ("bias", dt_bias, sp["head"]), ("h0", h0, sp["state"])],
         [("h_final", jax.ShapeDtypeStruct((batch, heads, head_dim, d_state), f32), sp["state"]),
-         ("ckpt", jax.ShapeDtypeStruct((batch, heads, n_tiles, head_dim, d_state), f32),
+         ("ckpt", jax.ShapeDtypeStruct((batch, heads, n_tiles, head_dim, d_state), x.dtype),
           sp["states"])],
         st, "ssd_fwd_states",
     )
@@ -341,7 +345,7 @@ def backward(dout, dh_final, x, dt, A, B, C, D, z, dt_bias, h0, ckpt, cfg: commo
         [("dt", dt, sp["dt"]), ("A", A, sp["head"]), ("C", C, sp["grp"]), ("z", z, sp["seq"]),
          ("bias", dt_bias, sp["head"]), ("dout", dout, sp["seq"]),
          ("dh_final", dh_final, sp["state"])],
-        [("dck", jax.ShapeDtypeStruct(ckpt.shape, f32), sp["states"]),
+        [("dck", jax.ShapeDtypeStruct(ckpt.shape, x.dtype), sp["states"]),
          ("dh0", None if h0 is None else f32_state, sp["state"])],
         st, "ssd_bwd_states",
     )
