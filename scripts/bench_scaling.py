@@ -17,6 +17,8 @@ single-GPU numbers with bench_train's unrolled ones only knowingly.
 
     PYTHONPATH=src:. python3 scripts/bench_scaling.py --gpus 4            # the GPU table
     PYTHONPATH=src:. python3 scripts/bench_scaling.py --smoke             # 8 fake CPU devices
+    PYTHONPATH=src:. python3 scripts/bench_scaling.py --gpus 4 --models moe_mixtral_1b \\
+        --strategies 1gpu,ep,dp                                           # expert parallelism
     PYTHONPATH=src:. python3 scripts/bench_scaling.py --gpus 4 --models gpt_1p3b \\
         --strategies 1gpu,fsdp,pp_circular --set train.microbatches=32     # a subset
 
@@ -43,9 +45,9 @@ os.environ["NCCL_NVLS_ENABLE"] = "0"  # NVLink multicast off (inherited by every
 PIPELINE_REPEATS = 2  # layer groups per stage of the circular schedule
 
 
-def _mesh(data=1, fsdp=1, tensor=1, pipeline=1, sequence=1) -> list[str]:
+def _mesh(data=1, fsdp=1, tensor=1, pipeline=1, sequence=1, expert=1) -> list[str]:
     return [f"mesh.data={data}", f"mesh.fsdp={fsdp}", f"mesh.tensor={tensor}",
-            f"mesh.pipeline={pipeline}", f"mesh.sequence={sequence}"]
+            f"mesh.pipeline={pipeline}", f"mesh.sequence={sequence}", f"mesh.expert={expert}"]
 
 
 def _pipeline(n: int, repeats: int = 1, data: int = 1) -> list[str]:
@@ -65,12 +67,15 @@ STRATEGIES: dict[str, tuple[Callable[[int], int], Callable[[int], list[str]]]] =
     "pp_circular": (lambda n: n, lambda n: _pipeline(n, PIPELINE_REPEATS)),
     "fsdp_x_tp2": (lambda n: n, lambda n: _mesh(fsdp=n // 2, tensor=2)),
     "dp_x_pp2": (lambda n: n, lambda n: _pipeline(2, data=n // 2)),
+    # MoE models only: the experts spread over the GPUs (tokens exchanged by all-to-all).
+    "ep": (lambda n: n, lambda n: _mesh(expert=n)),
 }
 
 # model -> per-GPU batch, sequence length and overrides (bench_train's tuned settings, scanned).
 MODELS = {
     "gpt_1p3b": dict(batch=8, seq=2048, overrides=("model.remat=dots_no_batch",)),
     "gpt2_350m": dict(batch=16, seq=1024, overrides=("model.remat=none",)),
+    "moe_mixtral_1b": dict(batch=8, seq=2048, overrides=()),
 }
 SMOKE_MODEL = dict(batch=4, seq=32, overrides=(
     "model.d_model=32", "model.n_heads=8", "model.d_ff=64", "model.n_layers=16",
@@ -105,10 +110,10 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--gpus", type=int, default=4, help="N (default: %(default)s)")
-    parser.add_argument("--models", default=",".join(MODELS),
+    parser.add_argument("--models", default="gpt_1p3b,gpt2_350m",
                         help="comma-separated config names (default: %(default)s)")
-    parser.add_argument("--strategies", default=",".join(STRATEGIES),
-                        help="comma-separated rows of STRATEGIES (default: all)")
+    parser.add_argument("--strategies", default=",".join(s for s in STRATEGIES if s != "ep"),
+                        help="comma-separated rows of STRATEGIES (default: all but ep)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="meshlm override for every row, applied last; repeatable")
     parser.add_argument("--steps", type=int, default=10)
