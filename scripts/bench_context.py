@@ -3,11 +3,12 @@
 For each total length (default 64k and 128k tokens) this times causal attention forward +
 backward (``jax.vjp`` of the output against a random cotangent) as ring attention with the
 length sharded over ``--gpus`` GPUs (``meshlm.layers.ring_attention``: zig-zag layout, K/V
-rotating by ``ppermute``, ``flash_attention(return_lse=True)`` per block), and as plain
+rotating by ``ppermute``, ``flash_attention(return_lse=True)`` per block; and the Ulysses
+all-to-all method, ``--methods ring,ulysses``), and as plain
 ``flash_attention`` on 1 GPU at the same length, or, where 1 GPU runs out of memory, notes it and
 the table's last line names the largest length that fits on 1 GPU. One table:
 
-    tokens | GPUs | ms fwd+bwd | TFLOP/s per GPU | speedup vs 1 GPU | scaling eff.
+    tokens | method | GPUs | ms fwd+bwd | TFLOP/s per GPU | speedup vs 1 GPU | scaling eff.
 
 FLOPs count visible (query, key) pairs only: 4 * heads * head_dim * L^2 / 2 forward, 3.5x that
 for forward + backward. Scaling efficiency = speedup / GPUs. NVLink multicast stays off
@@ -63,8 +64,8 @@ def single(length, args, dtype, device):
     return time_ms(fn, *xs, iters=args.iters, warmup=2), fn(*xs)
 
 
-def ring(length, args, dtype, devices):
-    """fwd+bwd milliseconds and outputs of ring attention over ``devices``."""
+def sharded(method, length, args, dtype, devices):
+    """fwd+bwd milliseconds and outputs of context-parallel attention over ``devices``."""
     mesh = sharding.make_mesh(MeshConfig(data=1, sequence=len(devices)), devices)
     with sharding.activate(mesh, DEFAULT_RULES):
         axes = (ring_attention.Q_AXES, ring_attention.KV_AXES, ring_attention.KV_AXES,
@@ -72,7 +73,7 @@ def ring(length, args, dtype, devices):
         xs = [jax.device_put(x, sharding.named_sharding(mesh, DEFAULT_RULES, *a))
               for x, a in zip(arrays(length, args, dtype), axes)]
         fn = jax.jit(fwd_bwd(lambda q, k, v: ring_attention.context_parallel_attention(
-            q, k, v, causal=True, implementation=args.impl)))
+            q, k, v, causal=True, method=method, implementation=args.impl)))
         return time_ms(fn, *xs, iters=args.iters, warmup=2), fn(*xs)
 
 
@@ -95,6 +96,7 @@ def main():
     p.add_argument("--kv-heads", type=int, default=16)
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--impl", default="auto", help="flash_attention implementation per block")
+    p.add_argument("--methods", default="ring,ulysses", help="context-parallel methods to time")
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--smoke", action="store_true",
                    help="8 fake CPU devices, tiny shapes, float32 reference; checks the ring "
@@ -102,7 +104,7 @@ def main():
     args = p.parse_args()
     dtype = jnp.bfloat16
     if args.smoke:
-        args.lengths, args.heads, args.kv_heads, args.head_dim = "64,128", 2, 1, 16
+        args.lengths, args.heads, args.kv_heads, args.head_dim = "64,128", 4, 4, 16
         args.impl, args.iters, dtype = "xla", 1, jnp.float32
     devices = jax.devices()
     if len(devices) < args.gpus:
@@ -116,20 +118,22 @@ def main():
         try:
             ms1, out1 = single(length, args, dtype, devices[0])
             largest_single = length
-            rows.append([length, 1, ms1, tflops(length, args, ms1, 1), 1.0, 1.0])
+            rows.append([length, "1 GPU", 1, ms1, tflops(length, args, ms1, 1), 1.0, 1.0])
         except Exception as err:  # noqa: BLE001 - an out-of-memory row, reported
             if not out_of_memory(err):
                 raise
             ms1 = out1 = None
-            rows.append([length, 1, "OOM", "-", "-", "-"])
-        msn, outn = ring(length, args, dtype, devices[:args.gpus])
-        speedup = "-" if ms1 is None else ms1 / msn
-        eff = "-" if ms1 is None else speedup / args.gpus
-        rows.append([length, args.gpus, msn, tflops(length, args, msn, args.gpus), speedup, eff])
-        if args.smoke and out1 is not None:  # the ring equals 1 device (float32 reference)
-            for a, b in zip(out1, outn):
-                np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-4, rtol=0)
-    print_table(["tokens", "GPUs", "ms fwd+bwd", "TFLOP/s per GPU", "speedup vs 1 GPU",
+            rows.append([length, "1 GPU", 1, "OOM", "-", "-", "-"])
+        for method in args.methods.split(","):
+            msn, outn = sharded(method, length, args, dtype, devices[:args.gpus])
+            speedup = "-" if ms1 is None else ms1 / msn
+            eff = "-" if ms1 is None else speedup / args.gpus
+            rows.append([length, method, args.gpus, msn, tflops(length, args, msn, args.gpus),
+                         speedup, eff])
+            if args.smoke and out1 is not None:  # equals 1 device (float32 reference)
+                for a, b in zip(out1, outn):
+                    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-4, rtol=0)
+    print_table(["tokens", "method", "GPUs", "ms fwd+bwd", "TFLOP/s per GPU", "speedup vs 1 GPU",
                  "scaling eff."], rows)
     print(f"largest length timed on 1 GPU: {largest_single}")
 
