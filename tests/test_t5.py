@@ -14,18 +14,25 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import tokenizers
+from _helpers import compile_train_step
 from flax.core import meta
 
 from meshlm import sharding
 from meshlm.config import ConfigError, load_config, model_config
 from meshlm.data import build_data
 from meshlm.data.batches import SEQ2SEQ
-from meshlm.data.seq2seq import (SpanCorruptionRows, TextPairRows, check_sentinels,
-                                 chunk_length, decoder_start_id, encode_pairs, noise_mask,
-                                 span_counts)
+from meshlm.data.seq2seq import (
+    SpanCorruptionRows,
+    TextPairRows,
+    check_sentinels,
+    chunk_length,
+    decoder_start_id,
+    encode_pairs,
+    noise_mask,
+    span_counts,
+)
 from meshlm.layers.relative_position import relative_position_bucket
 from meshlm.models import build_model, t5
-from _helpers import compile_train_step
 
 pytestmark = pytest.mark.usefixtures("fast_compile")  # tiny shapes: compiling dominates
 
@@ -50,8 +57,8 @@ def python_bucket(rel: int, bidirectional: bool, num_buckets: int, max_distance:
     if distance < exact:
         return bucket + distance
     f32 = np.float32
-    large = exact + int(f32(np.log(f32(distance) / f32(exact))) / f32(math.log(max_distance / exact))
-                        * f32(n - exact))
+    log_ratio = f32(np.log(f32(distance) / f32(exact)))
+    large = exact + int(log_ratio / f32(math.log(max_distance / exact)) * f32(n - exact))
     return bucket + min(large, n - 1)
 
 
@@ -98,7 +105,7 @@ def _ffn(x, p, kind):
 def reference_logits(cfg, params, enc, dec):
     """T5's forward for one unpacked example (no batch axis), float32, written from the paper
     and the published code rather than from meshlm's modules."""
-    layer = lambda tree, i: jax.tree.map(lambda a: a[i], tree)  # noqa: E731
+    layer = lambda tree, i: jax.tree.map(lambda a: a[i], tree)
     emb, eps = params["embed"]["embedding"], cfg.norm_eps
     x = emb[enc]
     p = params["encoder"]
@@ -143,8 +150,8 @@ def _apply(model, params, *args, **kwargs):
 
 
 def _batch(enc, dec, targets):
-    ones = lambda x: jnp.ones(x.shape, jnp.int32)  # noqa: E731
-    pos = lambda x: jnp.broadcast_to(jnp.arange(x.shape[1], dtype=jnp.int32), x.shape)  # noqa
+    ones = lambda x: jnp.ones(x.shape, jnp.int32)
+    pos = lambda x: jnp.broadcast_to(jnp.arange(x.shape[1], dtype=jnp.int32), x.shape)
     return {"encoder_tokens": enc, "encoder_positions": pos(enc), "encoder_segment_ids": ones(enc),
             "decoder_tokens": dec, "decoder_positions": pos(dec), "decoder_segment_ids": ones(dec),
             "targets": targets, "loss_mask": jnp.ones(dec.shape, jnp.float32)}
@@ -178,7 +185,7 @@ def test_forward_and_gradients_match_reference(variant):
 
 
 def test_packed_forward_equals_separate_forwards():
-    cfg, model, params, _, _ = _model("v1.1")
+    _, model, params, _, _ = _model("v1.1")
     rng = np.random.default_rng(3)
     docs = [(rng.integers(0, 64, 5), rng.integers(0, 64, 4)),
             (rng.integers(0, 64, 6), rng.integers(0, 64, 3))]
@@ -277,7 +284,7 @@ def test_dp_fsdp_tp_losses_equal_single_device(single_device_losses):
 def _reconstruct(inputs, targets, vocab, n_sentinels):
     """The original chunk from (inputs, targets) without end-of-text: each sentinel in the
     inputs is replaced by what follows the same sentinel in the targets."""
-    is_sentinel = lambda t: t >= vocab - n_sentinels  # noqa: E731
+    is_sentinel = lambda t: t >= vocab - n_sentinels
     spans, current = {}, None
     for t in targets:
         if is_sentinel(t):
@@ -482,7 +489,7 @@ def _hf_logits(c, w, enc, dec):
         return table[buckets].transpose(2, 0, 1)
 
     def attention(x, kv, pre, b):
-        split = lambda t: t.reshape(len(t), heads, -1).transpose(1, 0, 2)  # noqa: E731
+        split = lambda t: t.reshape(len(t), heads, -1).transpose(1, 0, 2)
         q, k, v = (split(a @ w[f"{pre}.{n}.weight"].T) for a, n in ((x, "q"), (kv, "k"),
                                                                      (kv, "v")))
         s = q @ k.transpose(0, 2, 1) + b
@@ -491,7 +498,7 @@ def _hf_logits(c, w, enc, dec):
         return out.transpose(1, 0, 2).reshape(len(x), -1) @ w[f"{pre}.o.weight"].T
 
     def ffn(x, pre):
-        g = lambda n: x @ w[f"{pre}.DenseReluDense.{n}.weight"].T  # noqa: E731
+        g = lambda n: x @ w[f"{pre}.DenseReluDense.{n}.weight"].T
         if gated:
             a = g("wi_0")
             h = 0.5 * a * (1 + np.tanh(np.sqrt(2 / np.pi) * (a + 0.044715 * a ** 3))) * g("wi_1")

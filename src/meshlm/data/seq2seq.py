@@ -196,7 +196,8 @@ class TextPairRows:
 
 
 def decoder_start_id(tokenizer: tokenizers.Tokenizer, token: str) -> int:
-    """The id of the model's ``decoder_start_token``; a ``ConfigError`` if the tokenizer lacks it."""
+    """The id of the model's ``decoder_start_token``; a ``ConfigError`` if the tokenizer lacks
+    it."""
     token_id = tokenizer.token_to_id(token)
     if token_id is None:
         specials = [t.content for t in tokenizer.get_added_tokens_decoder().values()]

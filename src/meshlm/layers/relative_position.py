@@ -9,7 +9,8 @@ One table serves every layer of a stack; the bias is added to the attention scor
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax

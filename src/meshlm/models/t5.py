@@ -44,9 +44,9 @@ from meshlm.layers.attention import CACHE_AXES
 from meshlm.layers.embeddings import logits_matmul
 from meshlm.layers.relative_position import RelativePositionBias
 from meshlm.layers.stack import apply_stack
+from meshlm.models.base import ACTIVATION_EMBED
 from meshlm.train.losses import token_cross_entropy
 
-ACTIVATION_EMBED = ("activation_batch", "activation_length", "activation_embed")
 ACTIVATION_HEADS = ("activation_batch", "activation_length", "activation_heads", "head_dim")
 # Added to the scores of masked (query, key) pairs: finite, so a fully masked padding row gives
 # a uniform softmax instead of NaN; far below any real score.
@@ -127,7 +127,7 @@ class T5Config(ModelConfig):
         return (r"^(encoder|decoder)\.embed_tokens\.weight$", *tied)
 
     @classmethod
-    def from_hf_config(cls, hf: dict) -> "T5Config":
+    def from_hf_config(cls, hf: dict) -> T5Config:
         ff = hf_option(hf, "feed_forward_proj", ("relu", "gated-gelu"), "relu")
         hf_option(hf, "dense_act_fn", ("relu",) if ff == "relu" else ("gelu_new",),
                   "relu" if ff == "relu" else "gelu_new")
@@ -373,7 +373,7 @@ class Decoder(nn.Module):
             positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
             if cached:
                 positions = positions + index.value
-        if decode and cached:
+        if cached:
             index.value = index.value + length
         if segment_ids is None:
             segment_ids = jnp.ones((batch, length), jnp.int32)
