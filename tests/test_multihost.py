@@ -28,7 +28,8 @@ from meshlm import distributed
 from meshlm.cli import EXIT_BAD_INPUT, main
 from meshlm.train import checkpoint
 
-pytestmark = pytest.mark.slow
+# Compile time is most of a launch; the one-process run compiles alike (the same numbers).
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("fast_compile")]
 
 REPO = pathlib.Path(__file__).parents[1]
 CONFIG = str(REPO / "configs" / "default.yaml")
@@ -48,7 +49,7 @@ class Process:
     def __init__(self, index: int, count: int, port: int, args: list[str],
                  extra: tuple[str, ...] = ()):
         env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}
-        env.update(JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1",
+        env.update(JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1", JAX_DISABLE_MOST_OPTIMIZATIONS="1",
                    XLA_FLAGS="--xla_force_host_platform_device_count=4")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "meshlm.cli", "train", "--distributed",
@@ -75,7 +76,7 @@ class Process:
             code = self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
             self.proc.kill()
-            pytest.fail("still running after %.0f s:\n%s" % (timeout, "\n".join(self.lines[-30:])))
+            pytest.fail(f"still running after {timeout:.0f} s:\n" + "\n".join(self.lines[-30:]))
         self.reader.join(5)
         return code
 
@@ -127,7 +128,7 @@ def two_processes(tmp_path_factory):
 
 
 def test_sigterm_to_one_process_stops_both_at_one_step_with_a_checkpoint(two_processes):
-    run_dir, stopped, _ = two_processes
+    stopped = two_processes[1]
     steps = {p.summary["step"] for p in stopped}
     assert len(steps) == 1 and 0 < steps.pop() < STEPS
     assert all(p.summary["signal"] == "SIGTERM" for p in stopped)
@@ -162,13 +163,14 @@ def test_one_copy_of_the_run_records(two_processes, reference):
 
 def test_the_checkpoint_holds_every_shard(two_processes, reference):
     """The two processes' checkpoint, restored in this one process, equals the one-process
-    run's parameters (each process wrote only the shards its devices held)."""
+    run's parameters (each process wrote only the shards its devices held). Entries whose
+    gradients are rounding noise differ by ~1e-6 after Adam's normalised steps: atol 1e-5."""
     assert checkpoint.finished_steps(two_processes[0])[-1] == STEPS
     cfg, params = checkpoint.restore_params(two_processes[0])
     _, expected = checkpoint.restore_params(reference[0])
     assert cfg.mesh.tensor == 4
     for got, want in zip(jax.tree.leaves(params), jax.tree.leaves(expected), strict=True):
-        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-5)
 
 
 def test_process_0_failing_to_prepare_the_data_stops_the_others(tmp_path):
@@ -179,8 +181,8 @@ def test_process_0_failing_to_prepare_the_data_stops_the_others(tmp_path):
     codes = [p.finish(timeout=120) for p in procs]
     assert codes[0] != 0 and any("FileExistsError" in line for line in procs[0].lines)
     assert codes[1] == distributed.EXIT_FAILED
-    assert procs[1].errors() == ["meshlm: error: process 1 of 2: process 0 failed while preparing "
-                                 "the tokenizer and token cache; its log has the error"]
+    assert procs[1].errors() == [("meshlm: error: process 1 of 2: process 0 failed while "
+                                  "preparing the tokenizer and token cache; its log has the error")]
 
 
 def test_a_coordinator_that_never_comes_up_ends_within_the_timeout(tmp_path):
@@ -194,12 +196,25 @@ def test_a_coordinator_that_never_comes_up_ends_within_the_timeout(tmp_path):
     assert not any("Traceback" in line or "Check failure" in line for line in only.lines)
 
 
+def test_a_peer_that_dies_ends_the_others_within_the_heartbeat_timeout(tmp_path):
+    """SIGKILL to process 1 (no goodbye): process 0 ends within --heartbeat-timeout, through
+    JAX's own fatal message when it was waiting on no collective (here: preparing the data)."""
+    procs = launch([*TINY, f"train.run_dir={tmp_path}"], extra=("--heartbeat-timeout", "5"))
+    procs[0].wait_for("devices: 8 x cpu in 2 processes", timeout=60)
+    killed = time.monotonic()
+    procs[1].proc.kill()
+    assert procs[0].finish(timeout=60) != 0
+    assert time.monotonic() - killed < 25
+    said = "\n".join(procs[0].lines)
+    assert "another task died" in said or "did another process stop?" in said, said[-2000:]
+
+
 @pytest.mark.parametrize("argv, env, message", [
     (["--coordinator-address", "127.0.0.1:1234", "--process-id", "0"], {},
      "--num-processes not given and no cluster detected"),
     ([], {"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_NUM_PROCESSES": "2"},
-     "--process-id not given and no cluster detected (SLURM, Open MPI, Kubernetes, Cloud TPU); "
-     "pass --process-id (or set JAX_PROCESS_ID)"),
+     ("--process-id not given and no cluster detected (SLURM, Open MPI, Kubernetes, Cloud TPU); "
+      "pass --process-id (or set JAX_PROCESS_ID)")),
     ([], {"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_NUM_PROCESSES": "two", "JAX_PROCESS_ID": "0"},
      "JAX_NUM_PROCESSES='two' is not an integer (it stands for --num-processes)"),
     (["--coordinator-address", "h", "--num-processes", "2", "--process-id", "0"], {},
