@@ -49,6 +49,7 @@ def prompts(batch=2, length=3, vocab=VOCAB):
     return jnp.asarray(np.random.default_rng(0).integers(0, vocab, (batch, length)), jnp.int32)
 
 
+@functools.partial(jax.jit, static_argnums=0)
 def token_logprobs(model, params, prompt, new):
     """log p(new[..., i] | prompt, new[..., :i]) from one full forward, (batch, n_new)."""
     seq = jnp.concatenate([prompt, new], axis=1)
@@ -82,7 +83,7 @@ def test_width_one_equals_greedy(eos_id):
 def test_beam_scores_are_the_log_probs_of_their_tokens_and_beat_greedy(name):
     """Every beam's score is its tokens' log-probability from a full forward, which holds only
     if each beam's cache rows followed it through the reordering (attention KV caches, Mamba's
-    conv and SSM states, RetNet's retention state)."""
+    conv and SSM states, RetNet's retention state); GPT's best beam beats greedy."""
     model, params = model_and_params(name)
     prompt = prompts(2)
     got = beam_search(model, params, prompt, beam_width=3, max_new_tokens=5, length_penalty=0.0)
@@ -90,6 +91,8 @@ def test_beam_scores_are_the_log_probs_of_their_tokens_and_beat_greedy(name):
         want = token_logprobs(model, params, prompt, got.tokens[:, k]).sum(-1)
         np.testing.assert_allclose(got.scores[:, k], want, atol=TOL, rtol=TOL)
     assert (np.diff(np.asarray(got.scores), axis=1) <= 0).all()  # best first
+    if name != "gpt":
+        return  # the cache check above is what differs by family
     greedy = generate(model, params, prompt, jax.random.key(0), max_new_tokens=5,
                       sampling=SamplingParams(temperature=0.0))
     greedy_logp = token_logprobs(model, params, prompt, greedy).sum(-1)
