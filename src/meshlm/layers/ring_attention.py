@@ -6,8 +6,8 @@ Two methods: ring attention (below) and Ulysses (all-to-all to a head split and 
 Each of the ``S`` devices keeps its queries while the K/V blocks (and their segment ids) travel
 round the ring by ``ppermute``; at every step a device attends its queries to the block it holds
 with ``flash_attention(..., return_lse=True)`` and folds the partial output into a running one by
-log-sum-exp. The backward pass is autodiff through the ring (``ppermute`` transposes to the
-reverse rotation, and the kernel's custom VJP takes the lse cotangent).
+log-sum-exp. The backward pass is a second ring that carries dK/dV with their blocks
+(``ring_attention``).
 
 Causal attention in the model's contiguous layout would leave device 0 one block of work and
 device ``S-1`` all ``S``: so for causal attention the length is cut into ``2S`` chunks and device
@@ -21,8 +21,10 @@ fully masked chunk pairs are never computed. A length that is a multiple of ``S`
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -153,37 +155,102 @@ def ring_attention(q, k, v, q_seg, kv_seg, *, axis_name, shards: int, causal: bo
     contiguous (device ``d`` holds the ``d``-th block); without, any layout. Returns the
     attention output like ``q``. ``implementation="cudnn"`` (which returns no log-sum-exp) runs
     as ``"auto"``: the fastest lowering that does.
+
+    The backward pass is a second ring (a custom VJP): the K/V blocks travel again, each with
+    the dK/dV it has gathered so far, and every device adds its queries' share of each block's
+    gradient, recomputed from the block; after ``S`` hops the gradients are home. So only the
+    local blocks, the output and its log-sum-exp are kept (O(L/S) per device), never the
+    ``S`` blocks that autodiff through the forward ring would keep.
     """
     if implementation == "cudnn":
         implementation = "auto"
+    ring = _Ring(axis_name, shards, causal, zigzag, implementation, interpret)
+    return _ring_vjp(ring, q, k, v, q_seg, kv_seg)
 
-    def attend(q, k, v, q_seg, kv_seg, causal):
-        return flash_attention(q, k, v, causal=causal, q_segment_ids=q_seg, kv_segment_ids=kv_seg,
-                               return_lse=True, implementation=implementation,
-                               interpret=interpret)
 
-    me = jax.lax.axis_index(axis_name)
-    half = q.shape[1] // 2
-    rotate = [(i, (i + 1) % shards) for i in range(shards)]
+@dataclasses.dataclass(frozen=True)
+class _Ring:
+    """The static description of one ring (hashable: the custom VJP's nondiff argument)."""
+
+    axis_name: Any
+    shards: int
+    causal: bool
+    zigzag: bool
+    implementation: str
+    interpret: bool
+
+    def rotate(self, *xs):
+        """Every device's arrays one device on round the ring (None stays None)."""
+        perm = [(i, (i + 1) % self.shards) for i in range(self.shards)]
+        return tuple(None if x is None else jax.lax.ppermute(x, self.axis_name, perm)
+                     for x in xs)
+
+    def block(self, step, q, k, v, q_seg, kv_seg):
+        """``(out, lse)`` of the local queries against the block held at ``step`` (the block of
+        device ``me - step``), masked as its place in the sequence says."""
+        def attend(q, k, v, q_seg, kv_seg, causal):
+            return flash_attention(q, k, v, causal=causal, q_segment_ids=q_seg,
+                                   kv_segment_ids=kv_seg, return_lse=True,
+                                   implementation=self.implementation, interpret=self.interpret)
+
+        me = jax.lax.axis_index(self.axis_name)
+        if not self.causal:
+            return attend(q, k, v, q_seg, kv_seg, False)
+        if step == 0:  # its own block: chunk order is position order, so plain causal
+            return attend(q, k, v, q_seg, kv_seg, True)
+        if not self.zigzag:  # an earlier device's block is seen whole, a later one's not at all
+            return jax.lax.cond(step <= me, functools.partial(attend, causal=False), _unseen,
+                                q, k, v, q_seg, kv_seg)
+        half = q.shape[1] // 2
+        return jax.lax.cond(step <= me, functools.partial(_earlier_block, attend, half),
+                            functools.partial(_later_block, attend, half),
+                            q, k, v, q_seg, kv_seg)
+
+
+def _ring_forward(ring, q, k, v, q_seg, kv_seg):
     out = lse = None
-    for step in range(shards):
+    for step in range(ring.shards):
         if step:
-            k, v = (jax.lax.ppermute(x, axis_name, rotate) for x in (k, v))
-            if kv_seg is not None:
-                kv_seg = jax.lax.ppermute(kv_seg, axis_name, rotate)
-        if not causal:
-            part = attend(q, k, v, q_seg, kv_seg, False)
-        elif step == 0:  # its own block: chunk order is position order, so plain causal
-            part = attend(q, k, v, q_seg, kv_seg, True)
-        elif not zigzag:  # an earlier device's block is seen whole, a later one's not at all
-            part = jax.lax.cond(step <= me, functools.partial(attend, causal=False), _unseen,
-                                q, k, v, q_seg, kv_seg)
-        else:
-            part = jax.lax.cond(step <= me, functools.partial(_earlier_block, attend, half),
-                                functools.partial(_later_block, attend, half),
-                                q, k, v, q_seg, kv_seg)
+            k, v, kv_seg = ring.rotate(k, v, kv_seg)
+        part = ring.block(step, q, k, v, q_seg, kv_seg)
         out, lse = part if out is None else _merge(out, lse, *part)
-    return out.astype(q.dtype)
+    return out.astype(q.dtype), lse
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _ring_vjp(ring, q, k, v, q_seg, kv_seg):
+    return _ring_forward(ring, q, k, v, q_seg, kv_seg)[0]
+
+
+def _ring_vjp_fwd(ring, q, k, v, q_seg, kv_seg):
+    out, lse = _ring_forward(ring, q, k, v, q_seg, kv_seg)
+    return out, (q, k, v, q_seg, kv_seg, out, lse)
+
+
+def _ring_vjp_bwd(ring, residuals, d_out):
+    """With ``O = sum_b w_b O_b``, ``w_b = exp(lse_b - lse)``: block ``b`` receives the output
+    cotangent ``w_b dO`` and the lse cotangent ``w_b (rowsum(dO O_b) - rowsum(dO O))``."""
+    q, k, v, q_seg, kv_seg, out, lse = residuals
+    d_out = d_out.astype(jnp.float32)
+    rows = jnp.swapaxes(jnp.sum(d_out * out.astype(jnp.float32), axis=-1), 1, 2)  # (B, H, L)
+    seen = jnp.isfinite(lse)
+    lse_safe = jnp.where(seen, lse, 0.0)
+    dq = dk = dv = None
+    for step in range(ring.shards):
+        if step:
+            k, v, kv_seg, dk, dv = ring.rotate(k, v, kv_seg, dk, dv)
+        (out_b, lse_b), pullback = jax.vjp(
+            lambda q, k, v: ring.block(step, q, k, v, q_seg, kv_seg), q, k, v)
+        w = jnp.where(seen, jnp.exp(lse_b - lse_safe), 0.0)  # (B, H, L)
+        rows_b = jnp.swapaxes(jnp.sum(d_out * out_b.astype(jnp.float32), axis=-1), 1, 2)
+        d_out_b = (d_out * jnp.swapaxes(w, 1, 2)[..., None]).astype(out_b.dtype)
+        grads = [g.astype(jnp.float32) for g in pullback((d_out_b, w * (rows_b - rows)))]
+        dq, dk, dv = grads if dq is None else (dq + grads[0], dk + grads[1], dv + grads[2])
+    dk, dv = ring.rotate(dk, dv)  # the S-th hop brings each block's gradient home
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None
+
+
+_ring_vjp.defvjp(_ring_vjp_fwd, _ring_vjp_bwd)
 
 
 def _unseen(q, k, v, q_seg, kv_seg):
