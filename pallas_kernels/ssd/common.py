@@ -129,11 +129,6 @@ class Chunk:
         return _advance(H, self.xdt, self.s, self.s_total, self.B, self.dtype)
 
 
-def next_state(self, H):
-        """The state leaving the chunk, float32 ``(P,N)``."""
-        return _advance(H, self.xdt, self.s, self.s_total, self.B, self.dtype)
-
-
 def next_state(x, dt, A, B, H, dtype):
     """The state leaving a chunk without the chunk's outputs (the backward's recomputation)."""
     s = _inclusive_cumsum(dt * A)
@@ -172,7 +167,7 @@ def chunk_backward(c: Chunk, H, dH, dout, A, D, z):
     """
     g = state_side_grads(c, H, dH, dout, D, z)
     g |= input_side_grads(c, dH, g["dy"], g["ds"], A, D, g["ds_total"])
-    g["dH"] = entering_state_grad(c, dH, g["dy"])
+    g["dH"] = prev_state_grad(g["dy"], c.dt, A, c.C, dH, c.dtype)
     return g
 
 
@@ -225,11 +220,6 @@ def input_side_grads(c: Chunk, dH, dy, ds_state, A, D, ds_total_state=0.0):
     ddt = ddt + A * da
     dA = jnp.sum(c.dt * da)
     return dict(dx=dx, ddt=ddt, dB=dB, dA=dA, dD=dD)
-
-
-def entering_state_grad(c: Chunk, dH, dy):
-    """Gradient of the state entering the chunk (``prev_state_grad`` on a built ``Chunk``)."""
-    return jnp.exp(c.s_total) * dH + mm_tn(dy * c.decay_in[:, None], c.C, c.dtype)
 
 
 def _exclusive_cumsum(v):
