@@ -17,7 +17,7 @@ from flax.core import meta
 
 from meshlm import sharding
 from meshlm.config import ConfigError, load_config, model_config
-from meshlm.layers.moe import MoeMlp, expert_swiglu, per_batch_shard
+from meshlm.layers.moe import MoeMlp, sharded_experts
 from meshlm.train.setup import build
 
 D_MODEL, D_FF, N_EXPERTS = 16, 24, 8
@@ -111,19 +111,78 @@ def test_layer_refuses_top_k_beyond_the_experts_and_unknown_routers():
             jax.random.key(0), jnp.ones((1, 2, 8)))
 
 
-def test_each_data_shard_routes_only_its_own_rows():
-    """Under a data-parallel mesh the sort and grouped matmuls run per shard (``shard_map``);
-    without a mesh, or with rows that do not divide, the layer runs on the whole batch."""
-    cfg = load_config(None, ["mesh.data=4", "mesh.expert=2"])
+def capacity_reference(params, x, top_k, capacity_factor):
+    """``dense_reference`` with each expert keeping only its first ``ceil(capacity_factor *
+    tokens * k / experts)`` assignments in (token, k) order; -> (output, kept (tokens, k))."""
+    t = np.asarray(x, np.float64).reshape(-1, D_MODEL)
+    logits = t @ np.asarray(params["router"], np.float64)
+    scores = np.exp(logits - logits.max(-1, keepdims=True))
+    scores /= scores.sum(-1, keepdims=True)
+    chosen = np.argsort(-scores, axis=-1, kind="stable")[:, :top_k]
+    weights = np.take_along_axis(scores, chosen, -1)
+    weights /= weights.sum(-1, keepdims=True)
+    capacity = int(np.ceil(capacity_factor * chosen.size / N_EXPERTS))
+    seen, kept = np.zeros(N_EXPERTS, int), np.zeros(chosen.shape, bool)
+    for i, e in enumerate(chosen.reshape(-1)):
+        kept.reshape(-1)[i] = seen[e] < capacity
+        seen[e] += 1
+    p = {k: np.asarray(v, np.float64) for k, v in params.items()}
+    out = np.zeros_like(t)
+    for i in range(len(t)):
+        for j in np.flatnonzero(kept[i]):
+            e = chosen[i, j]
+            gate = t[i] @ p["wi_gate"][e]
+            h = gate / (1 + np.exp(-gate)) * (t[i] @ p["wi_up"][e])
+            out[i] += weights[i, j] * (h @ p["wo"][e])
+    return out.reshape(x.shape), kept
+
+
+@pytest.mark.parametrize("capacity_factor", [0.5, 1.0, 4.0])
+def test_capacity_factor_drops_the_overflow_and_reports_it(capacity_factor):
+    layer, params, x = layer_and_params(2, "softmax", True)
+    layer = layer.clone(capacity_factor=capacity_factor)
+    got, state = layer.apply({"params": params}, x, mutable=["intermediates"])
+    want, kept = capacity_reference(params, x, 2, capacity_factor)
+    np.testing.assert_allclose(got, want, **TOL)
+    dropped = float(state["intermediates"]["dropped_fraction"][0])
+    np.testing.assert_allclose(dropped, 1 - kept.mean(), atol=1e-7)
+    assert (dropped > 0.2) if capacity_factor == 0.5 else (dropped == 0 or capacity_factor < 4)
+    grad = jax.grad(lambda p: jnp.sum(layer.apply({"params": p}, x) ** 2))(params)
+    assert all(np.isfinite(g).all() for g in jax.tree.leaves(grad))
+
+
+MESHES = {"ep8": ["mesh.data=1", "mesh.expert=8"], "dp2-ep4": ["mesh.data=2", "mesh.expert=4"],
+          "dp2-ep2-tp2": ["mesh.data=2", "mesh.expert=2", "mesh.tensor=2"]}
+
+
+@pytest.mark.parametrize("mesh", list(MESHES.values()), ids=list(MESHES))
+def test_expert_parallel_layer_exchanges_tokens_by_all_to_all(mesh):
+    """Each expert device takes its share of a data shard's tokens and sends each row to the
+    device of its expert (all-to-all, no all-gather of tokens); with too few tokens to split
+    (decoding one token) every device runs its experts on all of them and the outputs are
+    summed. Output and gradients equal the dense reference either way."""
+    cfg = load_config(None, mesh)
     mesh, rules = sharding.make_mesh(cfg.mesh), sharding.axis_rules(cfg.mesh)
-    assert per_batch_shard(expert_swiglu, 8) is expert_swiglu  # no mesh
     layer, params, _ = layer_and_params(2, "softmax", True)
-    x = jax.random.normal(jax.random.key(5), (8, 3, D_MODEL))
-    with sharding.activate(mesh, rules):
-        assert per_batch_shard(expert_swiglu, 6) is expert_swiglu  # 6 rows over 4 shards
-        assert per_batch_shard(expert_swiglu, 8) is not expert_swiglu
-        got = jax.jit(layer.apply)({"params": params}, x)
-    np.testing.assert_allclose(got, dense_reference(params, x, 2, "softmax", True), **TOL)
+    x = jax.random.normal(jax.random.key(5), (8, 4, D_MODEL))
+    cotangent = jax.random.normal(jax.random.key(6), x.shape)
+
+    def loss(p, x, dense):
+        y = dense_reference(p, x, 2, "softmax", True) if dense else layer.apply({"params": p}, x)
+        return jnp.sum(y * cotangent[:x.shape[0], :x.shape[1]])
+
+    for tokens in (x, x[:2, :1]):
+        want = jax.grad(loss, argnums=(0, 1))(params, tokens, True)
+        with sharding.activate(mesh, rules):
+            step = jax.jit(jax.grad(loss, argnums=(0, 1)), static_argnums=2)
+            got = step(params, tokens, False)
+            y = jax.jit(layer.apply)({"params": params}, tokens)
+            hlo = step.lower(params, tokens, False).compile().as_text()
+        np.testing.assert_allclose(y, dense_reference(params, tokens, 2, "softmax", True), **TOL)
+        for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+            np.testing.assert_allclose(g, w, atol=1e-4, rtol=1e-4)
+        assert ("all-to-all" in hlo) == (tokens.shape[1] > 1)
+    assert sharded_experts(8, 4)  # no mesh: runs as one computation
 
 
 # ---------------------------------------------------------------- the family
@@ -263,15 +322,12 @@ def single_device_losses():
     return losses, metrics
 
 
-@pytest.mark.parametrize("mesh", [
-    ["mesh.data=2", "mesh.expert=4"],
-    ["mesh.data=2", "mesh.expert=2", "mesh.tensor=2"],
-], ids=["dp2-ep4", "dp2-ep2-tp2"])
+@pytest.mark.parametrize("mesh", list(MESHES.values()), ids=list(MESHES))
 def test_parallel_training_matches_a_single_device(mesh):
     single, single_metrics = single_device_losses()
     state, losses, metrics = train_losses(mesh, jax.devices())
     np.testing.assert_allclose(losses, single, rtol=2e-5)
-    for k in ("load_balance", "router_z", "expert_load_max"):
+    for k in ("load_balance", "router_z", "expert_load_max", "dropped_fraction"):
         np.testing.assert_allclose(metrics[k], single_metrics[k], rtol=2e-5)
     assert losses[-1] < losses[0]
     # Each device holds only its experts (and, with tensor parallelism, its part of d_ff).
@@ -288,6 +344,8 @@ def test_parallel_training_matches_a_single_device(mesh):
     ({"mlp": "gelu"}, [], r"model.mlp='gelu': MoE experts are SwiGLU"),
     ({"load_balance_coef": -1}, [], r"model.load_balance_coef must be >= 0"),
     ({"n_shared_experts": -1}, [], r"model.n_shared_experts must be >= 0, got -1"),
+    ({"capacity_factor": 0}, [], r"model.capacity_factor=0.0 must be > 0 \(null: dropless\)"),
+    ({"capacity_factor": -1.5}, [], r"model.capacity_factor=-1.5 must be > 0"),
     ({"n_experts": 6}, ["mesh.data=2", "mesh.expert=4"],
      r"model.n_experts=6 does not divide over the 4 shards of logical axis 'expert'"),
 ])

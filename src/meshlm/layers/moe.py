@@ -9,6 +9,7 @@ entry per layer; ``router_statistics`` gathers them) so the family's loss can ad
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import Any
@@ -21,7 +22,7 @@ from jax.sharding import PartitionSpec
 Initializer = Callable[..., jax.Array]
 ROUTERS = ("softmax", "sigmoid")
 # Names sown per MoE layer into "intermediates" (scalars, float32).
-STATISTICS = ("load_balance", "router_z", "expert_load_max")
+STATISTICS = ("load_balance", "router_z", "expert_load_max", "dropped_fraction")
 
 
 def route(logits: jax.Array, top_k: int, router: str = "softmax", renormalize: bool = True
@@ -78,6 +79,9 @@ class MoeMlp(nn.Module):
     ``(n_experts, embed, d_ff)`` and ``wo`` ``(n_experts, d_ff, embed)``, with logical axes
     ``expert, embed, mlp`` so the rule table can spread experts over a mesh axis. ``mask``
     (``(batch, length)``, optional) leaves padding out of the router statistics only.
+    ``capacity_factor`` None: dropless; else each expert takes at most ``ceil(capacity_factor *
+    assignments / n_experts)`` of a device's (token, expert) assignments, first come first
+    served, and the rest add nothing (the residual carries the token).
     """
 
     n_experts: int
@@ -85,6 +89,7 @@ class MoeMlp(nn.Module):
     d_ff: int
     router: str = "softmax"
     renormalize: bool = True
+    capacity_factor: float | None = None
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     kernel_init: Initializer = nn.initializers.normal(0.02)
@@ -95,8 +100,11 @@ class MoeMlp(nn.Module):
         if not 1 <= self.top_k <= self.n_experts:
             raise ValueError(
                 f"top_k={self.top_k} must be between 1 and n_experts={self.n_experts}")
+        if self.capacity_factor is not None and not self.capacity_factor > 0:
+            raise ValueError(f"capacity_factor={self.capacity_factor} must be > 0 (None: "
+                             "dropless)")
         batch, length, d_model = x.shape
-        e, f = self.n_experts, self.d_ff
+        e, f, k = self.n_experts, self.d_ff, self.top_k
 
         def param(name, shape, axes, init):
             return self.param(name, nn.with_logical_partitioning(init, axes), shape,
@@ -110,7 +118,7 @@ class MoeMlp(nn.Module):
         # The router runs in float32: routing decisions are sensitive to rounding.
         tokens = x.reshape(batch * length, d_model)
         logits = tokens.astype(jnp.float32) @ w_router.astype(jnp.float32)
-        weights, experts, probs = route(logits, self.top_k, self.router, self.renormalize)
+        weights, experts, probs = route(logits, k, self.router, self.renormalize)
 
         valid = jnp.ones((batch * length,), bool) if mask is None else mask.reshape(-1)
         balance, fraction = load_balance_loss(probs, experts, valid)
@@ -118,10 +126,12 @@ class MoeMlp(nn.Module):
         self.sow("intermediates", "router_z", router_z_loss(logits, valid))
         self.sow("intermediates", "expert_load_max", jnp.max(fraction) * e)
 
-        k = self.top_k
-        out = per_batch_shard(expert_swiglu, batch)(
+        out, kept = sharded_experts(batch, length, self.capacity_factor)(
             x.astype(self.dtype), experts.reshape(batch, length, k),
             w_gate.astype(self.dtype), w_up.astype(self.dtype), w_out.astype(self.dtype))
+        kept = kept.reshape(batch * length, k) & valid[:, None]
+        self.sow("intermediates", "dropped_fraction",
+                 1.0 - jnp.sum(kept) / (k * jnp.maximum(jnp.sum(valid), 1)))
         out = out.reshape(batch * length, k, d_model)
         y = jnp.einsum("tkd,tk->td", out.astype(jnp.float32), weights).astype(self.dtype)
         return nn.with_logical_constraint(
@@ -129,54 +139,161 @@ class MoeMlp(nn.Module):
             ("activation_batch", "activation_length", "activation_embed"))
 
 
+def _mesh_axes(logical: str, mesh, exclude: tuple[str, ...] = ()) -> tuple[str, ...]:
+    """The mesh axes of more than one device that the rules map ``logical`` onto."""
+    spec = nn.logical_to_mesh_axes((logical,))[0]
+    names = (spec,) if isinstance(spec, str) else tuple(spec or ())
+    return tuple(a for a in names if a in mesh.axis_names and mesh.shape[a] > 1
+                 and a not in exclude)
+
+
+def sharded_experts(batch: int, length: int, capacity_factor: float | None = None) -> Callable:
+    """``expert_swiglu`` placed on the current mesh: ``(x, experts, w_gate, w_up, w_out) -> (out,
+    kept)``.
+
+    Sorting tokens by expert is a permutation the partitioner would do by gathering every row on
+    every device, so the layer runs inside ``shard_map`` over the mesh axes of
+    ``activation_batch`` (each data shard sorts its own rows) and of ``expert`` (expert
+    parallelism). The expert devices of a data shard split its tokens (along the length, else
+    the rows) and exchange them by all-to-all, each running only its own experts; when neither
+    divides (e.g. decoding one token) each runs its experts on all the tokens and the outputs
+    are summed over ``expert``. Other axes (``tensor``: the experts' d_ff) stay automatic.
+    Without a mesh, or in pipeline stages, the experts run as one computation.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    plain = functools.partial(expert_swiglu, capacity_factor=capacity_factor)
+    if not mesh.axis_names or _pipelined(mesh):
+        return plain
+    rows = _mesh_axes("activation_batch", mesh)
+    if batch % math.prod(mesh.shape[a] for a in rows):
+        rows = ()
+    ep_axes = _mesh_axes("expert", mesh, exclude=rows)
+    ep = math.prod(mesh.shape[a] for a in ep_axes)
+    if not rows and not ep_axes:
+        return plain
+    local_rows = batch // math.prod(mesh.shape[a] for a in rows)
+    if ep > 1 and length % ep == 0:
+        tokens, split = PartitionSpec(rows or None, ep_axes), True
+    elif ep > 1 and local_rows % ep == 0:
+        tokens, split = PartitionSpec(rows + ep_axes), True
+    else:
+        tokens, split = PartitionSpec(rows or None), False
+    experts = PartitionSpec(ep_axes or None)
+    fn = functools.partial(expert_swiglu, capacity_factor=capacity_factor, axes=ep_axes, ep=ep,
+                           split=split)
+    if split:
+        return jax.shard_map(fn, in_specs=(tokens, tokens, experts, experts, experts),
+                             out_specs=(tokens, tokens), axis_names=set(rows + ep_axes))
+    # Every expert device gets its own copy of the tokens and returns its experts' part, so the
+    # sums (of the outputs, and of the tokens' gradients) are explicit, outside the shard_map.
+    copies = PartitionSpec(ep_axes, *tokens)
+    per_device = jax.shard_map(
+        lambda x, *a: jax.tree.map(lambda v: v[None], fn(x[0], *a)),
+        in_specs=(copies, tokens, experts, experts, experts), out_specs=(copies, copies),
+        axis_names=set(rows + ep_axes))
+
+    def summed(x, *args):
+        out, kept = per_device(jnp.broadcast_to(x, (ep, *x.shape)), *args)
+        return jnp.sum(out, axis=0), kept[0]
+    return summed
+
+
 def _pipelined(mesh) -> bool:
     """Pipeline stages run as a vmap sharded over the stage axis (layers/pipeline.py); a
     shard_map inside it would need that axis manual as well, which its sharding constraints
     forbid, so there the partitioner places the sort (planned: a shard_map over the stages)."""
-    spec = nn.logical_to_mesh_axes(("activation_stage",))[0]
-    names = (spec,) if isinstance(spec, str) else tuple(spec or ())
-    return any(a in mesh.axis_names and mesh.shape[a] > 1 for a in names)
+    return bool(_mesh_axes("activation_stage", mesh))
 
 
-def per_batch_shard(fn: Callable, batch: int) -> Callable:
-    """``fn(x, experts, *weights)`` run by each data-parallel shard on its own rows.
-
-    Sorting tokens by expert is a global permutation: left to the partitioner, every device
-    would gather all rows of the batch and run the experts on all of them. Inside ``shard_map``
-    over the mesh axes the ``activation_batch`` rule names, each shard sorts its own rows; the
-    remaining axes (``expert``, ``tensor``) stay automatic, so expert-sharded weights stay where
-    they are. Without a mesh, with a batch that does not divide, or in pipeline stages, ``fn``
-    runs as is.
-    """
-    mesh = jax.sharding.get_abstract_mesh()
-    spec = nn.logical_to_mesh_axes(("activation_batch",))[0] if mesh.axis_names else None
-    names = (spec,) if isinstance(spec, str) else tuple(spec or ())
-    axes = tuple(a for a in names if a in mesh.axis_names and mesh.shape[a] > 1)
-    shards = math.prod(mesh.shape[a] for a in axes)
-    if not axes or batch % shards or _pipelined(mesh):
-        return fn
-    rows, whole = PartitionSpec(axes), PartitionSpec()
-    return jax.shard_map(fn, in_specs=(rows, rows, whole, whole, whole), out_specs=rows,
-                         axis_names=set(axes))
-
-
-def expert_swiglu(x: jax.Array, experts: jax.Array, w_gate: jax.Array, w_up: jax.Array,
-                  w_out: jax.Array) -> jax.Array:
-    """Each token through each of its experts: ``x (batch, length, embed)``, ``experts (batch,
-    length, k)`` -> ``(batch, length, k, embed)``. The (token, expert) pairs are sorted by expert,
-    multiplied by grouped matmuls over the contiguous groups, and put back in the original order."""
-    *lead, k = experts.shape
-    tokens = x.reshape(-1, x.shape[-1])
-    flat = experts.reshape(-1)
-    order = jnp.argsort(flat, stable=True)
-    group_sizes = jnp.bincount(flat, length=w_gate.shape[0]).astype(jnp.int32)
-    rows = tokens[order // k]
+def _grouped_swiglu(rows, group_sizes, w_gate, w_up, w_out):
+    """Rows sorted by expert (``group_sizes`` of them per expert) through their experts."""
     hidden = (jax.nn.silu(jax.lax.ragged_dot(rows, w_gate, group_sizes))
               * jax.lax.ragged_dot(rows, w_up, group_sizes))
     hidden = nn.with_logical_constraint(hidden, (None, "activation_mlp"))
-    out = jax.lax.ragged_dot(hidden, w_out, group_sizes)
-    inverse = jnp.argsort(order)
-    return out[inverse].reshape(*lead, k, -1)
+    return jax.lax.ragged_dot(hidden, w_out, group_sizes)
+
+
+def expert_swiglu(x: jax.Array, experts: jax.Array, w_gate: jax.Array, w_up: jax.Array,
+                  w_out: jax.Array, *, capacity_factor: float | None = None,
+                  axes: tuple[str, ...] = (), ep: int = 1, split: bool = True
+                  ) -> tuple[jax.Array, jax.Array]:
+    """Each token through each of its experts: ``x (batch, length, embed)``, ``experts (batch,
+    length, k)`` -> ``(out (batch, length, k, embed), kept (batch, length, k) bool)``; a dropped
+    assignment (over capacity) has zero output.
+
+    The (token, expert) pairs are sorted by expert and multiplied by grouped matmuls over the
+    contiguous groups. Called per shard by ``sharded_experts`` with ``ep`` devices on the mesh
+    ``axes`` of the experts (the weights are then this device's ``n_experts / ep`` experts):
+    ``split`` (each device holds its own tokens): every device sends each its rows by
+    ``all_to_all`` in buffers of fixed size (dropless: the most a device can send another),
+    multiplies what it received, and sends the results back; else (every device holds the same
+    tokens) each computes its experts' rows and the outputs are summed over ``axes``.
+    """
+    *lead, k = experts.shape
+    d = x.shape[-1]
+    n_local = w_gate.shape[0]
+    n_experts = n_local * ep
+    tokens = x.reshape(-1, d)
+    flat = experts.reshape(-1)
+    n = flat.shape[0]
+    order = jnp.argsort(flat, stable=True)
+    by_expert = flat[order]
+    counts = jnp.bincount(flat, length=n_experts)
+    keep = jnp.ones((n,), bool)
+    capacity = n_local * (n // k)  # an expert gets each token at most once
+    if capacity_factor is not None:
+        capacity = min(capacity, math.ceil(capacity_factor * n / n_experts))
+        keep = jnp.arange(n) - (jnp.cumsum(counts) - counts)[by_expert] < capacity
+    computed = keep
+    first = 0
+    if ep > 1 and not split:
+        first = jax.lax.axis_index(axes) * n_local
+        computed = keep & (by_expert // n_local == first // n_local)
+    if capacity_factor is not None or (ep > 1 and not split):
+        # the rows this device computes first (still grouped by expert), the others after
+        regroup = jnp.argsort(jnp.where(computed, by_expert, n_experts), stable=True)
+        order, by_expert = order[regroup], by_expert[regroup]
+        keep, computed = keep[regroup], computed[regroup]
+    rows = tokens[order // k]
+    sizes = jnp.bincount(jnp.where(computed, by_expert, n_experts), length=n_experts + 1)
+    weights = (w_gate, w_up, w_out)
+    if ep == 1 or not split:
+        out = _grouped_swiglu(rows, jax.lax.dynamic_slice(sizes, (first,), (n_local,)), *weights)
+    else:
+        out = _exchange(rows, by_expert, computed, sizes[:-1], weights, axes, ep,
+                        (n // k) * min(k, n_local) if capacity_factor is None
+                        else min((n // k) * min(k, n_local), n_local * capacity))
+    out = jnp.where(computed[:, None], out, 0)
+    out = jnp.zeros_like(out).at[order].set(out)  # back to (token, k) order
+    kept = jnp.zeros((n,), bool).at[order].set(keep)
+    return out.reshape(*lead, k, d), kept.reshape(*lead, k)
+
+
+def _exchange(rows, by_expert, computed, sizes, weights, axes, ep, per_device):
+    """Expert parallelism by all-to-all: ``rows`` (grouped by expert, the ``computed`` ones
+    first) go to the devices holding their experts in buffers of ``per_device`` rows per
+    destination, each device runs its experts on what it received (re-sorted by its expert), and
+    the results come back in ``rows``' order."""
+    n, d = rows.shape
+    n_local = weights[0].shape[0]
+    dest = by_expert // n_local
+    to_device = jnp.sum(sizes.reshape(ep, n_local), axis=1)
+    start = jnp.cumsum(to_device) - to_device
+    slot = jnp.where(computed, dest * per_device + jnp.arange(n) - start[dest], ep * per_device)
+    send = jnp.zeros((ep * per_device, d), rows.dtype).at[slot].set(rows, mode="drop")
+    ids = jnp.full((ep * per_device,), n_local, jnp.int32).at[slot].set(
+        (by_expert % n_local).astype(jnp.int32), mode="drop")
+
+    def all_to_all(a):
+        return jax.lax.all_to_all(a.reshape(ep, per_device, *a.shape[1:]), axes, 0, 0
+                                  ).reshape(a.shape)
+
+    got, got_ids = all_to_all(send), all_to_all(ids)
+    order = jnp.argsort(got_ids, stable=True)  # by local expert, padding last
+    local_sizes = jnp.bincount(got_ids, length=n_local + 1)[:n_local]
+    out = _grouped_swiglu(got[order], local_sizes, *weights)
+    back = all_to_all(jnp.zeros_like(out).at[order].set(out))
+    return back.at[slot].get(mode="fill", fill_value=0)
 
 
 def router_statistics(intermediates: Any) -> dict[str, jax.Array]:

@@ -38,6 +38,7 @@ class MoEConfig(GPTConfig):
     router: Literal["softmax", "sigmoid"] = "softmax"
     renormalize: bool = True  # the k chosen weights sum to 1
     n_shared_experts: int = 0  # SwiGLU experts every token goes through (DeepSeek-MoE)
+    capacity_factor: float | None = None  # None: dropless; else overflow tokens are dropped
     load_balance_coef: float = 0.01
     router_z_coef: float = 1e-3
 
@@ -58,6 +59,9 @@ class MoEConfig(GPTConfig):
                 f"model.router={self.router!r} is not known; choose one of {', '.join(ROUTERS)}")
         if self.mlp != "swiglu":
             raise ConfigError(f"model.mlp={self.mlp!r}: MoE experts are SwiGLU; set 'swiglu'")
+        if self.capacity_factor is not None and not self.capacity_factor > 0:
+            raise ConfigError(f"model.capacity_factor={self.capacity_factor} must be > 0 "
+                              "(null: dropless)")
         for name in ("load_balance_coef", "router_z_coef"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"model.{name} must be >= 0, got {getattr(self, name)}")
@@ -67,7 +71,8 @@ class MoEConfig(GPTConfig):
         SwiGLU MLP of ``n_shared_experts * d_ff`` that every token goes through."""
         h = MoeMlp(
             n_experts=self.n_experts, top_k=self.top_k, d_ff=self.d_ff, router=self.router,
-            renormalize=self.renormalize, name="moe", **layer_kwargs,
+            renormalize=self.renormalize, capacity_factor=self.capacity_factor, name="moe",
+            **layer_kwargs,
         )(x, None if segment_ids is None else segment_ids > 0)
         if self.n_shared_experts:
             h = h + Mlp(d_ff=self.n_shared_experts * self.d_ff, kind="swiglu", use_bias=False,
@@ -89,7 +94,8 @@ class MoEConfig(GPTConfig):
         ``aux_loss`` (the weighted router losses), ``load_balance`` and ``router_z`` (means over
         layers, unweighted; 1 is a uniform load) and ``expert_load_max`` (the largest share of
         routing slots any expert got, times ``n_experts``: 1 is uniform, ``n_experts / top_k`` a
-        collapse onto k experts), over all layers and per layer (``expert_load_max/layer_<i>``)."""
+        collapse onto k experts) and ``dropped_fraction`` (assignments over capacity), over all
+        layers and per layer (``expert_load_max/layer_<i>``, ``dropped_fraction/layer_<i>``)."""
         logits, state = model.apply(
             {"params": params}, batch["inputs"], positions=batch["positions"],
             segment_ids=batch["segment_ids"], deterministic=rng is None,
@@ -103,6 +109,8 @@ class MoEConfig(GPTConfig):
             "aux_loss": self.load_balance_coef * balance + self.router_z_coef * z,
             "load_balance": balance, "router_z": z,
             "expert_load_max": jnp.max(stats["expert_load_max"]),
-            **{f"expert_load_max/layer_{i}": v for i, v in enumerate(stats["expert_load_max"])},
+            "dropped_fraction": jnp.mean(stats["dropped_fraction"]),
         }
+        for name in ("expert_load_max", "dropped_fraction"):
+            aux.update({f"{name}/layer_{i}": v for i, v in enumerate(stats[name])})
         return jnp.sum(ce * mask), jnp.sum(mask), aux
