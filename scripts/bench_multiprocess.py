@@ -30,9 +30,10 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "src")]
 
-from scripts import bench_train  # noqa: E402  (after the path set-up)
+from scripts import bench_train  # after the path set-up
 
-SMOKE = dict(config="default", batch=8, seq=64, steps=2, warmup=1, rounds=1, devices=2)
+SMOKE = {"config": "default", "batch": 8, "seq": 64, "steps": 2, "warmup": 1, "rounds": 1,
+         "devices": 2}
 
 
 def worker(args) -> dict:

@@ -187,12 +187,13 @@ def test_process_0_failing_to_prepare_the_data_stops_the_others(tmp_path):
 
 def test_a_coordinator_that_never_comes_up_ends_within_the_timeout(tmp_path):
     started = time.monotonic()
-    (only,) = [Process(1, 2, portpicker.pick_unused_port(), [*TINY, f"train.run_dir={tmp_path}"],
-                       ("--init-timeout", "3"))]
+    only = Process(1, 2, portpicker.pick_unused_port(), [*TINY, f"train.run_dir={tmp_path}"],
+                   ("--init-timeout", "3"))
     assert only.finish(timeout=60) == distributed.EXIT_FAILED
     assert time.monotonic() - started < 45  # 3 s past JAX's import, not its 300 s default
     (line,) = only.errors()
-    assert "did not all reach the coordinator at 127.0.0.1:" in line and "3 s (--init-timeout)" in line
+    assert "did not all reach the coordinator at 127.0.0.1:" in line
+    assert "within 3 s (--init-timeout)" in line
     assert not any("Traceback" in line or "Check failure" in line for line in only.lines)
 
 
@@ -226,6 +227,7 @@ def test_a_missing_or_bad_piece_is_one_line_naming_the_flag(argv, env, message, 
                                                              capsys):
     for var in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
         monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(distributed, "_detect", lambda **given: (*given.values(), None))
     for var, value in env.items():
         monkeypatch.setenv(var, value)
     assert main(["train", "--distributed", *argv, "--config", CONFIG]) == EXIT_BAD_INPUT
@@ -233,11 +235,24 @@ def test_a_missing_or_bad_piece_is_one_line_naming_the_flag(argv, env, message, 
     assert len(err) == 1 and err[0].startswith("meshlm: error: ") and message in err[0], err
 
 
-def test_flags_override_the_environment():
+def test_flags_override_the_environment(monkeypatch):
+    monkeypatch.setattr(distributed, "_detect", lambda **given: (*given.values(), None))
     env = {"JAX_COORDINATOR_ADDRESS": "env:1", "JAX_NUM_PROCESSES": "4", "JAX_PROCESS_ID": "3"}
     assert distributed.resolve(environ=env) == distributed.Cluster("env:1", 4, 3)
     assert distributed.resolve("flag:2", 2, 1, environ=env) == distributed.Cluster("flag:2", 2, 1)
     assert distributed.resolve(process_id=0, environ=env) == distributed.Cluster("env:1", 4, 0)
+
+
+def test_slurm_is_detected_and_flags_override_it(monkeypatch):
+    slurm = {"SLURM_JOB_ID": "4096", "SLURM_STEP_NODELIST": "node[007-008]", "SLURM_NTASKS": "2",
+             "SLURM_PROCID": "1", "SLURM_LOCALID": "0"}
+    for var, value in slurm.items():
+        monkeypatch.setenv(var, value)
+    monkeypatch.delenv("JAX_COORDINATOR_PORT", raising=False)
+    port = 4096 % 2**12 + 65535 - 2**12 + 1  # SLURM's job id picks the port
+    assert distributed.resolve(environ={}) == distributed.Cluster(f"node007:{port}", 2, 1, (0,))
+    assert distributed.resolve("head:9", process_id=0, environ={}) == distributed.Cluster(
+        "head:9", 2, 0, (0,))
 
 
 def test_cluster_flags_need_distributed(capsys):

@@ -67,7 +67,7 @@ def resolve(coordinator_address: str | None = None, num_processes: int | None = 
                                       f"for {flag})") from None
             given[name] = value
     local = None
-    if detect and None in given.values():
+    if detect:  # also for every fact given: it may restrict each process to its own GPU
         given["coordinator_address"], given["num_processes"], given["process_id"], local = (
             _detect(**given))
     missing = [SOURCES[k][0] for k, v in given.items() if v is None]
