@@ -568,6 +568,28 @@ def test_transformers_configs_translate_both_ways(model_type):
     assert run_config(json.loads(reread.to_json_string())).model == cfg
 
 
+def test_qwen2_sliding_window_options():
+    """Qwen2's window applies where ``layer_types`` (from ``use_sliding_window`` and
+    ``max_window_layers``) says: every layer -> ``sliding_window``; none -> no window; the
+    written config is read back by transformers to the same layer types."""
+    transformers = pytest.importorskip("transformers")
+
+    def translate(**options):
+        spec = {k: v for k, v in QWEN2.items() if k != "model_type"} | options
+        written = transformers.AutoConfig.for_model("qwen2", **spec).to_json_string()
+        return run_config(json.loads(written)).model
+
+    every = translate(use_sliding_window=True, sliding_window=4, max_window_layers=0)
+    assert every.sliding_window == 4 and every.qkv_bias and not every.use_bias
+    assert translate(use_sliding_window=True, sliding_window=4, max_window_layers=2) \
+        .sliding_window is None
+    assert translate(use_sliding_window=False, sliding_window=4).sliding_window is None
+    back = every.to_hf_config()
+    reread = transformers.AutoConfig.for_model(back.pop("model_type"), **back)
+    assert reread.layer_types == ["sliding_attention"] * 2 and reread.sliding_window == 4
+    assert run_config(json.loads(reread.to_json_string())).model == every
+
+
 FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "hf"
 
 
