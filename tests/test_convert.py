@@ -5,9 +5,9 @@ or ones) under the names and torch layouts of ``GPT2LMHeadModel``, ``LlamaForCau
 with Llama-3 RoPE scaling), ``MistralForCausalLM`` (a sliding window), ``Qwen2ForCausalLM`` (q/k/v
 biases), ``MambaForCausalLM`` and ``Mamba2ForCausalLM``, transcribed from the transformers sources
 and independent of the families' tables. Checked: HF -> Orbax -> HF -> Orbax is bit-exact; the
-converted GPT-2 and LLaMA (Llama-3, Mistral, Qwen2) give the logits of a plain-numpy forward written from HF's math over the
-HF tensors themselves, as do Mamba and Mamba-2 against sequential scans of HF's slow paths (so a
-mislaid tensor shows); conversion onto an 8-device FSDP x tensor mesh places every parameter with
+converted GPT-2 and LLaMA (Llama-3, Mistral, Qwen2) give the logits of a plain-numpy forward
+written from HF's math over the HF tensors themselves, as do Mamba and Mamba-2 against sequential
+scans of HF's slow paths (so a mislaid tensor shows); conversion onto an 8-device FSDP x tensor mesh places every parameter with
 the rule table's sharding; bad input is one clear error. Parity with the torch implementation
 needs torch: ``scripts/check_hf_parity.py`` (GPU machine).
 """
@@ -566,6 +566,26 @@ def test_transformers_configs_translate_both_ways(model_type):
                                         "MambaForCausalLM", "Mamba2ForCausalLM")
     reread = transformers.AutoConfig.for_model(back.pop("model_type"), **back)
     assert run_config(json.loads(reread.to_json_string())).model == cfg
+
+
+def test_rope_scaling_in_either_config_format():
+    """Llama 3.1's config.json as first published (``rope_scaling`` + a top-level
+    ``rope_theta``) and transformers 5's ``rope_parameters`` give the same model; so does
+    ``linear`` (old key ``type``)."""
+    old = {**LLAMA, "rope_theta": 5e5, "rope_scaling": {
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 32}}
+    del old["rope_parameters"]
+    new = {**LLAMA, "rope_parameters": {**old["rope_scaling"], "rope_theta": 5e5}}
+    cfg = run_config(new).model
+    assert run_config(old).model == cfg
+    assert (cfg.rope_scaling, cfg.rope_factor, cfg.rope_low_freq_factor,
+            cfg.rope_high_freq_factor, cfg.rope_original_max_len, cfg.rope_theta) == (
+        "llama3", 8.0, 1.0, 4.0, 32, 5e5)
+    linear = {**old, "rope_scaling": {"type": "linear", "factor": 2.0}}
+    linear = run_config(linear).model
+    assert (linear.rope_scaling, linear.rope_factor, linear.rope_theta) == ("linear", 2.0, 5e5)
+    assert run_config(linear.to_hf_config()).model == linear
 
 
 def test_qwen2_sliding_window_options():
