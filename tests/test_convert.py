@@ -586,6 +586,9 @@ def test_rope_scaling_in_either_config_format():
     linear = run_config(linear).model
     assert (linear.rope_scaling, linear.rope_factor, linear.rope_theta) == ("linear", 2.0, 5e5)
     assert run_config(linear.to_hf_config()).model == linear
+    with pytest.raises(ConfigError, match="rope_parameters .*'default'.* and rope_scaling "
+                                          "\\(type 'linear'\\) disagree"):
+        run_config({**LLAMA, "rope_scaling": {"type": "linear", "factor": 2.0}})
 
 
 def test_qwen2_sliding_window_options():

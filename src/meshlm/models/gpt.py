@@ -321,8 +321,13 @@ _ROPE_TYPES = ("default", "linear", "llama3")
 def _rope_from_hf(hf: dict) -> dict:
     """``GPTConfig``'s rope fields from ``rope_parameters`` (transformers 5) or the older
     ``rope_scaling`` + top-level ``rope_theta``."""
-    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-    kind = rope.get("rope_type", rope.get("type", "default"))
+    kind_of = lambda r: r.get("rope_type", r.get("type", "default"))
+    rope, old = hf.get("rope_parameters") or {}, hf.get("rope_scaling") or {}
+    if rope and old and kind_of(rope) != kind_of(old):
+        raise ConfigError(f"config.json: rope_parameters (rope_type {kind_of(rope)!r}) and "
+                          f"rope_scaling (type {kind_of(old)!r}) disagree")
+    rope = rope or old
+    kind = kind_of(rope)
     if kind not in _ROPE_TYPES:
         raise ConfigError(f"config.json: rope scaling type {kind!r} (rope_parameters/"
                           f"rope_scaling) is not supported (supported: "
