@@ -30,15 +30,15 @@ if "--smoke" in sys.argv:  # before jax is imported
                                + " --xla_force_host_platform_device_count=8").strip()
     os.environ["JAX_PLATFORMS"] = "cpu"
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from benchlib import device_description, print_table, time_ms  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
+from benchlib import device_description, print_table, time_ms
 
-from meshlm import sharding  # noqa: E402
-from meshlm.config import DEFAULT_RULES, MeshConfig  # noqa: E402
-from meshlm.layers import ring_attention  # noqa: E402
-from pallas_kernels.flash_attention import flash_attention  # noqa: E402
+from meshlm import sharding
+from meshlm.config import DEFAULT_RULES, MeshConfig
+from meshlm.layers import ring_attention
+from pallas_kernels.flash_attention import flash_attention
 
 
 def fwd_bwd(attend):
@@ -119,7 +119,7 @@ def main():
             ms1, out1 = single(length, args, dtype, devices[0])
             largest_single = length
             rows.append([length, "1 GPU", 1, ms1, tflops(length, args, ms1, 1), 1.0, 1.0])
-        except Exception as err:  # noqa: BLE001 - an out-of-memory row, reported
+        except Exception as err:  # an out-of-memory row is reported
             if not out_of_memory(err):
                 raise
             ms1 = out1 = None

@@ -239,8 +239,8 @@ def _ring_vjp_bwd(ring, residuals, d_out):
     for step in range(ring.shards):
         if step:
             k, v, kv_seg, dk, dv = ring.rotate(k, v, kv_seg, dk, dv)
-        (out_b, lse_b), pullback = jax.vjp(
-            lambda q, k, v: ring.block(step, q, k, v, q_seg, kv_seg), q, k, v)
+        block = functools.partial(ring.block, step, q_seg=q_seg, kv_seg=kv_seg)
+        (out_b, lse_b), pullback = jax.vjp(block, q, k, v)
         w = jnp.where(seen, jnp.exp(lse_b - lse_safe), 0.0)  # (B, H, L)
         rows_b = jnp.swapaxes(jnp.sum(d_out * out_b.astype(jnp.float32), axis=-1), 1, 2)
         d_out_b = (d_out * jnp.swapaxes(w, 1, 2)[..., None]).astype(out_b.dtype)
