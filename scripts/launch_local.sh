@@ -3,8 +3,10 @@
 # loopback coordinator on a free port, and MESHLM_LOCAL_DEVICES fake CPU devices per process
 # (default 4), e.g.
 #     scripts/launch_local.sh 2 --config configs/default.yaml train.steps=20 mesh.fsdp=2
-# Process I's output goes to the terminal with an "[I] " prefix. SIGTERM or Ctrl-C reaches every
-# process (each saves at the same step); the exit status is the first non-zero one.
+# Process I's output goes to the terminal with an "[I] " prefix. SIGTERM or Ctrl-C here sends
+# SIGTERM to every process (JAX's preemption service stops them all after one step, with a
+# checkpoint; a Ctrl-C straight to the processes would not); the exit status is the first
+# non-zero one.
 set -euo pipefail
 
 if [[ $# -lt 1 || ! $1 =~ ^[1-9][0-9]*$ ]]; then
@@ -21,14 +23,13 @@ export XLA_FLAGS="${XLA_FLAGS:-} --xla_force_host_platform_device_count=${MESHLM
 
 pids=()
 for ((i = 0; i < n; i++)); do
-    "$python" -u -m meshlm.cli train --distributed --coordinator-address "127.0.0.1:$port" \
+    setsid "$python" -u -m meshlm.cli train --distributed --coordinator-address "127.0.0.1:$port" \
         --num-processes "$n" --process-id "$i" "$@" \
         > >(sed -u "s/^/[$i] /") 2> >(sed -u "s/^/[$i] /" >&2) &
     pids+=($!)
 done
 forward() { kill -s "$1" "${pids[@]}" 2>/dev/null || true; }
-trap 'forward TERM' TERM
-trap 'forward INT' INT
+trap 'forward TERM' TERM INT
 
 status=0
 for pid in "${pids[@]}"; do
