@@ -54,7 +54,7 @@ def sequence_shards() -> int:
 
 
 def applies() -> bool:
-    """Whether self-attention here should run as ring attention: the rules shard the length and
+    """Whether self-attention here runs context-parallel: the rules shard the length and
     the layer stack is not pipelined (a stage is a vmap sharded over the stage axis, inside which
     ``shard_map`` cannot run; there the partitioner gathers the length instead)."""
     mesh = jax.sharding.get_abstract_mesh()
@@ -88,7 +88,7 @@ def context_parallel_attention(q, k, v, segment_ids=None, *, causal: bool = True
     shards = math.prod(mesh.shape[a] for a in seq)
     length = q.shape[1]
     if length % shards:
-        raise ValueError(f"ring attention over {shards} sequence shards needs the length "
+        raise ValueError(f"attention over {shards} sequence shards needs the length "
                          f"({length}) to be a multiple of {shards}")
     zigzag = causal and length % (2 * shards) == 0
     batch = _mesh_axes("activation_batch", mesh)
