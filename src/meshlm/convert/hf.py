@@ -158,8 +158,9 @@ def load_hf_params(ckpt: HFCheckpoint, model_cfg, abstract: Any) -> Any:
     scan, n_layers = model_cfg.scan_layers, model_cfg.n_layers
     table = model_cfg.hf_tensors()
     plan = [(t, i) for t in table for i in t.layers(n_layers)]
-    wanted = {ckpt.resolve(t.hf_name(i)) for t, i in plan}
-    missing = [t.hf_name(i) for t, i in plan if ckpt.resolve(t.hf_name(i)) is None]
+    names = [n for t, i in plan for n in t.hf_names(i)]
+    wanted = {ckpt.resolve(n) for n in names}
+    missing = [n for n in names if ckpt.resolve(n) is None]
     if missing:
         more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
         raise ConversionError(f"tensor {missing[0]!r}{', ' if missing[1:] else ''}"
@@ -177,8 +178,9 @@ def load_hf_params(ckpt: HFCheckpoint, model_cfg, abstract: Any) -> Any:
     for t in table:
         stacks: dict[str, np.ndarray] = {}  # scanned: the layers of each param, filled in place
         for i in t.layers(n_layers):
-            name = t.hf_name(i)
-            w = ckpt.get(name)
+            name, *per_expert = t.hf_names(i)  # per-expert tensors: stacked, as in the table
+            w = np.stack([ckpt.get(n) for n in (name, *per_expert)]) if per_expert else ckpt.get(
+                name)
             expected = _expected_hf_shape(t, targets, i, scan)
             if tuple(w.shape) != expected:
                 raise ConversionError(f"tensor {name!r} has shape {list(w.shape)}, this model "
@@ -251,7 +253,8 @@ def hf_state(model_cfg, params: Any):
             for p in t.params:
                 a = flat[_target(p, i, scan, t.stack)]
                 arrays.append(np.asarray(a[i] if i is not None and scan else a))
-            yield t.hf_name(i), t.to_hf(*arrays)
+            w, names = t.to_hf(*arrays), t.hf_names(i)
+            yield from zip(names, w) if t.n_experts else [(names[0], w)]
 
 
 def orbax_to_hf(run_dir: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool = False,

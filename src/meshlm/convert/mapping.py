@@ -17,6 +17,7 @@ import numpy as np
 from meshlm.config import ConfigError
 
 LAYER = "{i}"  # stands for the layer index in a per-layer HF name
+EXPERT = "{e}"  # stands for the expert index in a per-expert HF name (MoE)
 
 
 class ConversionError(ConfigError):
@@ -39,10 +40,20 @@ class HFTensor:
     # (None: the model's ``n_layers``).
     stack: str = ""
     n_layers: int | None = None
+    # Per-expert tensors (``{e}`` in ``hf``): the ``n_experts`` HF tensors, stacked on a new
+    # leading axis, are the one array ``to_params`` / ``to_hf`` see.
+    n_experts: int = 0
 
     @property
     def per_layer(self) -> bool:
         return LAYER in self.hf
+
+    def hf_names(self, layer: int | None) -> list[str]:
+        """The HF tensors read for ``layer``: one, or one per expert."""
+        name = self.hf_name(layer)
+        if EXPERT not in name:
+            return [name]
+        return [name.replace(EXPERT, str(e)) for e in range(self.n_experts)]
 
     def layers(self, model_layers: int) -> range | list[None]:
         """The layer indices this tensor is read for (``[None]``: not per layer)."""
@@ -117,6 +128,13 @@ def hf_option(hf: dict, key: str, supported, default=None):
         allowed = ", ".join(repr(s) for s in supported)
         raise ConfigError(f"config.json: {key}={value!r} is not supported (supported: {allowed})")
     return value
+
+
+def expert_linears(hf: str, param: str, n_experts: int) -> HFTensor:
+    """Each expert's ``torch.nn.Linear`` weight ``(out, in)`` (``{e}`` in ``hf``) -> the stacked
+    kernel ``(experts, in, out)``."""
+    return HFTensor(hf, (param,), lambda w: (np.swapaxes(w, 1, 2),),
+                    lambda k: np.swapaxes(k, 1, 2), n_experts=n_experts)
 
 
 def reshaped(hf: str, param: str, shape: tuple[int, ...]) -> HFTensor:

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from meshlm.config import ConfigError, register_family
+from meshlm.convert.mapping import HFTensor, expert_linears, hf_option, linear
 from meshlm.layers import Mlp
 from meshlm.layers.moe import ROUTERS, MoeMlp, router_statistics
 from meshlm.models.gpt import GPTConfig
@@ -39,6 +40,7 @@ class MoEConfig(GPTConfig):
     renormalize: bool = True  # the k chosen weights sum to 1
     n_shared_experts: int = 0  # SwiGLU experts every token goes through (DeepSeek-MoE)
     capacity_factor: float | None = None  # None: dropless; else overflow tokens are dropped
+    shared_expert_gate: bool = False  # shared experts' output times sigmoid(x @ w) (Qwen2-MoE)
     load_balance_coef: float = 0.01
     router_z_coef: float = 1e-3
 
@@ -75,8 +77,16 @@ class MoEConfig(GPTConfig):
             **layer_kwargs,
         )(x, None if segment_ids is None else segment_ids > 0)
         if self.n_shared_experts:
-            h = h + Mlp(d_ff=self.n_shared_experts * self.d_ff, kind="swiglu", use_bias=False,
-                        name="shared_experts", **layer_kwargs)(x)
+            shared = Mlp(d_ff=self.n_shared_experts * self.d_ff, kind="swiglu", use_bias=False,
+                         name="shared_experts", **layer_kwargs)(x)
+            if self.shared_expert_gate:
+                shared = shared * jax.nn.sigmoid(nn.Dense(
+                    1, use_bias=False, dtype=layer_kwargs["dtype"],
+                    param_dtype=layer_kwargs["param_dtype"],
+                    kernel_init=nn.with_logical_partitioning(layer_kwargs["kernel_init"],
+                                                             ("embed", None)),
+                    name="shared_expert_gate")(x))
+            h = h + shared
         return h
 
     def flops_per_token(self, seq_len: int) -> float:
@@ -114,3 +124,89 @@ class MoEConfig(GPTConfig):
         for name in ("expert_load_max", "dropped_fraction"):
             aux.update({f"{name}/layer_{i}": v for i, v in enumerate(stats[name])})
         return jnp.sum(ce * mask), jnp.sum(mask), aux
+
+    # ------------------------------------------------------------------ HuggingFace mapping
+    # Mixtral (``MixtralForCausalLM``) and Qwen2-MoE (``Qwen2MoeForCausalLM``; Qwen1.5-MoE):
+    # GPT's LLaMA / Qwen2 attention table, the router ``gate`` and one Linear per expert (the
+    # checkpoints' per-expert layout, which transformers also writes). HF's load-balancing
+    # coefficient weighs k times meshlm's loss (``load_balance_loss``), hence the factor top_k.
+
+    hf_model_types: ClassVar[tuple[str, ...]] = ("mixtral", "qwen2_moe")
+    hf_ignored: ClassVar[tuple[str, ...]] = GPTConfig.hf_ignored
+
+    @classmethod
+    def from_hf_config(cls, hf: dict) -> "MoEConfig":
+        kind = hf["model_type"]
+        k = hf["num_experts_per_tok"]
+        moe = dict(top_k=k, router="softmax", router_z_coef=0.0,
+                   load_balance_coef=float(hf.get("router_aux_loss_coef", 0.0)) * k)
+        if kind == "mixtral":
+            dense = {**hf, "model_type": "mistral"}  # LLaMA attention with an optional window
+            moe.update(n_experts=hf["num_local_experts"], renormalize=True)
+        else:
+            hf_option(hf, "decoder_sparse_step", (1,), 1)
+            hf_option(hf, "mlp_only_layers", ([],), [])
+            hf_option(hf, "qkv_bias", (True,), True)
+            d_ff, shared = hf["moe_intermediate_size"], hf["shared_expert_intermediate_size"]
+            if shared % d_ff or not shared:
+                raise ConfigError(
+                    f"config.json: shared_expert_intermediate_size={shared} is not supported: "
+                    f"meshlm's shared experts are a positive multiple of moe_intermediate_size="
+                    f"{d_ff}")
+            dense = {**hf, "model_type": "qwen2", "intermediate_size": d_ff}
+            moe.update(n_experts=hf["num_experts"], renormalize=hf.get("norm_topk_prob", False),
+                       n_shared_experts=shared // d_ff, shared_expert_gate=True)
+        base = GPTConfig.from_hf_config.__func__(cls, dense)
+        return dataclasses.replace(base, **moe)
+
+    def _hf_moe_type(self) -> str:
+        attention = GPTConfig._hf_model_type(self)
+        if (self.router == "softmax" and self.capacity_factor is None and attention == "qwen2"
+                and self.n_shared_experts and self.shared_expert_gate):
+            return "qwen2_moe"
+        if (self.router == "softmax" and self.capacity_factor is None and self.renormalize
+                and attention in ("llama", "mistral") and not self.use_bias
+                and not self.n_shared_experts):
+            return "mixtral"
+        raise ConfigError(
+            "no HuggingFace model_type has this MoE (mixtral: softmax router, renormalize, no "
+            "shared experts, no biases; qwen2_moe: softmax router, qkv_bias, n_shared_experts "
+            "> 0 with shared_expert_gate; both dropless: capacity_factor null)")
+
+    def to_hf_config(self) -> dict:
+        kind = self._hf_moe_type()
+        out = GPTConfig.to_hf_config(self)
+        for key in ("attention_bias", "mlp_bias", "architectures", "model_type"):
+            out.pop(key, None)
+        common = dict(num_experts_per_tok=self.top_k, output_router_logits=False,
+                      router_aux_loss_coef=self.load_balance_coef / self.top_k)
+        if kind == "mixtral":
+            return {**out, **common, "model_type": "mixtral",
+                    "architectures": ["MixtralForCausalLM"], "num_local_experts": self.n_experts,
+                    "sliding_window": self.sliding_window}
+        return {**out, **common, "model_type": "qwen2_moe",
+                "architectures": ["Qwen2MoeForCausalLM"], "num_experts": self.n_experts,
+                "moe_intermediate_size": self.d_ff, "norm_topk_prob": self.renormalize,
+                "intermediate_size": self.n_shared_experts * self.d_ff,
+                "shared_expert_intermediate_size": self.n_shared_experts * self.d_ff,
+                "decoder_sparse_step": 1, "mlp_only_layers": [], "qkv_bias": True}
+
+    def hf_tensors(self) -> list[HFTensor]:
+        kind = self._hf_moe_type()
+        table = [t for t in GPTConfig.hf_tensors(self)
+                 if not any(p.startswith("mlp/") for p in t.params)]
+        layer, e = "model.layers.{i}.", self.n_experts
+        if kind == "mixtral":
+            block = layer + "block_sparse_moe."
+            names = (("w1", "wi_gate"), ("w3", "wi_up"), ("w2", "wo"))
+        else:
+            block = layer + "mlp."
+            names = (("gate_proj", "wi_gate"), ("up_proj", "wi_up"), ("down_proj", "wo"))
+            for hf_name, param in names:
+                table.append(linear(f"{block}shared_expert.{hf_name}.weight",
+                                    f"shared_experts/{param}/kernel"))
+            table.append(linear(block + "shared_expert_gate.weight", "shared_expert_gate/kernel"))
+        table.append(linear(block + "gate.weight", "moe/router"))
+        table += [expert_linears(block + "experts.{e}." + hf_name + ".weight", "moe/" + param, e)
+                  for hf_name, param in names]
+        return table
