@@ -169,3 +169,28 @@ def test_a_moe_without_a_hf_layout_is_refused():
     m = MoEConfig.from_hf_config(MIXTRAL)
     with pytest.raises(ConfigError, match="no HuggingFace model_type has this MoE"):
         dataclasses.replace(m, router="sigmoid").to_hf_config()
+
+
+@pytest.mark.parametrize("model_type", list(CONFIGS))
+def test_transformers_configs_translate_both_ways(model_type):
+    """transformers' own config.json (defaults filled in) -> MoEConfig -> config.json that
+    transformers reads back -> the same MoEConfig."""
+    import json
+
+    import transformers
+
+    from scripts.make_hf_fixtures import SPECS
+
+    def through_transformers(spec):
+        spec = {k: v for k, v in spec.items() if k != "model_type"}
+        return json.loads(transformers.AutoConfig.for_model(model_type, **spec).to_json_string())
+
+    m = MoEConfig.from_hf_config(through_transformers(SPECS[model_type]))
+    assert MoEConfig.from_hf_config(through_transformers(m.to_hf_config())) == m
+
+
+@pytest.mark.parametrize("model_type", list(CONFIGS))
+def test_transformers_fixture(tmp_path, model_type):
+    """``test_convert.test_transformers_fixture`` (logits, greedy tokens, round trip) on the
+    fixtures scripts/make_hf_fixtures.py makes with torch; skips until they exist."""
+    dense.test_transformers_fixture(tmp_path, model_type)
