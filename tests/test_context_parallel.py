@@ -31,7 +31,7 @@ def packed_segments(rng, batch, length):
     return (np.arange(length)[None, :, None] >= cuts[:, None, :]).sum(-1).astype(np.int32)
 
 
-def inputs(seed, segments, L):
+def inputs(seed, segments, L, D=D):
     rng = np.random.default_rng(seed)
     q = rng.normal(size=(B, L, H, D)).astype(np.float32)
     k = rng.normal(size=(B, L, HKV, D)).astype(np.float32)
@@ -61,8 +61,9 @@ FSDP2_SP2_TP2 = MeshConfig(data=1, sequence=2, tensor=2, fsdp=2)
     ("ulysses", MeshConfig(data=2, sequence=2, expert=2), 16, True, True),
 ], ids=["sp4-causal-seg", "sp4-full", "sp4-causal-seg-contiguous", "fsdp2-sp2-tp2-causal-seg",
         "ulysses-sp2-causal-seg"])
-def test_context_parallel_attention_matches_unsharded(method, mesh_cfg, length, causal, segments):
-    q, k, v, cot, seg = inputs(length + 2 * causal + segments, segments, length)
+def test_context_parallel_attention_matches_unsharded(method, mesh_cfg, length, causal, segments,
+                                                      implementation="xla", head_dim=D):
+    q, k, v, cot, seg = inputs(length + 2 * causal + segments, segments, length, head_dim)
     want_out, want_grads = jax.jit(functools.partial(
         loss_and_grads, lambda q, k, v, s: flash_attention(
             q, k, v, causal=causal, segment_ids=s, implementation="xla")))(q, k, v, cot, seg)
@@ -76,13 +77,22 @@ def test_context_parallel_attention_matches_unsharded(method, mesh_cfg, length, 
         ks, vs = (put(x, *ring_attention.KV_AXES) for x in (k, v))
         segs = put(seg, "activation_batch", "activation_length")
         ring = functools.partial(ring_attention.context_parallel_attention, causal=causal,
-                                 method=method, implementation="xla")
+                                 method=method, implementation=implementation,
+                                 interpret=implementation != "xla")
         step = jax.jit(functools.partial(loss_and_grads, lambda q, k, v, s: ring(q, k, v, s)))
         out, grads = step(qs, ks, vs, cots, segs)
     assert out.sharding.spec[1] == "sequence"  # the output stays sharded by length
     np.testing.assert_allclose(out, want_out, atol=ATOL, rtol=0)
     for name, got, want in zip("qkv", grads, want_grads):
         np.testing.assert_allclose(got, want, atol=ATOL, rtol=0, err_msg=f"d{name}")
+
+
+def test_ring_with_a_pallas_kernel_matches_unsharded():
+    """The GPU path: each block by the Triton lowering (interpret mode), whose forward returns
+    the lse and whose custom VJP takes the lse cotangent, inside the shard_map and lax.cond."""
+    test_context_parallel_attention_matches_unsharded(
+        "ring", MeshConfig(data=2, sequence=2, expert=2), 16, True, True,
+        implementation="triton", head_dim=16)
 
 
 @pytest.mark.parametrize("shards", [2, 4, 8])
