@@ -191,8 +191,8 @@ FIELDS = dict(vocab_size=64, d_model=32, n_layers=2, max_seq_len=32, n_heads=4, 
 
 
 @functools.cache
-def model_and_params(scan: bool = True):
-    cfg = model_config("moe", **FIELDS, scan_layers=scan)
+def model_and_params(scan: bool = True, moe_every: int = 1):
+    cfg = model_config("moe", **FIELDS, scan_layers=scan, moe_every=moe_every)
     model = cfg.build()
     shapes = jax.eval_shape(model.init, jax.random.key(1), jnp.zeros((1, 8), jnp.int32))
     return cfg, model, random_params(meta.unbox(shapes["params"]), 4)
@@ -203,8 +203,9 @@ def tokens(seed, shape):
                        jnp.int32)
 
 
-def test_decoding_routes_as_the_full_forward():
-    cfg, model, params = model_and_params()
+@pytest.mark.parametrize("moe_every", [1, 2])
+def test_decoding_routes_as_the_full_forward(moe_every):
+    cfg, model, params = model_and_params(moe_every=moe_every)
     seq = tokens(3, (2, 11))
     full = jax.jit(model.apply)({"params": params}, seq)
     cache = cfg.init_cache(model, 2, 11)
@@ -254,6 +255,36 @@ def test_loss_adds_the_weighted_router_losses_of_every_layer():
     np.testing.assert_allclose(total_u, total, rtol=1e-5)
     for k in aux:
         np.testing.assert_allclose(aux_u[k], aux[k], rtol=1e-5)
+
+
+def test_moe_every_interleaves_dense_layers_in_scanned_groups():
+    """moe_every=2: groups of a dense SwiGLU block then an MoE block, scanned; the logits equal
+    the blocks applied one by one, and the router statistics come from the MoE layers only."""
+    from meshlm.models.gpt import Block
+
+    cfg = model_config("moe", **{**FIELDS, "n_layers": 4}, moe_every=2, dense_d_ff=40)
+    model = cfg.build()
+    shapes = jax.eval_shape(model.init, jax.random.key(1), jnp.zeros((1, 8), jnp.int32))
+    params = random_params(meta.unbox(shapes["params"]), 8)
+    layers = params["layers"]
+    assert layers["dense_0"]["mlp"]["wi_gate"]["kernel"].shape == (2, FIELDS["d_model"], 40)
+    assert layers["moe_layer"]["moe"]["wo"].shape == (2, N_EXPERTS, FIELDS["d_ff"],
+                                                      FIELDS["d_model"])
+    seq = tokens(9, (2, 10))
+    pos = jnp.broadcast_to(jnp.arange(10), seq.shape)
+    x = params["embed"]["embedding"][seq]
+    for g in range(2):
+        for sub, block_cfg in (("dense_0", cfg.dense_config()), ("moe_layer", cfg)):
+            p = jax.tree.map(lambda a, g=g: a[g], layers[sub])
+            x = Block(block_cfg).apply({"params": p}, x, pos, None)[0]
+    x = cfg.make_norm("final_norm").apply({"params": params["final_norm"]}, x)
+    np.testing.assert_allclose(jax.jit(model.apply)({"params": params}, seq),
+                               x @ params["lm_head"], atol=1e-5, rtol=1e-5)
+    _, _, aux = cfg.loss(model, params, lm_batch(5))
+    assert "expert_load_max/layer_1" in aux and "expert_load_max/layer_2" not in aux
+    d, f = FIELDS["d_model"], FIELDS["d_ff"]
+    assert (cfg.flops_per_token(16) - model_config("moe", **{**FIELDS, "n_layers": 4})
+            .flops_per_token(16)) == 6 * 2 * (3 * d * 40 - (2 * 3 * d * f + d * N_EXPERTS))
 
 
 def test_flops_count_only_the_active_experts():
@@ -344,6 +375,7 @@ def test_parallel_training_matches_a_single_device(mesh):
     ({"mlp": "gelu"}, [], r"model.mlp='gelu': MoE experts are SwiGLU"),
     ({"load_balance_coef": -1}, [], r"model.load_balance_coef must be >= 0"),
     ({"n_shared_experts": -1}, [], r"model.n_shared_experts must be >= 0, got -1"),
+    ({"moe_every": 3}, [], r"model.n_layers=4 must be a multiple of model.moe_every=3"),
     ({"capacity_factor": 0}, [], r"model.capacity_factor=0.0 must be > 0 \(null: dropless\)"),
     ({"capacity_factor": -1.5}, [], r"model.capacity_factor=-1.5 must be > 0"),
     ({"n_experts": 6}, ["mesh.data=2", "mesh.expert=4"],

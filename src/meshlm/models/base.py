@@ -63,6 +63,12 @@ class DecoderLMConfig(ModelConfig):
         """The family's (stateless) linen module; parameters come from ``module.init``."""
         return DecoderLM(self)
 
+    @property
+    def stack_depth(self) -> int:
+        """How many times ``block`` repeats: ``n_layers``, unless a block holds several layers
+        (MoE's groups of ``moe_every`` layers)."""
+        return self.n_layers
+
     def block(self) -> type[nn.Module]:
         """The repeated block: a module with fields ``config, deterministic, decode`` whose
         ``__call__(x, positions, segment_ids)`` returns ``(x, None)``."""
@@ -167,7 +173,7 @@ class DecoderLM(nn.Module):
                       param_dtype=param_dtype, name="embed")
         x = cfg.add_positions(embed(tokens), positions)
         x = nn.with_logical_constraint(x, ACTIVATION_EMBED)
-        x = apply_stack(cfg.block(), x, positions, segment_ids, n_layers=cfg.n_layers,
+        x = apply_stack(cfg.block(), x, positions, segment_ids, n_layers=cfg.stack_depth,
                         scan=cfg.scan_layers, remat=cfg.remat, pipeline=self.pipeline, config=cfg,
                         deterministic=deterministic, decode=decode)
         x = cfg.make_norm("final_norm")(x)

@@ -19,7 +19,7 @@ from meshlm.config import ConfigError, register_family
 from meshlm.convert.mapping import HFTensor, expert_linears, hf_option, linear
 from meshlm.layers import Mlp
 from meshlm.layers.moe import ROUTERS, MoeMlp, router_statistics
-from meshlm.models.gpt import GPTConfig
+from meshlm.models.gpt import Block, GPTConfig
 from meshlm.train.losses import token_cross_entropy
 
 
@@ -41,6 +41,8 @@ class MoEConfig(GPTConfig):
     n_shared_experts: int = 0  # SwiGLU experts every token goes through (DeepSeek-MoE)
     capacity_factor: float | None = None  # None: dropless; else overflow tokens are dropped
     shared_expert_gate: bool = False  # shared experts' output times sigmoid(x @ w) (Qwen2-MoE)
+    moe_every: int = 1  # every n-th layer is MoE, the others dense SwiGLU MLPs of dense_d_ff
+    dense_d_ff: int | None = None  # None: d_ff
     load_balance_coef: float = 0.01
     router_z_coef: float = 1e-3
 
@@ -49,7 +51,13 @@ class MoEConfig(GPTConfig):
 
     def validate(self) -> None:
         super().validate()
-        self.require_positive("n_experts", "top_k")
+        self.require_positive("n_experts", "top_k", "moe_every")
+        if self.n_layers % self.moe_every:
+            raise ConfigError(f"model.n_layers={self.n_layers} must be a multiple of "
+                              f"model.moe_every={self.moe_every} (groups of moe_every - 1 dense "
+                              "layers and one MoE layer)")
+        if self.dense_d_ff is not None and self.dense_d_ff < 1:
+            raise ConfigError(f"model.dense_d_ff must be null or >= 1, got {self.dense_d_ff}")
         if self.n_shared_experts < 0:
             raise ConfigError(
                 f"model.n_shared_experts must be >= 0, got {self.n_shared_experts}")
@@ -67,6 +75,19 @@ class MoEConfig(GPTConfig):
         for name in ("load_balance_coef", "router_z_coef"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"model.{name} must be >= 0, got {getattr(self, name)}")
+
+    @property
+    def stack_depth(self) -> int:
+        return self.n_layers // self.moe_every
+
+    def block(self) -> type[nn.Module]:
+        return Block if self.moe_every == 1 else MoEGroup
+
+    def dense_config(self) -> GPTConfig:
+        """The GPT config of the dense layers between MoE layers (same attention, a SwiGLU MLP
+        of ``dense_d_ff``)."""
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(GPTConfig)}
+        return GPTConfig(**{**fields, "family": "gpt", "d_ff": self.dense_d_ff or self.d_ff})
 
     def feed_forward(self, x, segment_ids, **layer_kwargs):
         """``MoeMlp`` (padding left out of the routing statistics) plus, with shared experts, one
@@ -96,7 +117,10 @@ class MoEConfig(GPTConfig):
         dense_mlp = 3 * self.d_model * self.d_ff
         active = ((self.top_k + self.n_shared_experts) * dense_mlp
                   + self.d_model * self.n_experts)
-        return super().flops_per_token(seq_len) + 6.0 * self.n_layers * (active - dense_mlp)
+        n_moe = self.n_layers // self.moe_every
+        between = 3 * self.d_model * (self.dense_d_ff or self.d_ff)
+        return (super().flops_per_token(seq_len) + 6.0 * n_moe * (active - dense_mlp)
+                + 6.0 * (self.n_layers - n_moe) * (between - dense_mlp))
 
     def loss(self, model: nn.Module, params: Any, batch: dict, rng: jax.Array | None = None
              ) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
@@ -105,7 +129,8 @@ class MoEConfig(GPTConfig):
         layers, unweighted; 1 is a uniform load) and ``expert_load_max`` (the largest share of
         routing slots any expert got, times ``n_experts``: 1 is uniform, ``n_experts / top_k`` a
         collapse onto k experts) and ``dropped_fraction`` (assignments over capacity), over all
-        layers and per layer (``expert_load_max/layer_<i>``, ``dropped_fraction/layer_<i>``)."""
+        MoE layers and per MoE layer (``expert_load_max/layer_<i>``, ``dropped_fraction/layer_<i>``:
+        the i-th MoE layer)."""
         logits, state = model.apply(
             {"params": params}, batch["inputs"], positions=batch["positions"],
             segment_ids=batch["segment_ids"], deterministic=rng is None,
@@ -160,6 +185,9 @@ class MoEConfig(GPTConfig):
         return dataclasses.replace(base, **moe)
 
     def _hf_moe_type(self) -> str:
+        if self.moe_every != 1:
+            raise ConfigError(f"model.moe_every={self.moe_every}: the HuggingFace MoE layouts "
+                              "(mixtral, qwen2_moe) have an MoE MLP in every layer")
         attention = GPTConfig._hf_model_type(self)
         if (self.router == "softmax" and self.capacity_factor is None and attention == "qwen2"
                 and self.n_shared_experts and self.shared_expert_gate):
@@ -210,3 +238,21 @@ class MoEConfig(GPTConfig):
         table += [expert_linears(block + "experts.{e}." + hf_name + ".weight", "moe/" + param, e)
                   for hf_name, param in names]
         return table
+
+
+class MoEGroup(nn.Module):
+    """``moe_every - 1`` dense GPT blocks then one MoE block: the repeated unit of a stack that
+    interleaves them, so a scanned stack still compiles one body."""
+
+    config: MoEConfig
+    deterministic: bool = True
+    decode: bool = False
+
+    @nn.compact
+    def __call__(self, x, positions, segment_ids):
+        dense = self.config.dense_config()
+        for j in range(self.config.moe_every - 1):
+            x, _ = Block(dense, self.deterministic, self.decode, name=f"dense_{j}")(
+                x, positions, segment_ids)
+        return Block(self.config, self.deterministic, self.decode, name="moe_layer")(
+            x, positions, segment_ids)
