@@ -145,9 +145,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         code = {"train": _train, "generate": _generate, "convert": _convert}[args.command](args)
     except BaseException as e:  # noqa: BLE001 - reported by _failure in one line, or re-raised
         code = _failure(e) if not _several_processes() else _failure_of_one_process(e)
-    if _several_processes():
-        # Not through atexit: JAX's shutdown barrier would wait for peers that are gone and then
-        # abort; the others see this one leave and stop too.
+    if code not in (0, 128 + signal.SIGTERM) and _several_processes():
+        # A failure leaves now, not through atexit: JAX's shutdown barrier would wait for peers
+        # that are gone, then abort. The others see this one leave and stop too. (Finished or
+        # preempted runs meet at that barrier, so process 0's coordinator outlives the others.)
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)

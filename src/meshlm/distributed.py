@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 import threading
 from collections.abc import Mapping
 
@@ -137,8 +138,6 @@ def initialize(cluster: Cluster, init_timeout: int = INIT_TIMEOUT_S,
 def die(message: str) -> None:
     """One ``meshlm: error:`` line, then exit at once with status 1: no atexit handlers, whose
     shutdown barrier would wait for processes that are gone (and then abort)."""
-    import sys
-
     for stream in (sys.stdout, sys.stderr):
         stream.flush()
     os.write(2, f"meshlm: error: {message}\n".encode())
