@@ -1,11 +1,12 @@
-"""Sparse mixture-of-experts MLP (Switch / Mixtral / DeepSeek routing), dropless.
+"""Sparse mixture-of-experts MLP (Switch / Mixtral / DeepSeek routing), dropless by default.
 
-Every token goes to its top-k experts; none is dropped for capacity. Tokens are sorted by expert so
-each expert's rows are contiguous, and the experts' stacked SwiGLU weights are applied with grouped
-matmuls (``jax.lax.ragged_dot``), so the work is that of the k chosen experts per token, never all
-of them. The router statistics the auxiliary losses need are sown into ``"intermediates"`` (one
-entry per layer; ``router_statistics`` gathers them) so the family's loss can add them.
-"""
+Every token goes to its top-k experts. Tokens are sorted by expert so each expert's rows are
+contiguous, and the experts' stacked SwiGLU weights are applied with grouped matmuls
+(``jax.lax.ragged_dot``), so the work is that of the k chosen experts per token, never all of
+them. With a ``capacity_factor`` an expert takes at most its capacity of a device's assignments
+and drops the rest. Under expert parallelism the rows travel to their experts' devices by
+all-to-all (``sharded_experts``). The router statistics the auxiliary losses and the metrics need
+are sown into ``"intermediates"`` (one entry per layer; ``router_statistics`` gathers them)."""
 
 from __future__ import annotations
 
