@@ -185,9 +185,11 @@ def test_process_0_failing_to_prepare_the_data_stops_the_others(tmp_path):
                                   "preparing the tokenizer and token cache; its log has the error")]
 
 
-def test_a_coordinator_that_never_comes_up_ends_within_the_timeout(tmp_path):
+@pytest.mark.parametrize("index", [0, 1])
+def test_a_coordinator_or_peer_that_never_comes_ends_within_the_timeout(index, tmp_path):
+    """Process 1 without a coordinator, or process 0 (the coordinator) without process 1."""
     started = time.monotonic()
-    only = Process(1, 2, portpicker.pick_unused_port(), [*TINY, f"train.run_dir={tmp_path}"],
+    only = Process(index, 2, portpicker.pick_unused_port(), [*TINY, f"train.run_dir={tmp_path}"],
                    ("--init-timeout", "3"))
     assert only.finish(timeout=60) == distributed.EXIT_FAILED
     assert time.monotonic() - started < 45  # 3 s past JAX's import, not its 300 s default

@@ -113,10 +113,12 @@ def initialize(cluster: Cluster, init_timeout: int = INIT_TIMEOUT_S,
 
     jax.config.update("jax_cpu_collectives_implementation", "gloo")  # the CPU backend's only
     where = f"process {cluster.process_id} of {cluster.num_processes}"
+    hint = ("did every process start, and can they reach this port?" if cluster.process_id == 0
+            else "is process 0 running on that host, is the port open, and did every process "
+                 "start?")
     message = (f"{where}: the {cluster.num_processes} processes did not all reach the "
                f"coordinator at {cluster.coordinator_address} within {init_timeout} s "
-               "(--init-timeout); is process 0 running on that host, is the port open, and did "
-               "every process start?")
+               f"(--init-timeout); {hint}")
     watchdog = threading.Timer(init_timeout, die, args=(message,))
     watchdog.daemon = True
     watchdog.start()
