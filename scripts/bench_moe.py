@@ -1,6 +1,7 @@
 """The MoE layer alone on the GPU: forward + backward time of the dropless grouped-matmul layer
-(``layers.moe.MoeMlp``, ``jax.lax.ragged_dot``) beside the naive dense einsum over all experts and
-beside a dense SwiGLU MLP with the same active FLOPs (``d_ff = top_k * expert d_ff``), in one run.
+(``layers.moe.MoeMlp``, ``jax.lax.ragged_dot``) beside the naive dense einsum over all experts,
+the capacity-factor layer, and a dense SwiGLU MLP with the same active FLOPs (``d_ff = top_k *
+expert d_ff``), in one run; the last column is each one's time over the dense MLP's.
 
     PYTHONPATH=src:. python3 scripts/bench_moe.py [--tokens 16384] [--d-model 1024] ...
 """
@@ -25,6 +26,8 @@ def main() -> None:
     p.add_argument("--d-ff", type=int, default=2304)
     p.add_argument("--experts", type=int, default=8)
     p.add_argument("--top-k", type=int, default=2)
+    p.add_argument("--capacity-factor", type=float, default=1.25,
+                   help="a row of the capacity-factor layer too (0: none)")
     p.add_argument("--iters", type=int, default=20)
     a = p.parse_args()
     dt = jnp.bfloat16
@@ -49,6 +52,9 @@ def main() -> None:
     cases = {
         "dropless (ragged_dot)": (lambda p, x: moe.apply({"params": p}, x), moe_params),
         "naive: all experts": (naive, moe_params),
+        **({f"capacity factor {a.capacity_factor}": (
+            lambda p, x: moe.clone(capacity_factor=a.capacity_factor).apply({"params": p}, x),
+            moe_params)} if a.capacity_factor > 0 else {}),
         "dense MLP, same active FLOPs": (lambda p, x: dense.apply({"params": p}, x), dense_params),
     }
     active = 6 * a.tokens * a.top_k * 3 * a.d_model * a.d_ff  # fwd + bwd matmul FLOPs
