@@ -20,11 +20,13 @@ NVLink multicast stays off (``NCCL_NVLS_ENABLE=0``).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import pathlib
 import subprocess
 import sys
+import tempfile
 import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -93,42 +95,54 @@ def launch(args, processes: int, devices: int) -> dict:
 
     port = portpicker.pick_unused_port()
     per = devices // processes
-    children = []
-    for i in range(processes):
-        env = dict(os.environ, NCCL_NVLS_ENABLE="0")
-        env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), str(ROOT)]
-                                            + [p for p in [env.get("PYTHONPATH")] if p])
-        if args.smoke:
-            env.update(JAX_PLATFORMS="cpu",
-                       XLA_FLAGS=f"--xla_force_host_platform_device_count={per}")
-        else:
-            env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i * per + d) for d in range(per))
-            env["XLA_FLAGS"] = " ".join(f for f in (env.get("XLA_FLAGS"),
-                                                    bench_train.DEFAULT_XLA_FLAGS) if f)
-            env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.9")
-        cmd = [sys.executable, __file__, "--worker", "--config", args.config,
-               "--batch", str(args.batch), "--seq", str(args.seq), "--steps", str(args.steps),
-               "--warmup", str(args.warmup), "--rounds", str(args.rounds),
-               "--num-processes", str(processes), "--process-id", str(i),
-               "--coordinator", f"127.0.0.1:{port}", *(f"--set={s}" for s in args.set)]
-        children.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE,
-                                         stderr=subprocess.PIPE, text=True))
-    outputs = []
-    for child in children:
-        try:
-            out, err = child.communicate(timeout=args.worker_timeout)
-        except subprocess.TimeoutExpired:
-            for c in children:
-                c.kill()
-            return {"error": f"timed out after {args.worker_timeout} s"}
-        outputs.append((child.returncode, out, err))
-    code, out, err = outputs[0]
+    with contextlib.ExitStack() as stack:
+        children = []
+        for i in range(processes):
+            # A file, not a pipe: a child blocked on a full pipe would stall the collectives.
+            log = stack.enter_context(tempfile.TemporaryFile("w+"))
+            children.append((subprocess.Popen(_command(args, processes, i, port),
+                                              env=_environment(args, i, per), stdout=log,
+                                              stderr=subprocess.STDOUT, text=True), log))
+        deadline = time.monotonic() + args.worker_timeout
+        for child, _ in children:
+            try:
+                child.wait(timeout=max(deadline - time.monotonic(), 1))
+            except subprocess.TimeoutExpired:
+                for c, _ in children:
+                    c.kill()
+                return {"error": f"timed out after {args.worker_timeout} s"}
+        child, log = children[0]
+        log.seek(0)
+        out = log.read()
     for line in out.splitlines():
         if line.startswith("RESULT "):
             return json.loads(line[len("RESULT "):])
-    tail = "\n".join(err.strip().splitlines()[-20:])
-    print(f"[{processes} process(es) failed, exit {code}]\n{tail}", flush=True)
-    return {"error": (err.strip().splitlines() or ["no output"])[-1][:160]}
+    tail = "\n".join(out.strip().splitlines()[-20:])
+    print(f"[{processes} process(es) failed, exit {child.returncode}]\n{tail}", flush=True)
+    return {"error": (out.strip().splitlines() or ["no output"])[-1][:160]}
+
+
+def _command(args, processes: int, index: int, port: int) -> list[str]:
+    return [sys.executable, __file__, "--worker", "--config", args.config,
+            "--batch", str(args.batch), "--seq", str(args.seq), "--steps", str(args.steps),
+            "--warmup", str(args.warmup), "--rounds", str(args.rounds),
+            "--num-processes", str(processes), "--process-id", str(index),
+            "--coordinator", f"127.0.0.1:{port}", *(f"--set={s}" for s in args.set)]
+
+
+def _environment(args, index: int, per: int) -> dict[str, str]:
+    """Process ``index``'s devices: GPUs ``index * per ...`` (or ``per`` fake CPU devices)."""
+    env = dict(os.environ, NCCL_NVLS_ENABLE="0")
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), str(ROOT)]
+                                        + [p for p in [env.get("PYTHONPATH")] if p])
+    if args.smoke:
+        env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={per}")
+    else:
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(str(index * per + d) for d in range(per))
+        env["XLA_FLAGS"] = " ".join(f for f in (env.get("XLA_FLAGS"),
+                                                bench_train.DEFAULT_XLA_FLAGS) if f)
+        env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.9")
+    return env
 
 
 def main(argv=None) -> None:
