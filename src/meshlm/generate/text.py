@@ -138,7 +138,8 @@ def _transduce(request, cfg, params, tokenizer, eos, sampling) -> jax.Array:
     from meshlm.generate.seq2seq import seq2seq_beam_search, seq2seq_generate
     from meshlm.models import build_model
 
-    inputs = tokenizer.encode(request.prompt).ids + [eos]
+    # As the training pairs are encoded: no tokenizer post-processing, end-of-text appended.
+    inputs = tokenizer.encode(request.prompt, add_special_tokens=False).ids + [eos]
     length = cfg.model.max_seq_len
     if len(inputs) > length:
         raise ConfigError(
