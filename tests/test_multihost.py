@@ -153,7 +153,10 @@ def test_the_relaunch_resumes_and_both_meshes_match_one_process(two_processes, r
 
 def test_one_copy_of_the_run_records(two_processes, reference):
     run_dir, stopped, resumed = two_processes
-    assert (run_dir / "config.yaml").is_file() and (run_dir / "tokenizer.json").is_file()
+    assert {p.name for p in run_dir.iterdir()} == {p.name for p in reference[0].iterdir()} == {
+        "checkpoints", "config.yaml", "data", "metrics.jsonl", "tensorboard", "tokenizer.json",
+        "tokenizer.corpus.json"}
+    assert len(list((run_dir / "tensorboard").iterdir())) == 2  # one event file per launch
     assert (run_dir / "tokenizer.json").read_text() == (reference[0] / "tokenizer.json").read_text()
     # Progress, evaluation and the stop note are process 0's: process 1 prints only its summary.
     for p in (*stopped, *resumed):
