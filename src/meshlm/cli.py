@@ -6,6 +6,10 @@ Bad input (a config, a checkpoint or a prompt that cannot work) prints one line,
 1. A run stopped by SIGTERM or Ctrl-C exits with 128 + the signal's number (143, 130) after
 saving its checkpoint, so a scheduler sees a preemption, not a success; a second Ctrl-C exits
 with 130 at once, without saving.
+
+With ``--distributed`` a process that cannot go on with the others (no coordinator within
+``--init-timeout``, a peer gone, process 0 failed preparing the data) prints one line and exits
+with 1 at once, not through JAX's shutdown barrier, so the others stop too.
 """
 
 from __future__ import annotations
@@ -190,18 +194,12 @@ def _failure(e: BaseException) -> int:
     if isinstance(e, (CheckpointError, CheckpointSaveError)):
         print(f"meshlm: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT if isinstance(e, CheckpointError) else EXIT_FAILED
-    if _several_processes() and isinstance(e, _jax_runtime_error()):
+    if _several_processes() and isinstance(e, sys.modules["jax"].errors.JaxRuntimeError):
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"meshlm: error: {distributed.where()}: a computation across the processes failed "
               f"(did another process stop?): {first}", file=sys.stderr)
         return EXIT_FAILED
     raise e
-
-
-def _jax_runtime_error() -> type:
-    import jax
-
-    return jax.errors.JaxRuntimeError
 
 
 if __name__ == "__main__":
