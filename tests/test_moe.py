@@ -181,6 +181,17 @@ def test_expert_parallel_layer_exchanges_tokens_by_all_to_all(mesh):
         for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
             np.testing.assert_allclose(g, w, atol=1e-4, rtol=1e-4)
         assert ("all-to-all" in compiled.as_text()) == (tokens.shape[1] > 1)
+    # Capacity mode exchanges buffers of at most k * capacity rows per expert device: with room
+    # for every assignment nothing drops; with less, the dropped share is reported.
+    for factor in (8.0, 0.5):
+        with sharding.activate(mesh, rules):
+            y, state = jax.jit(functools.partial(
+                layer.clone(capacity_factor=factor).apply, mutable=["intermediates"]))(
+                    {"params": params}, x)
+        dropped = float(state["intermediates"]["dropped_fraction"][0])
+        if factor > 1:
+            np.testing.assert_allclose(y, dense_reference(params, x, 2, "softmax", True), **TOL)
+        assert (dropped == 0) == (factor > 1) and np.isfinite(np.asarray(y)).all()
 
 
 # ---------------------------------------------------------------- the family
