@@ -132,9 +132,11 @@ def pipelined(model: nn.Module, cfg: Config, mesh: Mesh, rules) -> nn.Module:
         raise ConfigError(f"mesh.pipeline={stages} needs model.scan_layers=true")
     pipe = PipelineSchedule(stages, t.microbatches, t.pipeline_repeats)
     n_layers, dp = cfg.model.n_layers, sharding.data_parallel_size(mesh, rules)
-    if n_layers % (stages * pipe.repeats):
+    blocks = cfg.model.stack_depth  # the stages split the repeated blocks
+    if blocks % (stages * pipe.repeats):
+        grouped = "" if blocks == n_layers else f" ({blocks} blocks of {n_layers // blocks})"
         raise ConfigError(
-            f"model.n_layers={n_layers} is not divisible by mesh.pipeline={stages} x "
+            f"model.n_layers={n_layers}{grouped} is not divisible by mesh.pipeline={stages} x "
             f"train.pipeline_repeats={pipe.repeats}; use a multiple of {stages * pipe.repeats}")
     rows = cfg.data.batch_size // t.grad_accum
     if rows % (dp * pipe.microbatches):
