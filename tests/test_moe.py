@@ -5,6 +5,7 @@ one device."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import pathlib
 
@@ -151,8 +152,21 @@ def test_capacity_factor_drops_the_overflow_and_reports_it(capacity_factor):
     assert all(np.isfinite(g).all() for g in jax.tree.leaves(grad))
 
 
+# Not an override: the rule table with activation_batch over the expert axis too (MaxText's
+# layout, configs/moe_mixtral_1b.yaml), so the tokens reach the MoE layer already split.
+BATCH_OVER_EXPERT = "batch-over-expert"
 MESHES = {"ep8": ["mesh.data=1", "mesh.expert=8"], "dp2-ep4": ["mesh.data=2", "mesh.expert=4"],
-          "dp2-ep2-tp2": ["mesh.data=2", "mesh.expert=2", "mesh.tensor=2"]}
+          "dp2-ep2-tp2": ["mesh.data=2", "mesh.expert=2", "mesh.tensor=2"],
+          "dp2-ep4-batch": ["mesh.data=2", "mesh.expert=4", BATCH_OVER_EXPERT]}
+
+
+def mesh_config(overrides):
+    cfg = load_config(None, [o for o in overrides if o != BATCH_OVER_EXPERT])
+    if BATCH_OVER_EXPERT not in overrides:
+        return cfg
+    rules = tuple((k, ("data", "fsdp", "expert")) if k == "activation_batch" else (k, v)
+                  for k, v in cfg.mesh.rules)
+    return dataclasses.replace(cfg, mesh=dataclasses.replace(cfg.mesh, rules=rules))
 
 
 @pytest.mark.parametrize("mesh", list(MESHES.values()), ids=list(MESHES))
@@ -161,7 +175,7 @@ def test_expert_parallel_layer_exchanges_tokens_by_all_to_all(mesh):
     device of its expert by all-to-all; with too few tokens to split
     (decoding one token) every device runs its experts on all of them and the outputs are
     summed. Output and gradients equal the dense reference either way."""
-    cfg = load_config(None, mesh)
+    cfg = mesh_config(mesh)
     mesh, rules = sharding.make_mesh(cfg.mesh), sharding.axis_rules(cfg.mesh)
     layer, params, _ = layer_and_params(2, "softmax", True)
     x = jax.random.normal(jax.random.key(5), (8, 4, D_MODEL))
@@ -346,7 +360,7 @@ def packed_batches(cfg, n):
 
 def train_losses(mesh_overrides, devices, steps=3):
     overrides = ["model.family=moe"] + [f"model.{k}={v}" for k, v in FIELDS.items()]
-    cfg = load_config(None, overrides + mesh_overrides + [
+    cfg = mesh_config(overrides + mesh_overrides + [
         "data.seq_len=16", "data.batch_size=8", "optimizer.warmup_steps=1", "optimizer.lr=1e-2",
         "train.steps=10", "model.load_balance_coef=0.1", "model.router_z_coef=0.01"])
     mesh, rules, state, step = compile_train_step(cfg, devices)
@@ -372,7 +386,7 @@ def test_parallel_training_matches_a_single_device(mesh):
         np.testing.assert_allclose(metrics[k], single_metrics[k], rtol=2e-5)
     assert losses[-1] < losses[0]
     # Each device holds only its experts (and, with tensor parallelism, its part of d_ff).
-    sizes = dict(m.removeprefix("mesh.").split("=") for m in mesh)
+    sizes = dict(m.removeprefix("mesh.").split("=") for m in mesh if m != BATCH_OVER_EXPERT)
     ep, tp = int(sizes.get("expert", 1)), int(sizes.get("tensor", 1))
     w = state.params["layers"]["moe"]["wi_gate"]  # (layers, experts, embed, d_ff)
     shard = w.addressable_shards[0].data.shape

@@ -158,7 +158,9 @@ def sharded_experts(batch: int, length: int, capacity_factor: float | None = Non
     parallelism). The expert devices of a data shard split its tokens (along the length, else
     the rows) and exchange them by all-to-all, each running only its own experts; when neither
     divides (e.g. decoding one token) each runs its experts on all the tokens and the outputs
-    are summed over ``expert``. Other axes (``tensor``: the experts' d_ff) stay automatic.
+    are summed over ``expert``. With ``activation_batch`` mapped onto the expert axes too
+    (MaxText's layout: the rest of the model data-parallel over them) the tokens arrive split.
+    Other axes (``tensor``: the experts' d_ff) stay automatic.
     Without a mesh, or in pipeline stages, the experts run as one computation.
     """
     mesh = jax.sharding.get_abstract_mesh()
@@ -168,12 +170,18 @@ def sharded_experts(batch: int, length: int, capacity_factor: float | None = Non
     rows = _mesh_axes("activation_batch", mesh)
     if batch % math.prod(mesh.shape[a] for a in rows):
         rows = ()
-    ep_axes = _mesh_axes("expert", mesh, exclude=rows)
+    ep_axes = _mesh_axes("expert", mesh)
+    # activation_batch over the expert axes too (MaxText's layout): the tokens are already split
+    batch_split = bool(ep_axes) and set(ep_axes) <= set(rows)
+    if not batch_split:
+        ep_axes = tuple(a for a in ep_axes if a not in rows)
     ep = math.prod(mesh.shape[a] for a in ep_axes)
     if not rows and not ep_axes:
         return plain
     local_rows = batch // math.prod(mesh.shape[a] for a in rows)
-    if ep > 1 and length % ep == 0:
+    if batch_split:
+        tokens, split = PartitionSpec(rows), True
+    elif ep > 1 and length % ep == 0:
         tokens, split = PartitionSpec(rows or None, ep_axes), True
     elif ep > 1 and local_rows % ep == 0:
         tokens, split = PartitionSpec(rows + ep_axes), True
