@@ -110,6 +110,13 @@ def _hf_model(spec: dict, torch):
     return model
 
 
+def _load(path: str, args, torch):
+    import transformers
+
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        path, dtype=getattr(torch, args.dtype)).eval()
+
+
 def _hf_logits(model, tokens, torch, device):
     with torch.no_grad():
         out = model.to(device)(torch.as_tensor(tokens, device=device)).logits
@@ -124,8 +131,6 @@ def _kl(p_logits, q_logits) -> float:
 
 
 def check(model_type: str, spec: dict, args, torch, device) -> dict:
-    import transformers
-
     from meshlm.convert.hf import hf_to_orbax, orbax_to_hf
     from meshlm.models import build_model
     from meshlm.train.checkpoint import restore_params
@@ -136,8 +141,10 @@ def check(model_type: str, spec: dict, args, torch, device) -> dict:
         vocab = model.config.vocab_size
         tokens = np.random.default_rng(0).integers(0, vocab, (args.batch, args.seq))
         exact = _hf_logits(model, tokens, torch, device)  # float32: the yardstick of both
-        want = _hf_logits(model.to(getattr(torch, args.dtype)), tokens, torch, device)
         del model
+        # Loaded in --dtype as the round trip's model is: ``.to(bfloat16)`` would also round
+        # buffers (RoPE's inverse frequencies) that ``from_pretrained`` keeps in float32.
+        want = _hf_logits(_load(f"{tmp}/hf", args, torch), tokens, torch, device)
 
         start = time.perf_counter()
         hf_to_orbax(f"{tmp}/hf", f"{tmp}/run", dtype=args.dtype)
@@ -148,9 +155,7 @@ def check(model_type: str, spec: dict, args, torch, device) -> dict:
         kl = _kl(want, got)
 
         orbax_to_hf(f"{tmp}/run", f"{tmp}/back")
-        back = transformers.AutoModelForCausalLM.from_pretrained(f"{tmp}/back",
-                                                                 dtype=getattr(torch, args.dtype))
-        again = _hf_logits(back.eval(), tokens, torch, device)
+        again = _hf_logits(_load(f"{tmp}/back", args, torch), tokens, torch, device)
         return dict(type=model_type, params=sum(x.size for x in jax.tree.leaves(params)),
                     max_abs_diff=float(np.max(np.abs(got - want))), kl=kl,
                     kl_fp32=_kl(exact, got), floor_fp32=_kl(exact, want),
