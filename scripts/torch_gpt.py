@@ -97,29 +97,39 @@ class GPT(nn.Module):
 
 def measure(model_cfg, batch: int, seq: int, steps: int = 10, warmup: int = 4,
             profile: bool = False, rounds: int = 2) -> dict:
-    """Time compiled bf16 training steps (forward, loss, backward, clipping, fused AdamW) on CUDA.
-
-    Returns the mean step time over ``steps`` steps after ``warmup`` (one host sync at the end,
-    as a training loop runs), the fastest of ``rounds`` such rounds (each one in ``round_s``),
-    tokens/s, the parameter count and the first and last losses; with ``profile``, also
-    ``"profile"``: the CUDA kernels of two more steps by total time (text).
-    """
+    """Time compiled bf16 training steps (forward, loss, backward, clipping, fused AdamW) on CUDA:
+    ``time_training`` of this GPT on random tokens."""
     torch.manual_seed(0)
     dev = "cuda"
     model = GPT(model_cfg).to(dev)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=True)
 
     def loss_fn(tokens):
         with torch.autocast("cuda", dtype=torch.bfloat16):
             logits = model(tokens[:, :-1])
         return F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten())
 
-    compiled = torch.compile(loss_fn)
     gen = torch.Generator(device=dev).manual_seed(0)
     data = torch.randint(0, model_cfg.vocab_size, (4, batch, seq + 1), device=dev, generator=gen)
+    return time_training(model, loss_fn, [(tokens,) for tokens in data], batch * seq,
+                         weight_decay=0.1, steps=steps, warmup=warmup, rounds=rounds,
+                         profile=profile)
+
+
+def time_training(model, loss_fn, batches, tokens_per_step: int, *, weight_decay: float,
+                  steps: int, warmup: int, rounds: int, profile: bool) -> dict:
+    """Time steps of ``torch.compile(loss_fn)`` + backward + clipping + fused AdamW on CUDA,
+    cycling through ``batches`` (argument tuples of ``loss_fn``).
+
+    Returns the mean step time over ``steps`` steps after ``warmup`` (one host sync at the end,
+    as a training loop runs), the fastest of ``rounds`` such rounds (each one in ``round_s``),
+    tokens/s, the parameter count and the first and last losses; with ``profile``, also
+    ``"profile"``: the CUDA kernels of two more steps by total time (text).
+    """
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=weight_decay, fused=True)
+    compiled = torch.compile(loss_fn)
 
     def step(i):
-        loss = compiled(data[i % 4])
+        loss = compiled(*batches[i % len(batches)])
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=True)
         opt.step()
@@ -147,9 +157,7 @@ def measure(model_cfg, batch: int, seq: int, steps: int = 10, warmup: int = 4,
                                             max_name_column_width=90)
     n_params = sum(p.numel() for p in model.parameters())
     peak_gib = torch.cuda.max_memory_allocated() / 2**30
-    del model, opt, compiled
-    torch.cuda.empty_cache()
-    return {"step_s": step_s, "round_s": round_s, "tokens_per_s": batch * seq / step_s,
+    return {"step_s": step_s, "round_s": round_s, "tokens_per_s": tokens_per_step / step_s,
             "params": n_params,
             "first_loss": first, "last_loss": last, "finite": math.isfinite(last),
             "peak_gib": peak_gib, **({"profile": summary} if summary else {})}

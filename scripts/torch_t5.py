@@ -7,9 +7,6 @@ parameter count equals meshlm's (shared embedding, one relative-bias table per s
 
 from __future__ import annotations
 
-import math
-import time
-
 import torch
 import torch.nn.functional as F
 
@@ -31,57 +28,23 @@ def hf_model(m):
 
 def measure(model_cfg, batch: int, seq: int, steps: int = 10, warmup: int = 4,
             profile: bool = False, rounds: int = 2) -> dict:
-    """Time compiled bf16 training steps on CUDA; the same result keys as
-    ``scripts/torch_gpt.measure`` (step time: fastest of ``rounds`` means over ``steps``)."""
+    """Time compiled bf16 training steps on CUDA (``scripts/torch_gpt.time_training``: the same
+    loop, timing and result keys as the GPT baseline); a token is one row position."""
+    from scripts.torch_gpt import time_training
+
     torch.manual_seed(0)
     dev = "cuda"
     model = hf_model(model_cfg).to(dev)
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01, fused=True)
 
     def loss_fn(inputs, decoder_inputs, targets):
         with torch.autocast("cuda", dtype=torch.bfloat16):
             logits = model(input_ids=inputs, decoder_input_ids=decoder_inputs).logits
         return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
 
-    compiled = torch.compile(loss_fn)
     gen = torch.Generator(device=dev).manual_seed(0)
     data = torch.randint(1, model_cfg.vocab_size, (4, 2, batch, seq + 1), device=dev,
                          generator=gen)
-
-    def step(i):
-        enc, dec = data[i % 4]
-        loss = compiled(enc[:, :-1], dec[:, :-1], dec[:, 1:])
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=True)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss.detach()
-
-    first = float(step(0))
-    for i in range(1, warmup):
-        step(i)
-    torch.cuda.synchronize()
-    round_s = []
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        losses = [step(i) for i in range(steps)]
-        last = float(losses[-1])  # synchronises
-        round_s.append((time.perf_counter() - t0) / steps)
-    step_s = min(round_s)
-    summary = None
-    if profile:
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-            for i in range(2):
-                step(i)
-            torch.cuda.synchronize()
-        summary = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30,
-                                            max_name_column_width=90)
-    n_params = sum(p.numel() for p in model.parameters())
-    peak_gib = torch.cuda.max_memory_allocated() / 2**30
-    del model, opt, compiled
-    torch.cuda.empty_cache()
-    return {"step_s": step_s, "round_s": round_s, "tokens_per_s": batch * seq / step_s,
-            "params": n_params, "first_loss": first, "last_loss": last,
-            "finite": math.isfinite(last), "peak_gib": peak_gib,
-            **({"profile": summary} if summary else {})}
+    batches = [(enc[:, :-1], dec[:, :-1], dec[:, 1:]) for enc, dec in data]
+    return time_training(model, loss_fn, batches, batch * seq, weight_decay=0.01, steps=steps,
+                         warmup=warmup, rounds=rounds, profile=profile)
