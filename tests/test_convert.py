@@ -7,9 +7,10 @@ biases), ``MambaForCausalLM`` and ``Mamba2ForCausalLM``, transcribed from the tr
 and independent of the families' tables. Checked: HF -> Orbax -> HF -> Orbax is bit-exact; the
 converted GPT-2 and LLaMA (Llama-3, Mistral, Qwen2) give the logits of a plain-numpy forward
 written from HF's math over the HF tensors themselves, as do Mamba and Mamba-2 against sequential
-scans of HF's slow paths (so a mislaid tensor shows); conversion onto an 8-device FSDP x tensor mesh places every parameter with
-the rule table's sharding; bad input is one clear error. Parity with the torch implementation
-needs torch: ``scripts/check_hf_parity.py`` (GPU machine).
+scans of HF's slow paths (so a mislaid tensor shows); conversion onto an 8-device FSDP x tensor
+mesh places every parameter with the rule table's sharding; bad input is one clear error. Parity
+with the torch implementation at real shapes needs torch: ``scripts/check_hf_parity.py`` (GPU
+machine); the committed fixtures under ``tests/fixtures/hf/`` carry transformers' own outputs.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _helpers import llama3_frequencies
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
@@ -211,30 +213,14 @@ def _gpt2_forward(c, w, tokens):
     return x @ w["transformer.wte.weight"].T
 
 
-def _llama3_frequencies(freqs, rope):
-    """Llama 3.1's frequency scaling as Meta's reference code writes it, one frequency at a
-    time: short wavelengths kept, long ones divided by ``factor``, a smooth blend between."""
-    factor, low, high = rope["factor"], rope["low_freq_factor"], rope["high_freq_factor"]
-    old = rope["original_max_position_embeddings"]
-    out = []
-    for freq in freqs:
-        wavelen = 2 * np.pi / freq
-        if wavelen < old / high:
-            out.append(freq)
-        elif wavelen > old / low:
-            out.append(freq / factor)
-        else:
-            smooth = (old / wavelen - low) / (high - low)
-            out.append((1 - smooth) * freq / factor + smooth * freq)
-    return np.array(out)
-
-
 def _rotate_half_rope(x, rope):
     """HF LLaMA: ``x * cos + rotate_half(x) * sin`` with ``cos = cat(cos f, cos f)``."""
     d, length = x.shape[-1], x.shape[1]
     freq = 1.0 / rope["rope_theta"] ** (np.arange(0, d, 2) / d)
     if rope["rope_type"] == "llama3":
-        freq = _llama3_frequencies(freq, rope)
+        freq = llama3_frequencies(freq, rope["factor"], rope["low_freq_factor"],
+                                  rope["high_freq_factor"],
+                                  rope["original_max_position_embeddings"])
     angle = np.concatenate([np.arange(length)[:, None] * freq] * 2, -1)[None, :, None, :]
     rotated = np.concatenate([-x[..., d // 2:], x[..., :d // 2]], -1)
     return x * np.cos(angle) + rotated * np.sin(angle)
@@ -445,7 +431,8 @@ def test_bad_input_is_one_clear_error(tmp_path):
     with pytest.raises(ConversionError, match="tensor 'transformer.h.1.mlp.c_fc.bias' missing"):
         convert(state=state, out="d")
     state = _random_state(GPT2)
-    state["transformer.h.0.attn.c_attn.weight"] = state["transformer.h.0.attn.c_attn.weight"][:, :64]
+    name = "transformer.h.0.attn.c_attn.weight"
+    state[name] = state[name][:, :64]
     with pytest.raises(ConversionError, match=r"'transformer.h.0.attn.c_attn.weight' has shape "
                                               r"\[32, 64\], this model needs \[32, 96\]"):
         convert(state=state, out="e")

@@ -11,32 +11,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _helpers import llama3_frequencies
 
 from meshlm.config import ConfigError, model_config
 from meshlm.layers import Attention
 from meshlm.layers.embeddings import RopeScaling, apply_rope, rope_inv_freq
 
 
-def _llama3_reference(head_dim, theta, factor, low, high, old_len):
-    """Meta's published Llama 3.1 ``apply_scaling``, one frequency at a time, in float64."""
-    out = []
-    for freq in 1.0 / theta ** (np.arange(0, head_dim, 2) / head_dim):
-        wavelen = 2 * math.pi / freq
-        if wavelen < old_len / high:
-            out.append(freq)
-        elif wavelen > old_len / low:
-            out.append(freq / factor)
-        else:
-            smooth = (old_len / wavelen - low) / (high - low)
-            out.append((1 - smooth) * freq / factor + smooth * freq)
-    return np.array(out)
-
-
 def test_rope_scaling_frequencies():
     """Llama-3.1-8B's settings: all three bands occur; linear divides every frequency."""
     scaling = RopeScaling("llama3", 8.0, 1.0, 4.0, 8192)
     got = np.asarray(rope_inv_freq(128, 500000.0, scaling))
-    want = _llama3_reference(128, 500000.0, 8.0, 1.0, 4.0, 8192)
+    want = llama3_frequencies(1.0 / 500000.0 ** (np.arange(0, 128, 2) / 128), 8.0, 1.0, 4.0, 8192)
     np.testing.assert_allclose(got, want, rtol=2e-6, atol=0)
     plain = 1.0 / 500000.0 ** (np.arange(0, 128, 2) / 128)
     ratio = plain / want
