@@ -184,7 +184,7 @@ def _failure(e: BaseException) -> int:
     if isinstance(e, ConfigError):
         print(f"meshlm: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    if isinstance(e, distributed.DistributedError):
+    if isinstance(e, (distributed.DistributedError, OSError)):  # OSError: a path, a disk, a peer
         print(f"meshlm: error: {e}", file=sys.stderr)
         return EXIT_FAILED
     if not isinstance(e, (ValueError, RuntimeError)):
