@@ -31,7 +31,8 @@ class ScanConfig:
     iteration (their loads are issued together, hiding memory latency) and the forward pass saves
     one float32 checkpoint of the state per chunk for the backward pass to restart from.
     ``forward_chunk`` replaces ``chunk`` in a forward pass that saves no checkpoints (inference),
-    where a longer chunk costs no backward registers.
+    where a longer chunk costs no backward registers. ``segments`` splits the length into that
+    many segments scanned in parallel (1: the sequential scan).
     """
 
     implementation: str
@@ -42,6 +43,7 @@ class ScanConfig:
     num_warps: int | None
     interpret: bool
     fast_math: bool
+    segments: int = 1
 
 
 def next_power_of_2(n: int) -> int:

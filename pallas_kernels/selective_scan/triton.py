@@ -51,11 +51,14 @@ class Tiles:
     steps unrolled per loop iteration and per backward checkpoint; ``forward_chunk`` the same for
     a forward pass that saves no checkpoints (inference), where a longer chunk costs no backward
     registers. Chunks are capped at the length; the warps follow ``block_d`` and ``d_state``
-    (about 8 state floats per thread)."""
+    (about 8 state floats per thread). ``segments > 1`` splits the length into that many
+    segments scanned in parallel (see ``forward``); 1 is the sequential scan. Untimed, so the
+    default stays 1; the backward is still the sequential kernel (it reads the same checkpoints)."""
 
     block_d: int
     chunk: int
     forward_chunk: int
+    segments: int = 1
 
 
 # Defaults by compute capability ("" is every GPU), from a sweep on an H100 at (8, 2048, 1536, 16)
@@ -75,7 +78,7 @@ def default_tiles(call: common.Call) -> Tiles:
     d_state_p = common.next_power_of_2(call.d_state)
     cap = max(1, min(default.block_d, 32 * 8 * _STATE_ELEMS_PER_THREAD // d_state_p))
     block_d = common.largest_power_of_2_divisor(call.d_inner // call.n_groups, cap)
-    return Tiles(block_d, default.chunk, default.forward_chunk)
+    return Tiles(block_d, default.chunk, default.forward_chunk, default.segments)
 
 
 def supports(call: common.Call, tiles: Tiles) -> str | None:
@@ -88,6 +91,8 @@ def supports(call: common.Call, tiles: Tiles) -> str | None:
         return f"tiles.block_d must be a power of 2, got {tiles.block_d}"
     if per_group % tiles.block_d:
         return f"tiles.block_d ({tiles.block_d}) must divide d_inner // n_groups ({per_group})"
+    if not isinstance(tiles.segments, int) or tiles.segments < 1:
+        return f"tiles.segments must be an int >= 1, got {tiles.segments!r}"
     for name in ("chunk", "forward_chunk"):
         if getattr(tiles, name) > _MAX_CHUNK:
             return f"tiles.{name} must be <= {_MAX_CHUNK}, got {getattr(tiles, name)}"
@@ -106,6 +111,7 @@ def config(call: common.Call, tiles: Tiles, dt_softplus: bool, interpret: bool):
         num_warps=max(1, min(8, tiles.block_d * d_state_p // (32 * _STATE_ELEMS_PER_THREAD))),
         interpret=interpret,
         fast_math=not interpret,
+        segments=tiles.segments,
     )
 
 
@@ -160,30 +166,46 @@ def _load_chunk(r, t0, length, chunk, block_d, d_state, bias, softplus, with_dou
 
 
 def _fwd_kernel(*refs, length, chunk, n_chunks, softplus, fast_math, flags):
+    """One program scans ``n_chunks`` chunks of its segment (``program_id(2)``) from ``h0``.
+
+    Without ``y`` it is the first pass of the segmented scan: it only writes the segment's end
+    state and ``dt_sum``, the sum of its step sizes (its total decay is ``exp(A * dt_sum)``).
+    """
     r = Refs(refs, flags)
     block_d, d_state = r.A.shape
+    first = pl.program_id(2) * n_chunks  # the segment's first chunk
     A2 = r.A[...].astype(f32) * common.LOG2E
     D = None if r.D is None else r.D[...].astype(f32)
     bias = None if r.bias is None else r.bias[...].astype(f32)
     h = jnp.zeros((block_d, d_state), f32) if r.h0 is None else r.h0[...].astype(f32)
+    dt_sum = None if r.dt_sum is None else jnp.zeros((block_d,), f32)
 
-    def chunk_body(c, h):
+    def chunk_body(c, carry):
+        h, dt_sum = carry
         if r.ckpt is not None:
-            r.ckpt[c] = h
-        steps = _load_chunk(r, c * chunk, length, chunk, block_d, d_state, bias, softplus, False)
+            r.ckpt[first + c] = h
+        t0 = (first + c) * chunk
+        steps = _load_chunk(r, t0, length, chunk, block_d, d_state, bias, softplus, False)
         for s in steps:
             decay = _exp2(s["dt"][:, None] * A2, fast_math)
             h = decay * h + s["dtu"][:, None] * s["B"][None, :]
+            if dt_sum is not None:
+                dt_sum = dt_sum + s["dt"]
+            if r.y is None:
+                continue
             y = jnp.sum(h * s["C"][None, :], axis=1)
             if D is not None:
                 y = y + D * s["u"]
             if r.z is not None:
                 y = _ssm_math.gate_and_grad(y, s["z"])[0]
             _store_row(r.y, s["t"], s["valid"], y)
-        return h
+        return h, dt_sum
 
-    h = jax.lax.fori_loop(0, n_chunks, chunk_body, h)
-    r.h_final[...] = h
+    h, dt_sum = jax.lax.fori_loop(0, n_chunks, chunk_body, (h, dt_sum))
+    if r.h_final is not None:
+        r.h_final[...] = h
+    if r.dt_sum is not None:
+        r.dt_sum[...] = dt_sum
 
 
 def _bwd_kernel(*refs, length, chunk, n_chunks, softplus, fast_math, flags):
@@ -253,14 +275,15 @@ def _bwd_kernel(*refs, length, chunk, n_chunks, softplus, fast_math, flags):
 
 
 def _specs(batch, length, d_inner, d_state, n_groups, block_d):
-    """BlockSpecs of the operands for grid (batch, channel block)."""
+    """BlockSpecs of the operands for grid (batch, channel block[, segment]); a segment's
+    program sees the whole length and touches only its own steps."""
     per_group = d_inner // n_groups // block_d
-    seq = pl.BlockSpec((None, length, block_d), lambda i, j: (i, 0, j))
-    grp = pl.BlockSpec((None, length, None, d_state), lambda i, j: (i, 0, j // per_group, 0))
-    chan = pl.BlockSpec((block_d,), lambda i, j: (j,))
-    chan_state = pl.BlockSpec((block_d, d_state), lambda i, j: (j, 0))
-    state = pl.BlockSpec((None, block_d, d_state), lambda i, j: (i, j, 0))
-    row_chan = pl.BlockSpec((None, block_d), lambda i, j: (i, j))
+    seq = pl.BlockSpec((None, length, block_d), lambda i, j, *_: (i, 0, j))
+    grp = pl.BlockSpec((None, length, None, d_state), lambda i, j, *_: (i, 0, j // per_group, 0))
+    chan = pl.BlockSpec((block_d,), lambda i, j, *_: (j,))
+    chan_state = pl.BlockSpec((block_d, d_state), lambda i, j, *_: (j, 0))
+    state = pl.BlockSpec((None, block_d, d_state), lambda i, j, *_: (i, j, 0))
+    row_chan = pl.BlockSpec((None, block_d), lambda i, j, *_: (i, j))
     return seq, grp, chan, chan_state, state, row_chan
 
 
@@ -300,28 +323,75 @@ def _launch(kernel, name, named_in, named_out, cfg, *, grid, **static):
 
 
 def forward(u, delta, A, B, C, D, z, dt_bias, h0, cfg: common.ScanConfig, *, save_checkpoints):
-    """Returns ``(y, final_state, checkpoints or None)``; ``final_state`` float32."""
+    """Returns ``(y, final_state, checkpoints or None)``; ``final_state`` float32.
+
+    With ``cfg.segments = S > 1`` the length is cut into S segments of whole chunks and the scan
+    runs in three passes, S times more programs each walking 1/S of the steps: (1) every
+    (segment, channel block) scans from a zero state, writing its end state and ``dt_sum``;
+    (2) ``enter_states``, a sequential pass over the S segments in plain JAX, gives the true
+    state entering each segment (the recurrence is linear: ``h_out = exp(A dt_sum) h_in +
+    h_local``); (3) every segment rescans from its entering state, writing y and the
+    checkpoints. Pass 3 rescans rather than adding ``C_t exp(A cumsum dt) h_in`` to y because
+    the gate and the checkpoints need the true states anyway.
+    """
     batch, length, d_inner = u.shape
     n_groups, d_state = B.shape[2], B.shape[3]
     d_state_p = common.next_power_of_2(d_state)
     A, B, C, h0 = (_pad_state(x, d_state_p) for x in (A, B, C, h0))
-    block_d = cfg.block_d
+    block_d, n_seg = cfg.block_d, cfg.segments
     chunk = cfg.chunk if save_checkpoints else cfg.forward_chunk
-    n_blocks, n_chunks = d_inner // block_d, pl.cdiv(length, chunk)
-    seq, grp, chan, chan_state, state, _ = _specs(batch, length, d_inner, d_state_p, n_groups, block_d)
-
-    ckpt = jax.ShapeDtypeStruct((batch, n_chunks, d_inner, d_state_p), f32)
-    res = _launch(
-        _fwd_kernel, "selective_scan_fwd",
-        [("u", u, seq), ("delta", delta, seq), ("A", A, chan_state), ("B", B, grp), ("C", C, grp),
-         ("D", D, chan), ("z", z, seq), ("bias", dt_bias, chan), ("h0", h0, state)],
-        [("y", jax.ShapeDtypeStruct((batch, length, d_inner), u.dtype), seq),
-         ("h_final", jax.ShapeDtypeStruct((batch, d_inner, d_state_p), f32), state),
-         ("ckpt", ckpt if save_checkpoints else None,
-          pl.BlockSpec((None, n_chunks, block_d, d_state_p), lambda i, j: (i, 0, j, 0)))],
-        cfg, grid=(batch, n_blocks), length=length, chunk=chunk, n_chunks=n_chunks,
+    n_blocks = d_inner // block_d
+    seg_chunks = pl.cdiv(pl.cdiv(length, n_seg), chunk)  # chunks per segment
+    n_chunks = n_seg * seg_chunks  # chunks past the end carry the state unchanged
+    seq, grp, chan, chan_state, _, _ = _specs(batch, length, d_inner, d_state_p, n_groups, block_d)
+    seg_state = pl.BlockSpec((None, None, block_d, d_state_p), lambda i, j, k: (i, k, j, 0))
+    per_seg_state = jax.ShapeDtypeStruct((batch, n_seg, d_inner, d_state_p), f32)
+    ins = [("u", u, seq), ("delta", delta, seq), ("A", A, chan_state), ("B", B, grp),
+           ("C", C, grp), ("D", D, chan), ("z", z, seq), ("bias", dt_bias, chan)]
+    launch = functools.partial(
+        _launch, _fwd_kernel, cfg=cfg, grid=(batch, n_blocks, n_seg), length=length, chunk=chunk,
+        n_chunks=seg_chunks,
     )  # fmt: skip
-    return res["y"], res["h_final"][..., :d_state], res.get("ckpt")
+    h_final = None
+    if n_seg > 1:
+        local = launch(
+            "selective_scan_fwd_segments", ins + [("h0", None, seg_state)],
+            [("y", None, seq), ("h_final", per_seg_state, seg_state),
+             ("dt_sum", jax.ShapeDtypeStruct((batch, n_seg, d_inner), f32),
+              pl.BlockSpec((None, None, block_d), lambda i, j, k: (i, k, j))),
+             ("ckpt", None, None)],
+        )  # fmt: skip
+        h0, h_final = enter_states(local["h_final"], local["dt_sum"], A, h0)
+    elif h0 is not None:
+        h0 = h0[:, None]
+    ckpt = jax.ShapeDtypeStruct((batch, n_chunks, d_inner, d_state_p), f32)
+    res = launch(
+        "selective_scan_fwd", ins + [("h0", h0, seg_state)],
+        [("y", jax.ShapeDtypeStruct((batch, length, d_inner), u.dtype), seq),
+         ("h_final", per_seg_state if n_seg == 1 else None, seg_state),
+         ("dt_sum", None, None),
+         ("ckpt", ckpt if save_checkpoints else None,
+          pl.BlockSpec((None, n_chunks, block_d, d_state_p), lambda i, j, k: (i, 0, j, 0)))],
+    )  # fmt: skip
+    if h_final is None:
+        h_final = res["h_final"][:, 0]
+    return res["y"], h_final[..., :d_state], res.get("ckpt")
+
+
+def enter_states(h_local, dt_sum, A, h0):
+    """The boundary pass: ``(entering states (batch, S, d_inner, N), final state)`` from each
+    segment's end state scanned from zero, ``h_local (batch, S, d_inner, N)``, its summed step
+    sizes ``dt_sum (batch, S, d_inner)`` and the initial state (None: zeros)."""
+    decay = jnp.exp(dt_sum[..., None] * A.astype(f32))
+    h = jnp.zeros_like(h_local[:, 0]) if h0 is None else h0.astype(f32)
+
+    def body(h, seg):
+        local, dec = seg
+        return dec * h + local, h
+
+    xs = (jnp.moveaxis(h_local, 1, 0), jnp.moveaxis(decay, 1, 0))
+    h_final, h_enter = jax.lax.scan(body, h, xs)
+    return jnp.moveaxis(h_enter, 0, 1), h_final
 
 
 def backward(dy, dh_final, u, delta, A, B, C, D, z, dt_bias, h0, ckpt, cfg: common.ScanConfig):
