@@ -111,6 +111,34 @@ def test_triton_matches_reference(dtype, full, n_groups, length, d_state):
 
 
 @pytest.mark.parametrize(
+    "segments,length,chunk", [(2, 11, 2), (4, 13, 3)], ids=["2-segments", "4-segments"]
+)
+def test_triton_segments_match_reference(segments, length, chunk):
+    # The segment-parallel forward (then the sequential backward over its checkpoints) with an
+    # initial state and every feature: lengths that neither the segments nor the chunks divide,
+    # so a segment ends inside the sequence, the last is partial and (13 = 3 * 5 - 2 with 4
+    # segments of 2 chunks) one chunk lies wholly past the end.
+    inputs = make_inputs(2, length, 16, 2, 3, jnp.float32, full=True)
+    check_against_reference("triton", inputs, softplus=True, tol_out=1e-5, tol_grad=1e-4,
+                            tiles=triton.Tiles(4, chunk, chunk, segments=segments))
+
+
+def test_triton_segments_boundary_pass():
+    # enter_states against a sequential composition of the per-segment affine maps.
+    k = jax.random.split(jax.random.key(next(_seeds)), 4)
+    h_local = jax.random.normal(k[0], (2, 3, 4, 5))
+    dt_sum = jax.nn.softplus(jax.random.normal(k[1], (2, 3, 4)))
+    A = -jnp.exp(jax.random.normal(k[2], (4, 5)))
+    h0 = jax.random.normal(k[3], (2, 4, 5))
+    enter, final = triton.enter_states(h_local, dt_sum, A, h0)
+    h = h0
+    for s in range(3):
+        assert rel_err(enter[:, s], h) < 1e-6
+        h = jnp.exp(dt_sum[:, s, :, None] * A) * h + h_local[:, s]
+    assert rel_err(final, h) < 1e-6
+
+
+@pytest.mark.parametrize(
     "dtype,full,n_groups,length,d_inner,tiles",
     [(jnp.float32, True, 2, 150, 256, tpu.Tiles(block_d=128, chunk=128)),
      (jnp.bfloat16, False, 1, 20, 64, None)],
@@ -260,6 +288,9 @@ def test_bad_groups_and_options_raise():
     with pytest.raises(ValueError, match="tiles.block_d must be a power of 2"):
         selective_scan(**inputs, implementation="triton", interpret=True,
                        tiles=triton.Tiles(3, 4, 4))
+    with pytest.raises(ValueError, match="tiles.segments must be a positive int, got 0"):
+        selective_scan(**inputs, implementation="triton", interpret=True,
+                       tiles=triton.Tiles(8, 4, 4, segments=0))
     with pytest.raises(ValueError, match=r"tiles must be a .*triton\.Tiles, got .*tpu\.Tiles"):
         selective_scan(**inputs, implementation="triton", interpret=True, tiles=tpu.Tiles(8, 4))
     with pytest.raises(ValueError, match="name it with implementation="):

@@ -91,8 +91,6 @@ def supports(call: common.Call, tiles: Tiles) -> str | None:
         return f"tiles.block_d must be a power of 2, got {tiles.block_d}"
     if per_group % tiles.block_d:
         return f"tiles.block_d ({tiles.block_d}) must divide d_inner // n_groups ({per_group})"
-    if not isinstance(tiles.segments, int) or tiles.segments < 1:
-        return f"tiles.segments must be an int >= 1, got {tiles.segments!r}"
     for name in ("chunk", "forward_chunk"):
         if getattr(tiles, name) > _MAX_CHUNK:
             return f"tiles.{name} must be <= {_MAX_CHUNK}, got {getattr(tiles, name)}"
