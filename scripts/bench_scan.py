@@ -1,6 +1,7 @@
 """GPU benchmark of the Mamba-1 selective scan against plain-JAX scans timed in the same run.
 
-    PYTHONPATH=src:. python3 scripts/bench_scan.py [--sweep] [--ssd] [--shapes 8,2048,1536,16 ...]
+    PYTHONPATH=src:. python3 scripts/bench_scan.py [--sweep] [--ssd] [--segments 1 4 8]
+        [--shapes 8,2048,1536,16 ...]
 
 Inputs are bfloat16 with every Mamba feature on (D skip, silu(z) gate, delta bias + softplus,
 one B/C group). For each shape it prints, forward and forward+backward, the milliseconds of
@@ -10,12 +11,15 @@ over the memory floor: each input read once and each output written once, at the
 copy bandwidth measured here. At the first shape it first checks the kernel against the float32
 reference on the same inputs (relative error of y and of every gradient). ``--sweep`` also times
 launch configurations (block_d, chunk, num_warps) at the first shape; ``--ssd`` appends the
-Mamba-2 table of scripts/bench_ssd.py.
+Mamba-2 table of scripts/bench_ssd.py. ``--segments 1 4 8`` times the Triton kernel once per
+segment count (``Tiles.segments``: the segment-parallel scan) in the same table, each checked
+against the reference at the first shape.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 
@@ -119,10 +123,11 @@ def rel_err(a, b):
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
-def check(x, dy, cfg):
-    """Kernel vs the float32 reference on the bench inputs: relative errors of y and the grads."""
+def check(x, dy, cfg, ref):
+    """Kernel vs the float32 reference ``ref = (y, grads)`` on the bench inputs: relative errors
+    of y and the grads."""
     y, g = fwd_bwd(pallas(cfg))(x, dy)
-    y_ref, g_ref = fwd_bwd(lax_scan)(x, dy)
+    y_ref, g_ref = ref
     errs = {"y": rel_err(y, y_ref)}
     errs.update({f"d{n}": rel_err(a, b) for n, a, b in zip(GRAD_ARGS, g, g_ref)})
     return errs
@@ -133,6 +138,8 @@ def main(argv=None):
     p.add_argument("--shapes", nargs="*", default=[",".join(map(str, s)) for s in DEFAULT_SHAPES])
     p.add_argument("--sweep", action="store_true", help="also time launch configurations")
     p.add_argument("--ssd", action="store_true", help="append scripts/bench_ssd.py's table")
+    p.add_argument("--segments", nargs="*", type=int, default=[1],
+                   help="Tiles.segments values to time side by side (1: the sequential scan)")
     args = p.parse_args(argv)
     shapes = [tuple(int(v) for v in s.split(",")) for s in args.shapes]
 
@@ -142,17 +149,26 @@ def main(argv=None):
     rows, sweep_rows = [], []
     for batch, length, d_inner, d_state in shapes:
         x, dy = make_inputs(batch, length, d_inner, d_state)
-        cfg = triton_config(batch, length, d_inner, d_state)
+        call = Call(batch, length, d_inner, 1, d_state)
+        default = triton.default_tiles(call)
+        cfgs = {n: triton_config(batch, length, d_inner, d_state,
+                                 dataclasses.replace(default, segments=n))
+                for n in args.segments}  # fmt: skip
+        cfg = cfgs[args.segments[0]]
         shape = f"{batch}x{length}x{d_inner}x{d_state}"
         # Checked at the first shape only: the reference's backward at the larger one takes minutes.
         if (batch, length, d_inner, d_state) == shapes[0]:
-            errs = check(x, dy, cfg)
-            print(f"{shape} triton vs reference: "
-                  + " ".join(f"{k} {v:.1e}" for k, v in errs.items()), flush=True)  # fmt: skip
-            assert all(np.isfinite(v) and v < 2e-2 for v in errs.values()), errs
+            ref = fwd_bwd(lax_scan)(x, dy)
+            for n, c in cfgs.items():
+                errs = check(x, dy, c, ref)
+                print(f"{shape} triton segments={n} vs reference: "
+                      + " ".join(f"{k} {v:.1e}" for k, v in errs.items()), flush=True)  # fmt: skip
+                assert all(np.isfinite(v) and v < 2e-2 for v in errs.values()), errs
 
-        impls = [("lax.associative_scan", assoc_scan, True), ("pallas triton", pallas(cfg), True),
-                 ("lax.scan (reference)", lax_scan, False)]  # fmt: skip
+        impls = [("lax.associative_scan", assoc_scan, True)]
+        impls += [("pallas triton" + (f" segments={n}" if len(cfgs) > 1 else ""), pallas(c), True)
+                  for n, c in cfgs.items()]  # fmt: skip
+        impls.append(("lax.scan (reference)", lax_scan, False))
         assoc_ms = {}
         for name, fn, with_bwd in impls:
             iters = 3 if fn is lax_scan else 20
