@@ -63,8 +63,8 @@ def selective_scan(
       interpret: run a named Pallas lowering in interpret mode (how CI tests them on CPU); it
         never changes what ``"auto"`` picks.
       tiles: the named lowering's ``Tiles`` (``selective_scan.triton.Tiles(block_d, chunk,
-        forward_chunk)``, ``selective_scan.tpu.Tiles(block_d, chunk)``); ``None`` takes its
-        default for the target device.
+        forward_chunk, segments=1)``, ``selective_scan.tpu.Tiles(block_d, chunk)``); ``None``
+        takes its default for the target device.
 
     Returns:
       ``y`` in ``u``'s dtype, and the final state ``(batch, d_inner, d_state)`` float32 when
