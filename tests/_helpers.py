@@ -28,3 +28,21 @@ def llama3_frequencies(freqs, factor, low, high, old_len):
             smooth = (old_len / wavelen - low) / (high - low)
             out.append((1 - smooth) * freq / factor + smooth * freq)
     return np.array(out)
+
+
+def packed_batches(cfg, n):
+    """Random rows of three documents each (segment ids, restarting positions)."""
+    rng = np.random.default_rng(0)
+    b, length = cfg.data.batch_size, cfg.data.seq_len
+    out = []
+    for _ in range(n):
+        toks = rng.integers(0, cfg.model.vocab_size, (b, length + 1), dtype=np.int32)
+        cuts = np.stack([np.sort(rng.choice(np.arange(1, length), 2, replace=False))
+                         for _ in range(b)])
+        idx = np.arange(length)[None]
+        seg = 1 + (idx >= cuts[:, :1]).astype(np.int32) + (idx >= cuts[:, 1:]).astype(np.int32)
+        starts = np.where(seg == 1, 0, np.where(seg == 2, cuts[:, :1], cuts[:, 1:]))
+        out.append({"inputs": toks[:, :-1], "targets": toks[:, 1:], "segment_ids": seg,
+                    "positions": (idx - starts).astype(np.int32),
+                    "loss_mask": np.ones((b, length), np.float32)})
+    return out

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from _helpers import compile_train_step
+from _helpers import compile_train_step, packed_batches
 from meshlm import sharding
 from meshlm.config import ConfigError, load_config, model_config
 from meshlm.train.setup import build
@@ -72,24 +72,6 @@ def test_packed_documents_equal_separate_runs(name):
     got = model.apply({"params": params}, packed, positions=pos, segment_ids=seg)
     want = jnp.concatenate([model.apply({"params": params}, d) for d in docs], axis=1)
     np.testing.assert_allclose(got, want, atol=ATOL, rtol=1e-4)
-
-
-def packed_batches(cfg, n):
-    """Random rows of three documents each (segment ids, restarting positions)."""
-    rng = np.random.default_rng(0)
-    b, length = cfg.data.batch_size, cfg.data.seq_len
-    out = []
-    for _ in range(n):
-        toks = rng.integers(0, cfg.model.vocab_size, (b, length + 1), dtype=np.int32)
-        cuts = np.stack([np.sort(rng.choice(np.arange(1, length), 2, replace=False))
-                         for _ in range(b)])
-        idx = np.arange(length)[None]
-        seg = 1 + (idx >= cuts[:, :1]).astype(np.int32) + (idx >= cuts[:, 1:]).astype(np.int32)
-        starts = np.where(seg == 1, 0, np.where(seg == 2, cuts[:, :1], cuts[:, 1:]))
-        out.append({"inputs": toks[:, :-1], "targets": toks[:, 1:], "segment_ids": seg,
-                    "positions": (idx - starts).astype(np.int32),
-                    "loss_mask": np.ones((b, length), np.float32)})
-    return out
 
 
 def train_losses(name, mesh_overrides, devices, steps=3):

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from _helpers import compile_train_step
+from _helpers import compile_train_step, packed_batches
 from flax.core import meta
 
 from meshlm import sharding
@@ -341,21 +341,6 @@ def test_shared_experts_add_a_dense_swiglu_for_every_token():
     d, f = FIELDS["d_model"], FIELDS["d_ff"]
     assert (cfg.flops_per_token(16) - model_config("moe", **FIELDS).flops_per_token(16)
             == 6 * FIELDS["n_layers"] * 2 * 3 * d * f)
-
-
-def packed_batches(cfg, n):
-    rng = np.random.default_rng(0)
-    b, length = cfg.data.batch_size, cfg.data.seq_len
-    out = []
-    for _ in range(n):
-        toks = rng.integers(0, cfg.model.vocab_size, (b, length + 1), dtype=np.int32)
-        cut = rng.integers(2, length - 2, (b, 1))
-        idx = np.arange(length)[None]
-        seg = 1 + (idx >= cut).astype(np.int32)
-        out.append({"inputs": toks[:, :-1], "targets": toks[:, 1:], "segment_ids": seg,
-                    "positions": np.where(seg == 1, idx, idx - cut).astype(np.int32),
-                    "loss_mask": np.ones((b, length), np.float32)})
-    return out
 
 
 def train_losses(mesh_overrides, devices, steps=3):
