@@ -119,6 +119,7 @@ def main():
             ms1, out1 = single(length, args, dtype, devices[0])
             largest_single = length
             rows.append([length, "1 GPU", 1, ms1, tflops(length, args, ms1, 1), 1.0, 1.0])
+            print(f"  {rows[-1]}", flush=True)  # (a run cut short still shows its rows)
         except Exception as err:  # an out-of-memory row is reported
             if not out_of_memory(err):
                 raise
@@ -130,6 +131,7 @@ def main():
             eff = "-" if ms1 is None else speedup / args.gpus
             rows.append([length, method, args.gpus, msn, tflops(length, args, msn, args.gpus),
                          speedup, eff])
+            print(f"  {rows[-1]}", flush=True)
             if args.smoke and out1 is not None:  # equals 1 device (float32 reference)
                 for a, b in zip(out1, outn):
                     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-4, rtol=0)

@@ -194,6 +194,7 @@ def test_remat_policy_sees_through_the_stage_vmap(capsys):
      r"needs train.microbatches >= mesh.pipeline, got 2 < 4"),
     (("train.microbatches=2",), r"train.microbatches=2 .* mesh.pipeline=1"),
     (("mesh.pipeline=2", "model.scan_layers=false"), r"mesh.pipeline=2 needs model.scan_layers"),
+    (("mesh.pipeline=2", "model.attention=cudnn"), r"cannot run model.attention='cudnn'"),
     (("mesh.pipeline=3", "mesh.data=1"), r"asks for 3 devices but 8 exist"),
     (("train.microbatches=0",), r"train.microbatches=0 .* must be >= 1"),
 ])

@@ -130,6 +130,12 @@ def pipelined(model: nn.Module, cfg: Config, mesh: Mesh, rules) -> nn.Module:
                           "mesh.pipeline=1")
     if not cfg.model.scan_layers:
         raise ConfigError(f"mesh.pipeline={stages} needs model.scan_layers=true")
+    if getattr(cfg.model, "attention", None) == "cudnn":
+        # jax 0.11.2's batching rule for cuDNN attention reshapes a packed-document mask
+        # (batch, 1, q, kv) to the head count under the stages' vmap and fails.
+        raise ConfigError(f"mesh.pipeline={stages} cannot run model.attention='cudnn' (its "
+                          "batching rule fails under the pipeline's stage vmap); use 'auto', "
+                          "'mosaic_gpu' or 'triton'")
     pipe = PipelineSchedule(stages, t.microbatches, t.pipeline_repeats)
     n_layers, dp = cfg.model.n_layers, sharding.data_parallel_size(mesh, rules)
     blocks = cfg.model.stack_depth  # the stages split the repeated blocks
