@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from meshlm.layers import ring_attention
+from meshlm.layers import per_shard, ring_attention
 from meshlm.layers.embeddings import RopeScaling, apply_rope
 
 Initializer = Callable[..., jax.Array]
@@ -30,7 +30,8 @@ _EMPTY_SLOT = -1
 
 
 def attend(q, k, v, *, q_segment_ids=None, kv_segment_ids=None, causal: bool = True,
-           q_offset: int = 0, sliding_window: int | None = None, implementation: str = "auto"):
+           q_offset: int = 0, sliding_window: int | None = None, implementation: str = "auto",
+           interpret: bool = False):
     """``softmax(q k^T / sqrt(d)) v`` with ``q (B, Lq, H, D)``, ``k, v (B, Lk, Hkv, D)``, by
     ``flash_attention(implementation=...)`` (``"cudnn"`` included).
 
@@ -40,10 +41,21 @@ def attend(q, k, v, *, q_segment_ids=None, kv_segment_ids=None, causal: bool = T
     """
     from pallas_kernels.flash_attention import flash_attention
 
-    return flash_attention(
-        q, k, v, causal=causal, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
-        q_offset=q_offset, sliding_window=sliding_window, implementation=implementation,
-    )
+    def product(q, k, v, q_seg, kv_seg):
+        return flash_attention(
+            q, k, v, causal=causal, q_segment_ids=q_seg, kv_segment_ids=kv_seg,
+            q_offset=q_offset, sliding_window=sliding_window, implementation=implementation,
+            interpret=interpret,
+        )
+
+    if not per_shard.runs_a_kernel(implementation):
+        return product(q, k, v, q_segment_ids, kv_segment_ids)
+    # Split over batch and heads only: a query attends across the whole length.
+    q_axes, kv_axes = ("activation_batch", None, "activation_heads", None), (
+        "activation_batch", None, "activation_kv_heads", None)
+    rows = ("activation_batch", None)
+    return per_shard.per_shard(product, [(q, q_axes), (k, kv_axes), (v, kv_axes),
+                                         (q_segment_ids, rows), (kv_segment_ids, rows)], q_axes)
 
 
 class HeadDense(nn.Module):
@@ -108,6 +120,7 @@ class Attention(nn.Module):
     rope_scaling: RopeScaling | None = None
     sliding_window: int | None = None
     implementation: str = "auto"
+    interpret: bool = False  # the Pallas kernels in interpret mode (CPU tests)
     context_parallel: str = "ring"  # with the length sequence-sharded: "ring" or "ulysses"
     decode: bool = False
     dtype: Any = jnp.float32
@@ -155,11 +168,11 @@ class Attention(nn.Module):
                         "parallelism (activation_length sharded over the sequence axis)")
                 out = ring_attention.context_parallel_attention(
                     q, k, v, segment_ids, causal=True, method=self.context_parallel,
-                    implementation=self.implementation)
+                    implementation=self.implementation, interpret=self.interpret)
             else:
                 out = attend(q, k, v, q_segment_ids=segment_ids, kv_segment_ids=segment_ids,
                              causal=True, sliding_window=self.sliding_window,
-                             implementation=self.implementation)
+                             implementation=self.implementation, interpret=self.interpret)
         out = checkpoint_name(out, ATTENTION_OUT)
         out = nn.with_logical_constraint(out, ("activation_batch", "activation_length", "activation_heads", "head_dim"))
         return HeadDense(
@@ -203,7 +216,8 @@ class Attention(nn.Module):
             if self.sliding_window is not None:
                 kv_segs = jnp.where(slot >= end - self.sliding_window, kv_segs, _EMPTY_SLOT)
             return attend(q, keys, values, q_segment_ids=segment_ids, kv_segment_ids=kv_segs,
-                          causal=False, implementation=self.implementation)
+                          causal=False, implementation=self.implementation,
+                          interpret=self.interpret)
         # Several queries at a traced offset, but the kernels take a static ``q_offset``: rotate
         # the cache so the new tokens occupy its last ``length`` slots (``q_offset = max_len -
         # length``); the unwritten slots wrap to the front, where their segment id hides them.
@@ -211,4 +225,5 @@ class Attention(nn.Module):
         roll = lambda a: jnp.roll(a, -end, axis=1)
         return attend(q, roll(keys), roll(values), q_segment_ids=segment_ids,
                       kv_segment_ids=roll(kv_segs), causal=True, q_offset=max_len - length,
-                      sliding_window=self.sliding_window, implementation=self.implementation)
+                      sliding_window=self.sliding_window, implementation=self.implementation,
+                      interpret=self.interpret)

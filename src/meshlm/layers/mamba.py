@@ -44,6 +44,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from meshlm.layers import per_shard
 from meshlm.layers.attention import HeadDense
 from meshlm.layers.conv import CausalConv1d, uniform_init
 from pallas_kernels.selective_scan import selective_scan, selective_scan_step
@@ -314,18 +315,36 @@ class MambaMixer(nn.Module):
 
     def _scan(self, u, dt, ssm, docs, h0):
         """The selective scan over the whole call; ``(y, final state)`` when ``h0`` is given."""
-        opts = dict(initial_state=h0, return_final_state=h0 is not None,
-                    implementation=self.implementation, interpret=self.interpret)
         A, B, C, D, z, bias = (ssm[k] for k in ("A", "B", "C", "D", "z", "dt_bias"))
         if docs.reset is None:
-            return selective_scan(u, dt, A, B, C, D=D, z=z, dt_bias=bias, dt_softplus=True, **opts)
+            return self._kernel(u, dt, A, B, C, D, z, bias, h0)
         dt = jax.nn.softplus(dt.astype(f32) + bias.astype(f32))
         u_k, dt_k = _restart(u, dt, docs.reset[..., None], jnp.min(-A, axis=-1))
-        out = selective_scan(u_k, dt_k, A, B, C, **opts)
+        out = self._kernel(u_k, dt_k, A, B, C, None, None, None, h0)
         y, h = out if h0 is not None else (out, None)
         y = (y.astype(f32) + D.astype(f32) * u.astype(f32)) * jax.nn.silu(z.astype(f32))
         y = y.astype(u.dtype)
         return (y, h) if h0 is not None else y
+
+    def _kernel(self, u, dt, A, B, C, D, z, dt_bias, h0):
+        """``selective_scan`` on each device's channels and rows (``per_shard``); ``dt`` gets
+        ``dt_bias`` + softplus when ``dt_bias`` is given."""
+        final = h0 is not None
+
+        def scan(u, dt, A, B, C, D, z, dt_bias, h0):
+            return selective_scan(u, dt, A, B, C, D=D, z=z, dt_bias=dt_bias,
+                                  dt_softplus=dt_bias is not None, initial_state=h0,
+                                  return_final_state=final, implementation=self.implementation,
+                                  interpret=self.interpret)
+
+        if not per_shard.runs_a_kernel(self.implementation):
+            return scan(u, dt, A, B, C, D, z, dt_bias, h0)
+        rows, channels = ("activation_batch", None, "activation_inner"), ("activation_inner",)
+        state = ("activation_batch", "activation_inner", None)
+        group = ("activation_batch", None, None, None)
+        return per_shard.per_shard(scan, [
+            (u, rows), (dt, rows), (A, channels + (None,)), (B, group), (C, group), (D, channels),
+            (z, rows), (dt_bias, channels), (h0, state)], (rows, state) if final else rows)
 
 
 # ----------------------------------------------------------------------------- Mamba-2
@@ -510,13 +529,48 @@ class Mamba2Mixer(nn.Module):
 
     def _scan(self, x, dt, A, B, C, D, dt_bias, docs, h0):
         """The SSD over the whole call; ``(y, final state)`` when ``h0`` is given."""
-        opts = dict(chunk_size=self.chunk_size, initial_state=h0, return_final_state=h0 is not None,
-                    implementation=self.implementation, interpret=self.interpret)
         if docs.reset is None:
-            return ssd(x, dt, A, B, C, D=D, dt_bias=dt_bias, dt_softplus=True, **opts)
+            return self._kernel(x, dt, A, B, C, D, dt_bias, h0)
         dt = jax.nn.softplus(dt.astype(f32) + dt_bias.astype(f32))
         x_k, dt_k = _restart(x, dt, docs.reset[..., None], -A)
-        out = ssd(x_k, dt_k, A, B, C, **opts)
+        out = self._kernel(x_k, dt_k, A, B, C, None, None, h0)
         y, h = out if h0 is not None else (out, None)
         y = (y.astype(f32) + D.astype(f32)[:, None] * x.astype(f32)).astype(x.dtype)
         return (y, h) if h0 is not None else y
+
+    def _kernel(self, x, dt, A, B, C, D, dt_bias, h0):
+        """``ssd`` on each device's heads and rows (``per_shard``); ``dt`` gets ``dt_bias`` +
+        softplus when ``dt_bias`` is given. A device with a slice of the heads takes the B/C
+        groups those heads read (every group is on every device: groups are not sharded)."""
+        final = h0 is not None
+
+        def scan(x, dt, A, B, C, D, dt_bias, h0):
+            return ssd(x, dt, A, B, C, D=D, dt_bias=dt_bias,
+                       dt_softplus=dt_bias is not None, chunk_size=self.chunk_size,
+                       initial_state=h0, return_final_state=final,
+                       implementation=self.implementation, interpret=self.interpret)
+
+        if not per_shard.runs_a_kernel(self.implementation):
+            return scan(x, dt, A, B, C, D, dt_bias, h0)
+        mesh = jax.sharding.get_abstract_mesh()
+        head_axes = per_shard.mesh_axes("activation_heads", mesh) if mesh.axis_names else ()
+        shards, G = math.prod(mesh.shape[a] for a in head_axes), B.shape[2]
+        local = scan
+        if shards > 1 and G > 1:
+            if G % shards and shards % G:
+                raise ValueError(f"n_groups={G} and the {shards} head shards must divide one "
+                                 "another (each device's heads read whole groups)")
+
+            def local(x, dt, A, B, C, *rest):
+                start = jax.lax.axis_index(head_axes) * G // shards
+                B, C = (jax.lax.dynamic_slice_in_dim(v, start, max(G // shards, 1), axis=2)
+                        for v in (B, C))
+                return scan(x, dt, A, B, C, *rest)
+
+        heads = ("activation_batch", None, "activation_heads")
+        group = ("activation_batch", None, None, None)
+        per_head, state = ("activation_heads",), ("activation_batch", "activation_heads", None, None)
+        return per_shard.per_shard(local, [
+            (x, heads + (None,)), (dt, heads), (A, per_head), (B, group), (C, group),
+            (D, per_head), (dt_bias, per_head), (h0, state)],
+            (heads + (None,), state) if final else heads + (None,))

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
+from meshlm.layers import per_shard
 from meshlm.layers.attention import ATTENTION_OUT, HeadDense
 from meshlm.layers.embeddings import apply_rope
 from pallas_kernels.ssd import ssd, ssd_step
@@ -105,11 +106,23 @@ def chunkwise_retention(q, k, v, log_gamma, segment_ids=None, *, initial_state=N
         reset = jnp.asarray(_reset_dt(log_gamma), f32)
         dt = jnp.where(boundary[..., None], reset, dt)
         v = v * (1.0 / dt).astype(v.dtype)[..., None]
-    return ssd(
-        v, dt, jnp.asarray(log_gamma, f32), k, q, chunk_size=chunk_size, dt_softplus=False,
-        initial_state=initial_state, return_final_state=return_final_state,
-        implementation=implementation, interpret=interpret,
-    )
+
+    def scan(v, dt, log_gamma, k, q, initial_state):
+        return ssd(
+            v, dt, log_gamma, k, q, chunk_size=chunk_size, dt_softplus=False,
+            initial_state=initial_state, return_final_state=return_final_state,
+            implementation=implementation, interpret=interpret,
+        )
+
+    log_gamma = jnp.asarray(log_gamma, f32)
+    if not per_shard.runs_a_kernel(implementation):
+        return scan(v, dt, log_gamma, k, q, initial_state)
+    heads = ("activation_batch", None, "activation_heads")  # (one B/C group per head)
+    state = ("activation_batch", "activation_heads", None, None)
+    out = (heads + (None,), state) if return_final_state else heads + (None,)
+    return per_shard.per_shard(scan, [
+        (v, heads + (None,)), (dt, heads), (log_gamma, ("activation_heads",)),
+        (k, heads + (None,)), (q, heads + (None,)), (initial_state, state)], out)
 
 
 class MultiScaleRetention(nn.Module):

@@ -26,22 +26,15 @@ import functools
 import math
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from meshlm.layers.per_shard import mesh_axes
 from pallas_kernels.flash_attention import flash_attention
 
 Q_AXES = ("activation_batch", "activation_length", "activation_heads", None)
 KV_AXES = ("activation_batch", "activation_length", "activation_kv_heads", None)
-
-
-def _mesh_axes(logical: str, mesh) -> tuple[str, ...]:
-    """The mesh axes of size > 1 that the current rules give ``logical``."""
-    spec = nn.logical_to_mesh_axes((logical,))[0]
-    names = (spec,) if isinstance(spec, str) else tuple(spec or ())
-    return tuple(a for a in names if a in mesh.axis_names and mesh.shape[a] > 1)
 
 
 def sequence_shards() -> int:
@@ -50,7 +43,7 @@ def sequence_shards() -> int:
     mesh = jax.sharding.get_abstract_mesh()
     if not mesh.axis_names:
         return 1
-    return math.prod(mesh.shape[a] for a in _mesh_axes("activation_length", mesh))
+    return math.prod(mesh.shape[a] for a in mesh_axes("activation_length", mesh))
 
 
 def applies() -> bool:
@@ -58,7 +51,7 @@ def applies() -> bool:
     the layer stack is not pipelined (a stage is a vmap sharded over the stage axis, inside which
     ``shard_map`` cannot run; there the partitioner gathers the length instead)."""
     mesh = jax.sharding.get_abstract_mesh()
-    return sequence_shards() > 1 and not _mesh_axes("activation_stage", mesh)
+    return sequence_shards() > 1 and not mesh_axes("activation_stage", mesh)
 
 
 METHODS = ("ring", "ulysses")
@@ -81,7 +74,7 @@ def context_parallel_attention(q, k, v, segment_ids=None, *, causal: bool = True
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     mesh = jax.sharding.get_abstract_mesh()
-    seq = _mesh_axes("activation_length", mesh)
+    seq = mesh_axes("activation_length", mesh)
     if not seq:
         raise ValueError("context_parallel_attention needs a mesh whose rules shard "
                          "'activation_length' (mesh.sequence > 1)")
@@ -91,9 +84,9 @@ def context_parallel_attention(q, k, v, segment_ids=None, *, causal: bool = True
         raise ValueError(f"attention over {shards} sequence shards needs the length "
                          f"({length}) to be a multiple of {shards}")
     zigzag = causal and length % (2 * shards) == 0
-    batch = _mesh_axes("activation_batch", mesh)
-    heads = _mesh_axes("activation_heads", mesh)
-    kv_heads = _mesh_axes("activation_kv_heads", mesh)
+    batch = mesh_axes("activation_batch", mesh)
+    heads = mesh_axes("activation_heads", mesh)
+    kv_heads = mesh_axes("activation_kv_heads", mesh)
     if set(heads) != set(kv_heads):
         raise ValueError(f"context parallelism needs query and kv heads split over the same mesh "
                          f"axes, got {heads} and {kv_heads} (mesh.rules)")
