@@ -77,15 +77,15 @@ def grouped_matmul(lhs, rhs, group_sizes, *, implementation: str = "auto",
       ValueError: naming the shape, dtype or tile constraint that is violated.
     """
     out_dtype = _check(lhs, rhs, group_sizes, preferred_element_type)
+    if implementation == "mosaic_gpu" and interpret:
+        raise ValueError("implementation='mosaic_gpu' wraps JAX's compiled Hopper kernels, which "
+                         "have no interpret mode (interpret=True); use 'triton' or 'xla'")
     call = Call(lhs.shape[0], lhs.shape[1], rhs.shape[2], rhs.shape[0], lhs.dtype, out_dtype)
     name, tiles = DISPATCH.choose(implementation, call, interpret=bool(interpret), tiles=tiles)
     group_sizes = group_sizes.astype(jnp.int32)
     if name == "xla":
         return jax.lax.ragged_dot(lhs, rhs, group_sizes, preferred_element_type=out_dtype)
-    if name == "mosaic_gpu" and interpret and implementation == "mosaic_gpu":
-        raise ValueError("implementation='mosaic_gpu' wraps JAX's compiled Hopper kernels, which "
-                         "have no interpret mode (interpret=True); use 'triton' or 'xla'")
-    cfg = Config(name, tiles, bool(interpret) and name != "mosaic_gpu", out_dtype)
+    cfg = Config(name, tiles, bool(interpret), out_dtype)
     return _kernel_gmm(cfg, lhs, rhs, group_sizes)
 
 

@@ -1,0 +1,164 @@
+"""pallas_kernels.grouped_matmul: the Triton kernels in interpret mode (and compiled, and JAX's
+Hopper kernels, where a GPU is present) against the float32 reference, forward and both
+gradients on fresh random inputs; the dispatch; bad input.
+
+Tolerance: relative to the largest reference magnitude (``kernel_checks.assert_close``), 1e-5
+for float32 (exact float32 products in interpret mode; tf32 compiled: 2e-2), 2e-2 for bfloat16
+operands against the reference on the same rounded inputs (outputs rounded to bfloat16).
+"""
+
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+
+from kernel_checks import NEEDS_GPU, NEEDS_HOPPER, assert_close
+
+from pallas_kernels.grouped_matmul import grouped_matmul, mosaic_gpu, reference, triton
+from pallas_kernels.grouped_matmul.api import DISPATCH, Call
+
+pytestmark = pytest.mark.usefixtures("fast_compile")
+
+_KT = triton.KernelTiles(16, 16, 16, 4, 1)
+TINY = triton.Tiles(_KT, _KT, _KT)
+
+# (m, k, n, group sizes, dtype): zero-sized groups, groups that are no multiple of the 16-row
+# block and several groups in one block, a sum below m (trailing rows get zeros), one group.
+CASES = {
+    "ragged_sum_below_m": (70, 40, 36, [0, 13, 30, 0, 20], jnp.float32),
+    "single_group": (33, 24, 20, [33], jnp.float32),
+    "bfloat16_blocks_straddled": (48, 32, 48, [5, 3, 27, 13], jnp.bfloat16),
+}
+TOL = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
+
+
+def _inputs(m, k, n, groups, dtype, seed=None):
+    rng = np.random.default_rng(seed)
+    normal = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32).astype(dtype)
+    return normal(m, k), normal(groups, k, n), normal(m, n)
+
+
+def _fwd_bwd(lhs, rhs, group_sizes, dout, **kwargs):
+    """``(out, d_lhs, d_rhs)`` of one jitted VJP; ``kwargs`` empty: the float32 reference."""
+
+    def fn(a, b):
+        if not kwargs:
+            return reference.grouped_matmul(a, b, group_sizes)
+        return grouped_matmul(a, b, group_sizes, **kwargs)
+
+    @jax.jit
+    def run(lhs, rhs, dout):
+        out, vjp = jax.vjp(fn, lhs, rhs)
+        return (out, *vjp(dout.astype(out.dtype)))
+
+    return run(lhs, rhs, dout)
+
+
+def _check(m, k, n, sizes, dtype, tol=None, **kwargs):
+    group_sizes = jnp.asarray(sizes, jnp.int32)
+    lhs, rhs, dout = _inputs(m, k, n, len(sizes), dtype)
+    got = _fwd_bwd(lhs, rhs, group_sizes, dout, **kwargs)
+    f32 = lambda x: x.astype(jnp.float32)
+    want = _fwd_bwd(f32(lhs), f32(rhs), group_sizes, f32(dout))
+    for name, g, w, like in zip(("out", "d_lhs", "d_rhs"), got, want, (lhs, lhs, rhs)):
+        assert g.shape == like.shape[:-1] + (w.shape[-1],) and g.dtype == dtype, (name, g.dtype)
+        assert_close(name, g, w, tol or TOL[dtype])
+    past = int(np.sum(sizes))
+    assert not np.asarray(got[0][past:], np.float32).any(), "rows past the sum must be zero"
+    assert not np.asarray(got[1][past:], np.float32).any(), "their gradient must be zero"
+    return got
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_triton_interpret_matches_reference(case):
+    _check(*CASES[case], implementation="triton", interpret=True, tiles=TINY)
+
+
+def test_xla_is_ragged_dot_and_matches_reference():
+    """``"xla"`` (jax.lax.ragged_dot and its autodiff) against the reference, and
+    ``preferred_element_type`` giving a float32 result from bfloat16 operands."""
+    _check(*CASES["ragged_sum_below_m"], implementation="xla")
+    lhs, rhs, _ = _inputs(20, 16, 8, 2, jnp.bfloat16)
+    sizes = jnp.array([7, 9], jnp.int32)
+    out = grouped_matmul(lhs, rhs, sizes, implementation="xla", preferred_element_type=jnp.float32)
+    assert out.dtype == jnp.float32
+    assert_close("out", out, reference.grouped_matmul(lhs, rhs, sizes, jnp.float32), 1e-5)
+
+
+def test_triton_float32_result_from_bfloat16_and_work_items():
+    """A float32 result from bfloat16 operands; every row of every group is visited once by
+    ``work_items`` and the surplus visits are empty."""
+    lhs, rhs, _ = _inputs(40, 16, 16, 3, jnp.bfloat16)
+    sizes = jnp.array([17, 0, 15], jnp.int32)
+    out = grouped_matmul(lhs, rhs, sizes, implementation="triton", interpret=True, tiles=TINY,
+                         preferred_element_type=jnp.float32)
+    assert out.dtype == jnp.float32
+    assert_close("out", out, reference.grouped_matmul(lhs, rhs, sizes, jnp.float32), 1e-5)
+    group, block, lo, hi = map(np.asarray, triton.work_items(sizes, 40, 16))
+    covered = np.concatenate([np.arange(a, b) for a, b in zip(lo, hi)])
+    np.testing.assert_array_equal(np.sort(covered), np.arange(40))  # incl. the rows past the sum
+    assert np.all((lo // 16 == block) | (lo == hi)) and np.all(hi - lo <= 16)
+    # group 0: rows 0..16 (blocks 0, 1), 2: 17..31 (block 1), 3 = past the sum: 32..39 (block 2)
+    np.testing.assert_array_equal(group[lo < hi], [0, 0, 2, 3])
+
+
+@NEEDS_GPU
+def test_triton_compiled_default_tiles():
+    _check(300, 96, 160, [0, 100, 77, 90], jnp.bfloat16, implementation="triton")
+    _check(300, 96, 160, [120, 0, 150, 30], jnp.float32, tol=2e-2, implementation="triton")
+
+
+@NEEDS_HOPPER
+def test_mosaic_gpu_compiled_default_tiles():
+    """JAX's Hopper kernels (compiled only): shapes that meet their 64/128-multiple tiles."""
+    _check(300, 128, 256, [0, 100, 77, 90], jnp.bfloat16, implementation="mosaic_gpu")
+    _check(512, 256, 128, [64, 0, 448, 0], jnp.bfloat16, implementation="mosaic_gpu")
+
+
+def test_dispatch():
+    """"auto" is "xla" on CPU; Triton needs power-of-2 tiles; the Hopper kernels state their
+    constraints and have no interpret mode; tiles need a named lowering."""
+    call = Call(64, 32, 48, 4, jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.bfloat16))
+    assert DISPATCH.choose("auto", call, interpret=True) == ("xla", None)
+    bad = triton.Tiles(_KT, triton.KernelTiles(16, 24, 16, 4, 1), _KT)
+    assert "tiles.dlhs.block_k (24) must be a power of two" in triton.supports(call, bad)
+    hopper = mosaic_gpu.default_tiles(call)
+    assert "multiple of tiles.fwd.block_k (64)" in mosaic_gpu.supports(call, hopper)
+    wide = call._replace(k=64)
+    assert "multiple of tiles.fwd.block_n (128)" in mosaic_gpu.supports(wide, hopper)
+    assert "bfloat16 or float16" in mosaic_gpu.supports(call._replace(dtype=jnp.float32), hopper)
+    ok = Call(1000, 1024, 2304, 8, jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.bfloat16))
+    assert mosaic_gpu.supports(ok, hopper) is None
+    lhs, rhs, _ = _inputs(8, 64, 128, 2, jnp.bfloat16)
+    sizes = jnp.array([3, 4], jnp.int32)
+    with pytest.raises(ValueError, match="no interpret mode"):
+        grouped_matmul(lhs, rhs, sizes, implementation="mosaic_gpu", interpret=True)
+    with pytest.raises(ValueError, match="name it with implementation="):
+        grouped_matmul(lhs, rhs, sizes, tiles=TINY)
+    with pytest.raises(ValueError, match="implementation must be one of"):
+        grouped_matmul(lhs, rhs, sizes, implementation="cuda")
+
+
+@pytest.mark.parametrize("args, match", [
+    (((4, 8, 2), (2, 8, 4), (2,)), r"lhs must be \(m, k\)"),
+    (((4, 8), (8, 4), (2,)), r"rhs must be \(groups, k, n\)"),
+    (((4, 8), (2, 6, 4), (2,)), "must have lhs's k = 8"),
+    (((4, 8), (2, 8, 4), (3,)), r"group_sizes must be \(groups,\) = \(2,\)"),
+])
+def test_bad_shapes(args, match):
+    lhs, rhs, sizes = (jnp.ones(s, jnp.float32) for s in args)
+    with pytest.raises(ValueError, match=match):
+        grouped_matmul(lhs, rhs, sizes.astype(jnp.int32))
+
+
+def test_bad_dtypes():
+    lhs, rhs, sizes = jnp.ones((4, 8)), jnp.ones((2, 8, 4)), jnp.array([1, 3], jnp.int32)
+    with pytest.raises(ValueError, match="group_sizes must be integers"):
+        grouped_matmul(lhs, rhs, sizes.astype(jnp.float32))
+    with pytest.raises(ValueError, match="same dtype, one of bfloat16, float16, float32"):
+        grouped_matmul(lhs, rhs.astype(jnp.bfloat16), sizes)
+    with pytest.raises(ValueError, match="same dtype"):
+        grouped_matmul(lhs.astype(jnp.int32), rhs.astype(jnp.int32), sizes)
+    with pytest.raises(ValueError, match="preferred_element_type must be one of"):
+        grouped_matmul(lhs, rhs, sizes, preferred_element_type=jnp.int8)
