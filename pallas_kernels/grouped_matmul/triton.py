@@ -99,7 +99,10 @@ def work_items(group_sizes, m: int, block_m: int):
     visits = jnp.where(ends > starts, last - first + 1, 0)
     visits_end = jnp.cumsum(visits)
     i = jnp.arange(pl.cdiv(m, block_m) + groups, dtype=jnp.int32)
-    group = jnp.minimum(jnp.searchsorted(visits_end, i, side="right"), groups).astype(jnp.int32)
+    # The number of groups whose visits end at or before i (not jnp.searchsorted: inside
+    # shard_map it fails on a varying sorted array and an unvarying query in jax 0.11.2).
+    passed = jnp.sum(i[:, None] >= visits_end[None, :], axis=1, dtype=jnp.int32)
+    group = jnp.minimum(passed, groups)
     used = i < visits_end[-1]
     block = jnp.where(used, first[group] + i - (visits_end - visits)[group], 0)
     lo = jnp.where(used, jnp.maximum(starts[group], block * block_m), 0)

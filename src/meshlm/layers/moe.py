@@ -2,11 +2,12 @@
 
 Every token goes to its top-k experts. Tokens are sorted by expert so each expert's rows are
 contiguous, and the experts' stacked SwiGLU weights are applied with grouped matmuls
-(``jax.lax.ragged_dot``), so the work is that of the k chosen experts per token, never all of
-them. With a ``capacity_factor`` an expert takes at most its capacity of a device's assignments
-and drops the rest. Under expert parallelism the rows travel to their experts' devices by
-all-to-all (``sharded_experts``). The router statistics the auxiliary losses and the metrics need
-are sown into ``"intermediates"`` (one entry per layer; ``router_statistics`` gathers them)."""
+(``pallas_kernels.grouped_matmul``: ``jax.lax.ragged_dot`` or Pallas kernels), so the work is
+that of the k chosen experts per token, never all of them. With a ``capacity_factor`` an expert
+takes at most its capacity of a device's assignments and drops the rest. Under expert
+parallelism the rows travel to their experts' devices by all-to-all (``sharded_experts``). The
+router statistics the auxiliary losses and the metrics need are sown into ``"intermediates"``
+(one entry per layer; ``router_statistics`` gathers them)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
+
+from pallas_kernels import grouped_matmul as gmm_ops
 
 Initializer = Callable[..., jax.Array]
 ROUTERS = ("softmax", "sigmoid")
@@ -82,7 +85,9 @@ class MoeMlp(nn.Module):
     (``(batch, length)``, optional) leaves padding out of the router statistics only.
     ``capacity_factor`` None: dropless; else each expert takes at most ``ceil(capacity_factor *
     assignments / n_experts)`` of a device's (token, expert) assignments, first come first
-    served, and the rest add nothing (the residual carries the token).
+    served, and the rest add nothing (the residual carries the token). ``grouped_matmul`` is
+    ``pallas_kernels.grouped_matmul``'s implementation for the experts' matmuls (``interpret``
+    runs a Pallas one in interpret mode).
     """
 
     n_experts: int
@@ -91,6 +96,8 @@ class MoeMlp(nn.Module):
     router: str = "softmax"
     renormalize: bool = True
     capacity_factor: float | None = None
+    grouped_matmul: str = "auto"
+    interpret: bool = False
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     kernel_init: Initializer = nn.initializers.normal(0.02)
@@ -127,7 +134,9 @@ class MoeMlp(nn.Module):
         self.sow("intermediates", "router_z", router_z_loss(logits, valid))
         self.sow("intermediates", "expert_load_max", jnp.max(fraction) * e)
 
-        out, kept = sharded_experts(batch, length, self.capacity_factor)(
+        gmm = functools.partial(gmm_ops.grouped_matmul, implementation=self.grouped_matmul,
+                                interpret=self.interpret)
+        out, kept = sharded_experts(batch, length, self.capacity_factor, gmm)(
             x.astype(self.dtype), experts.reshape(batch, length, k),
             w_gate.astype(self.dtype), w_up.astype(self.dtype), w_out.astype(self.dtype))
         kept = kept.reshape(batch * length, k) & valid[:, None]
@@ -148,7 +157,8 @@ def _mesh_axes(logical: str, mesh, exclude: tuple[str, ...] = ()) -> tuple[str, 
                  and a not in exclude)
 
 
-def sharded_experts(batch: int, length: int, capacity_factor: float | None = None) -> Callable:
+def sharded_experts(batch: int, length: int, capacity_factor: float | None = None,
+                    gmm: Callable = jax.lax.ragged_dot) -> Callable:
     """``expert_swiglu`` placed on the current mesh: ``(x, experts, w_gate, w_up, w_out) -> (out,
     kept)``.
 
@@ -161,10 +171,11 @@ def sharded_experts(batch: int, length: int, capacity_factor: float | None = Non
     are summed over ``expert``. With ``activation_batch`` mapped onto the expert axes too
     (MaxText's layout: the rest of the model data-parallel over them) the tokens arrive split.
     Other axes (``tensor``: the experts' d_ff) stay automatic.
-    Without a mesh, or in pipeline stages, the experts run as one computation.
+    Without a mesh, or in pipeline stages, the experts run as one computation. ``gmm(lhs, rhs,
+    group_sizes)`` is the grouped matmul.
     """
     mesh = jax.sharding.get_abstract_mesh()
-    plain = functools.partial(expert_swiglu, capacity_factor=capacity_factor)
+    plain = functools.partial(expert_swiglu, capacity_factor=capacity_factor, gmm=gmm)
     if not mesh.axis_names or _pipelined(mesh):
         return plain
     rows = _mesh_axes("activation_batch", mesh)
@@ -189,7 +200,7 @@ def sharded_experts(batch: int, length: int, capacity_factor: float | None = Non
         tokens, split = PartitionSpec(rows or None), False
     experts = PartitionSpec(ep_axes or None)
     fn = functools.partial(expert_swiglu, capacity_factor=capacity_factor, axes=ep_axes, ep=ep,
-                           split=split)
+                           split=split, gmm=gmm)
     if split:
         return jax.shard_map(fn, in_specs=(tokens, tokens, experts, experts, experts),
                              out_specs=(tokens, tokens), axis_names=set(rows + ep_axes))
@@ -214,18 +225,18 @@ def _pipelined(mesh) -> bool:
     return bool(_mesh_axes("activation_stage", mesh))
 
 
-def _grouped_swiglu(rows, group_sizes, w_gate, w_up, w_out):
-    """Rows sorted by expert (``group_sizes`` of them per expert) through their experts."""
-    hidden = (jax.nn.silu(jax.lax.ragged_dot(rows, w_gate, group_sizes))
-              * jax.lax.ragged_dot(rows, w_up, group_sizes))
+def _grouped_swiglu(rows, group_sizes, w_gate, w_up, w_out, gmm=jax.lax.ragged_dot):
+    """Rows sorted by expert (``group_sizes`` of them per expert) through their experts, with
+    the grouped matmul ``gmm`` (``jax.lax.ragged_dot``'s semantics)."""
+    hidden = jax.nn.silu(gmm(rows, w_gate, group_sizes)) * gmm(rows, w_up, group_sizes)
     hidden = nn.with_logical_constraint(hidden, (None, "activation_mlp"))
-    return jax.lax.ragged_dot(hidden, w_out, group_sizes)
+    return gmm(hidden, w_out, group_sizes)
 
 
 def expert_swiglu(x: jax.Array, experts: jax.Array, w_gate: jax.Array, w_up: jax.Array,
                   w_out: jax.Array, *, capacity_factor: float | None = None,
-                  axes: tuple[str, ...] = (), ep: int = 1, split: bool = True
-                  ) -> tuple[jax.Array, jax.Array]:
+                  axes: tuple[str, ...] = (), ep: int = 1, split: bool = True,
+                  gmm: Callable = jax.lax.ragged_dot) -> tuple[jax.Array, jax.Array]:
     """Each token through each of its experts: ``x (batch, length, embed)``, ``experts (batch,
     length, k)`` -> ``(out (batch, length, k, embed), kept (batch, length, k) bool)``; a dropped
     assignment (over capacity) has zero output.
@@ -267,9 +278,10 @@ def expert_swiglu(x: jax.Array, experts: jax.Array, w_gate: jax.Array, w_up: jax
     sizes = jnp.bincount(jnp.where(computed, by_expert, n_experts), length=n_experts + 1)
     weights = (w_gate, w_up, w_out)
     if ep == 1 or not split:
-        out = _grouped_swiglu(rows, jax.lax.dynamic_slice(sizes, (first,), (n_local,)), *weights)
+        out = _grouped_swiglu(rows, jax.lax.dynamic_slice(sizes, (first,), (n_local,)), *weights,
+                              gmm)
     else:
-        out = _exchange(rows, by_expert, computed, sizes[:-1], weights, axes, ep,
+        out = _exchange(rows, by_expert, computed, sizes[:-1], weights, axes, ep, gmm,
                         (n // k) * min(k, n_local) if capacity_factor is None
                         else min((n // k) * min(k, n_local), n_local * capacity))
     out = jnp.where(computed[:, None], out, 0)
@@ -278,7 +290,7 @@ def expert_swiglu(x: jax.Array, experts: jax.Array, w_gate: jax.Array, w_up: jax
     return out.reshape(*lead, k, d), kept.reshape(*lead, k)
 
 
-def _exchange(rows, by_expert, computed, sizes, weights, axes, ep, per_device):
+def _exchange(rows, by_expert, computed, sizes, weights, axes, ep, gmm, per_device):
     """Expert parallelism by all-to-all: ``rows`` (grouped by expert, the ``computed`` ones
     first) go to the devices holding their experts in buffers of ``per_device`` rows per
     destination, each device runs its experts on what it received (re-sorted by its expert), and
@@ -300,7 +312,7 @@ def _exchange(rows, by_expert, computed, sizes, weights, axes, ep, per_device):
     got, got_ids = all_to_all(send), all_to_all(ids)
     order = jnp.argsort(got_ids, stable=True)  # by local expert, padding last
     local_sizes = jnp.bincount(got_ids, length=n_local + 1)[:n_local]
-    out = _grouped_swiglu(got[order], local_sizes, *weights)
+    out = _grouped_swiglu(got[order], local_sizes, *weights, gmm)
     back = all_to_all(jnp.zeros_like(out).at[order].set(out))
     return back.at[slot].get(mode="fill", fill_value=0)
 

@@ -21,6 +21,9 @@ from meshlm.layers import Mlp
 from meshlm.layers.moe import ROUTERS, MoeMlp, router_statistics
 from meshlm.models.gpt import Block, GPTConfig
 from meshlm.train.losses import token_cross_entropy
+from pallas_kernels.grouped_matmul.api import IMPLEMENTATIONS
+
+GroupedMatmulImplementation = Literal[IMPLEMENTATIONS]
 
 
 @register_family("moe")
@@ -40,6 +43,7 @@ class MoEConfig(GPTConfig):
     renormalize: bool = True  # the k chosen weights sum to 1
     n_shared_experts: int = 0  # SwiGLU experts every token goes through (DeepSeek-MoE)
     capacity_factor: float | None = None  # None: dropless; else overflow tokens are dropped
+    grouped_matmul: GroupedMatmulImplementation = "auto"  # pallas_kernels.grouped_matmul's
     shared_expert_gate: bool = False  # shared experts' output times sigmoid(x @ w) (Qwen2-MoE)
     moe_every: int = 1  # every n-th layer is MoE, the others dense SwiGLU MLPs of dense_d_ff
     dense_d_ff: int | None = None  # None: d_ff
@@ -94,7 +98,8 @@ class MoEConfig(GPTConfig):
         SwiGLU MLP of ``n_shared_experts * d_ff`` that every token goes through."""
         h = MoeMlp(
             n_experts=self.n_experts, top_k=self.top_k, d_ff=self.d_ff, router=self.router,
-            renormalize=self.renormalize, capacity_factor=self.capacity_factor, name="moe",
+            renormalize=self.renormalize, capacity_factor=self.capacity_factor,
+            grouped_matmul=self.grouped_matmul, name="moe",
             **layer_kwargs,
         )(x, None if segment_ids is None else segment_ids > 0)
         if self.n_shared_experts:
