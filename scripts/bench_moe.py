@@ -1,9 +1,14 @@
 """The MoE layer alone on the GPU: forward + backward time of the dropless grouped-matmul layer
-(``layers.moe.MoeMlp``, ``jax.lax.ragged_dot``) beside the naive dense einsum over all experts,
-the capacity-factor layer, and a dense SwiGLU MLP with the same active FLOPs (``d_ff = top_k *
-expert d_ff``), in one run; the last column is each one's time over the dense MLP's.
+(``layers.moe.MoeMlp``) with each grouped-matmul implementation (``model.grouped_matmul``:
+``jax.lax.ragged_dot``, the Triton kernels per ``--tiles`` setting, JAX's Hopper kernels) beside
+the naive dense einsum over all experts, the capacity-factor layer, and a dense SwiGLU MLP with
+the same active FLOPs (``d_ff = top_k * expert d_ff``), in one run; the last column is each one's
+time over the dense MLP's. Each dropless row is first checked once against the float32
+ragged_dot layer: the max abs error over every gradient (of the outputs' sum, w.r.t. the inputs
+and parameters) over the largest reference magnitude (bfloat16 rounding alone shows).
 
     PYTHONPATH=src:. python3 scripts/bench_moe.py [--tokens 16384] [--d-model 1024] ...
+        [--tiles 128,64,128,8,3 ...]   (Triton tiles: scripts/bench_grouped_matmul.py's format)
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ from flax.core import meta
 
 from meshlm.layers import Mlp
 from meshlm.layers.moe import MoeMlp
+from pallas_kernels.grouped_matmul import triton as gmm_triton
+from scripts.bench_grouped_matmul import parse_tiles, short_error
 from scripts.benchlib import device_description, print_table, time_ms
 
 
@@ -29,6 +36,10 @@ def main() -> None:
     p.add_argument("--capacity-factor", type=float, default=1.25,
                    help="a row of the capacity-factor layer too (0: none)")
     p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--tiles", nargs="*", default=[],
+                   help="Triton grouped-matmul tile settings (default: its device default)")
+    p.add_argument("--implementations", nargs="*", default=["xla", "triton", "mosaic_gpu"],
+                   help="grouped-matmul implementations of the dropless rows")
     a = p.parse_args()
     dt = jnp.bfloat16
     x = jax.random.normal(jax.random.key(0), (1, a.tokens, a.d_model), dt)
@@ -49,8 +60,14 @@ def main() -> None:
 
     moe_params = meta.unbox(moe.init(jax.random.key(1), x)["params"])
     dense_params = meta.unbox(dense.init(jax.random.key(2), x)["params"])
+    # (label, grouped-matmul implementation, Triton tiles or None)
+    dropless = [(f"dropless, {impl}" + (f" {spec}" if spec else ""), impl,
+                 parse_tiles(spec, gmm_triton) if spec else None)
+                for impl in a.implementations
+                for spec in ((a.tiles or [None]) if impl == "triton" else [None])]
     cases = {
-        "dropless (ragged_dot)": (lambda p, x: moe.apply({"params": p}, x), moe_params),
+        **{label: (lambda p, x, impl=impl: moe.clone(grouped_matmul=impl).apply({"params": p}, x),
+                   moe_params) for label, impl, _ in dropless},
         "naive: all experts": (naive, moe_params),
         **({f"capacity factor {a.capacity_factor}": (
             lambda p, x: moe.clone(capacity_factor=a.capacity_factor).apply({"params": p}, x),
@@ -58,11 +75,25 @@ def main() -> None:
         "dense MLP, same active FLOPs": (lambda p, x: dense.apply({"params": p}, x), dense_params),
     }
     active = 6 * a.tokens * a.top_k * 3 * a.d_model * a.d_ff  # fwd + bwd matmul FLOPs
+    # The check's reference: the ragged_dot layer in float32 on the same (rounded) inputs.
+    reference = moe.clone(grouped_matmul="xla", dtype=jnp.float32)
+    want = grads_of(lambda p, x: reference.apply({"params": p}, x))(
+        moe_params, x.astype(jnp.float32))
+    tiles_of = {label: tiles for label, _, tiles in dropless}
+    default_triton = gmm_triton.DEFAULT_TILES
     rows = []
     for name, (fn, params) in cases.items():
-        step = jax.jit(jax.grad(lambda p, x, fn=fn: jnp.sum(fn(p, x).astype(jnp.float32)),
-                                argnums=(0, 1)))
-        ms = time_ms(step, params, x, iters=a.iters)
+        # The layer takes the Triton kernels' device default: set it to this row's tiles.
+        gmm_triton.DEFAULT_TILES = ({"": tiles_of[name]} if tiles_of.get(name)
+                                    else default_triton)
+        step = grads_of(fn)
+        try:
+            if name in tiles_of:
+                print(f"{name}: max error {max_error(step(params, x), want)}", flush=True)
+            ms = time_ms(step, params, x, iters=a.iters)
+        except Exception as e:  # noqa: BLE001 - one failing implementation must not end the run
+            print(f"{name}: {short_error(e)}", flush=True)
+            continue
         rows.append([name, f"{ms:.2f}", f"{active / ms / 1e9:.0f}", f"{a.tokens / ms / 1e3:.2f}"])
     dense_ms = float(rows[-1][1])
     for r in rows:
@@ -71,6 +102,18 @@ def main() -> None:
     print(f"tokens {a.tokens}, d_model {a.d_model}, expert d_ff {a.d_ff}, {a.experts} experts, "
           f"top-{a.top_k}, bfloat16, forward + backward")
     print_table(["layer", "ms", "active TFLOP/s", "Mtokens/s", "vs dense MLP"], rows)
+
+
+def grads_of(fn):
+    """The jitted gradient of ``sum(fn(params, x))`` w.r.t. params and x."""
+    return jax.jit(jax.grad(lambda p, x: jnp.sum(fn(p, x).astype(jnp.float32)), argnums=(0, 1)))
+
+
+def max_error(got, want) -> str:
+    """Max abs error over every gradient leaf, over the largest reference magnitude."""
+    err = max(float(jnp.max(jnp.abs(g.astype(jnp.float32) - w)))
+              for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)))
+    return f"{err:.3g} / {max(float(jnp.max(jnp.abs(w))) for w in jax.tree.leaves(want)):.3g}"
 
 
 if __name__ == "__main__":
