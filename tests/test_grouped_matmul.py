@@ -15,6 +15,7 @@ import jax.numpy as jnp
 
 from kernel_checks import NEEDS_GPU, NEEDS_HOPPER, assert_close
 
+from pallas_kernels import lowering_for
 from pallas_kernels.grouped_matmul import grouped_matmul, mosaic_gpu, reference, triton
 from pallas_kernels.grouped_matmul.api import DISPATCH, Call
 
@@ -112,7 +113,7 @@ def test_triton_compiled_default_tiles():
 @NEEDS_HOPPER
 def test_mosaic_gpu_compiled_default_tiles():
     """JAX's Hopper kernels (compiled only): shapes that meet their 64/128-multiple tiles."""
-    _check(300, 128, 256, [0, 100, 77, 90], jnp.bfloat16, implementation="mosaic_gpu")
+    _check(304, 128, 256, [0, 100, 77, 90], jnp.bfloat16, implementation="mosaic_gpu")
     _check(512, 256, 128, [64, 0, 448, 0], jnp.bfloat16, implementation="mosaic_gpu")
 
 
@@ -130,6 +131,7 @@ def test_dispatch():
     assert "bfloat16 or float16" in mosaic_gpu.supports(call._replace(dtype=jnp.float32), hopper)
     ok = Call(1000, 1024, 2304, 8, jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.bfloat16))
     assert mosaic_gpu.supports(ok, hopper) is None
+    assert "m (1001) must be a multiple of 8" in mosaic_gpu.supports(ok._replace(m=1001), hopper)
     lhs, rhs, _ = _inputs(8, 64, 128, 2, jnp.bfloat16)
     sizes = jnp.array([3, 4], jnp.int32)
     with pytest.raises(ValueError, match="no interpret mode"):
@@ -138,6 +140,31 @@ def test_dispatch():
         grouped_matmul(lhs, rhs, sizes, tiles=TINY)
     with pytest.raises(ValueError, match="implementation must be one of"):
         grouped_matmul(lhs, rhs, sizes, implementation="cuda")
+
+
+def test_lowers_for_a_hopper_gpu_ahead_of_time():
+    """Lowered on this host for an H200: "auto" takes the Triton kernels at their default tiles
+    (forward, d_lhs, d_rhs: three Triton calls, no ragged_dot), and JAX's Hopper forward kernel
+    lowers with the default tiles, rhs read plain and transposed (its rhs-gradient kernel asks
+    the local device for its SM count, so it lowers only on a GPU)."""
+    m, k, n = 304, 128, 256
+    lhs, rhs, dout = _inputs(m, k, n, 4, jnp.bfloat16)
+    sizes = jnp.array([100, 0, 120, 50], jnp.int32)
+
+    def fwd_bwd(lhs, rhs, dout):
+        out, vjp = jax.vjp(lambda a, b: grouped_matmul(a, b, sizes), lhs, rhs)
+        return (out, *vjp(dout))
+
+    with lowering_for("NVIDIA H200"):
+        text = jax.jit(fwd_bwd).trace(lhs, rhs, dout).lower(lowering_platforms=("cuda",))
+        assert text.as_text().count("__gpu$xla.gpu.triton") == 3
+        assert "ragged" not in text.as_text()
+        tiles = mosaic_gpu.default_tiles(None).fwd
+        for transpose, w in ((False, rhs), (True, jnp.swapaxes(rhs, 1, 2))):
+            fn = lambda a, b: mosaic_gpu.gmm(a, b, sizes, transpose_rhs=transpose,
+                                             out_dtype=a.dtype, tiles=tiles, interpret=False)
+            text = jax.jit(fn).trace(lhs, w).lower(lowering_platforms=("cuda",)).as_text()
+            assert "mosaic_gpu" in text
 
 
 @pytest.mark.parametrize("args, match", [

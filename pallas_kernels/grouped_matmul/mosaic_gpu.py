@@ -8,7 +8,7 @@
   step, pipelining the group's row blocks and zeroing the neighbouring groups' rows.
 
 Their constraints (checked by ``supports``): Hopper, bfloat16 or float16 operands with the
-result in that dtype, tiles multiples of 64 (one warpgroup of rows, 128-byte swizzled 16-bit
+result in that dtype, ``m`` a multiple of 8, tiles multiples of 64 (one warpgroup of rows, 128-byte swizzled 16-bit
 columns), the contraction of each kernel a multiple of its ``block_k`` and its output columns of
 ``block_n`` (``d_rhs``: ``k`` a multiple of ``block_m`` too). They have no interpret mode. The
 forward kernel leaves the rows past ``sum(group_sizes)`` unwritten, so they are zeroed here; the
@@ -66,6 +66,8 @@ def supports(call, tiles: Tiles) -> str | None:
     if jnp.dtype(call.out_dtype) != jnp.dtype(call.dtype):
         return (f"the result is written in the operands' dtype {jnp.dtype(call.dtype)}, got "
                 f"preferred_element_type={jnp.dtype(call.out_dtype)}")
+    if call.m % 8:
+        return f"m ({call.m}) must be a multiple of 8 (the TMA tiling of the rows)"
     # (kernel, its contraction, its output columns, and d_rhs's output rows)
     shapes = (("fwd", call.k, call.n, None), ("dlhs", call.n, call.k, None),
               ("drhs", None, call.n, call.k))

@@ -116,6 +116,28 @@ def _dot(a, b, a_axis: int, b_axis: int):
                                preferred_element_type=f32)
 
 
+def _in_range(start, size: int, dim: int):
+    """``start + arange(size) < dim`` for a tile starting at a multiple of ``size``; None when
+    ``dim`` is a multiple of ``size`` (every index in range: the loads need no mask there)."""
+    if dim % size == 0:
+        return None
+    return start + jax.lax.broadcasted_iota(jnp.int32, (size,), 0) < dim
+
+
+def _mask(rows, cols, shape):
+    """The ``shape`` mask of optional row and column masks (None: all true; both None: None)."""
+    if rows is None and cols is None:
+        return None
+    if rows is None or cols is None:
+        return jnp.broadcast_to(cols[None, :] if rows is None else rows[:, None], shape)
+    return rows[:, None] & cols[None, :]
+
+
+def _load(ref, mask):
+    """``ref`` with zeros where ``mask`` is false (Triton takes a fill value only with a mask)."""
+    return plgpu.load(ref, mask=mask, other=None if mask is None else 0.0)
+
+
 def _gmm_kernel(group_ref, block_ref, lo_ref, hi_ref, lhs_ref, rhs_ref, out_ref, *, groups,
                 t: KernelTiles, transpose_rhs: bool):
     """One (column tile, visit): ``out[rows of the visit] = lhs[row block] @ W[:, tile]`` with
@@ -126,27 +148,26 @@ def _gmm_kernel(group_ref, block_ref, lo_ref, hi_ref, lhs_ref, rhs_ref, out_ref,
     group, row0 = group_ref[item], block_ref[item] * bm
     rows = row0 + jax.lax.broadcasted_iota(jnp.int32, (bm,), 0)
     row_ok = (rows >= lo_ref[item]) & (rows < hi_ref[item])
-    col_ok = col0 + jax.lax.broadcasted_iota(jnp.int32, (bn,), 0) < n_dim
-    rhs_g = rhs_ref.at[jnp.minimum(group, groups - 1)]
+    col_ok = _in_range(col0, bn, n_dim)
+    w_group = jnp.minimum(group, groups - 1)
 
     def step(kk, acc):
         k0 = kk * bk
-        k_ok = k0 + jax.lax.broadcasted_iota(jnp.int32, (bk,), 0) < k_dim
-        x = plgpu.load(lhs_ref.at[pl.ds(row0, bm), pl.ds(k0, bk)],
-                       mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        k_ok = _in_range(k0, bk, k_dim)
+        x = _load(lhs_ref.at[pl.ds(row0, bm), pl.ds(k0, bk)], _mask(row_ok, k_ok, (bm, bk)))
         if transpose_rhs:
-            w = plgpu.load(rhs_g.at[pl.ds(col0, bn), pl.ds(k0, bk)],
-                           mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+            w = _load(rhs_ref.at[w_group, pl.ds(col0, bn), pl.ds(k0, bk)],
+                      _mask(col_ok, k_ok, (bn, bk)))
             return acc + _dot(x, w, 1, 1)
-        w = plgpu.load(rhs_g.at[pl.ds(k0, bk), pl.ds(col0, bn)],
-                       mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        w = _load(rhs_ref.at[w_group, pl.ds(k0, bk), pl.ds(col0, bn)],
+                  _mask(k_ok, col_ok, (bk, bn)))
         return acc + _dot(x, w, 1, 0)
 
     # The rows past the sum (group == groups) are stored as zeros without a product.
     n_steps = jnp.where(group < groups, pl.cdiv(k_dim, bk), 0)
     acc = jax.lax.fori_loop(0, n_steps, step, jnp.zeros((bm, bn), f32))
     plgpu.store(out_ref.at[pl.ds(row0, bm), pl.ds(col0, bn)], acc.astype(out_ref.dtype),
-                mask=row_ok[:, None] & col_ok[None, :])
+                mask=_mask(row_ok, col_ok, (bm, bn)))
 
 
 def gmm(lhs, rhs, group_sizes, *, transpose_rhs: bool, out_dtype, tiles: KernelTiles,
@@ -175,24 +196,21 @@ def _tgmm_kernel(start_ref, end_ref, lhs_ref, dout_ref, out_ref, *, t: KernelTil
     k_dim, n_dim = lhs_ref.shape[1], dout_ref.shape[1]
     col0, k0, group = pl.program_id(0) * bn, pl.program_id(1) * bk, pl.program_id(2)
     start, end = start_ref[group], end_ref[group]
-    k_ok = k0 + jax.lax.broadcasted_iota(jnp.int32, (bk,), 0) < k_dim
-    col_ok = col0 + jax.lax.broadcasted_iota(jnp.int32, (bn,), 0) < n_dim
+    k_ok, col_ok = _in_range(k0, bk, k_dim), _in_range(col0, bn, n_dim)
     first = start // bm
 
     def step(j, acc):
         row0 = (first + j) * bm
         rows = row0 + jax.lax.broadcasted_iota(jnp.int32, (bm,), 0)
         row_ok = (rows >= start) & (rows < end)
-        x = plgpu.load(lhs_ref.at[pl.ds(row0, bm), pl.ds(k0, bk)],
-                       mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        dy = plgpu.load(dout_ref.at[pl.ds(row0, bm), pl.ds(col0, bn)],
-                        mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+        x = _load(lhs_ref.at[pl.ds(row0, bm), pl.ds(k0, bk)], _mask(row_ok, k_ok, (bm, bk)))
+        dy = _load(dout_ref.at[pl.ds(row0, bm), pl.ds(col0, bn)], _mask(row_ok, col_ok, (bm, bn)))
         return acc + _dot(x, dy, 0, 0)
 
     n_steps = jnp.where(end > start, pl.cdiv(end, bm) - first, 0)
     acc = jax.lax.fori_loop(0, n_steps, step, jnp.zeros((bk, bn), f32))
     plgpu.store(out_ref.at[group, pl.ds(k0, bk), pl.ds(col0, bn)], acc.astype(out_ref.dtype),
-                mask=k_ok[:, None] & col_ok[None, :])
+                mask=_mask(k_ok, col_ok, (bk, bn)))
 
 
 def tgmm(lhs, dout, group_sizes, *, out_dtype, tiles: KernelTiles, interpret: bool):
