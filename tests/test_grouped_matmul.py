@@ -76,6 +76,24 @@ def test_triton_interpret_matches_reference(case):
     _check(*CASES[case], implementation="triton", interpret=True, tiles=TINY)
 
 
+def test_triton_under_vmap():
+    """A batch of independent grouped matmuls (each with its own group sizes), output and
+    gradients, by pallas_call's batching rule."""
+    lhs, rhs, dout = _inputs(40, 16, 16, 6, jnp.float32)
+    lhs, rhs, dout = lhs.reshape(2, 20, 16), rhs.reshape(2, 3, 16, 16), dout.reshape(2, 20, 16)
+    sizes = jnp.array([[10, 0, 7], [20, 0, 0]], jnp.int32)
+    kernel = lambda a, b, s: grouped_matmul(a, b, s, implementation="triton", interpret=True,
+                                            tiles=TINY)
+
+    def fwd_bwd(fn):
+        out, vjp = jax.vjp(lambda a, b: jax.vmap(fn)(a, b, sizes), lhs, rhs)
+        return (out, *vjp(dout))
+
+    for name, g, w in zip(("out", "d_lhs", "d_rhs"), fwd_bwd(kernel),
+                          fwd_bwd(reference.grouped_matmul)):
+        assert_close(name, g, w, 1e-5)
+
+
 def test_xla_is_ragged_dot_and_matches_reference():
     """``"xla"`` (jax.lax.ragged_dot and its autodiff) against the reference, and
     ``preferred_element_type`` giving a float32 result from bfloat16 operands."""
