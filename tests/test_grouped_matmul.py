@@ -142,6 +142,8 @@ def test_dispatch():
     assert DISPATCH.choose("auto", call, interpret=True) == ("xla", None)
     bad = triton.Tiles(_KT, triton.KernelTiles(16, 24, 16, 4, 1), _KT)
     assert "tiles.dlhs.block_k (24) must be a power of two" in triton.supports(call, bad)
+    warps = triton.Tiles(_KT, _KT, triton.KernelTiles(16, 16, 16, 6, 1))
+    assert "tiles.drhs.num_warps (6) must be a power of two" in triton.supports(call, warps)
     hopper = mosaic_gpu.default_tiles(call)
     assert "multiple of tiles.fwd.block_k (64)" in mosaic_gpu.supports(call, hopper)
     wide = call._replace(k=64)

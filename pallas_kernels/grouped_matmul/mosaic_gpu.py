@@ -8,12 +8,12 @@
   step, pipelining the group's row blocks and zeroing the neighbouring groups' rows.
 
 Their constraints (checked by ``supports``): Hopper, bfloat16 or float16 operands with the
-result in that dtype, ``m`` a multiple of 8, tiles multiples of 64 (one warpgroup of rows, 128-byte swizzled 16-bit
-columns), the contraction of each kernel a multiple of its ``block_k`` and its output columns of
-``block_n`` (``d_rhs``: ``k`` a multiple of ``block_m`` too). They have no interpret mode. The
-forward kernel leaves the rows past ``sum(group_sizes)`` unwritten, so they are zeroed here; the
-rhs-gradient kernel masks other groups' rows by multiplying them by zero, so its inputs must be
-finite on every row.
+result in that dtype, ``m`` a multiple of 8, tiles multiples of 64 (one warpgroup of rows,
+128-byte swizzled 16-bit columns), the contraction of each kernel a multiple of its ``block_k``
+and its output columns of ``block_n`` (``d_rhs``: ``k`` a multiple of ``block_m`` too). They
+have no interpret mode. The forward kernel leaves the rows past ``sum(group_sizes)`` unwritten,
+so they are zeroed here; the rhs-gradient kernel masks other groups' rows by multiplying them by
+zero, so its inputs must be finite on every row.
 """
 
 from __future__ import annotations

@@ -76,13 +76,15 @@ def default_tiles(call) -> Tiles:
 
 def supports(call, tiles: Tiles) -> str | None:
     """Why this lowering cannot run the call (None if it can): every shape is handled (edges are
-    masked); Triton needs tiles that are powers of two >= 16."""
+    masked); Triton needs tiles that are powers of two >= 16 and a power of two of warps."""
     for kernel in ("fwd", "dlhs", "drhs"):
         t = getattr(tiles, kernel)
         for name in ("block_m", "block_k", "block_n"):
             value = getattr(t, name)
             if value < 16 or value & (value - 1):
                 return f"tiles.{kernel}.{name} ({value}) must be a power of two >= 16"
+        if t.num_warps & (t.num_warps - 1):
+            return f"tiles.{kernel}.num_warps ({t.num_warps}) must be a power of two"
     return None
 
 
