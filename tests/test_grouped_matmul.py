@@ -12,6 +12,7 @@ import pytest
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from kernel_checks import NEEDS_GPU, NEEDS_HOPPER, assert_close
 
@@ -185,6 +186,26 @@ def test_lowers_for_a_hopper_gpu_ahead_of_time():
                                              out_dtype=a.dtype, tiles=tiles, interpret=False)
             text = jax.jit(fn).trace(lhs, w).lower(lowering_platforms=("cuda",)).as_text()
             assert "mosaic_gpu" in text
+
+
+def test_inside_shard_map_sums_the_replicated_rhs_gradient():
+    """Lowered for an H200 inside shard_map, rows split and rhs replicated: the kernels run per
+    shard and d_rhs is summed over the shards (an all-reduce). (Interpret mode cannot run
+    there: jax 0.11.2's interpreter fails on a varying ref indexed by a program id.)"""
+    lhs, rhs, _ = _inputs(2 * 64, 32, 32, 3, jnp.bfloat16)
+    sizes = jnp.array([[20, 0, 40], [64, 0, 0]], jnp.int32)
+
+    def loss(lhs, rhs):
+        per_shard = lambda a, b, s: grouped_matmul(a[0], b, s[0])[None]
+        out = jax.shard_map(per_shard, in_specs=(P("x"), P(), P("x")), out_specs=P("x"))(
+            lhs.reshape(2, 64, 32), rhs, sizes)
+        return jnp.sum(out.astype(jnp.float32))
+
+    with lowering_for("NVIDIA H200"):
+        text = jax.jit(jax.grad(loss, argnums=(0, 1))).trace(lhs, rhs).lower(
+            lowering_platforms=("cuda",)).as_text()
+    assert text.count("__gpu$xla.gpu.triton") == 2  # d_lhs, d_rhs (grad drops the forward)
+    assert "all_reduce" in text
 
 
 @pytest.mark.parametrize("args, match", [
