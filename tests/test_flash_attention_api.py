@@ -17,7 +17,13 @@ from jax.sharding import PartitionSpec as P
 from kernel_checks import TPU, TRITON
 
 from pallas_kernels import lowering_for
-from pallas_kernels.flash_attention import flash_attention, mosaic_gpu, tpu, triton
+from pallas_kernels.flash_attention import (
+    flash_attention,
+    flash_attention_backward,
+    mosaic_gpu,
+    tpu,
+    triton,
+)
 from pallas_kernels.flash_attention.api import DISPATCH
 from pallas_kernels.flash_attention.common import AttentionSpec, Call, key_blocks, query_blocks
 
@@ -73,6 +79,32 @@ def test_grad_of_lse_alone():
         return jax.jit(jax.grad(functools.partial(lse_loss, **kw), argnums=(0, 1, 2)))
 
     _close(grad(**TRITON_KW)(q, k, v), grad(implementation="xla")(q, k, v))
+
+
+@pytest.mark.parametrize("kw", [dict(implementation="xla"), TRITON_KW], ids=["xla", "triton"])
+def test_backward_alone_from_the_final_output_and_lse(kw):
+    """``flash_attention_backward`` of two key blocks, each fed the output and log-sum-exp of
+    attention over both (as ring attention does), sums to the gradient of the whole; with one
+    block it is the ordinary gradient. Packed segments and a causal first block."""
+    q, k, v = _qkv(3, batch=2, length=24, heads=4, kv_heads=2)
+    seg = jnp.asarray(np.repeat([[1] * 15 + [2] * 9], 2, axis=0), jnp.int32)
+    d_out = jax.random.normal(jax.random.key(4), q.shape, jnp.float32)
+    out, vjp = jax.vjp(lambda q, k, v: flash_attention(q, k, v, causal=True, segment_ids=seg,
+                                                       implementation="xla"), q, k, v)
+    want = vjp(d_out)
+    _, lse = flash_attention(q, k, v, causal=True, segment_ids=seg, return_lse=True,
+                             implementation="xla")
+    one = flash_attention_backward(q, k, v, out, lse, d_out, causal=True, segment_ids=seg, **kw)
+    _close(one, want)
+    # keys 0..11 (causal for queries 0..11, all visible to 12..23) and keys 12..23 (queries
+    # 12..23 only, causal with q_offset 0 on their own block)
+    h = 12
+    a = flash_attention_backward(q, k[:, :h], v[:, :h], out, lse, d_out, q_segment_ids=seg,
+                                 kv_segment_ids=seg[:, :h], causal=True, **kw)
+    b = flash_attention_backward(q[:, h:], k[:, h:], v[:, h:], out[:, h:], lse[..., h:],
+                                 d_out[:, h:], causal=True, segment_ids=seg[:, h:], **kw)
+    dq = a[0].at[:, h:].add(b[0])
+    _close((dq, jnp.concatenate([a[1], b[1]], 1), jnp.concatenate([a[2], b[2]], 1)), want)
 
 
 def test_shard_map_heads_over_mesh_axis():

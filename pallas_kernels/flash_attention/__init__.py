@@ -7,7 +7,11 @@ lowering's launch shape is its module's ``Tiles`` (``triton.Tiles``, ``mosaic_gp
 ``tpu.Tiles``), passed as ``tiles=``.
 """
 
-from pallas_kernels.flash_attention.api import IMPLEMENTATIONS, flash_attention
+from pallas_kernels.flash_attention.api import (
+    IMPLEMENTATIONS,
+    flash_attention,
+    flash_attention_backward,
+)
 from pallas_kernels.flash_attention.common import AttentionSpec
 
-__all__ = ["IMPLEMENTATIONS", "AttentionSpec", "flash_attention"]
+__all__ = ["IMPLEMENTATIONS", "AttentionSpec", "flash_attention", "flash_attention_backward"]

@@ -85,6 +85,63 @@ def flash_attention(
     Raises:
       ValueError: naming the violated constraint.
     """
+    q_seg, kv_seg, alibi_slopes, spec = _prepare(
+        q, k, v, causal, segment_ids, q_segment_ids, kv_segment_ids, sliding_window,
+        alibi_slopes, logits_soft_cap, scale, q_offset)
+    if not isinstance(return_lse, bool):
+        raise ValueError(f"return_lse must be a bool, got {return_lse!r}")
+    call = Call(q.shape, k.shape, q.dtype, spec, return_lse)
+    name, tiles = DISPATCH.choose(implementation, call, interpret=bool(interpret), tiles=tiles)
+    if name == "xla":
+        out, lse = reference.attention(q, k, v, q_seg, kv_seg, alibi_slopes, spec=spec)
+    elif name == "cudnn":
+        return _load_lowering("cudnn")[0].attention(q, k, v, q_seg, kv_seg, spec)
+    else:
+        plan = _Plan(name, spec, tiles, bool(interpret))
+        out, lse = _kernel_attention(plan, q, k, v, q_seg, kv_seg, alibi_slopes)
+    return (out, lse) if return_lse else out
+
+
+def flash_attention_backward(
+    q, k, v, out, lse, d_out, *, causal: bool = False, segment_ids=None, q_segment_ids=None,
+    kv_segment_ids=None, sliding_window: int | None = None, scale: float | None = None,
+    q_offset: int = 0, implementation: str = "auto", interpret: bool = False, tiles=None,
+):
+    """``(dq, dk, dv)`` of attention of ``q`` over ``k, v`` whose softmax is normalised by the
+    given ``lse`` ``(batch, heads, q_len)`` and whose output was ``out``: the backward kernel
+    alone, no forward recomputed.
+
+    ``out`` and ``lse`` may be those of a softmax over more keys than ``k`` holds, of which these
+    keys are one block (ring attention: each block's gradient from the final output and
+    log-sum-exp, so neither the block's forward nor an lse cotangent is needed); with those of
+    ``flash_attention(q, k, v, return_lse=True)`` it is that call's gradient. Other arguments
+    as ``flash_attention``'s (no ALiBi or soft-capping here); cuDNN has no separate backward.
+    """
+    q_seg, kv_seg, _, spec = _prepare(
+        q, k, v, causal, segment_ids, q_segment_ids, kv_segment_ids, sliding_window, None, None,
+        scale, q_offset)
+    batch, q_len, heads, _ = q.shape
+    if out.shape != q.shape or lse.shape != (batch, heads, q_len) or d_out.shape != q.shape:
+        raise ValueError(f"out and d_out must have q's shape {q.shape} and lse (batch, heads, "
+                         f"q_len) = {(batch, heads, q_len)}; got {out.shape}, {d_out.shape}, "
+                         f"{lse.shape}")
+    if implementation == "cudnn":
+        raise ValueError("implementation='cudnn' has no separate backward; use 'auto'")
+    call = Call(q.shape, k.shape, q.dtype, spec, True)
+    name, tiles = DISPATCH.choose(implementation, call, interpret=bool(interpret), tiles=tiles)
+    args = (q, k, v, q_seg, kv_seg, None, out, lse.astype(jnp.float32), d_out.astype(out.dtype))
+    if name == "xla":
+        return reference.backward(*args, spec=spec)
+    return _Plan(name, spec, tiles, bool(interpret)).module.backward(
+        *args, spec=spec, tiles=tiles, interpret=bool(interpret))
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _prepare(q, k, v, causal, segment_ids, q_segment_ids, kv_segment_ids, sliding_window,
+             alibi_slopes, logits_soft_cap, scale, q_offset):
+    """The checked arguments as ``(q_seg, kv_seg, alibi_slopes, spec)``."""
     _check_arrays(q, k, v)
     batch, q_len, heads, head_dim = q.shape
     kv_len = k.shape[1]
@@ -121,21 +178,8 @@ def flash_attention(
         has_segment_ids=q_seg is not None,
         has_alibi=alibi_slopes is not None,
     )
-    if not isinstance(return_lse, bool):
-        raise ValueError(f"return_lse must be a bool, got {return_lse!r}")
-    call = Call(q.shape, k.shape, q.dtype, spec, return_lse)
-    name, tiles = DISPATCH.choose(implementation, call, interpret=bool(interpret), tiles=tiles)
-    if name == "xla":
-        out, lse = reference.attention(q, k, v, q_seg, kv_seg, alibi_slopes, spec=spec)
-    elif name == "cudnn":
-        return _load_lowering("cudnn")[0].attention(q, k, v, q_seg, kv_seg, spec)
-    else:
-        plan = _Plan(name, spec, tiles, bool(interpret))
-        out, lse = _kernel_attention(plan, q, k, v, q_seg, kv_seg, alibi_slopes)
-    return (out, lse) if return_lse else out
+    return q_seg, kv_seg, alibi_slopes, spec
 
-
-# ----------------------------------------------------------------------------- validation
 
 
 def _positive_number(name, x) -> float:

@@ -29,24 +29,8 @@ def attention(q, k, v, q_seg=None, kv_seg=None, alibi_slopes=None, *, spec: Atte
       key gets ``out = 0`` and ``lse = -inf``.
     """
     batch, q_len, heads, head_dim = q.shape
-    kv_len, kv_heads = k.shape[1], k.shape[2]
-    group = heads // kv_heads
     f32 = jnp.float32
-    hi = jax.lax.Precision.HIGHEST
-
-    # Query heads as (kv_heads, group) so each group reads its kv head by broadcasting.
-    qg = q.astype(f32).reshape(batch, q_len, kv_heads, group, head_dim)
-    s = jnp.einsum("bqhgd,bkhd->bhgqk", qg, k.astype(f32), precision=hi)
-
-    q_pos = spec.q_offset + jnp.arange(q_len, dtype=jnp.int32)[:, None]
-    k_pos = jnp.arange(kv_len, dtype=jnp.int32)[None, :]
-    q_s = k_s = slope = None
-    if q_seg is not None:
-        q_s = q_seg[:, None, None, :, None]
-        k_s = kv_seg[:, None, None, None, :]
-    if alibi_slopes is not None:
-        slope = alibi_slopes.astype(f32).reshape(kv_heads, group)[None, :, :, None, None]
-    logits, visible = transform_scores(s, q_pos, k_pos, spec, q_seg=q_s, k_seg=k_s, slope=slope)
+    logits, visible = _logits(q, k, q_seg, kv_seg, alibi_slopes, spec)
 
     m = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
     p = jnp.exp(logits - m)
@@ -56,8 +40,64 @@ def attention(q, k, v, q_seg=None, kv_seg=None, alibi_slopes=None, *, spec: Atte
     l = jnp.sum(p, axis=-1, keepdims=True)
     dead = l == 0.0
     l_safe = jnp.where(dead, 1.0, l)
-    o = jnp.einsum("bhgqk,bkhd->bhgqd", p, v.astype(f32), precision=hi) / l_safe
+    o = jnp.einsum("bhgqk,bkhd->bhgqd", p, v.astype(f32), precision=_HI) / l_safe
     lse = jnp.where(dead, -jnp.inf, m + jnp.log(l_safe))[..., 0]
 
     out = o.transpose(0, 3, 1, 2, 4).reshape(batch, q_len, heads, head_dim).astype(q.dtype)
     return out, lse.reshape(batch, heads, q_len)
+
+
+def backward(q, k, v, q_seg, kv_seg, alibi_slopes, out, lse, dout, *, spec: AttentionSpec):
+    """``(dq, dk, dv)`` with the lowerings' backward signature: the softmax probabilities are
+    ``exp(logits - lse)`` for the given ``lse`` and ``delta = rowsum(dout * out)`` for the given
+    ``out``, which may belong to a softmax over more keys than ``k`` holds (ring attention).
+    With ``(out, lse)`` of these keys alone it is the gradient of ``attention``."""
+    batch, q_len, heads, head_dim = q.shape
+    kv_heads = k.shape[2]
+    group = heads // kv_heads
+    f32 = jnp.float32
+
+    def per_group(x):  # (batch, q_len, heads) -> (batch, kv_heads, group, q_len, 1)
+        return x.reshape(batch, q_len, kv_heads, group).transpose(0, 2, 3, 1)[..., None]
+
+    delta = per_group(jnp.sum(dout.astype(f32) * out.astype(f32), axis=-1))
+    lse = per_group(jnp.swapaxes(lse.astype(f32), 1, 2))
+    lse = jnp.where(jnp.isfinite(lse), lse, jnp.inf)  # a query that saw no key: p = 0
+    do = dout.astype(f32).reshape(batch, q_len, kv_heads, group, head_dim)
+
+    def objective(q, k, v):
+        """Its gradient: dv = p^T do, and d(logits) = p * (do v^T - delta)."""
+        logits, visible = _logits(q, k, q_seg, kv_seg, alibi_slopes, spec)
+        p = jnp.exp(logits - lse)
+        if visible is not None:
+            p = jnp.where(visible, p, 0.0)
+        pv = jnp.einsum("bhgqk,bkhd->bqhgd", p, v, precision=_HI)
+        return jnp.sum(pv * do) - jnp.sum(p * delta)
+
+    grads = jax.grad(objective, argnums=(0, 1, 2))(q.astype(f32), k.astype(f32), v.astype(f32))
+    return tuple(g.astype(x.dtype) for g, x in zip(grads, (q, k, v)))
+
+
+_HI = jax.lax.Precision.HIGHEST
+
+
+def _logits(q, k, q_seg, kv_seg, alibi_slopes, spec: AttentionSpec):
+    """Scaled, masked logits ``(batch, kv_heads, group, q_len, kv_len)`` and the visibility
+    mask (None: all visible)."""
+    batch, q_len, heads, head_dim = q.shape
+    kv_len, kv_heads = k.shape[1], k.shape[2]
+    group = heads // kv_heads
+    f32 = jnp.float32
+    # Query heads as (kv_heads, group) so each group reads its kv head by broadcasting.
+    qg = q.astype(f32).reshape(batch, q_len, kv_heads, group, head_dim)
+    s = jnp.einsum("bqhgd,bkhd->bhgqk", qg, k.astype(f32), precision=_HI)
+
+    q_pos = spec.q_offset + jnp.arange(q_len, dtype=jnp.int32)[:, None]
+    k_pos = jnp.arange(kv_len, dtype=jnp.int32)[None, :]
+    q_s = k_s = slope = None
+    if q_seg is not None:
+        q_s = q_seg[:, None, None, :, None]
+        k_s = kv_seg[:, None, None, None, :]
+    if alibi_slopes is not None:
+        slope = alibi_slopes.astype(f32).reshape(kv_heads, group)[None, :, :, None, None]
+    return transform_scores(s, q_pos, k_pos, spec, q_seg=q_s, k_seg=k_s, slope=slope)

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from meshlm.layers.per_shard import mesh_axes
-from pallas_kernels.flash_attention import flash_attention
+from pallas_kernels.flash_attention import flash_attention, flash_attention_backward
 
 Q_AXES = ("activation_batch", "activation_length", "activation_heads", None)
 KV_AXES = ("activation_batch", "activation_length", "activation_kv_heads", None)
@@ -151,7 +151,8 @@ def ring_attention(q, k, v, q_seg, kv_seg, *, axis_name, shards: int, causal: bo
 
     The backward pass is a second ring (a custom VJP): the K/V blocks travel again, each with
     the dK/dV it has gathered so far, and every device adds its queries' share of each block's
-    gradient, recomputed from the block; after ``S`` hops the gradients are home. So only the
+    gradient, by the backward kernel alone from the final output and log-sum-exp
+    (``flash_attention_backward``); after ``S`` hops the gradients are home. So only the
     local blocks, the output and its log-sum-exp are kept (O(L/S) per device), never the
     ``S`` blocks that autodiff through the forward ring would keep.
     """
@@ -200,6 +201,29 @@ class _Ring:
                             q, k, v, q_seg, kv_seg)
 
 
+    def block_grads(self, step, q, k, v, q_seg, kv_seg, out, lse, d_out):
+        """``(dq, dk, dv)``: the local queries' share of the gradient of the block held at
+        ``step``, masked as in ``block``, from the final ``out`` and ``lse``."""
+        def grads(q, k, v, q_seg, kv_seg, out, lse, d_out, causal):
+            return flash_attention_backward(
+                q, k, v, out, lse, d_out, causal=causal, q_segment_ids=q_seg,
+                kv_segment_ids=kv_seg, implementation=self.implementation,
+                interpret=self.interpret)
+
+        me = jax.lax.axis_index(self.axis_name)
+        args = (q, k, v, q_seg, kv_seg, out, lse, d_out)
+        if not self.causal:
+            return grads(*args, False)
+        if step == 0:
+            return grads(*args, True)
+        if not self.zigzag:
+            return jax.lax.cond(step <= me, functools.partial(grads, causal=False), _no_grads,
+                                *args)
+        half = q.shape[1] // 2
+        return jax.lax.cond(step <= me, functools.partial(_earlier_grads, grads, half),
+                            functools.partial(_later_grads, grads, half), *args)
+
+
 def _ring_forward(ring, q, k, v, q_seg, kv_seg):
     out = lse = None
     for step in range(ring.shards):
@@ -221,23 +245,17 @@ def _ring_vjp_fwd(ring, q, k, v, q_seg, kv_seg):
 
 
 def _ring_vjp_bwd(ring, residuals, d_out):
-    """With ``O = sum_b w_b O_b``, ``w_b = exp(lse_b - lse)``: block ``b`` receives the output
-    cotangent ``w_b dO`` and the lse cotangent ``w_b (rowsum(dO O_b) - rowsum(dO O))``."""
+    """Each block's gradient comes from the final output and log-sum-exp (``P_b = exp(S_b -
+    lse)``, ``delta = rowsum(dO O)``): the backward kernel alone per block, no block forward
+    recomputed and no log-sum-exp cotangent (which would cost a second backward call)."""
     q, k, v, q_seg, kv_seg, out, lse = residuals
-    d_out = d_out.astype(jnp.float32)
-    rows = jnp.swapaxes(jnp.sum(d_out * out.astype(jnp.float32), axis=-1), 1, 2)  # (B, H, L)
-    seen = jnp.isfinite(lse)
-    lse_safe = jnp.where(seen, lse, 0.0)
+    d_out = d_out.astype(out.dtype)
     dq = dk = dv = None
     for step in range(ring.shards):
         if step:
             k, v, kv_seg, dk, dv = ring.rotate(k, v, kv_seg, dk, dv)
-        block = functools.partial(ring.block, step, q_seg=q_seg, kv_seg=kv_seg)
-        (out_b, lse_b), pullback = jax.vjp(block, q, k, v)
-        w = jnp.where(seen, jnp.exp(lse_b - lse_safe), 0.0)  # (B, H, L)
-        rows_b = jnp.swapaxes(jnp.sum(d_out * out_b.astype(jnp.float32), axis=-1), 1, 2)
-        d_out_b = (d_out * jnp.swapaxes(w, 1, 2)[..., None]).astype(out_b.dtype)
-        grads = [g.astype(jnp.float32) for g in pullback((d_out_b, w * (rows_b - rows)))]
+        grads = [g.astype(jnp.float32) for g in
+                 ring.block_grads(step, q, k, v, q_seg, kv_seg, out, lse, d_out)]
         dq, dk, dv = grads if dq is None else (dq + grads[0], dk + grads[1], dv + grads[2])
     dk, dv = ring.rotate(dk, dv)  # the S-th hop brings each block's gradient home
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None
@@ -264,6 +282,26 @@ def _later_block(attend, half, q, k, v, q_seg, kv_seg):
     out, lse = attend(q[:, half:], k, v, q_seg, kv_seg, False)
     out = jnp.concatenate([jnp.zeros_like(out), out], axis=1)
     return out, jnp.concatenate([jnp.full_like(lse, -jnp.inf), lse], axis=2)
+
+
+def _no_grads(q, k, v, *_):
+    return jnp.zeros_like(q), jnp.zeros_like(k), jnp.zeros_like(v)
+
+
+def _earlier_grads(grads, half, q, k, v, q_seg, kv_seg, out, lse, d_out):
+    """``_earlier_block``'s gradient: the block's first chunk gets all of it."""
+    kv_seg = None if kv_seg is None else kv_seg[:, :half]
+    dq, dk, dv = grads(q, k[:, :half], v[:, :half], q_seg, kv_seg, out, lse, d_out, False)
+    return dq, jnp.concatenate([dk, jnp.zeros_like(dk)], 1), jnp.concatenate(
+        [dv, jnp.zeros_like(dv)], 1)
+
+
+def _later_grads(grads, half, q, k, v, q_seg, kv_seg, out, lse, d_out):
+    """``_later_block``'s gradient: only the local second chunk's queries contribute."""
+    q_seg = None if q_seg is None else q_seg[:, half:]
+    dq, dk, dv = grads(q[:, half:], k, v, q_seg, kv_seg, out[:, half:], lse[..., half:],
+                       d_out[:, half:], False)
+    return jnp.concatenate([jnp.zeros_like(dq), dq], 1), dk, dv
 
 
 def _merge(out_a, lse_a, out_b, lse_b):
