@@ -256,3 +256,28 @@ def test_moe_layer_runs_the_kernels():
     want, got = grads("xla"), grads("triton")
     for g, ref in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         assert_close("moe", g, ref, 1e-5)
+
+
+def test_moe_layer_auto_keeps_ragged_dot_where_a_kernel_would_be_gathered(monkeypatch):
+    """With the experts' d_ff split over ``tensor`` (an axis the layer's shard_map leaves to the
+    partitioner, which would gather a kernel's operands), "auto" stays with ragged_dot even where
+    it would pick the Triton kernels (a GPU target, faked here: the Triton kernel cannot compile
+    on this CPU, so picking it would fail)."""
+    from flax.core import meta
+
+    from meshlm import sharding
+    from meshlm.config import load_config
+    from meshlm.layers.moe import MoeMlp
+    from pallas_kernels import _api
+
+    layer = MoeMlp(n_experts=4, top_k=2, d_ff=32)
+    x = jnp.asarray(np.random.default_rng().standard_normal((4, 4, 16)), jnp.float32)
+    params = meta.unbox(layer.init(jax.random.key(0), x)["params"])
+    cfg = load_config(None, ["mesh.data=2", "mesh.expert=2", "mesh.tensor=2"])
+    want = layer.clone(grouped_matmul="xla").apply({"params": params}, x)
+    monkeypatch.setattr(_api, "target_platform", lambda: "gpu")
+    call = Call(64, 16, 32, 4, jnp.dtype(jnp.float32), jnp.dtype(jnp.float32))
+    assert DISPATCH.choose("auto", call, interpret=False)[0] == "triton"
+    with sharding.activate(sharding.make_mesh(cfg.mesh), sharding.axis_rules(cfg.mesh)):
+        got = jax.jit(layer.apply)({"params": params}, x)
+    assert_close("out", got, want, 1e-5)

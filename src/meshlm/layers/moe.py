@@ -134,7 +134,10 @@ class MoeMlp(nn.Module):
         self.sow("intermediates", "router_z", router_z_loss(logits, valid))
         self.sow("intermediates", "expert_load_max", jnp.max(fraction) * e)
 
-        gmm = functools.partial(gmm_ops.grouped_matmul, implementation=self.grouped_matmul,
+        implementation = self.grouped_matmul
+        if implementation == "auto" and _kernel_would_be_gathered():
+            implementation = "xla"
+        gmm = functools.partial(gmm_ops.grouped_matmul, implementation=implementation,
                                 interpret=self.interpret)
         out, kept = sharded_experts(batch, length, self.capacity_factor, gmm)(
             x.astype(self.dtype), experts.reshape(batch, length, k),
@@ -216,6 +219,15 @@ def sharded_experts(batch: int, length: int, capacity_factor: float | None = Non
         out, kept = per_device(jnp.broadcast_to(x, (ep, *x.shape)), *args)
         return jnp.sum(out, axis=0), kept[0]
     return summed
+
+
+def _kernel_would_be_gathered() -> bool:
+    """Whether a grouped-matmul kernel would get operands sharded over mesh axes that stay
+    automatic here (the experts' d_ff over ``tensor``, pipeline stages): the partitioner cannot
+    split a kernel and would gather them onto every device (``layers/per_shard.py``), so there
+    "auto" keeps ``ragged_dot``, which it partitions."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return bool(mesh.axis_names) and bool(_mesh_axes("mlp", mesh) or _pipelined(mesh))
 
 
 def _pipelined(mesh) -> bool:
