@@ -170,6 +170,20 @@ def test_composed_train_steps_and_stage_placement():
     assert "collective-permute" in run.train_step.as_text()
 
 
+def test_layers_around_the_stack_split_the_batch_over_the_stages():
+    """Embedding, head and loss are not staged: their rows are split over the pipeline axis too,
+    so no stage computes them for the whole batch."""
+    run = build(config("gpt", "mesh.pipeline=2", "train.microbatches=2"))
+    params = staged(reference("gpt")[1], run.model.pipeline)
+    tokens = jnp.asarray(np.random.default_rng(2).integers(0, 64, (16, 8)), jnp.int32)
+    with sharding.activate(run.mesh, run.rules):
+        logits = jax.jit(lambda p, t: run.model.apply({"params": p}, t))(params, tokens)
+    assert "pipeline" in str(logits.sharding.spec[0])
+    unpipelined = build(config("gpt"))
+    want = unpipelined.model.apply({"params": reference("gpt")[1]}, tokens)
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(want), atol=1e-5, rtol=1e-5)
+
+
 def test_remat_policy_sees_through_the_stage_vmap(capsys):
     """Under the stage vmap every weight matmul has a batch dimension; "dots_no_batch" must still
     save the layer's matmul outputs (and only those), as it does without the vmap."""

@@ -23,8 +23,9 @@ the loop (the reverse pipeline runs the permutes backwards).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import flax.linen as nn
@@ -108,6 +109,30 @@ def per_stage_policy(policy: Callable | None) -> Callable | None:
     return judge
 
 
+@contextlib.contextmanager
+def batch_over_stages(pipelined: bool) -> Iterator[None]:
+    """Rules under which ``activation_batch`` spans the stage mesh axes as well, for the layers
+    around a pipelined stack (embedding, head, loss): each stage then computes them for its
+    share of the rows instead of every stage for the whole batch. No change unpipelined."""
+    stage = _stage_mesh_axes() if pipelined else None
+    if stage is None:
+        yield
+        return
+    stage = (stage,) if isinstance(stage, str) else tuple(stage)
+
+    def widen(axes):
+        axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+        return axes + tuple(a for a in stage if a not in axes)
+
+    rules, done = [], False
+    for name, axes in nn.get_logical_axis_rules():
+        if name == "activation_batch" and not done:
+            axes, done = widen(axes), True
+        rules.append((name, axes))
+    with nn.logical_axis_rules(rules):
+        yield
+
+
 def _stage_mesh_axes() -> str | tuple[str, ...] | None:
     """The mesh axes the current rules give ``activation_stage`` (for vmap's spmd_axis_name)."""
     spec = nn.logical_to_mesh_axes(("activation_stage",))[0]
@@ -174,6 +199,9 @@ def apply_pipeline(block: type[nn.Module], x: jax.Array, *args: Any, n_layers: i
     spmd_axis = _stage_mesh_axes()
     vmap_stages = jax.vmap(run_stage, spmd_axis_name=spmd_axis)
     stage_ids = jnp.arange(n_stages)
+    # Rows spread over the stages around the stack (batch_over_stages) are gathered first: the
+    # partitioner fails on the microbatch split of a dimension sharded over both.
+    x = nn.with_logical_constraint(x, MICRO_ACTIVATION[1:])
     xm = nn.with_logical_constraint(_to_micro(x, m_count), MICRO_ACTIVATION)
     args_m = [None if a is None else _to_micro(a, m_count) for a in args]
 
@@ -214,6 +242,7 @@ def apply_pipeline(block: type[nn.Module], x: jax.Array, *args: Any, n_layers: i
         done = valid[-1]
         kept = jax.lax.dynamic_index_in_dim(outs, slot, keepdims=False)
         outs = jax.lax.dynamic_update_index_in_dim(outs, jnp.where(done, out[-1], kept), slot, 0)
+        outs = nn.with_logical_constraint(outs, MICRO_ACTIVATION)
         sown_acc = jax.tree.map(
             lambda acc, v: acc.at[rep, stage_ids].add(
                 jnp.where(valid.reshape((-1,) + (1,) * (v.ndim - 1)), v, 0).astype(jnp.float32)
@@ -228,4 +257,4 @@ def apply_pipeline(block: type[nn.Module], x: jax.Array, *args: Any, n_layers: i
     for path, value in jax.tree_util.tree_leaves_with_path(sown):
         key = next(k.key for k in reversed(path) if isinstance(getattr(k, "key", None), str))
         staged.sow("intermediates", key, value.reshape(n_layers, *value.shape[3:]))
-    return _from_micro(outs)
+    return nn.with_logical_constraint(_from_micro(outs), MICRO_ACTIVATION[1:])

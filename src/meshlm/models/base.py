@@ -10,6 +10,7 @@ losses) overrides ``batch_fields``, ``example_inputs`` and ``loss``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, ClassVar, Literal
 
 import flax.linen as nn
@@ -20,7 +21,7 @@ from meshlm.config import ModelConfig
 from meshlm.data.batches import DECODER_LM
 from meshlm.layers import Embed, make_norm
 from meshlm.layers.embeddings import logits_matmul
-from meshlm.layers.pipeline import PipelineSchedule
+from meshlm.layers.pipeline import PipelineSchedule, batch_over_stages
 from meshlm.layers.stack import apply_stack
 from meshlm.train.losses import token_cross_entropy
 
@@ -171,24 +172,27 @@ class DecoderLM(nn.Module):
 
         embed = Embed(cfg.vocab_size, cfg.d_model, init_std=cfg.init_std, dtype=dtype,
                       param_dtype=param_dtype, name="embed")
-        x = cfg.add_positions(embed(tokens), positions)
-        x = nn.with_logical_constraint(x, ACTIVATION_EMBED)
+        around_stack = functools.partial(batch_over_stages, self.pipeline is not None)
+        with around_stack():
+            x = cfg.add_positions(embed(tokens), positions)
+            x = nn.with_logical_constraint(x, ACTIVATION_EMBED)
         x = apply_stack(cfg.block(), x, positions, segment_ids, n_layers=cfg.stack_depth,
                         scan=cfg.scan_layers, remat=cfg.remat, pipeline=self.pipeline, config=cfg,
                         deterministic=deterministic, decode=decode)
-        x = cfg.make_norm("final_norm")(x)
-        if cfg.tie_embeddings:
-            logits = embed.attend(x)
-        else:
-            head = self.param(
-                "lm_head",
-                nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std),
-                                             ("embed", "vocab")),
-                (cfg.d_model, cfg.vocab_size), param_dtype,
-            )
-            logits = logits_matmul(x.astype(dtype), head.astype(dtype), False)
-        return nn.with_logical_constraint(
-            logits, ("activation_batch", "activation_length", "activation_vocab"))
+        with around_stack():
+            x = cfg.make_norm("final_norm")(x)
+            if cfg.tie_embeddings:
+                logits = embed.attend(x)
+            else:
+                head = self.param(
+                    "lm_head",
+                    nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std),
+                                                 ("embed", "vocab")),
+                    (cfg.d_model, cfg.vocab_size), param_dtype,
+                )
+                logits = logits_matmul(x.astype(dtype), head.astype(dtype), False)
+            return nn.with_logical_constraint(
+                logits, ("activation_batch", "activation_length", "activation_vocab"))
 
 
 class MixerBlock(nn.Module):
