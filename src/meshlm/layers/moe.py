@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
+from meshlm.layers.per_shard import mesh_axes
 from pallas_kernels import grouped_matmul as gmm_ops
 
 Initializer = Callable[..., jax.Array]
@@ -152,14 +153,6 @@ class MoeMlp(nn.Module):
             ("activation_batch", "activation_length", "activation_embed"))
 
 
-def _mesh_axes(logical: str, mesh, exclude: tuple[str, ...] = ()) -> tuple[str, ...]:
-    """The mesh axes of more than one device that the rules map ``logical`` onto."""
-    spec = nn.logical_to_mesh_axes((logical,))[0]
-    names = (spec,) if isinstance(spec, str) else tuple(spec or ())
-    return tuple(a for a in names if a in mesh.axis_names and mesh.shape[a] > 1
-                 and a not in exclude)
-
-
 def sharded_experts(batch: int, length: int, capacity_factor: float | None = None,
                     gmm: Callable = jax.lax.ragged_dot) -> Callable:
     """``expert_swiglu`` placed on the current mesh: ``(x, experts, w_gate, w_up, w_out) -> (out,
@@ -181,10 +174,10 @@ def sharded_experts(batch: int, length: int, capacity_factor: float | None = Non
     plain = functools.partial(expert_swiglu, capacity_factor=capacity_factor, gmm=gmm)
     if not mesh.axis_names or _pipelined(mesh):
         return plain
-    rows = _mesh_axes("activation_batch", mesh)
+    rows = mesh_axes("activation_batch", mesh)
     if batch % math.prod(mesh.shape[a] for a in rows):
         rows = ()
-    ep_axes = _mesh_axes("expert", mesh)
+    ep_axes = mesh_axes("expert", mesh)
     # activation_batch over the expert axes too (MaxText's layout): the tokens are already split
     batch_split = bool(ep_axes) and set(ep_axes) <= set(rows)
     if not batch_split:
@@ -227,14 +220,14 @@ def _kernel_would_be_gathered() -> bool:
     split a kernel and would gather them onto every device (``layers/per_shard.py``), so there
     "auto" keeps ``ragged_dot``, which it partitions."""
     mesh = jax.sharding.get_abstract_mesh()
-    return bool(mesh.axis_names) and bool(_mesh_axes("mlp", mesh) or _pipelined(mesh))
+    return bool(mesh.axis_names) and bool(mesh_axes("mlp", mesh) or _pipelined(mesh))
 
 
 def _pipelined(mesh) -> bool:
     """Pipeline stages run as a vmap sharded over the stage axis (layers/pipeline.py); a
     shard_map inside it would need that axis manual as well, which its sharding constraints
     forbid, so there the partitioner places the sort (planned: a shard_map over the stages)."""
-    return bool(_mesh_axes("activation_stage", mesh))
+    return bool(mesh_axes("activation_stage", mesh))
 
 
 def _grouped_swiglu(rows, group_sizes, w_gate, w_up, w_out, gmm=jax.lax.ragged_dot):
