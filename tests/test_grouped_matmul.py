@@ -141,6 +141,10 @@ def test_dispatch():
     constraints and have no interpret mode; tiles need a named lowering."""
     call = Call(64, 32, 48, 4, jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.bfloat16))
     assert DISPATCH.choose("auto", call, interpret=True) == ("xla", None)
+    with lowering_for("NVIDIA H200"):  # the measured fastest where it applies, else ragged_dot
+        hopper_call = Call(304, 128, 256, 4, jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.bfloat16))
+        assert DISPATCH.choose("auto", hopper_call, interpret=False)[0] == "mosaic_gpu"
+        assert DISPATCH.choose("auto", call, interpret=False) == ("xla", None)
     bad = triton.Tiles(_KT, triton.KernelTiles(16, 24, 16, 4, 1), _KT)
     assert "tiles.dlhs.block_k (24) must be a power of two" in triton.supports(call, bad)
     warps = triton.Tiles(_KT, _KT, triton.KernelTiles(16, 16, 16, 6, 1))
@@ -164,14 +168,15 @@ def test_dispatch():
 
 
 def test_lowers_for_a_hopper_gpu_ahead_of_time():
-    """Lowered on this host for an H200: "auto" takes the Triton kernels at their default tiles
-    (forward, d_lhs, d_rhs: three Triton calls, no ragged_dot), and JAX's Hopper forward kernel
+    """Lowered on this host for an H200: the Triton kernels at their default tiles (forward,
+    d_lhs, d_rhs: three Triton calls, no ragged_dot), and JAX's Hopper forward kernel
     lowers with the default tiles, rhs read plain and transposed (its rhs-gradient kernel asks
     the local device for its SM count, so it lowers only on a GPU)."""
     sizes = jnp.array([100, 0, 120, 50], jnp.int32)
 
     def fwd_bwd(lhs, rhs, dout):
-        out, vjp = jax.vjp(lambda a, b: grouped_matmul(a, b, sizes), lhs, rhs)
+        out, vjp = jax.vjp(lambda a, b: grouped_matmul(a, b, sizes, implementation="triton"),
+                           lhs, rhs)
         return (out, *vjp(dout))
 
     with lowering_for("NVIDIA H200"):
@@ -196,7 +201,7 @@ def test_inside_shard_map_sums_the_replicated_rhs_gradient():
     sizes = jnp.array([[20, 0, 40], [64, 0, 0]], jnp.int32)
 
     def loss(lhs, rhs):
-        per_shard = lambda a, b, s: grouped_matmul(a[0], b, s[0])[None]
+        per_shard = lambda a, b, s: grouped_matmul(a[0], b, s[0], implementation="triton")[None]
         out = jax.shard_map(per_shard, in_specs=(P("x"), P(), P("x")), out_specs=P("x"))(
             lhs.reshape(2, 64, 32), rhs, sizes)
         return jnp.sum(out.astype(jnp.float32))
@@ -275,9 +280,14 @@ def test_moe_layer_auto_keeps_ragged_dot_where_a_kernel_would_be_gathered(monkey
     params = meta.unbox(layer.init(jax.random.key(0), x)["params"])
     cfg = load_config(None, ["mesh.data=2", "mesh.expert=2", "mesh.tensor=2"])
     want = layer.clone(grouped_matmul="xla").apply({"params": params}, x)
+    from pallas_kernels.grouped_matmul import api
+
     monkeypatch.setattr(_api, "target_platform", lambda: "gpu")
+    # a dispatch whose "auto" takes the Triton kernels on a GPU target
+    monkeypatch.setattr(api, "DISPATCH", _api.Dispatch(api.DISPATCH.package,
+                                                       (_api.Lowering("triton", "gpu"),)))
     call = Call(64, 16, 32, 4, jnp.dtype(jnp.float32), jnp.dtype(jnp.float32))
-    assert DISPATCH.choose("auto", call, interpret=False)[0] == "triton"
+    assert api.DISPATCH.choose("auto", call, interpret=False)[0] == "triton"
     with sharding.activate(sharding.make_mesh(cfg.mesh), sharding.axis_rules(cfg.mesh)):
         got = jax.jit(layer.apply)({"params": params}, x)
     assert_close("out", got, want, 1e-5)

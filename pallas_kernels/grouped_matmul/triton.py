@@ -166,8 +166,9 @@ def _gmm_kernel(group_ref, block_ref, lo_ref, hi_ref, lhs_ref, rhs_ref, out_ref,
         return acc + _dot(x, w, 1, 0)
 
     # The rows past the sum (group == groups) are stored as zeros without a product.
-    n_steps = jnp.where(group < groups, pl.cdiv(k_dim, bk), 0)
-    acc = jax.lax.fori_loop(0, n_steps, step, jnp.zeros((bm, bn), f32))
+    n_steps = jnp.where(group < groups, pl.cdiv(k_dim, bk), 0).astype(jnp.int32)
+    # (bounds of one integer type: Triton's scf.for verifier rejects mixed ones)
+    acc = jax.lax.fori_loop(jnp.int32(0), n_steps, step, jnp.zeros((bm, bn), f32))
     plgpu.store(out_ref.at[pl.ds(row0, bm), pl.ds(col0, bn)], acc.astype(out_ref.dtype),
                 mask=_mask(row_ok, col_ok, (bm, bn)))
 
@@ -209,8 +210,8 @@ def _tgmm_kernel(start_ref, end_ref, lhs_ref, dout_ref, out_ref, *, t: KernelTil
         dy = _load(dout_ref.at[pl.ds(row0, bm), pl.ds(col0, bn)], _mask(row_ok, col_ok, (bm, bn)))
         return acc + _dot(x, dy, 0, 0)
 
-    n_steps = jnp.where(end > start, pl.cdiv(end, bm) - first, 0)
-    acc = jax.lax.fori_loop(0, n_steps, step, jnp.zeros((bk, bn), f32))
+    n_steps = jnp.where(end > start, pl.cdiv(end, bm) - first, 0).astype(jnp.int32)
+    acc = jax.lax.fori_loop(jnp.int32(0), n_steps, step, jnp.zeros((bk, bn), f32))
     plgpu.store(out_ref.at[group, pl.ds(k0, bk), pl.ds(col0, bn)], acc.astype(out_ref.dtype),
                 mask=_mask(k_ok, col_ok, (bk, bn)))
 
