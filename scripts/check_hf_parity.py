@@ -169,6 +169,8 @@ def main() -> None:
     parser.add_argument("--small", action="store_true", help="tiny shapes (a quick check)")
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--layers", type=int, default=None,
+                        help="override every model's layer count (real widths, fewer layers)")
     args = parser.parse_args()
     import torch
 
@@ -182,7 +184,8 @@ def main() -> None:
     print(f"{'type':8s} {'params':>12s} {'max|dlogit|':>12s} {'KL':>10s} {'KL fp32':>10s} "
           f"{'floor':>10s} {'HF->run->HF':>12s} {'convert s':>9s}")
     for t in args.types:
-        r = check(t, specs[t], args, torch, device)
+        spec = specs[t] if args.layers is None else {**specs[t], "num_hidden_layers": args.layers}
+        r = check(t, spec, args, torch, device)
         print(f"{r['type']:8s} {r['params']:12,d} {r['max_abs_diff']:12.3e} {r['kl']:10.3e} "
               f"{r['kl_fp32']:10.3e} {r['floor_fp32']:10.3e} "
               f"{'exact' if r['round_trip_exact'] else 'DIFFERS':>12s} {r['convert_s']:9.1f}")
