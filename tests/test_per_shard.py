@@ -81,3 +81,14 @@ def test_the_stage_axis_is_manual_under_the_pipeline_vmap():
     want = jax.value_and_grad(lambda x, w: jnp.sum(jnp.sin(x * w)), argnums=(0, 1))(x, w)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6)
+
+
+def test_query_and_kv_heads_split_differently_is_an_error():
+    from meshlm.layers.attention import attend
+
+    rules = tuple((n, None if n == "activation_kv_heads" else a) for n, a in DEFAULT_RULES)
+    mesh = sharding.make_mesh(MeshConfig(data=1, tensor=2), jax.devices()[:2])
+    q = jnp.ones((2, 8, 4, 16), jnp.float32)
+    k = jnp.ones((2, 8, 2, 16), jnp.float32)
+    with sharding.activate(mesh, rules), pytest.raises(ValueError, match="same mesh axes"):
+        attend(q, k, k, implementation="triton", interpret=True)

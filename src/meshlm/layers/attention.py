@@ -50,6 +50,12 @@ def attend(q, k, v, *, q_segment_ids=None, kv_segment_ids=None, causal: bool = T
 
     if not per_shard.runs_a_kernel(implementation):
         return product(q, k, v, q_segment_ids, kv_segment_ids)
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.axis_names and (per_shard.mesh_axes("activation_heads", mesh)
+                            != per_shard.mesh_axes("activation_kv_heads", mesh)):
+        raise ValueError("attention kernels need query and kv heads split over the same mesh "
+                         "axes (query head h reads kv head h // group on each device); the rules "
+                         "map activation_heads and activation_kv_heads differently")
     # Split over batch and heads only: a query attends across the whole length.
     q_axes, kv_axes = ("activation_batch", None, "activation_heads", None), (
         "activation_batch", None, "activation_kv_heads", None)
