@@ -157,15 +157,21 @@ def jax_worker(args) -> dict:
 
 def random_batch(cfg, rng, b: int, length: int) -> dict:
     """A batch of the family's type (``batch_fields``): random token fields, positions
-    ``0..length-1``, one segment per row, every token counted in the loss."""
+    ``0..length-1``, one segment per row, every token counted in the loss. A seq2seq decoder
+    side has the run's ``data.target_len`` instead of ``length``."""
     import numpy as np
 
+    from meshlm.data.batches import batch_shapes, decoder_fields
+
+    shapes, decoder = batch_shapes(cfg), decoder_fields(cfg.model.batch_fields)
+
     def field(name, dtype):
+        n = shapes[name][1] if name in decoder else length
         if name.endswith("positions"):
-            return np.broadcast_to(np.arange(length, dtype=dtype), (b, length))
+            return np.broadcast_to(np.arange(n, dtype=dtype), (b, n))
         if name.endswith("segment_ids") or name == "loss_mask":
-            return np.ones((b, length), dtype)
-        return rng.integers(0, cfg.model.vocab_size, (b, length), dtype=dtype)
+            return np.ones((b, n), dtype)
+        return rng.integers(0, cfg.model.vocab_size, (b, n), dtype=dtype)
 
     return {k: field(k, np.dtype(d)) for k, d in cfg.model.batch_fields.items()}
 

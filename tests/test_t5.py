@@ -14,13 +14,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import tokenizers
-from _helpers import compile_train_step
 from flax.core import meta
 
-from meshlm import sharding
 from meshlm.config import ConfigError, load_config, model_config
 from meshlm.data import build_data
-from meshlm.data.batches import SEQ2SEQ
+from meshlm.data.batches import DECODER_SIDE, SEQ2SEQ, batch_shapes
 from meshlm.data.seq2seq import (
     SpanCorruptionRows,
     TextPairRows,
@@ -30,9 +28,12 @@ from meshlm.data.seq2seq import (
     encode_pairs,
     noise_mask,
     span_counts,
+    span_target_length,
+    target_length,
 )
 from meshlm.layers.relative_position import relative_position_bucket
 from meshlm.models import build_model, t5
+from meshlm.train.setup import build
 
 pytestmark = pytest.mark.usefixtures("fast_compile")  # tiny shapes: compiling dominates
 
@@ -242,23 +243,26 @@ TINY = [f"model.{k}={v}" for k, v in SIZES.items()] + [
 
 
 def _random_batch(cfg):
+    """Random rows at the run's lengths: encoder ``data.seq_len``, decoder ``data.target_len``
+    (TINY derives 5 from its 16 encoder tokens)."""
     rng = np.random.default_rng(0)
-    b, length, v = cfg.data.batch_size, cfg.data.seq_len, cfg.model.vocab_size
-    dec = rng.integers(0, v, (b, length + 1), dtype=np.int32)
+    shapes, v = batch_shapes(cfg), cfg.model.vocab_size
+    (b, enc_len), dec_len = shapes["encoder_tokens"], shapes["targets"][1]
+    dec = rng.integers(0, v, (b, dec_len + 1), dtype=np.int32)
     batch = jax.tree.map(np.array, _batch(
-        jnp.asarray(rng.integers(0, v, (b, length), dtype=np.int32)), jnp.asarray(dec[:, :-1]),
+        jnp.asarray(rng.integers(0, v, (b, enc_len), dtype=np.int32)), jnp.asarray(dec[:, :-1]),
         jnp.asarray(dec[:, 1:])))
-    batch["loss_mask"][:, -3:] = 0  # some padding
+    batch["loss_mask"][:, -2:] = 0  # some padding
     return batch
 
 
 def _losses(overrides, devices, steps=3):
     cfg = load_config(None, TINY + overrides)
-    mesh, rules, state, step = compile_train_step(cfg, devices)
-    batch = jax.device_put(_random_batch(cfg), sharding.batch_sharding(mesh, rules))
+    run = build(cfg, devices)
+    state, batch = run.init_state(0), run.put(_random_batch(cfg))
     losses = []
     for _ in range(steps):
-        state, metrics = step(state, batch)
+        state, metrics = run.train_step(state, batch)
         losses.append(float(metrics["loss"]))
     return losses
 
@@ -269,7 +273,27 @@ def single_device_losses():
 
 
 def test_training_steps_reduce_the_loss(single_device_losses):
+    assert np.all(np.isfinite(single_device_losses))
     assert single_device_losses[-1] < single_device_losses[0] - 0.1, single_device_losses
+
+
+def test_encoder_and_decoder_lengths_differ():
+    """TINY's 16 encoder tokens need 5 decoder positions (derived); an explicit
+    ``data.target_len`` wins; a batch of other lengths is refused before it reaches the step."""
+    run = build(load_config(None, TINY + ["mesh.data=1"]), jax.devices()[:1])
+    assert run.batch_shapes["encoder_tokens"] == (8, 16)
+    assert {run.batch_shapes[k] for k in DECODER_SIDE} == {(8, 5)}
+    batch = _random_batch(run.cfg)
+    batch["targets"] = np.zeros((8, 16), np.int32)
+    with pytest.raises(ValueError, match=r"'targets': \(8, 16\)"):
+        run.put(batch)
+    cfg = load_config(None, TINY + ["data.target_len=8"])
+    assert batch_shapes(cfg)["loss_mask"] == (8, 8) and target_length(cfg) == 8
+    pairs = load_config(None, TINY + ["data.source=pairs"])
+    assert target_length(pairs) == 16  # pairs: the encoder's length unless set
+    with pytest.raises(ConfigError, match=r"data.target_len=17 must be in \[1, "
+                                          r"model.max_seq_len=16\]"):
+        build(load_config(None, TINY + ["data.target_len=17"]), jax.devices()[:1])
 
 
 def test_dp_fsdp_tp_losses_equal_single_device(single_device_losses):
@@ -332,6 +356,40 @@ def test_span_corruption_statistics_sentinels_and_inverse():
                                seed=5)
     np.testing.assert_array_equal(again[3]["encoder_tokens"], rows[3]["encoder_tokens"])
     assert not np.array_equal(rows[3]["targets"], rows[4]["targets"])
+
+
+def test_derived_target_length_is_t5s():
+    """T5's ``random_spans_helper`` at 512 inputs, density 0.15, mean span 3: chunks of 568
+    tokens, 114 targets (the T5 paper's pre-training lengths)."""
+    assert chunk_length(512, 0.15, 3.0) == 568
+    assert span_target_length(512, 0.15, 3.0) == 114
+    assert chunk_length(512, 0.15, 3.0, target_len=114) == 568
+
+
+@pytest.mark.parametrize("target_len", [None, 20])
+def test_span_corrupted_examples_fit_exactly(target_len):
+    """Every row's example is whole on both sides (end-of-text last, every sentinel of the
+    inputs followed by its span in the targets); at the derived length full chunks fill the
+    decoder side exactly, and a shorter ``target_len`` shrinks the chunk instead of cutting."""
+    vocab, eos, seq_len = 2048, 1, 128
+    stream = np.random.default_rng(1).integers(2, 1900, 3_000).astype(np.uint16)
+    rows = SpanCorruptionRows(stream, seq_len, vocab_size=vocab, eos_id=eos, start_id=0, seed=2,
+                              target_len=target_len)
+    assert rows.target_len == (29 if target_len is None else target_len)
+    n = rows.chunk
+    dec_lens = []
+    for r in range(len(rows)):
+        row = rows[r]
+        assert row["encoder_tokens"].shape == (seq_len,)
+        assert all(row[k].shape == (rows.target_len,) for k in DECODER_SIDE)
+        enc_len, dec_len = int(row["encoder_segment_ids"].sum()), int(row["loss_mask"].sum())
+        inputs, targets = row["encoder_tokens"][:enc_len], row["targets"][:dec_len]
+        assert inputs[-1] == eos and targets[-1] == eos
+        assert _reconstruct(inputs[:-1], targets[:-1], vocab, 64) == list(stream[r * n:(r + 1) * n])
+        dec_lens.append(dec_len)
+    assert max(dec_lens) == rows.target_len  # the noise count is fixed per chunk
+    if target_len is not None:
+        assert n < chunk_length(seq_len, 0.15, 3.0)
 
 
 @pytest.mark.parametrize("length", [2, 3, 10, 57, 500])
@@ -412,6 +470,9 @@ def test_encoder_input_longer_than_max_seq_len_is_an_error():
     with pytest.raises(ConfigError, match=r"ex:1: the input has 6 tokens .* data.seq_len=5 "
                                           r"\(the encoder length\)"):
         encode_pairs(tok, [("w1 w2 w3 w4 w5", "w1")], 0, 5, ["ex:1"])
+    with pytest.raises(ConfigError, match=r"ex:2: the target has 4 tokens .* "
+                                          r"data.target_len=3 \(the decoder length\)"):
+        encode_pairs(tok, [("w1", "w1 w2 w3")], 0, 5, ["ex:2"], target_len=3)
 
 
 def test_vocabulary_too_small_for_sentinels_is_an_error():

@@ -198,6 +198,9 @@ class DataConfig:
     mean_noise_span_length: float = 3.0
     tokenizer: str | None = None  # path to a tokenizer.json; None: train a byte-level BPE
     seq_len: int = 256
+    # sequence-to-sequence: the decoder's length (seq_len is the encoder's); None: what span
+    # corruption's targets need at seq_len (T5: 512 -> 114), or seq_len for pairs
+    target_len: int | None = None
     batch_size: int = 32  # global, in rows of seq_len tokens
     val_fraction: float = 0.05  # by file
     max_files: int | None = None

@@ -209,9 +209,10 @@ def build_pair_data(cfg: Config, run_dir: pathlib.Path) -> Data:
             corpus_record(root, split.train))
     eos = eos_id(tokenizer, repr(str(run_dir / TOKENIZER_FILE)))
     start = seq2seq.decoder_start_id(tokenizer, cfg.model.decoder_start_token)
+    target_len = seq2seq.target_length(cfg)
     rows = {name: seq2seq.TextPairRows(
         seq2seq.encode_pairs(tokenizer, [p for _, p in items], eos, d.seq_len,
-                             [w for w, _ in items]), d.seq_len, start)
+                             [w for w, _ in items], target_len), d.seq_len, start, target_len)
             for name, items in texts.items()}
     return Data(tokenizer=tokenizer, eos_id=eos, vocab_size=vocab_size(tokenizer),
                 train_rows=rows["train"], val_rows=rows["val"], batch_size=d.batch_size,

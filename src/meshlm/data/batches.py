@@ -22,7 +22,9 @@ DECODER_LM: dict[str, str] = {
 # ``decoder_tokens`` (the targets shifted right behind the decoder start token, per segment) and
 # predicts ``targets``. Both sides are packed: segment ``s`` of the decoder row belongs to
 # segment ``s`` of the encoder row (ids from 1, 0 = padding), positions restart in each, and
-# ``loss_mask`` is 1 on the real target tokens. Both sides have the batch's one length.
+# ``loss_mask`` is 1 on the real target tokens. The encoder side has ``data.seq_len`` positions,
+# the decoder side (``DECODER_SIDE``) ``data.target_len``: span-corruption targets are much
+# shorter than their inputs.
 SEQ2SEQ: dict[str, str] = {
     "encoder_tokens": "int32",
     "encoder_positions": "int32",
@@ -33,3 +35,26 @@ SEQ2SEQ: dict[str, str] = {
     "targets": "int32",
     "loss_mask": "float32",
 }
+
+# The SEQ2SEQ fields that have the decoder's length.
+DECODER_SIDE = frozenset({"decoder_tokens", "decoder_positions", "decoder_segment_ids", "targets",
+                          "loss_mask"})
+
+
+def decoder_fields(fields: dict[str, str]) -> frozenset[str]:
+    """The fields of batch type ``fields`` that have the decoder's length (none in a
+    ``DECODER_LM`` batch, whose ``targets`` are the next tokens of its ``inputs``)."""
+    return DECODER_SIDE if fields == SEQ2SEQ else frozenset()
+
+
+def batch_shapes(cfg) -> dict[str, tuple[int, int]]:
+    """``(data.batch_size, length)`` of each field of the model's batch type: the decoder-side
+    fields have the run's target length (``seq2seq.target_length``), the others ``data.seq_len``."""
+    fields, d = cfg.model.batch_fields, cfg.data
+    decoder = decoder_fields(fields)
+    target = d.seq_len
+    if decoder:
+        from meshlm.data.seq2seq import target_length
+
+        target = target_length(cfg)
+    return {k: (d.batch_size, target if k in decoder else d.seq_len) for k in fields}

@@ -24,6 +24,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from meshlm import sharding
 from meshlm.config import Config, ConfigError
+from meshlm.data.batches import batch_shapes
 from meshlm.layers.pipeline import PipelineSchedule
 from meshlm.models import build_model
 from meshlm.train.optimizer import make_optimizer
@@ -48,9 +49,11 @@ class Run:
     def shardings(self) -> TrainState:
         return jax.tree.map(lambda a: a.sharding, self.abstract_state)
 
-    @property
-    def global_batch_shape(self) -> tuple[int, int]:
-        return self.cfg.data.batch_size, self.cfg.data.seq_len
+    @functools.cached_property
+    def batch_shapes(self) -> dict[str, tuple[int, int]]:
+        """The global ``(rows, length)`` of each batch field (a seq2seq decoder side has
+        ``data.target_len``)."""
+        return batch_shapes(self.cfg)
 
     def init_state(self, seed: int | None = None) -> TrainState:
         """A fresh state from ``seed`` (default ``train.seed``), created sharded."""
@@ -69,8 +72,13 @@ class Run:
     def put(self, batch: dict) -> dict:
         """A host batch -> global arrays under the batch sharding. With several processes each
         passes only its ``process_rows`` (``check_process_rows``); together they are one array."""
-        return jax.make_array_from_process_local_data(self.batch_sharding, batch,
-                                                      self.global_batch_shape)
+        shapes = self.batch_shapes
+        bad = {k: getattr(batch.get(k), "shape", None) for k in shapes.keys() | batch.keys()
+               if k not in shapes or k not in batch or batch[k].shape[1:] != shapes[k][1:]}
+        if bad:
+            raise ValueError(f"batch fields {bad} (name: shape) do not match the compiled "
+                             f"{shapes} (data.seq_len, and data.target_len on a decoder side)")
+        return jax.make_array_from_process_local_data(self.batch_sharding, batch, shapes)
 
     @property
     def flops_per_token(self) -> float:
@@ -105,11 +113,13 @@ def check_batch(cfg: Config, mesh: Mesh, rules) -> None:
             f"of {dp * t.grad_accum}"
         )
     seq_shards = sharding.axis_size(mesh, rules, "activation_length")
-    if cfg.data.seq_len % seq_shards:
-        raise ConfigError(
-            f"data.seq_len={cfg.data.seq_len} is not divisible by the sequence-parallel size "
-            f"{seq_shards} ({_axes_of(mesh, rules, 'activation_length')})"
-        )
+    for length in sorted({length for _, length in batch_shapes(cfg).values()}):
+        name = "data.seq_len" if length == cfg.data.seq_len else "data.target_len"
+        if length % seq_shards:
+            raise ConfigError(
+                f"{name}={length} is not divisible by the sequence-parallel size "
+                f"{seq_shards} ({_axes_of(mesh, rules, 'activation_length')})"
+            )
     check_process_rows(cfg, mesh, rules)  # (after the checks that make the batch shardable)
 
 

@@ -121,7 +121,7 @@ def make_eval_step(run) -> Callable[[Any, dict], dict]:
 def _compile(jitted, run, *abstract_args):
     """Lower and compile once, ahead of time, under the mesh and rules (so the model's logical
     constraints bind); calling with other shapes or shardings is an error, never a recompile."""
-    batch = {k: jax.ShapeDtypeStruct(run.global_batch_shape, jnp.dtype(d),
+    batch = {k: jax.ShapeDtypeStruct(run.batch_shapes[k], jnp.dtype(d),
                                      sharding=run.batch_sharding)
              for k, d in run.cfg.model.batch_fields.items()}
     with sharding.activate(run.mesh, run.rules):
