@@ -207,14 +207,22 @@ def _qualified(cls) -> str:
 
 
 def unvary_like(g, primal):
-    """``g`` summed over the mesh axes it varies over and ``primal`` does not (None stays None).
+    """``g`` with ``primal``'s varying mesh axes (None stays None): summed over the axes it varies
+    over and ``primal`` does not, and marked varying over those ``primal`` varies over and it
+    does not.
 
     Inside ``shard_map`` an input replicated over mesh axes (A, D, a bias next to a sharded batch)
-    gets the sum of every shard's gradient, as autodiff of the implicit ``pvary`` would."""
+    gets the sum of every shard's gradient, as autodiff of the implicit ``pvary`` would; and a
+    kernel whose output type names no varying axes (JAX's own Hopper kernels) still returns a
+    gradient typed like its input, as a custom VJP must."""
     if g is None:
         return None
-    extra = tuple(jax.typeof(g).mat.varying - jax.typeof(primal).mat.varying)
-    return jax.lax.psum(g, extra) if extra else g
+    have, want = jax.typeof(g).mat.varying, jax.typeof(primal).mat.varying
+    if extra := tuple(have - want):
+        g = jax.lax.psum(g, extra)
+    if missing := tuple(want - have):
+        g = jax.lax.pcast(g, missing, to="varying")
+    return g
 
 
 def checkpointed_scan(package: str):

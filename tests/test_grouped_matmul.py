@@ -291,3 +291,43 @@ def test_moe_layer_auto_keeps_ragged_dot_where_a_kernel_would_be_gathered(monkey
     with sharding.activate(sharding.make_mesh(cfg.mesh), sharding.axis_rules(cfg.mesh)):
         got = jax.jit(layer.apply)({"params": params}, x)
     assert_close("out", got, want, 1e-5)
+
+
+def test_moe_expert_parallel_lowers_with_the_hopper_kernels(monkeypatch):
+    """The MoE layer on a data x expert mesh, lowered for an H200 with "auto" (JAX's Hopper
+    kernels), forward and backward: inside the expert-parallel shard_map every gradient carries
+    its input's varying axes (the kernels' outputs name none). The rhs-gradient kernel asks the
+    local device for its SM count, faked here (this host has no GPU)."""
+    import flax.linen as nn
+    from flax.core import meta
+    from jax.experimental.pallas.ops.gpu import transposed_ragged_dot_mgpu
+
+    from meshlm import sharding
+    from meshlm.config import load_config
+    from meshlm.layers.moe import MoeMlp
+
+    class _Jax:  # jax, but devices() is one Hopper with its 132 SMs
+        def __getattr__(self, name):
+            return getattr(jax, name)
+
+        @staticmethod
+        def devices():
+            return [type("Device", (), {"core_count": 132})()]
+
+    monkeypatch.setattr(transposed_ragged_dot_mgpu, "jax", _Jax())
+    layer = MoeMlp(n_experts=4, top_k=2, d_ff=128, dtype=jnp.bfloat16)
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((4, 64, 128)), jnp.bfloat16)
+    params = meta.unbox(layer.init(jax.random.key(0), x)["params"])
+    cfg = load_config(None, ["mesh.data=2", "mesh.expert=2"])
+    mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:4])
+    hopper = jax.sharding.AbstractMesh(
+        tuple(mesh.shape.values()), mesh.axis_names,
+        axis_types=(jax.sharding.AxisType.Auto,) * len(mesh.axis_names),
+        abstract_device=jax.sharding.AbstractDevice(device_kind="NVIDIA H200", num_cores=None,
+                                                    platform="gpu"))
+    loss = lambda p, x: jnp.sum(layer.apply(p, x).astype(jnp.float32))  # noqa: E731
+    with jax.sharding.use_abstract_mesh(hopper), nn.logical_axis_rules(
+            sharding.axis_rules(cfg.mesh)):
+        text = jax.jit(jax.grad(loss, argnums=(0, 1))).trace({"params": params}, x).lower(
+            lowering_platforms=("cuda",)).as_text()
+    assert "all_to_all" in text and "mosaic_gpu" in text
