@@ -138,7 +138,10 @@ class T5Config(ModelConfig):
             d_model=hf["d_model"], n_layers=hf["num_layers"],
             n_decoder_layers=hf.get("num_decoder_layers") or hf["num_layers"],
             n_heads=hf["num_heads"], d_kv=hf["d_kv"], d_ff=hf["d_ff"], feed_forward=ff,
-            tie_embeddings=hf.get("tie_word_embeddings", True),
+            # transformers 5 writes tie_word_embeddings=true always and says "T5 v1.1: no logit
+            # scaling, its own lm_head" with scale_decoder_outputs=false
+            tie_embeddings=bool(hf.get("tie_word_embeddings", True)
+                                and hf.get("scale_decoder_outputs", True)),
             relative_buckets=hf.get("relative_attention_num_buckets", 32),
             relative_max_distance=hf.get("relative_attention_max_distance", 128),
             norm_eps=hf.get("layer_norm_epsilon", 1e-6), dropout=hf.get("dropout_rate", 0.1),
