@@ -69,15 +69,19 @@ class Run:
     def eval_step(self) -> Callable[[Any, dict], dict]:
         return make_eval_step(self)
 
-    def put(self, batch: dict) -> dict:
-        """A host batch -> global arrays under the batch sharding. With several processes each
-        passes only its ``process_rows`` (``check_process_rows``); together they are one array."""
+    def put(self, batch: dict | list[dict]) -> dict | list[dict]:
+        """A host batch (or a list of them) -> global arrays under the batch sharding. With
+        several processes each passes only its ``process_rows`` (``check_process_rows``);
+        together they are one array. Fields of other lengths than compiled are a ValueError."""
         shapes = self.batch_shapes
-        bad = {k: getattr(batch.get(k), "shape", None) for k in shapes.keys() | batch.keys()
-               if k not in shapes or k not in batch or batch[k].shape[1:] != shapes[k][1:]}
-        if bad:
-            raise ValueError(f"batch fields {bad} (name: shape) do not match the compiled "
-                             f"{shapes} (data.seq_len, and data.target_len on a decoder side)")
+        for one in batch if isinstance(batch, list) else [batch]:
+            bad = {k: getattr(one.get(k), "shape", None) for k in shapes.keys() | one.keys()
+                   if k not in shapes or k not in one or one[k].shape[1:] != shapes[k][1:]}
+            if bad:
+                raise ValueError(
+                    f"batch fields {bad} (name: shape) do not match the compiled {shapes} "
+                    "(data.seq_len, and data.target_len on a decoder side)")
+        shapes = [shapes] * len(batch) if isinstance(batch, list) else shapes
         return jax.make_array_from_process_local_data(self.batch_sharding, batch, shapes)
 
     @property
