@@ -297,6 +297,7 @@ def main(argv=None) -> None:
 
     batches, seqs = per_config(args.batch, "batch"), per_config(args.seq, "seq")
     from meshlm.config import load_config
+    from meshlm.train.setup import flops_per_token
 
     rows, records = [], []
     out = pathlib.Path(args.out) if args.out else None
@@ -312,7 +313,7 @@ def main(argv=None) -> None:
         overrides = [*DEFAULTS.get(pathlib.Path(config).stem, {}).get("overrides", ()), *own,
                      *args.set]
         cfg = load_config(config_path(config), [*overrides, f"data.seq_len={seq}"])
-        flops = cfg.model.flops_per_token(seq)
+        flops = flops_per_token(cfg)
         print(f"== {entry}: batch {batch} x {seq}, overrides {overrides}", flush=True)
         res = {"jax": run_worker("jax", args, config, batch, seq, overrides)}
         if not args.skip_torch and cfg.model.family in TORCH_BASELINES and _has_cuda_torch():

@@ -234,6 +234,15 @@ def test_flops_per_token_counts_every_matmul_parameter():
                  if "norm" not in k and "relative_bias" not in k and "embed" not in k)
     scores = 12.0 * 16 * cfg.n_heads * cfg.d_kv * (cfg.n_layers + 1.5 * cfg.decoder_layers)
     assert cfg.flops_per_token(16) == 6.0 * matmul + scores
+    # 16 encoder / 4 decoder tokens: the decoder's matmuls (LM head included) and scores count
+    # for 4 of every 16 encoder tokens; its self-attention sees 4 keys, cross-attention 16
+    encoder = sum(v.size for k, v in flat.items() if "'encoder'" in k and "norm" not in k
+                  and "relative_bias" not in k)
+    inner = cfg.n_heads * cfg.d_kv
+    per_decoder_token = (6.0 * (matmul - encoder)
+                         + 12.0 * inner * cfg.decoder_layers * (0.5 * 4 + 16))
+    expected = 6.0 * encoder + 12.0 * 16 * inner * cfg.n_layers + per_decoder_token * 4 / 16
+    assert math.isclose(cfg.flops_per_token(16, target_len=4), expected, rel_tol=1e-12)
 
 
 # ------------------------------------------------------------------------- parallelism, training

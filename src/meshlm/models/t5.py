@@ -198,19 +198,21 @@ class T5Config(ModelConfig):
                          dtype=jnp.dtype(self.dtype), param_dtype=jnp.dtype(self.param_dtype),
                          name=name)
 
-    def flops_per_token(self, seq_len: int) -> float:
-        """Training FLOPs per row position, i.e. per (encoder token, decoder token) pair at
-        encoder and decoder length ``seq_len`` (the batch has one length). PaLM's convention as in
-        ``GPTConfig``: ``6 *`` the matmul parameters (encoder attention + FFN, decoder self- and
-        cross-attention + FFN, the LM head), plus scores and weighted sums, ``12 * L * H * d_kv``
-        per full attention layer (encoder, cross) and half of that for causal self-attention."""
+    def flops_per_token(self, seq_len: int, target_len: int | None = None) -> float:
+        """Training FLOPs per encoder token at encoder length ``seq_len`` and decoder length
+        ``target_len`` (None: ``seq_len``): a row's decoder work is spread over its encoder
+        tokens. PaLM's convention as in ``GPTConfig``: ``6 *`` the matmul parameters (encoder
+        attention + FFN; decoder self- and cross-attention + FFN and the LM head, per decoder
+        token), plus scores and weighted sums, ``12 * keys * H * d_kv`` per query of a full
+        attention layer (encoder, cross) and half of that for causal self-attention."""
+        target = seq_len if target_len is None else target_len
         d, inner = self.d_model, self.n_heads * self.d_kv
         ffn = d * self.d_ff * (3 if self.feed_forward == "gated-gelu" else 2)
         attention = 4 * d * inner
-        params = (self.n_layers * (attention + ffn)
-                  + self.decoder_layers * (2 * attention + ffn) + d * self.vocab_size)
-        scores = 12.0 * seq_len * inner * (self.n_layers + 1.5 * self.decoder_layers)
-        return 6.0 * params + scores
+        encoder = 6.0 * self.n_layers * (attention + ffn) + 12.0 * seq_len * inner * self.n_layers
+        decoder = (6.0 * (self.decoder_layers * (2 * attention + ffn) + d * self.vocab_size)
+                   + 12.0 * inner * self.decoder_layers * (0.5 * target + seq_len))
+        return encoder + decoder * target / seq_len
 
     def example_inputs(self, batch: int, length: int) -> tuple[jax.Array, ...]:
         tokens = jnp.zeros((batch, length), jnp.int32)

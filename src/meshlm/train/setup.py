@@ -24,7 +24,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from meshlm import sharding
 from meshlm.config import Config, ConfigError
-from meshlm.data.batches import batch_shapes
+from meshlm.data.batches import batch_shapes, decoder_fields
 from meshlm.layers.pipeline import PipelineSchedule
 from meshlm.models import build_model
 from meshlm.train.optimizer import make_optimizer
@@ -86,7 +86,16 @@ class Run:
 
     @property
     def flops_per_token(self) -> float:
-        return self.cfg.model.flops_per_token(self.cfg.data.seq_len)
+        return flops_per_token(self.cfg)
+
+
+def flops_per_token(cfg: Config) -> float:
+    """The model's training FLOPs per ``data.seq_len`` row position; a sequence-to-sequence
+    model counts its decoder side at ``data.target_len``."""
+    if decoder_fields(cfg.model.batch_fields):
+        return cfg.model.flops_per_token(cfg.data.seq_len,
+                                         target_len=batch_shapes(cfg)["targets"][1])
+    return cfg.model.flops_per_token(cfg.data.seq_len)
 
 
 def build(cfg: Config, devices: Sequence[jax.Device] | None = None) -> Run:
