@@ -304,6 +304,8 @@ def test_encoder_and_decoder_lengths_differ():
     with pytest.raises(ConfigError, match=r"data.target_len=17 must be in \[1, "
                                           r"model.max_seq_len=16\]"):
         build(load_config(None, TINY + ["data.target_len=17"]), jax.devices()[:1])
+    with pytest.raises(ConfigError, match="model.family='gpt' has none"):
+        batch_shapes(load_config(None, ["data.target_len=8"]))
 
 
 def test_dp_fsdp_tp_losses_equal_single_device(single_device_losses):

@@ -7,6 +7,8 @@ eval step and the compiled shapes are built from that, never from a hard-coded d
 
 from __future__ import annotations
 
+from meshlm.config import ConfigError
+
 # Decoder-only language modelling: ``inputs`` -> next-token ``targets``; ``segment_ids`` number
 # the packed documents of a row from 1 (0 = padding), ``positions`` restart at 0 in each, and
 # ``loss_mask`` is 0 on padding and on the target that belongs to the next document.
@@ -52,6 +54,9 @@ def batch_shapes(cfg) -> dict[str, tuple[int, int]]:
     fields have the run's target length (``seq2seq.target_length``), the others ``data.seq_len``."""
     fields, d = cfg.model.batch_fields, cfg.data
     decoder = decoder_fields(fields)
+    if not decoder and d.target_len is not None:
+        raise ConfigError(f"data.target_len={d.target_len} sets a sequence-to-sequence decoder's "
+                          f"length; model.family={cfg.model.family!r} has none (leave it null)")
     target = d.seq_len
     if decoder:
         from meshlm.data.seq2seq import target_length
