@@ -102,8 +102,9 @@ def build(cfg: Config, devices: Sequence[jax.Device] | None = None) -> Run:
     """Check ``cfg`` against ``devices`` (default: every device) and build the run abstractly."""
     mesh = sharding.make_mesh(cfg.mesh, devices)
     rules = sharding.axis_rules(cfg.mesh)
-    check_batch(cfg, mesh, rules)
+    # what the model cannot split at all before what the batch must divide into
     cfg.model.validate_mesh(lambda logical: sharding.axis_size(mesh, rules, logical))
+    check_batch(cfg, mesh, rules)
     model = pipelined(build_model(cfg.model), cfg, mesh, rules)
     tx, schedule = make_optimizer(cfg)
     abstract, _ = state_shardings(cfg.model, model, tx, mesh, rules, cfg.data.seq_len)
