@@ -55,13 +55,17 @@ def gpu_arch() -> str | None:
         return None
 
 
-def lowering_for(device_kind: str, platform: str = "gpu"):
+def lowering_for(device_kind: str, platform: str = "gpu", mesh=None):
     """A context in which ``jit`` lowers for an abstract device of that kind (ahead-of-time
-    compilation for another machine): the kernels take its lowering and tiles from any host."""
+    compilation for another machine): the kernels take its lowering and tiles from any host.
+    ``mesh`` (a ``Mesh``; default one device) gives the abstract mesh its axes and sizes, so a
+    sharded program lowers for that machine too."""
     device = jax.sharding.AbstractDevice(device_kind=device_kind, num_cores=None, platform=platform)
-    mesh = jax.sharding.AbstractMesh((1,), ("x",), axis_types=(jax.sharding.AxisType.Auto,),
-                                     abstract_device=device)
-    return jax.sharding.use_abstract_mesh(mesh)
+    shape, names = ((1,), ("x",)) if mesh is None else (tuple(mesh.shape.values()),
+                                                         tuple(mesh.axis_names))
+    abstract = jax.sharding.AbstractMesh(
+        shape, names, axis_types=(jax.sharding.AxisType.Auto,) * len(names), abstract_device=device)
+    return jax.sharding.use_abstract_mesh(abstract)
 
 
 def target_device_kind() -> str:

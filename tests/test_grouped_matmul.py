@@ -320,13 +320,8 @@ def test_moe_expert_parallel_lowers_with_the_hopper_kernels(monkeypatch):
     params = meta.unbox(layer.init(jax.random.key(0), x)["params"])
     cfg = load_config(None, ["mesh.data=2", "mesh.expert=2"])
     mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:4])
-    hopper = jax.sharding.AbstractMesh(
-        tuple(mesh.shape.values()), mesh.axis_names,
-        axis_types=(jax.sharding.AxisType.Auto,) * len(mesh.axis_names),
-        abstract_device=jax.sharding.AbstractDevice(device_kind="NVIDIA H200", num_cores=None,
-                                                    platform="gpu"))
     loss = lambda p, x: jnp.sum(layer.apply(p, x).astype(jnp.float32))  # noqa: E731
-    with jax.sharding.use_abstract_mesh(hopper), nn.logical_axis_rules(
+    with lowering_for("NVIDIA H200", mesh=mesh), nn.logical_axis_rules(
             sharding.axis_rules(cfg.mesh)):
         text = jax.jit(jax.grad(loss, argnums=(0, 1))).trace({"params": params}, x).lower(
             lowering_platforms=("cuda",)).as_text()

@@ -17,6 +17,7 @@ from meshlm.layers.attention import Attention
 from meshlm.layers.mamba import Mamba2Mixer, MambaMixer
 from meshlm.layers.per_shard import per_shard
 from meshlm.layers.retention import MultiScaleRetention
+from pallas_kernels import lowering_for
 
 LAYERS = {
     "attention": lambda impl, **kw: Attention(num_heads=4, num_kv_heads=2, head_dim=16,
@@ -115,17 +116,12 @@ def test_models_lowered_for_a_gpu_run_their_kernels_per_shard(family, fields):
     params = jax.eval_shape(lambda: model.init(jax.random.key(0), tokens))["params"]
     mesh_cfg = MeshConfig(data=2, tensor=2)
     mesh = sharding.make_mesh(mesh_cfg, jax.devices()[:4])
-    h200 = jax.sharding.AbstractMesh(
-        tuple(mesh.shape.values()), mesh.axis_names,
-        axis_types=(jax.sharding.AxisType.Auto,) * len(mesh.axis_names),
-        abstract_device=jax.sharding.AbstractDevice(device_kind="NVIDIA H200", num_cores=None,
-                                                    platform="gpu"))
     seg = jnp.ones((4, 128), jnp.int32)
 
     def loss(p, t):
         return jnp.sum(model.apply({"params": p}, t, segment_ids=seg).astype(jnp.float32))
 
-    with jax.sharding.use_abstract_mesh(h200), nn.logical_axis_rules(
+    with lowering_for("NVIDIA H200", mesh=mesh), nn.logical_axis_rules(
             sharding.axis_rules(mesh_cfg)):
         text = jax.jit(jax.grad(loss)).trace(params, tokens).lower(
             lowering_platforms=("cuda",)).as_text()
