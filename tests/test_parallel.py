@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from _helpers import compile_train_step
+from _helpers import compile_train_step, packed_batches
 from meshlm import sharding
 from meshlm.config import load_config
 
@@ -47,27 +47,12 @@ EXPECTED = {
 }
 
 
-def batches(cfg, n):
-    rng = np.random.default_rng(0)
-    b, length = cfg.data.batch_size, cfg.data.seq_len
-    out = []
-    for _ in range(n):
-        tokens = rng.integers(0, cfg.model.vocab_size, (b, length + 1), dtype=np.int32)
-        out.append({
-            "inputs": tokens[:, :-1], "targets": tokens[:, 1:],
-            "segment_ids": np.ones((b, length), np.int32),
-            "positions": np.broadcast_to(np.arange(length, dtype=np.int32), (b, length)).copy(),
-            "loss_mask": np.ones((b, length), np.float32),
-        })
-    return out
-
-
 def run(overrides, devices):
     cfg = load_config(None, TINY + overrides)
     mesh, rules, state, step = compile_train_step(cfg, devices)
     losses = []
     batch_sh = sharding.batch_sharding(mesh, rules)
-    for batch in batches(cfg, STEPS):
+    for batch in packed_batches(cfg, STEPS):
         state, metrics = step(state, jax.device_put(batch, batch_sh))
         losses.append(float(metrics["loss"]))
     return mesh, state, losses
