@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import pathlib
+
 import numpy as np
+from safetensors.numpy import load_file
 
 from meshlm.train.setup import build
 
@@ -46,3 +49,16 @@ def packed_batches(cfg, n):
                     "positions": (idx - starts).astype(np.int32),
                     "loss_mask": np.ones((b, length), np.float32)})
     return out
+
+
+def read_safetensors(path: pathlib.Path) -> dict[str, np.ndarray]:
+    """Every tensor of the ``*.safetensors`` files in ``path``, by name."""
+    return {k: v for f in sorted(pathlib.Path(path).glob("*.safetensors"))
+            for k, v in load_file(str(f)).items()}
+
+
+def assert_same_tensors(got: dict[str, np.ndarray], want: dict[str, np.ndarray]) -> None:
+    """The same names, and for each the same dtype and bits (a round trip is exact)."""
+    assert sorted(got) == sorted(want)
+    for name, array in want.items():
+        assert got[name].dtype == array.dtype and np.array_equal(got[name], array), name

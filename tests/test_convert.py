@@ -22,8 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from _helpers import llama3_frequencies
-from safetensors import safe_open
+from _helpers import assert_same_tensors, llama3_frequencies, read_safetensors
 from safetensors.numpy import save_file
 
 from meshlm.cli import main
@@ -157,14 +156,6 @@ def _write_hf(path: pathlib.Path, c: dict, state: dict, shards: int = 1) -> path
         weight_map.update({n: file for n in part})
     (path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
     return path
-
-
-def _read_hf(path: pathlib.Path) -> dict[str, np.ndarray]:
-    out = {}
-    for file in path.glob("*.safetensors"):
-        with safe_open(str(file), framework="numpy") as f:
-            out.update({n: f.get_tensor(n) for n in f.keys()})
-    return out
 
 
 # --------------------------------------------------------------- HF math over the HF tensors
@@ -338,10 +329,7 @@ def test_round_trip_is_bit_exact(tmp_path, model_type):
     assert (tmp_path / "run" / "tokenizer.json").read_text() == '{"stand-in": true}'
     back = orbax_to_hf(tmp_path / "run", tmp_path / "back", max_shard_bytes=4096)
     assert (tmp_path / "back" / "model.safetensors.index.json").is_file()  # sharded at 4 KiB
-    out = _read_hf(tmp_path / "back")
-    assert sorted(out) == sorted(state)
-    for name, array in state.items():
-        assert out[name].dtype == array.dtype and np.array_equal(out[name], array), name
+    assert_same_tensors(read_safetensors(tmp_path / "back"), state)
     assert back["model_type"] == c["model_type"]
     # the written directory converts again to the same model and bit-identical parameters
     assert hf_to_orbax(tmp_path / "back", tmp_path / "again").model == cfg.model
@@ -620,7 +608,4 @@ def test_transformers_fixture(tmp_path, model_type):
                       sampling=SamplingParams(temperature=0.0))
     np.testing.assert_array_equal(np.asarray(greedy), ref["greedy"])
     orbax_to_hf(tmp_path / "run", tmp_path / "back")
-    original, back = _read_hf(hf), _read_hf(tmp_path / "back")
-    assert sorted(back) == sorted(original)
-    for name, array in original.items():
-        assert np.array_equal(back[name], array), name
+    assert_same_tensors(read_safetensors(tmp_path / "back"), read_safetensors(hf))

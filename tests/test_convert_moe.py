@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import test_convert as dense
+from _helpers import assert_same_tensors, read_safetensors
 
 from meshlm.config import ConfigError
 from meshlm.convert.hf import hf_to_orbax, orbax_to_hf
@@ -141,10 +142,7 @@ def test_round_trip_is_bit_exact_and_logits_match_hf_math(tmp_path, model_type):
         (4, 2) if model_type == "mixtral" else (6, 3)))
     assert m.load_balance_coef == pytest.approx(0.02 * m.top_k)
     back = orbax_to_hf(tmp_path / "run", tmp_path / "back", max_shard_bytes=8192)
-    out = dense._read_hf(tmp_path / "back")
-    assert sorted(out) == sorted(state)
-    for name, array in state.items():
-        assert np.array_equal(out[name], array), name
+    assert_same_tensors(read_safetensors(tmp_path / "back"), state)
     assert back["model_type"] == model_type
     assert hf_to_orbax(tmp_path / "back", tmp_path / "again").model == m
 

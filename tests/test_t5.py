@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import tokenizers
+from _helpers import assert_same_tensors, read_safetensors
 from flax.core import meta
 
 from meshlm.config import ConfigError, load_config, model_config
@@ -644,12 +645,6 @@ def test_transformers_t5_configs_translate(name, tied):
     assert (cfg.relative_buckets, cfg.relative_max_distance, cfg.d_kv) == (8, 16, 8)
 
 
-def _safetensors(path: pathlib.Path) -> dict[str, np.ndarray]:
-    from safetensors.numpy import load_file
-
-    return {k: v for f in sorted(path.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
-
-
 @pytest.mark.parametrize("name", ["t5", "t5_v1_1"])
 def test_transformers_fixture(tmp_path, name):
     """A T5 made and run by transformers itself (scripts/make_hf_fixtures.py, torch): the
@@ -679,7 +674,4 @@ def test_transformers_fixture(tmp_path, name):
                               sampling=SamplingParams(temperature=0.0))
     np.testing.assert_array_equal(np.asarray(greedy), ref["greedy"])
     orbax_to_hf(tmp_path / "run", tmp_path / "back")
-    original, back = _safetensors(hf), _safetensors(tmp_path / "back")
-    assert sorted(back) == sorted(original)
-    for key, array in original.items():
-        assert array.dtype == back[key].dtype and np.array_equal(back[key], array), key
+    assert_same_tensors(read_safetensors(tmp_path / "back"), read_safetensors(hf))
