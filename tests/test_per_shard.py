@@ -127,3 +127,17 @@ def test_models_lowered_for_a_gpu_run_their_kernels_per_shard(family, fields):
             lowering_platforms=("cuda",)).as_text()
     assert text.count("__gpu$xla.gpu.triton") >= 2  # forward and backward kernels
     assert text.count("sdy.manual_computation") >= 2  # the scanned layer's forward and backward
+
+
+def test_rules_splitting_query_and_kv_heads_differently_are_a_config_error():
+    import dataclasses
+
+    from meshlm.config import ConfigError, load_config
+    from meshlm.train.setup import build
+
+    cfg = load_config(None, ["mesh.data=4", "mesh.tensor=2"])
+    rules = tuple((n, None if n == "activation_kv_heads" else a) for n, a in cfg.mesh.rules)
+    cfg = dataclasses.replace(cfg, mesh=dataclasses.replace(cfg.mesh, rules=rules))
+    with pytest.raises(ConfigError, match=r"split activation_heads \(tensor=2\) and "
+                                          r"activation_kv_heads \(none\) differently"):
+        build(cfg)

@@ -104,6 +104,11 @@ def build(cfg: Config, devices: Sequence[jax.Device] | None = None) -> Run:
     rules = sharding.axis_rules(cfg.mesh)
     # what the model cannot split at all before what the batch must divide into
     cfg.model.validate_mesh(lambda logical: sharding.axis_size(mesh, rules, logical))
+    heads, kv_heads = (_axes_of(mesh, rules, a) for a in ("activation_heads",
+                                                          "activation_kv_heads"))
+    if heads != kv_heads:  # the attention kernels read kv head h // group of the same device
+        raise ConfigError(f"mesh.rules split activation_heads ({heads}) and activation_kv_heads "
+                          f"({kv_heads}) differently; map both to the same mesh axes")
     check_batch(cfg, mesh, rules)
     model = pipelined(build_model(cfg.model), cfg, mesh, rules)
     tx, schedule = make_optimizer(cfg)
