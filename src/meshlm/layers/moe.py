@@ -232,10 +232,39 @@ def _pipelined(mesh) -> bool:
 
 def _grouped_swiglu(rows, group_sizes, w_gate, w_up, w_out, gmm=jax.lax.ragged_dot):
     """Rows sorted by expert (``group_sizes`` of them per expert) through their experts, with
-    the grouped matmul ``gmm`` (``jax.lax.ragged_dot``'s semantics)."""
-    hidden = jax.nn.silu(gmm(rows, w_gate, group_sizes)) * gmm(rows, w_up, group_sizes)
-    hidden = nn.with_logical_constraint(hidden, (None, "activation_mlp"))
+    the grouped matmul ``gmm`` (``jax.lax.ragged_dot``'s semantics). Gate and up projections
+    run as one grouped matmul over their concatenated columns (one pass over the rows, wider
+    tiles), unless the experts' d_ff is split over a mesh axis, where joining the halves would
+    move them between devices."""
+    f = w_gate.shape[-1]
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.axis_names and mesh_axes("mlp", mesh):
+        gate, up = gmm(rows, w_gate, group_sizes), gmm(rows, w_up, group_sizes)
+    else:
+        both = gmm(rows, jnp.concatenate([w_gate, w_up], axis=-1), group_sizes)
+        gate, up = both[:, :f], both[:, f:]
+    hidden = nn.with_logical_constraint(jax.nn.silu(gate) * up, (None, "activation_mlp"))
     return gmm(hidden, w_out, group_sizes)
+
+
+@jax.custom_vjp
+def _permute(x: jax.Array, perm: jax.Array, inverse: jax.Array) -> jax.Array:
+    """``x[perm]`` for a permutation ``perm`` of x's rows (``inverse`` its inverse), whose
+    gradient is the gather ``g[inverse]``: the transpose of a gather is otherwise a scatter-add,
+    which GPUs run with atomics."""
+    return x.at[perm].get(mode="promise_in_bounds", unique_indices=True)
+
+
+def _permute_fwd(x, perm, inverse):
+    return _permute(x, perm, inverse), (perm, inverse)
+
+
+def _permute_bwd(res, g):
+    perm, inverse = res
+    return _permute(g, inverse, perm), None, None
+
+
+_permute.defvjp(_permute_fwd, _permute_bwd)
 
 
 def expert_swiglu(x: jax.Array, experts: jax.Array, w_gate: jax.Array, w_up: jax.Array,
@@ -279,7 +308,10 @@ def expert_swiglu(x: jax.Array, experts: jax.Array, w_gate: jax.Array, w_up: jax
         regroup = jnp.argsort(jnp.where(computed, by_expert, n_experts), stable=True)
         order, by_expert = order[regroup], by_expert[regroup]
         keep, computed = keep[regroup], computed[regroup]
-    rows = tokens[order // k]
+    inverse = jnp.zeros_like(order).at[order].set(
+        jnp.arange(n, dtype=order.dtype), unique_indices=True)
+    # each token once per chosen expert, then in expert order
+    rows = _permute(jnp.repeat(tokens, k, axis=0), order, inverse)
     sizes = jnp.bincount(jnp.where(computed, by_expert, n_experts), length=n_experts + 1)
     weights = (w_gate, w_up, w_out)
     if ep == 1 or not split:
@@ -289,9 +321,8 @@ def expert_swiglu(x: jax.Array, experts: jax.Array, w_gate: jax.Array, w_up: jax
         out = _exchange(rows, by_expert, computed, sizes[:-1], weights, axes, ep, gmm,
                         (n // k) * min(k, n_local) if capacity_factor is None
                         else min((n // k) * min(k, n_local), n_local * capacity))
-    out = jnp.where(computed[:, None], out, 0)
-    out = jnp.zeros_like(out).at[order].set(out)  # back to (token, k) order
-    kept = jnp.zeros((n,), bool).at[order].set(keep)
+    out = _permute(jnp.where(computed[:, None], out, 0), inverse, order)  # (token, k) order
+    kept = keep[inverse]
     return out.reshape(*lead, k, d), kept.reshape(*lead, k)
 
 
