@@ -31,6 +31,7 @@ import argparse
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 import time
@@ -231,10 +232,17 @@ def run_worker(kind: str, args, config: str, batch: int, seq: int, overrides) ->
             result = json.loads(line[len("RESULT "):])
             result["wall_s"] = time.perf_counter() - t0
             return result
-    tail = (proc.stderr or proc.stdout).strip().splitlines()[-25:]
-    print(f"[{kind} {config} failed, exit {proc.returncode}]\n" + "\n".join(tail), flush=True)
-    last = next((l for l in reversed(tail) if l.strip()), "no output")
-    return {"error": last[:160]}
+    lines = (proc.stderr or proc.stdout).strip().splitlines()
+    # A native crash ends in a stack of frames: its cause is the fatal log line before them.
+    fatal = [line for line in lines if _FATAL.search(line)][:5]
+    print(f"[{kind} {config} failed, exit {proc.returncode}]\n" + "\n".join(fatal + lines[-25:]),
+          flush=True)
+    last = next((line for line in reversed(lines) if line.strip()
+                 and not line.lstrip().startswith("@")), "no output")
+    return {"error": (fatal[0] if fatal else last)[:300]}
+
+
+_FATAL = re.compile(r"^F\d{4} |Check failed|\*\*\* SIG|Fatal Python error")
 
 
 def main(argv=None) -> None:
