@@ -9,6 +9,7 @@ the CPU time of interpret mode stays bounded.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import zlib
 from typing import Callable
@@ -50,6 +51,30 @@ class Lowering:
         """``pytest.param(lowering, case)`` for each of its cases."""
         return [pytest.param(self, case, id=f"{self.label}-{case}", marks=self.marks)
                 for case in self.cases]
+
+
+@contextlib.contextmanager
+def verified_triton_modules():
+    """Every Pallas Triton kernel lowered inside is checked by the MLIR verifier, as the GPU's
+    Triton parses it: a module that would fail "Failed to parse Triton module" on the device
+    (e.g. mixed integer types of a loop's bounds) fails here on any host. Yields the number of
+    modules checked (a one-element list)."""
+    from jax._src.pallas.triton import lowering, pallas_call_registration
+
+    lower = lowering.lower_jaxpr_to_triton_module
+    checked = [0]
+
+    def lower_and_verify(*args, **kwargs):
+        result = lower(*args, **kwargs)
+        result.module.operation.verify()  # raises with the verifier's message
+        checked[0] += 1
+        return result
+
+    pallas_call_registration.lowering.lower_jaxpr_to_triton_module = lower_and_verify
+    try:
+        yield checked
+    finally:
+        pallas_call_registration.lowering.lower_jaxpr_to_triton_module = lower
 
 
 def rel_err(x, ref) -> float:

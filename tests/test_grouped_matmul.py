@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from kernel_checks import NEEDS_GPU, NEEDS_HOPPER, assert_close
+from kernel_checks import NEEDS_GPU, NEEDS_HOPPER, assert_close, verified_triton_modules
 
 from pallas_kernels import lowering_for
 from pallas_kernels.grouped_matmul import grouped_matmul, mosaic_gpu, reference, triton
@@ -121,6 +121,24 @@ def test_triton_float32_result_from_bfloat16_and_work_items():
     assert np.all((lo // 16 == block) | (lo == hi)) and np.all(hi - lo <= 16)
     # group 0: rows 0..16 (blocks 0, 1), 2: 17..31 (block 1), 3 = past the sum: 32..39 (block 2)
     np.testing.assert_array_equal(group[lo < hi], [0, 0, 2, 3])
+
+
+@pytest.mark.parametrize("k", [96, 128])
+def test_triton_kernels_lower_to_modules_the_gpu_accepts(k):
+    """Forward and both gradients lowered for an H100 with the device-default tiles: every Triton
+    module passes the verifier (k = 128 is one contraction step, where the loop bound was once a
+    bool and the device refused the module)."""
+    lhs, rhs = jnp.ones((300, k), jnp.bfloat16), jnp.ones((4, k, 160), jnp.bfloat16)
+    sizes = jnp.array([0, 100, 77, 90], jnp.int32)
+
+    def fwd_bwd(a, b):
+        out, vjp = jax.vjp(lambda a, b: grouped_matmul(a, b, sizes, implementation="triton"),
+                           a, b)
+        return out, vjp(out)
+
+    with verified_triton_modules() as checked, lowering_for("NVIDIA H100 80GB HBM3"):
+        jax.jit(fwd_bwd).trace(lhs, rhs).lower(lowering_platforms=("cuda",))
+    assert checked[0] == 3
 
 
 @NEEDS_GPU

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
+from kernel_checks import verified_triton_modules
 from meshlm import sharding
 from meshlm.config import DEFAULT_RULES, MeshConfig
 from meshlm.layers.attention import Attention
@@ -121,8 +122,8 @@ def test_models_lowered_for_a_gpu_run_their_kernels_per_shard(family, fields):
     def loss(p, t):
         return jnp.sum(model.apply({"params": p}, t, segment_ids=seg).astype(jnp.float32))
 
-    with lowering_for("NVIDIA H200", mesh=mesh), nn.logical_axis_rules(
-            sharding.axis_rules(mesh_cfg)):
+    with verified_triton_modules(), lowering_for("NVIDIA H200", mesh=mesh), \
+            nn.logical_axis_rules(sharding.axis_rules(mesh_cfg)):
         text = jax.jit(jax.grad(loss)).trace(params, tokens).lower(
             lowering_platforms=("cuda",)).as_text()
     assert text.count("__gpu$xla.gpu.triton") >= 2  # forward and backward kernels

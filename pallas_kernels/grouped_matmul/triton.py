@@ -166,8 +166,9 @@ def _gmm_kernel(group_ref, block_ref, lo_ref, hi_ref, lhs_ref, rhs_ref, out_ref,
         return acc + _dot(x, w, 1, 0)
 
     # The rows past the sum (group == groups) are stored as zeros without a product.
-    n_steps = jnp.where(group < groups, pl.cdiv(k_dim, bk), 0).astype(jnp.int32)
-    # (bounds of one integer type: Triton's scf.for verifier rejects mixed ones)
+    # (int32 bounds: Triton's scf.for verifier rejects mixed types, and jnp.where(c, 1, 0) would
+    # reach the lowering as a bool -> int32 convert, which it leaves an i1)
+    n_steps = jax.lax.select(group < groups, jnp.int32(pl.cdiv(k_dim, bk)), jnp.int32(0))
     acc = jax.lax.fori_loop(jnp.int32(0), n_steps, step, jnp.zeros((bm, bn), f32))
     plgpu.store(out_ref.at[pl.ds(row0, bm), pl.ds(col0, bn)], acc.astype(out_ref.dtype),
                 mask=_mask(row_ok, col_ok, (bm, bn)))
