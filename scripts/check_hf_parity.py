@@ -3,15 +3,16 @@
 Needs torch and transformers (the GPU machine has both; CI does not). For each model type it
 builds a randomly initialised transformers model from a config (real shapes by default:
 GPT-2 124M, Llama-3.2-1B with its Llama-3 RoPE scaling, Mistral-7B-v0.1's first 2 layers with its
-4096-token sliding window, Qwen2-0.5B with its q/k/v biases, Mamba-130m, Mamba-2-130m; ``--small``
-for tiny ones, where Mistral's window of 32 is shorter than the tokens), with its biases (zeros
-from transformers' init) drawn at random, saves it with ``save_pretrained`` (safetensors),
-converts it with ``meshlm.convert.hf_to_orbax``, runs both on the same random tokens and prints
-the max abs logit difference and the mean KL(HF || meshlm) of the next-token distributions,
-beside the KL of each from transformers in float32 (in bfloat16 both round differently: the
-HF-bf16 KL is the noise floor a correct port shares). It
-then writes the run back with ``orbax_to_hf``, reloads that with
-``AutoModelForCausalLM.from_pretrained`` and checks its logits equal the original's exactly.
+4096-token sliding window, Qwen2-0.5B with its q/k/v biases, Mamba-130m, Mamba-2-130m, t5-base
+and t5-v1_1-base (encoder-decoders: encoder tokens and a quarter as many decoder tokens);
+``--small`` for tiny ones, where Mistral's window of 32 is shorter than the tokens), with its
+biases (zeros from transformers' init) drawn at random, saves it with ``save_pretrained``
+(safetensors), converts it with ``meshlm.convert.hf_to_orbax``, runs both on the same random
+tokens and prints the max abs logit difference and the mean KL(HF || meshlm) of the next-token
+distributions, beside the KL of each from transformers in float32 (in bfloat16 both round
+differently: the HF-bf16 KL is the noise floor a correct port shares). It then writes the run back with ``orbax_to_hf``, reloads that with ``from_pretrained``
+(``AutoModelForCausalLM``, or ``AutoModelForSeq2SeqLM``) and checks its logits equal the
+original's exactly.
 
     python scripts/check_hf_parity.py [--types gpt2 llama ...] [--dtype float32|bfloat16]
         [--small] [--seq 128] [--batch 2]
@@ -64,6 +65,13 @@ REAL = {
     "mamba2": dict(model_type="mamba2", vocab_size=50288, hidden_size=768, num_hidden_layers=24,
                    state_size=128, head_dim=64, num_heads=24, n_groups=1, chunk_size=256,
                    tie_word_embeddings=True),
+    # t5-base and t5-v1_1-base (encoder-decoder: the decoder reads a quarter of --seq tokens)
+    "t5": dict(model_type="t5", vocab_size=32128, d_model=768, d_kv=64, d_ff=3072, num_layers=12,
+               num_decoder_layers=12, num_heads=12, feed_forward_proj="relu",
+               tie_word_embeddings=True),
+    "t5_v1_1": dict(model_type="t5", vocab_size=32128, d_model=768, d_kv=64, d_ff=2048,
+                    num_layers=12, num_decoder_layers=12, num_heads=12,
+                    feed_forward_proj="gated-gelu", tie_word_embeddings=False),
 }
 SMALL = {
     "gpt2": dict(model_type="gpt2", vocab_size=512, n_positions=256, n_embd=64, n_layer=2,
@@ -93,7 +101,22 @@ SMALL = {
                   state_size=8),
     "mamba2": dict(model_type="mamba2", vocab_size=512, hidden_size=64, num_hidden_layers=2,
                    state_size=16, head_dim=16, num_heads=8, n_groups=2, chunk_size=32),
+    "t5": dict(model_type="t5", vocab_size=512, d_model=64, d_kv=16, d_ff=128, num_layers=2,
+               num_decoder_layers=2, num_heads=4, feed_forward_proj="relu",
+               tie_word_embeddings=True),
+    "t5_v1_1": dict(model_type="t5", vocab_size=512, d_model=64, d_kv=16, d_ff=128, num_layers=2,
+                    num_decoder_layers=2, num_heads=4, feed_forward_proj="gated-gelu",
+                    tie_word_embeddings=False),
 }
+
+
+def _auto_class(config_or_type):
+    """transformers' Auto class of the model: seq2seq for encoder-decoders (T5), else causal."""
+    import transformers
+
+    seq2seq = getattr(config_or_type, "is_encoder_decoder", False)
+    return (transformers.AutoModelForSeq2SeqLM if seq2seq
+            else transformers.AutoModelForCausalLM)
 
 
 def _hf_model(spec: dict, torch):
@@ -102,7 +125,7 @@ def _hf_model(spec: dict, torch):
     spec = dict(spec)
     config = transformers.AutoConfig.for_model(spec.pop("model_type"), **spec)
     torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model = _auto_class(config).from_config(config, dtype=torch.float32)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name.endswith(".bias") and not param.any():  # not special inits
@@ -113,13 +136,19 @@ def _hf_model(spec: dict, torch):
 def _load(path: str, args, torch):
     import transformers
 
-    return transformers.AutoModelForCausalLM.from_pretrained(
-        path, dtype=getattr(torch, args.dtype)).eval()
+    config = transformers.AutoConfig.from_pretrained(path)
+    return _auto_class(config).from_pretrained(path, dtype=getattr(torch, args.dtype)).eval()
 
 
 def _hf_logits(model, tokens, torch, device):
+    """Next-token logits; ``tokens`` one array (decoder-only) or (encoder, decoder) tokens."""
+    as_tensor = lambda t: torch.as_tensor(t, device=device)  # noqa: E731
     with torch.no_grad():
-        out = model.to(device)(torch.as_tensor(tokens, device=device)).logits
+        if isinstance(tokens, tuple):
+            out = model.to(device)(input_ids=as_tensor(tokens[0]),
+                                   decoder_input_ids=as_tensor(tokens[1])).logits
+        else:
+            out = model.to(device)(as_tensor(tokens)).logits
     return out.float().cpu().numpy()
 
 
@@ -139,7 +168,10 @@ def check(model_type: str, spec: dict, args, torch, device) -> dict:
         model = _hf_model(spec, torch).eval()
         model.save_pretrained(f"{tmp}/hf", safe_serialization=True)
         vocab = model.config.vocab_size
-        tokens = np.random.default_rng(0).integers(0, vocab, (args.batch, args.seq))
+        rng = np.random.default_rng(0)
+        tokens = rng.integers(0, vocab, (args.batch, args.seq))
+        if model.config.is_encoder_decoder:
+            tokens = (tokens, rng.integers(0, vocab, (args.batch, max(1, args.seq // 4))))
         exact = _hf_logits(model, tokens, torch, device)  # float32: the yardstick of both
         del model
         # Loaded in --dtype as the round trip's model is: ``.to(bfloat16)`` would also round
@@ -150,8 +182,9 @@ def check(model_type: str, spec: dict, args, torch, device) -> dict:
         hf_to_orbax(f"{tmp}/hf", f"{tmp}/run", dtype=args.dtype)
         seconds = time.perf_counter() - start
         cfg, params = restore_params(f"{tmp}/run")
-        got = np.asarray(build_model(cfg.model).apply(
-            {"params": params}, jnp.asarray(tokens, jnp.int32)), np.float32)
+        inputs = [jnp.asarray(t, jnp.int32) for t in
+                  (tokens if isinstance(tokens, tuple) else (tokens,))]
+        got = np.asarray(build_model(cfg.model).apply({"params": params}, *inputs), np.float32)
         kl = _kl(want, got)
 
         orbax_to_hf(f"{tmp}/run", f"{tmp}/back")
@@ -184,7 +217,11 @@ def main() -> None:
     print(f"{'type':8s} {'params':>12s} {'max|dlogit|':>12s} {'KL':>10s} {'KL fp32':>10s} "
           f"{'floor':>10s} {'HF->run->HF':>12s} {'convert s':>9s}")
     for t in args.types:
-        spec = specs[t] if args.layers is None else {**specs[t], "num_hidden_layers": args.layers}
+        spec = dict(specs[t])
+        if args.layers is not None:
+            keys = (("num_layers", "num_decoder_layers") if "num_layers" in spec
+                    else ("num_hidden_layers",))
+            spec.update(dict.fromkeys(keys, args.layers))
         r = check(t, spec, args, torch, device)
         print(f"{r['type']:8s} {r['params']:12,d} {r['max_abs_diff']:12.3e} {r['kl']:10.3e} "
               f"{r['kl_fp32']:10.3e} {r['floor_fp32']:10.3e} "
