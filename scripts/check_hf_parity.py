@@ -10,9 +10,9 @@ biases (zeros from transformers' init) drawn at random, saves it with ``save_pre
 (safetensors), converts it with ``meshlm.convert.hf_to_orbax``, runs both on the same random
 tokens and prints the max abs logit difference and the mean KL(HF || meshlm) of the next-token
 distributions, beside the KL of each from transformers in float32 (in bfloat16 both round
-differently: the HF-bf16 KL is the noise floor a correct port shares). It then writes the run back with ``orbax_to_hf``, reloads that with ``from_pretrained``
-(``AutoModelForCausalLM``, or ``AutoModelForSeq2SeqLM``) and checks its logits equal the
-original's exactly.
+differently: the HF-bf16 KL is the noise floor a correct port shares). It then writes the run
+back with ``orbax_to_hf``, reloads that with ``from_pretrained`` (``AutoModelForCausalLM``, or
+``AutoModelForSeq2SeqLM``) and checks its logits equal the original's exactly.
 
     python scripts/check_hf_parity.py [--types gpt2 llama ...] [--dtype float32|bfloat16]
         [--small] [--seq 128] [--batch 2]
