@@ -18,7 +18,7 @@ from jax.custom_derivatives import SymbolicZero, custom_vjp_primal_tree_values
 
 from pallas_kernels._api import Dispatch, Lowering, is_int, load_lowering, shape_of
 from pallas_kernels.flash_attention import reference
-from pallas_kernels.flash_attention.common import AttentionSpec, Call
+from pallas_kernels.flash_attention.common import AttentionSpec, Call, RelativeBuckets
 
 # Fastest first: "auto" takes the first that runs natively on the target and supports the call.
 DISPATCH = Dispatch("pallas_kernels.flash_attention", (
@@ -29,6 +29,24 @@ DISPATCH = Dispatch("pallas_kernels.flash_attention", (
 ))
 IMPLEMENTATIONS = DISPATCH.names
 _DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class RelativeBias:
+    """T5's bucketed relative position bias, computed inside the kernel from per-row positions.
+
+    The logit of query ``i`` and key ``j`` (head ``h``) gets ``table[b, h]`` with ``b`` the
+    bucket (``RelativeBuckets``) of ``kv_positions[:, j] - q_positions[:, i]``; positions may
+    restart in every packed segment. ``table`` is float ``(num_buckets, heads)`` and receives a
+    gradient; the int positions ``(batch, q_len)`` / ``(batch, kv_len)`` and the static
+    ``bidirectional`` and ``max_distance`` do not.
+    """
+
+    table: jax.Array
+    q_positions: jax.Array
+    kv_positions: jax.Array
+    bidirectional: bool = True
+    max_distance: int = 128
 
 
 def flash_attention(
@@ -42,6 +60,7 @@ def flash_attention(
     kv_segment_ids=None,
     sliding_window: int | None = None,
     alibi_slopes=None,
+    relative_bias: RelativeBias | None = None,
     logits_soft_cap: float | None = None,
     scale: float | None = None,
     q_offset: int = 0,
@@ -64,6 +83,9 @@ def flash_attention(
         ``q_offset+i-w+1 .. q_offset+i``.
       alibi_slopes: ``(heads,)`` float; adds ``-slope_h * |pos_q - pos_k|`` to the logits. The
         slopes are constants: no gradient flows to them.
+      relative_bias: a ``RelativeBias`` (T5): adds ``table[bucket(kv_pos - q_pos), h]`` to the
+        logits (after scaling, before the soft cap), differentiable w.r.t. the table. Only
+        ``"xla"`` and ``"triton"`` take it (``"auto"`` on a GPU picks Triton).
       logits_soft_cap: ``c > 0``; logits become ``c * tanh(logits / c)`` (after ALiBi).
       scale: multiplies ``q.k``; defaults to ``1 / sqrt(head_dim)``.
       q_offset: absolute position of the first query among the keys (decoding with a cache).
@@ -88,17 +110,21 @@ def flash_attention(
     q_seg, kv_seg, alibi_slopes, spec = _prepare(
         q, k, v, causal, segment_ids, q_segment_ids, kv_segment_ids, sliding_window,
         alibi_slopes, logits_soft_cap, scale, q_offset)
+    rel = None
+    if relative_bias is not None:
+        rel, relative = _relative_bias(relative_bias, q.shape, k.shape[1])
+        spec = dataclasses.replace(spec, relative=relative)
     if not isinstance(return_lse, bool):
         raise ValueError(f"return_lse must be a bool, got {return_lse!r}")
     call = Call(q.shape, k.shape, q.dtype, spec, return_lse)
     name, tiles = DISPATCH.choose(implementation, call, interpret=bool(interpret), tiles=tiles)
     if name == "xla":
-        out, lse = reference.attention(q, k, v, q_seg, kv_seg, alibi_slopes, spec=spec)
+        out, lse = reference.attention(q, k, v, q_seg, kv_seg, alibi_slopes, rel, spec=spec)
     elif name == "cudnn":
         return _load_lowering("cudnn")[0].attention(q, k, v, q_seg, kv_seg, spec)
     else:
         plan = _Plan(name, spec, tiles, bool(interpret))
-        out, lse = _kernel_attention(plan, q, k, v, q_seg, kv_seg, alibi_slopes)
+        out, lse = _kernel_attention(plan, q, k, v, q_seg, kv_seg, alibi_slopes, rel)
     return (out, lse) if return_lse else out
 
 
@@ -180,6 +206,33 @@ def _prepare(q, k, v, causal, segment_ids, q_segment_ids, kv_segment_ids, slidin
     )
     return q_seg, kv_seg, alibi_slopes, spec
 
+
+
+def _relative_bias(rb, q_shape, kv_len):
+    """``((table, q_positions, kv_positions), RelativeBuckets)`` checked: a float32 table and
+    int32 positions."""
+    if not isinstance(rb, RelativeBias):
+        raise ValueError(f"relative_bias must be a RelativeBias, got {type(rb).__name__}")
+    batch, q_len, heads, _ = q_shape
+    table = jnp.asarray(rb.table)
+    if table.ndim != 2 or table.shape[1] != heads or not jnp.issubdtype(table.dtype,
+                                                                         jnp.floating):
+        raise ValueError(f"relative_bias.table must be a float array (num_buckets, heads={heads}),"
+                         f" got {table.dtype}{table.shape}")
+    positions = []
+    for name, pos, length in (("q", rb.q_positions, q_len), ("kv", rb.kv_positions, kv_len)):
+        pos = jnp.asarray(pos)
+        if pos.shape != (batch, length) or not jnp.issubdtype(pos.dtype, jnp.integer):
+            raise ValueError(f"relative_bias.{name}_positions must be integers of shape (batch, "
+                             f"{name}_len) = ({batch}, {length}), got {pos.dtype}{pos.shape}")
+        positions.append(jax.lax.stop_gradient(pos.astype(jnp.int32)))
+    if not isinstance(rb.bidirectional, bool):
+        raise ValueError(f"relative_bias.bidirectional must be a bool, got {rb.bidirectional!r}")
+    if not is_int(rb.max_distance):
+        raise ValueError(f"relative_bias.max_distance must be a static int, got "
+                         f"{rb.max_distance!r}")
+    buckets = RelativeBuckets(table.shape[0], rb.bidirectional, int(rb.max_distance))
+    return (table.astype(jnp.float32), *positions), buckets
 
 
 def _positive_number(name, x) -> float:
@@ -266,24 +319,32 @@ class _Plan:
         return dict(spec=self.spec, tiles=self.tiles, interpret=self.interpret)
 
 
+def _rel_kwargs(rel):
+    """The relative bias goes only to the lowerings that support it (a keyword of theirs)."""
+    return {} if rel is None else {"relative_bias": rel}
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _kernel_attention(plan, q, k, v, q_seg, kv_seg, slopes):
-    return plan.module.forward(q, k, v, q_seg, kv_seg, slopes, **plan.kwargs)
+def _kernel_attention(plan, q, k, v, q_seg, kv_seg, slopes, rel):
+    return plan.module.forward(q, k, v, q_seg, kv_seg, slopes, **plan.kwargs, **_rel_kwargs(rel))
 
 
 def _kernel_attention_fwd(plan, *primals):
-    q, k, v, q_seg, kv_seg, slopes = custom_vjp_primal_tree_values(primals)
-    out, lse = plan.module.forward(q, k, v, q_seg, kv_seg, slopes, **plan.kwargs)
-    return (out, lse), (q, k, v, q_seg, kv_seg, slopes, out, lse)
+    q, k, v, q_seg, kv_seg, slopes, rel = custom_vjp_primal_tree_values(primals)
+    out, lse = plan.module.forward(q, k, v, q_seg, kv_seg, slopes, **plan.kwargs,
+                                   **_rel_kwargs(rel))
+    return (out, lse), (q, k, v, q_seg, kv_seg, slopes, rel, out, lse)
 
 
 def _kernel_attention_bwd(plan, residuals, cotangents):
-    q, k, v, q_seg, kv_seg, slopes, out, lse = residuals
+    q, k, v, q_seg, kv_seg, slopes, rel, out, lse = residuals
     d_out, d_lse = cotangents
-    backward = functools.partial(plan.module.backward, **plan.kwargs)
+    # With a relative bias the backward also returns the table's gradient.
+    backward = functools.partial(plan.module.backward, **plan.kwargs, **_rel_kwargs(rel))
     if isinstance(d_out, SymbolicZero):
         d_out = jnp.zeros_like(out)
-    dq, dk, dv = backward(q, k, v, q_seg, kv_seg, slopes, out, lse, d_out.astype(out.dtype))
+    dq, dk, dv, *d_table = backward(q, k, v, q_seg, kv_seg, slopes, out, lse,
+                                    d_out.astype(out.dtype))
     if not isinstance(d_lse, SymbolicZero):
         # The lowerings take no lse cotangent, but their backward is linear in it: with
         # P = exp(S - lse), dS = P * (dO.V - rowsum(dO*O) + dlse). A second call with V = 0 and
@@ -296,10 +357,13 @@ def _kernel_attention_bwd(plan, residuals, cotangents):
         pad = [(0, 0)] * 3 + [(0, q.shape[-1] - 2)]
         out2 = jnp.pad(-jnp.concatenate([hi, lo], axis=-1), pad)
         d_out2 = jnp.pad(jnp.ones_like(out2[..., :2]), pad)
-        dq2, dk2, _ = backward(q, k, jnp.zeros_like(v), q_seg, kv_seg, slopes, out2, lse, d_out2)
+        dq2, dk2, _, *d_table2 = backward(q, k, jnp.zeros_like(v), q_seg, kv_seg, slopes, out2,
+                                          lse, d_out2)
         dq = (dq.astype(jnp.float32) + dq2.astype(jnp.float32)).astype(q.dtype)
         dk = (dk.astype(jnp.float32) + dk2.astype(jnp.float32)).astype(k.dtype)
-    return dq, dk, dv, None, None, None
+        d_table = [a + b for a, b in zip(d_table, d_table2)]
+    d_rel = None if rel is None else (d_table[0], None, None)
+    return dq, dk, dv, None, None, None, d_rel
 
 
 _kernel_attention.defvjp(_kernel_attention_fwd, _kernel_attention_bwd, symbolic_zeros=True)

@@ -8,9 +8,11 @@ helpers below are plain jnp too, so each backend (Triton, Mosaic GPU, Mosaic TPU
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from pallas_kernels._pallas_util import Refs
@@ -22,6 +24,65 @@ MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
 @dataclasses.dataclass(frozen=True)
+class RelativeBuckets:
+    """T5's bucketing of ``key_position - query_position`` (Raffel et al. 2020, section 2.1).
+
+    Bidirectional: half the buckets for keys after the query, half for keys at or before it.
+    Unidirectional (causal): keys after the query share bucket 0. Within a direction, distances
+    below half its buckets get one bucket each; larger ones share logarithmically wider buckets
+    up to ``max_distance``, beyond which all share the last.
+    """
+
+    num_buckets: int
+    bidirectional: bool
+    max_distance: int
+
+    def __post_init__(self):
+        half = self.num_buckets // 2 if self.bidirectional else self.num_buckets
+        if half < 2 or self.max_distance <= half // 2:
+            raise ValueError(
+                f"relative buckets need num_buckets >= {4 if self.bidirectional else 2} and "
+                f"max_distance > the exact buckets ({half // 2}); got num_buckets="
+                f"{self.num_buckets}, max_distance={self.max_distance}")
+
+    def bucket(self, relative_position):
+        """int32 bucket of each ``key_position - query_position`` (any shape; jnp, so the
+        reference, the model layer and the kernel bodies trace the same code)."""
+        rel = relative_position.astype(jnp.int32)
+        if self.bidirectional:
+            offset = (rel > 0).astype(jnp.int32) * (self.num_buckets // 2)
+            distance = jnp.abs(rel)
+        else:
+            offset, distance = 0, jnp.maximum(-rel, 0)
+        bucket = jnp.minimum(distance, _log_thresholds(self)[0])
+        for threshold in _log_thresholds(self)[1:]:
+            bucket = bucket + (distance >= threshold).astype(jnp.int32)
+        return offset + bucket
+
+
+@functools.lru_cache(maxsize=None)
+def _log_thresholds(rb: RelativeBuckets) -> tuple[int, ...]:
+    """``(max_exact, d_1, d_2, ...)``: the bucket of a distance ``d >= max_exact`` is
+    ``max_exact + #{i: d >= d_i}``.
+
+    T5 defines the wide buckets as ``max_exact + int(log(d / max_exact) / log(max_distance /
+    max_exact) * (n - max_exact))`` (capped at ``n - 1``) with the logarithm in float32, as Mesh
+    TensorFlow and HuggingFace compute it so that bucket edges agree with their checkpoints. Its
+    edges are found here once, in numpy float32, so a kernel compares integers instead of taking
+    a logarithm whose last bit could differ between XLA and Triton.
+    """
+    n = rb.num_buckets // 2 if rb.bidirectional else rb.num_buckets
+    max_exact = n // 2
+    d = np.arange(max_exact, rb.max_distance + 1, dtype=np.int64)
+    scaled = (np.log(d.astype(np.float32) / np.float32(max_exact))
+              / np.float32(math.log(rb.max_distance / max_exact))
+              * np.float32(n - max_exact))
+    large = np.minimum(max_exact + scaled.astype(np.int32), n - 1)  # non-decreasing in d
+    edges = np.searchsorted(large, np.arange(max_exact + 1, n), side="left")
+    return (max_exact, *(int(d[0] + e) for e in edges))
+
+
+@dataclasses.dataclass(frozen=True)
 class AttentionSpec:
     """Static (hashable) description of one attention call; part of every kernel's cache key.
 
@@ -29,7 +90,9 @@ class AttentionSpec:
     query sees keys ``j <= q_offset + i``; with ``sliding_window=w`` additionally
     ``j > q_offset + i - w``. Logits are ``x = scale * q.k - slope_h * |pos_q - pos_k|`` (the ALiBi term
     only with slopes), then ``cap * tanh(x / cap)`` when ``logits_soft_cap`` is set; capping last
-    makes its derivative a function of the final logit alone (see ``soft_cap_grad``).
+    makes its derivative a function of the final logit alone (see ``soft_cap_grad``). With
+    ``relative`` the logits also get ``table[relative.bucket(kv_pos - q_pos), h]`` (T5's bias,
+    from per-row positions given with the call) next to the ALiBi term.
     """
 
     causal: bool = False
@@ -39,6 +102,11 @@ class AttentionSpec:
     q_offset: int = 0
     has_segment_ids: bool = False
     has_alibi: bool = False
+    relative: RelativeBuckets | None = None
+
+    @property
+    def has_relative_bias(self) -> bool:
+        return self.relative is not None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,14 +128,18 @@ class Call:
 BWD_INPUTS = ("q", "k", "v", "do", "lse", "delta")
 
 
-def kernel_refs(refs, inputs, has_seg: bool, has_alibi: bool, rest) -> Refs:
-    """Names a kernel's refs: the ``inputs``, then ``q_seg``, ``kv_seg`` and ``slopes`` (None when
-    the call has no segment ids / ALiBi slopes), then ``rest`` (outputs and scratch)."""
-    optional = [("q_seg", has_seg), ("kv_seg", has_seg), ("slopes", has_alibi)]
+def kernel_refs(refs, inputs, has_seg: bool, has_alibi: bool, rest, has_rel: bool = False
+                ) -> Refs:
+    """Names a kernel's refs: the ``inputs``, then ``q_seg``, ``kv_seg``, ``slopes`` and the
+    relative bias's ``q_rpos``, ``kv_rpos``, ``table`` (None when the call has no segment ids /
+    ALiBi slopes / relative bias), then ``rest`` (outputs and scratch)."""
+    optional = [("q_seg", has_seg), ("kv_seg", has_seg), ("slopes", has_alibi),
+                ("q_rpos", has_rel), ("kv_rpos", has_rel), ("table", has_rel)]
     return Refs(refs, [(n, True) for n in inputs] + optional + [(n, True) for n in rest])
 
 
-def transform_scores(s, q_pos, k_pos, spec: AttentionSpec, *, q_seg=None, k_seg=None, slope=None):
+def transform_scores(s, q_pos, k_pos, spec: AttentionSpec, *, q_seg=None, k_seg=None, slope=None,
+                     bias=None):
     """Turn raw ``q.k`` dot products into masked logits.
 
     Args:
@@ -76,12 +148,16 @@ def transform_scores(s, q_pos, k_pos, spec: AttentionSpec, *, q_seg=None, k_seg=
       k_pos: int32 key positions broadcastable to ``(..., 1, tk)``.
       q_seg, k_seg: segment ids broadcastable like the positions, or None.
       slope: ALiBi slope broadcastable against ``s``, or None.
+      bias: float32 additive bias broadcastable against ``s`` (the relative bias, gathered in
+        the spec's units), or None.
 
     Returns:
       ``(logits, visible)``: logits with invisible entries set to ``MASK_VALUE``, and the boolean
       visibility mask (or None when everything is visible) which the backward pass reuses.
     """
     s = s * spec.scale
+    if bias is not None:
+        s = s + bias
     if slope is not None:
         s = s - slope * jnp.abs(q_pos - k_pos).astype(jnp.float32)
     if spec.logits_soft_cap is not None:
@@ -122,7 +198,7 @@ def interior(spec: AttentionSpec) -> AttentionSpec:
 
 
 def tile_logits(s, q_pos, k_pos, spec: AttentionSpec, *, masked=True, kv_len=None, q_seg=None,
-                k_seg=None, slope=None):
+                k_seg=None, slope=None, bias=None):
     """``transform_scores`` on one kernel tile, plus masking of keys at ``k_pos >= kv_len``.
 
     ``masked=False`` marks a tile inside the causal / window band with no padded key: only
@@ -132,7 +208,7 @@ def tile_logits(s, q_pos, k_pos, spec: AttentionSpec, *, masked=True, kv_len=Non
     if not masked:
         spec, kv_len = interior(spec), None
     logits, visible = transform_scores(
-        s, q_pos, k_pos, spec, q_seg=q_seg, k_seg=k_seg, slope=slope
+        s, q_pos, k_pos, spec, q_seg=q_seg, k_seg=k_seg, slope=slope, bias=bias
     )
     if kv_len is not None:
         in_range = k_pos < kv_len

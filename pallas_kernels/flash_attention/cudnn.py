@@ -33,6 +33,8 @@ def supports(call: Call, tiles: None) -> str | None:
         return f"head_dim must be a multiple of 8 and <= {max_head_dim}, got {call.head_dim}"
     if spec.has_alibi:
         return "cuDNN takes no ALiBi slopes"
+    if spec.has_relative_bias:
+        return "cuDNN takes no relative position bias here (the Triton lowering has it)"
     if spec.logits_soft_cap is not None:
         return "cuDNN has no logit soft-capping"
     if call.return_lse:

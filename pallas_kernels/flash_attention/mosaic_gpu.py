@@ -119,6 +119,8 @@ def supports(call: Call, tiles: Tiles) -> str | None:
         return f"dtype must be bfloat16 or float16 (wgmma operands), got {jnp.dtype(call.dtype)}"
     if call.spec.has_alibi:
         return "ALiBi is not implemented in the Mosaic GPU kernels (the Triton lowering has it)"
+    if call.spec.has_relative_bias:
+        return "no relative position bias in the Mosaic GPU kernels (the Triton lowering has it)"
     for kernel in ("fwd", "dkv", "dq"):
         for field in ("owned", "streamed"):
             size = getattr(getattr(tiles, kernel), field)

@@ -13,7 +13,8 @@ import jax.numpy as jnp
 from pallas_kernels.flash_attention.common import AttentionSpec, transform_scores
 
 
-def attention(q, k, v, q_seg=None, kv_seg=None, alibi_slopes=None, *, spec: AttentionSpec):
+def attention(q, k, v, q_seg=None, kv_seg=None, alibi_slopes=None, relative_bias=None, *,
+              spec: AttentionSpec):
     """Attention with the lowerings' forward signature; returns ``(out, lse)``.
 
     Args:
@@ -22,6 +23,8 @@ def attention(q, k, v, q_seg=None, kv_seg=None, alibi_slopes=None, *, spec: Atte
         query head ``h`` reads kv head ``h // (heads // kv_heads)``.
       q_seg, kv_seg: int32 ``(batch, q_len)`` / ``(batch, kv_len)`` segment ids, or None.
       alibi_slopes: float32 ``(heads,)`` or None.
+      relative_bias: ``(table, q_positions, kv_positions)``: float ``(num_buckets, heads)`` and
+        int32 ``(batch, q_len)`` / ``(batch, kv_len)``, bucketed by ``spec.relative``; or None.
       spec: the static masking / scaling description (see ``AttentionSpec``).
 
     Returns:
@@ -30,7 +33,7 @@ def attention(q, k, v, q_seg=None, kv_seg=None, alibi_slopes=None, *, spec: Atte
     """
     batch, q_len, heads, head_dim = q.shape
     f32 = jnp.float32
-    logits, visible = _logits(q, k, q_seg, kv_seg, alibi_slopes, spec)
+    logits, visible = _logits(q, k, q_seg, kv_seg, alibi_slopes, spec, relative_bias)
 
     m = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
     p = jnp.exp(logits - m)
@@ -81,7 +84,7 @@ def backward(q, k, v, q_seg, kv_seg, alibi_slopes, out, lse, dout, *, spec: Atte
 _HI = jax.lax.Precision.HIGHEST
 
 
-def _logits(q, k, q_seg, kv_seg, alibi_slopes, spec: AttentionSpec):
+def _logits(q, k, q_seg, kv_seg, alibi_slopes, spec: AttentionSpec, relative_bias=None):
     """Scaled, masked logits ``(batch, kv_heads, group, q_len, kv_len)`` and the visibility
     mask (None: all visible)."""
     batch, q_len, heads, head_dim = q.shape
@@ -94,10 +97,15 @@ def _logits(q, k, q_seg, kv_seg, alibi_slopes, spec: AttentionSpec):
 
     q_pos = spec.q_offset + jnp.arange(q_len, dtype=jnp.int32)[:, None]
     k_pos = jnp.arange(kv_len, dtype=jnp.int32)[None, :]
-    q_s = k_s = slope = None
+    q_s = k_s = slope = bias = None
     if q_seg is not None:
         q_s = q_seg[:, None, None, :, None]
         k_s = kv_seg[:, None, None, None, :]
     if alibi_slopes is not None:
         slope = alibi_slopes.astype(f32).reshape(kv_heads, group)[None, :, :, None, None]
-    return transform_scores(s, q_pos, k_pos, spec, q_seg=q_s, k_seg=k_s, slope=slope)
+    if relative_bias is not None:
+        table, q_rpos, kv_rpos = relative_bias
+        buckets = spec.relative.bucket(kv_rpos[:, None, :] - q_rpos[:, :, None])  # (B, Lq, Lk)
+        bias = jnp.take(table.astype(f32), buckets, axis=0)  # (B, Lq, Lk, H)
+        bias = bias.transpose(0, 3, 1, 2).reshape(batch, kv_heads, group, q_len, kv_len)
+    return transform_scores(s, q_pos, k_pos, spec, q_seg=q_s, k_seg=k_s, slope=slope, bias=bias)

@@ -110,6 +110,8 @@ def supports(call: Call, tiles: Tiles) -> str | None:
     """None when these kernels handle the call, else a one-line reason."""
     if call.spec.q_offset < 0:
         return f"the TPU kernel needs q_offset >= 0, got {call.spec.q_offset}"
+    if call.spec.has_relative_bias:
+        return "no relative position bias in the TPU kernel (the Triton lowering has it)"
     for field in dataclasses.fields(tiles):
         value = getattr(tiles, field.name)
         if value % NUM_SUBLANES:

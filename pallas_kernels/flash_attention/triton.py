@@ -12,7 +12,13 @@ Key blocks that a query block cannot see (causal, sliding window) are never visi
 it sees entirely skip the mask. Each kernel splits its loop into [masked edge | unmasked interior |
 masked edge] so the common interior blocks pay for no ``where``.
 
-All kernels work in base 2: scale, soft cap and ALiBi slopes are multiplied by log2(e), which
+T5's relative position bias is computed per tile: the bucket of each (key, query) pair from the
+tile's position blocks (loaded as segment ids are), then a gather from the head's row of the
+table. Its gradient comes from the dQ kernel: each program sums its dS per bucket (a static loop
+over the buckets) into its own row of a partial output, which XLA sums afterwards (no atomics).
+
+All kernels work in base 2: scale, soft cap, ALiBi slopes and relative bias are multiplied by
+log2(e), which
 multiplies every logit by exactly log2(e) (``transform_scores`` is homogeneous in the three), so the
 softmax exponentials are bare ``exp2``. Lengths that are not a multiple of the block are padded
 here; padded keys are masked and padded queries are sliced away (in the backward they carry
@@ -152,9 +158,10 @@ def _iota(n: int):
 
 
 def _over_key_blocks(r, step, carry, *, spec2, tiles, nq, nk, kv_len, has_seg, has_alibi):
-    """Folds ``step(start, k, s, visible, carry)`` over the key blocks that this program's query
-    block sees; ``k`` is the key tile at row ``start``, ``s, visible`` its base-2 logits against
-    the query tile (masked only in the blocks that need it)."""
+    """Folds ``step(start, k, s, visible, buckets, carry)`` over the key blocks that this
+    program's query block sees; ``k`` is the key tile at row ``start``, ``s, visible`` its base-2
+    logits against the query tile (masked only in the blocks that need it), ``buckets`` the
+    tile's relative-position buckets (None without a relative bias)."""
     bq, bk = tiles.block_q, tiles.block_k
     padded_kv = nk * bk != kv_len
     q = r.q[...]
@@ -162,6 +169,7 @@ def _over_key_blocks(r, step, carry, *, spec2, tiles, nq, nk, kv_len, has_seg, h
     q_pos = (q_first + _iota(bq))[:, None]
     q_seg = r.q_seg[...][:, None] if has_seg else None
     slope = r.slopes[pl.program_id(2)] if has_alibi else None
+    q_rpos = r.q_rpos[...][:, None] if spec2.has_relative_bias else None
 
     def body(masked):
         def tile(j, carry):
@@ -169,11 +177,16 @@ def _over_key_blocks(r, step, carry, *, spec2, tiles, nq, nk, kv_len, has_seg, h
             k = r.k[pl.ds(start, bk), :]
             k_pos = (start + _iota(bk))[None, :]
             k_seg = r.kv_seg[pl.ds(start, bk)][None, :] if has_seg else None
+            buckets = bias = None
+            if spec2.has_relative_bias:
+                buckets = spec2.relative.bucket(r.kv_rpos[pl.ds(start, bk)][None, :] - q_rpos)
+                bias = r.table[buckets]
             s, visible = tile_logits(
                 _dot(q, k, trans_b=True), q_pos, k_pos, spec2, masked=masked,
                 kv_len=kv_len if padded_kv else None, q_seg=q_seg, k_seg=k_seg, slope=slope,
+                bias=bias,
             )
-            return step(start, k, s, visible, carry)
+            return step(start, k, s, visible, buckets, carry)
 
         return tile
 
@@ -184,10 +197,11 @@ def _over_key_blocks(r, step, carry, *, spec2, tiles, nq, nk, kv_len, has_seg, h
 
 
 def _fwd_kernel(*refs, spec2, tiles, nq, nk, kv_len, has_seg, has_alibi):
-    r = kernel_refs(refs, ("q", "k", "v"), has_seg, has_alibi, ("o", "lse"))
+    r = kernel_refs(refs, ("q", "k", "v"), has_seg, has_alibi, ("o", "lse"),
+                    spec2.has_relative_bias)
     bq, bk = tiles.block_q, tiles.block_k
 
-    def step(start, _k, s, _visible, carry):
+    def step(start, _k, s, _visible, _buckets, carry):
         acc, m, l = carry
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
         alpha = jnp.exp2(m - m_new)
@@ -220,8 +234,18 @@ def _q_block(pid, nq, spec):
     return nq - 1 - pid if spec.causal else pid
 
 
-def forward(q, k, v, q_seg, kv_seg, alibi_slopes, *, spec, tiles: Tiles, interpret):
-    """``(out, lse)`` per the lowering contract."""
+def _relative_inputs(relative_bias, q_pad, kv_pad):
+    """The kernels' relative-bias inputs: positions padded with zeros (padded rows are masked or
+    sliced away) and the ``(heads, num_buckets)`` table in base-2 units."""
+    table, q_rpos, kv_rpos = relative_bias
+    return [pad_to(q_rpos, 1, q_pad), pad_to(kv_rpos, 1, kv_pad),
+            jnp.transpose(table.astype(jnp.float32)) * LOG2E]
+
+
+def forward(q, k, v, q_seg, kv_seg, alibi_slopes, *, spec, tiles: Tiles, interpret,
+            relative_bias=None):
+    """``(out, lse)`` per the lowering contract; ``relative_bias`` is ``(table, q_positions,
+    kv_positions)`` when ``spec.relative`` is set."""
     batch, q_len, heads, head_dim = q.shape
     kv_len, kv_heads = k.shape[1], k.shape[2]
     group = heads // kv_heads
@@ -251,6 +275,14 @@ def forward(q, k, v, q_seg, kv_seg, alibi_slopes, *, spec, tiles: Tiles, interpr
     if alibi_slopes is not None:
         in_specs.append(pl.BlockSpec((heads,), lambda i, b, h: (0,)))
         args.append(alibi_slopes.astype(jnp.float32) * LOG2E)
+    if spec.has_relative_bias:
+        num_buckets = spec.relative.num_buckets
+        in_specs += [
+            pl.BlockSpec((None, bq), lambda i, b, h: (b, _q_block(i, nq, spec))),
+            pl.BlockSpec((None, nk * bk), lambda i, b, h: (b, 0)),
+            pl.BlockSpec((None, num_buckets), lambda i, b, h: (h, 0)),
+        ]
+        args += _relative_inputs(relative_bias, nq * bq, nk * bk)
 
     kernel = functools.partial(
         _fwd_kernel, spec2=spec2, tiles=tiles, nq=nq, nk=nk, kv_len=kv_len,
@@ -279,7 +311,7 @@ def forward(q, k, v, q_seg, kv_seg, alibi_slopes, *, spec, tiles: Tiles, interpr
 
 
 def _dkv_kernel(*refs, spec2, tiles, nq, kv_len, padded_kv, group, has_seg, has_alibi):
-    r = kernel_refs(refs, BWD_INPUTS, has_seg, has_alibi, ("dk", "dv"))
+    r = kernel_refs(refs, BWD_INPUTS, has_seg, has_alibi, ("dk", "dv"), spec2.has_relative_bias)
     bq, bk = tiles.block_q, tiles.block_k
     head_dim = r.k.shape[-1]
 
@@ -289,6 +321,7 @@ def _dkv_kernel(*refs, spec2, tiles, nq, kv_len, padded_kv, group, has_seg, has_
     # The tile is kept transposed (keys x queries) so dK and dV come out without transposes.
     k_pos = (k_first + _iota(bk))[:, None]
     k_seg = r.kv_seg[...][:, None] if has_seg else None
+    k_rpos = r.kv_rpos[...][:, None] if spec2.has_relative_bias else None
 
     first_head = pl.program_id(2) * group
 
@@ -313,9 +346,13 @@ def _dkv_kernel(*refs, spec2, tiles, nq, kv_len, padded_kv, group, has_seg, has_
             q_pos = (spec2.q_offset + start + _iota(bq))[None, :]
             q_seg = r.q_seg[rows][None, :] if has_seg else None
             slope = r.slopes[first_head + g] if has_alibi else None
+            bias = None
+            if spec2.has_relative_bias:  # the table block holds the group's heads
+                bias = r.table[g, spec2.relative.bucket(k_rpos - r.q_rpos[rows][None, :])]
             s, visible = tile_logits(
                 _dot(k, q, trans_b=True), q_pos, k_pos, spec2, masked=masked,
                 kv_len=kv_len if padded_kv else None, q_seg=q_seg, k_seg=k_seg, slope=slope,
+                bias=bias,
             )
             p = jnp.exp2(s - lse[None, :])
             dv = dv + _dot(p.astype(do.dtype), do)
@@ -337,30 +374,51 @@ def _dkv_kernel(*refs, spec2, tiles, nq, kv_len, padded_kv, group, has_seg, has_
 
 
 def _dq_kernel(*refs, spec2, tiles, nq, nk, kv_len, has_seg, has_alibi):
-    r = kernel_refs(refs, BWD_INPUTS, has_seg, has_alibi, ("dq",))
+    has_rel = spec2.has_relative_bias
+    r = kernel_refs(refs, BWD_INPUTS, has_seg, has_alibi, ("dq", "dtable") if has_rel else ("dq",),
+                    has_rel)
     bk = tiles.block_k
     do = r.do[...]
     lse = r.lse[...][:, None]
     delta = r.delta[...][:, None]
 
-    def step(start, k, s, visible, dq):
+    def step(start, k, s, visible, buckets, carry):
+        dq, dtable = carry
         v = r.v[pl.ds(start, bk), :]
         p = jnp.exp2(s - lse)
         dp = _dot(do, v, trans_b=True)
         ds = score_grad(p, dp, delta, s, visible, spec2)
-        return dq + _dot(ds.astype(k.dtype), k)
+        if has_rel:
+            dtable = dtable + _bucket_sums(ds, buckets, spec2.relative.num_buckets,
+                                           r.dtable.shape[-1])
+        return dq + _dot(ds.astype(k.dtype), k), dtable
 
-    dq = jnp.zeros(r.q.shape, jnp.float32)
-    dq = _over_key_blocks(
-        r, step, dq, spec2=spec2, tiles=tiles, nq=nq, nk=nk, kv_len=kv_len, has_seg=has_seg,
+    carry = (jnp.zeros(r.q.shape, jnp.float32),
+             jnp.zeros((r.dtable.shape[-1],), jnp.float32) if has_rel else None)
+    dq, dtable = _over_key_blocks(
+        r, step, carry, spec2=spec2, tiles=tiles, nq=nq, nk=nk, kv_len=kv_len, has_seg=has_seg,
         has_alibi=has_alibi,
     )
     r.dq[...] = (dq * spec2.scale / LOG2E).astype(r.dq.dtype)
+    if has_rel:
+        r.dtable[...] = dtable
+
+
+def _bucket_sums(ds, buckets, num_buckets: int, width: int):
+    """``(width,)``: entry ``b < num_buckets`` is the sum of ``ds`` over the tile's pairs in
+    bucket ``b`` (a static loop of masked sums: Triton has no scatter-add into registers)."""
+    lanes = _iota(width)
+    sums = jnp.zeros((width,), jnp.float32)
+    for b in range(num_buckets):
+        total = jnp.sum(jnp.where(buckets == b, ds, 0.0))
+        sums = sums + jnp.where(lanes == b, total, 0.0)
+    return sums
 
 
 def backward(q, k, v, q_seg, kv_seg, alibi_slopes, out, lse, dout, *, spec, tiles: Tiles,
-             interpret):
-    """``(dq, dk, dv)`` per the lowering contract."""
+             interpret, relative_bias=None):
+    """``(dq, dk, dv)`` per the lowering contract, and the float32 ``(num_buckets, heads)``
+    table gradient last when ``relative_bias`` (``forward``'s) is given."""
     batch, q_len, heads, head_dim = q.shape
     kv_len, kv_heads = k.shape[1], k.shape[2]
     group = heads // kv_heads
@@ -372,6 +430,7 @@ def backward(q, k, v, q_seg, kv_seg, alibi_slopes, out, lse, dout, *, spec, tile
         dkv_tiles.block_k, dq_tiles.block_k)
     spec2 = base2(spec)
     has_seg, has_alibi = q_seg is not None, alibi_slopes is not None
+    has_rel = spec.has_relative_bias
 
     f32 = jnp.float32
     delta = jnp.swapaxes(jnp.sum(out.astype(f32) * dout.astype(f32), axis=-1), 1, 2)
@@ -385,6 +444,9 @@ def backward(q, k, v, q_seg, kv_seg, alibi_slopes, out, lse, dout, *, spec, tile
         extra += [pad_to(q_seg, 1, q_pad), pad_to(kv_seg, 1, kv_pad)]
     if has_alibi:
         extra.append(alibi_slopes.astype(f32) * LOG2E)
+    if has_rel:
+        extra += _relative_inputs(relative_bias, q_pad, kv_pad)
+        num_buckets = spec.relative.num_buckets
     alibi_spec = [pl.BlockSpec((heads,), lambda *_: (0,))] if has_alibi else []
     inputs = (q_p, k_p, v_p, do_p, lse_p, delta_p, *extra)
 
@@ -398,6 +460,11 @@ def backward(q, k, v, q_seg, kv_seg, alibi_slopes, out, lse, dout, *, spec, tile
     kv_block = pl.BlockSpec((None, bk, None, head_dim), lambda j, b, h: (b, j, h, 0))
     q_group = pl.BlockSpec((None, q_pad, group, head_dim), lambda j, b, h: (b, 0, h, 0))
     row_group = pl.BlockSpec((None, group, q_pad), lambda j, b, h: (b, h, 0))
+    rel_specs = [
+        pl.BlockSpec((None, q_pad), lambda j, b, h: (b, 0)),
+        pl.BlockSpec((None, bk), lambda j, b, h: (b, j)),
+        pl.BlockSpec((group, num_buckets), lambda j, b, h: (h, 0)),
+    ] if has_rel else []
     dk, dv = pl.pallas_call(
         functools.partial(
             _dkv_kernel, spec2=spec2, tiles=dkv_tiles, nq=nq, kv_len=kv_len,
@@ -405,7 +472,7 @@ def backward(q, k, v, q_seg, kv_seg, alibi_slopes, out, lse, dout, *, spec, tile
         ),
         grid=(kv_pad // bk, batch, kv_heads),
         in_specs=[q_group, kv_block, kv_block, q_group, row_group, row_group, *seg_specs,
-                  *alibi_spec],
+                  *alibi_spec, *rel_specs],
         out_specs=[kv_block, kv_block],
         out_shape=[out_type(k_p.shape, k.dtype, *inputs)] * 2,
         compiler_params=plgpu.CompilerParams(
@@ -434,18 +501,34 @@ def backward(q, k, v, q_seg, kv_seg, alibi_slopes, out, lse, dout, *, spec, tile
     q_block = pl.BlockSpec((None, bq, None, head_dim), q_index)
     kv_full = pl.BlockSpec((None, kv_pad, None, head_dim), kv_index)
     rows = pl.BlockSpec((None, None, bq), row_index)
+    rel_specs = [
+        pl.BlockSpec((None, bq), lambda i, b, h: (b, _q_block(i, nq, spec))),
+        pl.BlockSpec((None, kv_pad), lambda i, b, h: (b, 0)),
+        pl.BlockSpec((None, num_buckets), lambda i, b, h: (h, 0)),
+    ] if has_rel else []
+    out_specs, out_shape = q_block, out_type(q_p.shape, q.dtype, *inputs)
+    if has_rel:  # one row of per-bucket sums per program
+        width = pl.next_power_of_2(num_buckets)
+        out_specs = [out_specs, pl.BlockSpec((None, None, None, width),
+                                             lambda i, b, h: (b, h, _q_block(i, nq, spec), 0))]
+        out_shape = [out_shape, out_type((batch, heads, nq, width), f32, *inputs)]
     dq = pl.pallas_call(
         functools.partial(
             _dq_kernel, spec2=spec2, tiles=dq_tiles, nq=nq, nk=nk, kv_len=kv_len,
             has_seg=has_seg, has_alibi=has_alibi,
         ),
         grid=(nq, batch, heads),
-        in_specs=[q_block, kv_full, kv_full, q_block, rows, rows, *seg_specs, *alibi_spec],
-        out_specs=q_block,
-        out_shape=out_type(q_p.shape, q.dtype, *inputs),
+        in_specs=[q_block, kv_full, kv_full, q_block, rows, rows, *seg_specs, *alibi_spec,
+                  *rel_specs],
+        out_specs=out_specs,
+        out_shape=out_shape,
         compiler_params=plgpu.CompilerParams(
             num_warps=dq_tiles.num_warps, num_stages=dq_tiles.num_stages),
         interpret=interpret,
         name="flash_attention_dq",
     )(*inputs)
-    return dq[:, :q_len], dk[:, :kv_len], dv[:, :kv_len]
+    if not has_rel:
+        return dq[:, :q_len], dk[:, :kv_len], dv[:, :kv_len]
+    dq, parts = dq
+    d_table = jnp.transpose(jnp.sum(parts, axis=(0, 2))[:, :num_buckets])
+    return dq[:, :q_len], dk[:, :kv_len], dv[:, :kv_len], d_table
