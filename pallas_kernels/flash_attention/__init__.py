@@ -2,9 +2,9 @@
 
 ``flash_attention(q, k, v, ...)`` takes the layout of ``jax.nn.dot_product_attention``
 (``(batch, length, heads, head_dim)``) and supports causal / sliding-window / segment masking,
-GQA and MQA, ALiBi, T5's relative position bias, logit soft-capping and decoding offsets, forward and backward. Each Pallas
-lowering's launch shape is its module's ``Tiles`` (``triton.Tiles``, ``mosaic_gpu.Tiles``,
-``tpu.Tiles``), passed as ``tiles=``.
+GQA and MQA, ALiBi, T5's relative position bias, logit soft-capping and decoding offsets,
+forward and backward. Each Pallas lowering's launch shape is its module's ``Tiles``
+(``triton.Tiles``, ``mosaic_gpu.Tiles``, ``tpu.Tiles``), passed as ``tiles=``.
 """
 
 from pallas_kernels.flash_attention.api import (
