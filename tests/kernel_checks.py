@@ -241,6 +241,21 @@ ATTENTION_CASES = {
     "bfloat16_every_mask": dict(batch=1, q_len=100, kv_len=160, heads=2, kv_heads=1,
                                 dtype=_BF16, causal=True, sliding_window=70, q_offset=30,
                                 logits_soft_cap=5.0, **_sorted_segments(1, 100, 160, 5)),
+    # ALiBi in the Mosaic kernels: the non-causal keys 0..191 and the causal rows' keys below
+    # their CTA's first query are unmasked interior blocks, where ALiBi still applies.
+    "bfloat16_alibi_gqa_segments": dict(batch=1, q_len=100, kv_len=200, heads=2, kv_heads=1,
+                                        dtype=_BF16, alibi_slopes=jnp.array([0.08, 0.02]),
+                                        **_sorted_segments(6, 100, 200, 3)),
+    "bfloat16_causal_alibi_offset": dict(batch=1, q_len=100, kv_len=230, heads=2, kv_heads=1,
+                                         dtype=_BF16, causal=True, q_offset=130,
+                                         alibi_slopes=jnp.array([0.03, 0.1])),
+    # head_dim 256 at the default tiles: a one-slot ring and dK/dV in two passes.
+    "float16_head_dim_256_causal_gqa_alibi_segments": dict(
+        batch=1, q_len=100, kv_len=100, heads=2, kv_heads=1, head_dim=256, dtype=_F16,
+        default_tiles=True, causal=True, alibi_slopes=jnp.array([0.05, 0.2]),
+        segment_ids=_segments([[40, 60]])),
+    "bfloat16_head_dim_256_padded": dict(batch=1, q_len=70, kv_len=130, heads=1, kv_heads=1,
+                                         head_dim=256, dtype=_BF16, default_tiles=True),
     # Compiled Mosaic GPU kernels at their default tiles.
     "hopper_d128": dict(batch=1, q_len=256, kv_len=256, heads=2, kv_heads=2, head_dim=128,
                         dtype=_BF16),
@@ -257,6 +272,18 @@ ATTENTION_CASES = {
     "hopper_f16_causal_segments": dict(batch=1, q_len=512, kv_len=512, heads=2, kv_heads=1,
                                        head_dim=128, dtype=_F16, causal=True,
                                        **_sorted_segments(3, 512, 512)),
+    "hopper_d128_alibi_segments": dict(batch=1, q_len=300, kv_len=400, heads=4, kv_heads=2,
+                                       head_dim=128, dtype=_BF16,
+                                       alibi_slopes=jnp.array([0.5, 0.1, 0.03, 0.01]),
+                                       **_sorted_segments(4, 300, 400, 9)),
+    "hopper_d64_causal_alibi_window": dict(batch=1, q_len=333, kv_len=333, heads=2, kv_heads=1,
+                                           dtype=_BF16, causal=True, sliding_window=150,
+                                           alibi_slopes=jnp.array([0.2, 0.02])),
+    "hopper_d256_causal_gqa_alibi": dict(batch=1, q_len=300, kv_len=300, heads=4, kv_heads=2,
+                                         head_dim=256, dtype=_BF16, causal=True,
+                                         alibi_slopes=jnp.array([0.25, 0.06, 0.015, 0.004])),
+    "hopper_d256_f16_offset_padded": dict(batch=1, q_len=200, kv_len=333, heads=2, kv_heads=2,
+                                          head_dim=256, dtype=_F16, causal=True, q_offset=133),
 }
 
 _TRITON_CASES = (
@@ -293,7 +320,9 @@ TPU = Lowering("tpu", "tpu", dict(interpret=True, tiles=tpu.Tiles(16, 16, 16, 16
 ))
 MOSAIC_GPU = Lowering("mosaic_gpu", "mosaic_gpu", dict(interpret=True, tiles=mosaic_gpu.Tiles(
     *(mosaic_gpu.KernelTiles(64, 64, stages) for stages in (3, 2, 2)))),
-    ("bfloat16_gqa_padded", "bfloat16_every_mask"))
+    ("bfloat16_gqa_padded", "bfloat16_every_mask", "bfloat16_alibi_gqa_segments",
+     "bfloat16_causal_alibi_offset", "float16_head_dim_256_causal_gqa_alibi_segments",
+     "bfloat16_head_dim_256_padded"))
 # cuDNN's masks, checked on CPU through jax's XLA attention (which has no float16 there).
 CUDNN_AS_XLA = Lowering("cudnn_as_xla", "cudnn", {},
                         tuple(c for c in _CUDNN_CASES if not c.startswith("float16")),

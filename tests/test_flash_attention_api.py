@@ -165,8 +165,12 @@ def test_auto_on_cpu_is_the_reference_whatever_interpret_says():
     [
         # Hopper: Mosaic GPU where it applies, else Triton, else the reference; never cuDNN.
         ("NVIDIA H100", "gpu", _call(), ("mosaic_gpu", mosaic_gpu.DEFAULT_TILES[""][128])),
-        ("NVIDIA H100", "gpu", _call(has_alibi=True), ("triton", triton.DEFAULT_TILES["9.0"][128])),
-        ("NVIDIA H100", "gpu", _call(head_dim=256), ("triton", triton.DEFAULT_TILES["9.0"][256])),
+        ("NVIDIA H100", "gpu", _call(has_alibi=True),
+         ("mosaic_gpu", mosaic_gpu.DEFAULT_TILES[""][128])),
+        ("NVIDIA H100", "gpu", _call(head_dim=256),
+         ("mosaic_gpu", mosaic_gpu.DEFAULT_TILES[""][256])),
+        ("NVIDIA H100", "gpu", _call(dtype=jnp.float32),
+         ("triton", triton.DEFAULT_TILES["9.0"][128])),
         ("NVIDIA H100", "gpu", _call(head_dim=96), ("xla", None)),
         # Ampere: Triton with the sm_80 table.
         ("NVIDIA A100-SXM4-80GB", "gpu", _call(head_dim=64),
@@ -174,7 +178,7 @@ def test_auto_on_cpu_is_the_reference_whatever_interpret_says():
         # TPU: the default tiles, shrunk to the (short) lengths.
         ("TPU v5 lite", "tpu", _call(length=40), ("tpu", tpu.Tiles(48, 128, 128, 128))),
     ],
-    ids=["h100", "h100-alibi", "h100-d256", "h100-d96", "a100", "tpu-v5e"],
+    ids=["h100", "h100-alibi", "h100-d256", "h100-f32", "h100-d96", "a100", "tpu-v5e"],
 )
 def test_auto_follows_the_target_device(device_kind, platform, call, want):
     with lowering_for(device_kind, platform):
@@ -264,9 +268,9 @@ def test_cudnn_refuses_what_it_lacks(monkeypatch):
 @pytest.mark.parametrize(
     ("head_dim", "dtype", "spec_kw", "reason"),
     [
-        (256, jnp.bfloat16, {}, "head_dim must be one of"),
+        (96, jnp.bfloat16, {}, "head_dim must be one of"),
         (128, jnp.float32, {}, "dtype must be bfloat16 or float16"),
-        (128, jnp.bfloat16, {"has_alibi": True}, "ALiBi"),
+        (256, jnp.bfloat16, {}, "exceed the 227 KiB of shared memory"),  # head_dim 128's tiles
     ],
 )
 def test_mosaic_gpu_supports_reasons(head_dim, dtype, spec_kw, reason):
@@ -283,6 +287,12 @@ def test_mosaic_gpu_supports_tiles():
         default.dkv, default.dq)
     assert "multiple of 64" in mosaic_gpu.supports(call, fwd(streamed=96))
     assert "shared memory" in mosaic_gpu.supports(call, fwd(owned=256, streamed=256))
+    # head_dim 256: its tiles fit; a 128-row owned tile fits shared memory with one slot, but its
+    # float32 accumulator (128 x 256) would take 256 registers per thread.
+    call, d256 = _call(head_dim=256), mosaic_gpu.DEFAULT_TILES[""][256]
+    assert mosaic_gpu.supports(call, d256) is None
+    big = mosaic_gpu.Tiles(mosaic_gpu.KernelTiles(128, 64, 1), d256.dkv, d256.dq)
+    assert "256 registers per thread" in mosaic_gpu.supports(call, big)
 
 
 # ----------------------------------------------------------------------------- key-block ranges
@@ -414,25 +424,31 @@ def test_tpu_lowers_to_mosaic():
 
 
 @pytest.mark.parametrize(
-    "spec_kw",
-    [dict(), dict(causal=True, sliding_window=70, q_offset=100, has_segment_ids=True,
-                  logits_soft_cap=30.0)],
-    ids=["plain", "every_mask"],
+    "head_dim, spec_kw, kernels",
+    [
+        (128, dict(), 3),
+        (128, dict(causal=True, sliding_window=70, q_offset=100, has_segment_ids=True,
+                   logits_soft_cap=30.0, has_alibi=True), 3),
+        (256, dict(causal=True, has_segment_ids=True, has_alibi=True), 4),  # dV and dK passes
+    ],
+    ids=["plain", "every_mask_alibi", "head_dim_256_alibi"],
 )
-def test_mosaic_gpu_lowers_for_cuda(spec_kw):
+def test_mosaic_gpu_lowers_for_cuda(head_dim, spec_kw, kernels):
     """The Mosaic GPU lowering (which interpret mode skips) of the forward and backward kernels,
-    static and traced block ranges, with keys and queries that are not tile multiples."""
+    static and traced block ranges, with keys and queries that are not tile multiples, at the
+    head_dim's default tiles."""
     spec = AttentionSpec(scale=0.125, **spec_kw)
-    kw = dict(spec=spec, tiles=mosaic_gpu.DEFAULT_TILES[""][128], interpret=False)
+    kw = dict(spec=spec, tiles=mosaic_gpu.DEFAULT_TILES[""][head_dim], interpret=False)
     seg = jax.ShapeDtypeStruct((1, 300), jnp.int32) if spec.has_segment_ids else None
+    slopes = jax.ShapeDtypeStruct((4,), jnp.float32) if spec.has_alibi else None
 
-    def fwd_bwd(q, k, v, q_seg, kv_seg):
-        out, lse = mosaic_gpu.forward(q, k, v, q_seg, kv_seg, None, **kw)
-        return mosaic_gpu.backward(q, k, v, q_seg, kv_seg, None, out, lse, out, **kw)
+    def fwd_bwd(q, k, v, q_seg, kv_seg, slopes):
+        out, lse = mosaic_gpu.forward(q, k, v, q_seg, kv_seg, slopes, **kw)
+        return mosaic_gpu.backward(q, k, v, q_seg, kv_seg, slopes, out, lse, out, **kw)
 
-    q = jax.ShapeDtypeStruct((1, 300, 4, 128), jnp.bfloat16)
-    k = jax.ShapeDtypeStruct((1, 300, 2, 128), jnp.bfloat16)
+    q = jax.ShapeDtypeStruct((1, 300, 4, head_dim), jnp.bfloat16)
+    k = jax.ShapeDtypeStruct((1, 300, 2, head_dim), jnp.bfloat16)
     with lowering_for("NVIDIA H100"):
-        text = jax.jit(fwd_bwd).trace(q, k, k, seg, seg).lower(
+        text = jax.jit(fwd_bwd).trace(q, k, k, seg, seg, slopes).lower(
             lowering_platforms=("cuda",)).as_text()
-    assert text.count("kernel_hash") == 3
+    assert text.count("kernel_hash") == kernels

@@ -13,13 +13,18 @@ transaction count) and a "consumed" barrier (one arrival per consumer warpgroup)
 - Backward, with ``delta = rowsum(dO * O)`` computed in XLA and P recomputed from the saved
   log-sum-exp: a dK/dV kernel whose CTA owns ``2 * block_k_bwd`` keys of one kv head and streams
   (Q, dO, lse, delta) tiles of every query head of its GQA group, so grouped heads need no
-  reduction afterwards; and a dQ kernel shaped like the forward.
+  reduction afterwards; and a dQ kernel shaped like the forward. When the two float32
+  accumulators of dK and dV do not fit a consumer's registers (head_dim 256: 2 x 128 per
+  thread), the dK/dV kernel runs twice, once for dV (no dP product) and once for dK, recomputing
+  P: 5 tile products per block instead of 4, but a register file that holds one accumulator.
 
 Both consumers of a CTA walk the same key (or query) block range, the union of what their rows
 need: that keeps the producer, the consumed barriers and the schedule barrier in lock step. Each
 walk is split into [masked edge | unmasked interior | masked edge]; the interior pays for no
-causal/window/padding ``where``. Scores go through ``common.transform_scores`` on register tiles,
-in base 2 (scale and soft cap multiplied by log2(e)) so the exponentials are bare ``exp2``.
+causal/window/padding ``where`` (ALiBi's ``-slope * |pos_q - pos_k|`` is computed from the tile's
+positions in every block, so it never changes which blocks are skipped). Scores go through
+``common.transform_scores`` on register tiles, in base 2 (scale, soft cap and ALiBi slopes
+multiplied by log2(e)) so the exponentials are bare ``exp2``.
 Lengths that are not a multiple of the tiles are padded here: padded keys are masked, padded
 queries are sliced away (in the backward they carry ``dO = 0`` and ``lse = +inf``, hence P = 0).
 """
@@ -51,7 +56,7 @@ from pallas_kernels.flash_attention.common import (
     tile_logits,
 )
 
-_HEAD_DIMS = (64, 128)
+_HEAD_DIMS = (64, 128, 256)
 _DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 _SMEM_BYTES = 227 * 1024  # Hopper's per-block shared-memory limit.
 _CONSUMERS = 2
@@ -59,6 +64,10 @@ _WG = "wg"
 # The 64K registers of an SM split between the warpgroups (128 threads each): the producer only
 # issues copies, the consumers hold the accumulators. 2 * 232 + 40 <= 512 registers per lane.
 _CONSUMER_REGS, _PRODUCER_REGS = 232, 40
+# Of a consumer's 232, the float32 wgmma accumulators (owned rows x head_dim / 128 threads each)
+# may take this many; the rest holds the float32 score tiles, their low-precision copies and
+# addresses. A dK/dV kernel whose two accumulators exceed it runs as a dV pass and a dK pass.
+_ACC_REGS = 128
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,11 +96,16 @@ def _tiles(fwd, dkv, dq) -> Tiles:
 # Defaults per head_dim, each kernel's (owned, streamed, stages); "" is every Hopper GPU (the only
 # target). The forward follows FlashAttention-3's Hopper tiles (a 128-row CTA, 128-key tiles);
 # the backward tiles keep each consumer's live float32 tiles (two 64xD accumulators plus 64-wide
-# score tiles) inside its 232 registers. Not yet swept on a device.
+# score tiles) inside its 232 registers. At head_dim 256 a 64-row tile of K or V is 32 KiB: the
+# smallest tiles (64 rows) with a two-slot ring (forward) or one slot (the backward kernels own
+# two 64 x 256 tiles per consumer, 128 KiB) fill 192 of the 227 KiB, and one float32 64 x 256
+# accumulator is 128 registers per thread (dK/dV in two passes, see above). Not yet swept on a
+# device.
 DEFAULT_TILES: dict[str, dict[int, Tiles]] = {
     "": {
         64: _tiles((64, 128, 3), (64, 64, 2), (64, 128, 2)),
         128: _tiles((64, 128, 2), (64, 64, 2), (64, 64, 3)),
+        256: _tiles((64, 64, 2), (64, 64, 1), (64, 64, 1)),
     },
 }
 
@@ -109,16 +123,26 @@ def _smem_bytes(t: KernelTiles, head_dim: int, owned_tiles: int, streamed_tiles:
     return owned + ring + 4 * 4 * (t.stages * t.streamed + _CONSUMERS * t.owned)
 
 
+def _acc_regs(t: KernelTiles, head_dim: int) -> int:
+    """Registers per consumer thread of one float32 accumulator of ``t.owned x head_dim``."""
+    return t.owned * head_dim // 128
+
+
+def _dkv_passes(t: KernelTiles, head_dim: int) -> tuple[tuple[str, ...], ...]:
+    """The gradients each dK/dV kernel launch accumulates: both at once when their two
+    accumulators fit ``_ACC_REGS``, else a dV pass and a dK pass."""
+    if 2 * _acc_regs(t, head_dim) <= _ACC_REGS:
+        return (("dk", "dv"),)
+    return (("dv",), ("dk",))
+
+
 def supports(call: Call, tiles: Tiles) -> str | None:
     """None when these kernels handle the call, else the one-line reason."""
     head_dim = call.head_dim
     if head_dim not in _HEAD_DIMS:
-        return (f"head_dim must be one of {_HEAD_DIMS} (256 exceeds the register/shared-memory "
-                f"budget of the warp-specialised tiles), got {head_dim}")
+        return f"head_dim must be one of {_HEAD_DIMS}, got {head_dim}"
     if jnp.dtype(call.dtype) not in _DTYPES:
         return f"dtype must be bfloat16 or float16 (wgmma operands), got {jnp.dtype(call.dtype)}"
-    if call.spec.has_alibi:
-        return "ALiBi is not implemented in the Mosaic GPU kernels (the Triton lowering has it)"
     if call.spec.has_relative_bias:
         return "no relative position bias in the Mosaic GPU kernels (the Triton lowering has it)"
     for kernel in ("fwd", "dkv", "dq"):
@@ -132,6 +156,12 @@ def supports(call: Call, tiles: Tiles) -> str | None:
         if _smem_bytes(t, head_dim, owned, streamed) > _SMEM_BYTES:
             return (f"{name} tiles ({t.owned} owned x {t.streamed} streamed rows, head_dim "
                     f"{head_dim}) exceed the {_SMEM_BYTES // 1024} KiB of shared memory")
+    for kernel in ("fwd", "dkv", "dq"):
+        t = getattr(tiles, kernel)
+        if _acc_regs(t, head_dim) > _ACC_REGS:
+            return (f"tiles.{kernel}.owned = {t.owned} at head_dim {head_dim}: a float32 "
+                    f"accumulator of {_acc_regs(t, head_dim)} registers per thread, over the "
+                    f"{_ACC_REGS} a consumer warpgroup has for it")
     return None
 
 
@@ -199,23 +229,30 @@ def _mma_acc(acc, a, b_ref, interpret: bool):
     return pl.run_state(body)(plgpu.ACC.init(acc))
 
 
-def _logits(s, spec2, masked, *, q_dim, q_first, k_first, kv_len, q_seg, k_seg):
+def _logits(s, spec2, masked, *, q_dim, q_first, k_first, kv_len, q_seg, k_seg, slope):
     """``transform_scores`` on a register tile whose queries run along ``q_dim``.
 
     ``q_first``/``k_first`` are the positions of the tile's first query and key; ``q_seg`` and
-    ``k_seg`` are segment-id vectors or None; ``kv_len`` (padded keys exist) masks the pad.
-    Positions are only built for masked tiles: the interior needs none.
+    ``k_seg`` are segment-id vectors or None; ``kv_len`` (padded keys exist) masks the pad;
+    ``slope`` is the head's base-2 ALiBi slope (a scalar) or None. Positions are only built for
+    masked tiles and for ALiBi: the interior needs none otherwise.
     """
     k_dim = 1 - q_dim
     q_pos = k_pos = None
-    if masked:
+    if masked or slope is not None:
         q_pos = _iota(s.shape, q_dim) + q_first
         k_pos = _iota(s.shape, k_dim) + k_first
     if q_seg is not None:
         q_seg, k_seg = _bcast(q_seg, q_dim, s.shape), _bcast(k_seg, k_dim, s.shape)
     return tile_logits(
-        s, q_pos, k_pos, spec2, masked=masked, kv_len=kv_len, q_seg=q_seg, k_seg=k_seg
+        s, q_pos, k_pos, spec2, masked=masked, kv_len=kv_len, q_seg=q_seg, k_seg=k_seg,
+        slope=slope,
     )
+
+
+def _base2_slopes(alibi_slopes):
+    """The kernels' extra input for ALiBi: float32 slopes in log2 units (none without ALiBi)."""
+    return [] if alibi_slopes is None else [alibi_slopes.astype(jnp.float32) * LOG2E]
 
 
 def _produce(n_steps, stages, loads):
@@ -317,8 +354,8 @@ _once_per_shape = functools.partial(jax.jit, static_argnames=("spec", "tiles", "
 # ----------------------------------------------------------------------------- forward
 
 
-def _fwd_kernel(*refs, spec2, t, group, nk, kv_len, has_seg, interpret):
-    r = kernel_refs(refs, ("q", "k", "v"), has_seg, False, ("o", "lse", "smem", "bars"))
+def _fwd_kernel(*refs, spec2, t, group, nk, kv_len, has_seg, has_alibi, interpret):
+    r = kernel_refs(refs, ("q", "k", "v"), has_seg, has_alibi, ("o", "lse", "smem", "bars"))
     q_smem, k_smem, v_smem, vec_smem, qs_smem, ks_smem = r.smem
     q_bar, k_bar, v_bar, ks_bar, k_free, v_free, sched = r.bars
     bq, bk = t.owned, t.streamed
@@ -344,6 +381,7 @@ def _fwd_kernel(*refs, spec2, t, group, nk, kv_len, has_seg, interpret):
                                     q_bar.at[_CONSUMERS + wg])
             plgpu.barrier_wait(q_bar.at[_CONSUMERS + wg])
             q_seg = _vec(qs_smem.at[wg], 0)
+        slope = r.slopes[head] if has_alibi else None
         plgpu.barrier_wait(q_bar.at[wg])
 
         def body(masked):
@@ -360,7 +398,8 @@ def _fwd_kernel(*refs, spec2, t, group, nk, kv_len, has_seg, interpret):
                     k_seg = _vec(ks_smem.at[slot], 1)
                 plgpu.barrier_arrive(k_free.at[slot])
                 s, _ = _logits(s, spec2, masked, q_dim=0, q_first=spec2.q_offset + row,
-                               k_first=block * bk, kv_len=padded_kv, q_seg=q_seg, k_seg=k_seg)
+                               k_first=block * bk, kv_len=padded_kv, q_seg=q_seg, k_seg=k_seg,
+                               slope=slope)
                 m_new = jnp.maximum(m, s.max(axis=1))
                 alpha = jnp.exp2(m - m_new)
                 p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
@@ -408,8 +447,6 @@ def _fwd_kernel(*refs, spec2, t, group, nk, kv_len, has_seg, interpret):
 @_once_per_shape
 def forward(q, k, v, q_seg, kv_seg, alibi_slopes, *, spec, tiles, interpret):
     """``(out, lse)`` per the lowering contract (see ``supports`` for what is handled)."""
-    if alibi_slopes is not None:
-        raise ValueError(supports(Call(q.shape, k.shape, q.dtype, spec), tiles))
     batch, q_len, heads, head_dim = q.shape
     kv_len, kv_heads = k.shape[1], k.shape[2]
     t = tiles.fwd
@@ -420,6 +457,7 @@ def forward(q, k, v, q_seg, kv_seg, alibi_slopes, *, spec, tiles, interpret):
     args = [pad_to(q, 1, q_pad), pad_to(k, 1, kv_pad), pad_to(v, 1, kv_pad)]
     if has_seg:
         args += [pad_to(q_seg, 1, q_pad), pad_to(kv_seg, 1, kv_pad)]
+    args += _base2_slopes(alibi_slopes)
 
     dtype = q.dtype
     smem = (
@@ -441,7 +479,7 @@ def forward(q, k, v, q_seg, kv_seg, alibi_slopes, *, spec, tiles, interpret):
     )
     kernel = functools.partial(
         _fwd_kernel, spec2=base2(spec), t=t, group=heads // kv_heads, nk=nk, kv_len=kv_len,
-        has_seg=has_seg, interpret=interpret,
+        has_seg=has_seg, has_alibi=alibi_slopes is not None, interpret=interpret,
     )
     out, lse = plgpu.kernel(
         kernel,
@@ -463,8 +501,12 @@ def forward(q, k, v, q_seg, kv_seg, alibi_slopes, *, spec, tiles, interpret):
 # ----------------------------------------------------------------------------- backward
 
 
-def _dkv_kernel(*refs, spec2, t, group, nq, kv_len, padded, has_seg, interpret):
-    r = kernel_refs(refs, BWD_INPUTS, has_seg, False, ("dk", "dv", "smem", "bars"))
+def _dkv_kernel(*refs, spec2, t, group, nq, kv_len, padded, has_seg, has_alibi, grads,
+                interpret):
+    """Accumulates ``grads`` (``("dk", "dv")``, or one of them in a two-pass backward): a dV
+    pass needs neither V nor delta nor the dP product."""
+    want_dk, want_dv = "dk" in grads, "dv" in grads
+    r = kernel_refs(refs, BWD_INPUTS, has_seg, has_alibi, (*grads, "smem", "bars"))
     k_smem, v_smem, ks_smem, q_smem, do_smem, lse_smem, delta_smem, qs_smem = r.smem
     own_bar, q_bar, do_bar, lse_bar, delta_bar, qs_bar, free = r.bars
     bk, bq = t.owned, t.streamed
@@ -482,10 +524,11 @@ def _dkv_kernel(*refs, spec2, t, group, nq, kv_len, padded, has_seg, interpret):
     def _consumer():
         plgpu.set_max_registers(_CONSUMER_REGS, action="increase")
         key = cta_key + wg * bk
-        my_k, my_v = k_smem.at[wg], v_smem.at[wg]
+        my_k = k_smem.at[wg]
         kv_slice = (batch, pl.ds(key, bk), kv_head)
         plgpu.copy_gmem_to_smem(r.k.at[kv_slice], my_k, own_bar.at[wg])
-        plgpu.copy_gmem_to_smem(r.v.at[kv_slice], my_v, own_bar.at[_CONSUMERS + wg])
+        if want_dk:
+            plgpu.copy_gmem_to_smem(r.v.at[kv_slice], v_smem.at[wg], own_bar.at[_CONSUMERS + wg])
         k_seg = None
         if has_seg:
             plgpu.copy_gmem_to_smem(r.kv_seg.at[batch, pl.ds(key, bk)], ks_smem.at[wg],
@@ -493,13 +536,16 @@ def _dkv_kernel(*refs, spec2, t, group, nq, kv_len, padded, has_seg, interpret):
             plgpu.barrier_wait(own_bar.at[2 * _CONSUMERS + wg])
             k_seg = _vec(ks_smem.at[wg], 0)
         plgpu.barrier_wait(own_bar.at[wg])
-        plgpu.barrier_wait(own_bar.at[_CONSUMERS + wg])
+        if want_dk:
+            plgpu.barrier_wait(own_bar.at[_CONSUMERS + wg])
         padded_kv = kv_len if padded else None
 
         def head(g, carry):
+            slope = r.slopes[kv_head * group + g] if has_alibi else None
+
             def body(masked):
                 def step(block, i, carry):
-                    dk, dv = carry
+                    acc = dict(zip(grads, carry))
                     slot = lax.rem(g * per_head + i, jnp.int32(t.stages))
                     plgpu.barrier_wait(q_bar.at[slot])
                     # The tile is transposed (keys x queries) so dK and dV need no transposes.
@@ -510,29 +556,40 @@ def _dkv_kernel(*refs, spec2, t, group, nq, kv_len, padded, has_seg, interpret):
                         q_seg = _vec(qs_smem.at[slot], 1)
                     s, visible = _logits(
                         s, spec2, masked, q_dim=1, q_first=spec2.q_offset + block * bq,
-                        k_first=key, kv_len=padded_kv, q_seg=q_seg, k_seg=k_seg)
+                        k_first=key, kv_len=padded_kv, q_seg=q_seg, k_seg=k_seg, slope=slope)
                     plgpu.barrier_wait(lse_bar.at[slot])
                     p = jnp.exp2(s - _bcast(_vec(lse_smem.at[slot], 1), 1, s.shape))
                     plgpu.barrier_wait(do_bar.at[slot])
-                    dv = _mma_acc(dv, p.astype(dtype), do_smem.at[slot], interpret)
-                    dp = _mma(my_v, do_smem.at[slot], (bk, bq), interpret, trans_b=True)
-                    plgpu.barrier_wait(delta_bar.at[slot])
-                    ds = score_grad(p, dp, _bcast(_vec(delta_smem.at[slot], 1), 1, s.shape), s, visible, spec2)
-                    dk = _mma_acc(dk, ds.astype(dtype), q_smem.at[slot], interpret)
+                    if want_dv:
+                        acc["dv"] = _mma_acc(acc["dv"], p.astype(dtype), do_smem.at[slot],
+                                             interpret)
+                    if want_dk:
+                        dp = _mma(v_smem.at[wg], do_smem.at[slot], (bk, bq), interpret,
+                                  trans_b=True)
+                        plgpu.barrier_wait(delta_bar.at[slot])
+                        delta = _bcast(_vec(delta_smem.at[slot], 1), 1, s.shape)
+                        ds = score_grad(p, dp, delta, s, visible, spec2)
+                        acc["dk"] = _mma_acc(acc["dk"], ds.astype(dtype), q_smem.at[slot],
+                                             interpret)
                     plgpu.barrier_arrive(free.at[slot])
-                    return dk, dv
+                    return tuple(acc[name] for name in grads)
 
                 return step
 
             return _fused_range(parts, body, carry)
 
         zeros = plgpu.layout_cast(jnp.zeros((bk, head_dim), jnp.float32), plgpu.Layout.WGMMA)
-        dk, dv = lax.fori_loop(0, group, head, (zeros, zeros))
-        my_k[...] = (dk * (spec2.scale / LOG2E)).astype(dtype)
-        my_v[...] = dv.astype(dtype)
+        acc = dict(zip(grads, lax.fori_loop(0, group, head, (zeros,) * len(grads))))
+        # Each gradient leaves through the smem of an owned tile that the loop no longer reads.
+        outs = {"dk": (my_k, acc.get("dk"), spec2.scale / LOG2E),
+                "dv": (v_smem.at[wg] if want_dk else my_k, acc.get("dv"), 1.0)}
+        for name in grads:
+            buf, grad, factor = outs[name]
+            buf[...] = (grad * factor).astype(dtype)
         plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(my_k, r.dk.at[kv_slice], commit_group=False)
-        plgpu.copy_smem_to_gmem(my_v, r.dv.at[kv_slice], commit_group=False)
+        for name in grads:
+            plgpu.copy_smem_to_gmem(outs[name][0], getattr(r, name).at[kv_slice],
+                                    commit_group=False)
         plgpu.commit_smem_to_gmem_group()
         plgpu.wait_smem_to_gmem(0)
 
@@ -547,8 +604,9 @@ def _dkv_kernel(*refs, spec2, t, group, nq, kv_len, padded, has_seg, interpret):
             plgpu.copy_gmem_to_smem(r.lse.at[batch, q_head, pl.ds(row, bq)],
                                     lse_smem.at[slot], lse_bar.at[slot])
             plgpu.copy_gmem_to_smem(r.do.at[rows], do_smem.at[slot], do_bar.at[slot])
-            plgpu.copy_gmem_to_smem(r.delta.at[batch, q_head, pl.ds(row, bq)],
-                                    delta_smem.at[slot], delta_bar.at[slot])
+            if want_dk:
+                plgpu.copy_gmem_to_smem(r.delta.at[batch, q_head, pl.ds(row, bq)],
+                                        delta_smem.at[slot], delta_bar.at[slot])
             if has_seg:
                 plgpu.copy_gmem_to_smem(r.q_seg.at[batch, pl.ds(row, bq)], qs_smem.at[slot],
                                         qs_bar.at[slot])
@@ -556,8 +614,8 @@ def _dkv_kernel(*refs, spec2, t, group, nq, kv_len, padded, has_seg, interpret):
         _produce(n_steps, t.stages, [(load, free)])
 
 
-def _dq_kernel(*refs, spec2, t, group, nk, kv_len, has_seg, interpret):
-    r = kernel_refs(refs, BWD_INPUTS, has_seg, False, ("dq", "smem", "bars"))
+def _dq_kernel(*refs, spec2, t, group, nk, kv_len, has_seg, has_alibi, interpret):
+    r = kernel_refs(refs, BWD_INPUTS, has_seg, has_alibi, ("dq", "smem", "bars"))
     q_smem, do_smem, lse_smem, delta_smem, qs_smem, k_smem, v_smem, ks_smem = r.smem
     own_bar, k_bar, v_bar, ks_bar, k_free, v_free = r.bars
     bq, bk = t.owned, t.streamed
@@ -588,6 +646,7 @@ def _dq_kernel(*refs, spec2, t, group, nk, kv_len, has_seg, interpret):
         lse = _vec(lse_smem.at[wg], 0)
         delta = _vec(delta_smem.at[wg], 0)
         q_seg = _vec(qs_smem.at[wg], 0) if has_seg else None
+        slope = r.slopes[head] if has_alibi else None
 
         def body(masked):
             def step(block, i, dq):
@@ -600,7 +659,7 @@ def _dq_kernel(*refs, spec2, t, group, nk, kv_len, has_seg, interpret):
                     k_seg = _vec(ks_smem.at[slot], 1)
                 s, visible = _logits(s, spec2, masked, q_dim=0, q_first=spec2.q_offset + row,
                                      k_first=block * bk, kv_len=padded_kv, q_seg=q_seg,
-                                     k_seg=k_seg)
+                                     k_seg=k_seg, slope=slope)
                 p = jnp.exp2(s - _bcast(lse, 0, s.shape))
                 plgpu.barrier_wait(v_bar.at[slot])
                 dp = _mma(my_do, v_smem.at[slot], (bq, bk), interpret, trans_b=True)
@@ -627,8 +686,6 @@ def _dq_kernel(*refs, spec2, t, group, nk, kv_len, has_seg, interpret):
 @_once_per_shape
 def backward(q, k, v, q_seg, kv_seg, alibi_slopes, out, lse, dout, *, spec, tiles, interpret):
     """``(dq, dk, dv)`` per the lowering contract."""
-    if alibi_slopes is not None:
-        raise ValueError(supports(Call(q.shape, k.shape, q.dtype, spec), tiles))
     batch, q_len, heads, head_dim = q.shape
     kv_len, kv_heads = k.shape[1], k.shape[2]
     group = heads // kv_heads
@@ -651,40 +708,50 @@ def backward(q, k, v, q_seg, kv_seg, alibi_slopes, out, lse, dout, *, spec, tile
     ]
     if has_seg:
         args += [pad_to(q_seg, 1, q_pad), pad_to(kv_seg, 1, kv_pad)]
+    has_alibi = alibi_slopes is not None
+    args += _base2_slopes(alibi_slopes)
 
     # dK, dV: a CTA owns 2 * bk keys of one kv head and streams the query tiles of its group.
     bk, bq, st = dkv_t.owned, dkv_t.streamed, dkv_t.stages
     seg = lambda shape: plgpu.SMEM(shape, jnp.int32) if has_seg else None  # noqa: E731
     bar = lambda n, arrivals=1: plgpu.Barrier(num_arrivals=arrivals, num_barriers=n)  # noqa: E731
-    dk, dv = plgpu.kernel(
-        functools.partial(
-            _dkv_kernel, spec2=spec2, t=dkv_t, group=group, nq=q_pad // bq, kv_len=kv_len,
-            padded=kv_pad != kv_len, has_seg=has_seg, interpret=interpret,
-        ),
-        out_type=[jax.ShapeDtypeStruct((batch, kv_pad, kv_heads, head_dim), dtype)] * 2,
-        scratch_types=[
-            (
-                _tile_smem((_CONSUMERS, bk, head_dim), dtype),
-                _tile_smem((_CONSUMERS, bk, head_dim), dtype),
-                seg((_CONSUMERS, bk)),
-                _tile_smem((st, bq, head_dim), dtype),
-                _tile_smem((st, bq, head_dim), dtype),
-                plgpu.SMEM((st, bq), f32),
-                plgpu.SMEM((st, bq), f32),
-                seg((st, bq)),
+    grad_kv = {}
+    for grads in _dkv_passes(dkv_t, head_dim):
+        with_dk = "dk" in grads  # a dV pass needs no V tiles and no delta
+        maybe = lambda x: x if with_dk else None  # noqa: E731
+        outs = plgpu.kernel(
+            functools.partial(
+                _dkv_kernel, spec2=spec2, t=dkv_t, group=group, nq=q_pad // bq, kv_len=kv_len,
+                padded=kv_pad != kv_len, has_seg=has_seg, has_alibi=has_alibi, grads=grads,
+                interpret=interpret,
             ),
-            (
-                bar(3 * _CONSUMERS), bar(st), bar(st), bar(st), bar(st),
-                bar(st) if has_seg else None, bar(st, _CONSUMERS),
-            ),
-        ],
-        grid=(kv_heads, kv_pad // (_CONSUMERS * bk), batch),
-        grid_names=("heads", "k", "batch"),
-        num_threads=_CONSUMERS + 1,
-        thread_name=_WG,
-        compiler_params=_compiler_params(),
-        interpret=_interpret_params(interpret),
-    )(*args)
+            out_type=[jax.ShapeDtypeStruct((batch, kv_pad, kv_heads, head_dim), dtype)
+                      for _ in grads],
+            scratch_types=[
+                (
+                    _tile_smem((_CONSUMERS, bk, head_dim), dtype),
+                    maybe(_tile_smem((_CONSUMERS, bk, head_dim), dtype)),
+                    seg((_CONSUMERS, bk)),
+                    _tile_smem((st, bq, head_dim), dtype),
+                    _tile_smem((st, bq, head_dim), dtype),
+                    plgpu.SMEM((st, bq), f32),
+                    maybe(plgpu.SMEM((st, bq), f32)),
+                    seg((st, bq)),
+                ),
+                (
+                    bar(3 * _CONSUMERS), bar(st), bar(st), bar(st), maybe(bar(st)),
+                    bar(st) if has_seg else None, bar(st, _CONSUMERS),
+                ),
+            ],
+            grid=(kv_heads, kv_pad // (_CONSUMERS * bk), batch),
+            grid_names=("heads", "k", "batch"),
+            num_threads=_CONSUMERS + 1,
+            thread_name=_WG,
+            compiler_params=_compiler_params(),
+            interpret=_interpret_params(interpret),
+        )(*args)
+        grad_kv.update(zip(grads, outs))
+    dk, dv = grad_kv["dk"], grad_kv["dv"]
 
     # dQ: a CTA owns 2 * bq query rows of one head and streams its kv head's K/V tiles.
     bq, bk, st = dq_t.owned, dq_t.streamed, dq_t.stages
@@ -692,7 +759,7 @@ def backward(q, k, v, q_seg, kv_seg, alibi_slopes, out, lse, dout, *, spec, tile
     dq = plgpu.kernel(
         functools.partial(
             _dq_kernel, spec2=spec2, t=dq_t, group=group, nk=kv_pad // bk, kv_len=kv_len,
-            has_seg=has_seg, interpret=interpret,
+            has_seg=has_seg, has_alibi=has_alibi, interpret=interpret,
         ),
         out_type=jax.ShapeDtypeStruct((batch, q_pad, heads, head_dim), dtype),
         scratch_types=[
