@@ -9,9 +9,15 @@ Variants by config: original T5 (``feed_forward: relu``, ``tie_embeddings: true`
 embedding is the LM head, logits scaled by ``d_model**-0.5``) and T5 v1.1 / Flan-T5
 (``gated-gelu``, untied head).
 
-Attention runs as plain XLA einsums with a materialised float32 ``(batch, heads, q, k)`` bias
-(relative positions plus the segment / causal mask): the ``pallas_kernels`` attention kernels
-take no additive bias today, so they cannot be used here.
+Attention (``attention``): ``pallas_kernels``' ``flash_attention`` with segment ids (every
+kind), the causal mask (decoder self-attention) and T5's relative position bias computed inside
+the kernel from the positions and the stack's table (self-attention; each layer passes the same
+table), so no ``(q, k)`` tensor is formed (``"auto"``: the Triton kernel on a GPU, its float32
+reference on a CPU). ``"xla"`` is the einsum form with a materialised float32 ``(batch, heads,
+q, k)`` bias (relative positions plus the segment / causal mask); it also serves cached decoding
+and training with dropout (which drops attention probabilities, which the kernels never form).
+A query that sees no key (a decoder segment absent from the encoder) gets zeros from the kernels
+and a uniform average from the einsums; only padding rows can be such queries.
 
 Packing: encoder and decoder rows each hold several segments (ids from 1, 0 = padding; positions
 restart per segment); self-attention stays within a segment and decoder segment ``s``
@@ -32,6 +38,7 @@ import dataclasses
 from typing import Any, ClassVar, Literal
 
 import flax.linen as nn
+import flax.struct
 import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
@@ -39,13 +46,14 @@ from jax.ad_checkpoint import checkpoint_name
 from meshlm.config import ConfigError, ModelConfig, register_family
 from meshlm.convert.mapping import HFTensor, hf_option, linear, same
 from meshlm.data.batches import SEQ2SEQ
-from meshlm.layers import ATTENTION_OUT, Embed, make_norm
+from meshlm.layers import ATTENTION_OUT, Embed, make_norm, per_shard
 from meshlm.layers.attention import CACHE_AXES
 from meshlm.layers.embeddings import logits_matmul
 from meshlm.layers.relative_position import RelativePositionBias
 from meshlm.layers.stack import apply_stack
 from meshlm.models.base import ACTIVATION_EMBED
 from meshlm.train.losses import token_cross_entropy
+from pallas_kernels.flash_attention import RelativeBias, RelativeBuckets, flash_attention
 
 ACTIVATION_HEADS = ("activation_batch", "activation_length", "activation_heads", "head_dim")
 # Added to the scores of masked (query, key) pairs: finite, so a fully masked padding row gives
@@ -67,6 +75,9 @@ class T5Config(ModelConfig):
     d_kv: int = 64  # per-head size (T5 does not tie it to d_model / n_heads)
     d_ff: int = 1024
     feed_forward: Literal["relu", "gated-gelu"] = "gated-gelu"
+    # flash_attention's implementation ("auto": Triton on a GPU, its reference on a CPU), or
+    # "xla": einsums over a materialised bias (see the module docstring).
+    attention: Literal["auto", "xla", "triton"] = "auto"
     tie_embeddings: bool = False
     relative_buckets: int = 32
     relative_max_distance: int = 128
@@ -107,6 +118,11 @@ class T5Config(ModelConfig):
                 f"model.relative_buckets // 2 = {self.relative_buckets // 2} (the exact buckets)")
         if not 0 <= self.dropout < 1:
             raise ConfigError(f"model.dropout must be in [0, 1), got {self.dropout}")
+        if self.attention == "triton" and self.dropout > 0:
+            raise ConfigError(
+                f"model.attention=triton cannot drop attention probabilities (model.dropout="
+                f"{self.dropout}); use model.attention auto (the kernel when dropout is off, "
+                "e.g. at evaluation) or xla, or model.dropout 0")
         if not 0 <= self.extra_ids < self.vocab_size:
             raise ConfigError(f"model.extra_ids={self.extra_ids} must be in [0, "
                               f"model.vocab_size={self.vocab_size})")
@@ -338,6 +354,37 @@ def _mask_bias(mask):
     return jnp.where(mask, 0.0, MASKED).astype(jnp.float32)[:, None]
 
 
+@flax.struct.dataclass
+class Scores:
+    """What one attention kind adds to and masks in its scores, shared by a stack's layers.
+
+    Either ``bias``, the einsum path's float32 ``(batch, heads or 1, q, k)`` (relative bias plus
+    masks), or the kernel's inputs: ``(batch, len)`` segment ids, the causal flag and, for
+    self-attention, the relative bias's table, positions and ``buckets``.
+    """
+
+    bias: jax.Array | None = None
+    q_segment_ids: jax.Array | None = None
+    kv_segment_ids: jax.Array | None = None
+    table: jax.Array | None = None
+    q_positions: jax.Array | None = None
+    kv_positions: jax.Array | None = None
+    causal: bool = flax.struct.field(pytree_node=False, default=False)
+    buckets: RelativeBuckets | None = flax.struct.field(pytree_node=False, default=None)
+
+
+def _uses_kernel(cfg: T5Config, deterministic: bool, decode: bool = False) -> bool:
+    """Whether attention goes through ``flash_attention``: not for ``attention="xla"``, cached
+    decoding (its keys are cache slots) or active dropout (it drops probabilities)."""
+    return cfg.attention != "xla" and not decode and (deterministic or cfg.dropout == 0)
+
+
+def _self_scores(relative, positions, segment_ids, causal: bool) -> Scores:
+    return Scores(q_segment_ids=segment_ids, kv_segment_ids=segment_ids, table=relative.table(),
+                  q_positions=positions, kv_positions=positions, causal=causal,
+                  buckets=relative.buckets)
+
+
 class Encoder(nn.Module):
     """Embedded tokens -> the normalised encoder output."""
 
@@ -346,11 +393,15 @@ class Encoder(nn.Module):
     @nn.compact
     def __call__(self, x, positions, segment_ids, deterministic: bool = True):
         cfg = self.config
-        bias = _relative_bias(cfg, True)(positions, positions)
-        bias = bias + _mask_bias(segment_ids[:, :, None] == segment_ids[:, None, :])
+        relative = _relative_bias(cfg, True)
+        if _uses_kernel(cfg, deterministic):
+            scores = _self_scores(relative, positions, segment_ids, causal=False)
+        else:
+            scores = Scores(bias=relative(positions, positions) + _mask_bias(
+                segment_ids[:, :, None] == segment_ids[:, None, :]))
         x = nn.Dropout(cfg.dropout)(x, deterministic=deterministic)
         x = nn.with_logical_constraint(x, ACTIVATION_EMBED)
-        x = apply_stack(EncoderBlock, x, bias, n_layers=cfg.n_layers, scan=cfg.scan_layers,
+        x = apply_stack(EncoderBlock, x, scores, n_layers=cfg.n_layers, scan=cfg.scan_layers,
                         remat=cfg.remat, config=cfg, deterministic=deterministic)
         x = cfg.make_norm("final_norm")(x)
         return nn.Dropout(cfg.dropout)(x, deterministic=deterministic)
@@ -383,19 +434,24 @@ class Decoder(nn.Module):
         if segment_ids is None:
             segment_ids = jnp.ones((batch, length), jnp.int32)
         relative = _relative_bias(cfg, False)
-        if cached:
-            keys = jnp.broadcast_to(jnp.arange(slots.value.shape[0], dtype=jnp.int32),
-                                    (batch, slots.value.shape[0]))
-            mask = keys[:, None, :] <= positions[:, :, None]
+        if _uses_kernel(cfg, deterministic, decode):
+            self_scores = _self_scores(relative, positions, segment_ids, causal=True)
+            cross_scores = Scores(q_segment_ids=segment_ids, kv_segment_ids=enc_segment_ids)
         else:
-            keys = positions
-            causal = jnp.arange(length)[None, :, None] >= jnp.arange(length)[None, None, :]
-            mask = causal & (segment_ids[:, :, None] == segment_ids[:, None, :])
-        self_bias = relative(positions, keys) + _mask_bias(mask)
-        cross_bias = _mask_bias(segment_ids[:, :, None] == enc_segment_ids[:, None, :])
+            if cached:
+                keys = jnp.broadcast_to(jnp.arange(slots.value.shape[0], dtype=jnp.int32),
+                                        (batch, slots.value.shape[0]))
+                mask = keys[:, None, :] <= positions[:, :, None]
+            else:
+                keys = positions
+                causal = jnp.arange(length)[None, :, None] >= jnp.arange(length)[None, None, :]
+                mask = causal & (segment_ids[:, :, None] == segment_ids[:, None, :])
+            self_scores = Scores(bias=relative(positions, keys) + _mask_bias(mask))
+            cross_scores = Scores(bias=_mask_bias(
+                segment_ids[:, :, None] == enc_segment_ids[:, None, :]))
         x = nn.Dropout(cfg.dropout)(x, deterministic=deterministic)
         x = nn.with_logical_constraint(x, ACTIVATION_EMBED)
-        x = apply_stack(DecoderBlock, x, self_bias, enc_out, cross_bias,
+        x = apply_stack(DecoderBlock, x, self_scores, enc_out, cross_scores,
                         n_layers=cfg.decoder_layers, scan=cfg.scan_layers, remat=cfg.remat,
                         config=cfg, deterministic=deterministic, decode=decode)
         x = cfg.make_norm("final_norm")(x)
@@ -418,10 +474,10 @@ class EncoderBlock(nn.Module):
     decode: bool = False
 
     @nn.compact
-    def __call__(self, x, bias):
+    def __call__(self, x, scores):
         cfg, drop = self.config, nn.Dropout(self.config.dropout)
         h = T5Attention(cfg, deterministic=self.deterministic, name="attention")(
-            cfg.make_norm("attention_norm")(x), bias)
+            cfg.make_norm("attention_norm")(x), scores)
         x = x + drop(h, deterministic=self.deterministic)
         h = FeedForward(cfg, deterministic=self.deterministic, name="mlp")(
             cfg.make_norm("mlp_norm")(x))
@@ -437,14 +493,15 @@ class DecoderBlock(nn.Module):
     decode: bool = False
 
     @nn.compact
-    def __call__(self, x, self_bias, enc_out, cross_bias):
+    def __call__(self, x, self_scores, enc_out, cross_scores):
         cfg, drop = self.config, nn.Dropout(self.config.dropout)
         h = T5Attention(cfg, deterministic=self.deterministic, decode=self.decode,
-                        name="self_attention")(cfg.make_norm("self_attention_norm")(x), self_bias)
+                        name="self_attention")(cfg.make_norm("self_attention_norm")(x),
+                                               self_scores)
         x = x + drop(h, deterministic=self.deterministic)
         h = T5Attention(cfg, deterministic=self.deterministic, decode=self.decode, cross=True,
                         name="cross_attention")(cfg.make_norm("cross_attention_norm")(x),
-                                                cross_bias, enc_out)
+                                                cross_scores, enc_out)
         x = x + drop(h, deterministic=self.deterministic)
         h = FeedForward(cfg, deterministic=self.deterministic, name="mlp")(
             cfg.make_norm("mlp_norm")(x))
@@ -458,9 +515,9 @@ def _kernel(module: nn.Module, name: str, shape, axes, std: float, param_dtype):
 
 
 class T5Attention(nn.Module):
-    """``softmax(q k^T + bias) v`` over heads, no score scaling, no biases; ``bias`` is float32
-    ``(batch, heads or 1, q, k)`` (relative positions and masks). ``cross``: keys and values
-    come from ``kv`` (the encoder output).
+    """``softmax(q k^T + bias) v`` over heads, no score scaling, no biases; ``scores`` (a
+    ``Scores``) holds the materialised bias or the kernel's masks and relative bias. ``cross``:
+    keys and values come from ``kv`` (the encoder output).
 
     ``decode``: self-attention keeps ``cached_key/value (batch, max_len, heads, d_kv)`` and
     ``cache_index`` and attends over all slots (the caller's bias masks unwritten ones);
@@ -474,7 +531,7 @@ class T5Attention(nn.Module):
     cross: bool = False
 
     @nn.compact
-    def __call__(self, x, bias, kv=None):
+    def __call__(self, x, scores: Scores, kv=None):
         cfg = self.config
         dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         d, heads, d_kv, f = x.shape[-1], cfg.n_heads, cfg.d_kv, cfg.init_std
@@ -496,10 +553,13 @@ class T5Attention(nn.Module):
             k, v = project(x, wk), project(x, wv)
             if self.decode:
                 k, v = self._cached_kv(k, v)
-        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) + bias
-        probs = jax.nn.softmax(scores, axis=-1)
-        probs = nn.Dropout(cfg.dropout)(probs, deterministic=self.deterministic)
-        out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(dtype), v)
+        if scores.bias is None:
+            out = _flash(q, k, v, scores, cfg.attention)
+        else:
+            logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+            probs = jax.nn.softmax(logits + scores.bias, axis=-1)
+            probs = nn.Dropout(cfg.dropout)(probs, deterministic=self.deterministic)
+            out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(dtype), v)
         out = nn.with_logical_constraint(checkpoint_name(out, ATTENTION_OUT), ACTIVATION_HEADS)
         return jnp.einsum("bqhk,hkd->bqd", out, wo.astype(dtype))
 
@@ -535,6 +595,26 @@ class T5Attention(nn.Module):
         k, v = jax.lax.cond(ready.value > 0, lambda: (ck.value, cv.value), compute)
         ck.value, cv.value, ready.value = k, v, jnp.ones((), jnp.int32)
         return k, v
+
+
+def _flash(q, k, v, scores: Scores, implementation: str):
+    """``flash_attention`` (unscaled, T5's) with the masks and relative bias of ``scores``; a
+    kernel runs per device on its batch rows and heads (``per_shard``)."""
+
+    def product(q, k, v, q_seg, kv_seg, table, q_pos, kv_pos):
+        relative = None if table is None else RelativeBias(
+            table, q_pos, kv_pos, scores.buckets.bidirectional, scores.buckets.max_distance)
+        return flash_attention(q, k, v, causal=scores.causal, q_segment_ids=q_seg,
+                               kv_segment_ids=kv_seg, relative_bias=relative, scale=1.0,
+                               implementation=implementation)
+
+    heads, rows = ("activation_batch", None, "activation_heads", None), ("activation_batch", None)
+    operands = [(q, heads), (k, heads), (v, heads), (scores.q_segment_ids, rows),
+                (scores.kv_segment_ids, rows), (scores.table, (None, "activation_heads")),
+                (scores.q_positions, rows), (scores.kv_positions, rows)]
+    if not per_shard.runs_a_kernel(implementation):
+        return product(*(a for a, _ in operands))
+    return per_shard.per_shard(product, operands, heads)
 
 
 class FeedForward(nn.Module):
