@@ -3,7 +3,10 @@ a materialised ``(batch, heads, q, k)`` bias), beside the flash-attention kernel
 shapes without the bias: the time a kernel computing the bias inside (from per-row positions and
 the bucket table) could at best take. One row per attention kind of a T5 step (encoder self,
 decoder self, cross), forward + backward (gradients w.r.t. q, k, v and the bias table), and
-the per-step total over the layers; this decides whether in-kernel bias support pays.
+the per-step total over the layers; this decides whether in-kernel bias support pays. The row
+"flash triton + relative bias" is the Triton kernel computing the bias inside
+(``flash_attention(relative_bias=RelativeBias(...))``, what ``model.attention: auto`` runs on a
+GPU; cross-attention has no position bias, so its row there is the kernel with segment ids).
 
     PYTHONPATH=src:. python3 scripts/bench_t5_attention.py [--batch 16 --heads 12 --d-kv 64]
 """
@@ -14,9 +17,10 @@ import argparse
 
 import jax
 import jax.numpy as jnp
+from flax.core import meta
 
 from meshlm.layers.relative_position import RelativePositionBias
-from pallas_kernels.flash_attention import flash_attention
+from pallas_kernels.flash_attention import RelativeBias, flash_attention
 from scripts.benchlib import device_description, print_table, time_ms
 
 MASKED = -1e9
@@ -70,6 +74,16 @@ def main() -> None:
             table = module.init(keys[3], q_pos, k_pos)
         cases = {"xla + bias (the model)": lambda q, k, v, t, module=module: t5_xla(
             q, k, v, t, module, q_pos, k_pos, q_seg, k_seg, causal)}
+
+        def with_bias(q, k, v, t, module=module):
+            relative = None if module is None else RelativeBias(
+                meta.unbox(t)["params"]["embedding"], q_pos, k_pos, module.bidirectional,
+                module.max_distance)
+            return flash_attention(q, k, v, causal=causal, q_segment_ids=q_seg,
+                                   kv_segment_ids=k_seg, relative_bias=relative, scale=1.0,
+                                   implementation="triton")
+
+        cases["flash triton + relative bias"] = with_bias
         for impl in a.impls.split(","):
             cases[f"flash {impl}, no bias"] = lambda q, k, v, t, impl=impl: flash_attention(
                 q, k, v, causal=causal, q_segment_ids=q_seg, kv_segment_ids=k_seg,
