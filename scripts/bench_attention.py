@@ -47,6 +47,7 @@ class Row:
     head_dim: int = 128
     causal: bool = False
     window: int | None = None
+    alibi: bool = False  # the Pallas lowerings only: cuDNN and XLA rows are timed without it
 
     def pairs(self) -> int:
         """Visible (query, key) pairs per batch element and head."""
@@ -59,15 +60,19 @@ class Row:
         return 4.0 * self.batch * self.heads * self.head_dim * self.pairs()
 
 
-def make_rows(seqs, tokens, causal_modes, extra: bool) -> list[Row]:
+def make_rows(seqs, tokens, causal_modes, extra: bool, head_dim=128, alibi=False) -> list[Row]:
     rows = []
+    kw = dict(head_dim=head_dim, alibi=alibi)
     for seq in seqs:
         for causal in causal_modes:
-            rows.append(Row(f"L={seq}{' causal' if causal else ''}", tokens // seq, seq, causal=causal))
+            rows.append(Row(f"L={seq}{' causal' if causal else ''}", tokens // seq, seq,
+                            causal=causal, **kw))
     if extra:
         seq = max(seqs)
-        rows.append(Row(f"L={seq} causal GQA 16:2", tokens // seq, seq, kv_heads=2, causal=True))
-        rows.append(Row(f"L={seq} window 2048", tokens // seq, seq, causal=True, window=2048))
+        rows.append(Row(f"L={seq} causal GQA 16:2", tokens // seq, seq, kv_heads=2, causal=True,
+                        **kw))
+        rows.append(Row(f"L={seq} window 2048", tokens // seq, seq, causal=True, window=2048,
+                        **kw))
     return rows
 
 
@@ -82,9 +87,12 @@ def attention_fn(impl: str, row: Row):
             jax.nn.dot_product_attention, is_causal=row.causal, local_window_size=window,
             implementation="xla",
         )
+    # ALiBi's geometric slopes 2^(-8i/heads) (Press et al. 2022), for the lowerings that take it.
+    slopes = 2.0 ** (-8.0 * jnp.arange(1, row.heads + 1) / row.heads)
     return functools.partial(
         flash_attention, causal=row.causal, sliding_window=row.window, implementation=impl,
         interpret=INTERPRET and impl in PALLAS,
+        alibi_slopes=slopes if row.alibi and impl in PALLAS else None,
     )
 
 
@@ -311,6 +319,9 @@ def main():
     parser.add_argument("--tokens", type=int, default=16384, help="tokens per batch")
     parser.add_argument("--causal", choices=("both", "yes", "no"), default="both")
     parser.add_argument("--no-extra", action="store_true", help="skip the GQA and window rows")
+    parser.add_argument("--head-dim", type=int, default=128)
+    parser.add_argument("--alibi", action="store_true",
+                        help="ALiBi in the Pallas rows (cuDNN and XLA rows run without it)")
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--check", action="store_true", help="check numerics before timing")
     parser.add_argument("--check-against", choices=BASELINES, default="cudnn")
@@ -330,11 +341,15 @@ def main():
     unknown = set(impls) - set(PALLAS) - set(BASELINES)
     if unknown:
         parser.error(f"unknown --impls {sorted(unknown)}; choose among {PALLAS + BASELINES}")
+    if args.alibi and args.check:
+        parser.error("--check compares with cuDNN or XLA, which run without ALiBi: check without "
+                     "--alibi (its float32-reference cases include ALiBi)")
     pallas = available_pallas([i for i in impls if i in PALLAS])
     impls = pallas + [i for i in impls if i in BASELINES]
     seqs = [int(s) for s in args.seqs.split(",")]
     causal_modes = {"both": (False, True), "yes": (True,), "no": (False,)}[args.causal]
-    rows = make_rows(seqs, args.tokens, causal_modes, not args.no_extra)
+    rows = make_rows(seqs, args.tokens, causal_modes, not args.no_extra, args.head_dim,
+                     args.alibi)
     print(f"# {device_description()}", flush=True)
     report = {"device": device_description()}
 
@@ -362,7 +377,9 @@ def main():
         print_table(["kernel", "block_q", "block_k", "warps", "stages", "ms", "TFLOP/s"],
                     report["sweep"])
     if "bench" in report:
-        print("\nbf16, head_dim 128, 16 heads, TFLOP/s (fwd+bwd counted as 3.5x fwd)")
+        alibi = ", ALiBi (Pallas rows)" if args.alibi else ""
+        print(f"\nbf16, head_dim {args.head_dim}, 16 heads{alibi}, TFLOP/s (fwd+bwd counted as "
+              "3.5x fwd)")
         print_table(["row", "impl", "fwd ms", "fwd TFLOP/s", "fwd+bwd ms", "fwd+bwd TFLOP/s"],
                     report["bench"])
 
