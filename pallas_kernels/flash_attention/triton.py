@@ -406,13 +406,19 @@ def _dq_kernel(*refs, spec2, tiles, nq, nk, kv_len, has_seg, has_alibi):
 
 def _bucket_sums(ds, buckets, num_buckets: int, width: int):
     """``(width,)``: entry ``b < num_buckets`` is the sum of ``ds`` over the tile's pairs in
-    bucket ``b`` (a static loop of masked sums: Triton has no scatter-add into registers)."""
+    bucket ``b``: one masked sum per bucket (Triton has no scatter-add into registers), only
+    over the buckets of the pairs with a gradient (a tile far from the diagonal holds one or
+    two; one of another segment none)."""
     lanes = _iota(width)
-    sums = jnp.zeros((width,), jnp.float32)
-    for b in range(num_buckets):
+    live = ds != 0.0
+    first = jnp.min(jnp.where(live, buckets, num_buckets))
+    last = jnp.max(jnp.where(live, buckets, -1))
+
+    def add(b, sums):
         total = jnp.sum(jnp.where(buckets == b, ds, 0.0))
-        sums = sums + jnp.where(lanes == b, total, 0.0)
-    return sums
+        return sums + jnp.where(lanes == b, total, 0.0)
+
+    return lax.fori_loop(first, last + 1, add, jnp.zeros((width,), jnp.float32))
 
 
 def backward(q, k, v, q_seg, kv_seg, alibi_slopes, out, lse, dout, *, spec, tiles: Tiles,
