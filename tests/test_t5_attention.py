@@ -82,3 +82,35 @@ def test_triton_attention_with_dropout_is_a_config_error():
         model_config("t5", **SIZES, attention="triton", dropout=0.1)
     with pytest.raises(ConfigError, match="attention"):
         model_config("t5", **SIZES, attention="cudnn")
+
+
+def test_lowered_for_a_gpu_the_kernels_run_per_shard():
+    """The training gradient lowered for an H200 on a data x tensor mesh (no GPU needed): "auto"
+    runs the Triton kernels there (each verified), inside shard_map, the relative bias included
+    (T5 base's 12 heads over 2 tensor shards)."""
+    import flax.linen as nn
+
+    from kernel_checks import verified_triton_modules
+    from meshlm import sharding
+    from meshlm.config import MeshConfig
+    from pallas_kernels import lowering_for
+
+    cfg = model_config("t5", **dict(SIZES, n_heads=12, d_kv=64, dtype="bfloat16"))
+    model = build_model(cfg)
+    batch = _packed_batch(4, 32, 16, seed=1)
+    tokens = batch["encoder_tokens"], batch["decoder_tokens"]
+    params = jax.eval_shape(lambda: model.init(jax.random.key(0), *tokens))["params"]
+    mesh_cfg = MeshConfig(data=2, tensor=2)
+    mesh = sharding.make_mesh(mesh_cfg, jax.devices()[:4])
+
+    def loss(p):
+        return cfg.loss(model, p, batch)[0]
+
+    with verified_triton_modules() as checked, lowering_for("NVIDIA H200", mesh=mesh), \
+            nn.logical_axis_rules(sharding.axis_rules(mesh_cfg)):
+        text = jax.jit(jax.grad(loss)).trace(params).lower(
+            lowering_platforms=("cuda",)).as_text()
+    # forward, dK/dV and dQ of encoder and decoder self-attention (cross-attention, which has no
+    # bias, takes what "auto" picks without one: the Mosaic GPU kernels on an H200)
+    assert checked[0] == 6
+    assert text.count("sdy.manual_computation") >= 2
