@@ -98,7 +98,7 @@ def _tiles(fwd, dkv, dq) -> Tiles:
 # the backward tiles keep each consumer's live float32 tiles (two 64xD accumulators plus 64-wide
 # score tiles) inside its 232 registers. At head_dim 256 a 64-row tile of K or V is 32 KiB: the
 # smallest tiles (64 rows) with a two-slot ring (forward) or one slot (the backward kernels own
-# two 64 x 256 tiles per consumer, 128 KiB) fill 192 of the 227 KiB, and one float32 64 x 256
+# two 64 x 256 tiles per consumer, 128 KiB) fill 196 of the 227 KiB, and one float32 64 x 256
 # accumulator is 128 registers per thread (dK/dV in two passes, see above). Not yet swept on a
 # device.
 DEFAULT_TILES: dict[str, dict[int, Tiles]] = {
