@@ -94,18 +94,32 @@ def main() -> None:
                 argnums=(0, 1, 2, 3) if table is not None else (0, 1, 2)))
             try:
                 ms = time_ms(step, q, k, v, table, iters=a.iters)
+                grads = step(q, k, v, table)
             except Exception as e:  # noqa: BLE001 - one failing implementation must not end the run
-                rows.append([name, label, f"{type(e).__name__}: {str(e)[:80]}", ""])
+                rows.append([name, label, f"{type(e).__name__}: {str(e)[:80]}", "", ""])
                 continue
+            if label.startswith("xla"):
+                want = grads
+            # the same computation as the model's: its gradients agree up to bfloat16 rounding
+            error = _max_rel_error(grads, want) if "relative bias" in label else ""
             per_step = ms * a.layers
             totals[label] = totals.get(label, 0.0) + per_step
-            rows.append([name, label, f"{ms:.3f}", f"{per_step:.2f}"])
+            rows.append([name, label, f"{ms:.3f}", f"{per_step:.2f}", error])
     print(device_description())
     print(f"batch {a.batch}, heads {a.heads} x {a.d_kv}, encoder {a.enc_len}, decoder "
           f"{a.dec_len}, {a.layers} layers per stack, bfloat16, forward + backward")
     for label, total in totals.items():
-        rows.append(["all three kinds", label, "", f"{total:.2f}"])
-    print_table(["attention", "implementation", "ms per call", "ms per step"], rows)
+        rows.append(["all three kinds", label, "", f"{total:.2f}", ""])
+    print_table(["attention", "implementation", "ms per call", "ms per step",
+                 "grads vs the model's (max rel.)"], rows)
+
+
+def _max_rel_error(got, want) -> str:
+    """Max over gradient leaves of max |got - want| / max |want|."""
+    errs = [float(jnp.max(jnp.abs(g.astype(jnp.float32) - w.astype(jnp.float32)))
+                  / jnp.max(jnp.abs(w.astype(jnp.float32))))
+            for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want))]
+    return f"{max(errs):.2e}"
 
 
 if __name__ == "__main__":
