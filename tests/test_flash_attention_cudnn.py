@@ -254,13 +254,3 @@ def test_gpu_matches_reference(causal, segments, fits):
     check_attention(CUDNN, f"gpu-packed-{causal}-{segments}", batch=3, q_len=256, kv_len=256,
                     heads=4, kv_heads=2, head_dim=64, dtype=jnp.bfloat16, causal=causal,
                     segment_ids=seg)
-
-
-@NEEDS_HOPPER
-def test_gpu_unequal_ids_take_the_mask():
-    """Query and key ids that differ: cuDNN's explicit mask under its built-in causal mask, the
-    queries that see no key zeroed."""
-    seg = _packed_rows(6, 2, 128, [2, 3])
-    check_attention(CUDNN, "gpu-unequal-ids", batch=2, q_len=128, kv_len=128, heads=4,
-                    kv_heads=2, head_dim=64, dtype=jnp.bfloat16, causal=True, q_segment_ids=seg,
-                    kv_segment_ids=seg.at[:, :5].set(9))
