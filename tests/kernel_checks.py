@@ -254,6 +254,12 @@ ATTENTION_CASES = {
         batch=1, q_len=100, kv_len=100, heads=2, kv_heads=1, head_dim=256, dtype=_F16,
         default_tiles=True, causal=True, alibi_slopes=jnp.array([0.05, 0.2]),
         segment_ids=_segments([[40, 60]])),
+    # Causal, equal lengths, no offset (cuDNN's built-in mask with an explicit segment mask):
+    # queries 0..9 (id 1) have their segment's keys only in the future, so they see no key.
+    "bfloat16_causal_future_segment": dict(
+        batch=1, q_len=20, kv_len=20, heads=2, kv_heads=1, dtype=_BF16, causal=True,
+        q_segment_ids=jnp.array([[1] * 10 + [2] * 10], jnp.int32),
+        kv_segment_ids=jnp.array([[2] * 10 + [1] * 10], jnp.int32)),
     "bfloat16_head_dim_256_padded": dict(batch=1, q_len=70, kv_len=130, heads=1, kv_heads=1,
                                          head_dim=256, dtype=_BF16, default_tiles=True),
     # Compiled Mosaic GPU kernels at their default tiles.
@@ -294,7 +300,7 @@ _TRITON_CASES = (
 )
 _HOPPER_CASES = tuple(name for name in ATTENTION_CASES if name.startswith("hopper_"))
 _CUDNN_CASES = ("bfloat16_causal_gqa", "float16_window", "bfloat16_segments_q_offset",
-                "bfloat16_gqa_padded")
+                "bfloat16_gqa_padded", "bfloat16_causal_future_segment")
 
 
 def _cudnn_as_xla(monkeypatch):

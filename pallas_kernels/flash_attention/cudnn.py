@@ -65,5 +65,7 @@ def attention(q, k, v, q_seg, kv_seg, spec: AttentionSpec):
     )
     if mask is None:  # every query sees at least itself
         return out
+    if built_in:  # the keys a query sees are also under the built-in causal mask
+        mask = mask & (jnp.arange(kv_len)[None, :] <= jnp.arange(q_len)[:, None])
     sees_a_key = jnp.any(mask, axis=-1)[:, 0, :, None, None]  # (batch, q_len, 1, 1)
     return jnp.where(sees_a_key, out, jnp.zeros_like(out))
