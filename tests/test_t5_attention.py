@@ -95,7 +95,8 @@ def test_lowered_for_a_gpu_the_kernels_run_per_shard():
     from meshlm.config import MeshConfig
     from pallas_kernels import lowering_for
 
-    cfg = model_config("t5", **dict(SIZES, n_heads=12, d_kv=64, dtype="bfloat16"))
+    cfg = model_config("t5", **dict(SIZES, n_heads=12, d_kv=64, dtype="bfloat16",
+                                    attention="auto"))
     model = build_model(cfg)
     batch = _packed_batch(4, 32, 16, seed=1)
     tokens = batch["encoder_tokens"], batch["decoder_tokens"]

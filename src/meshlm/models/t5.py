@@ -13,9 +13,13 @@ Attention (``attention``): ``pallas_kernels``' ``flash_attention`` with segment 
 kind), the causal mask (decoder self-attention) and T5's relative position bias computed inside
 the kernel from the positions and the stack's table (self-attention; each layer passes the same
 table), so no ``(q, k)`` tensor is formed (``"auto"``: the Triton kernel on a GPU, its float32
-reference on a CPU). ``"xla"`` is the einsum form with a materialised float32 ``(batch, heads,
-q, k)`` bias (relative positions plus the segment / causal mask); it also serves cached decoding
-and training with dropout (which drops attention probabilities, which the kernels never form).
+reference on a CPU). ``"xla"`` (the default) is the einsum form with a materialised float32
+``(batch, heads, q, k)`` bias (relative positions plus the segment / causal mask), computed once
+per stack; it also serves cached decoding and training with dropout (which drops attention
+probabilities, which the kernels never form). It stays the default until a train step with the
+kernel is timed: alone, the kernel's encoder self-attention is 2.8x faster than the einsum form
+with its bias built and its table gradient scattered per call (BENCHMARKS.md, session 7), but
+the model builds the bias once per stack, which that comparison does not credit.
 A query that sees no key (a decoder segment absent from the encoder) gets zeros from the kernels
 and a uniform average from the einsums; only padding rows can be such queries.
 
@@ -75,9 +79,9 @@ class T5Config(ModelConfig):
     d_kv: int = 64  # per-head size (T5 does not tie it to d_model / n_heads)
     d_ff: int = 1024
     feed_forward: Literal["relu", "gated-gelu"] = "gated-gelu"
-    # flash_attention's implementation ("auto": Triton on a GPU, its reference on a CPU), or
-    # "xla": einsums over a materialised bias (see the module docstring).
-    attention: Literal["auto", "xla", "triton"] = "auto"
+    # "xla": einsums over a materialised bias; or flash_attention's implementation ("auto":
+    # Triton on a GPU, its reference on a CPU): see the module docstring.
+    attention: Literal["auto", "xla", "triton"] = "xla"
     tie_embeddings: bool = False
     relative_buckets: int = 32
     relative_max_distance: int = 128
