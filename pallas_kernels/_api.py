@@ -97,7 +97,9 @@ class Lowering:
     Its module ``<package>.<name>`` provides ``supports(call, tiles) -> reason or None`` and, for
     a Pallas lowering, ``Tiles`` (a frozen dataclass of its launch shape) and
     ``default_tiles(call) -> Tiles`` (looked up in its per-device table with
-    ``device_default``). ``call`` is the op's static description of the arguments.
+    ``device_default``). ``call`` is the op's static description of the arguments. It may also
+    provide ``auto_declines(call) -> reason or None``: calls it runs when named that ``"auto"``
+    leaves to the next lowering (a path not yet measured faster than that one on a device).
     """
 
     name: str
@@ -152,7 +154,8 @@ class Dispatch:
             if module is None:
                 continue
             tiles = module.default_tiles(call) if lowering.pallas else None
-            if module.supports(call, tiles) is None:
+            declines = getattr(module, "auto_declines", lambda call: None)
+            if module.supports(call, tiles) is None and declines(call) is None:
                 return lowering.name, tiles
         return "xla", None
 

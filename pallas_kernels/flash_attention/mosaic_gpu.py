@@ -136,6 +136,16 @@ def _dkv_passes(t: KernelTiles, head_dim: int) -> tuple[tuple[str, ...], ...]:
     return (("dv",), ("dk",))
 
 
+def auto_declines(call: Call) -> str | None:
+    """ALiBi and head_dim 256 run here when named; "auto" keeps the Triton lowering for them
+    until these paths are timed against it on a device (their compiled checks are pending)."""
+    if call.spec.has_alibi:
+        return "ALiBi: not yet measured against the Triton lowering"
+    if call.head_dim > 128:
+        return f"head_dim {call.head_dim}: not yet measured against the Triton lowering"
+    return None
+
+
 def supports(call: Call, tiles: Tiles) -> str | None:
     """None when these kernels handle the call, else the one-line reason."""
     head_dim = call.head_dim
