@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import zlib
 from typing import Callable
 
@@ -75,6 +76,27 @@ def verified_triton_modules():
         yield checked
     finally:
         pallas_call_registration.lowering.lower_jaxpr_to_triton_module = lower
+
+
+def t5_relative_bucket(rel, bidirectional, num_buckets, max_distance):
+    """T5's relative-position bucket of each ``key - query`` offset as published (Mesh
+    TensorFlow's ``_relative_position_bucket``, the logarithm in float32), in numpy: the oracle
+    of ``RelativeBuckets``' integer edges and of the T5 model tests."""
+    rel = np.asarray(rel, np.int64)
+    offset = 0
+    if bidirectional:
+        num_buckets //= 2
+        offset = (rel > 0) * num_buckets
+        distance = np.abs(rel)
+    else:
+        distance = np.maximum(-rel, 0)
+    exact = num_buckets // 2
+    with np.errstate(divide="ignore"):
+        log = (np.log(distance.astype(np.float32) / np.float32(exact))
+               / np.float32(math.log(max_distance / exact)) * np.float32(num_buckets - exact))
+    large = np.minimum(exact + np.where(distance < exact, 0, log).astype(np.int32),
+                       num_buckets - 1)
+    return offset + np.where(distance < exact, distance, large)
 
 
 def rel_err(x, ref) -> float:

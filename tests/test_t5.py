@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import tokenizers
 from _helpers import assert_same_tensors, read_safetensors
+from kernel_checks import t5_relative_bucket
 from flax.core import meta
 
 from meshlm.config import ConfigError, load_config, model_config
@@ -33,7 +34,6 @@ from meshlm.data.seq2seq import (
     span_target_length,
     target_length,
 )
-from meshlm.layers.relative_position import relative_position_bucket
 from meshlm.models import build_model, t5
 from meshlm.train.setup import build
 
@@ -46,43 +46,13 @@ VARIANTS = {"t5": dict(feed_forward="relu", tie_embeddings=True),
             "v1.1": dict(feed_forward="gated-gelu", tie_embeddings=False)}
 
 
-def python_bucket(rel: int, bidirectional: bool, num_buckets: int, max_distance: int) -> int:
-    """The bucketing as published (T5's Mesh TensorFlow ``_relative_position_bucket``), one
-    offset at a time, the logarithm in float32 as the published code computes it."""
-    bucket, n = 0, num_buckets
-    if bidirectional:
-        n //= 2
-        bucket += n if rel > 0 else 0
-        distance = abs(rel)
-    else:
-        distance = max(-rel, 0)
-    exact = n // 2
-    if distance < exact:
-        return bucket + distance
-    f32 = np.float32
-    log_ratio = f32(np.log(f32(distance) / f32(exact)))
-    large = exact + int(log_ratio / f32(math.log(max_distance / exact)) * f32(n - exact))
-    return bucket + min(large, n - 1)
-
-
-@pytest.mark.parametrize("bidirectional", [True, False])
-@pytest.mark.parametrize("buckets,distance", [(32, 128), (8, 12)])
-def test_relative_position_bucket_matches_published(bidirectional, buckets, distance):
-    rel = np.arange(-400, 401)
-    got = np.asarray(relative_position_bucket(jnp.asarray(rel), bidirectional=bidirectional,
-                                              num_buckets=buckets, max_distance=distance))
-    want = [python_bucket(int(r), bidirectional, buckets, distance) for r in rel]
-    np.testing.assert_array_equal(got, want)
-    assert got.min() == 0 and got.max() == buckets - 1
-
-
 # ------------------------------------------------------------------------- reference forward
 
 
 def _bias(table, q_len, k_len, bidirectional, cfg):
     rel = np.arange(k_len)[None, :] - np.arange(q_len)[:, None]
-    buckets = np.vectorize(python_bucket)(rel, bidirectional, cfg.relative_buckets,
-                                          cfg.relative_max_distance)
+    buckets = t5_relative_bucket(rel, bidirectional, cfg.relative_buckets,
+                                 cfg.relative_max_distance)
     return jnp.transpose(table[buckets], (2, 0, 1))  # (H, q, k)
 
 
@@ -559,7 +529,7 @@ def _hf_logits(c, w, enc, dec):
     def bias(stack, q, k, bidirectional):
         table = w[f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight"]
         rel = np.arange(k)[None, :] - np.arange(q)[:, None]
-        buckets = np.vectorize(python_bucket)(rel, bidirectional, 8, 20)
+        buckets = t5_relative_bucket(rel, bidirectional, 8, 20)
         return table[buckets].transpose(2, 0, 1)
 
     def attention(x, kv, pre, b):

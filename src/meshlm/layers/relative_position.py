@@ -20,13 +20,6 @@ import jax.numpy as jnp
 from pallas_kernels.flash_attention import RelativeBuckets
 
 
-def relative_position_bucket(relative_position: jax.Array, *, bidirectional: bool,
-                             num_buckets: int, max_distance: int) -> jax.Array:
-    """Bucket (int32) of each ``key_position - query_position`` (see ``RelativeBuckets``:
-    unidirectional buckets put keys after the query in bucket 0, as they are masked anyway)."""
-    return RelativeBuckets(num_buckets, bidirectional, max_distance).bucket(relative_position)
-
-
 class RelativePositionBias(nn.Module):
     """A ``(num_buckets, heads)`` table -> the float32 bias ``(batch, heads, q_len, k_len)`` for
     query positions ``(batch, q_len)`` and key positions ``(batch, k_len)`` (positions restart
