@@ -40,6 +40,9 @@ def main() -> None:
                    help="Triton grouped-matmul tile settings (default: its device default)")
     p.add_argument("--implementations", nargs="*", default=["xla", "triton", "mosaic_gpu"],
                    help="grouped-matmul implementations of the dropless rows")
+    p.add_argument("--profile", action="store_true",
+                   help="also each row's device time per call (a jax.profiler trace, which does "
+                        "not count launch gaps) and its top kernels")
     a = p.parse_args()
     dt = jnp.bfloat16
     x = jax.random.normal(jax.random.key(0), (1, a.tokens, a.d_model), dt)
@@ -95,13 +98,37 @@ def main() -> None:
             print(f"{name}: {short_error(e)}", flush=True)
             continue
         rows.append([name, f"{ms:.2f}", f"{active / ms / 1e9:.0f}", f"{a.tokens / ms / 1e3:.2f}"])
+        if a.profile:
+            rows[-1].append(f"{device_ms(step, params, x, name, a.iters):.2f}")
     dense_ms = float(rows[-1][1])
     for r in rows:
         r.append(f"{float(r[1]) / dense_ms:.2f}x")
+        if a.profile:
+            r.append(f"{float(r[4]) / float(rows[-1][4]):.2f}x")
     print(device_description())
     print(f"tokens {a.tokens}, d_model {a.d_model}, expert d_ff {a.d_ff}, {a.experts} experts, "
           f"top-{a.top_k}, bfloat16, forward + backward")
-    print_table(["layer", "ms", "active TFLOP/s", "Mtokens/s", "vs dense MLP"], rows)
+    print_table(["layer", "ms", "active TFLOP/s", "Mtokens/s"]
+                + (["device ms"] if a.profile else []) + ["vs dense MLP"]
+                + (["device vs dense"] if a.profile else []), rows)
+
+
+def device_ms(step, params, x, name: str, calls: int) -> float:
+    """Kernel time per call of ``step`` from a profiler trace; prints its top kernels."""
+    from scripts.profile_trace import trace_device_time
+
+    def run():
+        for _ in range(calls):
+            out = step(params, x)
+        jax.block_until_ready(out)
+
+    try:
+        trace = trace_device_time(run, calls)
+    except RuntimeError as e:  # no GPU events (a CPU run)
+        print(f"--- {name}: {e}", flush=True)
+        return float("nan")
+    print(f"--- {name}\n{trace.report(12)}", flush=True)
+    return trace.to_json()["busy_ms"]
 
 
 def grads_of(fn):
