@@ -31,6 +31,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from scripts.make_hf_fixtures import untie_t5_head  # noqa: E402
+
 REAL = {
     "gpt2": dict(model_type="gpt2"),  # GPT2Config defaults: 124M
     "llama": dict(model_type="llama", vocab_size=128256, hidden_size=2048, intermediate_size=8192,
@@ -130,6 +132,8 @@ def _hf_model(spec: dict, torch):
         for name, param in model.named_parameters():
             if name.endswith(".bias") and not param.any():  # not special inits
                 param.normal_(0.0, 0.02)
+        if config.is_encoder_decoder and not spec.get("tie_word_embeddings", True):
+            untie_t5_head(model, torch)
     return model
 
 

@@ -99,6 +99,14 @@ def make(name: str, out: pathlib.Path) -> None:
     print(f"{name}: {out} ({sum(f.stat().st_size for f in out.iterdir()) // 1024} KiB)")
 
 
+def untie_t5_head(model, torch) -> None:
+    """Give a T5 model its own random LM head, as T5 v1.1 / Flan-T5 checkpoints have: transformers
+    5 ties T5's head to the embedding whatever ``tie_word_embeddings`` says."""
+    model.lm_head.weight = torch.nn.Parameter(
+        torch.randn_like(model.shared.weight) * model.config.d_model ** -0.5)
+    model.config.tie_word_embeddings = False
+
+
 def make_seq2seq(name: str, config, spec: dict, out: pathlib.Path) -> None:
     """An encoder-decoder fixture (see the module docstring); ``spec`` is ``config``'s kwargs."""
     import torch
@@ -109,10 +117,8 @@ def make_seq2seq(name: str, config, spec: dict, out: pathlib.Path) -> None:
         for param_name, param in model.named_parameters():
             if "layer_norm" in param_name:
                 param.normal_(1.0, 0.1)
-        if not spec["tie_word_embeddings"]:  # an untied head, as T5 v1.1 / Flan-T5 checkpoints
-            model.lm_head.weight = torch.nn.Parameter(
-                torch.randn_like(model.shared.weight) * config.d_model ** -0.5)
-            model.config.tie_word_embeddings = False
+        if not spec["tie_word_embeddings"]:
+            untie_t5_head(model, torch)
     model.save_pretrained(out, safe_serialization=True)
     rng = np.random.default_rng(0)
     ids = rng.integers(2, config.vocab_size, (2, 16))  # no pad (0) or end-of-text (1) ids
