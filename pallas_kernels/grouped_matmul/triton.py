@@ -55,9 +55,15 @@ class Tiles:
 
 
 # Defaults by compute capability ("" is every GPU), shrunk to small shapes by default_tiles.
-# Not yet tuned on a GPU: scripts/bench_grouped_matmul.py --tiles compares settings.
+# Hopper: the best of scripts/bench_grouped_matmul.py --tiles on an H200 (BENCHMARKS.md, session
+# 8: fwd+bwd 1.18x / 1.16x a dense matmul at the MoE layer's two shapes, 1.47x / 1.26x with the
+# generic tiles); 256-column tiles need Hopper's 228 KiB of shared memory.
 _GMM = KernelTiles(128, 64, 128, 8, 3)
-DEFAULT_TILES = {"": Tiles(fwd=_GMM, dlhs=_GMM, drhs=KernelTiles(64, 128, 128, 8, 3))}
+_GMM_WIDE = KernelTiles(128, 64, 256, 8, 3)
+DEFAULT_TILES = {
+    "9.0": Tiles(fwd=_GMM_WIDE, dlhs=_GMM_WIDE, drhs=KernelTiles(64, 128, 256, 8, 3)),
+    "": Tiles(fwd=_GMM, dlhs=_GMM, drhs=KernelTiles(64, 128, 128, 8, 3)),
+}
 
 
 def _pow2_at_least(n: int) -> int:
