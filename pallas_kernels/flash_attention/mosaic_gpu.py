@@ -154,7 +154,9 @@ def supports(call: Call, tiles: Tiles) -> str | None:
     if jnp.dtype(call.dtype) not in _DTYPES:
         return f"dtype must be bfloat16 or float16 (wgmma operands), got {jnp.dtype(call.dtype)}"
     if call.spec.has_relative_bias:
-        return "no relative position bias in the Mosaic GPU kernels (the Triton lowering has it)"
+        return ("no relative position bias in the Mosaic GPU kernels: looking each score's "
+                "bucket up in the table needs a gather, which Mosaic GPU does not lower (the "
+                "Triton lowering has it)")
     for kernel in ("fwd", "dkv", "dq"):
         for field in ("owned", "streamed"):
             size = getattr(getattr(tiles, kernel), field)
