@@ -71,6 +71,12 @@ class HeadDense(nn.Module):
     Not ``nn.DenseGeneral``: that initialises a flattened 2-D kernel and re-boxes it after the
     reshape, which applies the 3-axis sharding constraint to a 2-D array and fails whenever a mesh
     is active (Flax re-runs initializers abstractly on every ``apply`` to check shapes).
+
+    ``unstack=True`` returns the entries of the first feature axis as a tuple of arrays, each from
+    its own product with that slice of the one kernel: slicing one product's output instead makes
+    the gradient a stack of the parts' gradients, which XLA fuses into one pass that computes every
+    part's gradient expression at every element (for Mamba's ``(x, z)`` projection: a ~190 us
+    fusion per layer at 16k tokens on an H200).
     """
 
     features: tuple[int, ...]
@@ -80,6 +86,7 @@ class HeadDense(nn.Module):
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     kernel_init: Initializer = nn.initializers.normal(0.02)
+    unstack: bool = False
 
     @nn.compact
     def __call__(self, x):
@@ -96,9 +103,18 @@ class HeadDense(nn.Module):
                 tuple(self.features), self.param_dtype,
             )
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-        lhs = tuple(range(x.ndim - self.contract, x.ndim))
-        y = jax.lax.dot_general(x, kernel, ((lhs, tuple(range(self.contract))), ((), ())))
-        return y if bias is None else y + bias
+        dims = ((tuple(range(x.ndim - self.contract, x.ndim)), tuple(range(self.contract))),
+                ((), ()))
+
+        def product(kernel, bias):
+            y = jax.lax.dot_general(x, kernel, dims)
+            return y if bias is None else y + bias
+
+        if not self.unstack:
+            return product(kernel, bias)
+        return tuple(product(jnp.take(kernel, i, axis=self.contract),
+                             None if bias is None else bias[i])
+                     for i in range(self.features[0]))
 
 
 class Attention(nn.Module):

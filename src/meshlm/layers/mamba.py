@@ -259,11 +259,10 @@ class MambaMixer(nn.Module):
         dt_rank = math.ceil(d_model / 16) if self.dt_rank is None else self.dt_rank
         act_inner = BATCH_LENGTH + ("activation_inner",)
 
-        xz = HeadDense((2, d_inner), contract=1, kernel_axes=("embed", None, "inner"),
-                       use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype,
-                       kernel_init=self.kernel_init, name="in_proj")(x)
-        xz = nn.with_logical_constraint(xz, BATCH_LENGTH + (None, "activation_inner"))
-        u, z = xz[:, :, 0], xz[:, :, 1]
+        u, z = (nn.with_logical_constraint(v, act_inner) for v in HeadDense(
+            (2, d_inner), contract=1, kernel_axes=("embed", None, "inner"),
+            use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype,
+            kernel_init=self.kernel_init, unstack=True, name="in_proj")(x))
 
         cache = _decode_cache(self, {
             "conv_state": ((batch, K - 1, d_inner), self.dtype,
@@ -461,14 +460,13 @@ class Mamba2Mixer(nn.Module):
         act_inner = BATCH_LENGTH + ("activation_inner",)
         act_heads = BATCH_LENGTH + ("activation_heads", None)
 
-        def project(features, axes, name):
+        def project(features, axes, name, unstack=False):
             return HeadDense(features, contract=1, kernel_axes=("embed", *axes),
                              use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype,
-                             kernel_init=self.kernel_init, name=name)(x)
+                             kernel_init=self.kernel_init, unstack=unstack, name=name)(x)
 
-        zx = project((2, d_inner), (None, "inner"), "zx_proj")
-        zx = nn.with_logical_constraint(zx, BATCH_LENGTH + (None, "activation_inner"))
-        z, xs = zx[:, :, 0], zx[:, :, 1]
+        z, xs = (nn.with_logical_constraint(v, act_inner)
+                 for v in project((2, d_inner), (None, "inner"), "zx_proj", unstack=True))
         bc = project((2, G, N), (None, None, "state"), "bc_proj")
         dt = project((H,), ("heads",), "dt_proj")
 
