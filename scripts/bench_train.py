@@ -142,7 +142,7 @@ def jax_worker(args) -> dict:
                 state, metrics = train_step(state, batches[i % 4])
             jax.block_until_ready((state, metrics))
 
-        summary = _jax_profile(run_steps, 2)
+        summary = _jax_profile(run_steps, 2, train_step.as_text(), args.profile_file)
     device = jax.devices()[0]
     stats = device.memory_stats() or {}
     return {
@@ -177,14 +177,23 @@ def random_batch(cfg, rng, b: int, length: int) -> dict:
     return {k: field(k, np.dtype(d)) for k, d in cfg.model.batch_fields.items()}
 
 
-def _jax_profile(run_steps, steps: int, top: int = 40) -> str:
-    """Device time per kernel of ``run_steps(steps)`` (a jax.profiler trace, summed by name)."""
-    from scripts.profile_trace import trace_device_time
+def _jax_profile(run_steps, steps: int, hlo_text: str, path: str | None, top: int = 40) -> str:
+    """Device time per kernel of ``run_steps(steps)`` (a jax.profiler trace, summed by name),
+    each kernel described from the compiled step's HLO (``hlo_text``); the full table goes to
+    ``path`` when given (on a CPU run, which has no GPU events, the descriptions alone)."""
+    from scripts.profile_trace import hlo_kernel_map, map_text, trace_device_time
 
+    hlo_map = hlo_kernel_map(hlo_text)
     try:
-        return trace_device_time(lambda: run_steps(steps), steps).report(top)
+        trace = trace_device_time(lambda: run_steps(steps), steps)
     except RuntimeError as e:  # no GPU events (a CPU run)
+        if path:
+            pathlib.Path(path).write_text(map_text(hlo_map))
+            return f"{e}\n(the HLO descriptions of {len(hlo_map)} kernels: {path})"
         return str(e)
+    if path:
+        pathlib.Path(path).write_text(trace.report(len(trace.kernels), hlo_map) + "\n")
+    return trace.report(top, hlo_map)
 
 
 def torch_worker(args) -> dict:
@@ -206,7 +215,8 @@ def torch_worker(args) -> dict:
 # ------------------------------------------------------------------------------------ driver
 
 
-def run_worker(kind: str, args, config: str, batch: int, seq: int, overrides) -> dict:
+def run_worker(kind: str, args, config: str, batch: int, seq: int, overrides,
+               profile_file=None) -> dict:
     """One measurement in a child process; returns its result or ``{"error": ...}``."""
     cmd = [sys.executable, str(pathlib.Path(__file__).resolve()), "--worker", kind,
            "--config", config, "--batch", str(batch), "--seq", str(seq),
@@ -215,6 +225,8 @@ def run_worker(kind: str, args, config: str, batch: int, seq: int, overrides) ->
         cmd += ["--set", item]
     if args.profile:
         cmd.append("--profile")
+        if profile_file and kind == "jax":
+            cmd += ["--profile-file", str(profile_file)]
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(
         [str(ROOT / "src"), str(ROOT)] + [p for p in [env.get("PYTHONPATH")] if p])
@@ -275,10 +287,13 @@ def main(argv=None) -> None:
     parser.add_argument("--worker-timeout", type=int, default=600,
                         help="seconds allowed per measurement (default: %(default)s)")
     parser.add_argument("--profile", action="store_true",
-                        help="also print each run's top kernels by device time (2 extra steps)")
+                        help="also print each run's top kernels by device time (2 extra steps), "
+                             "each described from the compiled HLO (shapes, ops, model code); "
+                             "with --out, all kernels in OUT/<config>_profile.txt")
     parser.add_argument("--out", default=None,
                         help="directory for results.jsonl and table.md, rewritten after each row")
     parser.add_argument("--worker", choices=("jax", "torch"), help=argparse.SUPPRESS)
+    parser.add_argument("--profile-file", help=argparse.SUPPRESS)
     parser.add_argument("--config", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
@@ -323,7 +338,10 @@ def main(argv=None) -> None:
         cfg = load_config(config_path(config), [*overrides, f"data.seq_len={seq}"])
         flops = flops_per_token(cfg)
         print(f"== {entry}: batch {batch} x {seq}, overrides {overrides}", flush=True)
-        res = {"jax": run_worker("jax", args, config, batch, seq, overrides)}
+        # With --profile --out, the full kernel table with descriptions: one file per entry.
+        profile_file = out / (re.sub(r"[^\w.=@-]+", "_", entry) + "_profile.txt") if (
+            out and args.profile) else None
+        res = {"jax": run_worker("jax", args, config, batch, seq, overrides, profile_file)}
         if not args.skip_torch and cfg.model.family in TORCH_BASELINES and _has_cuda_torch():
             res["torch"] = run_worker("torch", args, config, batch, seq, overrides)
         for kind, r in res.items():

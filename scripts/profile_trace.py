@@ -352,3 +352,9 @@ def hlo_kernel_map(hlo_text: str | list[str]) -> dict[str, str]:
                 if m := re.search(r'\\?"name\\?"\s*:\s*\\?"([\w.\-]+)', i.attrs):
                     out.setdefault(kernel_key(m.group(1)), desc)
     return out
+
+
+def map_text(hlo_map: dict[str, str]) -> str:
+    """Every kernel of a ``hlo_kernel_map``: its name, then its description indented."""
+    return "".join(f"{name}\n" + "".join(f"    {line}\n" for line in desc.splitlines())
+                   for name, desc in hlo_map.items())
