@@ -318,6 +318,8 @@ def _describe(instr: _Instr, comps, shapes, stacks) -> str:
     line1 = f"{head} <- {operands}" + (f" | {ops}" if ops else "")
     # The root says what the kernel produces; then the ops it folds in, most frequent first.
     roots = [b for b in body if b.root][-1:] or [instr]
+    if roots[0].opcode == "tuple":  # a multi-output fusion: what each output is
+        roots = [b for b in body if b.name in roots[0].operands] or roots
     tally: dict[str, int] = {}
     for b in roots + [b for b in body if not b.root] + [instr]:
         if op := b.meta("op_name"):
