@@ -62,7 +62,8 @@ class DeviceTime:
             "steps": self.steps, "span_ms": ms(self.span_us),
             "busy_ms": ms(sum(us for us, _ in self.kernels.values())),
             "streams_ms": {k: ms(v) for k, v in self.streams.items()},
-            "classes_ms": {k: ms(v) for k, v in sorted(self.classes().items(), key=lambda kv: -kv[1])},
+            "classes_ms": {k: ms(v) for k, v in
+                           sorted(self.classes().items(), key=lambda kv: -kv[1])},
             "kernels": [[name, ms(us), n / self.steps] for name, (us, n) in
                         sorted(self.kernels.items(), key=lambda kv: -kv[1][0])],
             "sample_args": self.sample_args,
@@ -74,7 +75,8 @@ class DeviceTime:
         d = self.to_json()
         lines = [f"per step: span {d['span_ms']:.3f} ms, kernels {d['busy_ms']:.3f} ms; streams: "
                  + ", ".join(f"{k}={v:.3f}" for k, v in d["streams_ms"].items()),
-                 "classes (ms/step): " + ", ".join(f"{k}={v:.3f}" for k, v in d["classes_ms"].items())]
+                 "classes (ms/step): "
+                 + ", ".join(f"{k}={v:.3f}" for k, v in d["classes_ms"].items())]
         for name, ms, n in d["kernels"][:top]:
             lines.append(f"{ms:8.3f} ms {n:6.1f}x  [{kernel_class(name)[:9]:9}] {name[:120]}")
             desc = hlo_map and (hlo_map.get(kernel_key(name))
@@ -109,9 +111,11 @@ def summarise(trace_path: pathlib.Path, steps: int) -> DeviceTime:
         if "hlo_op" in e.get("args", {}):  # the HLO instruction of a library kernel (cuBLAS)
             hlo_ops.setdefault(e["name"], str(e["args"]["hlo_op"]))
         if len(samples) < 4 and e.get("args"):
-            samples.append({"name": e["name"][:80], **{k: str(v)[:120] for k, v in e["args"].items()}})
+            samples.append({"name": e["name"][:80],
+                            **{k: str(v)[:120] for k, v in e["args"].items()}})
     if not kernels:
-        raise RuntimeError("no GPU events in the trace; processes: " + ", ".join(sorted(procs.values())))
+        raise RuntimeError("no GPU events in the trace; processes: "
+                           + ", ".join(sorted(procs.values())))
     return DeviceTime(steps, kernels, streams, last - first, samples, hlo_ops)
 
 

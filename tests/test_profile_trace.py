@@ -125,8 +125,9 @@ def test_map_of_hand_written_module_tuples_while_bodies_custom_calls():
 
 
 def test_short_op_name():
-    assert short_op_name("jit(train_step)/transpose(jvp(DecoderLM))/while/body/eval_jaxpr/"
-                         "layers/mixer/jit(silu)/mul") == "bwd DecoderLM/while/layers/mixer/silu/mul"
+    name = ("jit(train_step)/transpose(jvp(DecoderLM))/while/body/eval_jaxpr/layers/mixer/"
+            "jit(silu)/mul")
+    assert short_op_name(name) == "bwd DecoderLM/while/layers/mixer/silu/mul"
     assert short_op_name("jit(step)/jvp(LM)/embed/jit(_take)/lt;jit(step)/x") == "LM/embed/_take/lt"
 
 
