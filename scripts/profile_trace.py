@@ -259,7 +259,7 @@ def _library(path: str) -> bool:
 
 
 def _short_file(path: str) -> str:
-    for anchor in ("/meshlm/", "/pallas_kernels/", "/scripts/"):
+    for anchor in ("/pallas_kernels/", "/scripts/", "/meshlm/"):
         if anchor in path:
             return anchor.strip("/") + "/" + path.rsplit(anchor, 1)[1]
     return "/".join(path.split("/")[-2:])
@@ -317,6 +317,9 @@ def _describe(instr: _Instr, comps, shapes, stacks) -> str:
                 body.append(sub)
     kind = re.search(r"kind=(\w+)|custom_call_target=\"([^\"]+)\"", instr.attrs)
     kind = next((g for g in kind.groups() if g), "") if kind else ""
+    # A GPU fusion's backend (__triton_gemm, __cudnn$fusion, ...) from its backend_config.
+    if backend := re.search(r'\\?"kind\\?"\s*:\s*\\?"(__[^"\\]+)', instr.attrs):
+        kind += " " + backend.group(1)
     ops = _counts((b.opcode for b in body if b.opcode not in _PLUMBING), 8)
     head = " ".join(x for x in (instr.opcode, kind, instr.shape) if x)
     line1 = f"{head} <- {operands}" + (f" | {ops}" if ops else "")
@@ -343,8 +346,10 @@ def hlo_kernel_map(hlo_text: str | list[str]) -> dict[str, str]:
     for text in [hlo_text] if isinstance(hlo_text, str) else hlo_text:
         comps, stacks = _parse_module(text)
         # Computations that run inside one kernel: fused bodies, reduce/scatter/sort regions.
-        inner = {c for instrs in comps.values() for i in instrs if i.opcode != "call"
-                 for c in re.findall(r"(?:calls|to_apply)=%([\w.\-]+)", i.attrs)}
+        # (not while bodies, call targets or async wrappers: their instructions are kernels)
+        inner = {c for instrs in comps.values() for i in instrs
+                 for key, c in re.findall(r"(calls|to_apply)=%([\w.\-]+)", i.attrs)
+                 if (i.opcode == "fusion" if key == "calls" else i.opcode != "call")}
         for name, instrs in comps.items():
             if name in inner:
                 continue
