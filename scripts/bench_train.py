@@ -142,7 +142,7 @@ def jax_worker(args) -> dict:
                 state, metrics = train_step(state, batches[i % 4])
             jax.block_until_ready((state, metrics))
 
-        summary = _jax_profile(run_steps, 2, train_step.as_text(), args.profile_file)
+        summary = _jax_profile(run_steps, 2, train_step, args.profile_file)
     device = jax.devices()[0]
     stats = device.memory_stats() or {}
     return {
@@ -177,13 +177,17 @@ def random_batch(cfg, rng, b: int, length: int) -> dict:
     return {k: field(k, np.dtype(d)) for k, d in cfg.model.batch_fields.items()}
 
 
-def _jax_profile(run_steps, steps: int, hlo_text: str, path: str | None, top: int = 40) -> str:
+def _jax_profile(run_steps, steps: int, compiled, path: str | None, top: int = 40) -> str:
     """Device time per kernel of ``run_steps(steps)`` (a jax.profiler trace, summed by name),
-    each kernel described from the compiled step's HLO (``hlo_text``); the full table goes to
-    ``path`` when given (on a CPU run, which has no GPU events, the descriptions alone)."""
+    each kernel described from the ``compiled`` step's HLO; the full table goes to ``path`` when
+    given (on a CPU run, which has no GPU events, the descriptions alone)."""
     from scripts.profile_trace import hlo_kernel_map, map_text, trace_device_time
 
-    hlo_map = hlo_kernel_map(hlo_text)
+    try:
+        hlo_map = hlo_kernel_map(compiled.as_text())
+    except Exception as e:  # a diagnostic: never lose the measurement (device time) over it
+        print(f"no kernel descriptions: {type(e).__name__}: {e}", flush=True)
+        hlo_map = {}
     try:
         trace = trace_device_time(lambda: run_steps(steps), steps)
     except RuntimeError as e:  # no GPU events (a CPU run)
@@ -192,7 +196,7 @@ def _jax_profile(run_steps, steps: int, hlo_text: str, path: str | None, top: in
             return f"{e}\n(the HLO descriptions of {len(hlo_map)} kernels: {path})"
         return str(e)
     if path:
-        pathlib.Path(path).write_text(trace.report(len(trace.kernels), hlo_map) + "\n")
+        pathlib.Path(path).write_text(trace.report(len(trace.kernels), hlo_map, None) + "\n")
     return trace.report(top, hlo_map)
 
 

@@ -69,9 +69,11 @@ class DeviceTime:
             "sample_args": self.sample_args,
         }
 
-    def report(self, top: int = 40, hlo_map: dict[str, str] | None = None) -> str:
+    def report(self, top: int = 40, hlo_map: dict[str, str] | None = None,
+               width: int | None = 150) -> str:
         """The per-step summary and the ``top`` kernels by time; with ``hlo_map``
-        (``hlo_kernel_map``) each kernel's description from the compiled HLO under its line."""
+        (``hlo_kernel_map``) each kernel's description from the compiled HLO under its line,
+        cut at ``width`` characters (None: whole)."""
         d = self.to_json()
         lines = [f"per step: span {d['span_ms']:.3f} ms, kernels {d['busy_ms']:.3f} ms; streams: "
                  + ", ".join(f"{k}={v:.3f}" for k, v in d["streams_ms"].items()),
@@ -81,7 +83,7 @@ class DeviceTime:
             lines.append(f"{ms:8.3f} ms {n:6.1f}x  [{kernel_class(name)[:9]:9}] {name[:120]}")
             desc = hlo_map and (hlo_map.get(kernel_key(name))
                                 or hlo_map.get(kernel_key(self.hlo_ops.get(name, "?"))))
-            lines += [" " * 12 + line[:150] for line in (desc or "").splitlines()]
+            lines += [" " * 12 + line[:width] for line in (desc or "").splitlines()]
         return "\n".join(lines)
 
 
