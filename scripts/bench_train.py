@@ -342,8 +342,9 @@ def main(argv=None) -> None:
         cfg = load_config(config_path(config), [*overrides, f"data.seq_len={seq}"])
         flops = flops_per_token(cfg)
         print(f"== {entry}: batch {batch} x {seq}, overrides {overrides}", flush=True)
-        # With --profile --out, the full kernel table with descriptions: one file per entry.
-        profile_file = out / (re.sub(r"[^\w.=@-]+", "_", entry) + "_profile.txt") if (
+        # With --profile --out, the full kernel table with descriptions: one file per entry
+        # (plain characters only: mamba2_130m@model.remat=none -> mamba2_130m_model.remat_none).
+        profile_file = out / (re.sub(r"[^\w.-]+", "_", entry) + "_profile.txt") if (
             out and args.profile) else None
         res = {"jax": run_worker("jax", args, config, batch, seq, overrides, profile_file)}
         if not args.skip_torch and cfg.model.family in TORCH_BASELINES and _has_cuda_torch():
