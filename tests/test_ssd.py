@@ -57,9 +57,31 @@ def _inputs(seed, *, batch, length, heads, head_dim, groups, d_state, dtype, ful
     return args
 
 
-def _loss_and_grads(impl, args, seed, **opts):
+def _per_document(x, dt, A, B, C, *, starts, initial_state=None, **kw):
+    """The oracle of ``reset``: every document of every row run alone through ``reference.ssd``
+    (a row's first document from ``initial_state`` unless it starts at step 0), concatenated;
+    the final state is the last document's. ``starts[b]``: row b's document starts."""
+    ys, hs = [], []
+    for b, row_starts in enumerate(starts):
+        bounds = list(row_starts) + [x.shape[1]]
+        h = None if initial_state is None or bounds[0] == 0 else initial_state[b:b + 1]
+        bounds = [0] + bounds if bounds[0] != 0 else bounds
+        row = []
+        for s, e in zip(bounds[:-1], bounds[1:]):
+            piece = lambda v: v[b:b + 1, s:e]
+            kw |= dict(initial_state=h if s == 0 else None, return_final_state=True)
+            y, h = reference.ssd(piece(x), piece(dt), A, piece(B), piece(C),
+                                 **{k: piece(v) if k == "z" else v for k, v in kw.items()})
+            row.append(y)
+        ys.append(jnp.concatenate(row, axis=1))
+        hs.append(h)
+    return jnp.concatenate(ys), jnp.concatenate(hs)
+
+
+def _loss_and_grads(impl, args, seed, *, reset=None, **opts):
     """Value, outputs and gradients w.r.t. every given input of a random linear readout;
-    ``impl="reference"`` is the sequential float32 ``reference.ssd``."""
+    ``impl="reference"`` is the sequential float32 ``reference.ssd``, ``"per_document"`` the
+    oracle of ``reset`` (``opts``: its ``starts``)."""
     names = [n for n in GRAD_NAMES if n in args]
     softplus = "dt_bias" in args
     rng = np.random.default_rng(seed + 1)
@@ -69,8 +91,12 @@ def _loss_and_grads(impl, args, seed, **opts):
 
     def loss(*vals):
         kw = dict(zip(names, vals))
-        fn = reference.ssd if impl == "reference" else functools.partial(
-            ssd, implementation=impl, **opts)
+        if impl == "per_document":
+            fn = functools.partial(_per_document, **opts)
+        else:
+            fn = reference.ssd if impl == "reference" else functools.partial(
+                ssd, implementation=impl, **opts)
+            kw = kw if reset is None else kw | dict(reset=reset)
         y, h = fn(kw.pop("x"), kw.pop("dt"), kw.pop("A"), kw.pop("B"), kw.pop("C"), **kw,
                   dt_softplus=softplus, return_final_state=True)
         return jnp.sum(y.astype(jnp.float32) * wy) + jnp.sum(h * wh), (y, h)
@@ -296,3 +322,44 @@ def test_auto_lowers_to_triton_for_an_abstract_gpu():
     # states + outputs; dstates + state-side grads + input-side grads
     assert text.count("__gpu$xla.gpu.triton") == 5
     assert "__gpu$xla.gpu.triton" not in jax.jit(fwd_bwd).trace(*args).lower().as_text()
+
+
+# Packed documents: row 0 has documents of 5, 17 and 10 steps (its first continues the initial
+# state), row 1 of 16, 3 and 13 with a reset at step 0 (the initial state is dropped). Starts at
+# 5, 22 and 19 fall inside a 16-step tile / 8-step chunk, 16 on an edge; a tile holds two resets.
+DOC_STARTS = ((5, 22), (0, 16, 19))
+RESET_SHAPE = dict(batch=2, length=32, heads=2, head_dim=16, groups=1, d_state=16,
+                   dtype=jnp.float32, full=True)
+RESET_IMPLS = {
+    "reference": {},
+    "xla": dict(chunk_size=8),
+    "triton": dict(interpret=True, chunk_size=16, tiles=triton.Tiles(16, 16, 4)),
+}
+
+
+@functools.cache
+def _reset_case():
+    seed = _seed()
+    args = _inputs(seed, **RESET_SHAPE)
+    reset = np.zeros((2, 32), bool)
+    for b, starts in enumerate(DOC_STARTS):
+        reset[b, list(starts)] = True
+    return seed, args, jnp.asarray(reset), _loss_and_grads("per_document", args, seed,
+                                                           starts=DOC_STARTS)
+
+
+@pytest.mark.parametrize("impl", list(RESET_IMPLS))
+def test_reset_matches_documents_run_alone(impl):
+    """``reset=``: output, final state and every gradient equal each document run alone through
+    the reference (float32, 1e-4 relative); the reset at step 0 makes the state's gradient
+    exactly zero on that row (it is ignored)."""
+    seed, args, reset, (y_ref, h_ref, grads_ref) = _reset_case()
+    run = "reference" if impl == "reference" else impl
+    y, h, grads = _loss_and_grads(run, args, seed, reset=reset, **RESET_IMPLS[impl])
+    errors = {"y": _rel(y, y_ref), "final_state": _rel(h, h_ref)}
+    errors |= {"d" + name: _rel(g, grads_ref[name]) for name, g in grads.items()}
+    bad = {k: v for k, v in errors.items() if not v < TOL[jnp.float32]}
+    assert not bad, f"seed {seed}: {bad}"
+    assert set(grads) == set(GRAD_NAMES)
+    assert not np.any(np.asarray(grads["initial_state"][1])), "reset at step 0 kept the state"
+    assert np.any(np.asarray(grads["initial_state"][0]))

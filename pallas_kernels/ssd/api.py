@@ -44,6 +44,7 @@ def ssd(
     dt_softplus: bool = False,
     initial_state=None,
     return_final_state: bool = False,
+    reset=None,
     implementation: str = "auto",
     interpret: bool = False,
     tiles=None,
@@ -64,6 +65,9 @@ def ssd(
       dt_bias: ``(heads,)`` added to ``dt``; ``dt_softplus`` then applies softplus.
       initial_state: ``(batch, heads, head_dim, d_state)`` float32 state before step 0.
       return_final_state: also return the float32 state after the last step.
+      reset: ``(batch, length)`` bool, True where step t starts a packed document: the state
+        before step t is dropped (the initial state too at t = 0), exactly (masked decays, no
+        gradient across a reset); D, z and dt_bias apply as everywhere else.
       implementation: ``"auto"``, ``"xla"`` (the chunked plain-JAX form: exact, autodiff
         gradients), ``"triton"`` or ``"tpu"``. ``"auto"`` picks the Pallas lowering of the
         target platform when it supports the call, else ``"xla"``.
@@ -82,19 +86,25 @@ def ssd(
       ValueError: naming the violated constraint.
     """
     _check(x, dt, A, B, C, D, z, dt_bias, initial_state)
+    if reset is not None and (getattr(reset, "shape", None) != x.shape[:2]
+                              or getattr(reset, "dtype", None) != jnp.bool_):
+        raise ValueError(f"reset must be a bool (batch, length) = {x.shape[:2]} array, got "
+                         f"{getattr(reset, 'dtype', '')}{shape_of(reset)}")
     if not is_int(chunk_size) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
     if not isinstance(dt_softplus, bool):
         raise ValueError(f"dt_softplus must be a bool, got {dt_softplus!r}")
     interpret = bool(interpret)
-    call = Call(x.shape, B.shape, int(chunk_size))
+    call = Call(x.shape, B.shape, int(chunk_size), reset is not None)
     name, tiles = DISPATCH.choose(implementation, call, interpret=interpret, tiles=tiles)
     if name == "xla":
         return xla.ssd(x, dt, A, B, C, chunk_size=chunk_size, D=D, z=z, dt_bias=dt_bias,
                        dt_softplus=dt_softplus, initial_state=initial_state,
-                       return_final_state=return_final_state)
+                       return_final_state=return_final_state, reset=reset)
     cfg = load_lowering(DISPATCH.package, name)[0].config(call, tiles, dt_softplus, interpret)
-    y, h_final = _kernel_ssd(cfg, x, dt, A, B, C, D, z, dt_bias, initial_state)
+    # The kernels read the resets as float32 0/1 (one mask per step, shared by the heads).
+    reset = None if reset is None else reset.astype(jnp.float32)
+    y, h_final = _kernel_ssd(cfg, x, dt, A, B, C, D, z, dt_bias, initial_state, reset)
     return (y, h_final) if return_final_state else y
 
 

@@ -15,6 +15,12 @@ matrix units). Notation for one tile of ``T = block_t`` steps of one head (``P =
 
 Steps past the end of the sequence are given ``dt = 0`` and ``x = B = C = 0``: decay 1 and no
 input, so they carry the state unchanged and contribute nothing.
+
+Packed documents (``reset``: 1.0 where a step starts a document, else 0.0) are masked exactly:
+with ``k_t`` the count of resets in the chunk up to step t, ``L[t,u]`` counts only when
+``k_t == k_u`` (no reset in ``(u, t]``), the entering state reaches step t only when ``k_t == 0``
+and step u reaches the chunk's end only when ``k_u == k_T``. The masks are constants, so no
+gradient flows through a decay across a reset.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ class Call(NamedTuple):
     x_shape: tuple[int, ...]  # (batch, length, heads, head_dim)
     B_shape: tuple[int, ...]  # (batch, length, n_groups, d_state)
     chunk_size: int
+    reset: bool = False  # packed-document resets given
 
     @property
     def head_dim(self) -> int:
@@ -91,18 +98,23 @@ class Chunk:
     """The quantities of one chunk that both the forward and the backward need.
 
     ``x (T,P)``, ``B, C (T,N)`` as loaded (input dtype); ``dt (T,)`` float32, already discretized
-    and zero past the end; ``A`` a float32 scalar. Products run with operands in ``dtype`` (the
-    input dtype: bfloat16 on the tensor cores) and float32 results. The ``(T,T)`` tiles are
+    and zero past the end; ``A`` a float32 scalar; ``reset (T,)`` float32 0/1 or None. Products
+    run with operands in ``dtype`` (the input dtype: bfloat16 on the tensor cores) and float32
+    results. The ``(T,T)`` tiles are
     computed on first use, so a kernel that needs neither ``L`` nor ``C B^T`` never builds them.
     """
 
-    def __init__(self, x, dt, A, B, C, dtype):
+    def __init__(self, x, dt, A, B, C, dtype, reset=None):
         self.x, self.dt, self.B, self.C, self.dtype = x, dt, B, C, dtype
         self.s = _inclusive_cumsum(dt * A)  # (T,)
         self.s_total = jnp.sum(dt * A)
         self.xdt = x.astype(f32) * dt[:, None]  # (T,P)
-        self.decay_in = jnp.exp(self.s)  # state entering the chunk -> step t
-        self.decay_out = jnp.exp(self.s_total - self.s)  # step t -> end of the chunk
+        self.k = None if reset is None else _inclusive_cumsum(reset)  # resets up to step t
+        # state entering the chunk -> step t; step t -> end of the chunk; across the chunk
+        self.decay_in, self.decay_total = _decays_in(self.s, self.s_total, self.k)
+        self.decay_out = jnp.exp(self.s_total - self.s)
+        if reset is not None:
+            self.decay_out = jnp.where(self.k == self.k[-1], self.decay_out, 0.0)
 
     @functools.cached_property
     def L(self):
@@ -110,8 +122,11 @@ class Chunk:
         T = self.dt.shape[0]
         row = jax.lax.broadcasted_iota(jnp.int32, (T, T), 0)
         col = jax.lax.broadcasted_iota(jnp.int32, (T, T), 1)
+        keep = row >= col
+        if self.k is not None:
+            keep = keep & (self.k[:, None] == self.k[None, :])
         # Mask the exponent, not the exponential: above the diagonal s_t - s_u > 0 can overflow.
-        return jnp.exp(jnp.where(row >= col, self.s[:, None] - self.s[None, :], -jnp.inf))
+        return jnp.exp(jnp.where(keep, self.s[:, None] - self.s[None, :], -jnp.inf))
 
     @functools.cached_property
     def CB(self):
@@ -126,24 +141,38 @@ class Chunk:
 
     def next_state(self, H):
         """The state leaving the chunk, float32 ``(P,N)``."""
-        return _advance(H, self.xdt, self.s, self.s_total, self.B, self.dtype)
+        return self.decay_total * H + mm_tn(self.xdt * self.decay_out[:, None], self.B,
+                                            self.dtype)
 
 
-def next_state(x, dt, A, B, H, dtype):
+def _decays_in(s, s_total, k):
+    """``exp(s_t)`` and ``exp(s_T)``: the entering state's decay to each step and across the
+    chunk, zero from the chunk's first reset on (``k`` the reset counts, None without resets)."""
+    decay_in, decay_total = jnp.exp(s), jnp.exp(s_total)
+    if k is None:
+        return decay_in, decay_total
+    return jnp.where(k == 0, decay_in, 0.0), jnp.where(k[-1] == 0, decay_total, 0.0)
+
+
+def next_state(x, dt, A, B, H, dtype, reset=None):
     """The state leaving a chunk without the chunk's outputs (the backward's recomputation)."""
     s = _inclusive_cumsum(dt * A)
-    return _advance(H, x.astype(f32) * dt[:, None], s, jnp.sum(dt * A), B, dtype)
+    s_total = jnp.sum(dt * A)
+    decay_out = jnp.exp(s_total - s)
+    decay_total = jnp.exp(s_total)
+    if reset is not None:
+        k = _inclusive_cumsum(reset)
+        decay_out = jnp.where(k == k[-1], decay_out, 0.0)
+        decay_total = jnp.where(k[-1] == 0, decay_total, 0.0)
+    return decay_total * H + mm_tn(x.astype(f32) * (dt * decay_out)[:, None], B, dtype)
 
 
-def prev_state_grad(dy, dt, A, C, dH, dtype):
+def prev_state_grad(dy, dt, A, C, dH, dtype, reset=None):
     """Gradient of the state entering a chunk from ``dH`` (leaving it) and the chunk's output
     gradient ``dy (T,P)`` (after the gate): the backward's sequential pass, one product."""
-    s = _inclusive_cumsum(dt * A)
-    return jnp.exp(jnp.sum(dt * A)) * dH + mm_tn(dy * jnp.exp(s)[:, None], C, dtype)
-
-
-def _advance(H, xdt, s, s_total, B, dtype):
-    return jnp.exp(s_total) * H + mm_tn(xdt * jnp.exp(s_total - s)[:, None], B, dtype)
+    k = None if reset is None else _inclusive_cumsum(reset)
+    decay_in, decay_total = _decays_in(_inclusive_cumsum(dt * A), jnp.sum(dt * A), k)
+    return decay_total * dH + mm_tn(dy * decay_in[:, None], C, dtype)
 
 
 def chunk_output(c: Chunk, H, D, z):
@@ -167,7 +196,7 @@ def chunk_backward(c: Chunk, H, dH, dout, A, D, z):
     """
     g = state_side_grads(c, H, dH, dout, D, z)
     g |= input_side_grads(c, dH, g["dy"], g["ds"], A, D, g["ds_total"])
-    g["dH"] = prev_state_grad(g["dy"], c.dt, A, c.C, dH, c.dtype)
+    g["dH"] = c.decay_total * dH + mm_tn(g["dy"] * c.decay_in[:, None], c.C, c.dtype)
     return g
 
 
@@ -178,7 +207,7 @@ def state_side_grads(c: Chunk, H, dH, dout, D, z):
     log-decays, and ``ds_total``, its gradient w.r.t. the chunk's total ``s_T``. (A kernel may
     add ``ds_total`` to the last step's ``ds`` instead: every step's decay reaches ``s_T`` as
     it reaches the last step's ``s_t``.)"""
-    ds_total = jnp.exp(c.s_total) * jnp.sum(dH * H)  # first: dH is then dead (registers)
+    ds_total = c.decay_total * jnp.sum(dH * H)  # first: dH is then dead (registers)
     dz = None
     if z is not None:
         y = c.y_ssm(H)

@@ -54,6 +54,8 @@ def default_tiles(call: common.Call) -> Tiles:
 
 def supports(call: common.Call, tiles: Tiles) -> str | None:
     """Why this lowering cannot run the call (None if it can)."""
+    if call.reset:
+        return "packed-document resets (reset=) are not implemented in the TPU kernels"
     if call.chunk_size % tiles.block_t:
         return f"tiles.block_t ({tiles.block_t}) must divide chunk_size ({call.chunk_size})"
     if tiles.block_t % 8:
@@ -202,8 +204,10 @@ def _call(kernel, name, grid, args, in_specs, out, scratch, interpret):
     )(*args)
 
 
-def forward(x, dt, A, B, C, D, z, dt_bias, h0, cfg: common.SSDConfig, *, save_checkpoints):
-    """Returns ``(y, final_state, checkpoints or None)``; states float32."""
+def forward(x, dt, A, B, C, D, z, dt_bias, h0, reset, cfg: common.SSDConfig, *,
+            save_checkpoints):
+    """Returns ``(y, final_state, checkpoints or None)``; states float32. ``reset`` is always None
+    (``supports`` declines calls with resets)."""
     batch, length, heads, head_dim = x.shape
     n_groups, d_state = B.shape[2], B.shape[3]
     Q, T = cfg.chunk_size, cfg.block_t
@@ -233,8 +237,10 @@ def forward(x, dt, A, B, C, D, z, dt_bias, h0, cfg: common.SSDConfig, *, save_ch
     return y, outs[1], (outs[2] if save_checkpoints else None)
 
 
-def backward(dout, dh_final, x, dt, A, B, C, D, z, dt_bias, h0, ckpt, cfg: common.SSDConfig):
-    """Gradients ``(dx, ddt, dA, dB, dC, dD, dz, ddt_bias, dh0)``, None for absent inputs."""
+def backward(dout, dh_final, x, dt, A, B, C, D, z, dt_bias, h0, reset, ckpt,
+             cfg: common.SSDConfig):
+    """Gradients ``(dx, ddt, dA, dB, dC, dD, dz, ddt_bias, dh0, None)``, None for absent inputs
+    (``reset`` is always None: ``supports`` declines calls with resets)."""
     batch, length, heads, head_dim = x.shape
     n_groups, d_state = B.shape[2], B.shape[3]
     Q, T = cfg.chunk_size, cfg.block_t
@@ -292,4 +298,5 @@ def backward(dout, dh_final, x, dt, A, B, C, D, z, dt_bias, h0, ckpt, cfg: commo
         None if z is None else seq_major(res["dz"]),
         None if dt_bias is None else sums[:, 2].astype(dt_bias.dtype),
         None if h0 is None else res["dh0"].astype(h0.dtype),
+        None,
     )

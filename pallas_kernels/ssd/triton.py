@@ -26,6 +26,9 @@ decay-gradient terms that read the saved state) and ``common.input_side_grads`` 
 Sums over programs are written as float32 partials and reduced outside (deterministic, no
 atomics): ``dB``/``dC`` per (head, column block), ``ddt`` per column block, and the per-head
 scalars ``dA``, ``dD``, ``ddt_bias`` per (batch row, tile, column block).
+
+Packed-document resets (float32 0/1 per (batch row, step)) are one more ``(T,)`` load per tile:
+``common.Chunk`` masks the decays with them.
 """
 
 from __future__ import annotations
@@ -115,7 +118,9 @@ def _tile(r, t0, T, length, bias, softplus, dtype, *, with_z, with_dout, with_C=
     if bias is not None:
         raw = raw + bias
     dt = jnp.where(valid, _ssm_math.softplus(raw) if softplus else raw, 0.0)
-    v = dict(valid=valid, raw=raw, dt=dt)
+    v = dict(valid=valid, raw=raw, dt=dt, reset=None)
+    if getattr(r, "reset", None) is not None:
+        v["reset"] = plgpu.load(r.reset.at[pl.ds(t0, T)], mask=valid, other=0.0)
     for name in ("x", "B"):  # the backward's state pass has neither
         if hasattr(r, name):
             v[name] = load(getattr(r, name)).astype(dtype)
@@ -150,7 +155,7 @@ def _state_kernel(*refs, length, T, n_tiles, softplus, dtype, flags):
         r.ckpt[k] = H.astype(r.ckpt.dtype)
         v = _tile(r, k * T, T, length, bias, softplus, dtype, with_z=False, with_dout=False,
                   with_C=False)
-        return common.next_state(v["x"], v["dt"], A, v["B"], H, dtype)
+        return common.next_state(v["x"], v["dt"], A, v["B"], H, dtype, v["reset"])
 
     r.h_final[...] = jax.lax.fori_loop(0, n_tiles, tile_body, H)
 
@@ -167,7 +172,7 @@ def _out_kernel(*refs, length, T, n_tiles, softplus, dtype, flags):
     A, D, bias = _head_scalars(r, h)
     v = _tile(r, k * T, T, length, bias, softplus, dtype, with_z=r.z is not None,
               with_dout=False)
-    c = common.Chunk(v["x"], v["dt"], A, v["B"], v["C"], dtype)
+    c = common.Chunk(v["x"], v["dt"], A, v["B"], v["C"], dtype, v["reset"])
     _store(r.y, k * T, v["valid"], common.chunk_output(c, r.ckpt[...].astype(f32), D, v.get("z")))
 
 
@@ -183,7 +188,7 @@ def _dstate_kernel(*refs, length, T, n_tiles, softplus, dtype, flags):
         v = _tile(r, k * T, T, length, bias, softplus, dtype, with_z=r.z is not None,
                   with_dout=True)
         dy = v["dout"] if r.z is None else v["dout"] * _ssm_math.silu(v["z"].astype(f32))
-        return common.prev_state_grad(dy, v["dt"], A, v["C"], dH, dtype)
+        return common.prev_state_grad(dy, v["dt"], A, v["C"], dH, dtype, v["reset"])
 
     dH = jax.lax.fori_loop(0, n_tiles, tile_body, dH)
     if r.dh0 is not None:
@@ -197,7 +202,7 @@ def _state_grad_kernel(*refs, length, T, n_tiles, softplus, dtype, flags):
     A, D, bias = _head_scalars(r, h)
     t0 = k * T
     v = _tile(r, t0, T, length, bias, softplus, dtype, with_z=r.z is not None, with_dout=True)
-    c = common.Chunk(v["x"], v["dt"], A, v["B"], v["C"], dtype)
+    c = common.Chunk(v["x"], v["dt"], A, v["B"], v["C"], dtype, v["reset"])
     g = common.state_side_grads(c, r.ckpt[...].astype(f32), r.dck[...].astype(f32), v["dout"], D,
                                 v.get("z"))
     valid = v["valid"]
@@ -221,7 +226,7 @@ def _grad_kernel(*refs, length, T, n_tiles, softplus, dtype, flags):
     dy = v["dout"] if r.dy is None else plgpu.load(r.dy.at[pl.ds(t0, T)],
                                                     mask=_rows(valid, r.dy), other=0.0)
     ds = plgpu.load(r.ds.at[pl.ds(t0, T)], mask=valid, other=0.0)
-    c = common.Chunk(v["x"], v["dt"], A, v["B"], v["C"], dtype)
+    c = common.Chunk(v["x"], v["dt"], A, v["B"], v["C"], dtype, v["reset"])
     g = common.input_side_grads(c, r.dck[...].astype(f32), dy, ds, A, D)
     ddt = g["ddt"] * _ssm_math.sigmoid(v["raw"]) if softplus else g["ddt"]
     ddt = jnp.where(valid, ddt, 0.0)
@@ -252,6 +257,7 @@ def _specs(x_shape, B_shape, block_p, n_tiles):
         return dict(
             seq=pl.BlockSpec((None, length, None, block_p), lambda i, j, p: (i, 0, hd(j), p)),
             dt=pl.BlockSpec((None, length, None), lambda i, j, p: (i, 0, hd(j))),
+            row=pl.BlockSpec((None, length), lambda i, j, p: (i, 0)),
             grp=pl.BlockSpec((None, length, None, d_state),
                              lambda i, j, p: (i, 0, hd(j) // rep, 0)),
             head=pl.BlockSpec((heads,), lambda i, j, p: (0,)),
@@ -289,7 +295,8 @@ def _static(x, cfg):
                 softplus=cfg.dt_softplus, dtype=x.dtype)
 
 
-def forward(x, dt, A, B, C, D, z, dt_bias, h0, cfg: common.SSDConfig, *, save_checkpoints):
+def forward(x, dt, A, B, C, D, z, dt_bias, h0, reset, cfg: common.SSDConfig, *,
+            save_checkpoints):
     """Returns ``(y, final_state, checkpoints or None)``; the final state float32, the
     checkpoints (the state entering every tile) in x's dtype.
 
@@ -306,7 +313,7 @@ def forward(x, dt, A, B, C, D, z, dt_bias, h0, cfg: common.SSDConfig, *, save_ch
     states = _call(
         _state_kernel, cfg, (batch, heads, head_dim // cfg.scan_block_p),
         [("x", x, sp["seq"]), ("dt", dt, sp["dt"]), ("A", A, sp["head"]), ("B", B, sp["grp"]),
-         ("bias", dt_bias, sp["head"]), ("h0", h0, sp["state"])],
+         ("bias", dt_bias, sp["head"]), ("h0", h0, sp["state"]), ("reset", reset, sp["row"])],
         [("h_final", jax.ShapeDtypeStruct((batch, heads, head_dim, d_state), f32), sp["state"]),
          ("ckpt", jax.ShapeDtypeStruct((batch, heads, n_tiles, head_dim, d_state), x.dtype),
           sp["states"])],
@@ -317,15 +324,17 @@ def forward(x, dt, A, B, C, D, z, dt_bias, h0, cfg: common.SSDConfig, *, save_ch
         [("x", x, spt["seq"]), ("dt", dt, spt["dt"]), ("A", A, spt["head"]),
          ("B", B, spt["grp"]), ("C", C, spt["grp"]), ("D", D, spt["head"]),
          ("z", z, spt["seq"]), ("bias", dt_bias, spt["head"]),
-         ("ckpt", states["ckpt"], spt["tile_state"])],
+         ("ckpt", states["ckpt"], spt["tile_state"]), ("reset", reset, spt["row"])],
         [("y", jax.ShapeDtypeStruct(x.shape, x.dtype), spt["seq"])],
         st, "ssd_fwd_outputs",
     )["y"]
     return y, states["h_final"], (states["ckpt"] if save_checkpoints else None)
 
 
-def backward(dout, dh_final, x, dt, A, B, C, D, z, dt_bias, h0, ckpt, cfg: common.SSDConfig):
-    """Gradients ``(dx, ddt, dA, dB, dC, dD, dz, ddt_bias, dh0)``, None for absent inputs.
+def backward(dout, dh_final, x, dt, A, B, C, D, z, dt_bias, h0, reset, ckpt,
+             cfg: common.SSDConfig):
+    """Gradients ``(dx, ddt, dA, dB, dC, dD, dz, ddt_bias, dh0, None)``, None for absent inputs
+    (none for ``reset``).
 
     A sequential reverse pass writes the gradient of the state leaving every tile (one product
     per tile); then two kernels with one program per tile: the state side (``dC``, the decay
@@ -344,7 +353,7 @@ def backward(dout, dh_final, x, dt, A, B, C, D, z, dt_bias, h0, ckpt, cfg: commo
         _dstate_kernel, cfg, (batch, heads, head_dim // cfg.scan_block_p),
         [("dt", dt, sp["dt"]), ("A", A, sp["head"]), ("C", C, sp["grp"]), ("z", z, sp["seq"]),
          ("bias", dt_bias, sp["head"]), ("dout", dout, sp["seq"]),
-         ("dh_final", dh_final, sp["state"])],
+         ("dh_final", dh_final, sp["state"]), ("reset", reset, sp["row"])],
         [("dck", jax.ShapeDtypeStruct(ckpt.shape, x.dtype), sp["states"]),
          ("dh0", None if h0 is None else f32_state, sp["state"])],
         st, "ssd_bwd_states",
@@ -361,7 +370,8 @@ def backward(dout, dh_final, x, dt, A, B, C, D, z, dt_bias, h0, ckpt, cfg: commo
         [("x", x, spt["seq"]), ("dt", dt, spt["dt"]), ("A", A, spt["head"]),
          ("B", B, spt["grp"]), ("C", C, spt["grp"]), ("D", D, spt["head"]),
          ("z", z, spt["seq"]), ("bias", dt_bias, spt["head"]), ("dout", dout, spt["seq"]),
-         ("ckpt", ckpt, spt["tile_state"]), ("dck", dstates["dck"], spt["tile_state"])],
+         ("ckpt", ckpt, spt["tile_state"]), ("dck", dstates["dck"], spt["tile_state"]),
+         ("reset", reset, spt["row"])],
         [("dC", part(d_state), partial_t(d_state)),
          ("ds", part(), partial_t()),
          ("dz", jax.ShapeDtypeStruct(x.shape, x.dtype) if gated else None, spt["seq"]),
@@ -374,7 +384,7 @@ def backward(dout, dh_final, x, dt, A, B, C, D, z, dt_bias, h0, ckpt, cfg: commo
          ("B", B, spt["grp"]), ("C", C, spt["grp"]), ("D", D, spt["head"]),
          ("bias", dt_bias, spt["head"]), ("dout", dout, spt["seq"]),
          ("dy", state_side.get("dy"), spt["seq"]), ("ds", state_side["ds"], partial_t()),
-         ("dck", dstates["dck"], spt["tile_state"])],
+         ("dck", dstates["dck"], spt["tile_state"]), ("reset", reset, spt["row"])],
         [("dx", jax.ShapeDtypeStruct(x.shape, x.dtype), spt["seq"]),
          ("ddt", part(), partial_t()),
          ("dB", part(d_state), partial_t(d_state)),
@@ -384,7 +394,7 @@ def backward(dout, dh_final, x, dt, A, B, C, D, z, dt_bias, h0, ckpt, cfg: commo
     )
     res |= dict(dC=state_side["dC"], dz=state_side.get("dz"), dh0=dstates.get("dh0"))
     res["sums"] = res["sums"].reshape(batch, heads, n_tiles * n_pb, 4)
-    return _reduce_partials(res, x, dt, A, B, D, dt_bias, h0, n_groups, n_pb)
+    return _reduce_partials(res, x, dt, A, B, D, dt_bias, h0, n_groups, n_pb) + (None,)
 
 
 def _reduce_partials(res, x, dt, A, B, D, dt_bias, h0, n_groups, n_pb):

@@ -6,7 +6,7 @@ Inside a chunk of ``chunk_size`` steps the recurrence is an attention-like produ
 implementation does; a ``lax.scan`` carries the state across chunks. Memory is linear in length
 for a fixed chunk; it is exact (the sequential ``reference.ssd`` is its test oracle) and far
 faster than a sequential scan, so it is the fallback of ``"auto"`` and the baseline of
-``scripts/bench_ssd.py``.
+``scripts/bench_ssd.py``. Packed-document resets mask the decays exactly as ``common`` says.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ def ssd(
     dt_softplus=False,
     initial_state=None,
     return_final_state=False,
+    reset=None,
 ):
     """Chunked SSD in plain JAX; same arguments and results as ``api.ssd``."""
     batch, length, heads, head_dim = x.shape
@@ -52,9 +53,17 @@ def ssd(
     a = dtc * A.astype(f32)  # (b, c, Q, h)
     s = jnp.cumsum(a, axis=2)
     s_total = s[:, :, -1]  # (b, c, h)
-    mask = jnp.tril(jnp.ones((Q, Q), bool))
+    mask = jnp.tril(jnp.ones((Q, Q), bool))[None, None, :, :, None]
+    # Decay masks (common.py): k counts the resets in the chunk up to each step.
+    keep_in = keep_out = keep_total = True
+    if reset is not None:
+        k = jnp.cumsum(padt(reset.astype(jnp.int32)).reshape(batch, n_chunks, Q), axis=2)
+        mask = mask & (k[:, :, :, None] == k[:, :, None, :])[..., None]
+        keep_in = (k == 0)[..., None]  # (b, c, Q, 1)
+        keep_out = (k == k[:, :, -1:])[..., None]
+        keep_total = (k[:, :, -1] == 0)[..., None]  # (b, c, 1)
     diff = s[:, :, :, None, :] - s[:, :, None, :, :]  # (b, c, t, u, h)
-    L = jnp.exp(jnp.where(mask[None, None, :, :, None], diff, -jnp.inf))
+    L = jnp.exp(jnp.where(mask, diff, -jnp.inf))
     cdt = x.dtype
     xdt = (xc.astype(f32) * dtc[..., None]).astype(cdt)
     CB = jnp.einsum("bctgn,bcugn->bcgtu", Cc, Bc, preferred_element_type=f32)
@@ -63,7 +72,7 @@ def ssd(
     y = jnp.einsum("bchtu,bcuhp->bcthp", M, xdt, preferred_element_type=f32)
 
     # Each chunk's own contribution to the state leaving it, then a scan over chunks.
-    decay_out = jnp.exp(s_total[:, :, None, :] - s)  # (b, c, Q, h)
+    decay_out = jnp.where(keep_out, jnp.exp(s_total[:, :, None, :] - s), 0.0)  # (b, c, Q, h)
     Bh = jnp.repeat(Bc, rep, axis=3)
     Ch = jnp.repeat(Cc, rep, axis=3)
     states = jnp.einsum(
@@ -77,10 +86,11 @@ def ssd(
         return jnp.exp(tot)[..., None, None] * h + st, h
 
     h_final, h_in = jax.lax.scan(
-        carry, h0, (jnp.moveaxis(states, 1, 0), jnp.moveaxis(s_total, 1, 0))
+        carry, h0, (jnp.moveaxis(states, 1, 0), jnp.moveaxis(jnp.where(keep_total, s_total,
+                                                                         -jnp.inf), 1, 0))
     )
     h_in = jnp.moveaxis(h_in, 0, 1)  # (b, c, h, p, n): state entering each chunk
-    y = y + jnp.exp(s)[..., None] * jnp.einsum(
+    y = y + jnp.where(keep_in, jnp.exp(s), 0.0)[..., None] * jnp.einsum(
         "bcthn,bchpn->bcthp", Ch, h_in.astype(cdt), preferred_element_type=f32
     )
     y = y.reshape(batch, n_chunks * Q, heads, head_dim)[:, :length]
