@@ -19,16 +19,15 @@
   document; with them, a first id different from the cached one starts a new document. The
   caller bounds nothing: the state has a fixed size whatever the number of tokens.
 
-Packed documents reuse the kernels unchanged, which take only an initial state: with ``dt``
-discretised outside (``softplus(dt + bias)``), a boundary step gets ``dt' = S = 64 / min|A|`` and
-input ``x' = x * dt / S``, so its input term ``dt' * B * x'`` is unchanged while the decay
+``ssd`` takes the document starts itself (``reset=``: exact masked decays inside the kernel, with
+``D``, ``dt_bias`` and softplus fused), so Mamba-2 needs nothing more. Mamba-1's
+``selective_scan`` takes only an initial state: with ``dt`` discretised outside
+(``softplus(dt + bias)``), a boundary step gets ``dt' = S = 64 / min|A|`` and input
+``x' = x * dt / S``, so its input term ``dt' * B * x'`` is unchanged while the decay
 ``exp(dt' * A) <= exp(-64) ~ 1.6e-28`` erases the previous document's state (below float32
-resolution); the ``D`` skip and Mamba-1's ``silu(z)`` gate are then applied outside the kernel.
-The chunked SSD forms sum ``dt * A`` within a chunk, so each boundary in a chunk adds ~64 to those
-sums and float32 rounds decays by ~|sum| * 6e-8 relative (packed-row gradients agree with the
-sequential reference to ~2e-5 in the tests, unpacked ones to ~1e-6). ``min|A|`` is floored at
-1e-20 (an ``A_log`` below -46 would no longer reset fully). Without ``segment_ids`` the kernels
-take ``dt``, its bias and softplus fused (the fast path).
+resolution); the ``D`` skip and the ``silu(z)`` gate are then applied outside the kernel.
+``min|A|`` is floored at 1e-20 (an ``A_log`` below -46 would no longer reset fully). Without
+``segment_ids`` the kernel takes ``dt``, its bias and softplus fused (the fast path).
 
 Logical axes: parameters ``embed, inner, heads, head_dim, state, conv``; activations
 ``activation_batch, activation_length, activation_inner, activation_heads``. Tensor parallelism
@@ -502,7 +501,7 @@ class Mamba2Mixer(nn.Module):
         A = -jnp.exp(A_log.astype(f32))
 
         if cache is None:
-            y = self._scan(xh, dt, A, B, C, D, dt_bias, docs, None)
+            y = self._kernel(xh, dt, A, B, C, D, dt_bias, None, docs.reset)
         else:
             h0 = cache["ssm_state"].value
             if length == 1:
@@ -512,7 +511,7 @@ class Mamba2Mixer(nn.Module):
                                 dt_bias=dt_bias, dt_softplus=True)
                 y = y[:, None]
             else:
-                y, h = self._scan(xh, dt, A, B, C, D, dt_bias, docs, h0)
+                y, h = self._kernel(xh, dt, A, B, C, D, dt_bias, h0, docs.reset)
             cache["ssm_state"].value = h
             cache["conv_state_x"].value, cache["conv_state_bc"].value = conv_x_state, conv_bc_state
             if segment_ids is not None:
@@ -525,31 +524,21 @@ class Mamba2Mixer(nn.Module):
         return _dense(d_model, ("inner", "embed"), self.out_kernel_init, self, "out_proj",
                       self.use_bias)(y)
 
-    def _scan(self, x, dt, A, B, C, D, dt_bias, docs, h0):
-        """The SSD over the whole call; ``(y, final state)`` when ``h0`` is given."""
-        if docs.reset is None:
-            return self._kernel(x, dt, A, B, C, D, dt_bias, h0)
-        dt = jax.nn.softplus(dt.astype(f32) + dt_bias.astype(f32))
-        x_k, dt_k = _restart(x, dt, docs.reset[..., None], -A)
-        out = self._kernel(x_k, dt_k, A, B, C, None, None, h0)
-        y, h = out if h0 is not None else (out, None)
-        y = (y.astype(f32) + D.astype(f32)[:, None] * x.astype(f32)).astype(x.dtype)
-        return (y, h) if h0 is not None else y
-
-    def _kernel(self, x, dt, A, B, C, D, dt_bias, h0):
-        """``ssd`` on each device's heads and rows (``per_shard``); ``dt`` gets ``dt_bias`` +
-        softplus when ``dt_bias`` is given. A device with a slice of the heads takes the B/C
-        groups those heads read (every group is on every device: groups are not sharded)."""
+    def _kernel(self, x, dt, A, B, C, D, dt_bias, h0, reset):
+        """``ssd`` (``dt_bias`` + softplus fused; ``reset`` the document starts or None) on each
+        device's heads and rows (``per_shard``); ``(y, final state)`` when ``h0`` is given. A
+        device with a slice of the heads takes the B/C groups those heads read (every group is on
+        every device: groups are not sharded)."""
         final = h0 is not None
 
-        def scan(x, dt, A, B, C, D, dt_bias, h0):
-            return ssd(x, dt, A, B, C, D=D, dt_bias=dt_bias,
-                       dt_softplus=dt_bias is not None, chunk_size=self.chunk_size,
-                       initial_state=h0, return_final_state=final,
-                       implementation=self.implementation, interpret=self.interpret)
+        def scan(x, dt, A, B, C, D, dt_bias, h0, reset):
+            return ssd(x, dt, A, B, C, D=D, dt_bias=dt_bias, dt_softplus=True,
+                       chunk_size=self.chunk_size, initial_state=h0, return_final_state=final,
+                       reset=reset, implementation=self.implementation,
+                       interpret=self.interpret)
 
         if not per_shard.runs_a_kernel(self.implementation):
-            return scan(x, dt, A, B, C, D, dt_bias, h0)
+            return scan(x, dt, A, B, C, D, dt_bias, h0, reset)
         mesh = jax.sharding.get_abstract_mesh()
         head_axes = per_shard.mesh_axes("activation_heads", mesh) if mesh.axis_names else ()
         shards, G = math.prod(mesh.shape[a] for a in head_axes), B.shape[2]
@@ -570,5 +559,5 @@ class Mamba2Mixer(nn.Module):
         per_head, state = ("activation_heads",), ("activation_batch", "activation_heads", None, None)
         return per_shard.per_shard(local, [
             (x, heads + (None,)), (dt, heads), (A, per_head), (B, group), (C, group),
-            (D, per_head), (dt_bias, per_head), (h0, state)],
+            (D, per_head), (dt_bias, per_head), (h0, state), (reset, ("activation_batch", None))],
             (heads + (None,), state) if final else heads + (None,))
