@@ -19,6 +19,7 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from kernel_checks import rel_err as _rel
+from kernel_checks import verified_triton_modules
 
 from pallas_kernels import lowering_for
 from pallas_kernels.ssd import reference, ssd, ssd_step, tpu, triton
@@ -363,3 +364,36 @@ def test_reset_matches_documents_run_alone(impl):
     assert set(grads) == set(GRAD_NAMES)
     assert not np.any(np.asarray(grads["initial_state"][1])), "reset at step 0 kept the state"
     assert np.any(np.asarray(grads["initial_state"][0]))
+
+
+def test_reset_lowers_to_verified_triton_for_an_abstract_gpu():
+    """With ``reset`` (and an initial state: a decoding prompt), "auto" for an H100 still takes
+    the Triton kernels; all five modules pass the MLIR verifier."""
+    sds = jax.ShapeDtypeStruct
+    b, length, heads, p, n = 1, 300, 2, 16, 16
+    args = (sds((b, length, heads, p), jnp.bfloat16), sds((b, length, heads), jnp.float32),
+            sds((heads,), jnp.float32), sds((b, length, 1, n), jnp.bfloat16),
+            sds((b, length, 1, n), jnp.bfloat16), sds((b, heads, p, n), jnp.float32),
+            sds((b, length), jnp.bool_))
+
+    def fwd_bwd(x, dt, A, B, C, h0, reset):
+        fn = lambda *a: ssd(*a, chunk_size=64, dt_softplus=True, initial_state=h0, reset=reset)
+        y, vjp = jax.vjp(fn, x, dt, A, B, C)
+        return vjp(jnp.ones(y.shape, y.dtype))
+
+    with verified_triton_modules() as checked, lowering_for("NVIDIA H100"):
+        text = jax.jit(fwd_bwd).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("__gpu$xla.gpu.triton") == 5 and checked[0] == 5
+
+
+def test_tpu_declines_resets():
+    """The TPU kernels have no resets: named, a clear error; "auto" falls to the next lowering."""
+    a = _inputs(0, batch=1, length=8, heads=2, head_dim=8, groups=1, d_state=8,
+                dtype=jnp.float32, full=False)
+    reset = jnp.zeros((1, 8), bool).at[0, 3].set(True)
+    with pytest.raises(ValueError, match="packed-document resets"):
+        ssd(a["x"], a["dt"], a["A"], a["B"], a["C"], reset=reset, implementation="tpu",
+            interpret=True, chunk_size=8, tiles=tpu.Tiles(8))
+    assert tpu.supports(Call((1, 8, 2, 8), (1, 8, 1, 8), 8, reset=True), tpu.Tiles(8))
+    with pytest.raises(ValueError, match="reset must be a bool"):
+        ssd(a["x"], a["dt"], a["A"], a["B"], a["C"], reset=reset.astype(jnp.int32))

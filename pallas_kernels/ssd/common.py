@@ -111,10 +111,10 @@ class Chunk:
         self.xdt = x.astype(f32) * dt[:, None]  # (T,P)
         self.k = None if reset is None else _inclusive_cumsum(reset)  # resets up to step t
         # state entering the chunk -> step t; step t -> end of the chunk; across the chunk
-        self.decay_in, self.decay_total = _decays_in(self.s, self.s_total, self.k)
+        self.decay_in, self.decay_total = _decays_in(self.s, self.s_total, reset, self.k)
         self.decay_out = jnp.exp(self.s_total - self.s)
         if reset is not None:
-            self.decay_out = jnp.where(self.k == self.k[-1], self.decay_out, 0.0)
+            self.decay_out = jnp.where(self.k == jnp.sum(reset), self.decay_out, 0.0)
 
     @functools.cached_property
     def L(self):
@@ -145,13 +145,14 @@ class Chunk:
                                             self.dtype)
 
 
-def _decays_in(s, s_total, k):
+def _decays_in(s, s_total, reset, k):
     """``exp(s_t)`` and ``exp(s_T)``: the entering state's decay to each step and across the
-    chunk, zero from the chunk's first reset on (``k`` the reset counts, None without resets)."""
+    chunk, zero from the chunk's first reset on (``k`` the reset counts; None without resets).
+    The chunk's total count is a sum, not ``k[-1]``: Triton lowers no slices."""
     decay_in, decay_total = jnp.exp(s), jnp.exp(s_total)
-    if k is None:
+    if reset is None:
         return decay_in, decay_total
-    return jnp.where(k == 0, decay_in, 0.0), jnp.where(k[-1] == 0, decay_total, 0.0)
+    return jnp.where(k == 0, decay_in, 0.0), jnp.where(jnp.sum(reset) == 0, decay_total, 0.0)
 
 
 def next_state(x, dt, A, B, H, dtype, reset=None):
@@ -161,9 +162,9 @@ def next_state(x, dt, A, B, H, dtype, reset=None):
     decay_out = jnp.exp(s_total - s)
     decay_total = jnp.exp(s_total)
     if reset is not None:
-        k = _inclusive_cumsum(reset)
-        decay_out = jnp.where(k == k[-1], decay_out, 0.0)
-        decay_total = jnp.where(k[-1] == 0, decay_total, 0.0)
+        k, k_total = _inclusive_cumsum(reset), jnp.sum(reset)
+        decay_out = jnp.where(k == k_total, decay_out, 0.0)
+        decay_total = jnp.where(k_total == 0, decay_total, 0.0)
     return decay_total * H + mm_tn(x.astype(f32) * (dt * decay_out)[:, None], B, dtype)
 
 
@@ -171,7 +172,7 @@ def prev_state_grad(dy, dt, A, C, dH, dtype, reset=None):
     """Gradient of the state entering a chunk from ``dH`` (leaving it) and the chunk's output
     gradient ``dy (T,P)`` (after the gate): the backward's sequential pass, one product."""
     k = None if reset is None else _inclusive_cumsum(reset)
-    decay_in, decay_total = _decays_in(_inclusive_cumsum(dt * A), jnp.sum(dt * A), k)
+    decay_in, decay_total = _decays_in(_inclusive_cumsum(dt * A), jnp.sum(dt * A), reset, k)
     return decay_total * dH + mm_tn(dy * decay_in[:, None], C, dtype)
 
 
