@@ -38,8 +38,6 @@ GROUP_NORMS = ("layernorm", "rmsnorm")
 HEAD_AXES = ("activation_batch", "activation_length", "activation_heads", "head_dim")
 # The decoding state S^T: (batch, heads, v head_dim, qk head_dim), the SSD state layout.
 STATE_AXES = ("activation_batch", "activation_heads", "head_dim", "state")
-# At a document boundary the previous state is scaled by exp(dt * log gamma) <= exp(-this).
-_RESET_LOG_DECAY = 32.0
 f32 = jnp.float32
 
 
@@ -49,14 +47,6 @@ def log_decays(num_heads: int) -> np.ndarray:
     ``log1p`` keeps the slowest heads' tiny rates (``1 - 2^-30`` is 1.0 in float32).
     """
     return np.log1p(-(2.0 ** (-5.0 - np.arange(num_heads))))
-
-
-def _reset_dt(log_gamma: np.ndarray) -> np.ndarray:
-    """Per head, the smallest power of two ``dt`` with ``dt * |log gamma| >= _RESET_LOG_DECAY``.
-
-    A power of two, so that scaling ``v`` by ``1/dt`` and the kernel's ``dt * x`` are exact.
-    """
-    return 2.0 ** np.ceil(np.log2(_RESET_LOG_DECAY / -log_gamma))
 
 
 def parallel_retention(q, k, v, log_gamma, segment_ids=None):
@@ -86,43 +76,32 @@ def chunkwise_retention(q, k, v, log_gamma, segment_ids=None, *, initial_state=N
     """Retention by ``pallas_kernels.ssd.ssd`` (same arguments as ``parallel_retention``).
 
     ``initial_state``/the final state: float32 ``(batch, heads, dv, dk)`` (``S^T``).
-    Document boundaries (``segment_ids[t] != segment_ids[t-1]``) reset the state: step ``t`` gets
-    ``dt = 2^m`` with ``2^m |log gamma_h| >= 32`` and ``v_t / 2^m`` in place of ``v_t``, so its
-    input ``dt * v_t k_t^T`` is unchanged (exactly: a power of two) while the carried state is
-    scaled by ``<= e^-32``. The chunked kernels then hold log-decays of up to ~64 per boundary in
-    a chunk's float32 cumulative sum, which rounds the in-document decays after it by ~1e-6
-    relative per boundary (measured: 4e-6 with three boundaries in 40 steps, against ~1e-7
-    without). Needs bfloat16 or float32 (``v / 2^m`` underflows in float16).
+    Document boundaries (``segment_ids[t] != segment_ids[t-1]``) reset the state: ``ssd``'s
+    ``reset`` drops the state before step ``t`` exactly (masked decays inside the kernel).
     """
     batch, length, heads, _ = v.shape
     dt = jnp.ones((batch, length, heads), f32)
+    reset = None
     if segment_ids is not None:
-        if v.dtype == jnp.float16:
-            raise ValueError(
-                "chunkwise retention with segment_ids needs bfloat16 or float32 (a document reset "
-                "scales v by powers of two far below float16's range); use form='parallel'"
-            )
-        boundary = jnp.pad(segment_ids[:, 1:] != segment_ids[:, :-1], ((0, 0), (1, 0)))
-        reset = jnp.asarray(_reset_dt(log_gamma), f32)
-        dt = jnp.where(boundary[..., None], reset, dt)
-        v = v * (1.0 / dt).astype(v.dtype)[..., None]
+        reset = jnp.pad(segment_ids[:, 1:] != segment_ids[:, :-1], ((0, 0), (1, 0)))
 
-    def scan(v, dt, log_gamma, k, q, initial_state):
+    def scan(v, dt, log_gamma, k, q, initial_state, reset):
         return ssd(
             v, dt, log_gamma, k, q, chunk_size=chunk_size, dt_softplus=False,
-            initial_state=initial_state, return_final_state=return_final_state,
+            initial_state=initial_state, return_final_state=return_final_state, reset=reset,
             implementation=implementation, interpret=interpret,
         )
 
     log_gamma = jnp.asarray(log_gamma, f32)
     if not per_shard.runs_a_kernel(implementation):
-        return scan(v, dt, log_gamma, k, q, initial_state)
+        return scan(v, dt, log_gamma, k, q, initial_state, reset)
     heads = ("activation_batch", None, "activation_heads")  # (one B/C group per head)
     state = ("activation_batch", "activation_heads", None, None)
     out = (heads + (None,), state) if return_final_state else heads + (None,)
     return per_shard.per_shard(scan, [
         (v, heads + (None,)), (dt, heads), (log_gamma, ("activation_heads",)),
-        (k, heads + (None,)), (q, heads + (None,)), (initial_state, state)], out)
+        (k, heads + (None,)), (q, heads + (None,)), (initial_state, state),
+        (reset, ("activation_batch", None))], out)
 
 
 class MultiScaleRetention(nn.Module):
