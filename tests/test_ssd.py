@@ -271,6 +271,8 @@ def _small():
         (lambda a: a.update(B=a["B"].astype(jnp.bfloat16)), "B and C must have x's dtype"),
         (lambda a: a.update(z=a["z"][..., :8]), "z must match x"),
         (lambda a: a.update(initial_state=a["initial_state"][..., :8]), "state must be float32"),
+        (lambda a: a.update(reset=jnp.zeros((1, 8), jnp.int32)), "reset must be a bool"),
+        (lambda a: a.update(reset=jnp.zeros((1, 7), bool)), "reset must be a bool"),
         (lambda a: a.update(chunk_size=0), "chunk_size"),
         (lambda a: a.update(implementation="cuda"), "implementation must be one of"),
         (lambda a: a.update(implementation="triton"), "needs a GPU backend"),
@@ -335,6 +337,7 @@ RESET_IMPLS = {
     "reference": {},
     "xla": dict(chunk_size=8),
     "triton": dict(interpret=True, chunk_size=16, tiles=triton.Tiles(16, 16, 4)),
+    "tpu": dict(interpret=True, chunk_size=16, tiles=tpu.Tiles(8)),
 }
 
 
@@ -385,15 +388,3 @@ def test_reset_lowers_to_verified_triton_for_an_abstract_gpu():
         text = jax.jit(fwd_bwd).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("__gpu$xla.gpu.triton") == 5 and checked[0] == 5
 
-
-def test_tpu_declines_resets():
-    """The TPU kernels have no resets: named, a clear error; "auto" falls to the next lowering."""
-    a = _inputs(0, batch=1, length=8, heads=2, head_dim=8, groups=1, d_state=8,
-                dtype=jnp.float32, full=False)
-    reset = jnp.zeros((1, 8), bool).at[0, 3].set(True)
-    with pytest.raises(ValueError, match="packed-document resets"):
-        ssd(a["x"], a["dt"], a["A"], a["B"], a["C"], reset=reset, implementation="tpu",
-            interpret=True, chunk_size=8, tiles=tpu.Tiles(8))
-    assert tpu.supports(Call((1, 8, 2, 8), (1, 8, 1, 8), 8, reset=True), tpu.Tiles(8))
-    with pytest.raises(ValueError, match="reset must be a bool"):
-        ssd(a["x"], a["dt"], a["A"], a["B"], a["C"], reset=reset.astype(jnp.int32))

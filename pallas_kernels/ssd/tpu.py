@@ -14,7 +14,8 @@ The forward writes the state entering each chunk (float32, linear in length). Th
 the chunks in reverse (reversed index maps), recomputes the states entering the chunk's tiles
 into a VMEM scratch, and carries the state gradient in another. dB/dC are written per head and
 summed over each group outside; the per-head sums dA, dD, ddt_bias accumulate in an output block
-that stays resident across the chunk axis.
+that stays resident across the chunk axis. Packed-document resets come in as float32 0/1
+``(batch, 1, length)`` (dt's layout with one head) and mask ``common.Chunk``'s decays.
 """
 
 from __future__ import annotations
@@ -54,8 +55,6 @@ def default_tiles(call: common.Call) -> Tiles:
 
 def supports(call: common.Call, tiles: Tiles) -> str | None:
     """Why this lowering cannot run the call (None if it can)."""
-    if call.reset:
-        return "packed-document resets (reset=) are not implemented in the TPU kernels"
     if call.chunk_size % tiles.block_t:
         return f"tiles.block_t ({tiles.block_t}) must divide chunk_size ({call.chunk_size})"
     if tiles.block_t % 8:
@@ -94,6 +93,7 @@ def _tile(r, chunk, t0, T, length, bias, softplus, dtype, *, with_C=True, with_d
         v["z"] = r.z[sl, :]
     if with_dout:
         v["dout"] = r.dout[sl, :].astype(f32)
+    v["reset"] = None if r.reset is None else r.reset[sl]
     return v
 
 
@@ -111,7 +111,7 @@ def _fwd_kernel(*refs, length, T, n_sub, softplus, dtype, flags):
         r.ckpt[...] = H
     for j in range(n_sub):
         v = _tile(r, c, j * T, T, length, bias, softplus, dtype)
-        ch = common.Chunk(v["x"], v["dt"], A, v["B"], v["C"], dtype)
+        ch = common.Chunk(v["x"], v["dt"], A, v["B"], v["C"], dtype, v["reset"])
         r.y[pl.ds(j * T, T), :] = common.chunk_output(ch, H, D, v.get("z")).astype(r.y.dtype)
         H = ch.next_state(H)
     r.H[...] = H
@@ -134,14 +134,14 @@ def _bwd_kernel(*refs, length, T, n_sub, n_chunks, softplus, dtype, flags):
         r.Hs[j] = H
         if j + 1 < n_sub:
             v = _tile(r, c, j * T, T, length, bias, softplus, dtype, with_C=False)
-            H = common.next_state(v["x"], v["dt"], A, v["B"], H, dtype)
+            H = common.next_state(v["x"], v["dt"], A, v["B"], H, dtype, v["reset"])
 
     dH = r.dH[...]
     dA = dD = dbias = jnp.zeros((), f32)
     for j in reversed(range(n_sub)):
         sl = pl.ds(j * T, T)
         v = _tile(r, c, j * T, T, length, bias, softplus, dtype, with_dout=True)
-        ch = common.Chunk(v["x"], v["dt"], A, v["B"], v["C"], dtype)
+        ch = common.Chunk(v["x"], v["dt"], A, v["B"], v["C"], dtype, v["reset"])
         g = common.chunk_backward(ch, r.Hs[j], dH, v["dout"], A, D, v.get("z"))
         ddt = g["ddt"] * _ssm_math.sigmoid(v["raw"]) if softplus else g["ddt"]
         ddt = jnp.where(v["valid"], ddt, 0.0)
@@ -162,13 +162,13 @@ def _bwd_kernel(*refs, length, T, n_sub, n_chunks, softplus, dtype, flags):
         r.dh0[...] = dH
 
 
-def _layout(x, dt, B, C, z, chunk_size):
-    """Head-major, length padded to a multiple of ``chunk_size``."""
+def _layout(x, dt, B, C, z, chunk_size, reset=None):
+    """Head-major, length padded to a multiple of ``chunk_size``; ``reset`` as one head."""
     length = x.shape[1]
     pad = -length % chunk_size
     padl = lambda v: None if v is None else jnp.pad(v, [(0, 0), (0, pad)] + [(0, 0)] * (v.ndim - 2))
     hm = lambda v: None if v is None else jnp.moveaxis(padl(v), 2, 1)
-    return hm(x), hm(dt), hm(B), hm(C), hm(z)
+    return hm(x), hm(dt), hm(B), hm(C), hm(z), hm(None if reset is None else reset[..., None])
 
 
 def _specs(heads, n_groups, chunk_size, head_dim, d_state, reverse, n_chunks):
@@ -178,6 +178,7 @@ def _specs(heads, n_groups, chunk_size, head_dim, d_state, reverse, n_chunks):
     return dict(
         seq=pl.BlockSpec((None, None, chunk_size, head_dim), lambda i, j, c: (i, j, cidx(c), 0)),
         dt=pl.BlockSpec((None, None, chunk_size), lambda i, j, c: (i, j, cidx(c))),
+        reset=pl.BlockSpec((None, None, chunk_size), lambda i, j, c: (i, 0, cidx(c))),
         grp=pl.BlockSpec((None, None, chunk_size, d_state), lambda i, j, c: (i, j // rep, cidx(c), 0)),
         head=smem,
         state=pl.BlockSpec((None, None, head_dim, d_state), lambda i, j, c: (i, j, 0, 0)),
@@ -206,18 +207,17 @@ def _call(kernel, name, grid, args, in_specs, out, scratch, interpret):
 
 def forward(x, dt, A, B, C, D, z, dt_bias, h0, reset, cfg: common.SSDConfig, *,
             save_checkpoints):
-    """Returns ``(y, final_state, checkpoints or None)``; states float32. ``reset`` is always None
-    (``supports`` declines calls with resets)."""
+    """Returns ``(y, final_state, checkpoints or None)``; states float32."""
     batch, length, heads, head_dim = x.shape
     n_groups, d_state = B.shape[2], B.shape[3]
     Q, T = cfg.chunk_size, cfg.block_t
     n_chunks = pl.cdiv(length, Q)
-    xh, dth, Bh, Ch, zh = _layout(x, dt, B, C, z, Q)
+    xh, dth, Bh, Ch, zh, rh = _layout(x, dt, B, C, z, Q, reset)
     sp = _specs(heads, n_groups, Q, head_dim, d_state, False, n_chunks)
     in_flags, args, in_specs = operands([
         ("A", A, sp["head"]), ("D", D, sp["head"]), ("bias", dt_bias, sp["head"]),
         ("x", xh, sp["seq"]), ("dt", dth, sp["dt"]), ("B", Bh, sp["grp"]), ("C", Ch, sp["grp"]),
-        ("z", zh, sp["seq"]), ("h0", h0, sp["state"]),
+        ("z", zh, sp["seq"]), ("h0", h0, sp["state"]), ("reset", rh, sp["reset"]),
     ])
     out = [
         (jax.ShapeDtypeStruct(xh.shape, x.dtype), sp["seq"]),
@@ -240,12 +240,12 @@ def forward(x, dt, A, B, C, D, z, dt_bias, h0, reset, cfg: common.SSDConfig, *,
 def backward(dout, dh_final, x, dt, A, B, C, D, z, dt_bias, h0, reset, ckpt,
              cfg: common.SSDConfig):
     """Gradients ``(dx, ddt, dA, dB, dC, dD, dz, ddt_bias, dh0, None)``, None for absent inputs
-    (``reset`` is always None: ``supports`` declines calls with resets)."""
+    (none for ``reset``)."""
     batch, length, heads, head_dim = x.shape
     n_groups, d_state = B.shape[2], B.shape[3]
     Q, T = cfg.chunk_size, cfg.block_t
     n_chunks = ckpt.shape[2]
-    xh, dth, Bh, Ch, zh = _layout(x, dt, B, C, z, Q)
+    xh, dth, Bh, Ch, zh, rh = _layout(x, dt, B, C, z, Q, reset)
     douth = _layout(dout, dt, B, C, None, Q)[0]
     Lp = xh.shape[2]
     sp = _specs(heads, n_groups, Q, head_dim, d_state, True, n_chunks)
@@ -253,7 +253,7 @@ def backward(dout, dh_final, x, dt, A, B, C, D, z, dt_bias, h0, reset, ckpt,
         ("A", A, sp["head"]), ("D", D, sp["head"]), ("bias", dt_bias, sp["head"]),
         ("x", xh, sp["seq"]), ("dt", dth, sp["dt"]), ("B", Bh, sp["grp"]), ("C", Ch, sp["grp"]),
         ("z", zh, sp["seq"]), ("dout", douth, sp["seq"]), ("dh_final", dh_final, sp["state"]),
-        ("ckpt", ckpt, sp["ckpt"]),
+        ("ckpt", ckpt, sp["ckpt"]), ("reset", rh, sp["reset"]),
     ])
     per_head = lambda n: pl.BlockSpec(
         (None, None, Q, n), lambda i, j, c: (i, j, n_chunks - 1 - c, 0)
