@@ -332,7 +332,7 @@ def test_auto_lowers_to_triton_for_an_abstract_gpu():
 # 5, 22 and 19 fall inside a 16-step tile / 8-step chunk, 16 on an edge; a tile holds two resets.
 DOC_STARTS = ((5, 22), (0, 16, 19))
 RESET_SHAPE = dict(batch=2, length=32, heads=2, head_dim=16, groups=1, d_state=16,
-                   dtype=jnp.float32, full=True)
+                   dtype=jnp.float32)
 RESET_IMPLS = {
     "reference": {},
     "xla": dict(chunk_size=8),
@@ -342,9 +342,9 @@ RESET_IMPLS = {
 
 
 @functools.cache
-def _reset_case():
+def _reset_case(full):
     seed = _seed()
-    args = _inputs(seed, **RESET_SHAPE)
+    args = _inputs(seed, **RESET_SHAPE, full=full)
     reset = np.zeros((2, 32), bool)
     for b, starts in enumerate(DOC_STARTS):
         reset[b, list(starts)] = True
@@ -352,21 +352,24 @@ def _reset_case():
                                                            starts=DOC_STARTS)
 
 
+@pytest.mark.parametrize("full", [True, False], ids=["full", "plain"])
 @pytest.mark.parametrize("impl", list(RESET_IMPLS))
-def test_reset_matches_documents_run_alone(impl):
+def test_reset_matches_documents_run_alone(impl, full):
     """``reset=``: output, final state and every gradient equal each document run alone through
-    the reference (float32, 1e-4 relative); the reset at step 0 makes the state's gradient
-    exactly zero on that row (it is ignored)."""
-    seed, args, reset, (y_ref, h_ref, grads_ref) = _reset_case()
+    the reference (float32, 1e-4 relative). ``full``: with D, z, dt_bias + softplus and an
+    initial state, which the reset at step 0 ignores (its gradient is exactly zero on that row);
+    plain: none of them."""
+    seed, args, reset, (y_ref, h_ref, grads_ref) = _reset_case(full)
     run = "reference" if impl == "reference" else impl
     y, h, grads = _loss_and_grads(run, args, seed, reset=reset, **RESET_IMPLS[impl])
     errors = {"y": _rel(y, y_ref), "final_state": _rel(h, h_ref)}
     errors |= {"d" + name: _rel(g, grads_ref[name]) for name, g in grads.items()}
     bad = {k: v for k, v in errors.items() if not v < TOL[jnp.float32]}
     assert not bad, f"seed {seed}: {bad}"
-    assert set(grads) == set(GRAD_NAMES)
-    assert not np.any(np.asarray(grads["initial_state"][1])), "reset at step 0 kept the state"
-    assert np.any(np.asarray(grads["initial_state"][0]))
+    assert set(grads) == set(GRAD_NAMES if full else ("x", "dt", "A", "B", "C"))
+    if full:
+        assert not np.any(np.asarray(grads["initial_state"][1])), "reset at step 0 kept the state"
+        assert np.any(np.asarray(grads["initial_state"][0]))
 
 
 def test_reset_lowers_to_verified_triton_for_an_abstract_gpu():
