@@ -106,15 +106,10 @@ class Chunk:
 
     def __init__(self, x, dt, A, B, C, dtype, reset=None):
         self.x, self.dt, self.B, self.C, self.dtype = x, dt, B, C, dtype
-        self.s = _inclusive_cumsum(dt * A)  # (T,)
-        self.s_total = jnp.sum(dt * A)
         self.xdt = x.astype(f32) * dt[:, None]  # (T,P)
-        self.k = None if reset is None else _inclusive_cumsum(reset)  # resets up to step t
-        # state entering the chunk -> step t; step t -> end of the chunk; across the chunk
-        self.decay_in, self.decay_total = _decays_in(self.s, self.s_total, reset, self.k)
-        self.decay_out = jnp.exp(self.s_total - self.s)
-        if reset is not None:
-            self.decay_out = jnp.where(self.k == jnp.sum(reset), self.decay_out, 0.0)
+        d = _decays(dt, A, reset)
+        self.s, self.k = d.s, d.k
+        self.decay_in, self.decay_out, self.decay_total = d.into, d.out, d.total
 
     @functools.cached_property
     def L(self):
@@ -145,35 +140,37 @@ class Chunk:
                                             self.dtype)
 
 
-def _decays_in(s, s_total, reset, k):
-    """``exp(s_t)`` and ``exp(s_T)``: the entering state's decay to each step and across the
-    chunk, zero from the chunk's first reset on (``k`` the reset counts; None without resets).
-    The chunk's total count is a sum, not ``k[-1]``: Triton lowers no slices."""
-    decay_in, decay_total = jnp.exp(s), jnp.exp(s_total)
+class _Decays(NamedTuple):
+    s: jax.Array  # (T,) inclusive cumulative log-decay
+    k: jax.Array | None  # (T,) resets up to each step (None without resets)
+    into: jax.Array  # (T,) the entering state's decay to step t
+    out: jax.Array  # (T,) step t's decay to the end of the chunk
+    total: jax.Array  # () the entering state's decay across the chunk
+
+
+def _decays(dt, A, reset) -> _Decays:
+    """The chunk's decays, masked at resets (module docstring). The chunk's total reset count
+    is a sum, not ``k[-1]``: Triton lowers no slices."""
+    s, s_total = _inclusive_cumsum(dt * A), jnp.sum(dt * A)
+    into, out, total = jnp.exp(s), jnp.exp(s_total - s), jnp.exp(s_total)
     if reset is None:
-        return decay_in, decay_total
-    return jnp.where(k == 0, decay_in, 0.0), jnp.where(jnp.sum(reset) == 0, decay_total, 0.0)
+        return _Decays(s, None, into, out, total)
+    k, k_total = _inclusive_cumsum(reset), jnp.sum(reset)
+    return _Decays(s, k, jnp.where(k == 0, into, 0.0), jnp.where(k == k_total, out, 0.0),
+                   jnp.where(k_total == 0, total, 0.0))
 
 
 def next_state(x, dt, A, B, H, dtype, reset=None):
     """The state leaving a chunk without the chunk's outputs (the backward's recomputation)."""
-    s = _inclusive_cumsum(dt * A)
-    s_total = jnp.sum(dt * A)
-    decay_out = jnp.exp(s_total - s)
-    decay_total = jnp.exp(s_total)
-    if reset is not None:
-        k, k_total = _inclusive_cumsum(reset), jnp.sum(reset)
-        decay_out = jnp.where(k == k_total, decay_out, 0.0)
-        decay_total = jnp.where(k_total == 0, decay_total, 0.0)
-    return decay_total * H + mm_tn(x.astype(f32) * (dt * decay_out)[:, None], B, dtype)
+    d = _decays(dt, A, reset)
+    return d.total * H + mm_tn(x.astype(f32) * (dt * d.out)[:, None], B, dtype)
 
 
 def prev_state_grad(dy, dt, A, C, dH, dtype, reset=None):
     """Gradient of the state entering a chunk from ``dH`` (leaving it) and the chunk's output
     gradient ``dy (T,P)`` (after the gate): the backward's sequential pass, one product."""
-    k = None if reset is None else _inclusive_cumsum(reset)
-    decay_in, decay_total = _decays_in(_inclusive_cumsum(dt * A), jnp.sum(dt * A), reset, k)
-    return decay_total * dH + mm_tn(dy * decay_in[:, None], C, dtype)
+    d = _decays(dt, A, reset)
+    return d.total * dH + mm_tn(dy * d.into[:, None], C, dtype)
 
 
 def chunk_output(c: Chunk, H, D, z):
