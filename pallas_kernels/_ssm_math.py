@@ -38,14 +38,18 @@ def discretize_dt(dt, bias, use_softplus):
     return softplus(dt) if use_softplus else dt
 
 
-def scan_steps(step, h0, x, dt, A, B, C, D, z):
+def scan_steps(step, h0, x, dt, A, B, C, D, z, reset=None):
     """Run a reference ``step(h, x_t, dt_t, A, B_t, C_t, D, z_t) -> (y_t, h)`` over time with
-    ``lax.scan``; batch-major inputs (``dt`` already discretized). Returns float32 ``(y, h_final)``."""
+    ``lax.scan``; batch-major inputs (``dt`` already discretized). ``reset (batch, length)`` bool
+    drops the state before the steps where it is set. Returns float32 ``(y, h_final)``."""
     time_major = lambda v: None if v is None else jnp.moveaxis(v.astype(jnp.float32), 1, 0)
-    xs = (time_major(x), time_major(dt), time_major(B), time_major(C), time_major(z))
+    xs = (time_major(x), time_major(dt), time_major(B), time_major(C), time_major(z),
+          time_major(reset))
 
     def body(h, inputs):
-        x_t, dt_t, B_t, C_t, z_t = inputs
+        x_t, dt_t, B_t, C_t, z_t, reset_t = inputs
+        if reset_t is not None:
+            h = jnp.where(reset_t.reshape(reset_t.shape + (1,) * (h.ndim - 1)) > 0, 0.0, h)
         y_t, h = step(h, x_t, dt_t, A, B_t, C_t, D, z_t)
         return h, y_t
 

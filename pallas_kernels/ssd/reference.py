@@ -81,16 +81,6 @@ def ssd(
     dt = discretize_dt(dt, dt_bias, dt_softplus)
     A, D = _f32(A), _f32(D)
     h0 = initial_state_f32(initial_state, x, B.shape[-1])
-    if reset is None:
-        y, h_final = scan_steps(step, h0, x, dt, A, B, C, D, z)
-    else:
-        # The reset rides in dt's slot as a trailing column, dropped before the step.
-        dt_reset = jnp.stack([dt, jnp.broadcast_to(reset[..., None], dt.shape).astype(f32)], -1)
-
-        def reset_step(h, x_t, dt_r, A, B_t, C_t, D, z_t):
-            h = jnp.where(dt_r[..., 0, 1, None, None, None] > 0, 0.0, h)
-            return step(h, x_t, dt_r[..., 0], A, B_t, C_t, D, z_t)
-
-        y, h_final = scan_steps(reset_step, h0, x, dt_reset, A, B, C, D, z)
+    y, h_final = scan_steps(step, h0, x, dt, A, B, C, D, z, reset)
     y = y.astype(x.dtype)
     return (y, h_final) if return_final_state else y
