@@ -4,12 +4,15 @@ Shapes are Mamba-2-1.3B-like: 64 heads of head_dim 64, d_state 128, one group, b
 D, dt_bias and softplus (as the Mamba-2 layer calls it), ~16k tokens per call (batch * length).
 
     PYTHONPATH=src:. python3 scripts/bench_ssd.py [--lengths 2048 8192] [--tokens 16384]
-        [--variants 64x64x4 32x64x4 ...] [--no-check]
+        [--variants 64x64x4 32x64x4 ...] [--no-check] [--documents 512] [--unfused] [--kernels]
 
 First a correctness check on the device (float32 sequential reference, odd length, groups, gate,
 initial state; outputs and every gradient), then for each length: ms forward and forward+backward
 (a VJP including its forward) of every Pallas lowering of this backend and every tile variant
 ``block_t x block_p x num_warps``, beside the chunked plain-JAX SSD, and the speed-up.
+``--documents N`` packs documents of N steps on average (``reset=`` at random starts, as a packed
+training batch passes them); ``--unfused`` calls without D, dt_bias and softplus (dt discretized
+outside); ``--kernels`` prints each kernel's device time per forward+backward call (a trace).
 """
 
 from __future__ import annotations
@@ -33,8 +36,8 @@ HEADS, HEAD_DIM, D_STATE, GROUPS, CHUNK = 64, 64, 128, 1, 256
 
 
 def _inputs(key, batch, length, heads, head_dim, groups, d_state, dtype, *, gate=False,
-            state=False):
-    k = jax.random.split(key, 9)
+            state=False, documents=0, unfused=False):
+    k = jax.random.split(key, 10)
     n = lambda i, shape, dt=jnp.float32: jax.random.normal(k[i], shape, jnp.float32).astype(dt)
     args = dict(
         x=n(0, (batch, length, heads, head_dim), dtype),
@@ -49,19 +52,25 @@ def _inputs(key, batch, length, heads, head_dim, groups, d_state, dtype, *, gate
         args["z"] = n(7, (batch, length, heads, head_dim), dtype)
     if state:
         args["initial_state"] = n(8, (batch, heads, head_dim, d_state))
+    if documents:
+        args["reset"] = jax.random.uniform(k[9], (batch, length)) < 1.0 / documents
+    if unfused:
+        args["dt"] = jax.nn.softplus(args["dt"] + args.pop("dt_bias"))
+        del args["D"]
     return args
 
 
 def _fn(impl, names, **opts):
     """``f(*arrays) -> (y, final_state)`` for one implementation (``"xla"``: the chunked plain-JAX
-    form; ``"reference"``: the sequential float32 scan)."""
+    form; ``"reference"``: the sequential float32 scan); softplus with ``dt_bias`` (fused)."""
 
     def f(*vals):
         kw = dict(zip(names, vals))
         pos = [kw.pop(n) for n in ("x", "dt", "A", "B", "C")]
+        fused = "dt_bias" in kw
         if impl == "reference":
-            return reference.ssd(*pos, **kw, dt_softplus=True, return_final_state=True)
-        return ssd(*pos, **kw, chunk_size=CHUNK, dt_softplus=True, return_final_state=True,
+            return reference.ssd(*pos, **kw, dt_softplus=fused, return_final_state=True)
+        return ssd(*pos, **kw, chunk_size=CHUNK, dt_softplus=fused, return_final_state=True,
                    implementation=impl, **opts)
 
     return f
@@ -72,7 +81,8 @@ def _fwd_and_vjp(f):
 
     @jax.jit
     def fwd_bwd(dy, *a):
-        (y, h), vjp = jax.vjp(f, *a)
+        n = sum(not jnp.issubdtype(v.dtype, jnp.bool_) for v in a)  # resets come last
+        (y, h), vjp = jax.vjp(lambda *d: f(*d, *a[n:]), *a[:n])
         return vjp((dy, jnp.zeros_like(h)))
 
     return fwd, fwd_bwd
@@ -107,6 +117,20 @@ def check(impl, dtype, tol, length=1001, **opts):
     return worst < tol
 
 
+def _print_kernels(fwd_bwd, dy, vals, iters):
+    """Each kernel's device ms per ``fwd_bwd`` call, from a profiler trace of ``iters`` calls."""
+    from profile_trace import trace_device_time
+
+    def run():
+        for _ in range(iters):
+            out = fwd_bwd(dy, *vals)
+        jax.block_until_ready(out)
+
+    trace = trace_device_time(run, iters)
+    for name, (us, count) in sorted(trace.kernels.items(), key=lambda kv: -kv[1][0]):
+        print(f"    {trace.per_step_ms(us):8.3f} ms {count / iters:5.1f}x  {name}", flush=True)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--lengths", type=int, nargs="+", default=[2048, 8192])
@@ -116,6 +140,11 @@ def main(argv=None):
                    help="Triton tiles block_t x block_p x num_warps [x scan_block_p]")
     p.add_argument("--no-check", action="store_true")
     p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--documents", type=int, default=0,
+                   help="mean packed-document length (reset=); 0: one document per row")
+    p.add_argument("--unfused", action="store_true", help="no D, dt_bias, softplus in the call")
+    p.add_argument("--kernels", action="store_true",
+                   help="per-kernel device ms of each Pallas row's forward+backward (a trace)")
     p.add_argument("--budget-s", type=float, default=1e9,
                    help="skip remaining variants once this much time has passed")
     a = p.parse_args(argv)
@@ -133,7 +162,7 @@ def main(argv=None):
     for length in a.lengths:
         batch = max(1, a.tokens // length)
         args = _inputs(jax.random.PRNGKey(length), batch, length, a.heads, HEAD_DIM, GROUPS,
-                       D_STATE, jnp.bfloat16)
+                       D_STATE, jnp.bfloat16, documents=a.documents, unfused=a.unfused)
         names, vals = list(args), list(args.values())
         dy = jax.random.normal(jax.random.PRNGKey(1), args["x"].shape).astype(jnp.bfloat16)
         base_fwd, base_bwd = _fwd_and_vjp(_fn("xla", names))
@@ -161,8 +190,12 @@ def main(argv=None):
                 rows.append([length, batch, label, t_fwd, t_bwd, t_base_fwd / t_fwd,
                              t_base_bwd / t_bwd, f"{err:.1e}"])
                 print(rows[-1], flush=True)
+                if a.kernels:
+                    _print_kernels(fwd_bwd, dy, vals, a.iters)
+    fused = "no D/dt_bias/softplus" if a.unfused else "D + dt_bias + softplus"
+    docs = f"; documents of ~{a.documents} steps (reset=)" if a.documents else ""
     print(f"\n{benchlib.device_description()}; heads {a.heads}, head_dim {HEAD_DIM}, d_state "
-          f"{D_STATE}, groups {GROUPS}, bf16, D + dt_bias + softplus; chunk_size {CHUNK}")
+          f"{D_STATE}, groups {GROUPS}, bf16, {fused}; chunk_size {CHUNK}{docs}")
     return benchlib.print_table(
         ["length", "batch", "implementation", "fwd ms", "fwd+bwd ms", "fwd speed-up",
          "fwd+bwd speed-up", "y rel. diff vs chunked"],
