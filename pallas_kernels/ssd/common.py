@@ -21,13 +21,19 @@ with ``k_t`` the count of resets in the chunk up to step t, ``L[t,u]`` counts on
 ``k_t == k_u`` (no reset in ``(u, t]``), the entering state reaches step t only when ``k_t == 0``
 and step u reaches the chunk's end only when ``k_u == k_T``. The masks are constants, so no
 gradient flows through a decay across a reset.
+
+The cumulative sums inside a tile are the lowering's ``cumsum``: Triton's scan (``jnp.cumsum``)
+where it has one, else ``masked_cumsum`` (a ``(T,T)`` masked row sum, portable to Mosaic TPU,
+which lowers no scan). On an H100 the scan made the four SSD kernels of a Mamba-2 130M layer 34%
+faster with packed documents and 17% without (BENCHMARKS.md, session 9): the masked sums held
+registers that the products needed.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -98,16 +104,18 @@ class Chunk:
     """The quantities of one chunk that both the forward and the backward need.
 
     ``x (T,P)``, ``B, C (T,N)`` as loaded (input dtype); ``dt (T,)`` float32, already discretized
-    and zero past the end; ``A`` a float32 scalar; ``reset (T,)`` float32 0/1 or None. Products
+    and zero past the end; ``A`` a float32 scalar; ``reset (T,)`` float32 0/1 or None; ``cumsum``
+    the lowering's inclusive cumulative sum of a ``(T,)`` vector (module docstring). Products
     run with operands in ``dtype`` (the input dtype: bfloat16 on the tensor cores) and float32
     results. The ``(T,T)`` tiles are
     computed on first use, so a kernel that needs neither ``L`` nor ``C B^T`` never builds them.
     """
 
-    def __init__(self, x, dt, A, B, C, dtype, reset=None):
+    def __init__(self, x, dt, A, B, C, dtype, reset=None, cumsum=None):
         self.x, self.dt, self.B, self.C, self.dtype = x, dt, B, C, dtype
+        self.cumsum = cumsum or masked_cumsum
         self.xdt = x.astype(f32) * dt[:, None]  # (T,P)
-        d = _decays(dt, A, reset)
+        d = _decays(dt, A, reset, self.cumsum)
         self.s, self.k = d.s, d.k
         self.decay_in, self.decay_out, self.decay_total = d.into, d.out, d.total
 
@@ -148,28 +156,31 @@ class _Decays(NamedTuple):
     total: jax.Array  # () the entering state's decay across the chunk
 
 
-def _decays(dt, A, reset) -> _Decays:
+Cumsum = Callable[[jax.Array], jax.Array]
+
+
+def _decays(dt, A, reset, cumsum: Cumsum) -> _Decays:
     """The chunk's decays, masked at resets (module docstring). The chunk's total reset count
     is a sum, not ``k[-1]``: Triton lowers no slices."""
-    s, s_total = _inclusive_cumsum(dt * A), jnp.sum(dt * A)
+    s, s_total = cumsum(dt * A), jnp.sum(dt * A)
     into, out, total = jnp.exp(s), jnp.exp(s_total - s), jnp.exp(s_total)
     if reset is None:
         return _Decays(s, None, into, out, total)
-    k, k_total = _inclusive_cumsum(reset), jnp.sum(reset)
+    k, k_total = cumsum(reset), jnp.sum(reset)
     return _Decays(s, k, jnp.where(k == 0, into, 0.0), jnp.where(k == k_total, out, 0.0),
                    jnp.where(k_total == 0, total, 0.0))
 
 
-def next_state(x, dt, A, B, H, dtype, reset=None):
-    """The state leaving a chunk without the chunk's outputs (the backward's recomputation)."""
-    d = _decays(dt, A, reset)
+def next_state(x, dt, A, B, H, dtype, reset=None, cumsum=None):
+    """The state leaving a chunk without the chunk's outputs (the forward's state pass)."""
+    d = _decays(dt, A, reset, cumsum or masked_cumsum)
     return d.total * H + mm_tn(x.astype(f32) * (dt * d.out)[:, None], B, dtype)
 
 
-def prev_state_grad(dy, dt, A, C, dH, dtype, reset=None):
+def prev_state_grad(dy, dt, A, C, dH, dtype, reset=None, cumsum=None):
     """Gradient of the state entering a chunk from ``dH`` (leaving it) and the chunk's output
     gradient ``dy (T,P)`` (after the gate): the backward's sequential pass, one product."""
-    d = _decays(dt, A, reset)
+    d = _decays(dt, A, reset, cumsum or masked_cumsum)
     return d.total * dH + mm_tn(dy * d.into[:, None], C, dtype)
 
 
@@ -242,23 +253,16 @@ def input_side_grads(c: Chunk, dH, dy, ds_state, A, D, ds_total_state=0.0):
     G = dM * c.CB  # d/d(s_t - s_u) of the intra-chunk term
     w = c.decay_out * jnp.sum(c.xdt * BdH, axis=1)  # d/d(s_T - s_u) of the state input
     ds = jnp.sum(G, axis=1) - jnp.sum(G, axis=0) + ds_state - w
-    # Reverse inclusive cumsum of ds, plus the gradient w.r.t. s_T, which every a_u reaches.
-    da = jnp.sum(ds) - _exclusive_cumsum(ds) + jnp.sum(w) + ds_total_state
+    # Reverse inclusive cumsum of ds (the total less the exclusive cumsum), plus the gradient
+    # w.r.t. s_T, which every a_u reaches.
+    da = jnp.sum(ds) - (c.cumsum(ds) - ds) + jnp.sum(w) + ds_total_state
     ddt = ddt + A * da
     dA = jnp.sum(c.dt * da)
     return dict(dx=dx, ddt=ddt, dB=dB, dA=dA, dD=dD)
 
 
-def _exclusive_cumsum(v):
-    """``sum_{u < t} v_u`` by a masked row sum (a ``(T,T)`` tile: no cumsum primitive needed)."""
-    T = v.shape[0]
-    row = jax.lax.broadcasted_iota(jnp.int32, (T, T), 0)
-    col = jax.lax.broadcasted_iota(jnp.int32, (T, T), 1)
-    return jnp.sum(jnp.where(col < row, v[None, :], 0.0), axis=1)
-
-
-def _inclusive_cumsum(v):
-    """``sum_{u <= t} v_u``, exact float32 by a masked row sum (portable: no scan, no matmul)."""
+def masked_cumsum(v):
+    """``sum_{u <= t} v_u``, float32 by a masked row sum (portable: no scan, no matmul)."""
     T = v.shape[0]
     row = jax.lax.broadcasted_iota(jnp.int32, (T, T), 0)
     col = jax.lax.broadcasted_iota(jnp.int32, (T, T), 1)

@@ -28,7 +28,8 @@ atomics): ``dB``/``dC`` per (head, column block), ``ddt`` per column block, and 
 scalars ``dA``, ``dD``, ``ddt_bias`` per (batch row, tile, column block).
 
 Packed-document resets (float32 0/1 per (batch row, step)) are one more ``(T,)`` load per tile:
-``common.Chunk`` masks the decays with them.
+``common.Chunk`` masks the decays with them. Cumulative sums inside a tile are Triton scans
+(``jnp.cumsum``), not ``common.masked_cumsum``'s ``(T,T)`` tiles.
 """
 
 from __future__ import annotations
@@ -155,7 +156,7 @@ def _state_kernel(*refs, length, T, n_tiles, softplus, dtype, flags):
         r.ckpt[k] = H.astype(r.ckpt.dtype)
         v = _tile(r, k * T, T, length, bias, softplus, dtype, with_z=False, with_dout=False,
                   with_C=False)
-        return common.next_state(v["x"], v["dt"], A, v["B"], H, dtype, v["reset"])
+        return common.next_state(v["x"], v["dt"], A, v["B"], H, dtype, v["reset"], jnp.cumsum)
 
     r.h_final[...] = jax.lax.fori_loop(0, n_tiles, tile_body, H)
 
@@ -172,7 +173,7 @@ def _out_kernel(*refs, length, T, n_tiles, softplus, dtype, flags):
     A, D, bias = _head_scalars(r, h)
     v = _tile(r, k * T, T, length, bias, softplus, dtype, with_z=r.z is not None,
               with_dout=False)
-    c = common.Chunk(v["x"], v["dt"], A, v["B"], v["C"], dtype, v["reset"])
+    c = common.Chunk(v["x"], v["dt"], A, v["B"], v["C"], dtype, v["reset"], jnp.cumsum)
     _store(r.y, k * T, v["valid"], common.chunk_output(c, r.ckpt[...].astype(f32), D, v.get("z")))
 
 
@@ -188,7 +189,7 @@ def _dstate_kernel(*refs, length, T, n_tiles, softplus, dtype, flags):
         v = _tile(r, k * T, T, length, bias, softplus, dtype, with_z=r.z is not None,
                   with_dout=True)
         dy = v["dout"] if r.z is None else v["dout"] * _ssm_math.silu(v["z"].astype(f32))
-        return common.prev_state_grad(dy, v["dt"], A, v["C"], dH, dtype, v["reset"])
+        return common.prev_state_grad(dy, v["dt"], A, v["C"], dH, dtype, v["reset"], jnp.cumsum)
 
     dH = jax.lax.fori_loop(0, n_tiles, tile_body, dH)
     if r.dh0 is not None:
@@ -202,7 +203,7 @@ def _state_grad_kernel(*refs, length, T, n_tiles, softplus, dtype, flags):
     A, D, bias = _head_scalars(r, h)
     t0 = k * T
     v = _tile(r, t0, T, length, bias, softplus, dtype, with_z=r.z is not None, with_dout=True)
-    c = common.Chunk(v["x"], v["dt"], A, v["B"], v["C"], dtype, v["reset"])
+    c = common.Chunk(v["x"], v["dt"], A, v["B"], v["C"], dtype, v["reset"], jnp.cumsum)
     g = common.state_side_grads(c, r.ckpt[...].astype(f32), r.dck[...].astype(f32), v["dout"], D,
                                 v.get("z"))
     valid = v["valid"]
@@ -226,7 +227,7 @@ def _grad_kernel(*refs, length, T, n_tiles, softplus, dtype, flags):
     dy = v["dout"] if r.dy is None else plgpu.load(r.dy.at[pl.ds(t0, T)],
                                                     mask=_rows(valid, r.dy), other=0.0)
     ds = plgpu.load(r.ds.at[pl.ds(t0, T)], mask=valid, other=0.0)
-    c = common.Chunk(v["x"], v["dt"], A, v["B"], v["C"], dtype, v["reset"])
+    c = common.Chunk(v["x"], v["dt"], A, v["B"], v["C"], dtype, v["reset"], jnp.cumsum)
     g = common.input_side_grads(c, r.dck[...].astype(f32), dy, ds, A, D)
     ddt = g["ddt"] * _ssm_math.sigmoid(v["raw"]) if softplus else g["ddt"]
     ddt = jnp.where(valid, ddt, 0.0)
