@@ -23,9 +23,11 @@ decay-gradient terms that read the saved state) and ``common.input_side_grads`` 
 ``dB``), so no program holds a state and its gradient at once (one kernel doing both spilled
 ~3.8 KB of registers per thread on an H100 and was 39% of a Mamba-2 train step).
 
-Sums over programs are written as float32 partials and reduced outside (deterministic, no
-atomics): ``dB``/``dC`` per (head, column block), ``ddt`` per column block, and the per-head
-scalars ``dA``, ``dD``, ``ddt_bias`` per (batch row, tile, column block).
+Sums over programs are written as partials and reduced outside in float32 (deterministic, no
+atomics): ``dB``/``dC`` per (head, column block) in the input dtype (they are the largest
+writes of the backward, one ``(length, d_state)`` slab per head of a group, and the gradient is
+returned in that dtype), ``ddt`` per column block and the per-head scalars ``dA``, ``dD``,
+``ddt_bias`` per (batch row, tile, column block) in float32.
 
 Packed-document resets (float32 0/1 per (batch row, step)) are one more ``(T,)`` load per tile:
 ``common.Chunk`` masks the decays with them. Cumulative sums inside a tile are Triton scans
@@ -359,12 +361,12 @@ def backward(dout, dh_final, x, dt, A, B, C, D, z, dt_bias, h0, reset, ckpt,
          ("dh0", None if h0 is None else f32_state, sp["state"])],
         st, "ssd_bwd_states",
     )
-    # Per-(head, column block) float32 partials over the whole length, summed outside.
+    # Per-(head, column block) partials over the whole length, summed outside.
     partial_t = lambda *n: pl.BlockSpec(
         (None, None, length, *n),
         lambda i, j, p: (i, j // n_tiles * n_pb + p, 0) + (0,) * len(n),
     )
-    part = lambda *n: jax.ShapeDtypeStruct((batch, heads * n_pb, length, *n), f32)
+    part = lambda *n, dtype=f32: jax.ShapeDtypeStruct((batch, heads * n_pb, length, *n), dtype)
     gated = z is not None
     state_side = _call(
         _state_grad_kernel, cfg, (batch, heads * n_tiles, n_pb),
@@ -373,7 +375,7 @@ def backward(dout, dh_final, x, dt, A, B, C, D, z, dt_bias, h0, reset, ckpt,
          ("z", z, spt["seq"]), ("bias", dt_bias, spt["head"]), ("dout", dout, spt["seq"]),
          ("ckpt", ckpt, spt["tile_state"]), ("dck", dstates["dck"], spt["tile_state"]),
          ("reset", reset, spt["row"])],
-        [("dC", part(d_state), partial_t(d_state)),
+        [("dC", part(d_state, dtype=x.dtype), partial_t(d_state)),
          ("ds", part(), partial_t()),
          ("dz", jax.ShapeDtypeStruct(x.shape, x.dtype) if gated else None, spt["seq"]),
          ("dy", jax.ShapeDtypeStruct(x.shape, f32) if gated else None, spt["seq"])],
@@ -388,7 +390,7 @@ def backward(dout, dh_final, x, dt, A, B, C, D, z, dt_bias, h0, reset, ckpt,
          ("dck", dstates["dck"], spt["tile_state"]), ("reset", reset, spt["row"])],
         [("dx", jax.ShapeDtypeStruct(x.shape, x.dtype), spt["seq"]),
          ("ddt", part(), partial_t()),
-         ("dB", part(d_state), partial_t(d_state)),
+         ("dB", part(d_state, dtype=x.dtype), partial_t(d_state)),
          ("sums", jax.ShapeDtypeStruct((batch, heads * n_tiles, n_pb, 4), f32),
           pl.BlockSpec((None, None, None, 4), lambda i, j, p: (i, j, p, 0)))],
         st, "ssd_bwd_grads",
@@ -405,7 +407,8 @@ def _reduce_partials(res, x, dt, A, B, D, dt_bias, h0, n_groups, n_pb):
 
     def group_sum(part):
         # (batch, heads * n_pb, length, N) -> (batch, length, n_groups, N)
-        part = part.reshape(batch, n_groups, heads // n_groups * n_pb, length, d_state).sum(2)
+        part = part.reshape(batch, n_groups, heads // n_groups * n_pb, length, d_state)
+        part = part.sum(2, dtype=f32)
         return jnp.transpose(part, (0, 2, 1, 3)).astype(B.dtype)
 
     ddt = res["ddt"].reshape(batch, heads, n_pb, length).sum(2)
