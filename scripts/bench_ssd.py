@@ -8,7 +8,7 @@ D, dt_bias and softplus (as the Mamba-2 layer calls it), ~16k tokens per call (b
 
 First a correctness check on the device (float32 sequential reference, odd length, groups, gate,
 initial state; outputs and every gradient), then for each length: ms forward and forward+backward
-(a VJP including its forward) of every Pallas lowering of this backend and every tile variant
+(a VJP with its forward's outputs) of every Pallas lowering of this backend and every tile variant
 ``block_t x block_p x num_warps``, beside the chunked plain-JAX SSD, and the speed-up.
 ``--documents N`` packs documents of N steps on average (``reset=`` at random starts, as a packed
 training batch passes them); ``--unfused`` calls without D, dt_bias and softplus (dt discretized
@@ -83,7 +83,7 @@ def _fwd_and_vjp(f):
     def fwd_bwd(dy, *a):
         n = sum(not jnp.issubdtype(v.dtype, jnp.bool_) for v in a)  # resets come last
         (y, h), vjp = jax.vjp(lambda *d: f(*d, *a[n:]), *a[:n])
-        return vjp((dy, jnp.zeros_like(h)))
+        return y, vjp((dy, jnp.zeros_like(h)))  # y too: a train step's forward writes it
 
     return fwd, fwd_bwd
 
@@ -104,7 +104,7 @@ def check(impl, dtype, tol, length=1001, **opts):
     outs = {}
     for name in (impl, "reference"):
         f = _fn(name, names, **(opts if name == impl else {}))
-        outs[name] = (jax.jit(f)(*vals), _fwd_and_vjp(f)[1](dy, *vals))
+        outs[name] = (jax.jit(f)(*vals), _fwd_and_vjp(f)[1](dy, *vals)[1])
     (y, h), grads = outs[impl]
     (y_ref, h_ref), grads_ref = outs["reference"]
     errs["y"], errs["state"] = _rel(y, y_ref), _rel(h, h_ref)
