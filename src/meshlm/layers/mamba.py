@@ -46,6 +46,7 @@ import jax.numpy as jnp
 from meshlm.layers import per_shard
 from meshlm.layers.attention import HeadDense
 from meshlm.layers.conv import CausalConv1d, uniform_init
+from pallas_kernels.gated_rms_norm import gated_rms_norm
 from pallas_kernels.selective_scan import selective_scan, selective_scan_step
 from pallas_kernels.ssd import ssd, ssd_step
 
@@ -354,22 +355,40 @@ class GatedRMSNorm(nn.Module):
 
     Not ``nn.RMSNorm``: the gate enters before the statistics, and grouping would give the scale
     a 2-D ``(groups, features // groups)`` shape that no longer matches the checkpoints' vector.
+    ``pallas_kernels.gated_rms_norm`` computes it (one pass each way on a GPU, where XLA makes
+    several); the kernel runs per device (``per_shard``) when each device holds whole groups,
+    else the plain-JAX form lets XLA reduce across the channel shards.
     """
 
     groups: int = 1
     epsilon: float = 1e-5
     dtype: Any = f32
     param_dtype: Any = f32
+    implementation: str = "auto"  # gated_rms_norm's: "auto", "xla", "triton"
+    interpret: bool = False
 
     @nn.compact
     def __call__(self, y, z):
         features = y.shape[-1]
         scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("inner",)),
                            (features,), self.param_dtype)
-        h = y.astype(f32) * jax.nn.silu(z.astype(f32))
-        g = h.reshape(h.shape[:-1] + (self.groups, features // self.groups))
-        g = g * jax.lax.rsqrt(jnp.mean(g * g, axis=-1, keepdims=True) + self.epsilon)
-        return (g.reshape(h.shape) * scale.astype(f32)).astype(self.dtype)
+        impl, groups = self.implementation, self.groups
+
+        def norm(y, z, scale, impl=impl):  # on a device's channels: its share of the groups
+            return gated_rms_norm(y, z, scale, groups=groups * y.shape[-1] // features,
+                                  epsilon=self.epsilon, dtype=self.dtype, implementation=impl,
+                                  interpret=self.interpret)
+
+        if not per_shard.runs_a_kernel(impl):
+            return norm(y, z, scale)
+        mesh = jax.sharding.get_abstract_mesh()
+        channel_axes = per_shard.mesh_axes("activation_inner", mesh) if mesh.axis_names else ()
+        shards = math.prod(mesh.shape[a] for a in channel_axes)
+        if groups % shards:  # a group's statistics need several devices' channels
+            return norm(y, z, scale, "xla")
+        rows = BATCH_LENGTH + ("activation_inner",)
+        return per_shard.per_shard(norm, [(y, rows), (z, rows), (scale, ("activation_inner",))],
+                                   rows)
 
 
 class Mamba2Mixer(nn.Module):
@@ -518,8 +537,9 @@ class Mamba2Mixer(nn.Module):
                 cache["segment_id"].value = segment_ids[:, -1].astype(jnp.int32)
 
         y = nn.with_logical_constraint(y, act_heads).reshape(batch, length, d_inner)
+        norm_impl = self.implementation if self.implementation in ("xla", "triton") else "auto"
         y = GatedRMSNorm(G if self.norm_per_group else 1, self.norm_eps, self.dtype,
-                         self.param_dtype, name="norm")(y, z)
+                         self.param_dtype, norm_impl, self.interpret, name="norm")(y, z)
         y = nn.with_logical_constraint(y, act_inner)
         return _dense(d_model, ("inner", "embed"), self.out_kernel_init, self, "out_proj",
                       self.use_bias)(y)
