@@ -15,7 +15,7 @@ import pytest
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from kernel_checks import rel_err
+from kernel_checks import rel_err, verified_triton_modules
 
 from pallas_kernels import lowering_for
 from pallas_kernels.selective_scan import (
@@ -205,6 +205,114 @@ def test_kernels_type_check_inside_shard_map(implementation):
     args = tuple(inputs[n] for n in NAMES)
     grads = jax.eval_shape(jax.grad(lambda *a: jnp.sum(scan(*a)), argnums=range(9)), *args)
     assert [(g.shape, g.dtype) for g in grads] == [(a.shape, a.dtype) for a in args]
+
+
+# ----------------------------------------------------------------------------- packed documents
+
+# Row 0 holds documents of 3, 4 and 5 steps (its first continues the initial state), row 1 of
+# 6, 2 and 4 with a reset at step 0 (the initial state is dropped). With 3-step chunks the starts
+# at 3 and 6 open a chunk (the checkpoint is the previous document's state), 7 and 8 fall inside
+# one; with 2 segments of 6 steps, both segments of row 0 and of row 1 hold a reset.
+DOC_STARTS = ((3, 7), (0, 6, 8))
+RESET_LENGTH = 12
+RESET_IMPLS = {
+    "reference": {},
+    "xla": dict(implementation="xla"),
+    "triton": dict(implementation="triton", interpret=True, tiles=triton.Tiles(4, 3, 3)),
+    "triton-segments": dict(implementation="triton", interpret=True,
+                            tiles=triton.Tiles(4, 3, 3, segments=2)),
+    "tpu": dict(implementation="tpu", interpret=True, tiles=tpu.Tiles(8, RESET_LENGTH)),
+}
+
+
+def _per_document(u, delta, A, B, C, *, z=None, initial_state=None, **kw):
+    """The oracle of ``reset``: every document of every row run alone through the reference (a
+    row's first document from ``initial_state`` unless it starts at step 0), concatenated; the
+    final state is the row's last document's."""
+    ys, hs = [], []
+    for b, starts in enumerate(DOC_STARTS):
+        h = None if initial_state is None or starts[0] == 0 else initial_state[b:b + 1]
+        bounds = sorted({0, *starts, RESET_LENGTH})
+        row = []
+        for s, e in zip(bounds[:-1], bounds[1:]):
+            piece = lambda v: None if v is None else v[b:b + 1, s:e]
+            y, h = reference.selective_scan(
+                piece(u), piece(delta), A, piece(B), piece(C), z=piece(z),
+                initial_state=h if s == 0 else None, **kw)
+            row.append(y)
+        ys.append(jnp.concatenate(row, axis=1))
+        hs.append(h)
+    return jnp.concatenate(ys), jnp.concatenate(hs)
+
+
+@pytest.mark.parametrize("full", [True, False], ids=["full", "plain"])
+@pytest.mark.parametrize("impl", list(RESET_IMPLS))
+def test_reset_matches_documents_run_alone(impl, full):
+    """``reset=``: output, final state and every gradient equal each document run alone through
+    the reference (float32, 1e-4 relative). ``full``: with D, z, dt_bias + softplus and an
+    initial state, which the reset at step 0 ignores (its gradient is exactly zero on that row);
+    plain: none of them. Two groups (Triton: one channel block each), one for the TPU kernel,
+    whose groups must be lane-aligned."""
+    inputs = make_inputs(2, RESET_LENGTH, 8, 1 if impl == "tpu" else 2, 3, jnp.float32, full=full)
+    reset = np.zeros((2, RESET_LENGTH), bool)
+    for b, starts in enumerate(DOC_STARTS):
+        reset[b, list(starts)] = True
+    kw = jax.random.split(jax.random.key(next(_seeds)))
+    weights = (jax.random.normal(kw[0], (2, RESET_LENGTH, 8)), jax.random.normal(kw[1], (2, 8, 3)))
+
+    def grads(fn):
+        def loss(*args):
+            y, h = fn(**dict(zip(inputs, args)), dt_softplus=full, return_final_state=True)
+            return jnp.sum(y * weights[0]) + jnp.sum(h * weights[1]), (y, h)
+
+        return jax.jit(jax.grad(loss, argnums=range(len(inputs)), has_aux=True))(*inputs.values())
+
+    g_ref, (y_ref, h_ref) = grads(_per_document)
+    if impl == "reference":
+        fn = lambda **a: reference.selective_scan(**a, reset=jnp.asarray(reset))
+    else:
+        fn = lambda **a: selective_scan(**a, reset=jnp.asarray(reset), **RESET_IMPLS[impl])
+    g, (y, h) = grads(fn)
+    errors = {"y": rel_err(y, y_ref), "final_state": rel_err(h, h_ref)}
+    errors |= {"d" + n: rel_err(a, b) for n, a, b in zip(inputs, g, g_ref)}
+    bad = {k: v for k, v in errors.items() if not v < 1e-4}
+    assert not bad, bad
+    if full:
+        dh0 = np.asarray(g[list(inputs).index("initial_state")])
+        assert not np.any(dh0[1]), "reset at step 0 kept the state"
+        assert np.any(dh0[0])
+
+
+def test_reset_lowers_to_verified_triton_for_an_abstract_gpu():
+    """With ``reset`` (and an initial state: a decoding prompt), "auto" for an H100 still takes
+    the Triton kernels; forward and backward pass the MLIR verifier."""
+    sds = jax.ShapeDtypeStruct
+    b, length, d, n = 1, 100, 64, 16
+    args = (sds((b, length, d), jnp.bfloat16), sds((b, length, d), jnp.bfloat16),
+            sds((d, n), jnp.float32), sds((b, length, 1, n), jnp.bfloat16),
+            sds((b, length, 1, n), jnp.bfloat16), sds((b, d, n), jnp.float32),
+            sds((b, length), jnp.bool_))
+
+    def fwd_bwd(u, delta, A, B, C, h0, reset):
+        fn = lambda *a: selective_scan(*a, dt_softplus=True, initial_state=h0, reset=reset)
+        y, vjp = jax.vjp(fn, u, delta, A, B, C)
+        return vjp(jnp.ones(y.shape, y.dtype))
+
+    with verified_triton_modules() as checked, lowering_for("NVIDIA H100"):
+        text = jax.jit(fwd_bwd).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("__gpu$xla.gpu.triton") == 2 and checked[0] == 2
+
+
+@pytest.mark.parametrize(
+    "reset,message",
+    [(np.zeros((2, 4), bool), r"reset must be a bool \(batch, length\) = \(2, 5\) array, got bool\(2, 4\)"),
+     (np.zeros((2, 5), np.float32), r"reset must be a bool .* got float32\(2, 5\)"),
+     ([[True] * 5] * 2, "reset must be a bool")],
+    ids=["shape", "dtype", "list"],
+)
+def test_bad_reset_raises(reset, message):
+    with pytest.raises(ValueError, match=message):
+        selective_scan(**_valid(), reset=reset)
 
 
 # ----------------------------------------------------------------------------- API

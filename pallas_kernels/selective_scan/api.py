@@ -36,6 +36,7 @@ def selective_scan(
     dt_softplus: bool = False,
     initial_state=None,
     return_final_state: bool = False,
+    reset=None,
     implementation: str = "auto",
     interpret: bool = False,
     tiles=None,
@@ -57,6 +58,9 @@ def selective_scan(
       dt_softplus: pass ``delta + dt_bias`` through softplus.
       initial_state: optional ``(batch, d_inner, d_state)`` state ``h_{-1}`` (float32 is kept).
       return_final_state: also return the float32 state after the last step.
+      reset: ``(batch, length)`` bool, True where step t starts a packed document: the state
+        before step t is dropped (the initial state too at t = 0), exactly (no gradient across a
+        reset); D, z and dt_bias apply as everywhere else.
       implementation: ``"auto"`` (the Pallas lowering of the target platform when it supports
         the call, else ``"xla"``), ``"xla"`` (the sequential float32 ``lax.scan`` reference),
         ``"triton"`` or ``"tpu"``.
@@ -79,15 +83,21 @@ def selective_scan(
         raise ValueError(f"dt_softplus must be a bool, got {dt_softplus!r}")
     if not isinstance(return_final_state, bool):
         raise ValueError(f"return_final_state must be a bool, got {return_final_state!r}")
+    if reset is not None and (getattr(reset, "shape", None) != u.shape[:2]
+                              or getattr(reset, "dtype", None) != jnp.bool_):
+        raise ValueError(f"reset must be a bool (batch, length) = {u.shape[:2]} array, got "
+                         f"{getattr(reset, 'dtype', '')}{shape_of(reset)}")
     interpret = bool(interpret)
     name, tiles = DISPATCH.choose(implementation, dims, interpret=interpret, tiles=tiles)
     if name == "xla":
         return reference.selective_scan(
             u, delta, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus,
-            initial_state=initial_state, return_final_state=return_final_state,
+            initial_state=initial_state, return_final_state=return_final_state, reset=reset,
         )  # fmt: skip
     cfg = load_lowering(DISPATCH.package, name)[0].config(dims, tiles, dt_softplus, interpret)
-    y, h_final = _kernel_scan(cfg, u, delta, A, B, C, D, z, dt_bias, initial_state)
+    # The kernels read the resets as float32 0/1 (one per step, shared by the channels).
+    reset = None if reset is None else reset.astype(jnp.float32)
+    y, h_final = _kernel_scan(cfg, u, delta, A, B, C, D, z, dt_bias, initial_state, reset)
     return (y, h_final) if return_final_state else y
 
 

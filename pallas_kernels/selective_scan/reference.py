@@ -7,7 +7,8 @@ For every batch row, channel ``c`` (of ``d_inner``) and state index ``n`` (of ``
     y_t    = sum_n C_t[g, n] * h_t + D[c] * u_t
     out_t  = y_t * silu(z_t)                     (only when z is given)
 
-where ``g = c // (d_inner // n_groups)`` is the group whose ``B``/``C`` the channel reads. Every
+where ``g = c // (d_inner // n_groups)`` is the group whose ``B``/``C`` the channel reads. At a
+``reset`` step (a packed document's start) ``h_{t-1}`` is replaced by zeros. Every
 Pallas lowering is tested against these functions; ``implementation="xla"`` runs them directly
 (gradients by JAX autodiff through the scan).
 """
@@ -55,6 +56,7 @@ def selective_scan(
     dt_softplus=False,
     initial_state=None,
     return_final_state=False,
+    reset=None,
 ):
     """Sequential float32 selective scan; same arguments and results as ``api.selective_scan``."""
     f32 = lambda x: None if x is None else x.astype(jnp.float32)
@@ -67,6 +69,6 @@ def selective_scan(
         if initial_state is None
         else f32(initial_state)
     )
-    y, h_final = scan_steps(step, h0, u, dt, A, B, C, D, z)
+    y, h_final = scan_steps(step, h0, u, dt, A, B, C, D, z, reset)
     y = y.astype(u.dtype)
     return (y, h_final) if return_final_state else y

@@ -16,6 +16,11 @@ written per channel block and summed over a group's blocks outside (deterministi
 Lengths that are not a multiple of the chunk are padded with ``u = 0`` and masked to ``dt = 0``
 (decay 1, no input), so padded steps carry the state unchanged.
 
+Packed-document resets arrive as float32 0/1, ``(1, chunk)`` per block with the steps on lanes
+(taken per step like a column of ``B``): the state entering a reset step is multiplied by
+``keep = 1 - reset`` (forward and the backward's recomputation), and so is the adjoint carried
+past it, so no gradient crosses a reset.
+
 Not yet run on TPU hardware (none was available): it is tested in interpret mode, and forward and
 backward lower to Mosaic for a v5e target (checked on CPU under an abstract TPU mesh); the
 defaults below are not tuned.
@@ -117,6 +122,15 @@ def _step_inputs(r, t, t0, length, lane, Bt, bias, softplus):
     return u, x, dt, dt * u, _column(Bt, lane, t)
 
 
+def _keeps(r):
+    """``keep(t)``: ``1 - reset`` of the chunk's step ``t`` as ``(1, 1)``; None without resets."""
+    if r.reset is None:
+        return None
+    resets = r.reset[...]
+    lane = lax.broadcasted_iota(jnp.int32, resets.shape, 1)
+    return lambda t: 1.0 - _column(resets, lane, t)
+
+
 def _fwd_kernel(*refs, length, chunk, n_chunks, softplus, flags):
     r = Refs(refs, flags)
     k = pl.program_id(2)
@@ -132,9 +146,12 @@ def _fwd_kernel(*refs, length, chunk, n_chunks, softplus, flags):
     bias = None if r.bias is None else r.bias[...]
     Bt, Ct = r.B[...].astype(f32), r.C[...].astype(f32)
     lane = lax.broadcasted_iota(jnp.int32, Bt.shape, 1)
+    keep = _keeps(r)
 
     def step(t, h):
         u, _, dt, dtu, b = _step_inputs(r, t, k * chunk, length, lane, Bt, bias, softplus)
+        if keep is not None:
+            h = h * keep(t)
         h = jnp.exp(dt * A) * h + dtu * b
         y = jnp.sum(h * _column(Ct, lane, t), axis=0, keepdims=True)
         if D is not None:
@@ -174,8 +191,12 @@ def _bwd_kernel(*refs, length, chunk, n_chunks, softplus, flags):
         _step_inputs, r, t0=t0, length=length, lane=lane, Bt=Bt, bias=bias, softplus=softplus
     )
 
+    keep = _keeps(r)
+
     def recompute(t, h):
-        r.hs[t] = h  # the state before step t
+        if keep is not None:
+            h = h * keep(t)
+        r.hs[t] = h  # the state entering step t (zero at a reset)
         _, _, dt, dtu, b = inputs(t)
         return jnp.exp(dt * A) * h + dtu * b
 
@@ -216,7 +237,8 @@ def _bwd_kernel(*refs, length, chunk, n_chunks, softplus, flags):
         ddt = jnp.where(t0 + t < length, ddt, 0.0)
         r.du[pl.ds(t, 1), :] = du.astype(r.du.dtype)
         r.ddelta[pl.ds(t, 1), :] = ddt.astype(r.ddelta.dtype)
-        return g * decay, dB, dC, dA, dD, dbias + ddt
+        g = g * decay if keep is None else g * (decay * keep(t))
+        return g, dB, dC, dA, dD, dbias + ddt
 
     zeros_bc = jnp.zeros(Bt.shape, f32)
     zeros_row = jnp.zeros((1, A.shape[1]), f32)
@@ -237,7 +259,7 @@ def _bwd_kernel(*refs, length, chunk, n_chunks, softplus, flags):
             r.dh0[...] = g
 
 
-def _prepare(u, delta, A, B, C, D, z, dt_bias, h0, extra, chunk):
+def _prepare(u, delta, A, B, C, D, z, dt_bias, h0, reset, extra, chunk):
     """Pads the length to a multiple of ``chunk`` and moves operands into the kernels' layouts."""
     length = u.shape[1]
     n_chunks = pl.cdiv(length, chunk)
@@ -250,6 +272,7 @@ def _prepare(u, delta, A, B, C, D, z, dt_bias, h0, extra, chunk):
     return dict(
         u=seq(u), delta=seq(delta), A=jnp.swapaxes(A.astype(f32), 0, 1), B=grp(B), C=grp(C),
         D=chan(D), z=seq(z), bias=chan(dt_bias), h0=state(h0),
+        reset=None if reset is None else jnp.pad(reset, ((0, 0), (0, pad)))[:, None],
         **{name: seq(x) for name, x in extra.items()},
     ), n_chunks  # fmt: skip
 
@@ -266,6 +289,7 @@ def _specs(n_chunks, chunk, d_inner, d_state, n_groups, block_d, reverse):
         row_chan=pl.BlockSpec((None, 1, block_d), lambda b, j, k: (b, 0, j)),
         ckpt=pl.BlockSpec((None, None, d_state, block_d), lambda b, j, k: (b, c(k), 0, j)),
         partial=pl.BlockSpec((None, None, d_state, chunk), lambda b, j, k: (b, j, 0, c(k))),
+        reset=pl.BlockSpec((None, 1, chunk), lambda b, j, k: (b, 0, c(k))),
     )
 
 
@@ -294,7 +318,8 @@ def _call(kernel, name, grid, named_in, named_out, scratch, cfg, **static):
 
 
 _KINDS = dict(u="seq", delta="seq", A="chan_state", B="grp", C="grp", D="chan", z="seq",
-              bias="chan", h0="state", dh_final="state", dout="seq", ckpt="ckpt")  # fmt: skip
+              bias="chan", h0="state", dh_final="state", dout="seq", ckpt="ckpt",
+              reset="reset")  # fmt: skip
 
 
 def _inputs(arrays, names, spec):
@@ -302,16 +327,17 @@ def _inputs(arrays, names, spec):
     return [(n, arrays.get(n), spec[_KINDS[n]]) for n in names]
 
 
-def forward(u, delta, A, B, C, D, z, dt_bias, h0, cfg: common.ScanConfig, *, save_checkpoints):
+def forward(u, delta, A, B, C, D, z, dt_bias, h0, reset, cfg: common.ScanConfig, *,
+            save_checkpoints):
     """Returns ``(y, final_state, checkpoints or None)``; ``final_state`` float32."""
     batch, length, d_inner = u.shape
     n_groups, d_state = B.shape[2], B.shape[3]
-    arrays, n_chunks = _prepare(u, delta, A, B, C, D, z, dt_bias, h0, {}, cfg.chunk)
+    arrays, n_chunks = _prepare(u, delta, A, B, C, D, z, dt_bias, h0, reset, {}, cfg.chunk)
     spec = _specs(n_chunks, cfg.chunk, d_inner, d_state, n_groups, cfg.block_d, reverse=False)
     ckpt = jax.ShapeDtypeStruct((batch, n_chunks, d_state, d_inner), f32)
     res = _call(
         _fwd_kernel, "selective_scan_fwd", (batch, d_inner // cfg.block_d, n_chunks),
-        _inputs(arrays, ("u", "delta", "A", "B", "C", "D", "z", "bias", "h0"), spec),
+        _inputs(arrays, ("u", "delta", "A", "B", "C", "D", "z", "bias", "h0", "reset"), spec),
         [("y", jax.ShapeDtypeStruct(arrays["u"].shape, u.dtype), spec["seq"]),
          ("h_final", jax.ShapeDtypeStruct((batch, d_state, d_inner), f32), spec["state"]),
          ("ckpt", ckpt if save_checkpoints else None, spec["ckpt"])],
@@ -322,18 +348,21 @@ def forward(u, delta, A, B, C, D, z, dt_bias, h0, cfg: common.ScanConfig, *, sav
     return res["y"][:, :length], h_final, res.get("ckpt")
 
 
-def backward(dy, dh_final, u, delta, A, B, C, D, z, dt_bias, h0, ckpt, cfg: common.ScanConfig):
-    """Gradients ``(du, ddelta, dA, dB, dC, dD, dz, ddt_bias, dh0)``, None for absent inputs."""
+def backward(dy, dh_final, u, delta, A, B, C, D, z, dt_bias, h0, reset, ckpt,
+             cfg: common.ScanConfig):
+    """Gradients ``(du, ddelta, dA, dB, dC, dD, dz, ddt_bias, dh0, None)``, None for absent
+    inputs (and for ``reset``)."""
     batch, length, d_inner = u.shape
     n_groups, d_state = B.shape[2], B.shape[3]
     block_d, chunk = cfg.block_d, cfg.chunk
     n_blocks = d_inner // block_d
-    arrays, n_chunks = _prepare(u, delta, A, B, C, D, z, dt_bias, None, {"dout": dy}, chunk)
+    arrays, n_chunks = _prepare(u, delta, A, B, C, D, z, dt_bias, None, reset, {"dout": dy},
+                                chunk)
     arrays["ckpt"] = ckpt
     if dh_final is not None:
         arrays["dh_final"] = jnp.swapaxes(dh_final.astype(f32), 1, 2)
     spec = _specs(n_chunks, chunk, d_inner, d_state, n_groups, block_d, reverse=True)
-    names = ("dout", "u", "delta", "A", "B", "C", "D", "z", "bias", "dh_final", "ckpt")
+    names = ("dout", "u", "delta", "A", "B", "C", "D", "z", "bias", "dh_final", "ckpt", "reset")
     padded = arrays["u"].shape
     partial = jax.ShapeDtypeStruct((batch, n_blocks, d_state, n_chunks * chunk), f32)
     per_state = jax.ShapeDtypeStruct((batch, d_state, d_inner), f32)
@@ -376,4 +405,5 @@ def backward(dy, dh_final, u, delta, A, B, C, D, z, dt_bias, h0, ckpt, cfg: comm
         None if z is None else res["dz"][:, :length],
         batch_sum("dbias", dt_bias),
         None if h0 is None else jnp.swapaxes(res["dh0"], 1, 2).astype(h0.dtype),
+        None,
     )

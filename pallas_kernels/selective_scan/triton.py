@@ -19,6 +19,11 @@ through them. Memory is linear in length. Per-channel gradients (du, ddelta, dz)
 directly; per-program sums over time (dA, dD, ddt_bias) and the gradient of the initial state
 are written per batch row and summed over batch outside.
 
+Packed-document resets (float32 0/1 per (batch row, step)) are one scalar load per step: the
+forward multiplies the state entering a reset step by ``keep = 1 - reset``, so it is exactly
+zero; the backward's recomputation (from the same checkpoints) does the same, and the adjoint
+carried to the previous step is multiplied by ``keep`` too, so no gradient crosses a reset.
+
 dB and dC are sums over the channels of a group. Each program reduces over its own ``block_d``
 channels and writes one float32 partial per (batch, channel block, step); the wrapper sums the
 ``d_inner / n_groups / block_d`` partials of a group. We chose partial sums over atomics because
@@ -153,6 +158,8 @@ def _load_chunk(r, t0, length, chunk, block_d, d_state, bias, softplus, with_dou
             s["z"] = _row(r.z, t, valid, block_d)
         if with_dout:
             s["dout"] = _row(r.dout, t, valid, block_d)
+        if r.reset is not None:
+            s["keep"] = 1.0 - plgpu.load(r.reset.at[t], mask=valid, other=0.0)
         steps.append(s)
     for s in steps:
         x = s["delta"] if bias is None else s["delta"] + bias
@@ -186,6 +193,8 @@ def _fwd_kernel(*refs, length, chunk, n_chunks, softplus, fast_math, flags):
         steps = _load_chunk(r, t0, length, chunk, block_d, d_state, bias, softplus, False)
         for s in steps:
             decay = _exp2(s["dt"][:, None] * A2, fast_math)
+            if "keep" in s:
+                h = h * s["keep"]
             h = decay * h + s["dtu"][:, None] * s["B"][None, :]
             if dt_sum is not None:
                 dt_sum = dt_sum + s["dt"]
@@ -221,14 +230,16 @@ def _bwd_kernel(*refs, length, chunk, n_chunks, softplus, fast_math, flags):
         g, dA_acc, dD_acc, dbias_acc = carry
         c = n_chunks - 1 - k
         steps = _load_chunk(r, c * chunk, length, chunk, block_d, d_state, bias, softplus, True)
-        # Recompute the chunk's states from its checkpoint; states[i] is the state before step i.
+        # Recompute the chunk's states from its checkpoint; states[i] is the state before step i,
+        # entering(i) the state step i starts from (zero at a reset).
+        entering = lambda i: states[i] * steps[i]["keep"] if "keep" in steps[i] else states[i]
         states = [r.ckpt[c]]
         decays = []
-        for s in steps:
+        for i, s in enumerate(steps):
             decays.append(_exp2(s["dt"][:, None] * A2, fast_math))
-            states.append(decays[-1] * states[-1] + s["dtu"][:, None] * s["B"][None, :])
+            states.append(decays[-1] * entering(i) + s["dtu"][:, None] * s["B"][None, :])
         for i in reversed(range(chunk)):
-            s, h_prev, h, decay = steps[i], states[i], states[i + 1], decays[i]
+            s, h_prev, h, decay = steps[i], entering(i), states[i + 1], decays[i]
             u, dout = s["u"], s["dout"]
             if r.z is not None:
                 y = jnp.sum(h * s["C"][None, :], axis=1)
@@ -257,7 +268,7 @@ def _bwd_kernel(*refs, length, chunk, n_chunks, softplus, fast_math, flags):
             dbias_acc = dbias_acc + ddt
             _store_row(r.du, s["t"], s["valid"], du)
             _store_row(r.ddelta, s["t"], s["valid"], ddt)
-            g = g * decay
+            g = g * (decay * s["keep"] if "keep" in s else decay)
         return g, dA_acc, dD_acc, dbias_acc
 
     g, dA_acc, dD_acc, dbias_acc = jax.lax.fori_loop(
@@ -277,12 +288,13 @@ def _specs(batch, length, d_inner, d_state, n_groups, block_d):
     program sees the whole length and touches only its own steps."""
     per_group = d_inner // n_groups // block_d
     seq = pl.BlockSpec((None, length, block_d), lambda i, j, *_: (i, 0, j))
+    row = pl.BlockSpec((None, length), lambda i, j, *_: (i, 0))
     grp = pl.BlockSpec((None, length, None, d_state), lambda i, j, *_: (i, 0, j // per_group, 0))
     chan = pl.BlockSpec((block_d,), lambda i, j, *_: (j,))
     chan_state = pl.BlockSpec((block_d, d_state), lambda i, j, *_: (j, 0))
     state = pl.BlockSpec((None, block_d, d_state), lambda i, j, *_: (i, j, 0))
     row_chan = pl.BlockSpec((None, block_d), lambda i, j, *_: (i, j))
-    return seq, grp, chan, chan_state, state, row_chan
+    return seq, grp, chan, chan_state, state, row_chan, row
 
 
 def _pad_state(x, d_state_p, axis=-1):
@@ -320,7 +332,8 @@ def _launch(kernel, name, named_in, named_out, cfg, *, grid, **static):
     return dict(zip([n for n, s, _ in named_out if s is not None], outs))
 
 
-def forward(u, delta, A, B, C, D, z, dt_bias, h0, cfg: common.ScanConfig, *, save_checkpoints):
+def forward(u, delta, A, B, C, D, z, dt_bias, h0, reset, cfg: common.ScanConfig, *,
+            save_checkpoints):
     """Returns ``(y, final_state, checkpoints or None)``; ``final_state`` float32.
 
     With ``cfg.segments = S > 1`` the length is cut into S segments of whole chunks and the scan
@@ -330,7 +343,8 @@ def forward(u, delta, A, B, C, D, z, dt_bias, h0, cfg: common.ScanConfig, *, sav
     state entering each segment (the recurrence is linear: ``h_out = exp(A dt_sum) h_in +
     h_local``); (3) every segment rescans from its entering state, writing y and the
     checkpoints. Pass 3 rescans rather than adding ``C_t exp(A cumsum dt) h_in`` to y because
-    the gate and the checkpoints need the true states anyway.
+    the gate and the checkpoints need the true states anyway. A segment holding a reset does not
+    carry its entering state through (pass 1 already restarted at its resets).
     """
     batch, length, d_inner = u.shape
     n_groups, d_state = B.shape[2], B.shape[3]
@@ -341,11 +355,13 @@ def forward(u, delta, A, B, C, D, z, dt_bias, h0, cfg: common.ScanConfig, *, sav
     n_blocks = d_inner // block_d
     seg_chunks = pl.cdiv(pl.cdiv(length, n_seg), chunk)  # chunks per segment
     n_chunks = n_seg * seg_chunks  # chunks past the end carry the state unchanged
-    seq, grp, chan, chan_state, _, _ = _specs(batch, length, d_inner, d_state_p, n_groups, block_d)
+    seq, grp, chan, chan_state, _, _, row = _specs(
+        batch, length, d_inner, d_state_p, n_groups, block_d)
     seg_state = pl.BlockSpec((None, None, block_d, d_state_p), lambda i, j, k: (i, k, j, 0))
     per_seg_state = jax.ShapeDtypeStruct((batch, n_seg, d_inner, d_state_p), f32)
     ins = [("u", u, seq), ("delta", delta, seq), ("A", A, chan_state), ("B", B, grp),
-           ("C", C, grp), ("D", D, chan), ("z", z, seq), ("bias", dt_bias, chan)]
+           ("C", C, grp), ("D", D, chan), ("z", z, seq), ("bias", dt_bias, chan),
+           ("reset", reset, row)]
     launch = functools.partial(
         _launch, _fwd_kernel, cfg=cfg, grid=(batch, n_blocks, n_seg), length=length, chunk=chunk,
         n_chunks=seg_chunks,
@@ -359,7 +375,11 @@ def forward(u, delta, A, B, C, D, z, dt_bias, h0, cfg: common.ScanConfig, *, sav
               pl.BlockSpec((None, None, block_d), lambda i, j, k: (i, k, j))),
              ("ckpt", None, None)],
         )  # fmt: skip
-        h0, h_final = enter_states(local["h_final"], local["dt_sum"], A, h0)
+        kept = None
+        if reset is not None:  # 1.0 for a segment without resets (steps past the end have none)
+            padded = jnp.pad(reset, ((0, 0), (0, n_chunks * chunk - length)))
+            kept = 1.0 - padded.reshape(batch, n_seg, -1).max(axis=-1)
+        h0, h_final = enter_states(local["h_final"], local["dt_sum"], A, h0, kept)
     elif h0 is not None:
         h0 = h0[:, None]
     ckpt = jax.ShapeDtypeStruct((batch, n_chunks, d_inner, d_state_p), f32)
@@ -376,11 +396,15 @@ def forward(u, delta, A, B, C, D, z, dt_bias, h0, cfg: common.ScanConfig, *, sav
     return res["y"], h_final[..., :d_state], res.get("ckpt")
 
 
-def enter_states(h_local, dt_sum, A, h0):
+def enter_states(h_local, dt_sum, A, h0, kept=None):
     """The boundary pass: ``(entering states (batch, S, d_inner, N), final state)`` from each
     segment's end state scanned from zero, ``h_local (batch, S, d_inner, N)``, its summed step
-    sizes ``dt_sum (batch, S, d_inner)`` and the initial state (None: zeros)."""
+    sizes ``dt_sum (batch, S, d_inner)`` and the initial state (None: zeros); ``kept (batch, S)``
+    is 0.0 for a segment holding a reset (its entering state does not reach its end), else 1.0
+    (None: all 1.0)."""
     decay = jnp.exp(dt_sum[..., None] * A.astype(f32))
+    if kept is not None:
+        decay = decay * kept[:, :, None, None]
     h = jnp.zeros_like(h_local[:, 0]) if h0 is None else h0.astype(f32)
 
     def body(h, seg):
@@ -392,8 +416,10 @@ def enter_states(h_local, dt_sum, A, h0):
     return jnp.moveaxis(h_enter, 0, 1), h_final
 
 
-def backward(dy, dh_final, u, delta, A, B, C, D, z, dt_bias, h0, ckpt, cfg: common.ScanConfig):
-    """Gradients ``(du, ddelta, dA, dB, dC, dD, dz, ddt_bias, dh0)``, None for absent inputs.
+def backward(dy, dh_final, u, delta, A, B, C, D, z, dt_bias, h0, reset, ckpt,
+             cfg: common.ScanConfig):
+    """Gradients ``(du, ddelta, dA, dB, dC, dD, dz, ddt_bias, dh0, None)``, None for absent
+    inputs (and for ``reset``).
 
     ``ckpt`` are the forward's checkpoints (already padded to a power-of-two d_state).
     """
@@ -403,7 +429,7 @@ def backward(dy, dh_final, u, delta, A, B, C, D, z, dt_bias, h0, ckpt, cfg: comm
     A_p, B_p, C_p, dh_final_p = (_pad_state(x, d_state_p) for x in (A, B, C, dh_final))
     block_d, chunk = cfg.block_d, cfg.chunk
     n_blocks, n_chunks = d_inner // block_d, ckpt.shape[1]
-    seq, grp, chan, chan_state, state, row_chan = _specs(
+    seq, grp, chan, chan_state, state, row_chan, row = _specs(
         batch, length, d_inner, d_state_p, n_groups, block_d
     )
     partial = pl.BlockSpec((None, None, length, d_state_p), lambda i, j: (i, j, 0, 0))
@@ -414,7 +440,7 @@ def backward(dy, dh_final, u, delta, A, B, C, D, z, dt_bias, h0, ckpt, cfg: comm
         _bwd_kernel, "selective_scan_bwd",
         [("dout", dy, seq), ("u", u, seq), ("delta", delta, seq), ("A", A_p, chan_state),
          ("B", B_p, grp), ("C", C_p, grp), ("D", D, chan), ("z", z, seq),
-         ("bias", dt_bias, chan), ("dh_final", dh_final_p, state),
+         ("bias", dt_bias, chan), ("dh_final", dh_final_p, state), ("reset", reset, row),
          ("ckpt", ckpt,
           pl.BlockSpec((None, n_chunks, block_d, d_state_p), lambda i, j: (i, 0, j, 0)))],
         [("du", jax.ShapeDtypeStruct(u.shape, u.dtype), seq),
@@ -448,4 +474,5 @@ def backward(dy, dh_final, u, delta, A, B, C, D, z, dt_bias, h0, ckpt, cfg: comm
         res.get("dz"),
         batch_sum("dbias", dt_bias),
         dh0,
+        None,
     )
