@@ -19,15 +19,9 @@
   document; with them, a first id different from the cached one starts a new document. The
   caller bounds nothing: the state has a fixed size whatever the number of tokens.
 
-``ssd`` takes the document starts itself (``reset=``: exact masked decays inside the kernel, with
-``D``, ``dt_bias`` and softplus fused), so Mamba-2 needs nothing more. Mamba-1's
-``selective_scan`` takes only an initial state: with ``dt`` discretised outside
-(``softplus(dt + bias)``), a boundary step gets ``dt' = S = 64 / min|A|`` and input
-``x' = x * dt / S``, so its input term ``dt' * B * x'`` is unchanged while the decay
-``exp(dt' * A) <= exp(-64) ~ 1.6e-28`` erases the previous document's state (below float32
-resolution); the ``D`` skip and the ``silu(z)`` gate are then applied outside the kernel.
-``min|A|`` is floored at 1e-20 (an ``A_log`` below -46 would no longer reset fully). Without
-``segment_ids`` the kernel takes ``dt``, its bias and softplus fused (the fast path).
+``selective_scan`` and ``ssd`` take the document starts themselves (``reset=``: the state before
+a document's first step is dropped exactly inside the kernel, and no gradient crosses it), with
+``D``, the ``silu(z)`` gate (Mamba-1), ``dt_bias`` and softplus fused either way.
 
 Logical axes: parameters ``embed, inner, heads, head_dim, state, conv``; activations
 ``activation_batch, activation_length, activation_inner, activation_heads``. Tensor parallelism
@@ -54,8 +48,6 @@ Initializer = Callable[..., jax.Array]
 f32 = jnp.float32
 
 BATCH_LENGTH = ("activation_batch", "activation_length")
-# -dt * A at a document boundary: exp(-64) ~ 1.6e-28 is below float32 resolution of any state.
-_RESET_EXPONENT = 64.0
 # Position of a step whose document began before this call (every convolution tap valid).
 _FAR = 2**30
 
@@ -83,19 +75,6 @@ def _documents(segment_ids, previous) -> _Documents:
     t = jnp.arange(seg.shape[1], dtype=jnp.int32)
     start = jax.lax.cummax(jnp.where(reset, t, -_FAR), axis=1)
     return _Documents(reset, t - start)
-
-
-def _restart(x, dt, reset, min_decay_rate):
-    """Scan inputs ``(x', dt')`` that restart the state at every ``reset`` step (module docstring).
-
-    ``dt`` is discretised float32 of ``reset``'s rank; ``x`` has extra trailing axes (head_dim);
-    ``min_decay_rate`` (the smallest ``|A|`` per channel/head) broadcasts against ``dt``.
-    """
-    step = jax.lax.stop_gradient(_RESET_EXPONENT / jnp.maximum(min_decay_rate, 1e-20))
-    dt_k = jnp.where(reset, step, dt)
-    scale = jnp.where(reset, dt / step, 1.0)
-    scale = scale.reshape(scale.shape + (1,) * (x.ndim - dt.ndim))
-    return (x.astype(f32) * scale).astype(x.dtype), dt_k
 
 
 def _dt_bias_init(dt_min: float, dt_max: float, floor: float):
@@ -289,10 +268,8 @@ class MambaMixer(nn.Module):
                        (d_inner,), self.param_dtype)
         A = -jnp.exp(A_log.astype(f32))
         B, C = B[:, :, None], C[:, :, None]  # one group
-        ssm = dict(A=A, B=B, C=C, D=D, z=z, dt_bias=dt_bias)
-
         if cache is None:
-            y = self._scan(u, dt, ssm, docs, None)
+            y = self._kernel(u, dt, A, B, C, D, z, dt_bias, None, docs.reset)
         else:
             h0 = cache["ssm_state"].value
             if length == 1:
@@ -303,7 +280,7 @@ class MambaMixer(nn.Module):
                     dt_softplus=True)
                 y = y[:, None]
             else:
-                y, h = self._scan(u, dt, ssm, docs, h0)
+                y, h = self._kernel(u, dt, A, B, C, D, z, dt_bias, h0, docs.reset)
             cache["ssm_state"].value, cache["conv_state"].value = h, conv_state
             if segment_ids is not None:
                 cache["segment_id"].value = segment_ids[:, -1].astype(jnp.int32)
@@ -312,38 +289,26 @@ class MambaMixer(nn.Module):
         return _dense(d_model, ("inner", "embed"), self.out_kernel_init, self, "out_proj",
                       self.use_bias)(y)
 
-    def _scan(self, u, dt, ssm, docs, h0):
-        """The selective scan over the whole call; ``(y, final state)`` when ``h0`` is given."""
-        A, B, C, D, z, bias = (ssm[k] for k in ("A", "B", "C", "D", "z", "dt_bias"))
-        if docs.reset is None:
-            return self._kernel(u, dt, A, B, C, D, z, bias, h0)
-        dt = jax.nn.softplus(dt.astype(f32) + bias.astype(f32))
-        u_k, dt_k = _restart(u, dt, docs.reset[..., None], jnp.min(-A, axis=-1))
-        out = self._kernel(u_k, dt_k, A, B, C, None, None, None, h0)
-        y, h = out if h0 is not None else (out, None)
-        y = (y.astype(f32) + D.astype(f32) * u.astype(f32)) * jax.nn.silu(z.astype(f32))
-        y = y.astype(u.dtype)
-        return (y, h) if h0 is not None else y
-
-    def _kernel(self, u, dt, A, B, C, D, z, dt_bias, h0):
-        """``selective_scan`` on each device's channels and rows (``per_shard``); ``dt`` gets
-        ``dt_bias`` + softplus when ``dt_bias`` is given."""
+    def _kernel(self, u, dt, A, B, C, D, z, dt_bias, h0, reset):
+        """``selective_scan`` (``dt_bias`` + softplus, ``D`` and the gate fused; ``reset`` the
+        document starts or None) on each device's channels and rows (``per_shard``);
+        ``(y, final state)`` when ``h0`` is given."""
         final = h0 is not None
 
-        def scan(u, dt, A, B, C, D, z, dt_bias, h0):
-            return selective_scan(u, dt, A, B, C, D=D, z=z, dt_bias=dt_bias,
-                                  dt_softplus=dt_bias is not None, initial_state=h0,
-                                  return_final_state=final, implementation=self.implementation,
-                                  interpret=self.interpret)
+        def scan(u, dt, A, B, C, D, z, dt_bias, h0, reset):
+            return selective_scan(u, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=True,
+                                  initial_state=h0, return_final_state=final, reset=reset,
+                                  implementation=self.implementation, interpret=self.interpret)
 
         if not per_shard.runs_a_kernel(self.implementation):
-            return scan(u, dt, A, B, C, D, z, dt_bias, h0)
+            return scan(u, dt, A, B, C, D, z, dt_bias, h0, reset)
         rows, channels = ("activation_batch", None, "activation_inner"), ("activation_inner",)
         state = ("activation_batch", "activation_inner", None)
         group = ("activation_batch", None, None, None)
         return per_shard.per_shard(scan, [
             (u, rows), (dt, rows), (A, channels + (None,)), (B, group), (C, group), (D, channels),
-            (z, rows), (dt_bias, channels), (h0, state)], (rows, state) if final else rows)
+            (z, rows), (dt_bias, channels), (h0, state), (reset, ("activation_batch", None))],
+            (rows, state) if final else rows)
 
 
 # ----------------------------------------------------------------------------- Mamba-2
