@@ -212,7 +212,8 @@ def test_kernels_type_check_inside_shard_map(implementation):
 # Row 0 holds documents of 3, 4 and 5 steps (its first continues the initial state), row 1 of
 # 6, 2 and 4 with a reset at step 0 (the initial state is dropped). With 3-step chunks the starts
 # at 3 and 6 open a chunk (the checkpoint is the previous document's state), 7 and 8 fall inside
-# one; with 2 segments of 6 steps, both segments of row 0 and of row 1 hold a reset.
+# one. With 4 segments of one chunk, row 0's last and row 1's second hold no reset: the state
+# entering them must pass through.
 DOC_STARTS = ((3, 7), (0, 6, 8))
 RESET_LENGTH = 12
 RESET_IMPLS = {
@@ -220,7 +221,7 @@ RESET_IMPLS = {
     "xla": dict(implementation="xla"),
     "triton": dict(implementation="triton", interpret=True, tiles=triton.Tiles(4, 3, 3)),
     "triton-segments": dict(implementation="triton", interpret=True,
-                            tiles=triton.Tiles(4, 3, 3, segments=2)),
+                            tiles=triton.Tiles(4, 3, 3, segments=4)),
     "tpu": dict(implementation="tpu", interpret=True, tiles=tpu.Tiles(8, RESET_LENGTH)),
 }
 
