@@ -19,10 +19,11 @@ through them. Memory is linear in length. Per-channel gradients (du, ddelta, dz)
 directly; per-program sums over time (dA, dD, ddt_bias) and the gradient of the initial state
 are written per batch row and summed over batch outside.
 
-Packed-document resets (float32 0/1 per (batch row, step)) are one scalar load per step: the
-forward multiplies the state entering a reset step by ``keep = 1 - reset``, so it is exactly
-zero; the backward's recomputation (from the same checkpoints) does the same, and the adjoint
-carried to the previous step is multiplied by ``keep`` too, so no gradient crosses a reset.
+Packed-document resets (float32 0/1 per (batch row, step)) are one scalar load per step, folded
+into the step's decay: ``exp(dt A) * (1 - reset)`` is exactly zero at a reset, so the previous
+document's state does not enter the step, and the backward (recomputing from the same
+checkpoints with the same decays) carries no adjoint across it and gives the decay's gradient
+nothing from the dropped state. Folding costs no extra state tile in registers.
 
 dB and dC are sums over the channels of a group. Each program reduces over its own ``block_d``
 channels and writes one float32 partial per (batch, channel block, step); the wrapper sums the
@@ -170,6 +171,12 @@ def _load_chunk(r, t0, length, chunk, block_d, d_state, bias, softplus, with_dou
     return steps
 
 
+def _decay(s, A2, fast_math):
+    """The step's ``exp(dt * A)`` tile, times ``1 - reset`` with resets (zero: a restart)."""
+    decay = _exp2(s["dt"][:, None] * A2, fast_math)
+    return decay * s["keep"] if "keep" in s else decay
+
+
 def _fwd_kernel(*refs, length, chunk, n_chunks, softplus, fast_math, flags):
     """One program scans ``n_chunks`` chunks of its segment (``program_id(2)``) from ``h0``.
 
@@ -192,9 +199,7 @@ def _fwd_kernel(*refs, length, chunk, n_chunks, softplus, fast_math, flags):
         t0 = (first + c) * chunk
         steps = _load_chunk(r, t0, length, chunk, block_d, d_state, bias, softplus, False)
         for s in steps:
-            decay = _exp2(s["dt"][:, None] * A2, fast_math)
-            if "keep" in s:
-                h = h * s["keep"]
+            decay = _decay(s, A2, fast_math)
             h = decay * h + s["dtu"][:, None] * s["B"][None, :]
             if dt_sum is not None:
                 dt_sum = dt_sum + s["dt"]
@@ -230,16 +235,14 @@ def _bwd_kernel(*refs, length, chunk, n_chunks, softplus, fast_math, flags):
         g, dA_acc, dD_acc, dbias_acc = carry
         c = n_chunks - 1 - k
         steps = _load_chunk(r, c * chunk, length, chunk, block_d, d_state, bias, softplus, True)
-        # Recompute the chunk's states from its checkpoint; states[i] is the state before step i,
-        # entering(i) the state step i starts from (zero at a reset).
-        entering = lambda i: states[i] * steps[i]["keep"] if "keep" in steps[i] else states[i]
+        # Recompute the chunk's states from its checkpoint; states[i] is the state before step i.
         states = [r.ckpt[c]]
         decays = []
-        for i, s in enumerate(steps):
-            decays.append(_exp2(s["dt"][:, None] * A2, fast_math))
-            states.append(decays[-1] * entering(i) + s["dtu"][:, None] * s["B"][None, :])
+        for s in steps:
+            decays.append(_decay(s, A2, fast_math))
+            states.append(decays[-1] * states[-1] + s["dtu"][:, None] * s["B"][None, :])
         for i in reversed(range(chunk)):
-            s, h_prev, h, decay = steps[i], entering(i), states[i + 1], decays[i]
+            s, h_prev, h, decay = steps[i], states[i], states[i + 1], decays[i]
             u, dout = s["u"], s["dout"]
             if r.z is not None:
                 y = jnp.sum(h * s["C"][None, :], axis=1)
@@ -268,7 +271,7 @@ def _bwd_kernel(*refs, length, chunk, n_chunks, softplus, fast_math, flags):
             dbias_acc = dbias_acc + ddt
             _store_row(r.du, s["t"], s["valid"], du)
             _store_row(r.ddelta, s["t"], s["valid"], ddt)
-            g = g * (decay * s["keep"] if "keep" in s else decay)
+            g = g * decay
         return g, dA_acc, dD_acc, dbias_acc
 
     g, dA_acc, dD_acc, dbias_acc = jax.lax.fori_loop(
