@@ -17,9 +17,9 @@ Lengths that are not a multiple of the chunk are padded with ``u = 0`` and maske
 (decay 1, no input), so padded steps carry the state unchanged.
 
 Packed-document resets arrive as float32 0/1, ``(1, chunk)`` per block with the steps on lanes
-(taken per step like a column of ``B``): the state entering a reset step is multiplied by
-``keep = 1 - reset`` (forward and the backward's recomputation), and so is the adjoint carried
-past it, so no gradient crosses a reset.
+(taken per step like a column of ``B``), folded into the step's decay: ``exp(dt A) * (1 -
+reset)`` is exactly zero at a reset, so the previous document's state does not enter the step and
+the backward (the same decays) carries no adjoint across it.
 
 Not yet run on TPU hardware (none was available): it is tested in interpret mode, and forward and
 backward lower to Mosaic for a v5e target (checked on CPU under an abstract TPU mesh); the
@@ -122,13 +122,14 @@ def _step_inputs(r, t, t0, length, lane, Bt, bias, softplus):
     return u, x, dt, dt * u, _column(Bt, lane, t)
 
 
-def _keeps(r):
-    """``keep(t)``: ``1 - reset`` of the chunk's step ``t`` as ``(1, 1)``; None without resets."""
+def _decay_fn(r, A):
+    """``decay(t, dt)``: ``exp(dt * A)`` of the chunk's step ``t``, times ``1 - reset`` with
+    resets (zero: a restart)."""
     if r.reset is None:
-        return None
+        return lambda t, dt: jnp.exp(dt * A)
     resets = r.reset[...]
     lane = lax.broadcasted_iota(jnp.int32, resets.shape, 1)
-    return lambda t: 1.0 - _column(resets, lane, t)
+    return lambda t, dt: jnp.exp(dt * A) * (1.0 - _column(resets, lane, t))
 
 
 def _fwd_kernel(*refs, length, chunk, n_chunks, softplus, flags):
@@ -146,13 +147,11 @@ def _fwd_kernel(*refs, length, chunk, n_chunks, softplus, flags):
     bias = None if r.bias is None else r.bias[...]
     Bt, Ct = r.B[...].astype(f32), r.C[...].astype(f32)
     lane = lax.broadcasted_iota(jnp.int32, Bt.shape, 1)
-    keep = _keeps(r)
+    decay_of = _decay_fn(r, A)
 
     def step(t, h):
         u, _, dt, dtu, b = _step_inputs(r, t, k * chunk, length, lane, Bt, bias, softplus)
-        if keep is not None:
-            h = h * keep(t)
-        h = jnp.exp(dt * A) * h + dtu * b
+        h = decay_of(t, dt) * h + dtu * b
         y = jnp.sum(h * _column(Ct, lane, t), axis=0, keepdims=True)
         if D is not None:
             y = y + D * u
@@ -190,15 +189,12 @@ def _bwd_kernel(*refs, length, chunk, n_chunks, softplus, flags):
     inputs = functools.partial(
         _step_inputs, r, t0=t0, length=length, lane=lane, Bt=Bt, bias=bias, softplus=softplus
     )
-
-    keep = _keeps(r)
+    decay_of = _decay_fn(r, A)
 
     def recompute(t, h):
-        if keep is not None:
-            h = h * keep(t)
-        r.hs[t] = h  # the state entering step t (zero at a reset)
+        r.hs[t] = h  # the state before step t
         _, _, dt, dtu, b = inputs(t)
-        return jnp.exp(dt * A) * h + dtu * b
+        return decay_of(t, dt) * h + dtu * b
 
     lax.fori_loop(0, chunk, recompute, r.ckpt[...])
 
@@ -208,7 +204,7 @@ def _bwd_kernel(*refs, length, chunk, n_chunks, softplus, flags):
         u, x, dt, dtu, b = inputs(t)
         c = _column(Ct, lane, t)
         h_prev = r.hs[t]
-        decay = jnp.exp(dt * A)
+        decay = decay_of(t, dt)
         h = decay * h_prev + dtu * b
         dout = r.dout[pl.ds(t, 1), :].astype(f32)
         if r.z is not None:
@@ -237,8 +233,7 @@ def _bwd_kernel(*refs, length, chunk, n_chunks, softplus, flags):
         ddt = jnp.where(t0 + t < length, ddt, 0.0)
         r.du[pl.ds(t, 1), :] = du.astype(r.du.dtype)
         r.ddelta[pl.ds(t, 1), :] = ddt.astype(r.ddelta.dtype)
-        g = g * decay if keep is None else g * (decay * keep(t))
-        return g, dB, dC, dA, dD, dbias + ddt
+        return g * decay, dB, dC, dA, dD, dbias + ddt
 
     zeros_bc = jnp.zeros(Bt.shape, f32)
     zeros_row = jnp.zeros((1, A.shape[1]), f32)
