@@ -6,6 +6,7 @@ inputs 1e-5 (outputs) / 1e-4 (gradients: different summation order over time and
 bfloat16 inputs 1e-2 (one bfloat16 rounding of each output and input gradient, 2**-8 relative).
 """
 
+import functools
 import itertools
 
 import jax
@@ -217,8 +218,7 @@ def test_kernels_type_check_inside_shard_map(implementation):
 DOC_STARTS = ((3, 7), (0, 6, 8))
 RESET_LENGTH = 12
 RESET_IMPLS = {
-    "reference": {},
-    "xla": dict(implementation="xla"),
+    "xla": dict(implementation="xla"),  # the reference (its lax.scan), through the API
     "triton": dict(implementation="triton", interpret=True, tiles=triton.Tiles(4, 3, 3)),
     "triton-segments": dict(implementation="triton", interpret=True,
                             tiles=triton.Tiles(4, 3, 3, segments=4)),
@@ -246,34 +246,41 @@ def _per_document(u, delta, A, B, C, *, z=None, initial_state=None, **kw):
     return jnp.concatenate(ys), jnp.concatenate(hs)
 
 
+def _reset_grads(fn, inputs, weights, softplus):
+    """Gradients of a random linear readout of ``fn``'s output and final state w.r.t. every input,
+    and ``(y, final state)``."""
+
+    def loss(*args):
+        y, h = fn(**dict(zip(inputs, args)), dt_softplus=softplus, return_final_state=True)
+        return jnp.sum(y * weights[0]) + jnp.sum(h * weights[1]), (y, h)
+
+    return jax.jit(jax.grad(loss, argnums=range(len(inputs)), has_aux=True))(*inputs.values())
+
+
+@functools.cache
+def _reset_case(full):
+    """Fresh inputs (one group: the TPU kernel's groups must be lane-aligned; Triton still sums
+    two channel blocks), resets, readout weights and the oracle's results, once per session."""
+    inputs = make_inputs(2, RESET_LENGTH, 8, 1, 3, jnp.float32, full=full)
+    reset = np.zeros((2, RESET_LENGTH), bool)
+    for b, starts in enumerate(DOC_STARTS):
+        reset[b, list(starts)] = True
+    kw = jax.random.split(jax.random.key(next(_seeds)))
+    weights = (jax.random.normal(kw[0], (2, RESET_LENGTH, 8)), jax.random.normal(kw[1], (2, 8, 3)))
+    oracle = _reset_grads(_per_document, inputs, weights, full)
+    return inputs, jnp.asarray(reset), weights, oracle
+
+
 @pytest.mark.parametrize("full", [True, False], ids=["full", "plain"])
 @pytest.mark.parametrize("impl", list(RESET_IMPLS))
 def test_reset_matches_documents_run_alone(impl, full):
     """``reset=``: output, final state and every gradient equal each document run alone through
     the reference (float32, 1e-4 relative). ``full``: with D, z, dt_bias + softplus and an
     initial state, which the reset at step 0 ignores (its gradient is exactly zero on that row);
-    plain: none of them. Two groups (Triton: one channel block each), one for the TPU kernel,
-    whose groups must be lane-aligned."""
-    inputs = make_inputs(2, RESET_LENGTH, 8, 1 if impl == "tpu" else 2, 3, jnp.float32, full=full)
-    reset = np.zeros((2, RESET_LENGTH), bool)
-    for b, starts in enumerate(DOC_STARTS):
-        reset[b, list(starts)] = True
-    kw = jax.random.split(jax.random.key(next(_seeds)))
-    weights = (jax.random.normal(kw[0], (2, RESET_LENGTH, 8)), jax.random.normal(kw[1], (2, 8, 3)))
-
-    def grads(fn):
-        def loss(*args):
-            y, h = fn(**dict(zip(inputs, args)), dt_softplus=full, return_final_state=True)
-            return jnp.sum(y * weights[0]) + jnp.sum(h * weights[1]), (y, h)
-
-        return jax.jit(jax.grad(loss, argnums=range(len(inputs)), has_aux=True))(*inputs.values())
-
-    g_ref, (y_ref, h_ref) = grads(_per_document)
-    if impl == "reference":
-        fn = lambda **a: reference.selective_scan(**a, reset=jnp.asarray(reset))
-    else:
-        fn = lambda **a: selective_scan(**a, reset=jnp.asarray(reset), **RESET_IMPLS[impl])
-    g, (y, h) = grads(fn)
+    plain: none of them."""
+    inputs, reset, weights, (g_ref, (y_ref, h_ref)) = _reset_case(full)
+    fn = lambda **a: selective_scan(**a, reset=reset, **RESET_IMPLS[impl])
+    g, (y, h) = _reset_grads(fn, inputs, weights, full)
     errors = {"y": rel_err(y, y_ref), "final_state": rel_err(h, h_ref)}
     errors |= {"d" + n: rel_err(a, b) for n, a, b in zip(inputs, g, g_ref)}
     bad = {k: v for k, v in errors.items() if not v < 1e-4}
