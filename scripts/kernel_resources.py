@@ -153,12 +153,15 @@ def _selective_scan_case():
     shape = bench_scan.DEFAULT_SHAPES[0]
     x, _ = jax.eval_shape(lambda: bench_scan.make_inputs(*shape))  # shapes only, no arrays
 
-    def scan(u, delta, A, B, C, D, z, bias):
+    def scan(u, delta, A, B, C, D, z, bias, reset=None):
         return selective_scan(u, delta, A, B, C, D=D, z=z, dt_bias=bias, dt_softplus=True,
-                              implementation="triton")
+                              reset=reset, implementation="triton")
 
     label = "selective_scan " + "x".join(map(str, shape))
-    yield label, None, _fwd_bwd(scan, 8), tuple(x[n] for n in bench_scan.GRAD_ARGS)
+    args = tuple(x[n] for n in bench_scan.GRAD_ARGS)
+    yield label, None, _fwd_bwd(scan, 8), args
+    reset = _SDS(args[0].shape[:2], jnp.bool_)  # packed documents
+    yield label + " reset", None, _fwd_bwd(scan, 8), args + (reset,)
 
 
 def _ssd_case():
