@@ -31,6 +31,7 @@ import jax.numpy as jnp
 
 from pallas_kernels import lowering_for
 from pallas_kernels._api import gpu_arch
+from pallas_kernels.causal_conv1d import causal_conv1d
 from pallas_kernels.flash_attention import flash_attention
 from pallas_kernels.flash_attention import triton as fa_triton
 from pallas_kernels.flash_attention.common import AttentionSpec
@@ -179,7 +180,18 @@ def _ssd_case():
     yield label, None, _fwd_bwd(scan, 7), tuple(x[n] for n in names)
 
 
-_OPS = ("flash_attention", "selective_scan", "ssd")
+def _causal_conv1d_case():
+    x = _SDS((8, 2048, 1536), _BF16)  # Mamba-2 130M's conv_x: 8 x 2048 tokens, K = 4
+    kernel, bias, pos = _SDS((4, 1536), jnp.float32), _SDS((1536,), jnp.float32), _SDS(
+        (8, 2048), jnp.int32)
+
+    def conv(x, kernel, bias, doc_pos):
+        return causal_conv1d(x, kernel, bias, doc_pos, activation="silu", implementation="triton")
+
+    yield "causal_conv1d 8x2048x1536 K4 silu", None, _fwd_bwd(conv, 3), (x, kernel, bias, pos)
+
+
+_OPS = ("flash_attention", "selective_scan", "ssd", "causal_conv1d")
 
 
 def _sweep_cases(head_dim: int):
@@ -219,7 +231,8 @@ def main(argv=None) -> list[Kernel]:
     arch = _arch(args.gpu)
     limit = _MAX_SHARED.get(arch)
     cases_of = {"flash_attention": lambda: _attention_cases(args.head_dims),
-                "selective_scan": _selective_scan_case, "ssd": _ssd_case}
+                "selective_scan": _selective_scan_case, "ssd": _ssd_case,
+                "causal_conv1d": _causal_conv1d_case}
     if args.sweep:
         cases = (case for head_dim in args.head_dims for case in _sweep_cases(head_dim))
     else:
