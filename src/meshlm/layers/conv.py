@@ -4,7 +4,9 @@ Output step ``t`` of channel ``c`` is ``bias[c] + sum_k kernel[k, c] * x[t - (K 
 ``kernel[K - 1]`` weighs the current step, as PyTorch's ``Conv1d(groups=channels,
 padding=K - 1)`` truncated to the input length does (HF's ``conv1d.weight[c, 0, k]`` is
 ``kernel[k, c]``). ``K`` is small (4), so the convolution is ``K`` shifted multiply-adds:
-elementwise over channels, hence sharded like its input with no communication.
+elementwise over channels, hence sharded like its input with no communication. The math is
+``pallas_kernels.causal_conv1d``'s: its Pallas kernel on a GPU (one pass each way, where XLA
+makes several), its plain-JAX form elsewhere and for a decoding call continuing a state.
 """
 
 from __future__ import annotations
@@ -15,6 +17,10 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from meshlm.layers import per_shard
+from meshlm.sharding import ACTIVATION_AXES
+from pallas_kernels.causal_conv1d import causal_conv1d, reference
 
 
 def uniform_init(bound: float):
@@ -40,6 +46,12 @@ class CausalConv1d(nn.Module):
       further back read zero, so no document sees its predecessor. ``new_state`` has the taps
       before the last token's document zeroed, so a continuation needs no positions from before.
 
+    ``activation`` (None or ``"silu"``) is applied to the float32 sum, fused. Without a ``state``
+    the convolution runs ``pallas_kernels.causal_conv1d`` with ``implementation`` /
+    ``interpret`` (the Triton kernel on a GPU under ``"auto"``, per device on sharded
+    activations; the plain-JAX form on CPU); a call with a ``state`` (a decoding continuation)
+    always takes the plain-JAX form.
+
     Params: ``kernel (K, *channels)`` with logical axes ``("conv", *channel_axes)`` and ``bias
     (*channels)`` with ``channel_axes``. Computed in float32, returned in ``dtype``.
     """
@@ -47,6 +59,9 @@ class CausalConv1d(nn.Module):
     kernel_size: int
     channel_axes: tuple[str | None, ...]
     use_bias: bool = True
+    activation: str | None = None
+    implementation: str = "auto"  # causal_conv1d's: "auto", "xla", "triton"
+    interpret: bool = False
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -62,25 +77,43 @@ class CausalConv1d(nn.Module):
         kernel = self.param(
             "kernel", nn.with_logical_partitioning(init, ("conv", *self.channel_axes)),
             (K, *channels), self.param_dtype)
-        batch, length = x.shape[:2]
-        if state is None:
-            state = jnp.zeros((batch, K - 1, *channels), x.dtype)
-        padded = jnp.concatenate([state.astype(x.dtype), x], axis=1)  # step t at index t + K - 1
-
-        per_step = lambda mask: mask.reshape(mask.shape + (1,) * len(channels))
-        y = jnp.zeros(x.shape, jnp.float32)
-        for k in range(K):  # tap k reads K - 1 - k steps back
-            tap = padded[:, k:k + length].astype(jnp.float32)
-            if doc_pos is not None:
-                tap = jnp.where(per_step(doc_pos >= K - 1 - k), tap, 0.0)
-            y = y + tap * kernel[k].astype(jnp.float32)
+        bias = None
         if self.use_bias:
             bias = self.param("bias", nn.with_logical_partitioning(init, self.channel_axes),
                               channels, self.param_dtype)
-            y = y + bias.astype(jnp.float32)
+        if state is None:
+            y = self._convolve(x, kernel, bias, doc_pos)
+            state = jnp.zeros((x.shape[0], K - 1, *channels), x.dtype)
+        else:
+            y = reference.causal_conv1d(x, kernel, bias, doc_pos, state=state,
+                                        activation=self.activation)
 
-        new_state = padded[:, length:]  # the last K - 1 inputs; entry j is K - 2 - j steps back
+        per_step = lambda mask: mask.reshape(mask.shape + (1,) * len(channels))
+        # The last K - 1 inputs; entry j is K - 2 - j steps back.
+        new_state = jnp.concatenate([state.astype(x.dtype), x], axis=1)[:, x.shape[1]:]
         if doc_pos is not None:
             keep = doc_pos[:, -1:] >= jnp.arange(K - 2, -1, -1)[None, :]  # (batch, K - 1)
             new_state = jnp.where(per_step(keep), new_state, jnp.zeros_like(new_state))
         return y.astype(self.dtype), new_state
+
+    def _convolve(self, x, kernel, bias, doc_pos):
+        """``causal_conv1d`` over the channels flattened to one axis; per device (``per_shard``)
+        when it may run a kernel, each device convolving its own rows and channels."""
+        batch, length, channels = x.shape[0], x.shape[1], x.shape[2:]
+
+        def conv(x, kernel, bias, doc_pos):
+            flat = lambda v: None if v is None else v.reshape(*v.shape[:v.ndim - len(channels)], -1)
+            y = causal_conv1d(flat(x), flat(kernel), flat(bias), doc_pos,
+                              activation=self.activation, implementation=self.implementation,
+                              interpret=self.interpret)
+            return y.reshape(x.shape)
+
+        if not per_shard.runs_a_kernel(self.implementation):
+            return conv(x, kernel, bias, doc_pos)
+        # The activations' logical names of the channel axes ("inner" -> "activation_inner").
+        act = tuple(a if f"activation_{a}" not in ACTIVATION_AXES else f"activation_{a}"
+                    for a in self.channel_axes)
+        rows = ("activation_batch", None, *act)
+        return per_shard.per_shard(conv, [
+            (x, rows), (kernel, (None, *act)), (bias, act), (doc_pos, ("activation_batch", None))],
+            rows)

@@ -128,6 +128,13 @@ def _cached(cache, name):
     return None if cache is None else cache[name].value
 
 
+def _conv_implementation(module) -> dict:
+    """The mixer's ``implementation`` / ``interpret`` for its ``CausalConv1d`` (SiLU fused): the
+    conv kernel's when the mixer names one the conv has, else ``"auto"``."""
+    impl = module.implementation if module.implementation in ("xla", "triton") else "auto"
+    return dict(implementation=impl, interpret=module.interpret)
+
+
 def _log_uniform_a_init(low: float, high: float):
     """``A_log = log(U(low, high))``: per-head decay rates spread over ``[low, high]``, as
     mamba_ssm's Mamba2 initialises them."""
@@ -251,10 +258,11 @@ class MambaMixer(nn.Module):
             "segment_id": ((batch,), jnp.int32, ("activation_batch",)),
         })
         docs = _documents(segment_ids, _cached(cache, "segment_id"))
-        u, conv_state = CausalConv1d(K, ("inner",), use_bias=self.use_conv_bias, dtype=self.dtype,
-                                     param_dtype=self.param_dtype, name="conv1d")(
-            u, _cached(cache, "conv_state"), docs.pos)
-        u = nn.with_logical_constraint(jax.nn.silu(u), act_inner)
+        u, conv_state = CausalConv1d(K, ("inner",), use_bias=self.use_conv_bias,
+                                     activation="silu", **_conv_implementation(self),
+                                     dtype=self.dtype, param_dtype=self.param_dtype,
+                                     name="conv1d")(u, _cached(cache, "conv_state"), docs.pos)
+        u = nn.with_logical_constraint(u, act_inner)
 
         dbc = _dense(dt_rank + 2 * N, ("inner", None), self.kernel_init, self, "x_proj", False)(u)
         dt, B, C = jnp.split(dbc, [dt_rank, dt_rank + N], axis=-1)
@@ -465,10 +473,10 @@ class Mamba2Mixer(nn.Module):
         docs = _documents(segment_ids, _cached(cache, "segment_id"))
 
         def conv(v, channel_axes, name, state_name):
-            v, state = CausalConv1d(K, channel_axes, use_bias=self.use_conv_bias,
-                                    dtype=self.dtype, param_dtype=self.param_dtype, name=name)(
+            return CausalConv1d(K, channel_axes, use_bias=self.use_conv_bias, activation="silu",
+                                **_conv_implementation(self), dtype=self.dtype,
+                                param_dtype=self.param_dtype, name=name)(
                 v, _cached(cache, state_name), docs.pos)
-            return jax.nn.silu(v), state
 
         xs, conv_x_state = conv(xs, ("inner",), "conv_x", "conv_state_x")
         bc, conv_bc_state = conv(bc, (None, None, "state"), "conv_bc", "conv_state_bc")
