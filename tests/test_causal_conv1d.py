@@ -15,8 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from kernel_checks import assert_close, verified_triton_modules
+
 from meshlm import sharding
 from meshlm.config import MeshConfig
 from meshlm.layers.conv import CausalConv1d

@@ -99,7 +99,7 @@ class CausalConv1d(nn.Module):
     def _convolve(self, x, kernel, bias, doc_pos):
         """``causal_conv1d`` over the channels flattened to one axis; per device (``per_shard``)
         when it may run a kernel, each device convolving its own rows and channels."""
-        batch, length, channels = x.shape[0], x.shape[1], x.shape[2:]
+        channels = x.shape[2:]
 
         def conv(x, kernel, bias, doc_pos):
             flat = lambda v: None if v is None else v.reshape(*v.shape[:v.ndim - len(channels)], -1)

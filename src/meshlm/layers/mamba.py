@@ -132,7 +132,7 @@ def _conv_implementation(module) -> dict:
     """The mixer's ``implementation`` / ``interpret`` for its ``CausalConv1d`` (SiLU fused): the
     conv kernel's when the mixer names one the conv has, else ``"auto"``."""
     impl = module.implementation if module.implementation in ("xla", "triton") else "auto"
-    return dict(implementation=impl, interpret=module.interpret)
+    return {"implementation": impl, "interpret": module.interpret}
 
 
 def _log_uniform_a_init(low: float, high: float):
