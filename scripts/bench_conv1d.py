@@ -10,7 +10,7 @@ documents (``doc_pos``) fused as the mixer calls it.
 First a correctness check on the device (float32 plain-JAX form on the same inputs, odd length
 and channels, output and every gradient), then per shape: ms forward and forward+backward (a VJP
 of x, kernel and bias, with its forward's output) of every Triton tile variant ``block_t x
-block_c x num_warps`` beside the plain-JAX form, and the speed-up. Off a GPU only the plain-JAX
+block_c x num_warps [x bwd_blocks]`` beside the plain-JAX form, and the speed-up. Off a GPU only the plain-JAX
 row runs.
 """
 
@@ -87,8 +87,8 @@ def main(argv=None):
                    help="1536: conv_x of Mamba-2 130M; 256: its conv_bc")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--length", type=int, default=2048)
-    p.add_argument("--variants", nargs="+", default=["32x64x4"],
-                   help="Triton tiles block_t x block_c x num_warps")
+    p.add_argument("--variants", nargs="+", default=["32x64x4", "32x64x8", "32x64x8x4"],
+                   help="Triton tiles block_t x block_c x num_warps [x bwd_blocks]")
     p.add_argument("--documents", type=int, default=512, help="mean packed-document length")
     p.add_argument("--no-check", action="store_true")
     p.add_argument("--iters", type=int, default=20)

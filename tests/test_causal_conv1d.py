@@ -29,6 +29,8 @@ pytestmark = pytest.mark.usefixtures("fast_compile")
 
 BATCH, LENGTH, CHANNELS, K = 2, 37, 70, 4
 TILES = triton.Tiles(block_t=16, block_c=32, num_warps=4)  # 37 = 2 * 16 + 5, 70 = 2 * 32 + 6
+# A backward program walks 2 blocks: the last program's second block is past the end.
+LOOP_TILES = triton.Tiles(block_t=16, block_c=32, num_warps=4, bwd_blocks=2)
 TOL = {jnp.dtype(jnp.float32): 1e-5, jnp.dtype(jnp.bfloat16): 1e-2}
 # Row 0: documents starting at 0, 10 (inside a tile) and 16 (a tile edge), then one of 2 steps
 # (shorter than the kernel); row 1 continues a document begun 2 steps before the call.
@@ -50,13 +52,14 @@ def _value_and_grads(fn, x, kernel, bias, dy):
     return y, vjp(dy)
 
 
-@pytest.mark.parametrize("dtype,activation,documents,with_bias", [
-    (jnp.float32, "silu", True, True),
-    (jnp.float32, None, True, True),
-    (jnp.bfloat16, "silu", True, True),
-    (jnp.float32, "silu", False, False),
-], ids=["f32-silu-docs", "f32-docs", "bf16-silu-docs", "f32-silu-plain"])
-def test_triton_matches_float32_reference(dtype, activation, documents, with_bias):
+@pytest.mark.parametrize("dtype,activation,documents,with_bias,tiles", [
+    (jnp.float32, "silu", True, True, TILES),
+    (jnp.float32, None, True, True, TILES),
+    (jnp.bfloat16, "silu", True, True, TILES),
+    (jnp.float32, "silu", False, False, TILES),
+    (jnp.float32, "silu", True, True, LOOP_TILES),
+], ids=["f32-silu-docs", "f32-docs", "bf16-silu-docs", "f32-silu-plain", "f32-bwd-loop"])
+def test_triton_matches_float32_reference(dtype, activation, documents, with_bias, tiles):
     x, kernel, bias, dy = _inputs(dtype)
     doc_pos = jnp.asarray(DOC_POS) if documents else None
     if not with_bias:
@@ -64,7 +67,7 @@ def test_triton_matches_float32_reference(dtype, activation, documents, with_bia
 
     def run(x, kernel, b):
         return causal_conv1d(x, kernel, b if with_bias else None, doc_pos, activation=activation,
-                             implementation="triton", interpret=True, tiles=TILES)
+                             implementation="triton", interpret=True, tiles=tiles)
 
     def oracle(x, kernel, b):
         return reference.causal_conv1d(x, kernel, b if with_bias else None, doc_pos,

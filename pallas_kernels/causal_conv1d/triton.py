@@ -8,7 +8,8 @@ materialises the padded input and, backward, reduces the weight gradient in sepa
 The backward recomputes the pre-activation from ``x`` (the inputs are the only residuals):
 ``dx[s] = sum_j kernel[K-1-j] * dpre[s+j] * [doc_pos[s+j] >= j]`` needs ``pre`` at ``s..s+K-1``,
 hence ``x`` at ``s-K+1..s+K-1`` (``2K - 1`` shifted loads). The kernel and bias gradients are
-float32 partials per (batch row, time block), summed outside (deterministic, no atomics).
+float32 partials per (batch row, ``bwd_blocks`` time blocks), summed outside (deterministic, no
+atomics): a backward program walks its time blocks accumulating them in registers.
 
 Loads index the row with clamped step vectors rather than ``pl.ds`` windows: a window starting
 before step 0 would be shifted by interpret mode's dynamic slice, and the masks zero those taps.
@@ -34,15 +35,19 @@ f32 = jnp.float32
 @dataclasses.dataclass(frozen=True)
 class Tiles:
     """``block_t`` steps and ``block_c`` channels per program (powers of two; the length and the
-    channels need not be multiples), and the warps per program."""
+    channels need not be multiples), the warps per program, and the time blocks a backward
+    program walks (fewer kernel/bias gradient partials to write and sum)."""
 
     block_t: int
     block_c: int
     num_warps: int
+    bwd_blocks: int = 1
 
 
-# 32 x 64 with 4 warps: 16 float32 elements per thread per tile, so the backward's ~2K + K live
-# tiles fit the register file without spilling (scripts/kernel_resources.py).
+# 32 x 64 with 4 warps, one block per backward program: 16 float32 elements per thread per tile;
+# the backward's 3K - 1 shifted loads (and their pointers) fit 197 registers without spilling on
+# an H100 (scripts/kernel_resources.py; bwd_blocks > 1 loops: 246 at 8 warps, 255 and spills at
+# 4). Not yet timed on a device (scripts/bench_conv1d.py --variants).
 DEFAULT_TILES = {"": Tiles(block_t=32, block_c=64, num_warps=4)}
 
 
@@ -80,10 +85,10 @@ def config(call: Call, tiles: Tiles, interpret: bool) -> Config:
 class _Tile:
     """Index vectors of a program's ``(T, C)`` tile and its shifted masked loads."""
 
-    def __init__(self, length, channels, T, C):
+    def __init__(self, length, channels, T, C, t0, c0):
         self.length = length
-        self.t = pl.program_id(1) * T + jax.lax.broadcasted_iota(jnp.int32, (T,), 0)
-        self.c = pl.program_id(2) * C + jax.lax.broadcasted_iota(jnp.int32, (C,), 0)
+        self.t = t0 + jax.lax.broadcasted_iota(jnp.int32, (T,), 0)
+        self.c = c0 + jax.lax.broadcasted_iota(jnp.int32, (C,), 0)
         self.c_ok = self.c < channels
 
     def rows(self, shift):
@@ -138,14 +143,36 @@ def _pre(r, tile, K, shift, xs=None):
 
 def _forward_kernel(*refs, length, channels, K, T, C, activation, flags):
     r = Refs(refs, flags)
-    tile = _Tile(length, channels, T, C)
+    tile = _Tile(length, channels, T, C, pl.program_id(1) * T, pl.program_id(2) * C)
     pre, _ = _pre(r, tile, K, 0)
     tile.store(r.y, jax.nn.silu(pre) if activation == "silu" else pre)
 
 
-def _backward_kernel(*refs, length, channels, K, T, C, activation, flags):
+def _backward_kernel(*refs, length, channels, K, T, C, activation, blocks, flags):
     r = Refs(refs, flags)
-    tile = _Tile(length, channels, T, C)
+    first, c0 = pl.program_id(1) * blocks, pl.program_id(2) * C
+
+    def block(i, sums):
+        tile = _Tile(length, channels, T, C, (first + i) * T, c0)  # (no program_id in a loop)
+        return _backward_block(r, tile, K, activation, sums)
+
+    if blocks == 1:  # no loop: the partials are stored as soon as they are summed
+        block(0, None)
+        return
+    sums = jax.lax.fori_loop(0, blocks, block, (jnp.zeros((C,), f32),) * (K + 1))
+    _store_partials(r, sums)
+
+
+def _store_partials(r, sums):
+    for k, row in enumerate(sums[:-1]):
+        r.dkernel[k, :] = row
+    if r.dbias is not None:
+        r.dbias[:] = sums[-1]
+
+
+def _backward_block(r, tile, K, activation, sums):
+    """Store ``dx`` of one tile; returns ``sums`` (``K`` kernel rows, then the bias) plus the
+    tile's parameter gradients, or stores those (``sums`` None: one block per program)."""
     xs = {d: tile.load(r.x, d) for d in range(-(K - 1), K)}
     dx = None
     for j in range(K):  # output step t + j reads x[t] through tap K - 1 - j
@@ -155,30 +182,35 @@ def _backward_kernel(*refs, length, channels, K, T, C, activation, flags):
             sig = jax.nn.sigmoid(pre)
             dpre = dpre * sig * (1.0 + pre * (1.0 - sig))
         if j == 0:  # the parameter gradients sum dpre at the tile's own steps
-            for k in range(K):
-                back = K - 1 - k
-                tap = xs[-back] if pos is None else jnp.where((pos >= back)[:, None], xs[-back], 0.0)
-                r.dkernel[k, :] = jnp.sum(dpre * tap, axis=0)
-            if r.dbias is not None:
-                r.dbias[:] = jnp.sum(dpre, axis=0)
+            taps = [xs[-(K - 1 - k)] for k in range(K)]
+            if pos is not None:
+                taps = [jnp.where((pos >= K - 1 - k)[:, None], tap, 0.0)
+                        for k, tap in enumerate(taps)]
+            parts = (*(jnp.sum(dpre * tap, axis=0) for tap in taps), jnp.sum(dpre, axis=0))
+            if sums is None:
+                _store_partials(r, parts)
+            else:
+                sums = tuple(s + p for s, p in zip(sums, parts))
         if pos is not None:
             dpre = jnp.where((pos >= j)[:, None], dpre, 0.0)
         term = dpre * tile.channel_row(r.kernel, K - 1 - j)
         dx = term if dx is None else dx + term
     tile.store(r.dx, dx)
+    return sums
 
 
 # ----------------------------------------------------------------------------- calls
 
 
-def _call(kernel, cfg: Config, x, named_in, named_out, name):
+def _call(kernel, cfg: Config, x, named_in, named_out, name, blocks=None):
+    """``blocks``: the time blocks per program of the backward (None: the forward, one)."""
     batch, length, channels = x.shape
     T, C = cfg.tiles.block_t, cfg.tiles.block_c
-    grid = (batch, pl.cdiv(length, T), pl.cdiv(channels, C))
+    grid = (batch, pl.cdiv(length, T * (blocks or 1)), pl.cdiv(channels, C))
     in_flags, args, in_specs = operands(named_in)
     out_flags, out_shapes, out_specs = operands(named_out)
     static = dict(length=length, channels=channels, K=named_in[1][1].shape[0], T=T, C=C,
-                  activation=cfg.activation)
+                  activation=cfg.activation, **({} if blocks is None else {"blocks": blocks}))
     return pl.pallas_call(
         functools.partial(kernel, flags=in_flags + out_flags, **static),
         out_shape=[out_type(s.shape, s.dtype, *args) for s in out_shapes],
@@ -215,7 +247,9 @@ def forward(x, kernel, bias, doc_pos, cfg: Config):
 def backward(dy, x, kernel, bias, doc_pos, cfg: Config):
     """``(dx, dkernel, dbias)``; the parameter gradients in their own dtypes."""
     batch, length, channels = x.shape
-    K, n_t, C = kernel.shape[0], pl.cdiv(length, cfg.tiles.block_t), cfg.tiles.block_c
+    T, C = cfg.tiles.block_t, cfg.tiles.block_c
+    blocks = min(cfg.tiles.bwd_blocks, pl.cdiv(length, T))  # no program past the end
+    K, n_t = kernel.shape[0], pl.cdiv(length, T * blocks)
     padded = pl.cdiv(channels, C) * C  # whole channel blocks: the partials' blocks tile them
     row = pl.BlockSpec((None, length, channels), lambda b, i, j: (b, 0, 0))
     named_in = _inputs(x, kernel, bias, doc_pos)
@@ -227,7 +261,7 @@ def backward(dy, x, kernel, bias, doc_pos, cfg: Config):
         ("dx", sds(x.shape, x.dtype), row),
         ("dkernel", sds((batch, n_t, K, padded), f32), partial_k),
         ("dbias", None if bias is None else sds((batch, n_t, padded), f32), partial_b),
-    ], "causal_conv1d_bwd")
+    ], "causal_conv1d_bwd", blocks)
     dx, dkernel = outs[0], outs[1].sum((0, 1))[:, :channels].astype(kernel.dtype)
     dbias = None if bias is None else outs[2].sum((0, 1))[:channels].astype(bias.dtype)
     return dx, dkernel, dbias
