@@ -5,13 +5,13 @@ Shapes are Mamba-2 130M's train step (8 x 2048 tokens): ``conv_x`` over 1536 cha
 documents (``doc_pos``) fused as the mixer calls it.
 
     PYTHONPATH=src:. python3 scripts/bench_conv1d.py [--channels 1536 256] [--batch 8]
-        [--length 2048] [--variants 32x64x4 16x128x4 ...] [--documents 512] [--no-check]
+        [--length 2048] [--variants 32x64x4 32x64x8x4 ...] [--documents 512] [--no-check]
 
 First a correctness check on the device (float32 plain-JAX form on the same inputs, odd length
 and channels, output and every gradient), then per shape: ms forward and forward+backward (a VJP
 of x, kernel and bias, with its forward's output) of every Triton tile variant ``block_t x
-block_c x num_warps [x bwd_blocks]`` beside the plain-JAX form, and the speed-up. Off a GPU only the plain-JAX
-row runs.
+block_c x num_warps [x bwd_blocks]`` beside the plain-JAX form, and the speed-up. Off a GPU
+only the plain-JAX row runs.
 """
 
 from __future__ import annotations
@@ -73,11 +73,12 @@ def check(dtype, tol, batch=2, length=1001, channels=300):
     f32 = lambda v: v.astype(jnp.float32)
     y, vjp = jax.vjp(lambda *d: reference.causal_conv1d(*d, pos, activation="silu"),
                      f32(x), kernel, bias)
-    errs = dict(zip(("y", "dx", "dkernel", "dbias"), map(_rel, (got[0], *got[1]), (y, *vjp(f32(dy))))))
+    want = (y, *vjp(f32(dy)))
+    errs = dict(zip(("y", "dx", "dkernel", "dbias"), map(_rel, (got[0], *got[1]), want)))
     worst = max(errs.values())
     print(f"check triton {jnp.dtype(dtype).name}: max rel err {worst:.2e} (tol {tol}) "
-          f"{'ok' if worst < tol else 'FAIL'}\n   " + ", ".join(f"{k} {v:.1e}" for k, v in errs.items()),
-          flush=True)
+          f"{'ok' if worst < tol else 'FAIL'}", flush=True)
+    print("   " + ", ".join(f"{k} {v:.1e}" for k, v in errs.items()), flush=True)
     return worst < tol
 
 
