@@ -223,24 +223,25 @@ def _call(kernel, cfg: Config, x, named_in, named_out, name, blocks=None):
     )(*args)
 
 
+def _row(x):
+    """A program's block of a ``(batch, length, channels)`` array: its whole batch row."""
+    return pl.BlockSpec((None, *x.shape[1:]), lambda b, i, j: (b, 0, 0))
+
+
 def _inputs(x, kernel, bias, doc_pos):
     """The named inputs: a program sees its batch row of ``x``/``doc_pos`` and all parameters."""
-    _, length, channels = x.shape
-    row = pl.BlockSpec((None, length, channels), lambda b, i, j: (b, 0, 0))
     whole = lambda a: pl.BlockSpec(a.shape, lambda b, i, j: (0,) * a.ndim)
     return [
-        ("x", x, row),
+        ("x", x, _row(x)),
         ("kernel", kernel, whole(kernel)),
         ("bias", bias, None if bias is None else whole(bias)),
-        ("doc_pos", doc_pos, pl.BlockSpec((None, length), lambda b, i, j: (b, 0))),
+        ("doc_pos", doc_pos, pl.BlockSpec((None, x.shape[1]), lambda b, i, j: (b, 0))),
     ]
 
 
 def forward(x, kernel, bias, doc_pos, cfg: Config):
-    _, length, channels = x.shape
-    row = pl.BlockSpec((None, length, channels), lambda b, i, j: (b, 0, 0))
     (y,) = _call(_forward_kernel, cfg, x, _inputs(x, kernel, bias, doc_pos),
-                 [("y", jax.ShapeDtypeStruct(x.shape, x.dtype), row)], "causal_conv1d_fwd")
+                 [("y", jax.ShapeDtypeStruct(x.shape, x.dtype), _row(x))], "causal_conv1d_fwd")
     return y
 
 
@@ -251,14 +252,12 @@ def backward(dy, x, kernel, bias, doc_pos, cfg: Config):
     blocks = min(cfg.tiles.bwd_blocks, pl.cdiv(length, T))  # no program past the end
     K, n_t = kernel.shape[0], pl.cdiv(length, T * blocks)
     padded = pl.cdiv(channels, C) * C  # whole channel blocks: the partials' blocks tile them
-    row = pl.BlockSpec((None, length, channels), lambda b, i, j: (b, 0, 0))
-    named_in = _inputs(x, kernel, bias, doc_pos)
-    named_in.insert(4, ("dy", dy, row))
+    named_in = _inputs(x, kernel, bias, doc_pos) + [("dy", dy, _row(x))]
     partial_k = pl.BlockSpec((None, None, K, C), lambda b, i, j: (b, i, 0, j))
     partial_b = pl.BlockSpec((None, None, C), lambda b, i, j: (b, i, j))
     sds = jax.ShapeDtypeStruct
     outs = _call(_backward_kernel, cfg, x, named_in, [
-        ("dx", sds(x.shape, x.dtype), row),
+        ("dx", sds(x.shape, x.dtype), _row(x)),
         ("dkernel", sds((batch, n_t, K, padded), f32), partial_k),
         ("dbias", None if bias is None else sds((batch, n_t, padded), f32), partial_b),
     ], "causal_conv1d_bwd", blocks)
