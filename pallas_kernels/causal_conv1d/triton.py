@@ -64,6 +64,13 @@ def default_tiles(call: Call) -> Tiles:
     return device_default(DEFAULT_TILES)
 
 
+def auto_declines(call: Call) -> str | None:
+    """Runs when named; "auto" keeps the plain-JAX form, which XLA fuses: on an H200 the
+    backward measured slower (Mamba-2 130M's conv_x, 8 x 2048 x 1536 bf16: fwd+bwd 0.631 ms vs
+    0.543, though the forward is 1.38x faster; BENCHMARKS.md, session 9)."""
+    return "backward measured slower than the plain-JAX form XLA fuses (BENCHMARKS.md)"
+
+
 def supports(call: Call, tiles: Tiles) -> str | None:
     """Why this lowering cannot run the call (None if it can)."""
     pow2 = lambda n: n >= 1 and n & (n - 1) == 0
