@@ -1,6 +1,6 @@
 """What the ``api`` modules of every op share: the dispatch policy (``Dispatch``), argument checks,
-lowering loading, the compilation target and its per-device defaults, and the scan kernels'
-custom VJP."""
+lowering loading, the compilation target and its per-device defaults, and the custom VJPs (the
+scan kernels' checkpointed one; the recomputing one of the elementwise-in-time ops)."""
 
 from __future__ import annotations
 
@@ -267,3 +267,30 @@ def checkpointed_scan(package: str):
 
     scan.defvjp(scan_fwd, scan_bwd, symbolic_zeros=True)
     return scan
+
+
+def recomputing_op(package: str):
+    """A custom-VJP ``op(cfg, *args)`` over the lowering module ``package.<cfg.implementation>``
+    (``cfg`` static) whose only residuals are its inputs: the causal conv's and the gated norm's.
+
+    The module's ``forward(*args, cfg)`` returns the output; ``backward(dout, *args, cfg)``
+    recomputes what it needs and returns one gradient per argument (None for absent ones and
+    for integer inputs).
+    """
+
+    def module(cfg):
+        return load_lowering(package, cfg.implementation)[0]
+
+    @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+    def op(cfg, *args):
+        return module(cfg).forward(*args, cfg)
+
+    def op_fwd(cfg, *args):
+        return module(cfg).forward(*args, cfg), args
+
+    def op_bwd(cfg, args, dout):
+        grads = module(cfg).backward(dout, *args, cfg)
+        return tuple(map(unvary_like, grads, args))
+
+    op.defvjp(op_fwd, op_bwd)
+    return op

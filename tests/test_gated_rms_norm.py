@@ -75,6 +75,7 @@ def test_auto_is_xla_on_cpu_and_triton_for_an_abstract_gpu():
     (dict(scale=jnp.ones((7,))), r"scale must have shape \(features,\) = \(8,\)"),
     (dict(groups=3), "groups must be a positive int dividing features"),
     (dict(epsilon=0.0), "epsilon must be > 0"),
+    (dict(y=jnp.ones((2, 0)), z=jnp.ones((2, 0)), scale=jnp.ones((0,))), "at least one feature"),
     (dict(implementation="triton", interpret=True, tiles=triton.Tiles(3, 6, 4)),
      "block_rows .* must be a power of two"),
 ])

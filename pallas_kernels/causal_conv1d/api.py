@@ -7,12 +7,9 @@ naming it raises a ``ValueError``; the policy is ``_api.Dispatch``'s, the same f
 
 from __future__ import annotations
 
-import functools
-
-import jax
 import jax.numpy as jnp
 
-from pallas_kernels._api import Dispatch, Lowering, load_lowering, shape_of, unvary_like
+from pallas_kernels._api import Dispatch, Lowering, load_lowering, recomputing_op, shape_of
 from pallas_kernels.causal_conv1d import reference
 from pallas_kernels.causal_conv1d.common import Call
 
@@ -36,8 +33,9 @@ def causal_conv1d(x, kernel, bias=None, doc_pos=None, *, activation=None,
         reaching further back reads zero, so packed documents do not see each other. None: one
         document per row. Steps before the row's start read zero either way.
       activation: None or ``"silu"``, applied to the float32 sum before the cast.
-      implementation: ``"auto"`` (the Triton kernel on a GPU target, else ``"xla"``), ``"xla"``
-        (plain JAX, autodiff gradients) or ``"triton"``.
+      implementation: ``"auto"``, ``"xla"`` (plain JAX, autodiff gradients) or ``"triton"``.
+        ``"auto"`` is ``"xla"`` everywhere for now: the Triton backward measured slower than
+        XLA's fusions (``triton.auto_declines``).
       interpret: run ``"triton"`` in interpret mode (CI on CPU); never changes what ``"auto"``
         picks.
       tiles: ``triton.Tiles(block_t, block_c, num_warps)`` with ``implementation="triton"``;
@@ -86,28 +84,4 @@ def _check(x, kernel, bias, doc_pos, activation):
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
 
 
-# ----------------------------------------------------------------------------- custom VJP
-
-
-def _module(cfg):
-    return load_lowering(DISPATCH.package, "triton")[0]
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _kernel_conv(cfg, x, kernel, bias, doc_pos):
-    return _module(cfg).forward(x, kernel, bias, doc_pos, cfg)
-
-
-def _kernel_conv_fwd(cfg, x, kernel, bias, doc_pos):
-    # The inputs are the only residuals: the backward recomputes the pre-activation.
-    return _module(cfg).forward(x, kernel, bias, doc_pos, cfg), (x, kernel, bias, doc_pos)
-
-
-def _kernel_conv_bwd(cfg, residuals, dy):
-    x, kernel, bias, doc_pos = residuals
-    grads = _module(cfg).backward(dy.astype(x.dtype), x, kernel, bias, doc_pos, cfg)
-    dx, dkernel, dbias = map(unvary_like, grads, (x, kernel, bias))
-    return dx, dkernel, dbias, None
-
-
-_kernel_conv.defvjp(_kernel_conv_fwd, _kernel_conv_bwd)
+_kernel_conv = recomputing_op(DISPATCH.package)

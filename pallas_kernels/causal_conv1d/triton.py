@@ -47,7 +47,7 @@ class Tiles:
 # 32 x 64 with 4 warps, one block per backward program: 16 float32 elements per thread per tile;
 # the backward's 3K - 1 shifted loads (and their pointers) fit 197 registers without spilling on
 # an H100 (scripts/kernel_resources.py; bwd_blocks > 1 loops: 246 at 8 warps, 255 and spills at
-# 4). Not yet timed on a device (scripts/bench_conv1d.py --variants).
+# 4). Fastest of those timed on an H200 (bench_conv1d.py --variants; BENCHMARKS.md, session 9).
 DEFAULT_TILES = {"": Tiles(block_t=32, block_c=64, num_warps=4)}
 
 
@@ -58,6 +58,7 @@ class Config:
     tiles: Tiles
     activation: str | None
     interpret: bool
+    implementation: str = "triton"
 
 
 def default_tiles(call: Call) -> Tiles:
@@ -253,7 +254,9 @@ def forward(x, kernel, bias, doc_pos, cfg: Config):
 
 
 def backward(dy, x, kernel, bias, doc_pos, cfg: Config):
-    """``(dx, dkernel, dbias)``; the parameter gradients in their own dtypes."""
+    """``(dx, dkernel, dbias, None)``; the parameter gradients in their own dtypes, none for the
+    integer ``doc_pos``."""
+    dy = dy.astype(x.dtype)
     batch, length, channels = x.shape
     T, C = cfg.tiles.block_t, cfg.tiles.block_c
     blocks = min(cfg.tiles.bwd_blocks, pl.cdiv(length, T))  # no program past the end
@@ -270,4 +273,4 @@ def backward(dy, x, kernel, bias, doc_pos, cfg: Config):
     ], "causal_conv1d_bwd", blocks)
     dx, dkernel = outs[0], outs[1].sum((0, 1))[:, :channels].astype(kernel.dtype)
     dbias = None if bias is None else outs[2].sum((0, 1))[:channels].astype(bias.dtype)
-    return dx, dkernel, dbias
+    return dx, dkernel, dbias, None

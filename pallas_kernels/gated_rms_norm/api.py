@@ -8,12 +8,9 @@ policy is ``_api.Dispatch``'s, the same for every op.
 
 from __future__ import annotations
 
-import functools
-
-import jax
 import jax.numpy as jnp
 
-from pallas_kernels._api import Dispatch, Lowering, load_lowering, shape_of, unvary_like
+from pallas_kernels._api import Dispatch, Lowering, load_lowering, recomputing_op, shape_of
 from pallas_kernels.gated_rms_norm import reference
 from pallas_kernels.gated_rms_norm.common import Call
 
@@ -48,6 +45,8 @@ def gated_rms_norm(y, z, scale, *, groups: int = 1, epsilon: float = 1e-5, dtype
         raise ValueError(f"y and z must share a dtype among bfloat16, float16, float32, got "
                          f"{y.dtype} and {z.dtype}")
     features = y.shape[-1]
+    if features < 1:
+        raise ValueError(f"y must have at least one feature (last axis), got shape {y.shape}")
     if getattr(scale, "shape", None) != (features,):
         raise ValueError(f"scale must have shape (features,) = ({features},), got "
                          f"{shape_of(scale)}")
@@ -69,23 +68,4 @@ def gated_rms_norm(y, z, scale, *, groups: int = 1, epsilon: float = 1e-5, dtype
     return out.reshape(y.shape)
 
 
-def _module(cfg):
-    return load_lowering(DISPATCH.package, cfg.implementation)[0]
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _kernel_norm(cfg, y, z, scale):
-    return _module(cfg).forward(y, z, scale, cfg)
-
-
-def _kernel_norm_fwd(cfg, y, z, scale):
-    return _module(cfg).forward(y, z, scale, cfg), (y, z, scale)
-
-
-def _kernel_norm_bwd(cfg, residuals, dout):
-    y, z, scale = residuals
-    grads = _module(cfg).backward(dout, y, z, scale, cfg)
-    return tuple(map(unvary_like, grads, (y, z, scale)))
-
-
-_kernel_norm.defvjp(_kernel_norm_fwd, _kernel_norm_bwd)
+_kernel_norm = recomputing_op(DISPATCH.package)

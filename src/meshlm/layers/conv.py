@@ -5,8 +5,9 @@ Output step ``t`` of channel ``c`` is ``bias[c] + sum_k kernel[k, c] * x[t - (K 
 padding=K - 1)`` truncated to the input length does (HF's ``conv1d.weight[c, 0, k]`` is
 ``kernel[k, c]``). ``K`` is small (4), so the convolution is ``K`` shifted multiply-adds:
 elementwise over channels, hence sharded like its input with no communication. The math is
-``pallas_kernels.causal_conv1d``'s: its Pallas kernel on a GPU (one pass each way, where XLA
-makes several), its plain-JAX form elsewhere and for a decoding call continuing a state.
+``pallas_kernels.causal_conv1d``'s: its plain-JAX form by default (``"auto"``: the Triton
+kernel's backward measured slower than XLA's fusions) and for a decoding call continuing a state;
+its Triton kernel when named (``implementation="triton"``).
 """
 
 from __future__ import annotations
@@ -48,9 +49,9 @@ class CausalConv1d(nn.Module):
 
     ``activation`` (None or ``"silu"``) is applied to the float32 sum, fused. Without a ``state``
     the convolution runs ``pallas_kernels.causal_conv1d`` with ``implementation`` /
-    ``interpret`` (the Triton kernel on a GPU under ``"auto"``, per device on sharded
-    activations; the plain-JAX form on CPU); a call with a ``state`` (a decoding continuation)
-    always takes the plain-JAX form.
+    ``interpret`` (a named kernel runs per device on sharded activations; ``"auto"`` is the
+    plain-JAX form); a call with a ``state`` (a decoding continuation) always takes the
+    plain-JAX form.
 
     Params: ``kernel (K, *channels)`` with logical axes ``("conv", *channel_axes)`` and ``bias
     (*channels)`` with ``channel_axes``. Computed in float32, returned in ``dtype``.
