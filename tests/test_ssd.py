@@ -283,6 +283,8 @@ def _small():
                             tiles=triton.Tiles(16, 16, 0)), "tiles.num_warps must be a positive"),
         (lambda a: a.update(implementation="triton", interpret=True,
                             tiles=triton.Tiles(16, 16, 4, 24)), r"tiles\.scan_block_p \(24\)"),
+        (lambda a: a.update(implementation="triton", interpret=True,
+                            tiles=triton.Tiles(16, 16, 4, 16, 0)), "tiles.scan_stages must be a positive"),
         (lambda a: a.update(implementation="tpu", interpret=True, tiles=tpu.Tiles(12)),
          r"tiles\.block_t \(12\) must divide"),
         (lambda a: a.update(implementation="tpu", interpret=True, tiles=triton.Tiles(8, 16, 4)),

@@ -77,6 +77,7 @@ class SSDConfig:
     num_warps: int | None
     interpret: bool
     scan_block_p: int | None = None  # Triton's sequential state passes (``triton.Tiles``)
+    scan_stages: int = 1  # their software-pipeline depth (``triton.Tiles``)
 
 
 def _dot(a, b, contract, dtype):

@@ -56,16 +56,19 @@ f32 = jnp.float32
 class Tiles:
     """``block_t`` steps per matrix-product tile (a power of 2 >= 16 dividing ``chunk_size``),
     ``block_p`` head_dim columns per program (a power of 2 >= 16 dividing ``head_dim``), the
-    warps per program, and ``scan_block_p`` head_dim columns per program of the two sequential
-    state passes (likewise; 0 means ``block_p``). The sequential passes have one program per
-    (batch row, head, column block) walking the whole length, so at long sequences and few rows
-    narrower columns give them more programs in flight; the per-tile kernels are parallel over
-    the length already and keep ``block_p`` (each column block adds ``dB``/``dC`` partials)."""
+    warps per program, ``scan_block_p`` head_dim columns per program of the two sequential
+    state passes (likewise; 0 means ``block_p``) and ``scan_stages``, their software-pipeline
+    depth. The sequential passes have one program per (batch row, head, column block) walking
+    the whole length: each tile's loads do not depend on the carried state, so with
+    ``scan_stages > 1`` Triton issues the next tiles' loads while the current one computes
+    instead of waiting a memory latency per tile. The per-tile kernels are parallel over the
+    length already and keep ``block_p`` (each column block adds ``dB``/``dC`` partials)."""
 
     block_t: int
     block_p: int
     num_warps: int
     scan_block_p: int = 0
+    scan_stages: int = 1
 
     def __post_init__(self):
         if self.scan_block_p == 0:
@@ -80,7 +83,8 @@ DEFAULT_TILES = {"": Tiles(block_t=64, block_p=64, num_warps=4)}
 def default_tiles(call: common.Call) -> Tiles:
     default = device_default(DEFAULT_TILES)
     return Tiles(min(default.block_t, call.chunk_size), min(default.block_p, call.head_dim),
-                 default.num_warps, min(default.scan_block_p, call.head_dim))
+                 default.num_warps, min(default.scan_block_p, call.head_dim),
+                 default.scan_stages)
 
 
 def supports(call: common.Call, tiles: Tiles) -> str | None:
@@ -104,7 +108,7 @@ def config(call: common.Call, tiles: Tiles, dt_softplus: bool, interpret: bool):
     return common.SSDConfig(
         implementation="triton", chunk_size=tiles.block_t, block_t=tiles.block_t,
         block_p=tiles.block_p, dt_softplus=dt_softplus, num_warps=tiles.num_warps,
-        interpret=interpret, scan_block_p=tiles.scan_block_p,
+        interpret=interpret, scan_block_p=tiles.scan_block_p, scan_stages=tiles.scan_stages,
     )
 
 
@@ -274,7 +278,7 @@ def _specs(x_shape, B_shape, block_p, n_tiles):
     return specs(lambda j: j), specs(lambda j: j // n_tiles)
 
 
-def _call(kernel, cfg, grid, named_in, named_out, static, name):
+def _call(kernel, cfg, grid, named_in, named_out, static, name, num_stages=1):
     """One pallas_call from ``[(name, array or None, spec)]`` inputs and ``[(name, shape or None,
     spec)]`` outputs; returns a dict of the outputs by name."""
     in_flags, args, in_specs = operands(named_in)
@@ -285,7 +289,7 @@ def _call(kernel, cfg, grid, named_in, named_out, static, name):
         grid=grid,
         in_specs=in_specs,
         out_specs=out_specs,
-        compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=1),
+        compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=num_stages),
         interpret=cfg.interpret,
         name=name,
     )(*args)
@@ -320,7 +324,7 @@ def forward(x, dt, A, B, C, D, z, dt_bias, h0, reset, cfg: common.SSDConfig, *,
         [("h_final", jax.ShapeDtypeStruct((batch, heads, head_dim, d_state), f32), sp["state"]),
          ("ckpt", jax.ShapeDtypeStruct((batch, heads, n_tiles, head_dim, d_state), x.dtype),
           sp["states"])],
-        st, "ssd_fwd_states",
+        st, "ssd_fwd_states", cfg.scan_stages,
     )
     y = _call(
         _out_kernel, cfg, (batch, heads * n_tiles, n_pb),
@@ -359,7 +363,7 @@ def backward(dout, dh_final, x, dt, A, B, C, D, z, dt_bias, h0, reset, ckpt,
          ("dh_final", dh_final, sp["state"]), ("reset", reset, sp["row"])],
         [("dck", jax.ShapeDtypeStruct(ckpt.shape, x.dtype), sp["states"]),
          ("dh0", None if h0 is None else f32_state, sp["state"])],
-        st, "ssd_bwd_states",
+        st, "ssd_bwd_states", cfg.scan_stages,
     )
     # Per-(head, column block) partials over the whole length, summed outside.
     partial_t = lambda *n: pl.BlockSpec(
