@@ -86,7 +86,7 @@ def triton_config(batch, length, d_inner, d_state, tiles=None):
 
 def pallas(cfg):
     def fn(u, delta, A, B, C, D, z, dt_bias):
-        return api._kernel_scan(cfg, u, delta, A, B, C, D, z, dt_bias, None)[0]
+        return api._kernel_scan(cfg, u, delta, A, B, C, D, z, dt_bias, None, None)[0]
 
     return fn
 
