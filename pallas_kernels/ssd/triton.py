@@ -76,9 +76,9 @@ class Tiles:
 
 
 # Defaults by compute capability ("" is every GPU), each tile capped at chunk_size / head_dim:
-# 64x64 with 4 warps was fastest of the tiles timed on an H100; 3 pipeline stages halve the
+# 64x64 with 4 warps was fastest of the tiles timed on an H100; 4 pipeline stages halve the
 # sequential passes on an H200 (BENCHMARKS.md, bench_ssd.py).
-DEFAULT_TILES = {"": Tiles(block_t=64, block_p=64, num_warps=4, scan_stages=3)}
+DEFAULT_TILES = {"": Tiles(block_t=64, block_p=64, num_warps=4, scan_stages=4)}
 
 
 def default_tiles(call: common.Call) -> Tiles:
