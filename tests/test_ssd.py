@@ -322,8 +322,8 @@ def test_auto_lowers_to_triton_for_an_abstract_gpu():
     with lowering_for("NVIDIA H100"):
         text = jax.jit(fwd_bwd).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
         # The default tiles, capped at head_dim 16.
-        assert DISPATCH.choose("auto", Call(args[0].shape, args[3].shape, 64),
-                               interpret=False) == ("triton", triton.Tiles(64, 16, 4))
+        chosen = DISPATCH.choose("auto", Call(args[0].shape, args[3].shape, 64), interpret=False)
+        assert chosen == ("triton", triton.Tiles(64, 16, 4, scan_stages=4))
     # states + outputs; dstates + state-side grads + input-side grads
     assert text.count("__gpu$xla.gpu.triton") == 5
     assert "__gpu$xla.gpu.triton" not in jax.jit(fwd_bwd).trace(*args).lower().as_text()
