@@ -420,7 +420,8 @@ def test_bad_groups_and_options_raise():
 
 def test_auto_lowers_to_triton_for_an_abstract_gpu():
     """From this CPU host, "auto" targeting an H100 picks the Triton kernels with the GPU's default
-    tiles (forward and backward lower for CUDA), and off the abstract GPU it is the reference."""
+    tiles (forward and backward lower for CUDA; one row: the narrowest channel block), and off
+    the abstract GPU it is the reference."""
     sds = jax.ShapeDtypeStruct
     b, length, d, n = 1, 100, 64, 16
     args = (sds((b, length, d), jnp.bfloat16), sds((b, length, d), jnp.bfloat16),
@@ -435,6 +436,16 @@ def test_auto_lowers_to_triton_for_an_abstract_gpu():
         text = jax.jit(fwd_bwd).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
         call = Call(b, length, d, 1, n)
         assert DISPATCH.choose("auto", call, interpret=False) == (
-            "triton", triton.Tiles(block_d=32, chunk=8, forward_chunk=16))
+            "triton", triton.Tiles(block_d=8, chunk=8, forward_chunk=16))
     assert text.count("__gpu$xla.gpu.triton") == 2  # forward, backward
     assert "__gpu$xla.gpu.triton" not in jax.jit(fwd_bwd).trace(*args).lower().as_text()
+
+
+@pytest.mark.parametrize("batch, d_inner, block_d", [(2, 1536, 8), (8, 1536, 32), (1, 8, 8),
+                                                      (4, 1536, 16)])
+def test_default_channel_block_fills_the_gpu(batch, d_inner, block_d):
+    """Few rows narrow the channel block (more programs walking the length), never below 8."""
+    call = Call(batch, 2048, d_inner, 1, 16)
+    with lowering_for("NVIDIA H100"):
+        tiles = triton.default_tiles(call)
+    assert tiles.block_d == block_d and triton.supports(call, tiles) is None

@@ -393,3 +393,15 @@ def test_reset_lowers_to_verified_triton_for_an_abstract_gpu():
         text = jax.jit(fwd_bwd).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("__gpu$xla.gpu.triton") == 5 and checked[0] == 5
 
+
+
+@pytest.mark.parametrize("batch, heads, scan_block_p", [(2, 24, 16), (2, 64, 64), (8, 24, 64),
+                                                        (1, 1, 16)])
+def test_default_sequential_passes_fill_the_gpu(batch, heads, scan_block_p):
+    """Few (batch row, head) pairs split head_dim into narrower columns for the sequential
+    passes, never below 16; the per-tile kernels keep the full block."""
+    call = Call((batch, 8192, heads, 64), (batch, 8192, 1, 128), 256)
+    with lowering_for("NVIDIA H100"):
+        tiles = triton.default_tiles(call)
+    assert (tiles.scan_block_p, tiles.block_p) == (scan_block_p, 64)
+    assert triton.supports(call, tiles) is None

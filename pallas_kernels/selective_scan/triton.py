@@ -79,10 +79,19 @@ _MAX_D_STATE = 256
 _MAX_CHUNK = 64  # the chunk is unrolled at trace time; longer chunks only cost compile time
 
 
+# Each program walks the whole length, so few rows leave SMs idle: block_d halves (to 8 at least)
+# until there are this many programs. On an H200 at 2 x 2048 x 1536 x 16, block_d 8 (384 programs)
+# ran fwd+bwd in 1.86 ms against 3.55 at 32 (96); at 8 rows 32 gives 384 and was the fastest of
+# the H100 sweep (BENCHMARKS.md, session 10).
+_MIN_PROGRAMS = 384
+
+
 def default_tiles(call: common.Call) -> Tiles:
     default = device_default(DEFAULT_TILES)
     d_state_p = common.next_power_of_2(call.d_state)
     cap = max(1, min(default.block_d, 32 * 8 * _STATE_ELEMS_PER_THREAD // d_state_p))
+    while cap > 8 and call.batch * call.d_inner // cap < _MIN_PROGRAMS:
+        cap //= 2
     block_d = common.largest_power_of_2_divisor(call.d_inner // call.n_groups, cap)
     return Tiles(block_d, default.chunk, default.forward_chunk, default.segments)
 

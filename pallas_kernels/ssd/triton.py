@@ -81,11 +81,20 @@ class Tiles:
 DEFAULT_TILES = {"": Tiles(block_t=64, block_p=64, num_warps=4, scan_stages=4)}
 
 
+# The sequential passes' column block narrows (to 16 at least) until they have this many programs:
+# on an H200, 2 rows x 24 heads (48 programs) ran 1.3x faster at 16 columns (192 programs), while
+# 2 x 64 heads (128) ran fastest at the full 64 (BENCHMARKS.md, session 10).
+_MIN_SCAN_PROGRAMS = 128
+
+
 def default_tiles(call: common.Call) -> Tiles:
     default = device_default(DEFAULT_TILES)
-    return Tiles(min(default.block_t, call.chunk_size), min(default.block_p, call.head_dim),
-                 default.num_warps, min(default.scan_block_p, call.head_dim),
-                 default.scan_stages)
+    batch, _, heads, head_dim = call.x_shape
+    scan_block_p = min(default.scan_block_p, head_dim)
+    while scan_block_p > 16 and batch * heads * (head_dim // scan_block_p) < _MIN_SCAN_PROGRAMS:
+        scan_block_p //= 2
+    return Tiles(min(default.block_t, call.chunk_size), min(default.block_p, head_dim),
+                 default.num_warps, scan_block_p, default.scan_stages)
 
 
 def supports(call: common.Call, tiles: Tiles) -> str | None:
