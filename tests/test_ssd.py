@@ -284,7 +284,8 @@ def _small():
         (lambda a: a.update(implementation="triton", interpret=True,
                             tiles=triton.Tiles(16, 16, 4, 24)), r"tiles\.scan_block_p \(24\)"),
         (lambda a: a.update(implementation="triton", interpret=True,
-                            tiles=triton.Tiles(16, 16, 4, 16, 0)), "tiles.scan_stages must be a positive"),
+                            tiles=triton.Tiles(16, 16, 4, 16, 0)),
+         "tiles.scan_stages must be a positive"),
         (lambda a: a.update(implementation="tpu", interpret=True, tiles=tpu.Tiles(12)),
          r"tiles\.block_t \(12\) must divide"),
         (lambda a: a.update(implementation="tpu", interpret=True, tiles=triton.Tiles(8, 16, 4)),
@@ -392,7 +393,6 @@ def test_reset_lowers_to_verified_triton_for_an_abstract_gpu():
     with verified_triton_modules() as checked, lowering_for("NVIDIA H100"):
         text = jax.jit(fwd_bwd).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("__gpu$xla.gpu.triton") == 5 and checked[0] == 5
-
 
 
 @pytest.mark.parametrize("batch, heads, scan_block_p", [(2, 24, 16), (2, 64, 64), (8, 24, 64),
