@@ -112,7 +112,10 @@ CASES = {
     # nor of the tile, two column blocks per head (Triton's per-block partials).
     "f32-full": dict(batch=2, length=37, heads=4, head_dim=32, groups=2, d_state=16,
                      dtype=jnp.float32, full=True),
-    "bf16-plain": dict(batch=1, length=40, heads=2, head_dim=16, groups=1, d_state=32,
+    # dA is one sum per head whose terms cancel: with 2 heads a seed in ~25 left |dA| small
+    # enough that the bfloat16 error passed 3e-2 (CI, seed 1975954789: 4.9e-2). Over 8 heads
+    # the worst of 40 seeds was 4.2e-3.
+    "bf16-plain": dict(batch=1, length=40, heads=8, head_dim=16, groups=1, d_state=32,
                        dtype=jnp.bfloat16, full=False),
 }
 KERNELS = {
