@@ -198,13 +198,17 @@ def _platform_reason(lowering: Lowering) -> str | None:
 
 
 def _check_tiles(tiles, cls, path: str = "tiles"):
-    """``tiles`` is a ``cls`` whose leaves (nested tile dataclasses allowed) are ints >= 1."""
+    """``tiles`` is a ``cls`` whose leaves (nested tile dataclasses allowed) are ints >= 1, or
+    bools where the field's default is one (a switch between two forms of a kernel)."""
     if not isinstance(tiles, cls):
         raise ValueError(f"{path} must be a {_qualified(cls)}, got {_qualified(type(tiles))}")
     for field in dataclasses.fields(tiles):
         value, where = getattr(tiles, field.name), f"{path}.{field.name}"
         if dataclasses.is_dataclass(value):
             _check_tiles(value, type(value), where)
+        elif isinstance(field.default, bool):
+            if not isinstance(value, bool):
+                raise ValueError(f"{where} must be True or False, got {value!r}")
         elif not is_int(value) or value < 1:
             raise ValueError(f"{where} must be a positive int, got {value!r}")
 

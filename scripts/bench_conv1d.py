@@ -5,13 +5,14 @@ Shapes are Mamba-2 130M's train step (8 x 2048 tokens): ``conv_x`` over 1536 cha
 documents (``doc_pos``) fused as the mixer calls it.
 
     PYTHONPATH=src:. python3 scripts/bench_conv1d.py [--channels 1536 256] [--batch 8]
-        [--length 2048] [--variants 32x64x4 32x64x8x4 ...] [--documents 512] [--no-check]
+        [--length 2048] [--variants 32x64x4 32x64x8x4 32x64x4s ...] [--documents 512]
+        [--no-check]
 
 First a correctness check on the device (float32 plain-JAX form on the same inputs, odd length
 and channels, output and every gradient), then per shape: ms forward and forward+backward (a VJP
 of x, kernel and bias, with its forward's output) of every Triton tile variant ``block_t x
-block_c x num_warps [x bwd_blocks]`` beside the plain-JAX form, and the speed-up. Off a GPU
-only the plain-JAX row runs.
+block_c x num_warps [x blocks]``, ``s`` at the end for the split backward (``triton.Tiles``),
+beside the plain-JAX form, and the speed-up. Off a GPU only the plain-JAX row runs.
 """
 
 from __future__ import annotations
@@ -46,6 +47,12 @@ def _inputs(key, batch, length, channels, dtype, documents):
     return (x, kernel, bias, (steps - begun).astype(jnp.int32)), dy
 
 
+def parse_variant(text):
+    """``"32x64x8x4s"`` -> ``Tiles(32, 64, 8, blocks=4, split_bwd=True)``."""
+    split = text.endswith("s")
+    return triton.Tiles(*map(int, text.removesuffix("s").split("x")), split_bwd=split)
+
+
 def _fwd_and_vjp(impl, **opts):
     def f(x, kernel, bias, doc_pos):
         return causal_conv1d(x, kernel, bias, doc_pos, activation="silu", implementation=impl,
@@ -66,17 +73,19 @@ def _rel(a, b):
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
-def check(dtype, tol, batch=2, length=1001, channels=300):
-    """Output and gradients of the Triton kernel against the float32 plain-JAX form."""
+def check(dtype, tol, tiles=None, batch=2, length=1001, channels=300):
+    """Output and gradients of the Triton kernel (``tiles``: None, the default) against the
+    float32 plain-JAX form."""
     (x, kernel, bias, pos), dy = _inputs(jax.random.PRNGKey(3), batch, length, channels, dtype, 64)
-    got = _fwd_and_vjp("triton")[1](dy, x, kernel, bias, pos)
+    got = _fwd_and_vjp("triton", tiles=tiles)[1](dy, x, kernel, bias, pos)
     f32 = lambda v: v.astype(jnp.float32)
     y, vjp = jax.vjp(lambda *d: reference.causal_conv1d(*d, pos, activation="silu"),
                      f32(x), kernel, bias)
     want = (y, *vjp(f32(dy)))
     errs = dict(zip(("y", "dx", "dkernel", "dbias"), map(_rel, (got[0], *got[1]), want)))
     worst = max(errs.values())
-    print(f"check triton {jnp.dtype(dtype).name}: max rel err {worst:.2e} (tol {tol}) "
+    print(f"check triton {tiles or 'default'} {jnp.dtype(dtype).name}: max rel err "
+          f"{worst:.2e} (tol {tol}) "
           f"{'ok' if worst < tol else 'FAIL'}", flush=True)
     print("   " + ", ".join(f"{k} {v:.1e}" for k, v in errs.items()), flush=True)
     return worst < tol
@@ -88,8 +97,10 @@ def main(argv=None):
                    help="1536: conv_x of Mamba-2 130M; 256: its conv_bc")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--length", type=int, default=2048)
-    p.add_argument("--variants", nargs="+", default=["32x64x4", "32x64x8", "32x64x8x4"],
-                   help="Triton tiles block_t x block_c x num_warps [x bwd_blocks]")
+    p.add_argument("--variants", nargs="+",
+                   default=["32x64x4", "32x64x4s", "32x64x8s", "64x64x8s", "32x64x4x8s"],
+                   help="Triton tiles block_t x block_c x num_warps [x blocks], 's' at the end "
+                        "for the split backward")
     p.add_argument("--documents", type=int, default=512, help="mean packed-document length")
     p.add_argument("--no-check", action="store_true")
     p.add_argument("--iters", type=int, default=20)
@@ -97,8 +108,9 @@ def main(argv=None):
     on_gpu = jax.default_backend() == "gpu"
     print(f"device: {benchlib.device_description()}", flush=True)
     if on_gpu and not a.no_check:
-        check(jnp.float32, 1e-5)
-        check(jnp.bfloat16, 1e-2)
+        for tiles in [None] + [parse_variant(v) for v in a.variants]:
+            check(jnp.float32, 1e-5, tiles)
+            check(jnp.bfloat16, 1e-2, tiles)
 
     rows = []
     for channels in a.channels:
@@ -114,7 +126,7 @@ def main(argv=None):
         for v in a.variants if on_gpu else []:
             label = f"triton {v}"
             try:
-                fwd, fwd_bwd = _fwd_and_vjp("triton", tiles=triton.Tiles(*map(int, v.split("x"))))
+                fwd, fwd_bwd = _fwd_and_vjp("triton", tiles=parse_variant(v))
                 t_fwd = benchlib.time_ms(fwd, *vals, iters=a.iters)
                 t_bwd = benchlib.time_ms(fwd_bwd, dy, *vals, iters=a.iters)
                 err = _rel(fwd(*vals), y_base)

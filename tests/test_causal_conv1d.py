@@ -29,8 +29,9 @@ pytestmark = pytest.mark.usefixtures("fast_compile")
 
 BATCH, LENGTH, CHANNELS, K = 2, 37, 70, 4
 TILES = triton.Tiles(block_t=16, block_c=32, num_warps=4)  # 37 = 2 * 16 + 5, 70 = 2 * 32 + 6
-# A backward program walks 2 blocks: the last program's second block is past the end.
-LOOP_TILES = triton.Tiles(block_t=16, block_c=32, num_warps=4, bwd_blocks=2)
+# A program walks 2 blocks: the last program's second block is past the end.
+LOOP_TILES = triton.Tiles(block_t=16, block_c=32, num_warps=4, blocks=2)
+SPLIT_TILES = triton.Tiles(block_t=16, block_c=32, num_warps=4, blocks=2, split_bwd=True)
 TOL = {jnp.dtype(jnp.float32): 1e-5, jnp.dtype(jnp.bfloat16): 1e-2}
 # Row 0: documents starting at 0, 10 (inside a tile) and 16 (a tile edge), then one of 2 steps
 # (shorter than the kernel); row 1 continues a document begun 2 steps before the call.
@@ -58,7 +59,11 @@ def _value_and_grads(fn, x, kernel, bias, dy):
     (jnp.bfloat16, "silu", True, True, TILES),
     (jnp.float32, "silu", False, False, TILES),
     (jnp.float32, "silu", True, True, LOOP_TILES),
-], ids=["f32-silu-docs", "f32-docs", "bf16-silu-docs", "f32-silu-plain", "f32-bwd-loop"])
+    (jnp.float32, "silu", True, True, SPLIT_TILES),
+    (jnp.bfloat16, "silu", True, True, SPLIT_TILES),
+    (jnp.float32, None, True, False, SPLIT_TILES),
+], ids=["f32-silu-docs", "f32-docs", "bf16-silu-docs", "f32-silu-plain", "f32-loop",
+        "f32-split", "bf16-split", "f32-split-linear"])
 def test_triton_matches_float32_reference(dtype, activation, documents, with_bias, tiles):
     x, kernel, bias, dy = _inputs(dtype)
     doc_pos = jnp.asarray(DOC_POS) if documents else None
@@ -112,6 +117,8 @@ def test_reference_matches_lax_conv():
     (dict(implementation="triton"), "needs a GPU backend, got cpu"),
     (dict(implementation="triton", interpret=True, tiles=triton.Tiles(16, 24, 4)),
      r"tiles.block_c \(24\) must be a power of two"),
+    (dict(implementation="triton", interpret=True, tiles=triton.Tiles(16, 32, 4, split_bwd=1)),
+     r"tiles.split_bwd must be True or False, got 1"),
 ])
 def test_bad_input_is_a_clear_error(change, message):
     args = dict(x=jnp.ones((2, 8, 6)), kernel=jnp.ones((4, 6)), bias=None, doc_pos=None)
