@@ -1,4 +1,5 @@
-"""token_cross_entropy against optax's autodiffed cross-entropy: values and gradients."""
+"""token_cross_entropy against optax's autodiffed cross-entropy: values and gradients; the
+compute-dtype logits option against float32 logits."""
 
 import jax
 import jax.numpy as jnp
@@ -6,6 +7,7 @@ import numpy as np
 import optax
 import pytest
 
+from meshlm.config import model_config
 from meshlm.train.losses import token_cross_entropy
 
 
@@ -40,3 +42,34 @@ def test_composes_with_vmap():
     per_row = jax.vmap(jax.grad(lambda x, t: jnp.sum(token_cross_entropy(x, t))))(logits, targets)
     full = jax.grad(lambda x: jnp.sum(_optax_ce(x, targets)))(logits)
     np.testing.assert_allclose(per_row, full, atol=1e-6)
+
+
+@pytest.mark.parametrize("tie", [True, False], ids=["tied", "head"])
+def test_compute_dtype_logits_train_like_float32_ones(tie):
+    """``model.float32_logits: false``: the LM head writes bfloat16 logits (float32 accumulated)
+    and the loss and every gradient stay those of float32 logits up to that one rounding."""
+    rng = np.random.default_rng(2)
+    toks = jnp.asarray(rng.integers(0, 96, (2, 17)), jnp.int32)
+    batch = {"inputs": toks[:, :-1], "targets": toks[:, 1:],
+             "positions": jnp.broadcast_to(jnp.arange(16), (2, 16)),
+             "segment_ids": jnp.ones((2, 16), jnp.int32), "loss_mask": jnp.ones((2, 16))}
+    runs = {}
+    for f32 in (True, False):
+        cfg = model_config("gpt", vocab_size=96, d_model=32, n_layers=1, max_seq_len=16,
+                           n_heads=2, tie_embeddings=tie, float32_logits=f32)
+        model = cfg.build()
+        params = model.init(jax.random.key(0), batch["inputs"])["params"]
+        logits = model.apply({"params": params}, batch["inputs"])
+        loss = lambda p: cfg.loss(model, p, batch)[0]
+        runs[f32] = (logits, *jax.jit(jax.value_and_grad(loss))(params))
+    (logits32, loss32, grads32), (logits16, loss16, grads16) = runs[True], runs[False]
+    assert logits32.dtype == jnp.float32 and logits16.dtype == jnp.bfloat16
+    np.testing.assert_allclose(logits16.astype(jnp.float32), logits32, rtol=1e-2, atol=1e-2)
+    np.testing.assert_allclose(loss16, loss32, rtol=2e-3)
+    # Per leaf, relative to at least 1% of the whole gradient: the attention key bias's exact
+    # gradient is zero (softmax ignores a per-query constant), so both are rounding noise there.
+    floor = 0.01 * float(optax.global_norm(grads32))
+    named = jax.tree_util.tree_leaves_with_path(grads32)
+    for (path, g32), g16 in zip(named, jax.tree.leaves(grads16), strict=True):
+        err = float(jnp.linalg.norm(g16 - g32)) / max(float(jnp.linalg.norm(g32)), floor)
+        assert err < 2e-2, (jax.tree_util.keystr(path), err)

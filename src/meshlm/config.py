@@ -36,6 +36,10 @@ class ModelConfig:
     init_std: float = 0.02
     dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"  # activations / matmuls
     param_dtype: Literal["float32", "bfloat16"] = "float32"
+    # False: the LM head writes its logits, the model's largest activation, in `dtype` (float32
+    # accumulation), half the bytes for bfloat16, as torch autocast and MaxText do; the loss and
+    # the samplers still compute in float32 from them.
+    float32_logits: bool = True
     scan_layers: bool = True  # one compiled block scanned over a stacked "layers" axis
     remat: Literal["none", "full", "dots", "dots_no_batch", "save_attention"] = "none"
 

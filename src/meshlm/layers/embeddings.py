@@ -35,15 +35,19 @@ class Embed(nn.Module):
     def __call__(self, ids):
         return jnp.take(self.embedding, ids, axis=0, mode="fill").astype(self.dtype)
 
-    def attend(self, x):
-        """Logits ``x @ embedding.T`` in ``dtype`` with float32 accumulation and float32 output."""
-        return logits_matmul(x.astype(self.dtype), self.embedding.astype(self.dtype), True)
+    def attend(self, x, out_dtype=jnp.float32):
+        """Logits ``x @ embedding.T`` in ``dtype`` with float32 accumulation, returned in
+        ``out_dtype``."""
+        return logits_matmul(x.astype(self.dtype), self.embedding.astype(self.dtype), True,
+                             out_dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def logits_matmul(x: jax.Array, table: jax.Array, vocab_major: bool) -> jax.Array:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def logits_matmul(x: jax.Array, table: jax.Array, vocab_major: bool,
+                  out_dtype=jnp.float32) -> jax.Array:
     """The LM head: ``x (..., d)`` times ``table`` (``(vocab, d)`` if ``vocab_major`` else
-    ``(d, vocab)``), both in the compute dtype, accumulated and returned in float32.
+    ``(d, vocab)``), both in the compute dtype, accumulated in float32 and returned in
+    ``out_dtype`` (float32, or the compute dtype: ``ModelConfig.float32_logits``).
 
     Plain autodiff would contract the float32 logits cotangent with the compute-dtype operands,
     i.e. two float32 matmuls of the model's largest shape (tokens x vocab x d). The backward here
@@ -52,14 +56,16 @@ def logits_matmul(x: jax.Array, table: jax.Array, vocab_major: bool) -> jax.Arra
     accumulation. With float32 compute it is exactly autodiff's gradient.
     """
     spec = "...d,vd->...v" if vocab_major else "...d,dv->...v"
-    return jnp.einsum(spec, x, table, preferred_element_type=jnp.float32)
+    # The output type is the matmul's: a compute-dtype result is written straight from its
+    # float32 accumulators (no float32 logits and separate cast).
+    return jnp.einsum(spec, x, table, preferred_element_type=out_dtype)
 
 
-def _logits_matmul_fwd(x, table, vocab_major):
-    return logits_matmul(x, table, vocab_major), (x, table)
+def _logits_matmul_fwd(x, table, vocab_major, out_dtype):
+    return logits_matmul(x, table, vocab_major, out_dtype), (x, table)
 
 
-def _logits_matmul_bwd(vocab_major, residuals, g):
+def _logits_matmul_bwd(vocab_major, out_dtype, residuals, g):
     x, table = residuals
     g = g.astype(x.dtype)
     w_spec = "vd" if vocab_major else "dv"

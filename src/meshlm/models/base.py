@@ -30,8 +30,8 @@ ACTIVATION_EMBED = ("activation_batch", "activation_length", "activation_embed")
 
 @dataclasses.dataclass(frozen=True)
 class DecoderLMConfig(ModelConfig):
-    """A decoder-only language model: tokens ``(batch, length)`` -> float32 logits
-    ``(batch, length, vocab)``, called as ``module(tokens, positions=, segment_ids=,
+    """A decoder-only language model: tokens ``(batch, length)`` -> logits ``(batch, length,
+    vocab)`` (float32 unless ``float32_logits`` is off), called as ``module(tokens, positions=, segment_ids=,
     deterministic=, decode=)``. By default the module is ``DecoderLM``: embeddings, the family's
     ``block`` stacked ``n_layers`` times, a final norm and the LM head."""
 
@@ -140,7 +140,8 @@ class DecoderLMConfig(ModelConfig):
 
 
 class DecoderLM(nn.Module):
-    """Tokens ``(batch, length)`` -> float32 logits ``(batch, length, vocab)``.
+    """Tokens ``(batch, length)`` -> logits ``(batch, length, vocab)``, float32 unless
+    ``config.float32_logits`` is off (then in ``config.dtype``).
 
     ``positions`` default to ``0..length-1`` (with ``decode=True``: continuing from the number of
     tokens already cached). ``segment_ids`` (0 = padding) keep packed documents apart; the caller
@@ -181,8 +182,9 @@ class DecoderLM(nn.Module):
                         deterministic=deterministic, decode=decode)
         with around_stack():
             x = cfg.make_norm("final_norm")(x)
+            out = jnp.float32 if cfg.float32_logits else dtype
             if cfg.tie_embeddings:
-                logits = embed.attend(x)
+                logits = embed.attend(x, out)
             else:
                 head = self.param(
                     "lm_head",
@@ -190,7 +192,7 @@ class DecoderLM(nn.Module):
                                                  ("embed", "vocab")),
                     (cfg.d_model, cfg.vocab_size), param_dtype,
                 )
-                logits = logits_matmul(x.astype(dtype), head.astype(dtype), False)
+                logits = logits_matmul(x.astype(dtype), head.astype(dtype), False, out)
             return nn.with_logical_constraint(
                 logits, ("activation_batch", "activation_length", "activation_vocab"))
 

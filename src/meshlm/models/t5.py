@@ -293,8 +293,9 @@ def decode(model: nn.Module, params: Any, enc_out: jax.Array, tokens: jax.Array,
 
 
 class T5(nn.Module):
-    """``(enc_tokens, dec_tokens) -> float32 logits (batch, dec_len, vocab)``; ``encode`` and
-    ``decode`` are the two halves. Segment ids default to one segment, positions to ``0..L-1``."""
+    """``(enc_tokens, dec_tokens) -> logits (batch, dec_len, vocab)`` (float32 unless
+    ``float32_logits`` is off); ``encode`` and ``decode`` are the two halves. Segment ids default
+    to one segment, positions to ``0..L-1``."""
 
     config: T5Config
 
@@ -328,11 +329,12 @@ class T5(nn.Module):
             enc_segment_ids = jnp.ones(enc_out.shape[:2], jnp.int32)
         x = self.decoder(self.embed(tokens), enc_out, positions, segment_ids, enc_segment_ids,
                          deterministic, decode)
+        dtype = jnp.dtype(cfg.dtype)
+        out = jnp.float32 if cfg.float32_logits else dtype
         if cfg.tie_embeddings:
-            logits = self.embed.attend(x * cfg.d_model ** -0.5)
+            logits = self.embed.attend(x * cfg.d_model ** -0.5, out)
         else:
-            dtype = jnp.dtype(cfg.dtype)
-            logits = logits_matmul(x.astype(dtype), self.lm_head.astype(dtype), False)
+            logits = logits_matmul(x.astype(dtype), self.lm_head.astype(dtype), False, out)
         return nn.with_logical_constraint(
             logits, ("activation_batch", "activation_length", "activation_vocab"))
 
