@@ -50,12 +50,13 @@ def tokens(seed, shape):
 def test_decoding_reproduces_the_full_forward(name, scan):
     cfg, model, params = model_and_params(name, scan)
     seq = tokens(3, (2, 13))
-    full = model.apply({"params": params}, seq)
+    full = jax.jit(model.apply)({"params": params}, seq)
     cache = cfg.init_cache(model, 2, 13)
+    # Jitted: eager scans dispatch op by op; one compile per chunk length (5, 3, 1).
+    step = jax.jit(functools.partial(model.apply, decode=True, mutable=["cache"]))
     got = []
     for start, stop in [(0, 5), (5, 8)] + [(t, t + 1) for t in range(8, 13)]:
-        logits, mutated = model.apply({"params": params, "cache": cache}, seq[:, start:stop],
-                                      decode=True, mutable=["cache"])
+        logits, mutated = step({"params": params, "cache": cache}, seq[:, start:stop])
         cache = mutated["cache"]
         got.append(logits)
     np.testing.assert_allclose(jnp.concatenate(got, axis=1), full, atol=ATOL, rtol=1e-4)
