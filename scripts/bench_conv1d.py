@@ -6,13 +6,15 @@ documents (``doc_pos``) fused as the mixer calls it.
 
     PYTHONPATH=src:. python3 scripts/bench_conv1d.py [--channels 1536 256] [--batch 8]
         [--length 2048] [--variants 32x64x4 32x64x8x4 32x64x4s ...] [--documents 512]
-        [--no-check]
+        [--no-check] [--kernels]
 
 First a correctness check on the device (float32 plain-JAX form on the same inputs, odd length
 and channels, output and every gradient), then per shape: ms forward and forward+backward (a VJP
 of x, kernel and bias, with its forward's output) of every Triton tile variant ``block_t x
 block_c x num_warps [x blocks]``, ``s`` at the end for the split backward (``triton.Tiles``),
-beside the plain-JAX form, and the speed-up. Off a GPU only the plain-JAX row runs.
+beside the plain-JAX form, and the speed-up. Wall times include a call's dispatch and sync, a
+large part of a 0.1 ms kernel's; ``--kernels`` adds device time from a profiler trace. Off a GPU
+only the plain-JAX row runs.
 """
 
 from __future__ import annotations
@@ -104,6 +106,8 @@ def main(argv=None):
     p.add_argument("--documents", type=int, default=512, help="mean packed-document length")
     p.add_argument("--no-check", action="store_true")
     p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--kernels", action="store_true",
+                   help="also device time per call from a profiler trace (no dispatch or sync)")
     a = p.parse_args(argv)
     on_gpu = jax.default_backend() == "gpu"
     print(f"device: {benchlib.device_description()}", flush=True)
@@ -112,36 +116,46 @@ def main(argv=None):
             check(jnp.float32, 1e-5, tiles)
             check(jnp.bfloat16, 1e-2, tiles)
 
+    if a.kernels and not on_gpu:
+        print("--kernels reads GPU kernels from a trace: left out on this host", flush=True)
+    kernels = a.kernels and on_gpu
+    names = ["fwd", "fwd+bwd"] + (["fwd kernels", "fwd+bwd kernels"] if kernels else [])
+
+    def times(fwd, fwd_bwd, vals, dy):
+        out = [benchlib.time_ms(fwd, *vals, iters=a.iters),
+               benchlib.time_ms(fwd_bwd, dy, *vals, iters=a.iters)]
+        if kernels:
+            out += [benchlib.kernel_ms(fwd, *vals, iters=a.iters)[0],
+                    benchlib.kernel_ms(fwd_bwd, dy, *vals, iters=a.iters)[0]]
+        return out
+
     rows = []
     for channels in a.channels:
         vals, dy = _inputs(jax.random.PRNGKey(channels), a.batch, a.length, channels,
                            jnp.bfloat16, a.documents)
         shape = f"{a.batch}x{a.length}x{channels}"
         base_fwd, base_bwd = _fwd_and_vjp("xla")
-        t_base_fwd = benchlib.time_ms(base_fwd, *vals, iters=a.iters)
-        t_base_bwd = benchlib.time_ms(base_bwd, dy, *vals, iters=a.iters)
+        base = times(base_fwd, base_bwd, vals, dy)
         y_base = base_fwd(*vals)
-        rows.append([shape, "plain-JAX (xla)", t_base_fwd, t_base_bwd, 1.0, 1.0, "-"])
+        rows.append([shape, "plain-JAX (xla)", *base, *[1.0] * len(base), "-"])
         print(rows[-1], flush=True)
         for v in a.variants if on_gpu else []:
             label = f"triton {v}"
             try:
                 fwd, fwd_bwd = _fwd_and_vjp("triton", tiles=parse_variant(v))
-                t_fwd = benchlib.time_ms(fwd, *vals, iters=a.iters)
-                t_bwd = benchlib.time_ms(fwd_bwd, dy, *vals, iters=a.iters)
+                got = times(fwd, fwd_bwd, vals, dy)
                 err = _rel(fwd(*vals), y_base)
             except Exception as e:  # noqa: BLE001 - report the variant and go on
                 print(f"{label} at {shape}: {type(e).__name__}: {str(e)[:300]}", flush=True)
                 continue
-            rows.append([shape, label, t_fwd, t_bwd, t_base_fwd / t_fwd, t_base_bwd / t_bwd,
-                         f"{err:.1e}"])
+            rows.append([shape, label, *got, *(b / t for b, t in zip(base, got)), f"{err:.1e}"])
             print(rows[-1], flush=True)
     print(f"\n{benchlib.device_description()}; bf16, K {K}, bias + SiLU + doc_pos "
-          f"(documents of ~{a.documents} steps)")
+          f"(documents of ~{a.documents} steps); wall ms per call (dispatch and sync included)"
+          + ("; kernels: device ms per call from a profiler trace" if kernels else ""))
     return benchlib.print_table(
-        ["shape", "implementation", "fwd ms", "fwd+bwd ms", "fwd speed-up", "fwd+bwd speed-up",
-         "y rel. diff vs xla"], rows)
-
+        ["shape", "implementation", *(f"{n} ms" for n in names),
+         *(f"{n} speed-up" for n in names), "y rel. diff vs xla"], rows)
 
 if __name__ == "__main__":
     main()

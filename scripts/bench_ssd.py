@@ -117,20 +117,6 @@ def check(impl, dtype, tol, length=1001, **opts):
     return worst < tol
 
 
-def _print_kernels(fwd_bwd, dy, vals, iters):
-    """Each kernel's device ms per ``fwd_bwd`` call, from a profiler trace of ``iters`` calls."""
-    from profile_trace import trace_device_time
-
-    def run():
-        for _ in range(iters):
-            out = fwd_bwd(dy, *vals)
-        jax.block_until_ready(out)
-
-    trace = trace_device_time(run, iters)
-    for name, (us, count) in sorted(trace.kernels.items(), key=lambda kv: -kv[1][0]):
-        print(f"    {trace.per_step_ms(us):8.3f} ms {count / iters:5.1f}x  {name}", flush=True)
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--lengths", type=int, nargs="+", default=[2048, 8192])
@@ -192,7 +178,8 @@ def main(argv=None):
                              t_base_bwd / t_bwd, f"{err:.1e}"])
                 print(rows[-1], flush=True)
                 if a.kernels:
-                    _print_kernels(fwd_bwd, dy, vals, a.iters)
+                    for name, ms in benchlib.kernel_ms(fwd_bwd, dy, *vals, iters=a.iters)[1]:
+                        print(f"    {ms:8.3f} ms  {name}", flush=True)
     fused = "no D/dt_bias/softplus" if a.unfused else "D + dt_bias + softplus"
     docs = f"; documents of ~{a.documents} steps (reset=)" if a.documents else ""
     print(f"\n{benchlib.device_description()}; heads {a.heads}, head_dim {HEAD_DIM}, d_state "

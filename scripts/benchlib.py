@@ -24,6 +24,23 @@ def time_ms(fn: Callable, *args, iters: int = 20, warmup: int = 3) -> float:
     return statistics.median(samples)
 
 
+def kernel_ms(fn: Callable, *args, iters: int = 10) -> tuple[float, list[tuple[str, float]]]:
+    """Device time of one ``fn(*args)`` call from a profiler trace of ``iters`` calls: the sum
+    over its kernels, and each kernel's share (largest first). Unlike ``time_ms`` it leaves out
+    dispatch and synchronisation, which a 0.1 ms kernel's wall time mostly is."""
+    from profile_trace import trace_device_time  # scripts/ is on sys.path for every bench
+
+    def run():
+        for _ in range(iters):
+            out = fn(*args)
+        jax.block_until_ready(out)
+
+    trace = trace_device_time(run, iters)
+    kernels = sorted(((name, trace.per_step_ms(us)) for name, (us, _) in trace.kernels.items()),
+                     key=lambda kv: -kv[1])
+    return sum(ms for _, ms in kernels), kernels
+
+
 def print_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     """Print (and return) a Markdown table, ready to paste into BENCHMARKS.md."""
 
