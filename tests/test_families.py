@@ -24,6 +24,7 @@ FAMILIES = {
     "retnet": dict(n_heads=4, d_ff=64, chunk_size=8),
 }
 family = pytest.mark.parametrize("name", list(FAMILIES))
+pytestmark = pytest.mark.usefixtures("fast_compile")
 ATOL = 1e-5  # float32, same math in another order (chunked vs stepped)
 
 
