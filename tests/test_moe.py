@@ -21,6 +21,8 @@ from meshlm.config import ConfigError, load_config, model_config
 from meshlm.layers.moe import MoeMlp
 from meshlm.train.setup import build
 
+pytestmark = pytest.mark.usefixtures("fast_compile")
+
 D_MODEL, D_FF, N_EXPERTS = 16, 24, 8
 TOL = dict(atol=1e-5, rtol=1e-5)  # float32: the same products summed in another order
 
