@@ -32,6 +32,8 @@ from meshlm.convert.mapping import ConversionError
 from meshlm.models import build_model
 from meshlm.train.checkpoint import restore_params
 
+pytestmark = pytest.mark.usefixtures("fast_compile")
+
 ATOL = 2e-5
 RTOL = 2e-4
 

@@ -17,6 +17,8 @@ from meshlm.config import ConfigError, model_config
 from meshlm.layers import Attention
 from meshlm.layers.embeddings import RopeScaling, apply_rope, rope_inv_freq
 
+pytestmark = pytest.mark.usefixtures("fast_compile")
+
 
 def test_rope_scaling_frequencies():
     """Llama-3.1-8B's settings: all three bands occur; linear divides every frequency."""

@@ -13,6 +13,8 @@ from _helpers import compile_train_step, packed_batches
 from meshlm import sharding
 from meshlm.config import load_config
 
+pytestmark = pytest.mark.usefixtures("fast_compile")
+
 TINY = [
     "model.vocab_size=128", "model.d_model=32", "model.n_layers=2", "model.n_heads=4",
     "model.d_ff=64", "model.max_seq_len=16", "model.attention=xla", "model.dtype=float32",
