@@ -27,6 +27,8 @@ from meshlm.train.loop import train
 from meshlm.train.metrics import read_jsonl
 from meshlm.train.state import TrainState
 
+pytestmark = pytest.mark.usefixtures("fast_compile")
+
 STEPS = 10
 TINY_RUN = [
     "model.vocab_size=384", "model.d_model=32", "model.n_layers=2", "model.n_heads=2",

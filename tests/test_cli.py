@@ -16,6 +16,8 @@ import pytest
 from meshlm.cli import EXIT_BAD_INPUT, main
 from meshlm.train import checkpoint
 
+pytestmark = pytest.mark.usefixtures("fast_compile")
+
 REPO = pathlib.Path(__file__).parents[1]
 # Appended to the README's train command: a model and corpus small enough for CI. The default
 # config's 128 learned positions, sequence length, batch and warmup stay as shipped.
