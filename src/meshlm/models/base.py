@@ -31,9 +31,9 @@ ACTIVATION_EMBED = ("activation_batch", "activation_length", "activation_embed")
 @dataclasses.dataclass(frozen=True)
 class DecoderLMConfig(ModelConfig):
     """A decoder-only language model: tokens ``(batch, length)`` -> logits ``(batch, length,
-    vocab)`` (float32 unless ``float32_logits`` is off), called as ``module(tokens, positions=, segment_ids=,
-    deterministic=, decode=)``. By default the module is ``DecoderLM``: embeddings, the family's
-    ``block`` stacked ``n_layers`` times, a final norm and the LM head."""
+    vocab)`` (float32 unless ``float32_logits`` is off), called as ``module(tokens, positions=,
+    segment_ids=, deterministic=, decode=)``. By default the module is ``DecoderLM``: embeddings,
+    the family's ``block`` stacked ``n_layers`` times, a final norm and the LM head."""
 
     norm: Literal["layernorm", "rmsnorm"] = "rmsnorm"
     norm_eps: float = 1e-5
