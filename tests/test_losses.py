@@ -10,6 +10,8 @@ import pytest
 from meshlm.config import model_config
 from meshlm.train.losses import token_cross_entropy
 
+pytestmark = pytest.mark.usefixtures("fast_compile")
+
 
 def _optax_ce(logits, targets):
     return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
