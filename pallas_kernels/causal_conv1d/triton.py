@@ -146,7 +146,7 @@ class _Program:
     """
 
     def __init__(self, r, *, length, channels, K, T, C, blocks):
-        self.r, self.K, self.blocks = r, K, blocks
+        self.r, self.K, self.C, self.blocks = r, K, C, blocks
         self.first, c0 = pl.program_id(1) * blocks, pl.program_id(2) * C
         self.tile = lambda i: _Tile(length, channels, T, C, (self.first + i) * T, c0)
         self._rows = self.tile(0)
@@ -197,11 +197,12 @@ class _Program:
             dpre = jnp.where((pos >= j)[:, None], dpre, 0.0)
         return dpre * self.weight(self.K - 1 - j)
 
-    def walk_partials(self, body, C):
+    def walk_partials(self, body):
         """``walk`` carrying the parameter partials, stored at the end. With one block the carry
         is None and ``accumulate`` stores them as soon as they are summed: the fused backward
         holding them through its ``dx`` sum took 255 registers and spilled (197 otherwise)."""
-        sums = self.walk(body, None if self.blocks == 1 else (jnp.zeros((C,), f32),) * (self.K + 1))
+        zeros = (jnp.zeros((self.C,), f32),) * (self.K + 1)
+        sums = self.walk(body, None if self.blocks == 1 else zeros)
         if sums is not None:
             self._store_partials(sums)
 
@@ -256,7 +257,7 @@ def _backward_kernel(*refs, activation, flags, **shape):
         tile.store(p.r.dx, dx)
         return sums
 
-    p.walk_partials(block, shape["C"])
+    p.walk_partials(block)
 
 
 def _dpre_kernel(*refs, activation, flags, **shape):
@@ -272,7 +273,7 @@ def _dpre_kernel(*refs, activation, flags, **shape):
             tile.store(p.r.dpre, dpre)
         return p.accumulate(sums, p.param_partials(dpre, xs, pos))
 
-    p.walk_partials(block, shape["C"])
+    p.walk_partials(block)
 
 
 def _dx_kernel(*refs, flags, **shape):
