@@ -127,30 +127,31 @@ def test_bad_input_is_a_clear_error(change, message):
         causal_conv1d(**args, **change)
 
 
-def test_auto_is_xla_and_the_named_kernel_lowers_for_an_abstract_gpu():
-    """"auto" is the plain-JAX form on this CPU host (interpret never changes it) and, until the
-    kernel's backward measures faster, for an H100 too; named, the Triton kernel's forward and
-    backward (fused: one kernel; split: two) lower for CUDA and pass the MLIR verifier."""
+def test_auto_is_xla_on_cpu_and_the_kernel_lowers_for_an_abstract_gpu():
+    """"auto" is the plain-JAX form on this CPU host (interpret never changes it) and the Triton
+    kernel with its default tiles for an H100, whose forward and backward (split by default: two
+    kernels; fused: one) lower for CUDA and pass the MLIR verifier."""
     call = Call((BATCH, LENGTH, CHANNELS), K, True, True, "silu")
     assert DISPATCH.choose("auto", call, interpret=True) == ("xla", None)
     sds = jax.ShapeDtypeStruct
     args = (sds((1, 300, 200), jnp.bfloat16), sds((K, 200), jnp.float32),
             sds((200,), jnp.float32), sds((1, 300), jnp.int32))
 
-    def fwd_bwd(x, kernel, bias, doc_pos, tiles=None):
+    def fwd_bwd(x, kernel, bias, doc_pos, implementation="auto", tiles=None):
         fn = functools.partial(causal_conv1d, doc_pos=doc_pos, activation="silu",
-                               implementation="triton", tiles=tiles)
+                               implementation=implementation, tiles=tiles)
         y, vjp = jax.vjp(fn, x, kernel, bias)
         return vjp(jnp.ones(y.shape, y.dtype))
 
-    split = triton.Tiles(32, 64, 8, split_bwd=True)
+    fused = functools.partial(fwd_bwd, implementation="triton",
+                              tiles=triton.Tiles(32, 64, 4, split_bwd=False))
     with verified_triton_modules() as checked, lowering_for("NVIDIA H100"):
-        assert DISPATCH.choose("auto", call, interpret=False) == ("xla", None)
-        assert DISPATCH.choose("triton", call, interpret=False) == (
+        assert DISPATCH.choose("auto", call, interpret=False) == (
             "triton", triton.DEFAULT_TILES[""])
-        texts = [jax.jit(functools.partial(fwd_bwd, tiles=t)).trace(*args).lower(
-            lowering_platforms=("cuda",)).as_text() for t in (None, split)]
-    assert [t.count("__gpu$xla.gpu.triton") for t in texts] == [2, 3] and checked[0] == 5
+        assert triton.DEFAULT_TILES[""].split_bwd
+        texts = [jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+                 for f in (fwd_bwd, fused)]
+    assert [t.count("__gpu$xla.gpu.triton") for t in texts] == [3, 2] and checked[0] == 5
 
 
 @pytest.mark.parametrize("channels,channel_axes", [

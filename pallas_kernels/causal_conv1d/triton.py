@@ -52,11 +52,11 @@ class Tiles:
     split_bwd: bool = False
 
 
-# 32 x 64 with 4 warps, one block per backward program: 16 float32 elements per thread per tile;
-# the backward's 3K - 1 shifted loads (and their pointers) fit 197 registers without spilling on
-# an H100 (scripts/kernel_resources.py; blocks > 1 loops: 246 at 8 warps, 255 and spills at
-# 4). Fastest of those timed on an H200 (bench_conv1d.py --variants; BENCHMARKS.md, session 9).
-DEFAULT_TILES = {"": Tiles(block_t=32, block_c=64, num_warps=4)}
+# 32 x 64 with 4 warps, one block per program, split backward: 16 float32 elements per thread per
+# tile; the split kernels fit 128 + 64 registers on an H100 (the fused one 197;
+# scripts/kernel_resources.py). Fastest of those timed on an H200 (bench_conv1d.py --variants
+# --kernels; BENCHMARKS.md, session 12): fwd+bwd 1.45x XLA's fusions at 8 x 2048 x 1536.
+DEFAULT_TILES = {"": Tiles(block_t=32, block_c=64, num_warps=4, split_bwd=True)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,13 +71,6 @@ class Config:
 
 def default_tiles(call: Call) -> Tiles:
     return device_default(DEFAULT_TILES)
-
-
-def auto_declines(call: Call) -> str | None:
-    """Runs when named; "auto" keeps the plain-JAX form, which XLA fuses: on an H200 the
-    backward measured slower (Mamba-2 130M's conv_x, 8 x 2048 x 1536 bf16: fwd+bwd 0.631 ms vs
-    0.543, though the forward is 1.38x faster; BENCHMARKS.md, session 9)."""
-    return "backward measured slower than the plain-JAX form XLA fuses (BENCHMARKS.md)"
 
 
 def supports(call: Call, tiles: Tiles) -> str | None:

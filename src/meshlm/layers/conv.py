@@ -5,10 +5,8 @@ Output step ``t`` of channel ``c`` is ``bias[c] + sum_k kernel[k, c] * x[t - (K 
 padding=K - 1)`` truncated to the input length does (HF's ``conv1d.weight[c, 0, k]`` is
 ``kernel[k, c]``). ``K`` is small (4), so the convolution is ``K`` shifted multiply-adds:
 elementwise over channels, hence sharded like its input with no communication. The math is
-``pallas_kernels.causal_conv1d``'s: its plain-JAX form by default (``"auto"``: the Triton
-kernel's backward measured slower than XLA's fusions) and for a decoding call continuing a state;
-its Triton kernel when named (``implementation="triton"``).
-"""
+``pallas_kernels.causal_conv1d``'s: its Triton kernel on a GPU (``"auto"``, or named), its
+plain-JAX form elsewhere and for a decoding call continuing a state."""
 
 from __future__ import annotations
 
