@@ -275,7 +275,7 @@ def checkpointed_scan(package: str):
 
 def recomputing_op(package: str):
     """A custom-VJP ``op(cfg, *args)`` over the lowering module ``package.<cfg.implementation>``
-    (``cfg`` static) whose only residuals are its inputs: the causal conv's and the gated norm's.
+    (``cfg`` static) whose only residuals are its inputs: the causal conv's and the norms'.
 
     The module's ``forward(*args, cfg)`` returns the output; ``backward(dout, *args, cfg)``
     recomputes what it needs and returns one gradient per argument (None for absent ones and

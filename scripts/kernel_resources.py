@@ -35,6 +35,8 @@ from pallas_kernels.causal_conv1d import causal_conv1d
 from pallas_kernels.flash_attention import flash_attention
 from pallas_kernels.flash_attention import triton as fa_triton
 from pallas_kernels.flash_attention.common import AttentionSpec
+from pallas_kernels.gated_rms_norm import gated_rms_norm
+from pallas_kernels.layer_norm import layer_norm
 from pallas_kernels.selective_scan import selective_scan
 from pallas_kernels.ssd import ssd
 
@@ -191,7 +193,18 @@ def _causal_conv1d_case():
     yield "causal_conv1d 8x2048x1536 K4 silu", None, _fwd_bwd(conv, 3), (x, kernel, bias, pos)
 
 
-_OPS = ("flash_attention", "selective_scan", "ssd", "causal_conv1d")
+def _norm_cases():
+    """GPT-2 125M's LayerNorm and GPT 1.3B's (16 x 1024 tokens), Mamba-2 130M's gated norm."""
+    for features in (768, 2048):
+        x, scale = _SDS((16, 1024, features), _BF16), _SDS((features,), jnp.float32)
+        norm = functools.partial(layer_norm, implementation="triton")
+        yield f"layer_norm 16x1024x{features} bias", None, _fwd_bwd(norm, 3), (x, scale, scale)
+    y, scale = _SDS((8, 2048, 1536), _BF16), _SDS((1536,), jnp.float32)
+    gated = functools.partial(gated_rms_norm, implementation="triton")
+    yield "gated_rms_norm 8x2048x1536", None, _fwd_bwd(gated, 3), (y, y, scale)
+
+
+_OPS = ("flash_attention", "selective_scan", "ssd", "causal_conv1d", "norms")
 
 
 def _sweep_cases(head_dim: int):
@@ -232,7 +245,7 @@ def main(argv=None) -> list[Kernel]:
     limit = _MAX_SHARED.get(arch)
     cases_of = {"flash_attention": lambda: _attention_cases(args.head_dims),
                 "selective_scan": _selective_scan_case, "ssd": _ssd_case,
-                "causal_conv1d": _causal_conv1d_case}
+                "causal_conv1d": _causal_conv1d_case, "norms": _norm_cases}
     if args.sweep:
         cases = (case for head_dim in args.head_dims for case in _sweep_cases(head_dim))
     else:

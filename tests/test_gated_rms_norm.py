@@ -10,7 +10,7 @@ from kernel_checks import rel_err, verified_triton_modules
 from pallas_kernels import lowering_for
 from pallas_kernels.gated_rms_norm import gated_rms_norm, reference, triton
 from pallas_kernels.gated_rms_norm.api import DISPATCH
-from pallas_kernels.gated_rms_norm.common import Call
+from pallas_kernels.layer_norm.common import Call
 
 pytestmark = pytest.mark.usefixtures("fast_compile")
 

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 
 from pallas_kernels._api import Dispatch, Lowering, load_lowering, recomputing_op, shape_of
 from pallas_kernels.gated_rms_norm import reference
-from pallas_kernels.gated_rms_norm.common import Call
+from pallas_kernels.layer_norm.common import Call
 
 DISPATCH = Dispatch("pallas_kernels.gated_rms_norm", (Lowering("triton", "gpu"),))
 IMPLEMENTATIONS = DISPATCH.names

@@ -1,4 +1,5 @@
-"""The static description of one gated-RMSNorm call (what a lowering's ``supports`` sees)."""
+"""The static description of one normalisation call (what a lowering's ``supports`` sees) and
+its kernel configuration, shared by ``layer_norm`` and ``gated_rms_norm`` (one kernel pair)."""
 
 from __future__ import annotations
 
@@ -23,3 +24,4 @@ class NormConfig:
     epsilon: float
     dtype: Any
     interpret: bool
+    subtract_mean: bool = False  # LayerNorm; False: RMSNorm

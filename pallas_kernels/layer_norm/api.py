@@ -1,0 +1,68 @@
+"""``layer_norm``: argument validation, choice of implementation, and the custom VJP.
+
+XLA computes a norm's backward in several passes over ``x`` and the output gradient, and writes
+``dout * x_hat`` in float32 to reduce it for the scale gradient; the Triton kernels hold a block
+of rows in registers and do each direction in one pass. The policy is ``_api.Dispatch``'s, the
+same for every op.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from pallas_kernels._api import Dispatch, Lowering, load_lowering, recomputing_op, shape_of
+from pallas_kernels.layer_norm import reference
+from pallas_kernels.layer_norm.common import Call
+
+DISPATCH = Dispatch("pallas_kernels.layer_norm", (Lowering("triton", "gpu"),))
+IMPLEMENTATIONS = DISPATCH.names
+_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
+
+
+def layer_norm(x, scale, bias=None, *, subtract_mean: bool = True, epsilon: float = 1e-5,
+               dtype=None, implementation: str = "auto", interpret: bool = False, tiles=None):
+    """``scale * (x - mean) / sqrt(var + epsilon) + bias`` over the last axis; with
+    ``subtract_mean=False``, RMSNorm: ``scale * x / sqrt(mean(x^2) + epsilon) (+ bias)``.
+
+    Args:
+      x: ``(..., features)``, bfloat16, float16 or float32.
+      scale: ``(features,)`` float.
+      bias: ``(features,)`` float or None.
+      subtract_mean: LayerNorm (True) or RMSNorm (False).
+      epsilon: added to the variance (the mean square).
+      dtype: of the result; None takes x's. Statistics and products are float32.
+      implementation: ``"auto"``, ``"xla"`` (``reference``) or ``"triton"``; ``"auto"`` is
+        ``"xla"`` until the kernels are timed in a train step (``triton.auto_declines``).
+      interpret: run a named Pallas lowering in interpret mode (CPU tests).
+      tiles: ``layer_norm.triton.Tiles`` for ``implementation="triton"``.
+
+    Raises:
+      ValueError: naming the violated constraint.
+    """
+    if getattr(x, "ndim", 0) < 1 or x.shape[-1] < 1:
+        raise ValueError(f"x must be an array (..., features) with at least one feature, got "
+                         f"{shape_of(x)}")
+    if x.dtype not in _DTYPES:
+        raise ValueError(f"x must be bfloat16, float16 or float32, got {x.dtype}")
+    features = x.shape[-1]
+    for name, value in (("scale", scale), *((("bias", bias),) if bias is not None else ())):
+        if getattr(value, "shape", None) != (features,):
+            raise ValueError(f"{name} must have shape (features,) = ({features},), got "
+                             f"{shape_of(value)}")
+    if not epsilon > 0:
+        raise ValueError(f"epsilon must be > 0, got {epsilon!r}")
+    dtype = jnp.dtype(x.dtype if dtype is None else dtype)
+    rows = x.size // features
+    call = Call(rows, 1, features)
+    name, tiles = DISPATCH.choose(implementation, call, interpret=bool(interpret), tiles=tiles)
+    if name == "xla" or rows == 0:
+        return reference.layer_norm(x, scale, bias, subtract_mean=bool(subtract_mean),
+                                    epsilon=epsilon, dtype=dtype)
+    module = load_lowering(DISPATCH.package, name)[0]
+    cfg = module.config(call, tiles, float(epsilon), dtype, bool(interpret), bool(subtract_mean))
+    row = lambda v: None if v is None else v.reshape(1, features)
+    out = _kernel_norm(cfg, x.reshape(rows, 1, features), row(scale), row(bias))
+    return out.reshape(x.shape)
+
+
+_kernel_norm = recomputing_op(DISPATCH.package)
