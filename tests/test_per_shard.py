@@ -16,6 +16,7 @@ from meshlm import sharding
 from meshlm.config import DEFAULT_RULES, MeshConfig
 from meshlm.layers.attention import Attention
 from meshlm.layers.mamba import Mamba2Mixer, MambaMixer
+from meshlm.layers.norms import Norm
 from meshlm.layers.per_shard import per_shard
 from meshlm.layers.retention import MultiScaleRetention
 from pallas_kernels import lowering_for
@@ -28,14 +29,18 @@ LAYERS = {
                                              implementation=impl, **kw),
     "retnet": lambda impl, **kw: MultiScaleRetention(num_heads=4, chunk_size=16,
                                                      implementation=impl, **kw),
+    "layernorm": lambda impl, **kw: Norm(subtract_mean=True, use_bias=True, epsilon=1e-5,
+                                         implementation=impl, **kw),
 }
-KERNEL = {"attention": "triton", "mamba": "triton", "mamba2": "triton", "retnet": "triton"}
+KERNEL = dict.fromkeys(LAYERS, "triton")
 
 
 def _call(module, params, x, seg):
     if isinstance(module, (Attention, MultiScaleRetention)):
         pos = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
         return module.apply({"params": params}, x, pos, seg)
+    if isinstance(module, Norm):
+        return module.apply({"params": params}, x)
     return module.apply({"params": params}, x, seg)
 
 
@@ -47,7 +52,7 @@ def test_kernel_layers_run_per_shard_and_match(name, fast_compile):
     reference = LAYERS[name]("xla")
     params = reference.init(jax.random.key(1), x, *(
         (jnp.broadcast_to(jnp.arange(16), (4, 16)), seg) if name in ("attention", "retnet")
-        else (seg,)))["params"]
+        else () if name == "layernorm" else (seg,)))["params"]
     params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.key(2), p.shape),
                           params)
 
@@ -128,6 +133,37 @@ def test_models_lowered_for_a_gpu_run_their_kernels_per_shard(family, fields):
             lowering_platforms=("cuda",)).as_text()
     assert text.count("__gpu$xla.gpu.triton") >= 2  # forward and backward kernels
     assert text.count("sdy.manual_computation") >= 2  # the scanned layer's forward and backward
+
+
+def test_named_norm_kernels_run_in_the_model_per_shard():
+    """``model.norm_implementation=triton``: GPT-2's LayerNorms lowered for an H200 on a data x
+    tensor mesh run the layer_norm kernels inside shard_map, forward and backward (the scanned
+    block's two norms and the final norm: six more kernels than "auto", which keeps XLA's)."""
+    import flax.linen as nn
+
+    from meshlm.config import model_config
+
+    mesh_cfg = MeshConfig(data=2, tensor=2)
+    mesh = sharding.make_mesh(mesh_cfg, jax.devices()[:4])
+    tokens = jnp.zeros((4, 64), jnp.int32)
+
+    def lowered(impl):
+        model = model_config("gpt", vocab_size=256, d_model=128, n_layers=2, n_heads=4,
+                             d_ff=256, max_seq_len=64, dtype="bfloat16", norm="layernorm",
+                             norm_implementation=impl).build()
+        loss = lambda p, t: jnp.sum(model.apply({"params": p}, t).astype(jnp.float32))
+        with verified_triton_modules(), lowering_for("NVIDIA H200", mesh=mesh), \
+                nn.logical_axis_rules(sharding.axis_rules(mesh_cfg)):
+            params = jax.eval_shape(lambda: model.init(jax.random.key(0), tokens))["params"]
+            grad = jax.jit(jax.grad(loss))
+            return (str(jax.make_jaxpr(grad)(params, tokens)),
+                    grad.trace(params, tokens).lower(lowering_platforms=("cuda",)).as_text())
+
+    (auto_jaxpr, auto), (named_jaxpr, named) = lowered("auto"), lowered("triton")
+    assert "layer_norm_fwd" not in auto
+    assert named.count("__gpu$xla.gpu.triton") - auto.count("__gpu$xla.gpu.triton") == 6
+    # "auto" resolves to XLA's form in the layer, with no shard_map around it
+    assert named_jaxpr.count("shard_map") > auto_jaxpr.count("shard_map")
 
 
 def test_rules_splitting_query_and_kv_heads_differently_are_a_config_error():

@@ -88,7 +88,7 @@ class DecoderLMConfig(ModelConfig):
     def make_norm(self, name: str) -> nn.Module:
         return make_norm(self.norm, epsilon=self.norm_eps, use_bias=self.norm_bias,
                          dtype=jnp.dtype(self.dtype), param_dtype=jnp.dtype(self.param_dtype),
-                         name=name)
+                         name=name, implementation=self.norm_implementation)
 
     def add_positions(self, x: jax.Array, positions: jax.Array) -> jax.Array:
         """Absolute position information added to the embeddings (none by default); called

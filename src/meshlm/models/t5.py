@@ -217,7 +217,7 @@ class T5Config(ModelConfig):
     def make_norm(self, name: str) -> nn.Module:
         return make_norm("rmsnorm", epsilon=self.norm_eps, use_bias=False,
                          dtype=jnp.dtype(self.dtype), param_dtype=jnp.dtype(self.param_dtype),
-                         name=name)
+                         name=name, implementation=self.norm_implementation)
 
     def flops_per_token(self, seq_len: int, target_len: int | None = None) -> float:
         """Training FLOPs per encoder token at encoder length ``seq_len`` and decoder length
