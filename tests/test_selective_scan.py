@@ -436,7 +436,7 @@ def test_auto_lowers_to_triton_for_an_abstract_gpu():
         text = jax.jit(fwd_bwd).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
         call = Call(b, length, d, 1, n)
         assert DISPATCH.choose("auto", call, interpret=False) == (
-            "triton", triton.Tiles(block_d=8, chunk=8, forward_chunk=16))
+            "triton", triton.Tiles(block_d=8, chunk=4, forward_chunk=16))
     assert text.count("__gpu$xla.gpu.triton") == 2  # forward, backward
     assert "__gpu$xla.gpu.triton" not in jax.jit(fwd_bwd).trace(*args).lower().as_text()
 
