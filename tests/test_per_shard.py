@@ -135,10 +135,10 @@ def test_models_lowered_for_a_gpu_run_their_kernels_per_shard(family, fields):
     assert text.count("sdy.manual_computation") >= 2  # the scanned layer's forward and backward
 
 
-def test_named_norm_kernels_run_in_the_model_per_shard():
-    """``model.norm_implementation=triton``: GPT-2's LayerNorms lowered for an H200 on a data x
-    tensor mesh run the layer_norm kernels inside shard_map, forward and backward (the scanned
-    block's two norms and the final norm: six more kernels than "auto", which keeps XLA's)."""
+def test_norm_kernels_run_in_the_model_per_shard():
+    """GPT-2's LayerNorms ("auto") lowered for an H200 on a data x tensor mesh run the
+    layer_norm kernels inside shard_map, forward and backward (the scanned block's two norms and
+    the final norm: six more kernels than with ``model.norm_implementation=xla``)."""
     import flax.linen as nn
 
     from meshlm.config import model_config
@@ -159,11 +159,11 @@ def test_named_norm_kernels_run_in_the_model_per_shard():
             return (str(jax.make_jaxpr(grad)(params, tokens)),
                     grad.trace(params, tokens).lower(lowering_platforms=("cuda",)).as_text())
 
-    (auto_jaxpr, auto), (named_jaxpr, named) = lowered("auto"), lowered("triton")
-    assert "layer_norm_fwd" not in auto
-    assert named.count("__gpu$xla.gpu.triton") - auto.count("__gpu$xla.gpu.triton") == 6
-    # "auto" resolves to XLA's form in the layer, with no shard_map around it
-    assert named_jaxpr.count("shard_map") > auto_jaxpr.count("shard_map")
+    (xla_jaxpr, xla), (auto_jaxpr, auto) = lowered("xla"), lowered("auto")
+    assert "layer_norm_fwd" not in xla
+    assert auto.count("__gpu$xla.gpu.triton") - xla.count("__gpu$xla.gpu.triton") == 6
+    # XLA's form runs without a shard_map around it
+    assert auto_jaxpr.count("shard_map") > xla_jaxpr.count("shard_map")
 
 
 def test_rules_splitting_query_and_kv_heads_differently_are_a_config_error():

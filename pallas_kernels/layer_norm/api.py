@@ -31,8 +31,8 @@ def layer_norm(x, scale, bias=None, *, subtract_mean: bool = True, epsilon: floa
       subtract_mean: LayerNorm (True) or RMSNorm (False).
       epsilon: added to the variance (the mean square).
       dtype: of the result; None takes x's. Statistics and products are float32.
-      implementation: ``"auto"``, ``"xla"`` (``reference``) or ``"triton"``; ``"auto"`` is
-        ``"xla"`` until the kernels are timed in a train step (``triton.auto_declines``).
+      implementation: ``"auto"``, ``"xla"`` (``reference``) or ``"triton"``; ``"auto"`` takes
+        Triton on a GPU for LayerNorm, else ``"xla"`` (``triton.auto_declines``).
       interpret: run a named Pallas lowering in interpret mode (CPU tests).
       tiles: ``layer_norm.triton.Tiles`` for ``implementation="triton"``.
 
@@ -53,7 +53,7 @@ def layer_norm(x, scale, bias=None, *, subtract_mean: bool = True, epsilon: floa
         raise ValueError(f"epsilon must be > 0, got {epsilon!r}")
     dtype = jnp.dtype(x.dtype if dtype is None else dtype)
     rows = x.size // features
-    call = Call(rows, 1, features)
+    call = Call(rows, 1, features, bool(subtract_mean))
     name, tiles = DISPATCH.choose(implementation, call, interpret=bool(interpret), tiles=tiles)
     if name == "xla" or rows == 0:
         return reference.layer_norm(x, scale, bias, subtract_mean=bool(subtract_mean),

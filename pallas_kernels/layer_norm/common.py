@@ -11,6 +11,7 @@ class Call(NamedTuple):
     rows: int  # every axis but the last, flattened
     groups: int
     group_size: int  # features // groups: one normalisation's width
+    subtract_mean: bool = False  # LayerNorm; False: RMSNorm
 
 
 @dataclasses.dataclass(frozen=True)

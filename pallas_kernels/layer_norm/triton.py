@@ -62,9 +62,12 @@ def default_tiles(call: Call) -> Tiles:
 
 
 def auto_declines(call: Call) -> str | None:
-    """``layer_norm`` runs when named; "auto" keeps XLA's fusions until the kernels are timed in
-    a train step (``scripts/bench_train.py ...@model.norm_implementation=triton``)."""
-    return "not yet timed against XLA's fusions in a train step (BENCHMARKS.md)"
+    """"auto" takes the LayerNorm kernels (GPT-2 125M's step on an H200: 479k tok/s against
+    455-469k with XLA's fusions) and leaves RMSNorm to XLA, whose fusions measured as fast at
+    Mamba-2 130M's 8 x 2048 x 768 (fwd+bwd 0.95x; BENCHMARKS.md, session 12)."""
+    if not call.subtract_mean:
+        return "RMSNorm: measured no faster than XLA's fusions (BENCHMARKS.md)"
+    return None
 
 
 def supports(call: Call, tiles: Tiles) -> str | None:

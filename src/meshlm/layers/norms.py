@@ -6,8 +6,8 @@ rather than ``E[x^2] - E[x]^2`` (which cancels catastrophically when the mean is
 of Flax's ``LayerNorm(use_fast_variance=False)`` and ``RMSNorm``, whose parameter names and shapes
 ``Norm`` keeps (``scale``, ``bias``: ``(features,)``), so checkpoints and the HuggingFace mappings
 are unchanged. The scale and bias carry the logical axis ``embed`` so the rule table shards them
-with the residual stream. On a GPU the Triton kernels (named, or "auto" once timed) run per device
-on its rows (``per_shard``), each holding whole feature vectors.
+with the residual stream. On a GPU the Triton kernels (named, or "auto" for LayerNorm) run per
+device on its rows (``per_shard``), each holding whole feature vectors.
 """
 
 from __future__ import annotations
@@ -49,8 +49,8 @@ class Norm(nn.Module):
 
         impl = self.implementation
         if impl == "auto":  # resolved here: what "auto" keeps needs no shard_map
-            impl = DISPATCH.choose(impl, Call(math.prod(x.shape[:-1]), 1, x.shape[-1]),
-                                   interpret=False)[0]
+            call = Call(math.prod(x.shape[:-1]), 1, x.shape[-1], self.subtract_mean)
+            impl = DISPATCH.choose(impl, call, interpret=False)[0]
 
         def norm(x, scale, bias):
             return layer_norm(x, scale, bias, subtract_mean=self.subtract_mean,
