@@ -59,7 +59,7 @@ def layer_norm(x, scale, bias=None, *, subtract_mean: bool = True, epsilon: floa
         return reference.layer_norm(x, scale, bias, subtract_mean=bool(subtract_mean),
                                     epsilon=epsilon, dtype=dtype)
     module = load_lowering(DISPATCH.package, name)[0]
-    cfg = module.config(call, tiles, float(epsilon), dtype, bool(interpret), bool(subtract_mean))
+    cfg = module.config(call, tiles, float(epsilon), dtype, bool(interpret))
     row = lambda v: None if v is None else v.reshape(1, features)
     out = _kernel_norm(cfg, x.reshape(rows, 1, features), row(scale), row(bias))
     return out.reshape(x.shape)

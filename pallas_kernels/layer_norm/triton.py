@@ -82,10 +82,9 @@ def supports(call: Call, tiles: Tiles) -> str | None:
     return None
 
 
-def config(call: Call, tiles: Tiles, epsilon: float, dtype, interpret: bool,
-           subtract_mean: bool = False) -> NormConfig:
+def config(call: Call, tiles: Tiles, epsilon: float, dtype, interpret: bool) -> NormConfig:
     return NormConfig("triton", tiles.block_rows, tiles.bwd_rows, tiles.num_warps, epsilon,
-                      dtype, interpret, subtract_mean)
+                      dtype, interpret, call.subtract_mean)
 
 
 def _masks(r0, BR, FP, rows, F):
