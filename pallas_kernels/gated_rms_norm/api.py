@@ -12,7 +12,7 @@ import jax.numpy as jnp
 
 from pallas_kernels._api import Dispatch, Lowering, load_lowering, recomputing_op, shape_of
 from pallas_kernels.gated_rms_norm import reference
-from pallas_kernels.layer_norm.common import Call
+from pallas_kernels.layer_norm.common import Call, check_parameters
 
 DISPATCH = Dispatch("pallas_kernels.gated_rms_norm", (Lowering("triton", "gpu"),))
 IMPLEMENTATIONS = DISPATCH.names
@@ -47,14 +47,12 @@ def gated_rms_norm(y, z, scale, *, groups: int = 1, epsilon: float = 1e-5, dtype
     features = y.shape[-1]
     if features < 1:
         raise ValueError(f"y must have at least one feature (last axis), got shape {y.shape}")
-    if getattr(scale, "shape", None) != (features,):
-        raise ValueError(f"scale must have shape (features,) = ({features},), got "
-                         f"{shape_of(scale)}")
+    if scale is None:
+        raise ValueError("scale must be an array of shape (features,), got None")
+    check_parameters(features, epsilon, scale=scale)
     if not isinstance(groups, int) or groups < 1 or features % groups:
         raise ValueError(f"groups must be a positive int dividing features ({features}), got "
                          f"{groups!r}")
-    if not epsilon > 0:
-        raise ValueError(f"epsilon must be > 0, got {epsilon!r}")
     dtype = jnp.dtype(y.dtype if dtype is None else dtype)
     rows = y.size // features
     call = Call(rows, groups, features // groups)

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 
 from pallas_kernels._api import Dispatch, Lowering, load_lowering, recomputing_op, shape_of
 from pallas_kernels.layer_norm import reference
-from pallas_kernels.layer_norm.common import Call
+from pallas_kernels.layer_norm.common import Call, check_parameters
 
 DISPATCH = Dispatch("pallas_kernels.layer_norm", (Lowering("triton", "gpu"),))
 IMPLEMENTATIONS = DISPATCH.names
@@ -45,12 +45,9 @@ def layer_norm(x, scale, bias=None, *, subtract_mean: bool = True, epsilon: floa
     if x.dtype not in _DTYPES:
         raise ValueError(f"x must be bfloat16, float16 or float32, got {x.dtype}")
     features = x.shape[-1]
-    for name, value in (("scale", scale), *((("bias", bias),) if bias is not None else ())):
-        if getattr(value, "shape", None) != (features,):
-            raise ValueError(f"{name} must have shape (features,) = ({features},), got "
-                             f"{shape_of(value)}")
-    if not epsilon > 0:
-        raise ValueError(f"epsilon must be > 0, got {epsilon!r}")
+    if scale is None:
+        raise ValueError("scale must be an array of shape (features,), got None")
+    check_parameters(features, epsilon, scale=scale, bias=bias)
     dtype = jnp.dtype(x.dtype if dtype is None else dtype)
     rows = x.size // features
     call = Call(rows, 1, features, bool(subtract_mean))

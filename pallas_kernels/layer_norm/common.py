@@ -6,6 +6,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, NamedTuple
 
+from pallas_kernels._api import shape_of
+
 
 class Call(NamedTuple):
     rows: int  # every axis but the last, flattened
@@ -26,3 +28,14 @@ class NormConfig:
     dtype: Any
     interpret: bool
     subtract_mean: bool = False  # LayerNorm; False: RMSNorm
+
+
+def check_parameters(features: int, epsilon, **vectors) -> None:
+    """``ValueError`` unless each given vector (None: absent) has shape ``(features,)`` and
+    ``epsilon > 0``."""
+    for name, value in vectors.items():
+        if value is not None and getattr(value, "shape", None) != (features,):
+            raise ValueError(f"{name} must have shape (features,) = ({features},), got "
+                             f"{shape_of(value)}")
+    if not epsilon > 0:
+        raise ValueError(f"epsilon must be > 0, got {epsilon!r}")
