@@ -124,7 +124,8 @@ def main(argv=None):
     p.add_argument("--heads", type=int, default=HEADS, help="24: Mamba-2 130M's layer")
     p.add_argument("--variants", nargs="+", default=["64x64x4"],
                    help="Triton tiles: block_t x block_p x num_warps "
-                        "[x scan_block_p [x scan_stages]]")
+                        "[x scan_block_p [x scan_stages [x grads_warps]]] (the default tiles: "
+                        "64x64x4x64x4)")
     p.add_argument("--no-check", action="store_true")
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--documents", type=int, default=0,

@@ -9,6 +9,7 @@ bfloat16 operands (scores, ``dt * x``, states) as Mamba-2 does.
 """
 
 import functools
+import re
 
 import numpy as np
 import pytest
@@ -331,6 +332,30 @@ def test_auto_lowers_to_triton_for_an_abstract_gpu():
     # states + outputs; dstates + state-side grads + input-side grads
     assert text.count("__gpu$xla.gpu.triton") == 5
     assert "__gpu$xla.gpu.triton" not in jax.jit(fwd_bwd).trace(*args).lower().as_text()
+
+
+def test_grads_warps_launch_only_the_input_side_gradient_kernel_wider():
+    """``Tiles.grads_warps`` sets the warps of ``ssd_bwd_grads`` alone (lowered for an H100)."""
+    sds = jax.ShapeDtypeStruct
+    args = (sds((1, 300, 2, 16), jnp.bfloat16), sds((1, 300, 2), jnp.float32),
+            sds((2,), jnp.float32), sds((1, 300, 1, 16), jnp.bfloat16),
+            sds((1, 300, 1, 16), jnp.bfloat16))
+    tiles = triton.Tiles(64, 16, 4, grads_warps=8)
+
+    def fwd_bwd(*a):
+        y, vjp = jax.vjp(functools.partial(ssd, chunk_size=64, implementation="triton",
+                                           tiles=tiles), *a)
+        return vjp(jnp.ones(y.shape, y.dtype))
+
+    with lowering_for("NVIDIA H100"):
+        text = jax.jit(fwd_bwd).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    names = re.findall(r'name = "(ssd_\w+)"', text)
+    warps = [int(w) for w in re.findall(r"num_warps = (\d+) : i32", text)]
+    assert len(names) == len(warps) == 5
+    assert dict(zip(names, warps)) == {"ssd_fwd_states": 4, "ssd_fwd_outputs": 4,
+                                       "ssd_bwd_states": 4, "ssd_bwd_state_side": 4,
+                                       "ssd_bwd_grads": 8}
+    assert triton.Tiles(64, 16, 4).grads_warps == 4  # 0: num_warps
 
 
 # Packed documents: row 0 has documents of 5, 17 and 10 steps (its first continues the initial

@@ -78,6 +78,7 @@ class SSDConfig:
     interpret: bool
     scan_block_p: int | None = None  # Triton's sequential state passes (``triton.Tiles``)
     scan_stages: int = 1  # their software-pipeline depth (``triton.Tiles``)
+    grads_warps: int | None = None  # the input-side gradient kernel's warps (``triton.Tiles``)
 
 
 def _dot(a, b, contract, dtype):

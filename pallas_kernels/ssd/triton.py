@@ -62,17 +62,23 @@ class Tiles:
     the whole length: each tile's loads do not depend on the carried state, so with
     ``scan_stages > 1`` Triton issues the next tiles' loads while the current one computes
     instead of waiting a memory latency per tile. The per-tile kernels are parallel over the
-    length already and keep ``block_p`` (each column block adds ``dB``/``dC`` partials)."""
+    length already and keep ``block_p`` (each column block adds ``dB``/``dC`` partials).
+    ``grads_warps`` are the warps of the largest of them, the input-side gradients
+    (``ssd_bwd_grads``; 0 means ``num_warps``): ptxas fits it in 253 registers without spilling
+    at 8 warps, 255 and a spill at 4."""
 
     block_t: int
     block_p: int
     num_warps: int
     scan_block_p: int = 0
     scan_stages: int = 1
+    grads_warps: int = 0
 
     def __post_init__(self):
         if self.scan_block_p == 0:
             object.__setattr__(self, "scan_block_p", self.block_p)
+        if self.grads_warps == 0:
+            object.__setattr__(self, "grads_warps", self.num_warps)
 
 
 # Defaults by compute capability ("" is every GPU), each tile capped at chunk_size / head_dim:
@@ -94,7 +100,7 @@ def default_tiles(call: common.Call) -> Tiles:
     while scan_block_p > 16 and batch * heads * (head_dim // scan_block_p) < _MIN_SCAN_PROGRAMS:
         scan_block_p //= 2
     return Tiles(min(default.block_t, call.chunk_size), min(default.block_p, head_dim),
-                 default.num_warps, scan_block_p, default.scan_stages)
+                 default.num_warps, scan_block_p, default.scan_stages, default.grads_warps)
 
 
 def supports(call: common.Call, tiles: Tiles) -> str | None:
@@ -119,6 +125,7 @@ def config(call: common.Call, tiles: Tiles, dt_softplus: bool, interpret: bool):
         implementation="triton", chunk_size=tiles.block_t, block_t=tiles.block_t,
         block_p=tiles.block_p, dt_softplus=dt_softplus, num_warps=tiles.num_warps,
         interpret=interpret, scan_block_p=tiles.scan_block_p, scan_stages=tiles.scan_stages,
+        grads_warps=tiles.grads_warps,
     )
 
 
@@ -288,9 +295,9 @@ def _specs(x_shape, B_shape, block_p, n_tiles):
     return specs(lambda j: j), specs(lambda j: j // n_tiles)
 
 
-def _call(kernel, cfg, grid, named_in, named_out, static, name, num_stages=1):
+def _call(kernel, cfg, grid, named_in, named_out, static, name, num_stages=1, num_warps=None):
     """One pallas_call from ``[(name, array or None, spec)]`` inputs and ``[(name, shape or None,
-    spec)]`` outputs; returns a dict of the outputs by name."""
+    spec)]`` outputs (``num_warps`` None: ``cfg``'s); returns a dict of the outputs by name."""
     in_flags, args, in_specs = operands(named_in)
     out_flags, out_shapes, out_specs = operands(named_out)
     outs = pl.pallas_call(
@@ -299,7 +306,8 @@ def _call(kernel, cfg, grid, named_in, named_out, static, name, num_stages=1):
         grid=grid,
         in_specs=in_specs,
         out_specs=out_specs,
-        compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=num_stages),
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps or cfg.num_warps,
+                                             num_stages=num_stages),
         interpret=cfg.interpret,
         name=name,
     )(*args)
@@ -407,7 +415,7 @@ def backward(dout, dh_final, x, dt, A, B, C, D, z, dt_bias, h0, reset, ckpt,
          ("dB", part(d_state, dtype=x.dtype), partial_t(d_state)),
          ("sums", jax.ShapeDtypeStruct((batch, heads * n_tiles, n_pb, 4), f32),
           pl.BlockSpec((None, None, None, 4), lambda i, j, p: (i, j, p, 0)))],
-        st, "ssd_bwd_grads",
+        st, "ssd_bwd_grads", num_warps=cfg.grads_warps,
     )
     res |= dict(dC=state_side["dC"], dz=state_side.get("dz"), dh0=dstates.get("dh0"))
     res["sums"] = res["sums"].reshape(batch, heads, n_tiles * n_pb, 4)
