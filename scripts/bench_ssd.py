@@ -4,12 +4,13 @@ Shapes are Mamba-2-1.3B-like: 64 heads of head_dim 64, d_state 128, one group, b
 D, dt_bias and softplus (as the Mamba-2 layer calls it), ~16k tokens per call (batch * length).
 
     PYTHONPATH=src:. python3 scripts/bench_ssd.py [--lengths 2048 8192] [--tokens 16384]
-        [--variants 64x64x4 32x64x4 ...] [--no-check] [--documents 512] [--unfused] [--kernels]
+        [--variants default 32x64x4 ...] [--no-check] [--documents 512] [--unfused] [--kernels]
 
 First a correctness check on the device (float32 sequential reference, odd length, groups, gate,
 initial state; outputs and every gradient), then for each length: ms forward and forward+backward
 (a VJP with its forward's outputs) of every Pallas lowering of this backend and every tile variant
-``block_t x block_p x num_warps``, beside the chunked plain-JAX SSD, and the speed-up.
+(``default``: the device's default tiles; or ``block_t x block_p x num_warps ...``), beside the
+chunked plain-JAX SSD, and the speed-up.
 ``--documents N`` packs documents of N steps on average (``reset=`` at random starts, as a packed
 training batch passes them); ``--unfused`` calls without D, dt_bias and softplus (dt discretized
 outside); ``--kernels`` prints each kernel's device time per forward+backward call (a trace).
@@ -122,10 +123,10 @@ def main(argv=None):
     p.add_argument("--lengths", type=int, nargs="+", default=[2048, 8192])
     p.add_argument("--tokens", type=int, default=16384)
     p.add_argument("--heads", type=int, default=HEADS, help="24: Mamba-2 130M's layer")
-    p.add_argument("--variants", nargs="+", default=["64x64x4"],
-                   help="Triton tiles: block_t x block_p x num_warps "
-                        "[x scan_block_p [x scan_stages [x grads_warps]]] (the default tiles: "
-                        "64x64x4x64x4)")
+    p.add_argument("--variants", nargs="+", default=["default"],
+                   help="Triton tiles: 'default' (the device's DEFAULT_TILES, capped to the "
+                        "call) or block_t x block_p x num_warps "
+                        "[x scan_block_p [x scan_stages [x grads_warps]]]")
     p.add_argument("--no-check", action="store_true")
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--documents", type=int, default=0,
@@ -145,7 +146,8 @@ def main(argv=None):
             check(impl, jnp.float32, 2e-2)  # tf32 products on the GPU
             check(impl, jnp.bfloat16, 5e-2)
 
-    variants = [tuple(int(v) for v in s.split("x")) for s in a.variants]
+    variants = [None if s == "default" else tuple(int(v) for v in s.split("x"))
+                for s in a.variants]
     rows = []
     for length in a.lengths:
         batch = max(1, a.tokens // length)
@@ -162,7 +164,7 @@ def main(argv=None):
         print(rows[-1], flush=True)
         for impl in impls:
             for v in variants if impl == "triton" else [None]:
-                label = impl if v is None else f"{impl} {'x'.join(map(str, v))}"
+                label = f"{impl} {'default' if v is None else 'x'.join(map(str, v))}"
                 if time.time() - start > a.budget_s:
                     print(f"budget: skipping {label} at {length}", flush=True)
                     continue
