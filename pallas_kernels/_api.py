@@ -159,8 +159,9 @@ class Dispatch:
                 return lowering.name, tiles
         return "xla", None
 
-    def unavailable(self, name: str, interpret: bool = False) -> str | None:
-        """Why lowering ``name`` cannot run on the target whatever the call (None if it can)."""
+    def unavailable(self, name: str, interpret: bool = False, hint: bool = True) -> str | None:
+        """Why lowering ``name`` cannot run on the target whatever the call (None if it can);
+        ``hint``: say that a Pallas lowering would run in interpret mode."""
         lowering = next(x for x in self.lowerings if x.name == name)
         module, error = load_lowering(self.package, name)
         if module is None:
@@ -168,8 +169,8 @@ class Dispatch:
         if interpret and not lowering.pallas:
             return "is not a Pallas kernel: it has no interpret mode (interpret=True)"
         if not interpret and (why := _platform_reason(lowering)):
-            hint = "; pass interpret=True to run it in interpret mode" if lowering.pallas else ""
-            return why + hint
+            tip = "; pass interpret=True to run it in interpret mode" if lowering.pallas else ""
+            return why + (tip if hint else "")
         return None
 
     def _named(self, name, call, interpret, tiles):

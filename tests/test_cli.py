@@ -11,6 +11,7 @@ import pathlib
 import shlex
 import shutil
 
+import jax
 import pytest
 
 from meshlm.cli import EXIT_BAD_INPUT, main
@@ -67,10 +68,19 @@ def test_generate_prints_the_prompt_and_a_continuation(trained, capsys):
     assert capsys.readouterr().out == first  # the seed fixes the sample
 
 
+# a kernel named in the config that this host cannot run
+ON_CPU = pytest.mark.skipif(jax.default_backend() != "cpu", reason="the GPU runs these kernels")
+
+
 @pytest.mark.parametrize("argv, message", [
     (["train", "--config", "{config}", "model.no_such_key=1"], "unknown key 'model.no_such_key'"),
     (["train", "--config", "{config}", "model.d_model=abc"], "model.d_model: expected an integer"),
     (["train", "--config", "{missing}"], "does not exist"),
+    pytest.param(["train", "--config", "{config}", "model.norm_implementation=triton"],
+                 "model.norm_implementation=triton needs a GPU backend, got cpu; use 'auto'",
+                 marks=ON_CPU),
+    pytest.param(["train", "--config", "{config}", "model.attention=mosaic_gpu"],
+                 "model.attention=mosaic_gpu needs a GPU backend, got cpu", marks=ON_CPU),
     (["generate", "--run-dir", "{missing}"], "no checkpoint in"),
     (["generate", "--run-dir", "{run}", "--top-p", "0"], "top_p must be in (0, 1]"),
     (["generate", "--run-dir", "{run}", "--top-k", "301"],

@@ -63,6 +63,9 @@ class ModelConfig:
     # A size (field or property) -> the logical axis that splits that dimension; validate_mesh
     # checks each divides evenly over its shards. Families extend it.
     sharded_fields: ClassVar[dict[str, str]] = {"vocab_size": "vocab", "d_model": "embed"}
+    # A field naming a kernel implementation -> the pallas_kernels op it selects for; a named one
+    # the target cannot run is a ConfigError before tracing (train.setup.check_kernels).
+    kernel_fields: ClassVar[dict[str, str]] = {"norm_implementation": "layer_norm"}
     # Whether the family's layers run with the length axis sharded (context parallelism: ring
     # attention). Recurrent scans and T5's attention would gather the whole length instead.
     supports_context_parallel: ClassVar[bool] = False

@@ -53,6 +53,8 @@ class GPTConfig(DecoderLMConfig):
     # attention over a sequence-sharded length (mesh.sequence > 1): layers/ring_attention.py
     context_parallel: Literal["ring", "ulysses"] = "ring"
 
+    kernel_fields: ClassVar[dict[str, str]] = {**DecoderLMConfig.kernel_fields,
+                                               "attention": "flash_attention"}
     # field -> the logical axis its dimension is split by (validate_mesh checks divisibility)
     sharded_fields: ClassVar[dict[str, str]] = {**DecoderLMConfig.sharded_fields,
                                                 "n_heads": "heads", "kv_heads": "kv_heads",

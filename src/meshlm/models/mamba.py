@@ -35,6 +35,8 @@ class MambaConfig(DecoderLMConfig):
     use_conv_bias: bool = True
     implementation: ScanImplementation = "auto"  # pallas_kernels.selective_scan's
 
+    kernel_fields: ClassVar[dict[str, str]] = {**DecoderLMConfig.kernel_fields,
+                                               "implementation": "selective_scan"}
     sharded_fields: ClassVar[dict[str, str]] = {**DecoderLMConfig.sharded_fields,
                                                 "d_inner": "inner"}
 

@@ -43,6 +43,8 @@ class Mamba2Config(DecoderLMConfig):
     norm_per_group: bool = True  # gated RMSNorm per B/C group (mamba_ssm); False: over d_inner (HF)
     implementation: SSDImplementation = "auto"  # pallas_kernels.ssd's
 
+    kernel_fields: ClassVar[dict[str, str]] = {**DecoderLMConfig.kernel_fields,
+                                               "implementation": "ssd"}
     sharded_fields: ClassVar[dict[str, str]] = {**DecoderLMConfig.sharded_fields,
                                                 "d_inner": "inner", "n_heads": "heads"}
 

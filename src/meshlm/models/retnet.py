@@ -40,6 +40,8 @@ class RetNetConfig(DecoderLMConfig):
     chunk_size: int = 256
     implementation: SSDImplementation = "auto"  # pallas_kernels.ssd's, for the chunkwise form
 
+    kernel_fields: ClassVar[dict[str, str]] = {**DecoderLMConfig.kernel_fields,
+                                               "implementation": "ssd"}
     sharded_fields: ClassVar[dict[str, str]] = {**DecoderLMConfig.sharded_fields,
                                                 "n_heads": "heads", "d_ff": "mlp"}
 

@@ -96,6 +96,8 @@ class T5Config(ModelConfig):
     decoder_start_token: str = "<pad>"
 
     batch_fields: ClassVar[dict[str, str]] = SEQ2SEQ
+    kernel_fields: ClassVar[dict[str, str]] = {**ModelConfig.kernel_fields,
+                                               "attention": "flash_attention"}
     sharded_fields: ClassVar[dict[str, str]] = {**ModelConfig.sharded_fields,
                                                 "n_heads": "heads", "d_ff": "mlp"}
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -111,10 +112,24 @@ def build(cfg: Config, devices: Sequence[jax.Device] | None = None) -> Run:
                           f"({kv_heads}) differently; map both to the same mesh axes")
     check_batch(cfg, mesh, rules)
     model = pipelined(build_model(cfg.model), cfg, mesh, rules)
+    check_kernels(cfg.model)  # after the pipeline's own limits, before anything is traced
     tx, schedule = make_optimizer(cfg)
     abstract, _ = state_shardings(cfg.model, model, tx, mesh, rules, cfg.data.seq_len)
     return Run(cfg=cfg, mesh=mesh, rules=rules, model=model, tx=tx, schedule=schedule,
                abstract_state=abstract, batch_sharding=sharding.batch_sharding(mesh, rules))
+
+
+def check_kernels(model_cfg) -> None:
+    """A kernel implementation named in the model config (``kernel_fields``) that the target
+    cannot run is a ``ConfigError`` here, not a traceback from inside the model's trace."""
+    for field, op in model_cfg.kernel_fields.items():
+        name = getattr(model_cfg, field)
+        if name in ("auto", "xla"):
+            continue
+        dispatch = importlib.import_module(f"pallas_kernels.{op}.api").DISPATCH
+        if why := dispatch.unavailable(name, hint=False):
+            raise ConfigError(f"model.{field}={name} {why}; use 'auto' (the fastest this "
+                              "machine runs) or 'xla'")
 
 
 def check_batch(cfg: Config, mesh: Mesh, rules) -> None:
