@@ -47,9 +47,7 @@ def gated_rms_norm(y, z, scale, *, groups: int = 1, epsilon: float = 1e-5, dtype
     features = y.shape[-1]
     if features < 1:
         raise ValueError(f"y must have at least one feature (last axis), got shape {y.shape}")
-    if scale is None:
-        raise ValueError("scale must be an array of shape (features,), got None")
-    check_parameters(features, epsilon, scale=scale)
+    check_parameters(features, epsilon, scale)
     if not isinstance(groups, int) or groups < 1 or features % groups:
         raise ValueError(f"groups must be a positive int dividing features ({features}), got "
                          f"{groups!r}")

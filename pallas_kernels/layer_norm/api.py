@@ -45,9 +45,7 @@ def layer_norm(x, scale, bias=None, *, subtract_mean: bool = True, epsilon: floa
     if x.dtype not in _DTYPES:
         raise ValueError(f"x must be bfloat16, float16 or float32, got {x.dtype}")
     features = x.shape[-1]
-    if scale is None:
-        raise ValueError("scale must be an array of shape (features,), got None")
-    check_parameters(features, epsilon, scale=scale, bias=bias)
+    check_parameters(features, epsilon, scale, bias=bias)
     dtype = jnp.dtype(x.dtype if dtype is None else dtype)
     rows = x.size // features
     call = Call(rows, 1, features, bool(subtract_mean))

@@ -30,11 +30,12 @@ class NormConfig:
     subtract_mean: bool = False  # LayerNorm; False: RMSNorm
 
 
-def check_parameters(features: int, epsilon, **vectors) -> None:
-    """``ValueError`` unless each given vector (None: absent) has shape ``(features,)`` and
-    ``epsilon > 0``."""
-    for name, value in vectors.items():
-        if value is not None and getattr(value, "shape", None) != (features,):
+def check_parameters(features: int, epsilon, scale, **optional) -> None:
+    """``ValueError`` unless ``scale`` and each optional vector given (None: absent) have shape
+    ``(features,)`` and ``epsilon > 0``."""
+    given = {name: value for name, value in optional.items() if value is not None}
+    for name, value in {"scale": scale, **given}.items():
+        if getattr(value, "shape", None) != (features,):
             raise ValueError(f"{name} must have shape (features,) = ({features},), got "
                              f"{shape_of(value)}")
     if not epsilon > 0:
