@@ -7,10 +7,10 @@ D, dt_bias and softplus (as the Mamba-2 layer calls it), ~16k tokens per call (b
         [--variants default 32x64x4 ...] [--no-check] [--documents 512] [--unfused] [--kernels]
 
 First a correctness check on the device (float32 sequential reference, odd length, groups, gate,
-initial state; outputs and every gradient), then for each length: ms forward and forward+backward
-(a VJP with its forward's outputs) of every Pallas lowering of this backend and every tile variant
-(``default``: the device's default tiles; or ``block_t x block_p x num_warps ...``), beside the
-chunked plain-JAX SSD, and the speed-up.
+initial state, packed documents; outputs and every gradient; each tile variant in float32), then
+for each length: ms forward and forward+backward (a VJP with its forward's outputs) of every
+Pallas lowering of this backend and every tile variant (``default``: the device's default tiles;
+or ``block_t x block_p x num_warps ...``), beside the chunked plain-JAX SSD, and the speed-up.
 ``--documents N`` packs documents of N steps on average (``reset=`` at random starts, as a packed
 training batch passes them); ``--unfused`` calls without D, dt_bias and softplus (dt discretized
 outside); ``--kernels`` prints each kernel's device time per forward+backward call (a trace).
@@ -97,7 +97,7 @@ def _rel(a, b):
 def check(impl, dtype, tol, length=1001, **opts):
     """Outputs and all gradients against the float32 sequential reference; True if within tol."""
     args = _inputs(jax.random.PRNGKey(int(time.time())), 2, length, 8, HEAD_DIM, 2, D_STATE, dtype,
-                   gate=True, state=True)
+                   gate=True, state=True, documents=200)
     names = list(args)
     vals = [args[n] for n in names]
     dy = jax.random.normal(jax.random.PRNGKey(7), args["x"].shape).astype(dtype)
@@ -126,7 +126,8 @@ def main(argv=None):
     p.add_argument("--variants", nargs="+", default=["default"],
                    help="Triton tiles: 'default' (the device's DEFAULT_TILES, capped to the "
                         "call) or block_t x block_p x num_warps "
-                        "[x scan_block_p [x scan_stages [x grads_warps]]]")
+                        "[x scan_block_p [x scan_stages [x grads_warps [x scan_segments]]]]; "
+                        "each non-default variant is also checked in float32")
     p.add_argument("--no-check", action="store_true")
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--documents", type=int, default=0,
@@ -141,13 +142,16 @@ def main(argv=None):
     backend = jax.default_backend()
     impls = {"gpu": ["triton"], "tpu": ["tpu"]}.get(backend, [])
     print(f"device: {benchlib.device_description()}", flush=True)
+    variants = [None if s == "default" else tuple(int(v) for v in s.split("x"))
+                for s in a.variants]
     if not a.no_check:
         for impl in impls:
             check(impl, jnp.float32, 2e-2)  # tf32 products on the GPU
             check(impl, jnp.bfloat16, 5e-2)
-
-    variants = [None if s == "default" else tuple(int(v) for v in s.split("x"))
-                for s in a.variants]
+            for v in variants if impl == "triton" else []:
+                if v is not None:
+                    print(f"variant {'x'.join(map(str, v))}:", end=" ")
+                    check(impl, jnp.float32, 2e-2, tiles=triton.Tiles(*v))
     rows = []
     for length in a.lengths:
         batch = max(1, a.tokens // length)
