@@ -126,7 +126,7 @@ def main(argv=None):
     p.add_argument("--variants", nargs="+", default=["default"],
                    help="Triton tiles: 'default' (the device's DEFAULT_TILES, capped to the "
                         "call) or block_t x block_p x num_warps "
-                        "[x scan_block_p [x scan_stages [x grads_warps [x scan_segments]]]]; "
+                        "[x scan_block_p [x scan_stages [x grads_warps]]]; "
                         "each non-default variant is also checked in float32")
     p.add_argument("--no-check", action="store_true")
     p.add_argument("--iters", type=int, default=20)

@@ -161,26 +161,6 @@ def test_triton_state_passes_narrower_than_tiles():
     assert not bad, f"seed {seed}: {bad}"
 
 
-@pytest.mark.parametrize("case", ["f32-full", "resets"])
-def test_triton_segmented_state_passes(case):
-    """``scan_segments``: the sequential passes walk segments of the length in parallel and the
-    segments' states are joined outside. f32-full: 3 tiles (the last partial) in segments of 2
-    and 1, with an initial state; resets: 2 one-tile segments, documents starting mid-tile, on
-    the segments' edge and at step 0 (the initial state dropped)."""
-    if case == "resets":
-        seed, args, reset, (y_ref, h_ref, grads_ref) = _reset_case(True)
-        opts = dict(reset=reset, tiles=triton.Tiles(16, 16, 4, scan_segments=2))
-    else:
-        seed, args, (y_ref, h_ref, grads_ref) = _case(case)
-        opts = dict(tiles=triton.Tiles(16, 16, 4, scan_segments=2))
-    y, h, grads = _loss_and_grads("triton", args, seed, interpret=True, chunk_size=16, **opts)
-    errors = {"y": _rel(y, y_ref), "final_state": _rel(h, h_ref)}
-    errors |= {"d" + name: _rel(g, grads_ref[name]) for name, g in grads.items()}
-    bad = {k: v for k, v in errors.items() if not v < TOL[jnp.float32]}
-    assert not bad, f"seed {seed}: {bad}"
-    assert set(grads) == set(GRAD_NAMES)
-
-
 def test_chunked_xla_matches_reference():
     seed, args, (y_ref, h_ref, grads_ref) = _case("f32-full")
     y, h, grads = _loss_and_grads("xla", args, seed, chunk_size=16)
@@ -423,11 +403,9 @@ def test_reset_matches_documents_run_alone(impl, full):
         assert np.any(np.asarray(grads["initial_state"][0]))
 
 
-@pytest.mark.parametrize("segments", [1, 3])
-def test_reset_lowers_to_verified_triton_for_an_abstract_gpu(segments):
+def test_reset_lowers_to_verified_triton_for_an_abstract_gpu():
     """With ``reset`` (and an initial state: a decoding prompt), "auto" for an H100 still takes
-    the Triton kernels; all five modules pass the MLIR verifier, also with the sequential passes
-    in segments (their loops' bounds read the program id)."""
+    the Triton kernels; all five modules pass the MLIR verifier."""
     sds = jax.ShapeDtypeStruct
     b, length, heads, p, n = 1, 300, 2, 16, 16
     args = (sds((b, length, heads, p), jnp.bfloat16), sds((b, length, heads), jnp.float32),
@@ -436,10 +414,7 @@ def test_reset_lowers_to_verified_triton_for_an_abstract_gpu(segments):
             sds((b, length), jnp.bool_))
 
     def fwd_bwd(x, dt, A, B, C, h0, reset):
-        tiles = None if segments == 1 else triton.Tiles(64, 16, 4, scan_stages=4,
-                                                        scan_segments=segments)
-        fn = lambda *a: ssd(*a, chunk_size=64, dt_softplus=True, initial_state=h0, reset=reset,
-                            implementation="auto" if tiles is None else "triton", tiles=tiles)
+        fn = lambda *a: ssd(*a, chunk_size=64, dt_softplus=True, initial_state=h0, reset=reset)
         y, vjp = jax.vjp(fn, x, dt, A, B, C)
         return vjp(jnp.ones(y.shape, y.dtype))
 

@@ -79,7 +79,6 @@ class SSDConfig:
     scan_block_p: int | None = None  # Triton's sequential state passes (``triton.Tiles``)
     scan_stages: int = 1  # their software-pipeline depth (``triton.Tiles``)
     grads_warps: int | None = None  # the input-side gradient kernel's warps (``triton.Tiles``)
-    scan_segments: int = 1  # the sequential passes' parallel runs (``triton.Tiles``)
 
 
 def _dot(a, b, contract, dtype):

@@ -65,10 +65,7 @@ class Tiles:
     length already and keep ``block_p`` (each column block adds ``dB``/``dC`` partials).
     ``grads_warps`` are the warps of the largest of them, the input-side gradients
     (``ssd_bwd_grads``; 0 means ``num_warps``): ptxas fits it in 253 registers without spilling
-    at 8 warps, 255 and a spill at 4. ``scan_segments > 1`` splits the length of each
-    sequential pass into that many runs of whole tiles walked in parallel from a zero state;
-    the segments' boundary states follow in one short pass, outside the kernels
-    (``_join_forward``, ``_join_backward``)."""
+    at 8 warps, 255 and a spill at 4."""
 
     block_t: int
     block_p: int
@@ -76,7 +73,6 @@ class Tiles:
     scan_block_p: int = 0
     scan_stages: int = 1
     grads_warps: int = 0
-    scan_segments: int = 1
 
     def __post_init__(self):
         if self.scan_block_p == 0:
@@ -104,8 +100,7 @@ def default_tiles(call: common.Call) -> Tiles:
     while scan_block_p > 16 and batch * heads * (head_dim // scan_block_p) < _MIN_SCAN_PROGRAMS:
         scan_block_p //= 2
     return Tiles(min(default.block_t, call.chunk_size), min(default.block_p, head_dim),
-                 default.num_warps, scan_block_p, default.scan_stages, default.grads_warps,
-                 default.scan_segments)
+                 default.num_warps, scan_block_p, default.scan_stages, default.grads_warps)
 
 
 def supports(call: common.Call, tiles: Tiles) -> str | None:
@@ -130,7 +125,7 @@ def config(call: common.Call, tiles: Tiles, dt_softplus: bool, interpret: bool):
         implementation="triton", chunk_size=tiles.block_t, block_t=tiles.block_t,
         block_p=tiles.block_p, dt_softplus=dt_softplus, num_warps=tiles.num_warps,
         interpret=interpret, scan_block_p=tiles.scan_block_p, scan_stages=tiles.scan_stages,
-        grads_warps=tiles.grads_warps, scan_segments=tiles.scan_segments,
+        grads_warps=tiles.grads_warps,
     )
 
 
@@ -174,31 +169,19 @@ def _head_scalars(r, h):
     return A, None if D is None else D[h].astype(f32), None if bias is None else bias[h].astype(f32)
 
 
-def _segment(n_tiles, seg_tiles, segments):
-    """``(first tile, tile count)`` of a sequential-pass program: its segment of the length
-    (grid axis 0 is ``batch * segments``), the whole length (static) with one segment."""
-    if segments == 1:
-        return 0, n_tiles
-    first = pl.program_id(0) % segments * seg_tiles
-    return first, jnp.minimum(seg_tiles, n_tiles - first)
-
-
-def _state_kernel(*refs, length, T, n_tiles, seg_tiles, segments, softplus, dtype, flags):
-    """Sequential pass: the state entering every tile of the program's segment (and the state
-    leaving it); one product a tile."""
+def _state_kernel(*refs, length, T, n_tiles, softplus, dtype, flags):
+    """Sequential pass: the state entering every tile (and the final state); one product a tile."""
     r = Refs(refs, flags)
     A, _, bias = _head_scalars(r, pl.program_id(1))
     H = jnp.zeros(r.h_final.shape, f32) if r.h0 is None else r.h0[...].astype(f32)
-    first, count = _segment(n_tiles, seg_tiles, segments)
 
-    def tile_body(i, H):
-        k = first + i
+    def tile_body(k, H):
         r.ckpt[k] = H.astype(r.ckpt.dtype)
         v = _tile(r, k * T, T, length, bias, softplus, dtype, with_z=False, with_dout=False,
                   with_C=False)
         return common.next_state(v["x"], v["dt"], A, v["B"], H, dtype, v["reset"], jnp.cumsum)
 
-    r.h_final[...] = jax.lax.fori_loop(0, count, tile_body, H)
+    r.h_final[...] = jax.lax.fori_loop(0, n_tiles, tile_body, H)
 
 
 def _tile_program(r, n_tiles):
@@ -217,23 +200,21 @@ def _out_kernel(*refs, length, T, n_tiles, softplus, dtype, flags):
     _store(r.y, k * T, v["valid"], common.chunk_output(c, r.ckpt[...].astype(f32), D, v.get("z")))
 
 
-def _dstate_kernel(*refs, length, T, n_tiles, seg_tiles, segments, softplus, dtype, flags):
-    """Sequential reverse pass: the gradient of the state leaving every tile of the program's
-    segment (and of the state entering it)."""
+def _dstate_kernel(*refs, length, T, n_tiles, softplus, dtype, flags):
+    """Sequential reverse pass: the gradient of the state leaving every tile (and of h0)."""
     r = Refs(refs, flags)
     A, _, bias = _head_scalars(r, pl.program_id(1))
     dH = jnp.zeros(r.dck.shape[1:], f32) if r.dh_final is None else r.dh_final[...].astype(f32)
-    first, count = _segment(n_tiles, seg_tiles, segments)
 
-    def tile_body(i, dH):
-        k = first + count - 1 - i
+    def tile_body(kk, dH):
+        k = n_tiles - 1 - kk
         r.dck[k] = dH.astype(r.dck.dtype)
         v = _tile(r, k * T, T, length, bias, softplus, dtype, with_z=r.z is not None,
                   with_dout=True)
         dy = v["dout"] if r.z is None else v["dout"] * _ssm_math.silu(v["z"].astype(f32))
         return common.prev_state_grad(dy, v["dt"], A, v["C"], dH, dtype, v["reset"], jnp.cumsum)
 
-    dH = jax.lax.fori_loop(0, count, tile_body, dH)
+    dH = jax.lax.fori_loop(0, n_tiles, tile_body, dH)
     if r.dh0 is not None:
         r.dh0[...] = dH
 
@@ -288,27 +269,25 @@ def _rows(valid, ref):
     return jnp.broadcast_to(valid.reshape((T,) + (1,) * (ref.ndim - 1)), (T, *ref.shape[1:]))
 
 
-def _specs(x_shape, B_shape, block_p, n_tiles, segments=1):
-    """BlockSpecs for grid (batch * segments, head, column block) and for the per-tile grid
+def _specs(x_shape, B_shape, block_p, n_tiles):
+    """BlockSpecs for grid (batch, head, column block) and for the per-tile grid
     (batch, head * n_tiles + tile, column block), in that order. ``states`` is every tile's
-    state of a (batch row, head, column block), ``tile_state`` one tile's; ``state`` is one
-    state per program row (a segment's, with ``segments > 1``)."""
+    state of a (batch row, head, column block), ``tile_state`` one tile's."""
     _, length, heads, _ = x_shape
     n_groups, d_state = B_shape[2], B_shape[3]
     rep = heads // n_groups
-    b = (lambda i: i) if segments == 1 else (lambda i: i // segments)
 
     def specs(hd):
         return dict(
-            seq=pl.BlockSpec((None, length, None, block_p), lambda i, j, p: (b(i), 0, hd(j), p)),
-            dt=pl.BlockSpec((None, length, None), lambda i, j, p: (b(i), 0, hd(j))),
-            row=pl.BlockSpec((None, length), lambda i, j, p: (b(i), 0)),
+            seq=pl.BlockSpec((None, length, None, block_p), lambda i, j, p: (i, 0, hd(j), p)),
+            dt=pl.BlockSpec((None, length, None), lambda i, j, p: (i, 0, hd(j))),
+            row=pl.BlockSpec((None, length), lambda i, j, p: (i, 0)),
             grp=pl.BlockSpec((None, length, None, d_state),
-                             lambda i, j, p: (b(i), 0, hd(j) // rep, 0)),
+                             lambda i, j, p: (i, 0, hd(j) // rep, 0)),
             head=pl.BlockSpec((heads,), lambda i, j, p: (0,)),
             state=pl.BlockSpec((None, None, block_p, d_state), lambda i, j, p: (i, hd(j), p, 0)),
             states=pl.BlockSpec((None, None, n_tiles, block_p, d_state),
-                                lambda i, j, p: (b(i), hd(j), 0, p, 0)),
+                                lambda i, j, p: (i, hd(j), 0, p, 0)),
             tile_state=pl.BlockSpec((None, None, None, block_p, d_state),
                                     lambda i, j, p: (i, hd(j), j % n_tiles, p, 0)),
         )
@@ -341,92 +320,6 @@ def _static(x, cfg):
                 softplus=cfg.dt_softplus, dtype=x.dtype)
 
 
-def _segments(n_tiles, wanted):
-    """The sequential passes' split of ``n_tiles`` tiles into at most ``wanted`` segments of
-    ``seg_tiles`` whole tiles (the last may be shorter): the kernels' static arguments."""
-    seg_tiles = pl.cdiv(n_tiles, wanted)
-    return dict(seg_tiles=seg_tiles, segments=pl.cdiv(n_tiles, seg_tiles))
-
-
-def _tile_factors(dt, A, dt_bias, reset, cfg):
-    """``(batch, heads, n_tiles)`` float32: the factor by which each tile scales the state
-    entering it on the way to the state leaving it (``common.Chunk``'s total decay), zero in a
-    tile that holds a reset."""
-    batch, length = dt.shape[:2]
-    T = cfg.block_t
-    pad = pl.cdiv(length, T) * T - length
-    a = _ssm_math.discretize_dt(dt, dt_bias, cfg.dt_softplus) * A.astype(f32)
-    a = jnp.pad(a, ((0, 0), (0, pad), (0, 0))).reshape(batch, -1, T, a.shape[2]).sum(2)
-    factors = jnp.exp(a)
-    if reset is not None:
-        resets = jnp.pad(reset, ((0, 0), (0, pad))).reshape(batch, -1, T).max(2)
-        factors = jnp.where(resets[..., None] > 0, 0.0, factors)
-    return jnp.transpose(factors, (0, 2, 1))
-
-
-def _by_segment(factors, seg):
-    """``factors`` padded with ones (no decay) to whole segments: ``(batch, heads, segments,
-    seg_tiles)``."""
-    batch, heads, n_tiles = factors.shape
-    pad = seg["segments"] * seg["seg_tiles"] - n_tiles
-    factors = jnp.pad(factors, ((0, 0), (0, 0), (0, pad)), constant_values=1.0)
-    return factors.reshape(batch, heads, seg["segments"], seg["seg_tiles"])
-
-
-def _per_tile(per_segment, seg, n_tiles):
-    """``(segments, batch, heads, P, N)`` -> ``(batch, heads, n_tiles, P, N)``."""
-    return jnp.repeat(jnp.moveaxis(per_segment, 0, 2), seg["seg_tiles"], axis=2)[:, :, :n_tiles]
-
-
-def _join_forward(states, h0, factors, seg, dtype):
-    """The segmented state pass made whole: each segment ran from a zero state, so (the
-    recurrence being linear in the state, with a scalar decay per head) the true state entering
-    tile k is its segment's local one plus the state entering the segment times the decay
-    from the segment's start to tile k. The states entering the segments follow in a scan
-    over the segments; returns ``states`` with the true ``ckpt`` (in ``dtype``) and
-    ``h_final``."""
-    local, ends = states["ckpt"], states["h_final"]
-    batch, heads, n_tiles = factors.shape
-    by_seg = _by_segment(factors, seg)
-    into = jnp.cumprod(by_seg, axis=-1)  # the segment's start to the end of each tile
-    across = jnp.moveaxis(into[..., -1], -1, 0)  # (segments, batch, heads)
-    ends = jnp.moveaxis(ends.reshape(batch, seg["segments"], *ends.shape[1:]), 1, 0)
-    start = jnp.zeros(ends.shape[1:], f32) if h0 is None else h0.astype(f32)
-
-    def step(H, xs):
-        decay, end = xs
-        return decay[..., None, None] * H + end, H
-
-    h_final, entering = jax.lax.scan(step, start, (across, ends))
-    before = jnp.concatenate([jnp.ones_like(into[..., :1]), into[..., :-1]], axis=-1)
-    before = before.reshape(batch, heads, -1)[:, :, :n_tiles]
-    ckpt = local + before[..., None, None] * _per_tile(entering, seg, n_tiles)
-    return dict(ckpt=ckpt.astype(dtype), h_final=h_final)
-
-
-def _join_backward(dstates, dh_final, factors, seg, dtype, with_dh0):
-    """``_join_forward`` for the reverse pass: the true gradient of the state leaving tile k is
-    its segment's local one plus the gradient of the state leaving the segment times the decay
-    from the end of tile k to the segment's end; those follow in a reverse scan."""
-    local, starts = dstates["dck"], dstates["dh0"]
-    batch, heads, n_tiles = factors.shape
-    by_seg = _by_segment(factors, seg)
-    out = jnp.flip(jnp.cumprod(jnp.flip(by_seg, -1), axis=-1), -1)  # each tile's start to the end
-    across = jnp.moveaxis(out[..., 0], -1, 0)
-    starts = jnp.moveaxis(starts.reshape(batch, seg["segments"], *starts.shape[1:]), 1, 0)
-    end = jnp.zeros(starts.shape[1:], f32) if dh_final is None else dh_final.astype(f32)
-
-    def step(dH, xs):
-        decay, start = xs
-        return start + decay[..., None, None] * dH, dH
-
-    dh0, leaving = jax.lax.scan(step, end, (across, starts), reverse=True)
-    after = jnp.concatenate([out[..., 1:], jnp.ones_like(out[..., :1])], axis=-1)
-    after = after.reshape(batch, heads, -1)[:, :, :n_tiles]
-    dck = local + after[..., None, None] * _per_tile(leaving, seg, n_tiles)
-    return dict(dck=dck.astype(dtype), dh0=dh0 if with_dh0 else None)
-
-
 def forward(x, dt, A, B, C, D, z, dt_bias, h0, reset, cfg: common.SSDConfig, *,
             save_checkpoints):
     """Returns ``(y, final_state, checkpoints or None)``; the final state float32, the
@@ -440,24 +333,17 @@ def forward(x, dt, A, B, C, D, z, dt_bias, h0, reset, cfg: common.SSDConfig, *,
     st = _static(x, cfg)
     n_tiles = st["n_tiles"]
     n_pb = head_dim // cfg.block_p
-    seg = _segments(n_tiles, cfg.scan_segments)
-    joined = seg["segments"] > 1  # the segments' states joined outside, in float32
-    sp = _specs(x.shape, B.shape, cfg.scan_block_p, n_tiles, seg["segments"])[0]
+    sp = _specs(x.shape, B.shape, cfg.scan_block_p, n_tiles)[0]  # the sequential pass's
     spt = _specs(x.shape, B.shape, cfg.block_p, n_tiles)[1]  # the per-tile kernels'
     states = _call(
-        _state_kernel, cfg, (batch * seg["segments"], heads, head_dim // cfg.scan_block_p),
+        _state_kernel, cfg, (batch, heads, head_dim // cfg.scan_block_p),
         [("x", x, sp["seq"]), ("dt", dt, sp["dt"]), ("A", A, sp["head"]), ("B", B, sp["grp"]),
-         ("bias", dt_bias, sp["head"]), ("h0", None if joined else h0, sp["state"]),
-         ("reset", reset, sp["row"])],
-        [("h_final", jax.ShapeDtypeStruct((batch * seg["segments"], heads, head_dim, d_state),
-                                          f32), sp["state"]),
-         ("ckpt", jax.ShapeDtypeStruct((batch, heads, n_tiles, head_dim, d_state),
-                                       f32 if joined else x.dtype), sp["states"])],
-        st | seg, "ssd_fwd_states", cfg.scan_stages,
+         ("bias", dt_bias, sp["head"]), ("h0", h0, sp["state"]), ("reset", reset, sp["row"])],
+        [("h_final", jax.ShapeDtypeStruct((batch, heads, head_dim, d_state), f32), sp["state"]),
+         ("ckpt", jax.ShapeDtypeStruct((batch, heads, n_tiles, head_dim, d_state), x.dtype),
+          sp["states"])],
+        st, "ssd_fwd_states", cfg.scan_stages,
     )
-    if joined:
-        factors = _tile_factors(dt, A, dt_bias, reset, cfg)
-        states = _join_forward(states, h0, factors, seg, x.dtype)
     y = _call(
         _out_kernel, cfg, (batch, heads * n_tiles, n_pb),
         [("x", x, spt["seq"]), ("dt", dt, spt["dt"]), ("A", A, spt["head"]),
@@ -485,23 +371,18 @@ def backward(dout, dh_final, x, dt, A, B, C, D, z, dt_bias, h0, reset, ckpt,
     st = _static(x, cfg)
     n_tiles = st["n_tiles"]
     n_pb = head_dim // cfg.block_p
-    seg = _segments(n_tiles, cfg.scan_segments)
-    joined = seg["segments"] > 1
-    sp = _specs(x.shape, B.shape, cfg.scan_block_p, n_tiles, seg["segments"])[0]
+    sp = _specs(x.shape, B.shape, cfg.scan_block_p, n_tiles)[0]
     spt = _specs(x.shape, B.shape, cfg.block_p, n_tiles)[1]
-    f32_state = jax.ShapeDtypeStruct((batch * seg["segments"], heads, head_dim, d_state), f32)
+    f32_state = jax.ShapeDtypeStruct((batch, heads, head_dim, d_state), f32)
     dstates = _call(
-        _dstate_kernel, cfg, (batch * seg["segments"], heads, head_dim // cfg.scan_block_p),
+        _dstate_kernel, cfg, (batch, heads, head_dim // cfg.scan_block_p),
         [("dt", dt, sp["dt"]), ("A", A, sp["head"]), ("C", C, sp["grp"]), ("z", z, sp["seq"]),
          ("bias", dt_bias, sp["head"]), ("dout", dout, sp["seq"]),
-         ("dh_final", None if joined else dh_final, sp["state"]), ("reset", reset, sp["row"])],
-        [("dck", jax.ShapeDtypeStruct(ckpt.shape, f32 if joined else x.dtype), sp["states"]),
-         ("dh0", None if h0 is None and not joined else f32_state, sp["state"])],
-        st | seg, "ssd_bwd_states", cfg.scan_stages,
+         ("dh_final", dh_final, sp["state"]), ("reset", reset, sp["row"])],
+        [("dck", jax.ShapeDtypeStruct(ckpt.shape, x.dtype), sp["states"]),
+         ("dh0", None if h0 is None else f32_state, sp["state"])],
+        st, "ssd_bwd_states", cfg.scan_stages,
     )
-    if joined:
-        factors = _tile_factors(dt, A, dt_bias, reset, cfg)
-        dstates = _join_backward(dstates, dh_final, factors, seg, x.dtype, h0 is not None)
     # Per-(head, column block) partials over the whole length, summed outside.
     partial_t = lambda *n: pl.BlockSpec(
         (None, None, length, *n),
