@@ -271,7 +271,11 @@ def main(argv=None) -> None:
                         help="batch size: one value, or one per config (default: per-config table)")
     parser.add_argument("--seq", default=None,
                         help="sequence length: one value, or one per config (default: per config)")
-    parser.add_argument("--steps", type=int, default=10, help="timed steps (default: 10)")
+    parser.add_argument("--steps", type=int, default=24,
+                        help="timed steps per round (default: 24). A round starts from an idle "
+                             "GPU, and JAX's first step of a round reaches the GPU ~11 ms late "
+                             "(gpt2_125m, H200): that latency, which a training loop hides, is "
+                             "~1.3%% of a 24-step round and ~5%% of a 6-step one (BENCHMARKS.md)")
     parser.add_argument("--warmup", type=int, default=4,
                         help="untimed steps first (default: 4, one pass over the 4 rotating "
                              "batches, so that no timed step is the first use of its inputs)")
