@@ -65,7 +65,8 @@ class Tiles:
     length already and keep ``block_p`` (each column block adds ``dB``/``dC`` partials).
     ``grads_warps`` are the warps of the largest of them, the input-side gradients
     (``ssd_bwd_grads``; 0 means ``num_warps``): ptxas fits it in 253 registers without spilling
-    at 8 warps, 255 and a spill at 4."""
+    at 8 warps, 255 and a spill at 4, yet at 8 warps it ran 1.5x slower on an H200 (Mamba-2
+    130M's layer; BENCHMARKS.md, session 13), so the default keeps 4."""
 
     block_t: int
     block_p: int
