@@ -139,8 +139,6 @@ def _environment(args, index: int, per: int) -> dict[str, str]:
         env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={per}")
     else:
         env["CUDA_VISIBLE_DEVICES"] = ",".join(str(index * per + d) for d in range(per))
-        env["XLA_FLAGS"] = " ".join(f for f in (env.get("XLA_FLAGS"),
-                                                bench_train.DEFAULT_XLA_FLAGS) if f)
         env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.9")
     return env
 

@@ -119,7 +119,7 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--xla-flags", default=bench_train.DEFAULT_XLA_FLAGS)
+    parser.add_argument("--xla-flags", default="", help="added to XLA_FLAGS for the runs")
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="dense bf16 peak for MFU (default: by device kind)")
     parser.add_argument("--worker-timeout", type=int, default=900)
@@ -129,7 +129,6 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if args.smoke:
         args.gpus, args.models, args.steps, args.warmup, args.rounds = 8, "default", 2, 1, 1
-        args.xla_flags = ""
     unknown = set(args.strategies.split(",")) - set(STRATEGIES)
     if unknown:
         raise SystemExit(

@@ -49,16 +49,11 @@ _FAST = ("model.scan_layers=false",)
 DEFAULTS = {
     "gpt2_125m": dict(batch=16, seq=1024, overrides=(*_FAST, "model.remat=none")),
     "gpt2_350m": dict(batch=16, seq=1024, overrides=(*_FAST, "model.remat=none")),
-    "gpt_1p3b": dict(batch=8, seq=2048, overrides=(*_FAST, "model.remat=dots_no_batch")),
+    "gpt_1p3b": dict(batch=8, seq=2048, overrides=(*_FAST, "model.remat=none")),
 }
 SMOKE = dict(config="default", batch=4, seq=64, steps=2, warmup=1)
 # The PyTorch baseline module (its ``measure``) of each family that has one.
 TORCH_BASELINES = {"gpt": "scripts.torch_gpt", "t5": "scripts.torch_t5"}
-
-# XLA flags for the JAX child processes (appended to any XLA_FLAGS already set): cuBLAS rather
-# than Triton for plain GEMMs measured ~4% faster at 125M (one device: no latency-hiding
-# scheduler, which only slows compilation here).
-DEFAULT_XLA_FLAGS = "--xla_gpu_enable_triton_gemm=false"
 
 
 def config_path(name: str) -> pathlib.Path:
@@ -100,6 +95,7 @@ def jax_worker(args) -> dict:
     from meshlm.config import load_config
     from meshlm.train.setup import build
     from meshlm.train.state import param_count
+    from meshlm.train.xla_options import compiler_options
 
     overrides = [*args.set, f"data.batch_size={args.batch}", f"data.seq_len={args.seq}"]
     cfg = load_config(config_path(args.config), overrides)
@@ -152,6 +148,7 @@ def jax_worker(args) -> dict:
         "finite": bool(np.isfinite(last_loss)), "compile_s": compile_s,
         "peak_gib": stats.get("peak_bytes_in_use", 0) / 2**30, "device_kind": device.device_kind,
         "platform": device.platform, "num_devices": jax.device_count(),
+        "compiler_options": compiler_options(cfg.train.xla_flags, device.platform),
         "versions": f"jax {jax.__version__}", **({"profile": summary} if summary else {}),
     }
 
@@ -288,8 +285,9 @@ def main(argv=None) -> None:
     parser.add_argument("--skip-torch", action="store_true", help="time meshlm only")
     parser.add_argument("--smoke", action="store_true",
                         help="CPU check: configs/default.yaml, batch 4 x 64, 2 steps, no torch")
-    parser.add_argument("--xla-flags", default=DEFAULT_XLA_FLAGS,
-                        help="added to XLA_FLAGS for the JAX runs (default: %(default)s)")
+    parser.add_argument("--xla-flags", default="",
+                        help="added to XLA_FLAGS for the JAX runs (the steps' own XLA options "
+                             "are train.xla_flags over meshlm.train.xla_options.BACKEND_DEFAULTS)")
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="dense bf16 peak for MFU (default: by device kind, H100 989.4)")
     parser.add_argument("--worker-timeout", type=int, default=600,

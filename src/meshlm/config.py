@@ -235,6 +235,9 @@ class TrainConfig:
     run_dir: str = "runs/default"
     profile_steps: tuple[int, ...] = ()  # (start, stop) to capture a jax profiler trace
     progress_bar: bool = True
+    # XLA options of the compiled steps, written as XLA_FLAGS is ("--name=value ..."), over the
+    # backend's measured defaults (meshlm.train.xla_options)
+    xla_flags: str = ""
 
 
 @dataclasses.dataclass(frozen=True)

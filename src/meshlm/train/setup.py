@@ -30,6 +30,7 @@ from meshlm.layers.pipeline import PipelineSchedule
 from meshlm.models import build_model
 from meshlm.train.optimizer import make_optimizer
 from meshlm.train.state import TrainState, create_train_state, state_shardings
+from meshlm.train import xla_options
 from meshlm.train.step import make_eval_step, make_train_step
 
 
@@ -113,6 +114,7 @@ def build(cfg: Config, devices: Sequence[jax.Device] | None = None) -> Run:
     check_batch(cfg, mesh, rules)
     model = pipelined(build_model(cfg.model), cfg, mesh, rules)
     check_kernels(cfg.model)  # after the pipeline's own limits, before anything is traced
+    xla_options.check(cfg.train.xla_flags, mesh.devices.flat[0])
     tx, schedule = make_optimizer(cfg)
     abstract, _ = state_shardings(cfg.model, model, tx, mesh, rules, cfg.data.seq_len)
     return Run(cfg=cfg, mesh=mesh, rules=rules, model=model, tx=tx, schedule=schedule,

@@ -17,6 +17,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from meshlm import sharding
+from meshlm.train import xla_options
 from meshlm.train.state import TrainState
 
 
@@ -120,9 +121,12 @@ def make_eval_step(run) -> Callable[[Any, dict], dict]:
 
 def _compile(jitted, run, *abstract_args):
     """Lower and compile once, ahead of time, under the mesh and rules (so the model's logical
-    constraints bind); calling with other shapes or shardings is an error, never a recompile."""
+    constraints bind) with the run's XLA options; calling with other shapes or shardings is an
+    error, never a recompile."""
     batch = {k: jax.ShapeDtypeStruct(run.batch_shapes[k], jnp.dtype(d),
                                      sharding=run.batch_sharding)
              for k, d in run.cfg.model.batch_fields.items()}
+    options = xla_options.compiler_options(run.cfg.train.xla_flags,
+                                           run.mesh.devices.flat[0].platform)
     with sharding.activate(run.mesh, run.rules):
-        return jitted.lower(*abstract_args, batch).compile()
+        return jitted.lower(*abstract_args, batch).compile(compiler_options=options)
