@@ -19,6 +19,7 @@ outside); ``--kernels`` prints each kernel's device time per forward+backward ca
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -118,6 +119,16 @@ def check(impl, dtype, tol, length=1001, **opts):
     return worst < tol
 
 
+def _tiles(spec: str):
+    """``"default"`` -> None; ``"64x64x4..."`` -> ``triton.Tiles`` of those fields in order."""
+    if spec == "default":
+        return None
+    fields = dataclasses.fields(triton.Tiles)
+    values = [int(v) for v in spec.split("x")]
+    return triton.Tiles(*(bool(v) if isinstance(f.default, bool) else v
+                          for f, v in zip(fields, values)))
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--lengths", type=int, nargs="+", default=[2048, 8192])
@@ -125,8 +136,9 @@ def main(argv=None):
     p.add_argument("--heads", type=int, default=HEADS, help="24: Mamba-2 130M's layer")
     p.add_argument("--variants", nargs="+", default=["default"],
                    help="Triton tiles: 'default' (the device's DEFAULT_TILES, capped to the "
-                        "call) or block_t x block_p x num_warps "
-                        "[x scan_block_p [x scan_stages [x grads_warps]]]; "
+                        "call) or the fields of ssd.triton.Tiles in order, switches as 0/1: "
+                        "block_t x block_p x num_warps [x scan_block_p [x scan_stages "
+                        "[x grads_warps [x group_bc [x bc_warps [x bc_stages]]]]]]; "
                         "each non-default variant is also checked in float32")
     p.add_argument("--no-check", action="store_true")
     p.add_argument("--iters", type=int, default=20)
@@ -142,16 +154,15 @@ def main(argv=None):
     backend = jax.default_backend()
     impls = {"gpu": ["triton"], "tpu": ["tpu"]}.get(backend, [])
     print(f"device: {benchlib.device_description()}", flush=True)
-    variants = [None if s == "default" else tuple(int(v) for v in s.split("x"))
-                for s in a.variants]
+    variants = {s: _tiles(s) for s in a.variants}
     if not a.no_check:
         for impl in impls:
             check(impl, jnp.float32, 2e-2)  # tf32 products on the GPU
             check(impl, jnp.bfloat16, 5e-2)
-            for v in variants if impl == "triton" else []:
-                if v is not None:
-                    print(f"variant {'x'.join(map(str, v))}:", end=" ")
-                    check(impl, jnp.float32, 2e-2, tiles=triton.Tiles(*v))
+            for name, tiles in variants.items() if impl == "triton" else []:
+                if tiles is not None:
+                    print(f"variant {name}:", end=" ")
+                    check(impl, jnp.float32, 2e-2, tiles=tiles)
     rows = []
     for length in a.lengths:
         batch = max(1, a.tokens // length)
@@ -167,12 +178,12 @@ def main(argv=None):
                      1.0, 1.0, "-"])
         print(rows[-1], flush=True)
         for impl in impls:
-            for v in variants if impl == "triton" else [None]:
-                label = f"{impl} {'default' if v is None else 'x'.join(map(str, v))}"
+            for name, tiles in variants.items() if impl == "triton" else [("default", None)]:
+                label = f"{impl} {name}"
                 if time.time() - start > a.budget_s:
                     print(f"budget: skipping {label} at {length}", flush=True)
                     continue
-                opts = dict(tiles=None if v is None else triton.Tiles(*v))
+                opts = dict(tiles=tiles)
                 try:
                     fwd, fwd_bwd = _fwd_and_vjp(_fn(impl, names, **opts))
                     t_fwd = benchlib.time_ms(fwd, *vals, iters=a.iters)

@@ -38,7 +38,9 @@ from pallas_kernels.flash_attention.common import AttentionSpec
 from pallas_kernels.gated_rms_norm import gated_rms_norm
 from pallas_kernels.layer_norm import layer_norm
 from pallas_kernels.selective_scan import selective_scan
+from pallas_kernels.ssd import common as ssd_common
 from pallas_kernels.ssd import ssd
+from pallas_kernels.ssd import triton as ssd_triton
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 import bench_scan  # noqa: E402
@@ -174,12 +176,21 @@ def _ssd_case():
         bench_ssd.D_STATE, _BF16))
     names = ("x", "dt", "A", "B", "C", "D", "dt_bias")
 
-    def scan(x, dt, A, B, C, D, bias):
+    def scan(x, dt, A, B, C, D, bias, tiles=None):
         return ssd(x, dt, A, B, C, D=D, dt_bias=bias, dt_softplus=True,
-                   chunk_size=bench_ssd.CHUNK, implementation="triton")
+                   chunk_size=bench_ssd.CHUNK, implementation="triton", tiles=tiles)
 
     label = f"ssd {batch}x{length}x{bench_ssd.HEADS}x{bench_ssd.HEAD_DIM}x{bench_ssd.D_STATE}"
     yield label, None, _fwd_bwd(scan, 7), tuple(x[n] for n in names)
+    # dB/dC per (group, tile): the kernels that change
+    with lowering_for("NVIDIA H100"):
+        call = ssd_common.Call((batch, length, bench_ssd.HEADS, bench_ssd.HEAD_DIM),
+                               (batch, length, bench_ssd.GROUPS, bench_ssd.D_STATE),
+                               bench_ssd.CHUNK)
+        tiles = dataclasses.replace(ssd_triton.default_tiles(call), group_bc=True)
+    grouped = _fwd_bwd(functools.partial(scan, tiles=tiles), 7)
+    for kernel in ("ssd_bwd_state_side", "ssd_bwd_grads", "ssd_bwd_bc"):
+        yield label + " group_bc", kernel, grouped, tuple(x[n] for n in names)
 
 
 def _causal_conv1d_case():

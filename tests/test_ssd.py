@@ -97,7 +97,7 @@ def _loss_and_grads(impl, args, seed, *, reset=None, **opts):
             fn = functools.partial(_per_document, **opts)
         else:
             fn = reference.ssd if impl == "reference" else functools.partial(
-                ssd, implementation=impl, **opts)
+                ssd, **({"implementation": impl} | opts))
             kw = kw if reset is None else kw | dict(reset=reset)
         y, h = fn(kw.pop("x"), kw.pop("dt"), kw.pop("A"), kw.pop("B"), kw.pop("C"), **kw,
                   dt_softplus=softplus, return_final_state=True)
@@ -119,8 +119,12 @@ CASES = {
     "bf16-plain": dict(batch=1, length=40, heads=8, head_dim=16, groups=1, d_state=32,
                        dtype=jnp.bfloat16, full=False),
 }
+# "triton-group-bc": dB/dC per (group, tile), the group's heads walked in one program.
+GROUP_BC = dict(implementation="triton", interpret=True,
+                tiles=triton.Tiles(16, 16, 4, group_bc=True, bc_warps=4))
 KERNELS = {
     "triton": dict(interpret=True, chunk_size=32, tiles=triton.Tiles(16, 16, 4)),
+    "triton-group-bc": GROUP_BC | dict(chunk_size=32),
     "tpu": dict(interpret=True, chunk_size=16, tiles=tpu.Tiles(8)),
 }
 
@@ -334,13 +338,12 @@ def test_auto_lowers_to_triton_for_an_abstract_gpu():
     assert "__gpu$xla.gpu.triton" not in jax.jit(fwd_bwd).trace(*args).lower().as_text()
 
 
-def test_grads_warps_launch_only_the_input_side_gradient_kernel_wider():
-    """``Tiles.grads_warps`` sets the warps of ``ssd_bwd_grads`` alone (lowered for an H100)."""
+def _kernel_warps(tiles):
+    """``{kernel name: warps}`` of the forward and backward, lowered for an H100."""
     sds = jax.ShapeDtypeStruct
     args = (sds((1, 300, 2, 16), jnp.bfloat16), sds((1, 300, 2), jnp.float32),
             sds((2,), jnp.float32), sds((1, 300, 1, 16), jnp.bfloat16),
             sds((1, 300, 1, 16), jnp.bfloat16))
-    tiles = triton.Tiles(64, 16, 4, grads_warps=8)
 
     def fwd_bwd(*a):
         y, vjp = jax.vjp(functools.partial(ssd, chunk_size=64, implementation="triton",
@@ -351,11 +354,26 @@ def test_grads_warps_launch_only_the_input_side_gradient_kernel_wider():
         text = jax.jit(fwd_bwd).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     names = re.findall(r'name = "(ssd_\w+)"', text)
     warps = [int(w) for w in re.findall(r"num_warps = (\d+) : i32", text)]
-    assert len(names) == len(warps) == 5
-    assert dict(zip(names, warps)) == {"ssd_fwd_states": 4, "ssd_fwd_outputs": 4,
-                                       "ssd_bwd_states": 4, "ssd_bwd_state_side": 4,
-                                       "ssd_bwd_grads": 8}
+    assert len(names) == len(warps)
+    return dict(zip(names, warps))
+
+
+PER_TILE_WARPS = {"ssd_fwd_states": 4, "ssd_fwd_outputs": 4, "ssd_bwd_states": 4,
+                  "ssd_bwd_state_side": 4}
+
+
+def test_grads_warps_launch_only_the_input_side_gradient_kernel_wider():
+    """``Tiles.grads_warps`` sets the warps of ``ssd_bwd_grads`` alone."""
+    tiles = triton.Tiles(64, 16, 4, grads_warps=8)
+    assert _kernel_warps(tiles) == PER_TILE_WARPS | {"ssd_bwd_grads": 8}
     assert triton.Tiles(64, 16, 4).grads_warps == 4  # 0: num_warps
+
+
+def test_group_bc_lowers_one_more_kernel_for_gpu():
+    """``Tiles.group_bc``: the per-(group, tile) dB/dC kernel lowers to Triton beside the
+    others (its indexing of a head inside the loop included), with ``bc_warps``."""
+    tiles = triton.Tiles(64, 16, 4, group_bc=True, bc_warps=8)
+    assert _kernel_warps(tiles) == PER_TILE_WARPS | {"ssd_bwd_grads": 4, "ssd_bwd_bc": 8}
 
 
 # Packed documents: row 0 has documents of 5, 17 and 10 steps (its first continues the initial
@@ -368,6 +386,7 @@ RESET_IMPLS = {
     "reference": {},
     "xla": dict(chunk_size=8),
     "triton": dict(interpret=True, chunk_size=16, tiles=triton.Tiles(16, 16, 4)),
+    "triton-group-bc": GROUP_BC | dict(chunk_size=16),
     "tpu": dict(interpret=True, chunk_size=16, tiles=tpu.Tiles(8)),
 }
 

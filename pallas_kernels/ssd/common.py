@@ -79,6 +79,8 @@ class SSDConfig:
     scan_block_p: int | None = None  # Triton's sequential state passes (``triton.Tiles``)
     scan_stages: int = 1  # their software-pipeline depth (``triton.Tiles``)
     grads_warps: int | None = None  # the input-side gradient kernel's warps (``triton.Tiles``)
+    bc_warps: int = 0  # > 0: dB/dC per (group, tile) in a kernel of that many warps (Triton)
+    bc_stages: int = 1  # that kernel's software-pipeline depth
 
 
 def _dot(a, b, contract, dtype):
@@ -136,6 +138,11 @@ class Chunk:
     @functools.cached_property
     def CB(self):
         return mm_nt(self.C, self.B, self.dtype)  # (T,T)
+
+    def dM(self, dy):
+        """``(T,T)``: the gradient of ``L * C B^T`` from the output gradient ``dy (T,P)``,
+        masked to ``u <= t``."""
+        return self.L * mm_nt(dy, self.xdt, self.dtype)
 
     def y_off(self, H):
         """Contribution of the entering state ``H (P,N)`` to the outputs, ``(T,P)``."""
@@ -211,13 +218,13 @@ def chunk_backward(c: Chunk, H, dH, dout, A, D, z):
     return g
 
 
-def state_side_grads(c: Chunk, H, dH, dout, D, z):
+def state_side_grads(c: Chunk, H, dH, dout, D, z, with_dC=True):
     """The half of ``chunk_backward`` that reads the entering state ``H`` (and no ``(P,N)`` state
-    beside it for longer than one reduction): ``dC (T,N)``, the gated output gradient ``dy`` and
-    ``dz`` (None without ``z``), ``ds (T,)``: this half's gradient w.r.t. the cumulative
-    log-decays, and ``ds_total``, its gradient w.r.t. the chunk's total ``s_T``. (A kernel may
-    add ``ds_total`` to the last step's ``ds`` instead: every step's decay reaches ``s_T`` as
-    it reaches the last step's ``s_t``.)"""
+    beside it for longer than one reduction): ``dC (T,N)`` (None without ``with_dC``), the gated
+    output gradient ``dy`` and ``dz`` (None without ``z``), ``ds (T,)``: this half's gradient
+    w.r.t. the cumulative log-decays, and ``ds_total``, its gradient w.r.t. the chunk's total
+    ``s_T``. (A kernel may add ``ds_total`` to the last step's ``ds`` instead: every step's
+    decay reaches ``s_T`` as it reaches the last step's ``s_t``.)"""
     ds_total = c.decay_total * jnp.sum(dH * H)  # first: dH is then dead (registers)
     dz = None
     if z is not None:
@@ -229,16 +236,30 @@ def state_side_grads(c: Chunk, H, dH, dout, D, z):
         dy = dout * dy_factor
     else:
         dy = dout
-    dM = c.L * mm_nt(dy, c.xdt, c.dtype)  # (T,T): gradient of L * C B^T, masked to u <= t
-    dC = mm(dM, c.B, c.dtype) + c.decay_in[:, None] * mm(dy, H, c.dtype)
+    dC = mm(c.dM(dy), c.B, c.dtype) + dC_state(c, dy, H) if with_dC else None
     ds = jnp.sum(dy * c.y_off(H), axis=1)
     return dict(dC=dC, dy=dy, dz=dz, ds=ds, ds_total=ds_total)
 
 
-def input_side_grads(c: Chunk, dH, dy, ds_state, A, D, ds_total_state=0.0):
-    """The half of ``chunk_backward`` that needs no entering state: ``dx``, ``ddt``, ``dB`` and the
-    sums ``dA``, ``dD`` from the gated output gradient ``dy`` and ``state_side_grads``' ``ds``
-    and ``ds_total``."""
+# dB = dM^T C + dB_state, dC = dM B + dC_state: ``dM``, the gradient of the group's shared
+# ``C B^T``, enters linearly, so a kernel may sum it over the group's heads before the two
+# products; the state terms are one head's each.
+
+
+def dB_state(c: Chunk, dH):
+    """One head's term of ``dB (T,N)`` through ``dH``, the gradient of the state leaving."""
+    return c.decay_out[:, None] * mm(c.xdt, dH, c.dtype)
+
+
+def dC_state(c: Chunk, dy, H):
+    """One head's term of ``dC (T,N)`` through ``H``, the state entering the chunk."""
+    return c.decay_in[:, None] * mm(dy, H, c.dtype)
+
+
+def input_side_grads(c: Chunk, dH, dy, ds_state, A, D, ds_total_state=0.0, with_dB=True):
+    """The half of ``chunk_backward`` that needs no entering state: ``dx``, ``ddt``, ``dB`` (None
+    without ``with_dB``) and the sums ``dA``, ``dD`` from the gated output gradient ``dy`` and
+    ``state_side_grads``' ``ds`` and ``ds_total``."""
     x = c.x.astype(f32)
     M = c.L * c.CB  # (T,T), zero above the diagonal
     BdH = mm_nt(c.B, dH, c.dtype)  # (T,P): B_t . dH^T
@@ -249,8 +270,8 @@ def input_side_grads(c: Chunk, dH, dy, ds_state, A, D, ds_total_state=0.0):
     if D is not None:
         dx = dx + D * dy
         dD = jnp.sum(dy * x)
-    dM = c.L * mm_nt(dy, c.xdt, c.dtype)
-    dB = mm_tn(dM, c.C, c.dtype) + c.decay_out[:, None] * mm(c.xdt, dH, c.dtype)
+    dM = c.dM(dy)
+    dB = mm_tn(dM, c.C, c.dtype) + dB_state(c, dH) if with_dB else None
     # Gradient w.r.t. the cumulative log-decays s_t, then w.r.t. each a_u = sum over t >= u.
     G = dM * c.CB  # d/d(s_t - s_u) of the intra-chunk term
     w = c.decay_out * jnp.sum(c.xdt * BdH, axis=1)  # d/d(s_T - s_u) of the state input

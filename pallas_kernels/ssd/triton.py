@@ -29,6 +29,13 @@ writes of the backward, one ``(length, d_state)`` slab per head of a group, and 
 returned in that dtype), ``ddt`` per column block and the per-head scalars ``dA``, ``dD``,
 ``ddt_bias`` per (batch row, tile, column block) in float32.
 
+With ``Tiles.group_bc`` the per-head ``dB``/``dC`` partials go: a kernel per (batch row, group,
+tile) walks the group's heads and sums the gradient ``dM (T,T)`` of their shared ``C B^T``
+before the two products that turn it into ``dB`` and ``dC``, accumulating the heads' state terms
+(``(T,P)@(P,N)`` products with the saved state and its gradient) in float32, and writes each
+gradient once in its final layout (mamba_ssm's backward sums ``dM`` over a group's heads the
+same way). The two per-head kernels then lose two products each.
+
 Packed-document resets (float32 0/1 per (batch row, step)) are one more ``(T,)`` load per tile:
 ``common.Chunk`` masks the decays with them. Cumulative sums inside a tile are Triton scans
 (``jnp.cumsum``), not ``common.masked_cumsum``'s ``(T,T)`` tiles.
@@ -66,7 +73,13 @@ class Tiles:
     ``grads_warps`` are the warps of the largest of them, the input-side gradients
     (``ssd_bwd_grads``; 0 means ``num_warps``): ptxas fits it in 253 registers without spilling
     at 8 warps, 255 and a spill at 4, yet at 8 warps it ran 1.5x slower on an H200 (Mamba-2
-    130M's layer; BENCHMARKS.md, session 13), so the default keeps 4."""
+    130M's layer; BENCHMARKS.md, session 13), so the default keeps 4. Without ``group_bc`` each
+    head's programs write its ``dB``/``dC`` share, summed over the group's heads outside; with it
+    those kernels leave them out and one more kernel, of ``bc_warps`` warps, runs per (group,
+    tile) and walks the group's heads (module docstring), its loads software-pipelined over the
+    heads ``bc_stages`` deep (each head's loads do not depend on the sums carried). At Mamba-2
+    130M's layer (H100, ``scripts/kernel_resources.py``) it fits 255 registers without spilling
+    at 8 warps (652 bytes of spill at 4) and takes 139 KB of shared memory at 2 stages."""
 
     block_t: int
     block_p: int
@@ -74,6 +87,9 @@ class Tiles:
     scan_block_p: int = 0
     scan_stages: int = 1
     grads_warps: int = 0
+    group_bc: bool = False
+    bc_warps: int = 8
+    bc_stages: int = 2
 
     def __post_init__(self):
         if self.scan_block_p == 0:
@@ -100,8 +116,8 @@ def default_tiles(call: common.Call) -> Tiles:
     scan_block_p = min(default.scan_block_p, head_dim)
     while scan_block_p > 16 and batch * heads * (head_dim // scan_block_p) < _MIN_SCAN_PROGRAMS:
         scan_block_p //= 2
-    return Tiles(min(default.block_t, call.chunk_size), min(default.block_p, head_dim),
-                 default.num_warps, scan_block_p, default.scan_stages, default.grads_warps)
+    return dataclasses.replace(default, block_t=min(default.block_t, call.chunk_size),
+                               block_p=min(default.block_p, head_dim), scan_block_p=scan_block_p)
 
 
 def supports(call: common.Call, tiles: Tiles) -> str | None:
@@ -127,6 +143,7 @@ def config(call: common.Call, tiles: Tiles, dt_softplus: bool, interpret: bool):
         block_p=tiles.block_p, dt_softplus=dt_softplus, num_warps=tiles.num_warps,
         interpret=interpret, scan_block_p=tiles.scan_block_p, scan_stages=tiles.scan_stages,
         grads_warps=tiles.grads_warps,
+        bc_warps=tiles.bc_warps if tiles.group_bc else 0, bc_stages=tiles.bc_stages,
     )
 
 
@@ -229,9 +246,10 @@ def _state_grad_kernel(*refs, length, T, n_tiles, softplus, dtype, flags):
     v = _tile(r, t0, T, length, bias, softplus, dtype, with_z=r.z is not None, with_dout=True)
     c = common.Chunk(v["x"], v["dt"], A, v["B"], v["C"], dtype, v["reset"], jnp.cumsum)
     g = common.state_side_grads(c, r.ckpt[...].astype(f32), r.dck[...].astype(f32), v["dout"], D,
-                                v.get("z"))
+                                v.get("z"), with_dC=r.dC is not None)
     valid = v["valid"]
-    _store(r.dC, t0, valid, g["dC"])
+    if r.dC is not None:
+        _store(r.dC, t0, valid, g["dC"])
     # ds_total rides on the last step of the sequence inside the tile (see state_side_grads).
     last = t0 + jax.lax.broadcasted_iota(jnp.int32, (T,), 0) == jnp.minimum(t0 + T, length) - 1
     _store(r.ds, t0, valid, g["ds"] + jnp.where(last, g["ds_total"], 0.0))
@@ -252,16 +270,46 @@ def _grad_kernel(*refs, length, T, n_tiles, softplus, dtype, flags):
                                                     mask=_rows(valid, r.dy), other=0.0)
     ds = plgpu.load(r.ds.at[pl.ds(t0, T)], mask=valid, other=0.0)
     c = common.Chunk(v["x"], v["dt"], A, v["B"], v["C"], dtype, v["reset"], jnp.cumsum)
-    g = common.input_side_grads(c, r.dck[...].astype(f32), dy, ds, A, D)
+    g = common.input_side_grads(c, r.dck[...].astype(f32), dy, ds, A, D, with_dB=r.dB is not None)
     ddt = g["ddt"] * _ssm_math.sigmoid(v["raw"]) if softplus else g["ddt"]
     ddt = jnp.where(valid, ddt, 0.0)
     _store(r.dx, t0, valid, g["dx"])
     _store(r.ddt, t0, valid, ddt)
-    _store(r.dB, t0, valid, g["dB"])
+    if r.dB is not None:
+        _store(r.dB, t0, valid, g["dB"])
     dD = jnp.zeros((), f32) if D is None else g["dD"]
     lane = jax.lax.broadcasted_iota(jnp.int32, (4,), 0)
     r.sums[...] = jnp.where(lane == 0, g["dA"], jnp.where(lane == 1, dD,
                                                            jnp.where(lane == 2, jnp.sum(ddt), 0.0)))
+
+
+def _bc_grad_kernel(*refs, length, T, n_tiles, rep, softplus, dtype, flags):
+    """``dB`` and ``dC`` of one (group, tile): the group's ``rep`` heads walked in a loop."""
+    r = Refs(refs, flags)
+    g, k = _tile_program(r, n_tiles)
+    t0 = k * T
+    valid = t0 + jax.lax.broadcasted_iota(jnp.int32, (T,), 0) < length
+    rows = lambda ref, *head: plgpu.load(ref.at[(pl.ds(t0, T), *head)],
+                                         mask=_rows(valid, ref.at[(slice(None), *head)]),
+                                         other=0.0)
+    B, C = rows(r.B).astype(dtype), rows(r.C).astype(dtype)
+    reset = None if r.reset is None else rows(r.reset)
+
+    def head_body(h, acc):
+        dM, dB, dC = acc
+        A, _, bias = _head_scalars(r, g * rep + h)
+        raw = rows(r.dt, h).astype(f32)
+        raw = raw if bias is None else raw + bias
+        dt = jnp.where(valid, _ssm_math.softplus(raw) if softplus else raw, 0.0)
+        c = common.Chunk(rows(r.x, h).astype(dtype), dt, A, B, C, dtype, reset, jnp.cumsum)
+        dy = rows(r.dout if r.dy is None else r.dy, h).astype(f32)
+        return (dM + c.dM(dy), dB + common.dB_state(c, r.dck[h].astype(f32)),
+                dC + common.dC_state(c, dy, r.ckpt[h].astype(f32)))
+
+    zeros = jnp.zeros((T, B.shape[1]), f32)
+    dM, dB, dC = jax.lax.fori_loop(0, rep, head_body, (jnp.zeros((T, T), f32), zeros, zeros))
+    _store(r.dB, t0, valid, common.mm_tn(dM, C, dtype) + dB)
+    _store(r.dC, t0, valid, common.mm(dM, B, dtype) + dC)
 
 
 def _rows(valid, ref):
@@ -390,7 +438,8 @@ def backward(dout, dh_final, x, dt, A, B, C, D, z, dt_bias, h0, reset, ckpt,
         lambda i, j, p: (i, j // n_tiles * n_pb + p, 0) + (0,) * len(n),
     )
     part = lambda *n, dtype=f32: jax.ShapeDtypeStruct((batch, heads * n_pb, length, *n), dtype)
-    gated = z is not None
+    gated, per_head_bc = z is not None, not cfg.bc_warps
+    bc_part = part(d_state, dtype=x.dtype) if per_head_bc else None
     state_side = _call(
         _state_grad_kernel, cfg, (batch, heads * n_tiles, n_pb),
         [("x", x, spt["seq"]), ("dt", dt, spt["dt"]), ("A", A, spt["head"]),
@@ -398,7 +447,7 @@ def backward(dout, dh_final, x, dt, A, B, C, D, z, dt_bias, h0, reset, ckpt,
          ("z", z, spt["seq"]), ("bias", dt_bias, spt["head"]), ("dout", dout, spt["seq"]),
          ("ckpt", ckpt, spt["tile_state"]), ("dck", dstates["dck"], spt["tile_state"]),
          ("reset", reset, spt["row"])],
-        [("dC", part(d_state, dtype=x.dtype), partial_t(d_state)),
+        [("dC", bc_part, partial_t(d_state)),
          ("ds", part(), partial_t()),
          ("dz", jax.ShapeDtypeStruct(x.shape, x.dtype) if gated else None, spt["seq"]),
          ("dy", jax.ShapeDtypeStruct(x.shape, f32) if gated else None, spt["seq"])],
@@ -413,35 +462,58 @@ def backward(dout, dh_final, x, dt, A, B, C, D, z, dt_bias, h0, reset, ckpt,
          ("dck", dstates["dck"], spt["tile_state"]), ("reset", reset, spt["row"])],
         [("dx", jax.ShapeDtypeStruct(x.shape, x.dtype), spt["seq"]),
          ("ddt", part(), partial_t()),
-         ("dB", part(d_state, dtype=x.dtype), partial_t(d_state)),
+         ("dB", bc_part, partial_t(d_state)),
          ("sums", jax.ShapeDtypeStruct((batch, heads * n_tiles, n_pb, 4), f32),
           pl.BlockSpec((None, None, None, 4), lambda i, j, p: (i, j, p, 0)))],
         st, "ssd_bwd_grads", num_warps=cfg.grads_warps,
     )
-    res |= dict(dC=state_side["dC"], dz=state_side.get("dz"), dh0=dstates.get("dh0"))
+    res |= dict(dz=state_side.get("dz"), dh0=dstates.get("dh0"))
+    if per_head_bc:
+        res |= dict(dB=_group_sum(res["dB"], B, heads, n_pb),
+                    dC=_group_sum(state_side["dC"], B, heads, n_pb))
+    else:
+        rep = heads // n_groups
+        head_rows = pl.BlockSpec((None, length, rep, head_dim),
+                                 lambda i, j: (i, 0, j // n_tiles, 0))
+        states = lambda: pl.BlockSpec((None, rep, None, head_dim, d_state),
+                                      lambda i, j: (i, j // n_tiles, j % n_tiles, 0, 0))
+        grp = pl.BlockSpec((None, length, None, d_state), lambda i, j: (i, 0, j // n_tiles, 0))
+        res |= _call(
+            _bc_grad_kernel, cfg, (batch, n_groups * n_tiles),
+            [("x", x, head_rows), ("dt", dt, pl.BlockSpec((None, length, rep),
+                                                         lambda i, j: (i, 0, j // n_tiles))),
+             ("A", A, pl.BlockSpec((heads,), lambda i, j: (0,))), ("B", B, grp), ("C", C, grp),
+             ("bias", dt_bias, pl.BlockSpec((heads,), lambda i, j: (0,))),
+             ("dout", dout, head_rows), ("dy", state_side.get("dy"), head_rows),
+             ("ckpt", ckpt, states()), ("dck", dstates["dck"], states()),
+             ("reset", reset, pl.BlockSpec((None, length), lambda i, j: (i, 0)))],
+            [("dB", jax.ShapeDtypeStruct(B.shape, B.dtype), grp),
+             ("dC", jax.ShapeDtypeStruct(C.shape, C.dtype), grp)],
+            st | dict(rep=rep), "ssd_bwd_bc", cfg.bc_stages, num_warps=cfg.bc_warps,
+        )
     res["sums"] = res["sums"].reshape(batch, heads, n_tiles * n_pb, 4)
-    return _reduce_partials(res, x, dt, A, B, D, dt_bias, h0, n_groups, n_pb) + (None,)
+    return _reduce_partials(res, x, dt, A, D, dt_bias, h0, n_pb) + (None,)
 
 
-def _reduce_partials(res, x, dt, A, B, D, dt_bias, h0, n_groups, n_pb):
+def _group_sum(part, B, heads, n_pb):
+    """Per-(head, column block) ``dB``/``dC`` partials ``(batch, heads * n_pb, length, N)`` summed
+    in float32 into ``B``'s shape ``(batch, length, n_groups, N)`` and dtype."""
+    batch, length, n_groups, d_state = B.shape
+    part = part.reshape(batch, n_groups, heads // n_groups * n_pb, length, d_state)
+    return jnp.transpose(part.sum(2, dtype=f32), (0, 2, 1, 3)).astype(B.dtype)
+
+
+def _reduce_partials(res, x, dt, A, D, dt_bias, h0, n_pb):
     """Sum the kernels' float32 partials into gradients shaped and typed like the inputs."""
     batch, length, heads, _ = x.shape
-    d_state = B.shape[3]
-
-    def group_sum(part):
-        # (batch, heads * n_pb, length, N) -> (batch, length, n_groups, N)
-        part = part.reshape(batch, n_groups, heads // n_groups * n_pb, length, d_state)
-        part = part.sum(2, dtype=f32)
-        return jnp.transpose(part, (0, 2, 1, 3)).astype(B.dtype)
-
     ddt = res["ddt"].reshape(batch, heads, n_pb, length).sum(2)
     sums = res["sums"].sum(axis=(0, 2))  # (batch, heads, programs, 4) -> (heads, 4)
     return (
         res["dx"],
         jnp.transpose(ddt, (0, 2, 1)).astype(dt.dtype),
         sums[:, 0].astype(A.dtype),
-        group_sum(res["dB"]),
-        group_sum(res["dC"]),
+        res["dB"],
+        res["dC"],
         None if D is None else sums[:, 1].astype(D.dtype),
         res.get("dz"),
         None if dt_bias is None else sums[:, 2].astype(dt_bias.dtype),
