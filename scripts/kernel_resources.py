@@ -191,6 +191,9 @@ def _ssd_case():
     grouped = _fwd_bwd(functools.partial(scan, tiles=tiles), 7)
     for kernel in ("ssd_bwd_state_side", "ssd_bwd_grads", "ssd_bwd_bc"):
         yield label + " group_bc", kernel, grouped, tuple(x[n] for n in names)
+    fused = dataclasses.replace(tiles, fuse_state_side=True)
+    yield (label + " group_bc fused", "ssd_bwd_grads",
+           _fwd_bwd(functools.partial(scan, tiles=fused), 7), tuple(x[n] for n in names))
 
 
 def _causal_conv1d_case():

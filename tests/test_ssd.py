@@ -8,6 +8,7 @@ the reference run on the same (rounded) inputs, because the kernels feed the mat
 bfloat16 operands (scores, ``dt * x``, states) as Mamba-2 does.
 """
 
+import dataclasses
 import functools
 import re
 
@@ -120,11 +121,14 @@ CASES = {
                        dtype=jnp.bfloat16, full=False),
 }
 # "triton-group-bc": dB/dC per (group, tile), the group's heads walked in one program.
+# "-fused": and the state side inside the input side's kernel (without a gate).
 GROUP_BC = dict(implementation="triton", interpret=True,
                 tiles=triton.Tiles(16, 16, 4, group_bc=True, bc_warps=4))
+FUSED = dict(GROUP_BC, tiles=dataclasses.replace(GROUP_BC["tiles"], fuse_state_side=True))
 KERNELS = {
     "triton": dict(interpret=True, chunk_size=32, tiles=triton.Tiles(16, 16, 4)),
     "triton-group-bc": GROUP_BC | dict(chunk_size=32),
+    "triton-group-bc-fused": FUSED | dict(chunk_size=32),
     "tpu": dict(interpret=True, chunk_size=16, tiles=tpu.Tiles(8)),
 }
 
@@ -374,6 +378,8 @@ def test_group_bc_lowers_one_more_kernel_for_gpu():
     others (its indexing of a head inside the loop included), with ``bc_warps``."""
     tiles = triton.Tiles(64, 16, 4, group_bc=True, bc_warps=8)
     assert _kernel_warps(tiles) == PER_TILE_WARPS | {"ssd_bwd_grads": 4, "ssd_bwd_bc": 8}
+    fused = _kernel_warps(dataclasses.replace(tiles, fuse_state_side=True))
+    assert fused == {k: w for k, w in _kernel_warps(tiles).items() if k != "ssd_bwd_state_side"}
 
 
 # Packed documents: row 0 has documents of 5, 17 and 10 steps (its first continues the initial
@@ -387,6 +393,7 @@ RESET_IMPLS = {
     "xla": dict(chunk_size=8),
     "triton": dict(interpret=True, chunk_size=16, tiles=triton.Tiles(16, 16, 4)),
     "triton-group-bc": GROUP_BC | dict(chunk_size=16),
+    "triton-group-bc-fused": FUSED | dict(chunk_size=16),
     "tpu": dict(interpret=True, chunk_size=16, tiles=tpu.Tiles(8)),
 }
 

@@ -79,7 +79,10 @@ class Tiles:
     tile) and walks the group's heads (module docstring), its loads software-pipelined over the
     heads ``bc_stages`` deep (each head's loads do not depend on the sums carried). At Mamba-2
     130M's layer (H100, ``scripts/kernel_resources.py``) it fits 255 registers without spilling
-    at 8 warps (652 bytes of spill at 4) and takes 139 KB of shared memory at 2 stages."""
+    at 8 warps (652 bytes of spill at 4) and takes 139 KB of shared memory at 2 stages. With
+    ``group_bc`` and no gate, the state side is one product; ``fuse_state_side`` computes it in
+    ``ssd_bwd_grads`` (which then reads the saved state too: 28-40 bytes of spill there) instead
+    of a kernel of its own that re-reads the tile's inputs."""
 
     block_t: int
     block_p: int
@@ -90,6 +93,7 @@ class Tiles:
     group_bc: bool = False
     bc_warps: int = 8
     bc_stages: int = 2
+    fuse_state_side: bool = False
 
     def __post_init__(self):
         if self.scan_block_p == 0:
@@ -144,6 +148,7 @@ def config(call: common.Call, tiles: Tiles, dt_softplus: bool, interpret: bool):
         interpret=interpret, scan_block_p=tiles.scan_block_p, scan_stages=tiles.scan_stages,
         grads_warps=tiles.grads_warps,
         bc_warps=tiles.bc_warps if tiles.group_bc else 0, bc_stages=tiles.bc_stages,
+        fuse_state_side=tiles.group_bc and tiles.fuse_state_side,
     )
 
 
@@ -250,12 +255,16 @@ def _state_grad_kernel(*refs, length, T, n_tiles, softplus, dtype, flags):
     valid = v["valid"]
     if r.dC is not None:
         _store(r.dC, t0, valid, g["dC"])
-    # ds_total rides on the last step of the sequence inside the tile (see state_side_grads).
-    last = t0 + jax.lax.broadcasted_iota(jnp.int32, (T,), 0) == jnp.minimum(t0 + T, length) - 1
-    _store(r.ds, t0, valid, g["ds"] + jnp.where(last, g["ds_total"], 0.0))
+    _store(r.ds, t0, valid, g["ds"] + jnp.where(_last_step(t0, T, length), g["ds_total"], 0.0))
     if r.dz is not None:
         _store(r.dz, t0, valid, g["dz"])
         _store(r.dy, t0, valid, g["dy"])
+
+
+def _last_step(t0, T, length):
+    """``(T,)``: the tile's last step in the sequence, where ``ds_total`` rides (see
+    ``common.state_side_grads``)."""
+    return t0 + jax.lax.broadcasted_iota(jnp.int32, (T,), 0) == jnp.minimum(t0 + T, length) - 1
 
 
 def _grad_kernel(*refs, length, T, n_tiles, softplus, dtype, flags):
@@ -268,9 +277,14 @@ def _grad_kernel(*refs, length, T, n_tiles, softplus, dtype, flags):
     valid = v["valid"]
     dy = v["dout"] if r.dy is None else plgpu.load(r.dy.at[pl.ds(t0, T)],
                                                     mask=_rows(valid, r.dy), other=0.0)
-    ds = plgpu.load(r.ds.at[pl.ds(t0, T)], mask=valid, other=0.0)
     c = common.Chunk(v["x"], v["dt"], A, v["B"], v["C"], dtype, v["reset"], jnp.cumsum)
-    g = common.input_side_grads(c, r.dck[...].astype(f32), dy, ds, A, D, with_dB=r.dB is not None)
+    dH = r.dck[...].astype(f32)
+    if r.ckpt is None:
+        ds = plgpu.load(r.ds.at[pl.ds(t0, T)], mask=valid, other=0.0)
+    else:  # the state side here: without dC and the gate it is one product
+        s = common.state_side_grads(c, r.ckpt[...].astype(f32), dH, dy, D, None, with_dC=False)
+        ds = s["ds"] + jnp.where(_last_step(t0, T, length), s["ds_total"], 0.0)
+    g = common.input_side_grads(c, dH, dy, ds, A, D, with_dB=r.dB is not None)
     ddt = g["ddt"] * _ssm_math.sigmoid(v["raw"]) if softplus else g["ddt"]
     ddt = jnp.where(valid, ddt, 0.0)
     _store(r.dx, t0, valid, g["dx"])
@@ -440,7 +454,8 @@ def backward(dout, dh_final, x, dt, A, B, C, D, z, dt_bias, h0, reset, ckpt,
     part = lambda *n, dtype=f32: jax.ShapeDtypeStruct((batch, heads * n_pb, length, *n), dtype)
     gated, per_head_bc = z is not None, not cfg.bc_warps
     bc_part = part(d_state, dtype=x.dtype) if per_head_bc else None
-    state_side = _call(
+    own_state_side = not cfg.fuse_state_side or gated  # Tiles.fuse_state_side
+    state_side = {} if not own_state_side else _call(
         _state_grad_kernel, cfg, (batch, heads * n_tiles, n_pb),
         [("x", x, spt["seq"]), ("dt", dt, spt["dt"]), ("A", A, spt["head"]),
          ("B", B, spt["grp"]), ("C", C, spt["grp"]), ("D", D, spt["head"]),
@@ -458,7 +473,8 @@ def backward(dout, dh_final, x, dt, A, B, C, D, z, dt_bias, h0, reset, ckpt,
         [("x", x, spt["seq"]), ("dt", dt, spt["dt"]), ("A", A, spt["head"]),
          ("B", B, spt["grp"]), ("C", C, spt["grp"]), ("D", D, spt["head"]),
          ("bias", dt_bias, spt["head"]), ("dout", dout, spt["seq"]),
-         ("dy", state_side.get("dy"), spt["seq"]), ("ds", state_side["ds"], partial_t()),
+         ("dy", state_side.get("dy"), spt["seq"]), ("ds", state_side.get("ds"), partial_t()),
+         ("ckpt", None if own_state_side else ckpt, spt["tile_state"]),
          ("dck", dstates["dck"], spt["tile_state"]), ("reset", reset, spt["row"])],
         [("dx", jax.ShapeDtypeStruct(x.shape, x.dtype), spt["seq"]),
          ("ddt", part(), partial_t()),
