@@ -24,6 +24,19 @@ def shape_of(x):
     return getattr(x, "shape", type(x).__name__)
 
 
+FLOAT_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
+
+
+def check_last_axis(x, name: str, axis: str) -> None:
+    """``ValueError`` unless ``x`` is a floating array ``(..., axis)`` of ``FLOAT_DTYPES`` whose
+    last axis (named ``axis`` in the message) is not empty."""
+    if getattr(x, "ndim", 0) < 1 or x.shape[-1] < 1:
+        raise ValueError(f"{name} must be an array (..., {axis}) with {axis} >= 1, got "
+                         f"{shape_of(x)}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"{name} must be bfloat16, float16 or float32, got {x.dtype}")
+
+
 @functools.cache
 def load_lowering(package: str, name: str):
     """``(module, None)`` or ``(None, why)`` for ``package.name``; cached so a failing import is

@@ -14,12 +14,11 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels._api import Dispatch, Lowering, load_lowering, shape_of
+from pallas_kernels._api import Dispatch, Lowering, check_last_axis, load_lowering, shape_of
 from pallas_kernels.cross_entropy import common, reference
 
 DISPATCH = Dispatch("pallas_kernels.cross_entropy", (Lowering("triton", "gpu"),))
 IMPLEMENTATIONS = DISPATCH.names
-_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
 
 
 def cross_entropy(logits, targets, *, implementation: str = "auto", interpret: bool = False,
@@ -39,11 +38,7 @@ def cross_entropy(logits, targets, *, implementation: str = "auto", interpret: b
     Raises:
       ValueError: naming the violated constraint.
     """
-    if getattr(logits, "ndim", 0) < 1 or logits.shape[-1] < 1:
-        raise ValueError(f"logits must be an array (..., vocab) with vocab >= 1, got "
-                         f"{shape_of(logits)}")
-    if logits.dtype not in _DTYPES:
-        raise ValueError(f"logits must be bfloat16, float16 or float32, got {logits.dtype}")
+    check_last_axis(logits, "logits", "vocab")
     if getattr(targets, "shape", None) != logits.shape[:-1] or not jnp.issubdtype(
             targets.dtype, jnp.integer):
         raise ValueError(f"targets must be integer ids of shape logits.shape[:-1] = "

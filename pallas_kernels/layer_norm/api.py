@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from pallas_kernels._api import Dispatch, Lowering, load_lowering, recomputing_op, shape_of
+from pallas_kernels._api import (Dispatch, Lowering, check_last_axis, load_lowering,
+                                 recomputing_op)
 from pallas_kernels.layer_norm import reference
 from pallas_kernels.layer_norm.common import Call, check_parameters
 
 DISPATCH = Dispatch("pallas_kernels.layer_norm", (Lowering("triton", "gpu"),))
 IMPLEMENTATIONS = DISPATCH.names
-_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
 
 
 def layer_norm(x, scale, bias=None, *, subtract_mean: bool = True, epsilon: float = 1e-5,
@@ -39,11 +39,7 @@ def layer_norm(x, scale, bias=None, *, subtract_mean: bool = True, epsilon: floa
     Raises:
       ValueError: naming the violated constraint.
     """
-    if getattr(x, "ndim", 0) < 1 or x.shape[-1] < 1:
-        raise ValueError(f"x must be an array (..., features) with at least one feature, got "
-                         f"{shape_of(x)}")
-    if x.dtype not in _DTYPES:
-        raise ValueError(f"x must be bfloat16, float16 or float32, got {x.dtype}")
+    check_last_axis(x, "x", "features")
     features = x.shape[-1]
     check_parameters(features, epsilon, scale, bias=bias)
     dtype = jnp.dtype(x.dtype if dtype is None else dtype)
