@@ -161,10 +161,7 @@ def _tile(r, t0, T, length, bias, softplus, dtype, *, with_z, with_dout, with_C=
         mask = jnp.broadcast_to(valid.reshape((T,) + (1,) * (ref.ndim - 1)), (T, *ref.shape[1:]))
         return plgpu.load(ref.at[pl.ds(t0, T)], mask=mask, other=0.0)
 
-    raw = load(r.dt).astype(f32)
-    if bias is not None:
-        raw = raw + bias
-    dt = jnp.where(valid, _ssm_math.softplus(raw) if softplus else raw, 0.0)
+    raw, dt = _discretize(load(r.dt), bias, softplus, valid)
     v = dict(valid=valid, raw=raw, dt=dt, reset=None)
     if getattr(r, "reset", None) is not None:
         v["reset"] = plgpu.load(r.reset.at[pl.ds(t0, T)], mask=valid, other=0.0)
@@ -178,6 +175,13 @@ def _tile(r, t0, T, length, bias, softplus, dtype, *, with_z, with_dout, with_C=
     if with_dout:
         v["dout"] = load(r.dout).astype(f32)
     return v
+
+
+def _discretize(loaded, bias, softplus, valid):
+    """``(raw, dt)``: the tile's dt plus the head's bias, and through softplus, zero past the
+    end (float32)."""
+    raw = loaded.astype(f32) if bias is None else loaded.astype(f32) + bias
+    return raw, jnp.where(valid, _ssm_math.softplus(raw) if softplus else raw, 0.0)
 
 
 def _store(ref, t0, valid, value):
@@ -208,7 +212,8 @@ def _state_kernel(*refs, length, T, n_tiles, softplus, dtype, flags):
 
 
 def _tile_program(r, n_tiles):
-    """``(head, tile)`` of a program of the per-tile grid ``(batch, head * n_tiles + tile, ...)``."""
+    """``(head, tile)`` of a program of a per-tile grid ``(batch, head * n_tiles + tile, ...)``
+    (``(group, tile)`` in the group's dB/dC kernel's)."""
     return pl.program_id(1) // n_tiles, pl.program_id(1) % n_tiles
 
 
@@ -312,9 +317,7 @@ def _bc_grad_kernel(*refs, length, T, n_tiles, rep, softplus, dtype, flags):
     def head_body(h, acc):
         dM, dB, dC = acc
         A, _, bias = _head_scalars(r, g * rep + h)
-        raw = rows(r.dt, h).astype(f32)
-        raw = raw if bias is None else raw + bias
-        dt = jnp.where(valid, _ssm_math.softplus(raw) if softplus else raw, 0.0)
+        dt = _discretize(rows(r.dt, h), bias, softplus, valid)[1]
         c = common.Chunk(rows(r.x, h).astype(dtype), dt, A, B, C, dtype, reset, jnp.cumsum)
         dy = rows(r.dout if r.dy is None else r.dy, h).astype(f32)
         return (dM + c.dM(dy), dB + common.dB_state(c, r.dck[h].astype(f32)),
