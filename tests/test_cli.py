@@ -76,6 +76,8 @@ ON_CPU = pytest.mark.skipif(jax.default_backend() != "cpu", reason="the GPU runs
     (["train", "--config", "{config}", "model.no_such_key=1"], "unknown key 'model.no_such_key'"),
     (["train", "--config", "{config}", "model.d_model=abc"], "model.d_model: expected an integer"),
     (["train", "--config", "{missing}"], "does not exist"),
+    (["train", "--config", "{config}", "train.xla_flags=--xla_no_such_option=1"],
+     "train.xla_flags='--xla_no_such_option=1': XLA rejects it"),
     pytest.param(["train", "--config", "{config}", "model.norm_implementation=triton"],
                  "model.norm_implementation=triton needs a GPU backend, got cpu; use 'auto'",
                  marks=ON_CPU),
