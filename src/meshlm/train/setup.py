@@ -28,9 +28,9 @@ from meshlm.config import Config, ConfigError
 from meshlm.data.batches import batch_shapes, decoder_fields
 from meshlm.layers.pipeline import PipelineSchedule
 from meshlm.models import build_model
+from meshlm.train import xla_options
 from meshlm.train.optimizer import make_optimizer
 from meshlm.train.state import TrainState, create_train_state, state_shardings
-from meshlm.train import xla_options
 from meshlm.train.step import make_eval_step, make_train_step
 
 
