@@ -138,7 +138,8 @@ def main(argv=None):
                    help="Triton tiles: 'default' (the device's DEFAULT_TILES, capped to the "
                         "call) or the fields of ssd.triton.Tiles in order, switches as 0/1: "
                         "block_t x block_p x num_warps [x scan_block_p [x scan_stages "
-                        "[x grads_warps [x group_bc [x bc_warps [x bc_stages]]]]]]; "
+                        "[x grads_warps [x group_bc [x bc_warps [x bc_stages [x bc_splits "
+                        "[x fuse_state_side]]]]]]]]; "
                         "each non-default variant is also checked in float32")
     p.add_argument("--no-check", action="store_true")
     p.add_argument("--iters", type=int, default=20)

@@ -121,10 +121,12 @@ CASES = {
                        dtype=jnp.bfloat16, full=False),
 }
 # "triton-group-bc": dB/dC per (group, tile), the group's heads walked in one program.
-# "-fused": and the state side inside the input side's kernel (without a gate).
+# "-fused": and the state side inside the input side's kernel (without a gate); the group's
+# heads split over two programs per tile (float32 partials).
 GROUP_BC = dict(implementation="triton", interpret=True,
                 tiles=triton.Tiles(16, 16, 4, group_bc=True, bc_warps=4))
-FUSED = dict(GROUP_BC, tiles=dataclasses.replace(GROUP_BC["tiles"], fuse_state_side=True))
+FUSED = dict(GROUP_BC, tiles=dataclasses.replace(GROUP_BC["tiles"], fuse_state_side=True,
+                                                 bc_splits=2))
 KERNELS = {
     "triton": dict(interpret=True, chunk_size=32, tiles=triton.Tiles(16, 16, 4)),
     "triton-group-bc": GROUP_BC | dict(chunk_size=32),
@@ -298,6 +300,9 @@ def _small():
         (lambda a: a.update(implementation="triton", interpret=True,
                             tiles=triton.Tiles(16, 16, 4, 16, 0)),
          "tiles.scan_stages must be a positive"),
+        (lambda a: a.update(implementation="triton", interpret=True,
+                            tiles=triton.Tiles(16, 16, 4, group_bc=True, bc_splits=3)),
+         r"tiles\.bc_splits \(3\) must divide the heads per group \(2\)"),
         (lambda a: a.update(implementation="tpu", interpret=True, tiles=tpu.Tiles(12)),
          r"tiles\.block_t \(12\) must divide"),
         (lambda a: a.update(implementation="tpu", interpret=True, tiles=triton.Tiles(8, 16, 4)),
@@ -378,7 +383,7 @@ def test_group_bc_lowers_one_more_kernel_for_gpu():
     others (its indexing of a head inside the loop included), with ``bc_warps``."""
     tiles = triton.Tiles(64, 16, 4, group_bc=True, bc_warps=8)
     assert _kernel_warps(tiles) == PER_TILE_WARPS | {"ssd_bwd_grads": 4, "ssd_bwd_bc": 8}
-    fused = _kernel_warps(dataclasses.replace(tiles, fuse_state_side=True))
+    fused = _kernel_warps(dataclasses.replace(tiles, fuse_state_side=True, bc_splits=2))
     assert fused == {k: w for k, w in _kernel_warps(tiles).items() if k != "ssd_bwd_state_side"}
 
 

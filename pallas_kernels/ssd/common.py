@@ -81,6 +81,7 @@ class SSDConfig:
     grads_warps: int | None = None  # the input-side gradient kernel's warps (``triton.Tiles``)
     bc_warps: int = 0  # > 0: dB/dC per (group, tile) in a kernel of that many warps (Triton)
     bc_stages: int = 1  # that kernel's software-pipeline depth
+    bc_splits: int = 1  # programs per (group, tile), each over its share of the group's heads
     fuse_state_side: bool = False  # with bc_warps and no gate: the state side in the grads kernel
 
 

@@ -82,7 +82,9 @@ class Tiles:
     at 8 warps (652 bytes of spill at 4) and takes 139 KB of shared memory at 2 stages. With
     ``group_bc`` and no gate, the state side is one product; ``fuse_state_side`` computes it in
     ``ssd_bwd_grads`` (which then reads the saved state too: 28-40 bytes of spill there) instead
-    of a kernel of its own that re-reads the tile's inputs."""
+    of a kernel of its own that re-reads the tile's inputs. ``bc_splits`` divides a group's heads
+    over that many programs per tile (more programs: Mamba-2 130M at 8 x 2048 has 256 (row,
+    tile) pairs for 132 SMs), whose float32 partials are then summed outside."""
 
     block_t: int
     block_p: int
@@ -93,6 +95,7 @@ class Tiles:
     group_bc: bool = False
     bc_warps: int = 8
     bc_stages: int = 2
+    bc_splits: int = 1
     fuse_state_side: bool = False
 
     def __post_init__(self):
@@ -137,6 +140,9 @@ def supports(call: common.Call, tiles: Tiles) -> str | None:
         if not pow2(value := getattr(tiles, name)) or head_dim % value:
             return (f"tiles.{name} ({value}) must be a power of two >= 16 dividing "
                     f"head_dim ({head_dim})")
+    rep = call.x_shape[2] // call.B_shape[2]
+    if tiles.group_bc and rep % tiles.bc_splits:
+        return (f"tiles.bc_splits ({tiles.bc_splits}) must divide the heads per group ({rep})")
     return None
 
 
@@ -148,6 +154,7 @@ def config(call: common.Call, tiles: Tiles, dt_softplus: bool, interpret: bool):
         interpret=interpret, scan_block_p=tiles.scan_block_p, scan_stages=tiles.scan_stages,
         grads_warps=tiles.grads_warps,
         bc_warps=tiles.bc_warps if tiles.group_bc else 0, bc_stages=tiles.bc_stages,
+        bc_splits=tiles.bc_splits,
         fuse_state_side=tiles.group_bc and tiles.fuse_state_side,
     )
 
@@ -302,8 +309,9 @@ def _grad_kernel(*refs, length, T, n_tiles, softplus, dtype, flags):
                                                            jnp.where(lane == 2, jnp.sum(ddt), 0.0)))
 
 
-def _bc_grad_kernel(*refs, length, T, n_tiles, rep, softplus, dtype, flags):
-    """``dB`` and ``dC`` of one (group, tile): the group's ``rep`` heads walked in a loop."""
+def _bc_grad_kernel(*refs, length, T, n_tiles, hpp, softplus, dtype, flags):
+    """``dB`` and ``dC`` of one (block of ``hpp`` heads of a group, tile): the heads walked in a
+    loop."""
     r = Refs(refs, flags)
     g, k = _tile_program(r, n_tiles)
     t0 = k * T
@@ -316,7 +324,7 @@ def _bc_grad_kernel(*refs, length, T, n_tiles, rep, softplus, dtype, flags):
 
     def head_body(h, acc):
         dM, dB, dC = acc
-        A, _, bias = _head_scalars(r, g * rep + h)
+        A, _, bias = _head_scalars(r, g * hpp + h)
         dt = _discretize(rows(r.dt, h), bias, softplus, valid)[1]
         c = common.Chunk(rows(r.x, h).astype(dtype), dt, A, B, C, dtype, reset, jnp.cumsum)
         dy = rows(r.dout if r.dy is None else r.dy, h).astype(f32)
@@ -324,7 +332,7 @@ def _bc_grad_kernel(*refs, length, T, n_tiles, rep, softplus, dtype, flags):
                 dC + common.dC_state(c, dy, r.ckpt[h].astype(f32)))
 
     zeros = jnp.zeros((T, B.shape[1]), f32)
-    dM, dB, dC = jax.lax.fori_loop(0, rep, head_body, (jnp.zeros((T, T), f32), zeros, zeros))
+    dM, dB, dC = jax.lax.fori_loop(0, hpp, head_body, (jnp.zeros((T, T), f32), zeros, zeros))
     _store(r.dB, t0, valid, common.mm_tn(dM, C, dtype) + dB)
     _store(r.dC, t0, valid, common.mm(dM, B, dtype) + dC)
 
@@ -433,7 +441,7 @@ def backward(dout, dh_final, x, dt, A, B, C, D, z, dt_bias, h0, reset, ckpt,
     input side (``dx``, ``ddt``, ``dB``, the per-head sums), so neither holds two states.
     """
     batch, length, heads, head_dim = x.shape
-    n_groups, d_state = B.shape[2], B.shape[3]
+    d_state = B.shape[3]
     st = _static(x, cfg)
     n_tiles = st["n_tiles"]
     n_pb = head_dim // cfg.block_p
@@ -491,27 +499,45 @@ def backward(dout, dh_final, x, dt, A, B, C, D, z, dt_bias, h0, reset, ckpt,
         res |= dict(dB=_group_sum(res["dB"], B, heads, n_pb),
                     dC=_group_sum(state_side["dC"], B, heads, n_pb))
     else:
-        rep = heads // n_groups
-        head_rows = pl.BlockSpec((None, length, rep, head_dim),
-                                 lambda i, j: (i, 0, j // n_tiles, 0))
-        states = lambda: pl.BlockSpec((None, rep, None, head_dim, d_state),
-                                      lambda i, j: (i, j // n_tiles, j % n_tiles, 0, 0))
-        grp = pl.BlockSpec((None, length, None, d_state), lambda i, j: (i, 0, j // n_tiles, 0))
-        res |= _call(
-            _bc_grad_kernel, cfg, (batch, n_groups * n_tiles),
-            [("x", x, head_rows), ("dt", dt, pl.BlockSpec((None, length, rep),
-                                                         lambda i, j: (i, 0, j // n_tiles))),
-             ("A", A, pl.BlockSpec((heads,), lambda i, j: (0,))), ("B", B, grp), ("C", C, grp),
-             ("bias", dt_bias, pl.BlockSpec((heads,), lambda i, j: (0,))),
-             ("dout", dout, head_rows), ("dy", state_side.get("dy"), head_rows),
-             ("ckpt", ckpt, states()), ("dck", dstates["dck"], states()),
-             ("reset", reset, pl.BlockSpec((None, length), lambda i, j: (i, 0)))],
-            [("dB", jax.ShapeDtypeStruct(B.shape, B.dtype), grp),
-             ("dC", jax.ShapeDtypeStruct(C.shape, C.dtype), grp)],
-            st | dict(rep=rep), "ssd_bwd_bc", cfg.bc_stages, num_warps=cfg.bc_warps,
-        )
+        res |= _group_bc_grads(x, dt, A, B, C, dt_bias, dout, state_side.get("dy"), reset, ckpt,
+                               dstates["dck"], cfg, st)
     res["sums"] = res["sums"].reshape(batch, heads, n_tiles * n_pb, 4)
     return _reduce_partials(res, x, dt, A, D, dt_bias, h0, n_pb) + (None,)
+
+
+def _group_bc_grads(x, dt, A, B, C, dt_bias, dout, dy, reset, ckpt, dck, cfg, st):
+    """``{"dB", "dC"}`` from ``ssd_bwd_bc`` (``Tiles.group_bc``): grid (batch, block of heads *
+    tile), the blocks ``bc_splits`` per group; with more than one, float32 partials per block,
+    summed here."""
+    batch, length, heads, head_dim = x.shape
+    n_groups, d_state = B.shape[2], B.shape[3]
+    n_tiles, splits = st["n_tiles"], cfg.bc_splits
+    hpp = heads // n_groups // splits
+    blk = lambda j: j // n_tiles  # the program's block of heads: group * splits + split
+    head_rows = pl.BlockSpec((None, length, hpp, head_dim), lambda i, j: (i, 0, blk(j), 0))
+    states = pl.BlockSpec((None, hpp, None, head_dim, d_state),
+                          lambda i, j: (i, blk(j), j % n_tiles, 0, 0))
+    grp = pl.BlockSpec((None, length, None, d_state), lambda i, j: (i, 0, blk(j) // splits, 0))
+    heads_spec = pl.BlockSpec((heads,), lambda i, j: (0,))
+    if splits == 1:
+        out = [(n, jax.ShapeDtypeStruct(B.shape, v.dtype), grp) for n, v in (("dB", B), ("dC", C))]
+    else:
+        part = pl.BlockSpec((None, None, length, None, d_state),
+                            lambda i, j: (i, blk(j) % splits, 0, blk(j) // splits, 0))
+        shape = jax.ShapeDtypeStruct((batch, splits, length, n_groups, d_state), f32)
+        out = [("dB", shape, part), ("dC", shape, part)]
+    g = _call(
+        _bc_grad_kernel, cfg, (batch, n_groups * splits * n_tiles),
+        [("x", x, head_rows),
+         ("dt", dt, pl.BlockSpec((None, length, hpp), lambda i, j: (i, 0, blk(j)))),
+         ("A", A, heads_spec), ("B", B, grp), ("C", C, grp), ("bias", dt_bias, heads_spec),
+         ("dout", dout, head_rows), ("dy", dy, head_rows), ("ckpt", ckpt, states),
+         ("dck", dck, states), ("reset", reset, pl.BlockSpec((None, length), lambda i, j: (i, 0)))],
+        out, st | dict(hpp=hpp), "ssd_bwd_bc", cfg.bc_stages, num_warps=cfg.bc_warps,
+    )
+    if splits == 1:
+        return g
+    return {"dB": g["dB"].sum(1).astype(B.dtype), "dC": g["dC"].sum(1).astype(C.dtype)}
 
 
 def _group_sum(part, B, heads, n_pb):
