@@ -169,7 +169,7 @@ def _selective_scan_case():
     yield label + " reset", None, _fwd_bwd(scan, 8), args + (reset,)
 
 
-def _ssd_case():
+def _ssd_case(device_kind: str):
     length, batch = 8192, 2  # bench_ssd's 8k row: 16k tokens
     x = jax.eval_shape(lambda: bench_ssd._inputs(
         jax.random.key(0), batch, length, bench_ssd.HEADS, bench_ssd.HEAD_DIM, bench_ssd.GROUPS,
@@ -183,7 +183,7 @@ def _ssd_case():
     label = f"ssd {batch}x{length}x{bench_ssd.HEADS}x{bench_ssd.HEAD_DIM}x{bench_ssd.D_STATE}"
     yield label, None, _fwd_bwd(scan, 7), tuple(x[n] for n in names)
     # dB/dC per (group, tile): the kernels that change
-    with lowering_for("NVIDIA H100"):
+    with lowering_for(device_kind):  # that GPU's default tiles, with group_bc
         call = ssd_common.Call((batch, length, bench_ssd.HEADS, bench_ssd.HEAD_DIM),
                                (batch, length, bench_ssd.GROUPS, bench_ssd.D_STATE),
                                bench_ssd.CHUNK)
@@ -258,7 +258,7 @@ def main(argv=None) -> list[Kernel]:
     arch = _arch(args.gpu)
     limit = _MAX_SHARED.get(arch)
     cases_of = {"flash_attention": lambda: _attention_cases(args.head_dims),
-                "selective_scan": _selective_scan_case, "ssd": _ssd_case,
+                "selective_scan": _selective_scan_case, "ssd": lambda: _ssd_case(args.gpu),
                 "causal_conv1d": _causal_conv1d_case, "norms": _norm_cases}
     if args.sweep:
         cases = (case for head_dim in args.head_dims for case in _sweep_cases(head_dim))

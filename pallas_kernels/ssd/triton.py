@@ -140,6 +140,8 @@ def supports(call: common.Call, tiles: Tiles) -> str | None:
         if not pow2(value := getattr(tiles, name)) or head_dim % value:
             return (f"tiles.{name} ({value}) must be a power of two >= 16 dividing "
                     f"head_dim ({head_dim})")
+    if not tiles.group_bc and (tiles.fuse_state_side or tiles.bc_splits != 1):
+        return "tiles.fuse_state_side and tiles.bc_splits apply with tiles.group_bc=True only"
     rep = call.x_shape[2] // call.B_shape[2]
     if tiles.group_bc and rep % tiles.bc_splits:
         return (f"tiles.bc_splits ({tiles.bc_splits}) must divide the heads per group ({rep})")
@@ -154,8 +156,8 @@ def config(call: common.Call, tiles: Tiles, dt_softplus: bool, interpret: bool):
         interpret=interpret, scan_block_p=tiles.scan_block_p, scan_stages=tiles.scan_stages,
         grads_warps=tiles.grads_warps,
         bc_warps=tiles.bc_warps if tiles.group_bc else 0, bc_stages=tiles.bc_stages,
-        bc_splits=tiles.bc_splits,
-        fuse_state_side=tiles.group_bc and tiles.fuse_state_side,
+        bc_splits=tiles.bc_splits if tiles.group_bc else 1,
+        fuse_state_side=tiles.fuse_state_side,
     )
 
 
