@@ -160,10 +160,14 @@ def main(argv=None):
         for impl in impls:
             check(impl, jnp.float32, 2e-2)  # tf32 products on the GPU
             check(impl, jnp.bfloat16, 5e-2)
-            for name, tiles in variants.items() if impl == "triton" else []:
+            for name, tiles in list(variants.items()) if impl == "triton" else []:
                 if tiles is not None:
                     print(f"variant {name}:", end=" ")
-                    check(impl, jnp.float32, 2e-2, tiles=tiles)
+                    try:
+                        check(impl, jnp.float32, 2e-2, tiles=tiles)
+                    except Exception as e:  # noqa: BLE001 - e.g. over the shared memory: drop it
+                        print(f"dropped: {type(e).__name__}: {str(e)[:300]}", flush=True)
+                        del variants[name]
     rows = []
     for length in a.lengths:
         batch = max(1, a.tokens // length)

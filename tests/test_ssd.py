@@ -342,10 +342,11 @@ def test_auto_lowers_to_triton_for_an_abstract_gpu():
 
     with lowering_for("NVIDIA H100"):
         text = jax.jit(fwd_bwd).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-        # The default tiles, capped at head_dim 16.
+        # Hopper's default tiles, capped at head_dim 16.
         chosen = DISPATCH.choose("auto", Call(args[0].shape, args[3].shape, 64), interpret=False)
-        assert chosen == ("triton", triton.Tiles(64, 16, 4, scan_stages=4))
-    # states + outputs; dstates + state-side grads + input-side grads
+        assert chosen == ("triton", triton.Tiles(64, 16, 4, scan_stages=4, group_bc=True,
+                                                 fuse_state_side=True))
+    # states + outputs; dstates + input-side grads with the state side + the group's dB/dC
     assert text.count("__gpu$xla.gpu.triton") == 5
     assert "__gpu$xla.gpu.triton" not in jax.jit(fwd_bwd).trace(*args).lower().as_text()
 
@@ -466,4 +467,17 @@ def test_default_sequential_passes_fill_the_gpu(batch, heads, scan_block_p):
     with lowering_for("NVIDIA H100"):
         tiles = triton.default_tiles(call)
     assert (tiles.scan_block_p, tiles.block_p) == (scan_block_p, 64)
+    assert triton.supports(call, tiles) is None
+
+
+@pytest.mark.parametrize("gpu, groups, group_bc", [("NVIDIA H100", 1, True),
+                                                   ("NVIDIA H100", 24, False),
+                                                   ("NVIDIA A100", 1, False)])
+def test_default_group_bc_on_hopper_with_shared_groups(gpu, groups, group_bc):
+    """Hopper's default sums a group's dB/dC in ``ssd_bwd_bc`` (with the fused state side), unless
+    each head has its own group (RetNet: nothing to sum); other GPUs keep the per-head kernels."""
+    call = Call((8, 2048, 24, 64), (8, 2048, groups, 128), 256)
+    with lowering_for(gpu):
+        tiles = triton.default_tiles(call)
+    assert (tiles.group_bc, tiles.fuse_state_side) == (group_bc, group_bc)
     assert triton.supports(call, tiles) is None

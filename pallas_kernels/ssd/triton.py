@@ -107,8 +107,12 @@ class Tiles:
 
 # Defaults by compute capability ("" is every GPU), each tile capped at chunk_size / head_dim:
 # 64x64 with 4 warps was fastest of the tiles timed on an H100; 4 pipeline stages halve the
-# sequential passes on an H200 (BENCHMARKS.md, bench_ssd.py).
-DEFAULT_TILES = {"": Tiles(block_t=64, block_p=64, num_warps=4, scan_stages=4)}
+# sequential passes on an H200. On Hopper, group_bc with the fused state side cut Mamba-2 130M's
+# layer fwd+bwd 1.15x at 8 x 2048 and 1.25x at 2 x 8192 (H200, session 15); its ssd_bwd_bc takes
+# 139 KB of shared memory, more than some other GPUs have (BENCHMARKS.md, bench_ssd.py).
+_TILES = Tiles(block_t=64, block_p=64, num_warps=4, scan_stages=4)
+DEFAULT_TILES = {"9.0": dataclasses.replace(_TILES, group_bc=True, fuse_state_side=True),
+                 "": _TILES}
 
 
 # The sequential passes' column block narrows (to 16 at least) until they have this many programs:
@@ -123,8 +127,11 @@ def default_tiles(call: common.Call) -> Tiles:
     scan_block_p = min(default.scan_block_p, head_dim)
     while scan_block_p > 16 and batch * heads * (head_dim // scan_block_p) < _MIN_SCAN_PROGRAMS:
         scan_block_p //= 2
-    return dataclasses.replace(default, block_t=min(default.block_t, call.chunk_size),
-                               block_p=min(default.block_p, head_dim), scan_block_p=scan_block_p)
+    tiles = dataclasses.replace(default, block_t=min(default.block_t, call.chunk_size),
+                                block_p=min(default.block_p, head_dim), scan_block_p=scan_block_p)
+    if heads == call.B_shape[2]:  # one head per group (RetNet): no per-head partials to sum
+        tiles = dataclasses.replace(tiles, group_bc=False, fuse_state_side=False, bc_splits=1)
+    return tiles
 
 
 def supports(call: common.Call, tiles: Tiles) -> str | None:
