@@ -75,3 +75,36 @@ def test_compute_dtype_logits_train_like_float32_ones(tie):
     for (path, g32), g16 in zip(named, jax.tree.leaves(grads16), strict=True):
         err = float(jnp.linalg.norm(g16 - g32)) / max(float(jnp.linalg.norm(g32)), floor)
         assert err < 2e-2, (jax.tree_util.keystr(path), err)
+
+
+@pytest.mark.parametrize("mesh_shape, kernel", [(dict(data=2, fsdp=2), True),
+                                                (dict(data=2, tensor=2), False)],
+                         ids=["rows-split", "vocab-split"])
+def test_kernel_runs_per_device_unless_the_vocabulary_is_split(mesh_shape, kernel):
+    """On a data x fsdp mesh the Triton forward (interpret mode) runs inside shard_map on each
+    device's rows, values and gradients those of optax; when the rules split the vocabulary
+    (tensor) the loss keeps XLA's partitioned reductions (no kernel in the program)."""
+    import flax.linen as nn
+
+    from meshlm import sharding
+    from meshlm.config import MeshConfig
+
+    rng = np.random.default_rng(int(np.random.default_rng().integers(2**31)))
+    logits = jnp.asarray(rng.normal(size=(4, 6, 64)) * 3, jnp.float32)
+    targets = jnp.asarray(rng.integers(0, 64, size=(4, 6)), jnp.int32)
+    weights = jnp.asarray(rng.uniform(size=(4, 6)), jnp.float32)
+    mesh_cfg = MeshConfig(**mesh_shape)
+    mesh = sharding.make_mesh(mesh_cfg, jax.devices()[:4])
+    logits_sh = sharding.named_sharding(mesh, sharding.axis_rules(mesh_cfg), "activation_batch",
+                                        "activation_length", "activation_vocab")
+    loss = lambda x: jnp.sum(token_cross_entropy(x, targets, implementation="triton",
+                                                 interpret=True) * weights)
+    with sharding.activate(mesh, sharding.axis_rules(mesh_cfg)):
+        x = jax.device_put(logits, logits_sh)
+        jaxpr = str(jax.make_jaxpr(jax.grad(loss))(x))
+        value, grad = jax.jit(jax.value_and_grad(loss))(x)
+    assert ("pallas_call" in jaxpr) == kernel and ("shard_map" in jaxpr) == kernel
+    want, want_grad = jax.value_and_grad(lambda x: jnp.sum(_optax_ce(x, targets) * weights))(
+        logits)
+    np.testing.assert_allclose(value, want, rtol=1e-6)
+    np.testing.assert_allclose(grad, want_grad, atol=1e-6)

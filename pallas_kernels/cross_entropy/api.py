@@ -30,8 +30,10 @@ def cross_entropy(logits, targets, *, implementation: str = "auto", interpret: b
       targets: ``(...)`` integer ids in ``[0, vocab)`` (values are not checked: an id outside
         picks a clamped or undefined entry, as an indexing op does).
       implementation: ``"auto"``, ``"xla"`` (plain JAX, two reductions over the logits) or
-        ``"triton"`` (one read of the logits); ``"auto"`` takes ``"xla"`` until the kernel is
-        measured faster (``triton.auto_declines``).
+        ``"triton"`` (one read of the logits); ``"auto"`` is Triton on a GPU (1.6x XLA's
+        forward on an H200, BENCHMARKS.md), else XLA. A kernel is a custom call that XLA's
+        partitioner cannot split: with logits sharded over devices, call it per device
+        (``meshlm.layers.per_shard``), with each token's whole vocabulary on one device.
       interpret: run a named Pallas lowering in interpret mode (CPU tests).
       tiles: ``cross_entropy.triton.Tiles`` for ``implementation="triton"``.
 
