@@ -78,11 +78,12 @@ def test_compute_dtype_logits_train_like_float32_ones(tie):
 
 
 @pytest.mark.parametrize("mesh_shape, kernel", [(dict(data=2, fsdp=2), True),
+                                                (dict(data=2, sequence=2), True),
                                                 (dict(data=2, tensor=2), False)],
-                         ids=["rows-split", "vocab-split"])
+                         ids=["rows-split", "length-split", "vocab-split"])
 def test_kernel_runs_per_device_unless_the_vocabulary_is_split(mesh_shape, kernel):
-    """On a data x fsdp mesh the Triton forward (interpret mode) runs inside shard_map on each
-    device's rows, values and gradients those of optax; when the rules split the vocabulary
+    """On a data x fsdp (or sequence) mesh the Triton forward (interpret mode) runs inside
+    shard_map on each device's rows, values and gradients those of optax; when the rules split the vocabulary
     (tensor) the loss keeps XLA's partitioned reductions (no kernel in the program)."""
     import flax.linen as nn
 
