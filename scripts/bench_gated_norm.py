@@ -2,7 +2,8 @@
 fuses, timed in the same run.
 
     PYTHONPATH=src:. python3 scripts/bench_gated_norm.py [--op gated|layernorm|rmsnorm]
-        [--shapes 8x2048x1536 ...] [--groups 1] [--iters 50]
+        [--shapes 8x2048x1536 ...] [--groups 1] [--iters 50] [--variants default 2x16x8 ...]
+        [--kernels]
 
 Each shape is ``batch x length x features``; defaults by op: Mamba-2 130M's gated norm (8 x 2048
 x 1536, one group), GPT-2 125M's and GPT 1.3B's LayerNorm (16 x 1024 x 768 / 2048, with bias),
@@ -10,7 +11,10 @@ Mamba-2 130M's RMSNorm (8 x 2048 x 768). Inputs bfloat16, parameters float32. Fi
 the output and gradients against the float32 reference on the device, then ms forward and
 forward+backward (a VJP that keeps the output) of ``"xla"`` and ``"triton"``, the speed-up, and
 the bytes each direction must move at the least (forward: read the inputs, write the output;
-backward: read the inputs and the output gradient, write their gradients) as GB/s.
+backward: read the inputs and the output gradient, write their gradients) as GB/s. ``--variants``
+times Triton tiles (``layer_norm.triton.Tiles`` fields in order: ``block_rows x bwd_rows x
+num_warps``) beside the default; ``--kernels`` adds each row's per-kernel device ms from a trace
+(wall times of ~0.1 ms calls are mostly dispatch).
 """
 
 from __future__ import annotations
@@ -52,20 +56,21 @@ def _op(op, groups):
         return {"gated": (x, z, scale), "layernorm": (x, scale, bias), "rmsnorm": (x, scale)}[op]
 
     if op == "gated":
-        return (lambda y, z, s, impl: gated.gated_rms_norm(y, z, s, groups=groups,
-                                                           implementation=impl),
+        return (lambda y, z, s, impl, tiles=None: gated.gated_rms_norm(
+                    y, z, s, groups=groups, implementation=impl, tiles=tiles),
                 lambda y, z, s: gated_ref.gated_rms_norm(y.astype(f32), z.astype(f32), s,
                                                          groups=groups, epsilon=1e-5, dtype=f32),
                 args, 2)
     center = op == "layernorm"
-    return (lambda x, *p, impl: norm.layer_norm(x, *p, subtract_mean=center, implementation=impl),
+    return (lambda x, *p, impl, tiles=None: norm.layer_norm(x, *p, subtract_mean=center,
+                                                            implementation=impl, tiles=tiles),
             lambda x, s, b=None: norm_ref.layer_norm(x.astype(f32), s, b, subtract_mean=center,
                                                      epsilon=1e-5, dtype=f32),
             args, 1)
 
 
-def _fns(fn, impl):
-    run = lambda *a: fn(*a, impl=impl)
+def _fns(fn, impl, tiles=None):
+    run = lambda *a: fn(*a, impl=impl, tiles=tiles)
 
     @jax.jit
     def fwd_bwd(dout, *a):
@@ -75,14 +80,27 @@ def _fns(fn, impl):
     return jax.jit(run), fwd_bwd
 
 
+def _tiles(spec: str):
+    """``"default"`` -> None; ``"2x64x8"`` -> ``layer_norm.triton.Tiles`` of those fields."""
+    from pallas_kernels.layer_norm import triton
+
+    return None if spec == "default" else triton.Tiles(*(int(v) for v in spec.split("x")))
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--op", choices=tuple(SHAPES), default="gated")
     p.add_argument("--shapes", nargs="+", default=None)
     p.add_argument("--groups", type=int, default=1, help="the gated norm's groups")
     p.add_argument("--iters", type=int, default=50)
+    p.add_argument("--variants", nargs="+", default=["default"],
+                   help="Triton tiles: 'default' or block_rows x bwd_rows x num_warps")
+    p.add_argument("--kernels", action="store_true",
+                   help="per-kernel device ms of each row's forward+backward (a trace)")
     a = p.parse_args(argv)
-    impls = ["xla"] + (["triton"] if jax.default_backend() == "gpu" else [])
+    impls = [("xla", "xla", None)]
+    if jax.default_backend() == "gpu":
+        impls += [(f"triton {v}", "triton", _tiles(v)) for v in a.variants]
     print(f"device: {benchlib.device_description()}", flush=True)
     fn, ref, make_args, inputs = _op(a.op, a.groups)
     rows = []
@@ -94,18 +112,25 @@ def main(argv=None):
         want = (want, *vjp(dout.astype(jnp.float32)))
         n = args[0].size * args[0].dtype.itemsize
         times = {}
-        for impl in impls:
-            fwd, fwd_bwd = _fns(fn, impl)
-            out, grads = fwd_bwd(dout, *args)
+        for label, impl, tiles in impls:
+            fwd, fwd_bwd = _fns(fn, impl, tiles)
+            try:
+                out, grads = fwd_bwd(dout, *args)
+            except Exception as e:  # noqa: BLE001 - a variant the call rejects: report, go on
+                print(f"{label} at {text}: {type(e).__name__}: {str(e)[:300]}", flush=True)
+                continue
             err = max(_rel(g, w) for g, w in zip((out, *grads), want))
-            times[impl] = (benchlib.time_ms(fwd, *args, iters=a.iters),
-                           benchlib.time_ms(fwd_bwd, dout, *args, iters=a.iters))
-            t_fwd, t_all = times[impl]
+            times[label] = (benchlib.time_ms(fwd, *args, iters=a.iters),
+                            benchlib.time_ms(fwd_bwd, dout, *args, iters=a.iters))
+            t_fwd, t_all = times[label]
             fwd_bytes, bwd_bytes = (inputs + 1) * n, (2 * inputs + 1) * n
-            rows.append([text, impl, t_fwd, t_all, times["xla"][0] / t_fwd,
+            rows.append([text, label, t_fwd, t_all, times["xla"][0] / t_fwd,
                          times["xla"][1] / t_all, fwd_bytes / t_fwd / 1e6,
                          (fwd_bytes + bwd_bytes) / t_all / 1e6, f"{err:.1e}"])
             print(rows[-1], flush=True)
+            if a.kernels:
+                for name, ms in benchlib.kernel_ms(fwd_bwd, dout, *args, iters=a.iters)[1]:
+                    print(f"    {ms:8.3f} ms  {name}", flush=True)
     print(f"\n{benchlib.device_description()}; {a.op}, bf16 activations"
           + (f", groups {a.groups}" if a.op == "gated" else ""))
     return benchlib.print_table(
