@@ -10,8 +10,9 @@ the square), and 3.5x that for forward + backward (two matmuls forward, five bac
 ``cudnn`` is ``flash_attention(implementation="cudnn")``; ``xla`` is jax's own XLA attention
 (``jax.nn.dot_product_attention``), not the float32 reference. ``--check`` compares every
 lowering with cuDNN on the timed shapes and with the float32 reference on small shapes with the
-features cuDNN lacks. ``--sweep`` times Triton tile configurations at the largest sequence and
-prints the best, to be copied into ``triton.DEFAULT_TILES``.
+features cuDNN lacks. ``--sweep [triton|mosaic_gpu]`` times that lowering's tile
+configurations at the largest sequence (``--head-dim``; causal with ``--causal yes``) and prints
+the best, to be copied into its ``DEFAULT_TILES``.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import numpy as np
 from benchlib import device_description, print_table, time_ms
 
 from pallas_kernels.flash_attention import api, flash_attention
+from pallas_kernels.flash_attention import mosaic_gpu as fa_mosaic
 from pallas_kernels.flash_attention import triton as fa_triton
 from pallas_kernels.flash_attention.common import AttentionSpec, Call
 
@@ -239,26 +241,57 @@ def check_features(impls, kv_len):
 # ----------------------------------------------------------------------------- tuning sweep
 
 
-def sweep(row: Row, deadline: float, iters: int):
-    """Times Triton tile configurations for the forward, dK/dV and dQ kernels of ``row``."""
-    Tiles, KernelTiles = fa_triton.Tiles, fa_triton.KernelTiles
+def _sweep_candidates(impl: str, default):
+    """``{kernel: [tiles of that kernel]}`` to time for lowering ``impl`` and how each kernel's
+    tiles print as table columns (``block_q, block_k, warps, stages`` for Triton; ``owned,
+    streamed, stages`` for Mosaic GPU, whose warps are fixed)."""
+    if impl == "triton":
+        KT = fa_triton.KernelTiles
+        grid = [(w, s) for w in (4, 8) for s in (2, 3, 4)]
+        return {
+            "fwd": [KT(bq, bk, w, s) for bq, bk in ((128, 64), (128, 128), (64, 64), (64, 128))
+                    for w, s in grid],
+            "dkv": [KT(bq, bk, w, s)
+                    for bq, bk in ((64, 128), (32, 128), (64, 64), (128, 128), (32, 64))
+                    for w, s in grid if s < 4],
+            "dq": [KT(bq, bk, w, s)
+                   for bq, bk in ((128, 64), (64, 64), (128, 32), (64, 32), (128, 128))
+                   for w, s in grid if s < 4],
+        }, lambda t: [t.block_q, t.block_k, t.num_warps, t.num_stages]
+    KT = fa_mosaic.KernelTiles
+    sizes = [(o, st) for o in (64, 128) for st in (64, 128, 192, 256)]
+    return {kind: [KT(o, st, stages) for o, st in sizes for stages in (1, 2, 3, 4)]
+            for kind in ("fwd", "dkv", "dq")}, lambda t: [t.owned, t.streamed, "-", t.stages]
+
+
+def sweep(impl: str, row: Row, deadline: float, iters: int):
+    """Times tile configurations of lowering ``impl`` (triton or mosaic_gpu) for the forward,
+    dK/dV and dQ kernels of ``row``, one kernel's tiles at a time (the others at their default;
+    dQ beside the best dK/dV). Tiles the lowering's ``supports`` rejects are skipped."""
+    module = {"triton": fa_triton, "mosaic_gpu": fa_mosaic}[impl]
     q, k, v, d_out = inputs(row, seed=7)
     spec = AttentionSpec(causal=row.causal, scale=row.head_dim ** -0.5)
-    default = fa_triton.default_tiles(Call(q.shape, k.shape, q.dtype, spec))
+    call = Call(q.shape, k.shape, q.dtype, spec)
+    default = module.default_tiles(call)
+    candidates, columns = _sweep_candidates(impl, default)
     common = dict(spec=spec, interpret=INTERPRET)
-    out, lse = jax.jit(lambda q, k, v: fa_triton.forward(q, k, v, None, None, None, **common,
-                                                         tiles=default))(q, k, v)
+    out, lse = jax.jit(lambda q, k, v: module.forward(q, k, v, None, None, None, **common,
+                                                      tiles=default))(q, k, v)
     flops = row.fwd_flops()
     found = {}
 
-    def run(kind, candidates, make, args):
+    def run(kind, make, args):
         timings = []
-        for tiles in candidates:
+        for tiles in candidates[kind]:
+            whole = dataclasses.replace(default, **{kind: tiles})
+            if (why := module.supports(call, whole)) is not None:
+                print(f"sweep {kind} {tiles}: skipped: {why}", flush=True)
+                continue
             if time.monotonic() > deadline:
                 print(f"sweep {kind}: out of time", flush=True)
                 break
             try:
-                ms = time_ms(jax.jit(make(tiles)), *args, iters=iters, warmup=2)
+                ms = time_ms(jax.jit(make(whole)), *args, iters=iters, warmup=2)
             except Exception as e:  # noqa: BLE001 - e.g. a tile that overflows shared memory
                 print(f"sweep {kind} {tiles}: {short_error(e)}", flush=True)
                 continue
@@ -268,43 +301,22 @@ def sweep(row: Row, deadline: float, iters: int):
         found[kind] = timings[:3]
         return timings[0][1] if timings else None
 
-    grid = [(w, s) for w in (4, 8) for s in (2, 3, 4)]
-    run(
-        "fwd",
-        [KernelTiles(bq, bk, w, s) for bq, bk in ((128, 64), (128, 128), (64, 64), (64, 128))
-         for w, s in grid],
-        lambda t: lambda q, k, v: fa_triton.forward(
-            q, k, v, None, None, None, **common, tiles=Tiles(t, default.dkv, default.dq)),
-        (q, k, v),
-    )
+    run("fwd", lambda t: lambda q, k, v: module.forward(q, k, v, None, None, None, **common,
+                                                        tiles=t), (q, k, v))
 
-    def bwd(dkv, dq):
-        return lambda q, k, v, out, lse, d_out: fa_triton.backward(
-            q, k, v, None, None, None, out, lse, d_out, **common,
-            tiles=Tiles(default.fwd, dkv, dq))
+    def bwd(tiles):
+        return lambda q, k, v, out, lse, d_out: module.backward(
+            q, k, v, None, None, None, out, lse, d_out, **common, tiles=tiles)
 
-    best_dkv = run(
-        "dkv",
-        [KernelTiles(bq, bk, w, s)
-         for bq, bk in ((64, 128), (32, 128), (64, 64), (128, 128), (32, 64))
-         for w, s in grid if s < 4],
-        lambda t: bwd(t, default.dq),
-        (q, k, v, out, lse, d_out),
-    ) or default.dkv
-    run(
-        "dq",
-        [KernelTiles(bq, bk, w, s)
-         for bq, bk in ((128, 64), (64, 64), (128, 32), (64, 32), (128, 128))
-         for w, s in grid if s < 4],
-        lambda t: bwd(best_dkv, t),
-        (q, k, v, out, lse, d_out),
-    )
+    bwd_args = (q, k, v, out, lse, d_out)
+    best_dkv = run("dkv", bwd, bwd_args) or default.dkv
+    default = dataclasses.replace(default, dkv=best_dkv)
+    run("dq", bwd, bwd_args)
     rows = []
     for kind, timings in found.items():
         for ms, tiles in timings:
             mult = 1.0 if kind == "fwd" else 2.5  # the backward alone: 5 of the 7 matmuls
-            rows.append([kind, tiles.block_q, tiles.block_k, tiles.num_warps, tiles.num_stages,
-                         ms, mult * flops / ms / 1e9])
+            rows.append([kind, *columns(tiles), ms, mult * flops / ms / 1e9])
     return rows
 
 
@@ -330,7 +342,9 @@ def main():
     parser.add_argument("--interpret", action="store_true",
                         help="Pallas in interpret mode: a CPU smoke test of this script")
     parser.add_argument("--no-bench", action="store_true", help="skip the timing table")
-    parser.add_argument("--sweep", action="store_true", help="tune Triton tiles (largest seq)")
+    parser.add_argument("--sweep", nargs="?", const="triton", choices=PALLAS, default=None,
+                        help="tune that lowering's tiles (default triton) at the largest seq, "
+                             "causal as --causal yes makes it")
     parser.add_argument("--sweep-seconds", type=float, default=150.0)
     parser.add_argument("--out", default=os.environ.get("OUT", "."), help="where JSON goes")
     args = parser.parse_args()
@@ -356,10 +370,12 @@ def main():
     if args.check:
         report["check_baseline"] = check_vs_baseline(rows, pallas, args.check_against)
         report["check_features"] = check_features(pallas, args.feature_len)
-    if args.sweep and "triton" in pallas:
+    if args.sweep in pallas:
         seq = max(seqs)
-        row = Row(f"L={seq}", args.tokens // seq, seq)
-        report["sweep"] = sweep(row, time.monotonic() + args.sweep_seconds, max(5, args.iters // 2))
+        row = Row(f"L={seq}", args.tokens // seq, seq, head_dim=args.head_dim,
+                  causal=args.causal == "yes")
+        report["sweep"] = sweep(args.sweep, row, time.monotonic() + args.sweep_seconds,
+                                max(5, args.iters // 2))
     if not args.no_bench:
         results = []
         report["bench"] = bench(rows, impls, args.iters, results)
@@ -373,7 +389,9 @@ def main():
         print("\nrelative L2 error vs float32 reference (small shapes)")
         print_table(["case", "impl", "out", "dq", "dk", "dv", ""], report["check_features"])
     if "sweep" in report:
-        print(f"\nTriton sweep at L={max(seqs)} non-causal (best 3 per kernel)")
+        causal = " causal" if args.causal == "yes" else " non-causal"
+        print(f"\n{args.sweep} sweep at L={max(seqs)}{causal}, head_dim {args.head_dim} (best 3 "
+              "per kernel; Mosaic GPU: block_q/block_k are owned/streamed rows, fixed warps)")
         print_table(["kernel", "block_q", "block_k", "warps", "stages", "ms", "TFLOP/s"],
                     report["sweep"])
     if "bench" in report:
