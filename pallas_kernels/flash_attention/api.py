@@ -128,6 +128,37 @@ def flash_attention(
     return (out, lse) if return_lse else out
 
 
+def flash_attention_qkv(
+    qkv, *, causal: bool = False, segment_ids=None, sliding_window: int | None = None,
+    alibi_slopes=None, logits_soft_cap: float | None = None, scale: float | None = None,
+    implementation: str = "auto", interpret: bool = False, tiles=None,
+):
+    """Self-attention of q, k and v given as one array ``qkv (batch, len, 3, heads, head_dim)``
+    (a fused q/k/v projection's output), differentiable w.r.t. that array.
+
+    The Mosaic GPU kernels read each head where it lies in ``qkv`` and write the gradient in its
+    layout (``mosaic_gpu.forward_packed``), so neither three slices of the projection nor a
+    concatenation of their gradients is copied; every other implementation (and Mosaic GPU where
+    ``supports_packed`` declines) runs ``flash_attention(qkv[:, :, 0], qkv[:, :, 1],
+    qkv[:, :, 2])``. Arguments and result as ``flash_attention``'s, with ``kv_heads == heads``.
+    """
+    if getattr(qkv, "ndim", None) != 5 or qkv.shape[2] != 3:
+        raise ValueError(f"qkv must have shape (batch, len, 3, heads, head_dim), got "
+                         f"{shape_of(qkv)}")
+    part = jax.ShapeDtypeStruct((*qkv.shape[:2], *qkv.shape[3:]), qkv.dtype)
+    seg, _, slopes, spec = _prepare(part, part, part, causal, segment_ids, None, None,
+                                    sliding_window, alibi_slopes, logits_soft_cap, scale, 0)
+    call = Call(part.shape, part.shape, qkv.dtype, spec, False)
+    name, tiles = DISPATCH.choose(implementation, call, interpret=bool(interpret), tiles=tiles)
+    if name == "mosaic_gpu" and _load_lowering(name)[0].supports_packed(call, tiles) is None:
+        return _packed_attention(_Plan(name, spec, tiles, bool(interpret)), qkv, seg, slopes)
+    q, k, v = (qkv[:, :, i] for i in range(3))
+    return flash_attention(q, k, v, causal=causal, segment_ids=segment_ids,
+                           sliding_window=sliding_window, alibi_slopes=alibi_slopes,
+                           logits_soft_cap=logits_soft_cap, scale=scale, implementation=name,
+                           interpret=interpret and name != "xla", tiles=tiles)
+
+
 def flash_attention_backward(
     q, k, v, out, lse, d_out, *, causal: bool = False, segment_ids=None, q_segment_ids=None,
     kv_segment_ids=None, sliding_window: int | None = None, scale: float | None = None,
@@ -367,3 +398,23 @@ def _kernel_attention_bwd(plan, residuals, cotangents):
 
 
 _kernel_attention.defvjp(_kernel_attention_fwd, _kernel_attention_bwd, symbolic_zeros=True)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _packed_attention(plan, qkv, seg, slopes):
+    return plan.module.forward_packed(qkv, seg, slopes, **plan.kwargs)[0]
+
+
+def _packed_attention_fwd(plan, qkv, seg, slopes):
+    out, lse = plan.module.forward_packed(qkv, seg, slopes, **plan.kwargs)
+    return out, (qkv, seg, slopes, out, lse)
+
+
+def _packed_attention_bwd(plan, residuals, d_out):
+    qkv, seg, slopes, out, lse = residuals
+    dqkv = plan.module.backward_packed(qkv, seg, slopes, out, lse, d_out.astype(out.dtype),
+                                       **plan.kwargs)
+    return dqkv, None, None
+
+
+_packed_attention.defvjp(_packed_attention_fwd, _packed_attention_bwd)

@@ -34,6 +34,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -176,6 +177,25 @@ def supports(call: Call, tiles: Tiles) -> str | None:
     return None
 
 
+class _Heads(NamedTuple):
+    """Where a kernel finds each head in its GMEM arrays: ``heads`` query and ``kv_heads`` key /
+    value heads, query head ``h`` at index ``q + h`` of ``q``'s head axis, kv head ``g`` at
+    ``k + g`` of ``k``'s and ``v + g`` of ``v``'s. Separate arrays: offsets 0. Packed
+    (``forward_packed``): q, k and v are one ``(batch, len, 3 * heads, head_dim)`` array at
+    offsets 0, heads, 2 * heads, and the dK/dV kernel writes both gradients into one such
+    array."""
+
+    heads: int
+    kv_heads: int
+    q: int = 0
+    k: int = 0
+    v: int = 0
+
+    @property
+    def packed(self) -> bool:
+        return self.k != 0
+
+
 # ----------------------------------------------------------------------------- shared pieces
 
 
@@ -309,9 +329,10 @@ def _query_cta(spec2, t, group, nk, kv_len):
     return batch, head, _div(head, group), cta_row, parts, n_steps, padded_kv
 
 
-def _stream_kv(refs, smem, bars, *, batch, kv_head, first, bk, n_steps, stages):
+def _stream_kv(refs, smem, bars, *, batch, kv_head, lay, first, bk, n_steps, stages):
     """The producer of the forward and dQ kernels: key blocks ``first, first + 1, ...`` (with
-    their segment ids when ``ks_ref`` is given) and value blocks through the ring.
+    their segment ids when ``ks_ref`` is given) and value blocks through the ring; ``kv_head``'s
+    index in each array per the ``_Heads`` layout ``lay``.
 
     ``refs = (k_ref, v_ref, ks_ref)`` in GMEM, ``smem`` their ring buffers, ``bars = (k_bar,
     v_bar, ks_bar, k_free, v_free)``: the copies' arrival barriers, then the per-slot barriers
@@ -323,13 +344,15 @@ def _stream_kv(refs, smem, bars, *, batch, kv_head, first, bk, n_steps, stages):
 
     def load_k(step, slot):
         keys = pl.ds((first + step) * bk, bk)
-        plgpu.copy_gmem_to_smem(k_ref.at[batch, keys, kv_head], k_smem.at[slot], k_bar.at[slot])
+        plgpu.copy_gmem_to_smem(k_ref.at[batch, keys, kv_head + lay.k], k_smem.at[slot],
+                                k_bar.at[slot])
         if ks_ref is not None:
             plgpu.copy_gmem_to_smem(ks_ref.at[batch, keys], ks_smem.at[slot], ks_bar.at[slot])
 
     def load_v(step, slot):
         keys = pl.ds((first + step) * bk, bk)
-        plgpu.copy_gmem_to_smem(v_ref.at[batch, keys, kv_head], v_smem.at[slot], v_bar.at[slot])
+        plgpu.copy_gmem_to_smem(v_ref.at[batch, keys, kv_head + lay.v], v_smem.at[slot],
+                                v_bar.at[slot])
 
     _produce(n_steps, stages, [(load_k, k_free), (load_v, v_free)])
 
@@ -365,7 +388,7 @@ _once_per_shape = functools.partial(jax.jit, static_argnames=("spec", "tiles", "
 # ----------------------------------------------------------------------------- forward
 
 
-def _fwd_kernel(*refs, spec2, t, group, nk, kv_len, has_seg, has_alibi, interpret):
+def _fwd_kernel(*refs, spec2, t, lay, nk, kv_len, has_seg, has_alibi, interpret):
     r = kernel_refs(refs, ("q", "k", "v"), has_seg, has_alibi, ("o", "lse", "smem", "bars"))
     q_smem, k_smem, v_smem, vec_smem, qs_smem, ks_smem = r.smem
     q_bar, k_bar, v_bar, ks_bar, k_free, v_free, sched = r.bars
@@ -373,7 +396,7 @@ def _fwd_kernel(*refs, spec2, t, group, nk, kv_len, has_seg, has_alibi, interpre
     head_dim = r.q.shape[-1]
     wg = lax.axis_index(_WG)
     batch, head, kv_head, cta_row, parts, n_steps, padded_kv = _query_cta(
-        spec2, t, group, nk, kv_len
+        spec2, t, lay.heads // lay.kv_heads, nk, kv_len
     )
 
     def schedule():
@@ -385,7 +408,8 @@ def _fwd_kernel(*refs, spec2, t, group, nk, kv_len, has_seg, has_alibi, interpre
         plgpu.set_max_registers(_CONSUMER_REGS, action="increase")
         row = cta_row + wg * bq
         my_q = q_smem.at[wg]
-        plgpu.copy_gmem_to_smem(r.q.at[batch, pl.ds(row, bq), head], my_q, q_bar.at[wg])
+        plgpu.copy_gmem_to_smem(r.q.at[batch, pl.ds(row, bq), head + lay.q], my_q,
+                                q_bar.at[wg])
         q_seg = None
         if has_seg:
             plgpu.copy_gmem_to_smem(r.q_seg.at[batch, pl.ds(row, bq)], qs_smem.at[wg],
@@ -452,20 +476,48 @@ def _fwd_kernel(*refs, spec2, t, group, nk, kv_len, has_seg, has_alibi, interpre
 
     pl.when(wg == _CONSUMERS)(lambda: _stream_kv(  # the producer warpgroup
         (r.k, r.v, r.kv_seg), (k_smem, v_smem, ks_smem), (k_bar, v_bar, ks_bar, k_free, v_free),
-        batch=batch, kv_head=kv_head, first=parts[0], bk=bk, n_steps=n_steps, stages=t.stages))
+        batch=batch, kv_head=kv_head, lay=lay, first=parts[0], bk=bk, n_steps=n_steps,
+        stages=t.stages))
 
 
 @_once_per_shape
 def forward(q, k, v, q_seg, kv_seg, alibi_slopes, *, spec, tiles, interpret):
     """``(out, lse)`` per the lowering contract (see ``supports`` for what is handled)."""
-    batch, q_len, heads, head_dim = q.shape
-    kv_len, kv_heads = k.shape[1], k.shape[2]
+    lay = _Heads(q.shape[2], k.shape[2])
+    return _forward(q, k, v, q_seg, kv_seg, alibi_slopes, lay, spec, tiles, interpret)
+
+
+@_once_per_shape
+def forward_packed(qkv, seg, alibi_slopes, *, spec, tiles, interpret):
+    """Self-attention of ``qkv (batch, len, 3, heads, head_dim)`` (the q, k, v projections in one
+    array): ``(out, lse)`` as ``forward``'s, the kernels reading the heads where they lie, so the
+    array is not sliced into three copies first."""
+    flat, lay = _flat(qkv)
+    return _forward(flat, flat, flat, seg, seg, alibi_slopes, lay, spec, tiles, interpret)
+
+
+def _flat(qkv):
+    """``qkv`` as one ``(batch, len, 3 * heads, head_dim)`` array (a free reshape) and its
+    ``_Heads``."""
+    batch, length, _, heads, head_dim = qkv.shape
+    return qkv.reshape(batch, length, 3 * heads, head_dim), _Heads(heads, heads, 0, heads,
+                                                                     2 * heads)
+
+
+def _forward(q, k, v, q_seg, kv_seg, alibi_slopes, lay, spec, tiles, interpret):
+    batch, q_len, _, head_dim = q.shape
+    kv_len = k.shape[1]
+    heads = lay.heads
     t = tiles.fwd
     bq, bk = t.owned, t.streamed
     nq, nk = pl.cdiv(q_len, _CONSUMERS * bq), pl.cdiv(kv_len, bk)
     q_pad, kv_pad = nq * _CONSUMERS * bq, nk * bk
+    if lay.packed:  # one array: padded for both of its uses
+        q_pad = kv_pad = max(q_pad, kv_pad)
     has_seg = q_seg is not None
     args = [pad_to(q, 1, q_pad), pad_to(k, 1, kv_pad), pad_to(v, 1, kv_pad)]
+    if lay.packed:
+        args = args[:1] * 3
     if has_seg:
         args += [pad_to(q_seg, 1, q_pad), pad_to(kv_seg, 1, kv_pad)]
     args += _base2_slopes(alibi_slopes)
@@ -489,7 +541,7 @@ def forward(q, k, v, q_seg, kv_seg, alibi_slopes, *, spec, tiles, interpret):
         plgpu.Barrier(num_arrivals=_CONSUMERS),
     )
     kernel = functools.partial(
-        _fwd_kernel, spec2=base2(spec), t=t, group=heads // kv_heads, nk=nk, kv_len=kv_len,
+        _fwd_kernel, spec2=base2(spec), t=t, lay=lay, nk=nk, kv_len=kv_len,
         has_seg=has_seg, has_alibi=alibi_slopes is not None, interpret=interpret,
     )
     out, lse = plgpu.kernel(
@@ -512,12 +564,15 @@ def forward(q, k, v, q_seg, kv_seg, alibi_slopes, *, spec, tiles, interpret):
 # ----------------------------------------------------------------------------- backward
 
 
-def _dkv_kernel(*refs, spec2, t, group, nq, kv_len, padded, has_seg, has_alibi, grads,
+def _dkv_kernel(*refs, spec2, t, lay, nq, kv_len, padded, has_seg, has_alibi, grads,
                 interpret):
     """Accumulates ``grads`` (``("dk", "dv")``, or one of them in a two-pass backward): a dV
-    pass needs neither V nor delta nor the dP product."""
+    pass needs neither V nor delta nor the dP product. Packed (``lay``), both go to one output
+    array, at the heads of k and v."""
     want_dk, want_dv = "dk" in grads, "dv" in grads
-    r = kernel_refs(refs, BWD_INPUTS, has_seg, has_alibi, (*grads, "smem", "bars"))
+    outputs = ("dkv",) if lay.packed else grads
+    r = kernel_refs(refs, BWD_INPUTS, has_seg, has_alibi, (*outputs, "smem", "bars"))
+    group = lay.heads // lay.kv_heads
     k_smem, v_smem, ks_smem, q_smem, do_smem, lse_smem, delta_smem, qs_smem = r.smem
     own_bar, q_bar, do_bar, lse_bar, delta_bar, qs_bar, free = r.bars
     bk, bq = t.owned, t.streamed
@@ -536,10 +591,11 @@ def _dkv_kernel(*refs, spec2, t, group, nq, kv_len, padded, has_seg, has_alibi, 
         plgpu.set_max_registers(_CONSUMER_REGS, action="increase")
         key = cta_key + wg * bk
         my_k = k_smem.at[wg]
-        kv_slice = (batch, pl.ds(key, bk), kv_head)
-        plgpu.copy_gmem_to_smem(r.k.at[kv_slice], my_k, own_bar.at[wg])
+        keys = (batch, pl.ds(key, bk))
+        plgpu.copy_gmem_to_smem(r.k.at[(*keys, kv_head + lay.k)], my_k, own_bar.at[wg])
         if want_dk:
-            plgpu.copy_gmem_to_smem(r.v.at[kv_slice], v_smem.at[wg], own_bar.at[_CONSUMERS + wg])
+            plgpu.copy_gmem_to_smem(r.v.at[(*keys, kv_head + lay.v)], v_smem.at[wg],
+                                    own_bar.at[_CONSUMERS + wg])
         k_seg = None
         if has_seg:
             plgpu.copy_gmem_to_smem(r.kv_seg.at[batch, pl.ds(key, bk)], ks_smem.at[wg],
@@ -599,8 +655,9 @@ def _dkv_kernel(*refs, spec2, t, group, nq, kv_len, padded, has_seg, has_alibi, 
             buf[...] = (grad * factor).astype(dtype)
         plgpu.commit_smem()
         for name in grads:
-            plgpu.copy_smem_to_gmem(outs[name][0], getattr(r, name).at[kv_slice],
-                                    commit_group=False)
+            dest = (r.dkv.at[(*keys, kv_head + getattr(lay, name[1]))] if lay.packed
+                    else getattr(r, name).at[(*keys, kv_head)])
+            plgpu.copy_smem_to_gmem(outs[name][0], dest, commit_group=False)
         plgpu.commit_smem_to_gmem_group()
         plgpu.wait_smem_to_gmem(0)
 
@@ -611,7 +668,8 @@ def _dkv_kernel(*refs, spec2, t, group, nq, kv_len, padded, has_seg, has_alibi, 
             q_head = kv_head * group + g
             row = (lo + step - g * per_head) * bq
             rows = (batch, pl.ds(row, bq), q_head)
-            plgpu.copy_gmem_to_smem(r.q.at[rows], q_smem.at[slot], q_bar.at[slot])
+            plgpu.copy_gmem_to_smem(r.q.at[batch, pl.ds(row, bq), q_head + lay.q],
+                                    q_smem.at[slot], q_bar.at[slot])
             plgpu.copy_gmem_to_smem(r.lse.at[batch, q_head, pl.ds(row, bq)],
                                     lse_smem.at[slot], lse_bar.at[slot])
             plgpu.copy_gmem_to_smem(r.do.at[rows], do_smem.at[slot], do_bar.at[slot])
@@ -625,7 +683,7 @@ def _dkv_kernel(*refs, spec2, t, group, nq, kv_len, padded, has_seg, has_alibi, 
         _produce(n_steps, t.stages, [(load, free)])
 
 
-def _dq_kernel(*refs, spec2, t, group, nk, kv_len, has_seg, has_alibi, interpret):
+def _dq_kernel(*refs, spec2, t, lay, nk, kv_len, has_seg, has_alibi, interpret):
     r = kernel_refs(refs, BWD_INPUTS, has_seg, has_alibi, ("dq", "smem", "bars"))
     q_smem, do_smem, lse_smem, delta_smem, qs_smem, k_smem, v_smem, ks_smem = r.smem
     own_bar, k_bar, v_bar, ks_bar, k_free, v_free = r.bars
@@ -634,7 +692,7 @@ def _dq_kernel(*refs, spec2, t, group, nk, kv_len, has_seg, has_alibi, interpret
     dtype = r.q.dtype
     wg = lax.axis_index(_WG)
     batch, head, kv_head, cta_row, parts, n_steps, padded_kv = _query_cta(
-        spec2, t, group, nk, kv_len
+        spec2, t, lay.heads // lay.kv_heads, nk, kv_len
     )
 
     @pl.when(wg < _CONSUMERS)
@@ -645,7 +703,8 @@ def _dq_kernel(*refs, spec2, t, group, nk, kv_len, has_seg, has_alibi, interpret
         rows = (batch, pl.ds(row, bq), head)
         vec = (batch, head, pl.ds(row, bq))
         n_own = 5 if has_seg else 4
-        plgpu.copy_gmem_to_smem(r.q.at[rows], my_q, own_bar.at[wg * n_own])
+        plgpu.copy_gmem_to_smem(r.q.at[batch, pl.ds(row, bq), head + lay.q], my_q,
+                                own_bar.at[wg * n_own])
         plgpu.copy_gmem_to_smem(r.do.at[rows], my_do, own_bar.at[wg * n_own + 1])
         plgpu.copy_gmem_to_smem(r.lse.at[vec], lse_smem.at[wg], own_bar.at[wg * n_own + 2])
         plgpu.copy_gmem_to_smem(r.delta.at[vec], delta_smem.at[wg], own_bar.at[wg * n_own + 3])
@@ -691,20 +750,57 @@ def _dq_kernel(*refs, spec2, t, group, nk, kv_len, has_seg, has_alibi, interpret
 
     pl.when(wg == _CONSUMERS)(lambda: _stream_kv(  # the producer warpgroup
         (r.k, r.v, r.kv_seg), (k_smem, v_smem, ks_smem), (k_bar, v_bar, ks_bar, k_free, v_free),
-        batch=batch, kv_head=kv_head, first=parts[0], bk=bk, n_steps=n_steps, stages=t.stages))
+        batch=batch, kv_head=kv_head, lay=lay, first=parts[0], bk=bk, n_steps=n_steps,
+        stages=t.stages))
 
 
 @_once_per_shape
 def backward(q, k, v, q_seg, kv_seg, alibi_slopes, out, lse, dout, *, spec, tiles, interpret):
     """``(dq, dk, dv)`` per the lowering contract."""
-    batch, q_len, heads, head_dim = q.shape
-    kv_len, kv_heads = k.shape[1], k.shape[2]
-    group = heads // kv_heads
+    lay = _Heads(q.shape[2], k.shape[2])
+    (dq, dk, dv), _ = _backward(q, k, v, q_seg, kv_seg, alibi_slopes, out, lse, dout, lay, spec,
+                                tiles, interpret)
+    return dq, dk, dv
+
+
+@_once_per_shape
+def backward_packed(qkv, seg, alibi_slopes, out, lse, dout, *, spec, tiles, interpret):
+    """The gradient of ``forward_packed``'s output w.r.t. ``qkv``, in its layout: the dK/dV
+    kernel writes one packed array and the query heads' gradient goes into it in place, where
+    separate gradients would be concatenated (a full copy of all three)."""
+    flat, lay = _flat(qkv)
+    (dq, _, _), dkv = _backward(flat, flat, flat, seg, seg, alibi_slopes, out, lse, dout, lay,
+                                spec, tiles, interpret)
+    dqkv = lax.dynamic_update_slice_in_dim(dkv, dq.astype(dkv.dtype), lay.q, axis=2)
+    return dqkv[:, :qkv.shape[1]].reshape(qkv.shape)
+
+
+def supports_packed(call: Call, tiles: Tiles) -> str | None:
+    """Why ``forward_packed`` cannot run the call (None if it can): what ``supports`` says, and
+    the dK/dV kernel in one pass (a second pass would have to add to the first's output)."""
+    if (why := supports(call, tiles)) is not None:
+        return why
+    if len(_dkv_passes(tiles.dkv, call.head_dim)) > 1:
+        return (f"head_dim {call.head_dim} runs dK and dV as two passes, which one packed "
+                "output does not take")
+    return None
+
+
+def _backward(q, k, v, q_seg, kv_seg, alibi_slopes, out, lse, dout, lay, spec, tiles,
+              interpret):
+    """``((dq, dk, dv), None)``; packed (``lay``): ``((dq, None, None), dkv)`` with dkv the
+    ``(batch, padded len, 3 * heads, head_dim)`` array of the dK/dV kernel, its query heads
+    unwritten."""
+    batch, q_len, _, head_dim = q.shape
+    kv_len = k.shape[1]
+    heads, kv_heads = lay.heads, lay.kv_heads
     dkv_t, dq_t = tiles.dkv, tiles.dq
     # One padding serves both kernels: queries to a multiple of every query tile, keys likewise.
     q_mult = math.lcm(dkv_t.streamed, _CONSUMERS * dq_t.owned)
     kv_mult = math.lcm(_CONSUMERS * dkv_t.owned, dq_t.streamed)
     q_pad, kv_pad = pl.cdiv(q_len, q_mult) * q_mult, pl.cdiv(kv_len, kv_mult) * kv_mult
+    if lay.packed:  # one array: padded for both of its uses
+        q_pad = kv_pad = max(q_pad, kv_pad)
     spec2 = base2(spec)
     has_seg = q_seg is not None
     dtype = q.dtype
@@ -713,8 +809,9 @@ def backward(q, k, v, q_seg, kv_seg, alibi_slopes, out, lse, dout, *, spec, tile
     delta = jnp.einsum("bqhd,bqhd->bhq", out.astype(f32), dout.astype(f32))
     # Rows that saw no key (lse = -inf) get lse = +inf, hence P = 0 and zero gradients.
     lse2 = jnp.where(jnp.isneginf(lse), jnp.inf, lse * LOG2E)
+    qkv = [pad_to(q, 1, q_pad), pad_to(k, 1, kv_pad), pad_to(v, 1, kv_pad)]
     args = [
-        pad_to(q, 1, q_pad), pad_to(k, 1, kv_pad), pad_to(v, 1, kv_pad),
+        *(qkv[:1] * 3 if lay.packed else qkv),
         pad_to(dout, 1, q_pad), pad_to(lse2, 2, q_pad, jnp.inf), pad_to(delta, 2, q_pad),
     ]
     if has_seg:
@@ -732,12 +829,13 @@ def backward(q, k, v, q_seg, kv_seg, alibi_slopes, out, lse, dout, *, spec, tile
         maybe = lambda x: x if with_dk else None  # noqa: E731
         outs = plgpu.kernel(
             functools.partial(
-                _dkv_kernel, spec2=spec2, t=dkv_t, group=group, nq=q_pad // bq, kv_len=kv_len,
+                _dkv_kernel, spec2=spec2, t=dkv_t, lay=lay, nq=q_pad // bq, kv_len=kv_len,
                 padded=kv_pad != kv_len, has_seg=has_seg, has_alibi=has_alibi, grads=grads,
                 interpret=interpret,
             ),
-            out_type=[jax.ShapeDtypeStruct((batch, kv_pad, kv_heads, head_dim), dtype)
-                      for _ in grads],
+            out_type=[jax.ShapeDtypeStruct((batch, kv_pad, 3 * heads, head_dim), dtype)]
+            if lay.packed else [jax.ShapeDtypeStruct((batch, kv_pad, kv_heads, head_dim), dtype)
+                                for _ in grads],
             scratch_types=[
                 (
                     _tile_smem((_CONSUMERS, bk, head_dim), dtype),
@@ -761,15 +859,14 @@ def backward(q, k, v, q_seg, kv_seg, alibi_slopes, out, lse, dout, *, spec, tile
             compiler_params=_compiler_params(),
             interpret=_interpret_params(interpret),
         )(*args)
-        grad_kv.update(zip(grads, outs))
-    dk, dv = grad_kv["dk"], grad_kv["dv"]
+        grad_kv.update(zip(("dkv",) if lay.packed else grads, outs))
 
     # dQ: a CTA owns 2 * bq query rows of one head and streams its kv head's K/V tiles.
     bq, bk, st = dq_t.owned, dq_t.streamed, dq_t.stages
     n_own = 5 if has_seg else 4
     dq = plgpu.kernel(
         functools.partial(
-            _dq_kernel, spec2=spec2, t=dq_t, group=group, nk=kv_pad // bk, kv_len=kv_len,
+            _dq_kernel, spec2=spec2, t=dq_t, lay=lay, nk=kv_pad // bk, kv_len=kv_len,
             has_seg=has_seg, has_alibi=has_alibi, interpret=interpret,
         ),
         out_type=jax.ShapeDtypeStruct((batch, q_pad, heads, head_dim), dtype),
@@ -796,4 +893,6 @@ def backward(q, k, v, q_seg, kv_seg, alibi_slopes, out, lse, dout, *, spec, tile
         compiler_params=_compiler_params(),
         interpret=_interpret_params(interpret),
     )(*args)
-    return dq[:, :q_len], dk[:, :kv_len], dv[:, :kv_len]
+    if lay.packed:
+        return (dq, None, None), grad_kv["dkv"]
+    return (dq[:, :q_len], grad_kv["dk"][:, :kv_len], grad_kv["dv"][:, :kv_len]), None

@@ -64,6 +64,24 @@ def attend(q, k, v, *, q_segment_ids=None, kv_segment_ids=None, causal: bool = T
                                          (q_segment_ids, rows), (kv_segment_ids, rows)], q_axes)
 
 
+def attend_qkv(qkv, *, segment_ids=None, sliding_window: int | None = None,
+               implementation: str = "auto", interpret: bool = False):
+    """Causal self-attention of ``qkv (B, L, 3, H, D)`` (a fused projection's output), by
+    ``flash_attention_qkv``: the kernels that can read q, k and v inside one array do, so it is
+    not sliced into three copies; ``segment_ids`` as in ``attend``."""
+    from pallas_kernels.flash_attention import flash_attention_qkv
+
+    def product(qkv, seg):
+        return flash_attention_qkv(qkv, causal=True, segment_ids=seg,
+                                   sliding_window=sliding_window, implementation=implementation,
+                                   interpret=interpret)
+
+    qkv_axes = ("activation_batch", None, None, "activation_heads", None)
+    return per_shard.per_shard(product, [(qkv, qkv_axes), (segment_ids, ("activation_batch",
+                                                                         None))],
+                               ("activation_batch", None, "activation_heads", None))
+
+
 class HeadDense(nn.Module):
     """``x`` contracted over its last ``contract`` axes with a kernel of shape
     ``(*contracted, *features)`` carrying ``kernel_axes``; the bias carries the feature axes'.
@@ -87,6 +105,7 @@ class HeadDense(nn.Module):
     param_dtype: Any = jnp.float32
     kernel_init: Initializer = nn.initializers.normal(0.02)
     unstack: bool = False
+    weights_only: bool = False  # return (kernel, bias) in the compute dtype, not the product
 
     @nn.compact
     def __call__(self, x):
@@ -103,6 +122,8 @@ class HeadDense(nn.Module):
                 tuple(self.features), self.param_dtype,
             )
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        if self.weights_only:
+            return kernel, bias
         dims = ((tuple(range(x.ndim - self.contract, x.ndim)), tuple(range(self.contract))),
                 ((), ()))
 
@@ -161,13 +182,48 @@ class Attention(nn.Module):
         if self.sliding_window is not None and self.sliding_window < 1:
             raise ValueError(f"sliding_window must be None or >= 1, got {self.sliding_window}")
 
-        def project(heads, head_axis, name):
+        def project(heads, head_axis, name, weights_only=False):
             return HeadDense(
                 (heads, self.head_dim), contract=1, kernel_axes=("embed", head_axis, "head_dim"),
                 use_bias=self.use_bias or self.qkv_bias, dtype=self.dtype,
                 param_dtype=self.param_dtype, kernel_init=self.kernel_init, name=name,
+                weights_only=weights_only,
             )(x)
 
+        if self._packs_qkv():
+            out = self._packed(x, segment_ids, project)
+        else:
+            out = self._separate(x, positions, segment_ids, project)
+        out = checkpoint_name(out, ATTENTION_OUT)
+        out = nn.with_logical_constraint(out, ("activation_batch", "activation_length", "activation_heads", "head_dim"))
+        return HeadDense(
+            (x.shape[-1],), contract=2, kernel_axes=("heads", "head_dim", "embed"),
+            use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype,
+            kernel_init=self.out_kernel_init, name="out",
+        )(out)
+
+    def _packs_qkv(self) -> bool:
+        """One fused q/k/v product feeding ``attend_qkv``: training self-attention without RoPE
+        (which would rewrite q and k) and with as many kv heads as query heads, not
+        context-parallel. The parameters stay the three projections'."""
+        return (not self.rope and self.num_kv_heads == self.num_heads and not self.decode
+                and not ring_attention.applies())
+
+    def _packed(self, x, segment_ids, project):
+        weights = [project(self.num_heads, axis, name, weights_only=True)
+                   for name, axis in (("query", "heads"), ("key", "kv_heads"),
+                                      ("value", "kv_heads"))]
+        kernel = jnp.stack([w for w, _ in weights], axis=1)  # (embed, 3, heads, head_dim)
+        x = x.astype(kernel.dtype)
+        qkv = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
+        if weights[0][1] is not None:
+            qkv = qkv + jnp.stack([b for _, b in weights])
+        qkv = nn.with_logical_constraint(
+            qkv, ("activation_batch", "activation_length", None, "activation_heads", "head_dim"))
+        return attend_qkv(qkv, segment_ids=segment_ids, sliding_window=self.sliding_window,
+                          implementation=self.implementation, interpret=self.interpret)
+
+    def _separate(self, x, positions, segment_ids, project):
         q = project(self.num_heads, "heads", "query")
         k = project(self.num_kv_heads, "kv_heads", "key")
         v = project(self.num_kv_heads, "kv_heads", "value")
@@ -195,13 +251,7 @@ class Attention(nn.Module):
                 out = attend(q, k, v, q_segment_ids=segment_ids, kv_segment_ids=segment_ids,
                              causal=True, sliding_window=self.sliding_window,
                              implementation=self.implementation, interpret=self.interpret)
-        out = checkpoint_name(out, ATTENTION_OUT)
-        out = nn.with_logical_constraint(out, ("activation_batch", "activation_length", "activation_heads", "head_dim"))
-        return HeadDense(
-            (x.shape[-1],), contract=2, kernel_axes=("heads", "head_dim", "embed"),
-            use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype,
-            kernel_init=self.out_kernel_init, name="out",
-        )(out)
+        return out
 
     def _cache_variables(self, k):
         batch, max_len = k.shape[:2]
