@@ -110,31 +110,33 @@ def test_bad_shape_raises(shape):
         flash_attention_qkv(jnp.ones(shape, jnp.bfloat16))
 
 
-def test_model_fuses_its_projections_without_changing_anything(monkeypatch):
-    """GPT-2's attention (no RoPE, kv heads = heads) takes the fused product: the same parameter
-    tree, and the loss and every gradient of the three separate projections (float32, 1e-5)."""
+def test_model_fuses_its_projections_without_changing_anything():
+    """GPT-2's attention (no RoPE, kv heads = heads) with ``model.fuse_qkv``: one product into a
+    (batch, len, 3, heads, head_dim) array, the same parameter tree, and the loss and every
+    gradient of the three separate projections (float32, 1e-5)."""
     from meshlm.config import model_config
-    from meshlm.layers.attention import Attention
 
-    cfg = model_config("gpt", vocab_size=64, d_model=32, n_layers=2, n_heads=4, d_ff=64,
-                       max_seq_len=16, norm="layernorm", position="learned",
-                       dtype="float32")
-    model = cfg.build()
     rng = np.random.default_rng(int(np.random.default_rng().integers(2**31)))
     toks = jnp.asarray(rng.integers(0, 64, (2, 17)), jnp.int32)
     batch = {"inputs": toks[:, :-1], "targets": toks[:, 1:],
              "positions": jnp.broadcast_to(jnp.arange(16), (2, 16)),
              "segment_ids": jnp.asarray(np.repeat([[1, 2]], [9, 7], axis=1).repeat(2, 0)),
              "loss_mask": jnp.ones((2, 16))}
-    params = model.init(jax.random.key(0), batch["inputs"])["params"]
-    params = jax.tree.map(lambda p: p + 0.05 * jnp.asarray(rng.normal(size=p.shape), p.dtype),
-                          params)
-    loss = jax.jit(jax.value_and_grad(lambda p: cfg.loss(model, p, batch)[0]))
-    fused = loss(params)
-    monkeypatch.setattr(Attention, "_packs_qkv", lambda self: False)
-    assert jax.tree.structure(model.init(jax.random.key(0), batch["inputs"])["params"]) == \
-        jax.tree.structure(params)
-    separate = jax.jit(jax.value_and_grad(lambda p: cfg.loss(model, p, batch)[0]))(params)
-    np.testing.assert_allclose(fused[0], separate[0], rtol=1e-5)
-    for a, b in zip(jax.tree.leaves(fused[1]), jax.tree.leaves(separate[1])):
+    runs, params = {}, None
+    for fuse in (True, False):
+        cfg = model_config("gpt", vocab_size=64, d_model=32, n_layers=2, n_heads=4, d_ff=64,
+                           max_seq_len=16, norm="layernorm", position="learned",
+                           dtype="float32", fuse_qkv=fuse)
+        model = cfg.build()
+        fresh = model.init(jax.random.key(0), batch["inputs"])["params"]
+        if params is None:  # perturbed off the initial values (zero biases)
+            params = jax.tree.map(
+                lambda p: p + 0.05 * jnp.asarray(rng.normal(size=p.shape), p.dtype), fresh)
+        assert jax.tree.structure(fresh) == jax.tree.structure(params)
+        loss = jax.value_and_grad(lambda p: cfg.loss(model, p, batch)[0])
+        runs[fuse] = (str(jax.make_jaxpr(loss)(params)), *jax.jit(loss)(params))
+    (fused_text, fused, fused_grads), (text, separate, grads) = runs[True], runs[False]
+    assert "f32[2,16,3,4,8]" in fused_text and "f32[2,16,3,4,8]" not in text
+    np.testing.assert_allclose(fused, separate, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(fused_grads), jax.tree.leaves(grads)):
         np.testing.assert_allclose(a, b, atol=1e-5)

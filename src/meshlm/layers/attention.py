@@ -165,6 +165,7 @@ class Attention(nn.Module):
     implementation: str = "auto"
     interpret: bool = False  # the Pallas kernels in interpret mode (CPU tests)
     context_parallel: str = "ring"  # with the length sequence-sharded: "ring" or "ulysses"
+    fuse_qkv: bool = False  # one q/k/v product into ``attend_qkv`` where ``_packs_qkv``
     decode: bool = False
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
@@ -203,11 +204,11 @@ class Attention(nn.Module):
         )(out)
 
     def _packs_qkv(self) -> bool:
-        """One fused q/k/v product feeding ``attend_qkv``: training self-attention without RoPE
-        (which would rewrite q and k) and with as many kv heads as query heads, not
+        """``fuse_qkv``'s fused q/k/v product feeding ``attend_qkv``: training self-attention
+        without RoPE (which would rewrite q and k) and with as many kv heads as query heads, not
         context-parallel. The parameters stay the three projections'."""
-        return (not self.rope and self.num_kv_heads == self.num_heads and not self.decode
-                and not ring_attention.applies())
+        return (self.fuse_qkv and not self.rope and self.num_kv_heads == self.num_heads
+                and not self.decode and not ring_attention.applies())
 
     def _packed(self, x, segment_ids, project):
         weights = [project(self.num_heads, axis, name, weights_only=True)

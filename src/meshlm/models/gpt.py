@@ -52,6 +52,10 @@ class GPTConfig(DecoderLMConfig):
     attention: Literal["auto", "xla", "cudnn", "triton", "mosaic_gpu", "tpu"] = "auto"
     # attention over a sequence-sharded length (mesh.sequence > 1): layers/ring_attention.py
     context_parallel: Literal["ring", "ulysses"] = "ring"
+    # One q/k/v product whose (batch, len, 3, heads, head_dim) output the attention kernels read
+    # in place (flash_attention_qkv), when there is no RoPE and n_kv_heads = n_heads; the
+    # parameters stay the three projections'. Off until timed on a GPU (BENCHMARKS.md).
+    fuse_qkv: bool = False
 
     kernel_fields: ClassVar[dict[str, str]] = {**DecoderLMConfig.kernel_fields,
                                                "attention": "flash_attention"}
@@ -390,7 +394,8 @@ class Block(nn.Module):
             use_bias=cfg.use_bias, qkv_bias=cfg.qkv_bias, rope=cfg.position == "rope",
             rope_theta=cfg.rope_theta, rope_scaling=cfg.rope_scaling_spec,
             sliding_window=cfg.sliding_window, implementation=cfg.attention,
-            context_parallel=cfg.context_parallel, decode=self.decode, dtype=dtype,
+            context_parallel=cfg.context_parallel, fuse_qkv=cfg.fuse_qkv, decode=self.decode,
+            dtype=dtype,
             param_dtype=param_dtype, kernel_init=init, out_kernel_init=out_init, name="attention",
         )(cfg.make_norm("attention_norm")(x), positions, segment_ids)
         x = x + nn.Dropout(cfg.dropout)(h, deterministic=self.deterministic)
