@@ -103,6 +103,7 @@ def test_query_and_kv_heads_split_differently_is_an_error():
 
 @pytest.mark.parametrize("family, fields", [
     ("gpt", dict(n_heads=4, d_ff=256)),
+    ("gpt", dict(n_heads=4, d_ff=256, fuse_qkv=True)),
     ("mamba", dict(d_state=16)),
     ("mamba2", dict(d_state=16, head_dim=32, chunk_size=64, n_groups=2)),
     ("retnet", dict(n_heads=4, d_ff=256, chunk_size=64)),
