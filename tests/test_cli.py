@@ -78,6 +78,8 @@ ON_CPU = pytest.mark.skipif(jax.default_backend() != "cpu", reason="the GPU runs
     (["train", "--config", "{missing}"], "does not exist"),
     (["train", "--config", "{config}", "train.xla_flags=--xla_no_such_option=1"],
      "train.xla_flags='--xla_no_such_option=1': XLA rejects it"),
+    (["train", "--config", "{config}", "model.fuse_qkv=true", "model.n_kv_heads=1"],
+     "model.fuse_qkv needs model.position='learned' and model.n_kv_heads = n_heads"),
     pytest.param(["train", "--config", "{config}", "model.norm_implementation=triton"],
                  "model.norm_implementation=triton needs a GPU backend, got cpu; use 'auto'",
                  marks=ON_CPU),

@@ -156,7 +156,7 @@ def flash_attention_qkv(
     return flash_attention(q, k, v, causal=causal, segment_ids=segment_ids,
                            sliding_window=sliding_window, alibi_slopes=alibi_slopes,
                            logits_soft_cap=logits_soft_cap, scale=scale, implementation=name,
-                           interpret=interpret and name != "xla", tiles=tiles)
+                           interpret=interpret, tiles=tiles)
 
 
 def flash_attention_backward(

@@ -205,8 +205,9 @@ class Attention(nn.Module):
 
     def _packs_qkv(self) -> bool:
         """``fuse_qkv``'s fused q/k/v product feeding ``attend_qkv``: training self-attention
-        without RoPE (which would rewrite q and k) and with as many kv heads as query heads, not
-        context-parallel. The parameters stay the three projections'."""
+        without RoPE (which would rewrite q and k) and with as many kv heads as query heads (the
+        config requires both), not decoding and not context-parallel, which keep the three
+        products. The parameters stay the three projections'."""
         return (self.fuse_qkv and not self.rope and self.num_kv_heads == self.num_heads
                 and not self.decode and not ring_attention.applies())
 

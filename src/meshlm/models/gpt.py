@@ -87,6 +87,11 @@ class GPTConfig(DecoderLMConfig):
             )
         if self.position == "rope" and self.dim_per_head % 2:
             raise ConfigError(f"RoPE needs an even head_dim, got {self.dim_per_head}")
+        if self.fuse_qkv and (self.position == "rope" or self.kv_heads != self.n_heads):
+            raise ConfigError(
+                f"model.fuse_qkv needs model.position='learned' and model.n_kv_heads = n_heads "
+                f"(the attention kernels read q, k and v unchanged from one product), got "
+                f"position={self.position!r}, n_kv_heads={self.kv_heads}, n_heads={self.n_heads}")
         if self.rope_scaling != "none":
             if self.position != "rope":
                 raise ConfigError(f"model.rope_scaling={self.rope_scaling!r} needs "
