@@ -41,22 +41,29 @@ def _rel(got, want):
     return float(np.linalg.norm(got - want) / np.linalg.norm(want))
 
 
+def _documents(batch, length):
+    """Two documents per row, split at 4/7 of ``length`` (ids differ between rows too)."""
+    cut = 4 * length // 7
+    return jnp.asarray(np.repeat([[1, 2], [3, 4]][:batch], [cut, length - cut], axis=1), jnp.int32)
+
+
 # Interpret mode: packed documents without causality (causal rows with segment ids at q_offset 0
 # stall the Mosaic GPU interpreter, packed or not), and causality with a window and ALiBi.
 CASES = {
-    "segments": lambda: dict(causal=False, segment_ids=jnp.asarray(
-        np.repeat([[1, 2], [3, 4]], [40, 30], axis=1), jnp.int32)),
-    "causal_window_alibi": lambda: dict(causal=True, sliding_window=30,
-                                        alibi_slopes=jnp.array([0.05, 0.2])),
+    "segments": lambda batch, length: dict(causal=False, segment_ids=_documents(batch, length)),
+    "causal_window_alibi": lambda batch, length: dict(causal=True, sliding_window=30,
+                                                      alibi_slopes=jnp.array([0.05, 0.2])),
 }
+# Compiled: also causality with packed documents, as every GPT step runs it.
+COMPILED_CASES = {**CASES, "causal_segments": lambda batch, length: dict(
+    causal=True, segment_ids=_documents(batch, length))}
 
 
-def _check_packed(case, batch, length, **run):
+def _check_packed(kwargs, batch, length, **run):
     """bf16 ``qkv`` (``length`` padded inside to the tiles): output and the gradient of each of
     q, k, v within 1e-2 of the float32 reference's (bf16 inputs and products)."""
     seed = int(np.random.default_rng().integers(2**31))
     qkv, weights = _inputs(seed, batch, length, 2, 64, jnp.bfloat16)
-    kwargs = CASES[case]()
     out = flash_attention_qkv(qkv, **kwargs, **run)
     grad = jax.grad(_loss(flash_attention_qkv, weights, **kwargs, **run))(qkv)
     f32 = qkv.astype(jnp.float32)
@@ -70,14 +77,14 @@ def _check_packed(case, batch, length, **run):
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_mosaic_packed_matches_the_reference(case):
-    _check_packed(case, 2, 70, **MOSAIC)
+    _check_packed(CASES[case](2, 70), 2, 70, **MOSAIC)
 
 
 @NEEDS_HOPPER
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("case", list(COMPILED_CASES))
 def test_compiled_mosaic_packed_matches_the_reference(case):
     """The compiled kernels at their default tiles, 1000 steps (padded to the tiles)."""
-    _check_packed(case, 2, 1000, implementation="mosaic_gpu")
+    _check_packed(COMPILED_CASES[case](2, 1000), 2, 1000, implementation="mosaic_gpu")
 
 
 @pytest.mark.parametrize("implementation", ["xla", "triton"])
