@@ -1,4 +1,4 @@
-"""``flash_attention_qkv``: self-attention of a fused projection's ``(batch, len, 3, heads,
+"""``flash_attention_qkv``: self-attention of a fused projection's ``(batch, len, heads, 3,
 head_dim)`` output. The Mosaic GPU kernels read it in place (interpret mode here) and write its
 gradient in that layout; every other implementation slices it. Values and gradients against
 ``flash_attention`` over the slices in float32 on fresh random inputs; the model's fused q/k/v
@@ -23,7 +23,7 @@ MOSAIC = dict(implementation="mosaic_gpu", interpret=True,
 
 def _inputs(seed, batch, length, heads, head_dim, dtype):
     keys = jax.random.split(jax.random.key(seed), 2)
-    qkv = jax.random.normal(keys[0], (batch, length, 3, heads, head_dim), jnp.float32)
+    qkv = jax.random.normal(keys[0], (batch, length, heads, 3, head_dim), jnp.float32)
     weights = jax.random.normal(keys[1], (batch, length, heads, head_dim), jnp.float32)
     return qkv.astype(dtype), weights
 
@@ -33,7 +33,7 @@ def _loss(attention, weights, **kwargs):
 
 
 def _sliced(qkv, **kwargs):
-    return flash_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], **kwargs)
+    return flash_attention(qkv[:, :, :, 0], qkv[:, :, :, 1], qkv[:, :, :, 2], **kwargs)
 
 
 def _rel(got, want):
@@ -72,7 +72,7 @@ def _check_packed(kwargs, batch, length, **run):
     assert out.shape == want.shape and grad.shape == qkv.shape and grad.dtype == qkv.dtype
     assert _rel(out, want) < 1e-2, seed
     for i, name in enumerate("qkv"):
-        assert _rel(grad[:, :, i], want_grad[:, :, i]) < 1e-2, (seed, name)
+        assert _rel(grad[:, :, :, i], want_grad[:, :, :, i]) < 1e-2, (seed, name)
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -103,7 +103,7 @@ def test_other_implementations_slice_it(implementation):
 def test_auto_on_hopper_reads_it_in_place():
     """Lowered for an H100, "auto" runs the packed Mosaic GPU kernels: the gradient goes into the
     dK/dV kernel's packed output in place (a dynamic update), with no concatenation."""
-    qkv = jax.ShapeDtypeStruct((2, 256, 3, 2, 64), jnp.bfloat16)
+    qkv = jax.ShapeDtypeStruct((2, 256, 2, 3, 64), jnp.bfloat16)
     grad = jax.jit(jax.grad(lambda x: jnp.sum(flash_attention_qkv(x, causal=True)
                                               .astype(jnp.float32))))
     with lowering_for("NVIDIA H100"):
@@ -113,13 +113,13 @@ def test_auto_on_hopper_reads_it_in_place():
 
 @pytest.mark.parametrize("shape", [(2, 8, 2, 16), (1, 8, 2, 2, 16)])
 def test_bad_shape_raises(shape):
-    with pytest.raises(ValueError, match=r"qkv must have shape \(batch, len, 3, heads, head_dim\)"):
+    with pytest.raises(ValueError, match=r"qkv must have shape \(batch, len, heads, 3, head_dim\)"):
         flash_attention_qkv(jnp.ones(shape, jnp.bfloat16))
 
 
 def test_model_fuses_its_projections_without_changing_anything():
     """GPT-2's attention (no RoPE, kv heads = heads) with ``model.fuse_qkv``: one product into a
-    (batch, len, 3, heads, head_dim) array, the same parameter tree, and the loss and every
+    (batch, len, heads, 3, head_dim) array, the same parameter tree, and the loss and every
     gradient of the three separate projections (float32, 1e-5)."""
     from meshlm.config import model_config
 
@@ -143,7 +143,7 @@ def test_model_fuses_its_projections_without_changing_anything():
         loss = jax.value_and_grad(lambda p: cfg.loss(model, p, batch)[0])
         runs[fuse] = (str(jax.make_jaxpr(loss)(params)), *jax.jit(loss)(params))
     (fused_text, fused, fused_grads), (text, separate, grads) = runs[True], runs[False]
-    assert "f32[2,16,3,4,8]" in fused_text and "f32[2,16,3,4,8]" not in text
+    assert "f32[2,16,4,3,8]" in fused_text and "f32[2,16,4,3,8]" not in text
     np.testing.assert_allclose(fused, separate, rtol=1e-5)
     for a, b in zip(jax.tree.leaves(fused_grads), jax.tree.leaves(grads)):
         np.testing.assert_allclose(a, b, atol=1e-5)

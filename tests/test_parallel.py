@@ -4,6 +4,8 @@ really sharded as the rule table says (specs and the shapes of the per-device sh
 
 from __future__ import annotations
 
+import re
+
 import jax
 import numpy as np
 import pytest
@@ -30,6 +32,9 @@ STRATEGIES = {
     "fsdp": ["mesh.data=1", "mesh.fsdp=8"],
     "dp2_tp4": ["mesh.data=2", "mesh.tensor=4"],
     "dp2_fsdp2_tp2": ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"],
+    # One fused q/k/v product (heads-major columns) instead of three: same losses.
+    "dp2_fsdp2_tp2_fuse_qkv": ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2",
+                               "model.fuse_qkv=true"],
 }
 
 # What the default rule table must give each parameter (scan adds the leading "layers" axis,
@@ -102,3 +107,13 @@ def test_strategy_matches_single_device(name, single_device_losses):
     np.testing.assert_allclose(losses, single_device_losses, rtol=LOSS_RTOL)
     assert losses[-1] < losses[0]  # it trained, not just evaluated
     check_sharded_as_rules_say(mesh, state)
+
+
+def test_fused_qkv_product_is_split_over_heads():
+    """``model.fuse_qkv``'s one 2-D q/k/v product under tensor parallelism: each device computes
+    its heads' columns (3 * 32 / 2 = 48 per shard); no device computes all 96."""
+    cfg = load_config(None, TINY + ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2",
+                                    "model.fuse_qkv=true"])
+    text = compile_train_step(cfg, jax.devices())[3].as_text()
+    dots = set(re.findall(r"= \w+\[([\d,]*)\][^\n]* dot\(", text))
+    assert "32,48" in dots and not any(d.endswith(",96") for d in dots), dots

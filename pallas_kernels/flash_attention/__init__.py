@@ -4,7 +4,7 @@
 (``(batch, length, heads, head_dim)``) and supports causal / sliding-window / segment masking,
 GQA and MQA, ALiBi, T5's relative position bias, logit soft-capping and decoding offsets,
 forward and backward; ``flash_attention_qkv(qkv, ...)`` takes a fused projection's
-``(batch, length, 3, heads, head_dim)`` output as it is. Each Pallas lowering's launch shape is
+``(batch, length, heads, 3, head_dim)`` output as it is. Each Pallas lowering's launch shape is
 its module's ``Tiles`` (``triton.Tiles``, ``mosaic_gpu.Tiles``, ``tpu.Tiles``), passed as
 ``tiles=``.
 """

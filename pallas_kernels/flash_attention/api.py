@@ -133,26 +133,30 @@ def flash_attention_qkv(
     alibi_slopes=None, logits_soft_cap: float | None = None, scale: float | None = None,
     implementation: str = "auto", interpret: bool = False, tiles=None,
 ):
-    """Self-attention of q, k and v given as one array ``qkv (batch, len, 3, heads, head_dim)``
+    """Self-attention of q, k and v given as one array ``qkv (batch, len, heads, 3, head_dim)``
     (a fused q/k/v projection's output), differentiable w.r.t. that array.
+
+    Heads-major, so that the projection can be one 2-D product ``(embed, heads * 3 * head_dim)``
+    whose bias XLA fuses into the matmul's epilogue, and which shards over heads (tensor
+    parallelism) in contiguous blocks.
 
     The Mosaic GPU kernels read each head where it lies in ``qkv`` and write the gradient in its
     layout (``mosaic_gpu.forward_packed``), so neither three slices of the projection nor a
     concatenation of their gradients is copied; every other implementation (and Mosaic GPU where
-    ``supports_packed`` declines) runs ``flash_attention(qkv[:, :, 0], qkv[:, :, 1],
-    qkv[:, :, 2])``. Arguments and result as ``flash_attention``'s, with ``kv_heads == heads``.
+    ``supports_packed`` declines) runs ``flash_attention(qkv[:, :, :, 0], qkv[:, :, :, 1],
+    qkv[:, :, :, 2])``. Arguments and result as ``flash_attention``'s, with ``kv_heads == heads``.
     """
-    if getattr(qkv, "ndim", None) != 5 or qkv.shape[2] != 3:
-        raise ValueError(f"qkv must have shape (batch, len, 3, heads, head_dim), got "
+    if getattr(qkv, "ndim", None) != 5 or qkv.shape[3] != 3:
+        raise ValueError(f"qkv must have shape (batch, len, heads, 3, head_dim), got "
                          f"{shape_of(qkv)}")
-    part = jax.ShapeDtypeStruct((*qkv.shape[:2], *qkv.shape[3:]), qkv.dtype)
+    part = jax.ShapeDtypeStruct((*qkv.shape[:3], qkv.shape[4]), qkv.dtype)
     seg, _, slopes, spec = _prepare(part, part, part, causal, segment_ids, None, None,
                                     sliding_window, alibi_slopes, logits_soft_cap, scale, 0)
     call = Call(part.shape, part.shape, qkv.dtype, spec, False)
     name, tiles = DISPATCH.choose(implementation, call, interpret=bool(interpret), tiles=tiles)
     if name == "mosaic_gpu" and _load_lowering(name)[0].supports_packed(call, tiles) is None:
         return _packed_attention(_Plan(name, spec, tiles, bool(interpret)), qkv, seg, slopes)
-    q, k, v = (qkv[:, :, i] for i in range(3))
+    q, k, v = (qkv[:, :, :, i] for i in range(3))
     return flash_attention(q, k, v, causal=causal, segment_ids=segment_ids,
                            sliding_window=sliding_window, alibi_slopes=alibi_slopes,
                            logits_soft_cap=logits_soft_cap, scale=scale, implementation=name,

@@ -179,21 +179,26 @@ def supports(call: Call, tiles: Tiles) -> str | None:
 
 class _Heads(NamedTuple):
     """Where a kernel finds each head in its GMEM arrays: ``heads`` query and ``kv_heads`` key /
-    value heads, query head ``h`` at index ``q + h`` of ``q``'s head axis, kv head ``g`` at
-    ``k + g`` of ``k``'s and ``v + g`` of ``v``'s. Separate arrays: offsets 0. Packed
-    (``forward_packed``): q, k and v are one ``(batch, len, 3 * heads, head_dim)`` array at
-    offsets 0, heads, 2 * heads, and the dK/dV kernel writes both gradients into one such
-    array."""
+    value heads, query head ``h`` at index ``q + stride * h`` of ``q``'s head axis, kv head ``g``
+    at ``k + stride * g`` of ``k``'s and ``v + stride * g`` of ``v``'s (``at``). Separate arrays:
+    offsets 0, stride 1. Packed (``forward_packed``): q, k and v are one ``(batch, len,
+    heads * 3, head_dim)`` array, head ``h``'s q, k, v at ``3h, 3h + 1, 3h + 2`` (offsets 0, 1,
+    2, stride 3), and the dK/dV kernel writes both gradients into one such array."""
 
     heads: int
     kv_heads: int
     q: int = 0
     k: int = 0
     v: int = 0
+    stride: int = 1
 
     @property
     def packed(self) -> bool:
-        return self.k != 0
+        return self.stride != 1
+
+    def at(self, part: str, head):
+        """The index of head ``head`` of ``part`` ("q", "k" or "v") in its array's head axis."""
+        return getattr(self, part) + self.stride * head
 
 
 # ----------------------------------------------------------------------------- shared pieces
@@ -344,14 +349,14 @@ def _stream_kv(refs, smem, bars, *, batch, kv_head, lay, first, bk, n_steps, sta
 
     def load_k(step, slot):
         keys = pl.ds((first + step) * bk, bk)
-        plgpu.copy_gmem_to_smem(k_ref.at[batch, keys, kv_head + lay.k], k_smem.at[slot],
+        plgpu.copy_gmem_to_smem(k_ref.at[batch, keys, lay.at("k", kv_head)], k_smem.at[slot],
                                 k_bar.at[slot])
         if ks_ref is not None:
             plgpu.copy_gmem_to_smem(ks_ref.at[batch, keys], ks_smem.at[slot], ks_bar.at[slot])
 
     def load_v(step, slot):
         keys = pl.ds((first + step) * bk, bk)
-        plgpu.copy_gmem_to_smem(v_ref.at[batch, keys, kv_head + lay.v], v_smem.at[slot],
+        plgpu.copy_gmem_to_smem(v_ref.at[batch, keys, lay.at("v", kv_head)], v_smem.at[slot],
                                 v_bar.at[slot])
 
     _produce(n_steps, stages, [(load_k, k_free), (load_v, v_free)])
@@ -408,7 +413,7 @@ def _fwd_kernel(*refs, spec2, t, lay, nk, kv_len, has_seg, has_alibi, interpret)
         plgpu.set_max_registers(_CONSUMER_REGS, action="increase")
         row = cta_row + wg * bq
         my_q = q_smem.at[wg]
-        plgpu.copy_gmem_to_smem(r.q.at[batch, pl.ds(row, bq), head + lay.q], my_q,
+        plgpu.copy_gmem_to_smem(r.q.at[batch, pl.ds(row, bq), lay.at("q", head)], my_q,
                                 q_bar.at[wg])
         q_seg = None
         if has_seg:
@@ -489,7 +494,7 @@ def forward(q, k, v, q_seg, kv_seg, alibi_slopes, *, spec, tiles, interpret):
 
 @_once_per_shape
 def forward_packed(qkv, seg, alibi_slopes, *, spec, tiles, interpret):
-    """Self-attention of ``qkv (batch, len, 3, heads, head_dim)`` (the q, k, v projections in one
+    """Self-attention of ``qkv (batch, len, heads, 3, head_dim)`` (the q, k, v projections in one
     array): ``(out, lse)`` as ``forward``'s, the kernels reading the heads where they lie, so the
     array is not sliced into three copies first."""
     flat, lay = _flat(qkv)
@@ -497,11 +502,10 @@ def forward_packed(qkv, seg, alibi_slopes, *, spec, tiles, interpret):
 
 
 def _flat(qkv):
-    """``qkv`` as one ``(batch, len, 3 * heads, head_dim)`` array (a free reshape) and its
+    """``qkv`` as one ``(batch, len, heads * 3, head_dim)`` array (a free reshape) and its
     ``_Heads``."""
-    batch, length, _, heads, head_dim = qkv.shape
-    return qkv.reshape(batch, length, 3 * heads, head_dim), _Heads(heads, heads, 0, heads,
-                                                                     2 * heads)
+    batch, length, heads, _, head_dim = qkv.shape
+    return qkv.reshape(batch, length, heads * 3, head_dim), _Heads(heads, heads, 0, 1, 2, 3)
 
 
 def _forward(q, k, v, q_seg, kv_seg, alibi_slopes, lay, spec, tiles, interpret):
@@ -592,9 +596,9 @@ def _dkv_kernel(*refs, spec2, t, lay, nq, kv_len, padded, has_seg, has_alibi, gr
         key = cta_key + wg * bk
         my_k = k_smem.at[wg]
         keys = (batch, pl.ds(key, bk))
-        plgpu.copy_gmem_to_smem(r.k.at[(*keys, kv_head + lay.k)], my_k, own_bar.at[wg])
+        plgpu.copy_gmem_to_smem(r.k.at[(*keys, lay.at("k", kv_head))], my_k, own_bar.at[wg])
         if want_dk:
-            plgpu.copy_gmem_to_smem(r.v.at[(*keys, kv_head + lay.v)], v_smem.at[wg],
+            plgpu.copy_gmem_to_smem(r.v.at[(*keys, lay.at("v", kv_head))], v_smem.at[wg],
                                     own_bar.at[_CONSUMERS + wg])
         k_seg = None
         if has_seg:
@@ -655,7 +659,7 @@ def _dkv_kernel(*refs, spec2, t, lay, nq, kv_len, padded, has_seg, has_alibi, gr
             buf[...] = (grad * factor).astype(dtype)
         plgpu.commit_smem()
         for name in grads:
-            dest = (r.dkv.at[(*keys, kv_head + {"dk": lay.k, "dv": lay.v}[name])] if lay.packed
+            dest = (r.dkv.at[(*keys, lay.at(name[1], kv_head))] if lay.packed
                     else getattr(r, name).at[(*keys, kv_head)])
             plgpu.copy_smem_to_gmem(outs[name][0], dest, commit_group=False)
         plgpu.commit_smem_to_gmem_group()
@@ -668,7 +672,7 @@ def _dkv_kernel(*refs, spec2, t, lay, nq, kv_len, padded, has_seg, has_alibi, gr
             q_head = kv_head * group + g
             row = (lo + step - g * per_head) * bq
             rows = (batch, pl.ds(row, bq), q_head)
-            plgpu.copy_gmem_to_smem(r.q.at[batch, pl.ds(row, bq), q_head + lay.q],
+            plgpu.copy_gmem_to_smem(r.q.at[batch, pl.ds(row, bq), lay.at("q", q_head)],
                                     q_smem.at[slot], q_bar.at[slot])
             plgpu.copy_gmem_to_smem(r.lse.at[batch, q_head, pl.ds(row, bq)],
                                     lse_smem.at[slot], lse_bar.at[slot])
@@ -703,7 +707,7 @@ def _dq_kernel(*refs, spec2, t, lay, nk, kv_len, has_seg, has_alibi, interpret):
         rows = (batch, pl.ds(row, bq), head)
         vec = (batch, head, pl.ds(row, bq))
         n_own = 5 if has_seg else 4
-        plgpu.copy_gmem_to_smem(r.q.at[batch, pl.ds(row, bq), head + lay.q], my_q,
+        plgpu.copy_gmem_to_smem(r.q.at[batch, pl.ds(row, bq), lay.at("q", head)], my_q,
                                 own_bar.at[wg * n_own])
         plgpu.copy_gmem_to_smem(r.do.at[rows], my_do, own_bar.at[wg * n_own + 1])
         plgpu.copy_gmem_to_smem(r.lse.at[vec], lse_smem.at[wg], own_bar.at[wg * n_own + 2])
@@ -771,8 +775,10 @@ def backward_packed(qkv, seg, alibi_slopes, out, lse, dout, *, spec, tiles, inte
     flat, lay = _flat(qkv)
     (dq, _, _), dkv = _backward(flat, flat, flat, seg, seg, alibi_slopes, out, lse, dout, lay,
                                 spec, tiles, interpret)
-    dqkv = lax.dynamic_update_slice_in_dim(dkv, dq.astype(dkv.dtype), lay.q, axis=2)
-    return dqkv[:, :qkv.shape[1]].reshape(qkv.shape)
+    dkv = dkv.reshape(*dkv.shape[:2], *qkv.shape[2:])  # (batch, padded len, heads, 3, head_dim)
+    dqkv = lax.dynamic_update_slice_in_dim(dkv, dq[:, :, :, None].astype(dkv.dtype), lay.q,
+                                           axis=3)
+    return dqkv[:, :qkv.shape[1]]
 
 
 def supports_packed(call: Call, tiles: Tiles) -> str | None:
@@ -789,7 +795,7 @@ def supports_packed(call: Call, tiles: Tiles) -> str | None:
 def _backward(q, k, v, q_seg, kv_seg, alibi_slopes, out, lse, dout, lay, spec, tiles,
               interpret):
     """``((dq, dk, dv), None)``; packed (``lay``): ``((dq, None, None), dkv)`` with dkv the
-    ``(batch, padded len, 3 * heads, head_dim)`` array of the dK/dV kernel, its query heads
+    ``(batch, padded len, heads * 3, head_dim)`` array of the dK/dV kernel, its query heads
     unwritten."""
     batch, q_len, _, head_dim = q.shape
     kv_len = k.shape[1]
@@ -833,7 +839,7 @@ def _backward(q, k, v, q_seg, kv_seg, alibi_slopes, out, lse, dout, lay, spec, t
                 padded=kv_pad != kv_len, has_seg=has_seg, has_alibi=has_alibi, grads=grads,
                 interpret=interpret,
             ),
-            out_type=[jax.ShapeDtypeStruct((batch, kv_pad, 3 * heads, head_dim), dtype)]
+            out_type=[jax.ShapeDtypeStruct((batch, kv_pad, heads * 3, head_dim), dtype)]
             if lay.packed else [jax.ShapeDtypeStruct((batch, kv_pad, kv_heads, head_dim), dtype)
                                 for _ in grads],
             scratch_types=[

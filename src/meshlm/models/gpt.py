@@ -52,9 +52,10 @@ class GPTConfig(DecoderLMConfig):
     attention: Literal["auto", "xla", "cudnn", "triton", "mosaic_gpu", "tpu"] = "auto"
     # attention over a sequence-sharded length (mesh.sequence > 1): layers/ring_attention.py
     context_parallel: Literal["ring", "ulysses"] = "ring"
-    # One q/k/v product whose (batch, len, 3, heads, head_dim) output the attention kernels read
+    # One q/k/v product whose (batch, len, heads, 3, head_dim) output the attention kernels read
     # in place (flash_attention_qkv), when there is no RoPE and n_kv_heads = n_heads; the
-    # parameters stay the three projections'. Off until timed on a GPU (BENCHMARKS.md).
+    # parameters stay the three projections'. On in gpt2_125m.yaml, where it was timed (1.024x
+    # on an H200); a model that cannot take it (RoPE, grouped kv heads) must leave it off.
     fuse_qkv: bool = False
 
     kernel_fields: ClassVar[dict[str, str]] = {**DecoderLMConfig.kernel_fields,
