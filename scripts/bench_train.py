@@ -28,6 +28,7 @@ at the same time and an out-of-memory in one row does not lose the others.
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import os
 import pathlib
@@ -177,11 +178,15 @@ def random_batch(cfg, rng, b: int, length: int) -> dict:
 def _jax_profile(run_steps, steps: int, compiled, path: str | None, top: int = 40) -> str:
     """Device time per kernel of ``run_steps(steps)`` (a jax.profiler trace, summed by name),
     each kernel described from the ``compiled`` step's HLO; the full table goes to ``path`` when
-    given (on a CPU run, which has no GPU events, the descriptions alone)."""
+    given (on a CPU run, which has no GPU events, the descriptions alone), and the optimised
+    HLO beside it (``path`` + ``.hlo.txt.gz``), to trace what the map cannot name (memcpys)."""
     from scripts.profile_trace import hlo_kernel_map, map_text, trace_device_time
 
     try:
-        hlo_map = hlo_kernel_map(compiled.as_text())
+        text = compiled.as_text()
+        if path:
+            pathlib.Path(path + ".hlo.txt.gz").write_bytes(gzip.compress(text.encode()))
+        hlo_map = hlo_kernel_map(text)
     except Exception as e:  # a diagnostic: never lose the measurement (device time) over it
         print(f"no kernel descriptions: {type(e).__name__}: {e}", flush=True)
         hlo_map = {}
