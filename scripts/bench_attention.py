@@ -28,7 +28,7 @@ import traceback
 import jax
 import jax.numpy as jnp
 import numpy as np
-from benchlib import device_description, print_table, time_ms
+from benchlib import device_description, device_ms, print_table, time_ms
 
 from pallas_kernels.flash_attention import api, flash_attention
 from pallas_kernels.flash_attention import mosaic_gpu as fa_mosaic
@@ -267,7 +267,9 @@ def _sweep_candidates(impl: str, default):
 def sweep(impl: str, row: Row, deadline: float, iters: int):
     """Times tile configurations of lowering ``impl`` (triton or mosaic_gpu) for the forward,
     dK/dV and dQ kernels of ``row``, one kernel's tiles at a time (the others at their default;
-    dQ beside the best dK/dV). Tiles the lowering's ``supports`` rejects are skipped."""
+    dQ beside the best dK/dV), by device time (``device_ms``): wall time at these sizes is mostly
+    dispatch, and its best tiles were no faster in a train step (BENCHMARKS.md, session 16).
+    Tiles the lowering's ``supports`` rejects are skipped."""
     module = {"triton": fa_triton, "mosaic_gpu": fa_mosaic}[impl]
     q, k, v, d_out = inputs(row, seed=7)
     spec = AttentionSpec(causal=row.causal, scale=row.head_dim ** -0.5)
@@ -291,7 +293,7 @@ def sweep(impl: str, row: Row, deadline: float, iters: int):
                 print(f"sweep {kind}: out of time", flush=True)
                 break
             try:
-                ms = time_ms(jax.jit(make(whole)), *args, iters=iters, warmup=2)
+                ms = device_ms(jax.jit(make(whole)), *args, iters=iters)
             except Exception as e:  # noqa: BLE001 - e.g. a tile that overflows shared memory
                 print(f"sweep {kind} {tiles}: {short_error(e)}", flush=True)
                 continue

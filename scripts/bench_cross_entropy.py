@@ -44,13 +44,6 @@ def _fns(**kw):
     return jax.jit(loss), fwd_bwd
 
 
-def _ms(fn, *args, iters):
-    """Kernel time on a GPU (no dispatch); wall time elsewhere (a CPU smoke run)."""
-    if jax.default_backend() == "gpu":
-        return benchlib.kernel_ms(fn, *args, iters=iters)[0]
-    return benchlib.time_ms(fn, *args, iters=iters)
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shapes", nargs="+", default=["16384x50304"])
@@ -77,7 +70,7 @@ def main(argv=None):
             fwd, fwd_bwd = _fns(**kw)
             ce, grad = fwd_bwd(g, logits, targets)
             err = max(_rel(ce, want), _rel(grad, want_grad))
-            t_fwd, t_all = _ms(fwd, logits, targets, iters=a.iters), _ms(fwd_bwd, g, logits,
+            t_fwd, t_all = benchlib.device_ms(fwd, logits, targets, iters=a.iters), benchlib.device_ms(fwd_bwd, g, logits,
                                                                      targets, iters=a.iters)
             base = base or (t_fwd, t_all)
             rows.append([text, name, t_fwd, t_all, base[0] / t_fwd, base[1] / t_all,

@@ -41,6 +41,15 @@ def kernel_ms(fn: Callable, *args, iters: int = 10) -> tuple[float, list[tuple[s
     return sum(ms for _, ms in kernels), kernels
 
 
+def device_ms(fn: Callable, *args, iters: int = 10) -> float:
+    """``kernel_ms`` after one untraced call (compilation and its autotuning stay out of the
+    trace) on a GPU; ``time_ms`` elsewhere (a CPU smoke run)."""
+    if jax.default_backend() == "gpu":
+        jax.block_until_ready(fn(*args))
+        return kernel_ms(fn, *args, iters=iters)[0]
+    return time_ms(fn, *args, iters=iters)
+
+
 def print_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     """Print (and return) a Markdown table, ready to paste into BENCHMARKS.md."""
 
