@@ -70,8 +70,8 @@ def main(argv=None):
             fwd, fwd_bwd = _fns(**kw)
             ce, grad = fwd_bwd(g, logits, targets)
             err = max(_rel(ce, want), _rel(grad, want_grad))
-            t_fwd, t_all = benchlib.device_ms(fwd, logits, targets, iters=a.iters), benchlib.device_ms(fwd_bwd, g, logits,
-                                                                     targets, iters=a.iters)
+            t_fwd = benchlib.device_ms(fwd, logits, targets, iters=a.iters)
+            t_all = benchlib.device_ms(fwd_bwd, g, logits, targets, iters=a.iters)
             base = base or (t_fwd, t_all)
             rows.append([text, name, t_fwd, t_all, base[0] / t_fwd, base[1] / t_all,
                          logits.nbytes / t_fwd / 1e6, f"{err:.1e}"])
