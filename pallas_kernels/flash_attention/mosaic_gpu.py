@@ -659,7 +659,7 @@ def _dkv_kernel(*refs, spec2, t, lay, nq, kv_len, padded, has_seg, has_alibi, gr
             buf[...] = (grad * factor).astype(dtype)
         plgpu.commit_smem()
         for name in grads:
-            dest = (r.dkv.at[(*keys, lay.at(name[1], kv_head))] if lay.packed
+            dest = (r.dkv.at[(*keys, lay.at(name.removeprefix("d"), kv_head))] if lay.packed
                     else getattr(r, name).at[(*keys, kv_head)])
             plgpu.copy_smem_to_gmem(outs[name][0], dest, commit_group=False)
         plgpu.commit_smem_to_gmem_group()
