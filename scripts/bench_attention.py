@@ -18,6 +18,7 @@ the best, to be copied into its ``DEFAULT_TILES``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import functools
 import json
@@ -31,12 +32,15 @@ import numpy as np
 from benchlib import device_description, device_ms, print_table, time_ms
 
 from pallas_kernels.flash_attention import api, flash_attention
+from pallas_kernels.flash_attention import cudnn as fa_cudnn
 from pallas_kernels.flash_attention import mosaic_gpu as fa_mosaic
 from pallas_kernels.flash_attention import triton as fa_triton
 from pallas_kernels.flash_attention.common import AttentionSpec, Call
 
 PALLAS = ("triton", "mosaic_gpu")
-BASELINES = ("cudnn", "xla")
+# cudnn_packed: cuDNN with its packed-rows layout on (``cudnn.PACKED_ROWS``, off by default) for
+# rows of packed documents (``--documents``); "cudnn" gives those rows an explicit mask.
+BASELINES = ("cudnn", "cudnn_packed", "xla")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,31 +54,42 @@ class Row:
     causal: bool = False
     window: int | None = None
     alibi: bool = False  # the Pallas lowerings only: cuDNN and XLA rows are timed without it
+    documents: int = 1  # equal packed documents per row (segment ids), each attending to itself
 
     def pairs(self) -> int:
         """Visible (query, key) pairs per batch element and head."""
+        n = self.seq // self.documents
         if self.window is not None:
-            w = min(self.window, self.seq)
-            return w * self.seq - w * (w - 1) // 2
-        return self.seq * self.seq // 2 if self.causal else self.seq * self.seq
+            w = min(self.window, n)
+            return self.documents * (w * n - w * (w - 1) // 2)
+        return self.documents * (n * n // 2 if self.causal else n * n)
+
+    def segment_ids(self):
+        """``(batch, seq)`` ids of the row's documents, None for one document."""
+        if self.documents == 1:
+            return None
+        ids = jnp.arange(self.seq, dtype=jnp.int32) // (self.seq // self.documents)
+        return jnp.broadcast_to(ids, (self.batch, self.seq))
 
     def fwd_flops(self) -> float:
         return 4.0 * self.batch * self.heads * self.head_dim * self.pairs()
 
 
-def make_rows(seqs, tokens, causal_modes, extra: bool, head_dim=128, alibi=False) -> list[Row]:
+def make_rows(seqs, tokens, causal_modes, extra: bool, head_dim=128, alibi=False,
+              documents=1) -> list[Row]:
     rows = []
-    kw = dict(head_dim=head_dim, alibi=alibi)
+    kw = dict(head_dim=head_dim, alibi=alibi, documents=documents)
+    docs = f" {documents} docs" if documents > 1 else ""
     for seq in seqs:
         for causal in causal_modes:
-            rows.append(Row(f"L={seq}{' causal' if causal else ''}", tokens // seq, seq,
+            rows.append(Row(f"L={seq}{' causal' if causal else ''}{docs}", tokens // seq, seq,
                             causal=causal, **kw))
     if extra:
         seq = max(seqs)
-        rows.append(Row(f"L={seq} causal GQA 16:2", tokens // seq, seq, kv_heads=2, causal=True,
-                        **kw))
-        rows.append(Row(f"L={seq} window 2048", tokens // seq, seq, causal=True, window=2048,
-                        **kw))
+        rows.append(Row(f"L={seq} causal GQA 16:2{docs}", tokens // seq, seq, kv_heads=2,
+                        causal=True, **kw))
+        rows.append(Row(f"L={seq} window 2048{docs}", tokens // seq, seq, causal=True,
+                        window=2048, **kw))
     return rows
 
 
@@ -82,20 +97,40 @@ INTERPRET = False  # --interpret: Pallas in interpret mode, to smoke-test this s
 
 
 def attention_fn(impl: str, row: Row):
+    ids = row.segment_ids()
     if impl == "xla":
         # Query i sees keys i-w+1..i: w-1 to the left, none to the right.
         window = None if row.window is None else (row.window - 1, 0)
+        mask = None if ids is None else ids[:, None, :, None] == ids[:, None, None, :]
         return functools.partial(
             jax.nn.dot_product_attention, is_causal=row.causal, local_window_size=window,
-            implementation="xla",
+            mask=mask, implementation="xla",
         )
     # ALiBi's geometric slopes 2^(-8i/heads) (Press et al. 2022), for the lowerings that take it.
     slopes = 2.0 ** (-8.0 * jnp.arange(1, row.heads + 1) / row.heads)
-    return functools.partial(
-        flash_attention, causal=row.causal, sliding_window=row.window, implementation=impl,
+    fn = functools.partial(
+        flash_attention, causal=row.causal, sliding_window=row.window, segment_ids=ids,
+        implementation="cudnn" if impl == "cudnn_packed" else impl,
         interpret=INTERPRET and impl in PALLAS,
         alibi_slopes=slopes if row.alibi and impl in PALLAS else None,
     )
+    if impl != "cudnn_packed":
+        return fn
+
+    def packed(*args):  # the flag is read when jit traces the call
+        with _packed_rows():
+            return fn(*args)
+
+    return packed
+
+
+@contextlib.contextmanager
+def _packed_rows():
+    before, fa_cudnn.PACKED_ROWS = fa_cudnn.PACKED_ROWS, True
+    try:
+        yield
+    finally:
+        fa_cudnn.PACKED_ROWS = before
 
 
 def inputs(row: Row, seed: int, dtype=jnp.bfloat16):
@@ -334,6 +369,8 @@ def main():
     parser.add_argument("--causal", choices=("both", "yes", "no"), default="both")
     parser.add_argument("--no-extra", action="store_true", help="skip the GQA and window rows")
     parser.add_argument("--head-dim", type=int, default=128)
+    parser.add_argument("--documents", type=int, default=1,
+                        help="equal packed documents per row (segment ids) in the timed rows")
     parser.add_argument("--alibi", action="store_true",
                         help="ALiBi in the Pallas rows (cuDNN and XLA rows run without it)")
     parser.add_argument("--iters", type=int, default=20)
@@ -363,9 +400,12 @@ def main():
     pallas = available_pallas([i for i in impls if i in PALLAS])
     impls = pallas + [i for i in impls if i in BASELINES]
     seqs = [int(s) for s in args.seqs.split(",")]
+    if args.documents < 1 or any(s % args.documents for s in seqs):
+        parser.error(f"--documents ({args.documents}) must be >= 1 and divide every --seqs "
+                     f"length ({seqs})")
     causal_modes = {"both": (False, True), "yes": (True,), "no": (False,)}[args.causal]
     rows = make_rows(seqs, args.tokens, causal_modes, not args.no_extra, args.head_dim,
-                     args.alibi)
+                     args.alibi, args.documents)
     print(f"# {device_description()}", flush=True)
     report = {"device": device_description()}
 
