@@ -114,7 +114,8 @@ def check_pipelined(family, *overrides):
     ("mesh.pipeline=2", "train.microbatches=1"),
     ("mesh.pipeline=8", "train.microbatches=16"),
     ("mesh.pipeline=4", "train.microbatches=8", "train.pipeline_repeats=2"),
-], ids=["gpipe_p2_m1", "gpipe_p8_m16", "circular_p4_r2_m8"])
+    ("mesh.pipeline=2", "train.microbatches=4", "model.fuse_qkv=true"),
+], ids=["gpipe_p2_m1", "gpipe_p8_m16", "circular_p4_r2_m8", "gpipe_p2_m4_fuse_qkv"])
 def test_pipelined_gpt_equals_unpipelined(overrides):
     check_pipelined("gpt", *overrides)
 
