@@ -5,7 +5,7 @@ On CPU: segment ids -> cuDNN's segment lengths and offsets against a plain loop;
 XLA attention standing in for cuDNN, its packed layout read back by an independent mask; and the
 program lowered for an H100, whose packed branch holds no ``(L, L)`` mask. On a Hopper GPU: the
 real cuDNN kernels against the reference, forward and gradients. The path is off until that GPU
-check has passed (``cudnn.PACKED_ROWS``): every test here but the first turns it on.
+check has passed (``cudnn.PACKED_ROWS``): the tests that run the path turn it on.
 """
 
 from __future__ import annotations
