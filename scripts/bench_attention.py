@@ -276,7 +276,7 @@ def check_features(impls, kv_len):
 # ----------------------------------------------------------------------------- tuning sweep
 
 
-def _sweep_candidates(impl: str, default):
+def _sweep_candidates(impl: str):
     """``{kernel: [tiles of that kernel]}`` to time for lowering ``impl`` and how each kernel's
     tiles print as table columns (``block_q, block_k, warps, stages`` for Triton; ``owned,
     streamed, stages`` for Mosaic GPU, whose warps are fixed)."""
@@ -310,7 +310,7 @@ def sweep(impl: str, row: Row, deadline: float, iters: int):
     spec = AttentionSpec(causal=row.causal, scale=row.head_dim ** -0.5)
     call = Call(q.shape, k.shape, q.dtype, spec)
     default = module.default_tiles(call)
-    candidates, columns = _sweep_candidates(impl, default)
+    candidates, columns = _sweep_candidates(impl)
     common = dict(spec=spec, interpret=INTERPRET)
     out, lse = jax.jit(lambda q, k, v: module.forward(q, k, v, None, None, None, **common,
                                                       tiles=default))(q, k, v)

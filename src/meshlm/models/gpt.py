@@ -401,8 +401,8 @@ class Block(nn.Module):
             rope_theta=cfg.rope_theta, rope_scaling=cfg.rope_scaling_spec,
             sliding_window=cfg.sliding_window, implementation=cfg.attention,
             context_parallel=cfg.context_parallel, fuse_qkv=cfg.fuse_qkv, decode=self.decode,
-            dtype=dtype,
-            param_dtype=param_dtype, kernel_init=init, out_kernel_init=out_init, name="attention",
+            dtype=dtype, param_dtype=param_dtype, kernel_init=init, out_kernel_init=out_init,
+            name="attention",
         )(cfg.make_norm("attention_norm")(x), positions, segment_ids)
         x = x + nn.Dropout(cfg.dropout)(h, deterministic=self.deterministic)
         h = cfg.feed_forward(cfg.make_norm("mlp_norm")(x), segment_ids, dtype=dtype,
