@@ -4,6 +4,7 @@ missing or corrupt checkpoints. The loop runs on the 8 fake CPU devices (8-way d
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import pathlib
 import shutil
@@ -313,3 +314,35 @@ def test_a_failed_background_save_is_reported_at_once_and_keeps_the_last_good_on
     assert checkpoint.finished_steps(tmp_path) == [1]
     names = [p.name for p in checkpoint.checkpoint_dir(tmp_path).iterdir()]
     assert any(n.startswith("2.") and "tmp" in n for n in names), names
+
+
+def _record(logger: str, pathname: str, exc: BaseException | None, level=logging.ERROR):
+    exc_info = (type(exc), exc, exc.__traceback__) if exc is not None else None
+    return logging.LogRecord(logger, level, pathname, 1, "failed", None, exc_info)
+
+
+def _raised_from(filename: str, context: BaseException | None = None) -> BaseException:
+    """An exception whose traceback has one frame in ``filename`` (raised while handling
+    ``context``, when given)."""
+    try:
+        exec(compile("raise ValueError('write failed')", filename, "exec"), {})
+    except ValueError as e:
+        e.__context__ = context
+        return e
+    raise AssertionError("unreachable")
+
+
+def test_orbax_error_records_are_dropped_and_others_kept():
+    """What the CLI filters off the ``absl`` and ``asyncio`` loggers: Orbax's own ERROR records,
+    and asyncio's report of a future whose exception (or one it was raised while handling)
+    passed through Orbax; everything else reaches the console."""
+    orbax_file = os.path.join(os.sep, "site-packages", "orbax", "checkpoint", "serialization.py")
+    other_file = os.path.join(os.sep, "site-packages", "other", "module.py")
+    in_orbax, elsewhere = _raised_from(orbax_file), _raised_from(other_file)
+    drop = checkpoint.drop_orbax_errors
+    assert not drop(_record("absl", orbax_file, None))
+    assert not drop(_record("asyncio", "base_events.py", in_orbax))
+    assert not drop(_record("asyncio", "base_events.py", _raised_from(other_file, in_orbax)))
+    assert drop(_record("asyncio", "base_events.py", elsewhere))
+    assert drop(_record("absl", other_file, None))
+    assert drop(_record("absl", orbax_file, None, level=logging.WARNING))

@@ -132,12 +132,14 @@ def _convert(args) -> int:
 
 
 def _quiet_orbax_failures() -> None:
-    """Orbax logs a failed save or restore with a traceback from each of its threads; meshlm
-    raises one error naming the root cause instead. (Not in ``main``: importing the checkpoint
-    module imports Orbax, which ``--help`` and config errors do without.)"""
+    """Orbax logs a failed save or restore with a traceback from each of its threads (and
+    asyncio one for each unawaited write that failed too); meshlm raises one error naming the
+    root cause instead. (Not in ``main``: importing the checkpoint module imports Orbax, which
+    ``--help`` and config errors do without.)"""
     from meshlm.train.checkpoint import drop_orbax_errors
 
-    logging.getLogger("absl").addFilter(drop_orbax_errors)  # once: the same function object
+    for logger in ("absl", "asyncio"):
+        logging.getLogger(logger).addFilter(drop_orbax_errors)  # once: the same function object
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -12,7 +12,8 @@ A background save that fails (a full disk) is reported by ``raise_if_save_failed
 step, not at the next save; a checkpoint whose arrays do not restore (a damaged data file) is set
 aside as ``<step>.unreadable`` by ``restore_latest``, which resumes from the newest one that
 restores. Either says the root cause in one line: Orbax's own error records (a traceback from
-each of its threads, TensorStore's spec dumps) are dropped by ``drop_orbax_errors``.
+each of its threads, TensorStore's spec dumps) and asyncio's reports of its other failed writes
+are dropped by ``drop_orbax_errors``.
 
 Nothing here deletes a finished checkpoint except Orbax's keep-the-last-K rule after a new save
 succeeded; readers open the directory read-only.
@@ -25,6 +26,7 @@ import logging
 import os
 import pathlib
 import re
+import traceback
 from typing import Any
 
 import jax
@@ -325,11 +327,32 @@ def failure_reason(error: BaseException) -> str:
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
+_ORBAX_SOURCE = f"{os.sep}orbax{os.sep}"
+
+
+def _raised_in_orbax(exc: BaseException | None) -> bool:
+    """Whether ``exc``, or an exception it was raised from or while handling, passed through
+    Orbax's code."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if any(_ORBAX_SOURCE in f.filename for f in traceback.extract_tb(exc.__traceback__)):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
 def drop_orbax_errors(record: logging.LogRecord) -> bool:
-    """A filter for the ``absl`` logger: False for Orbax's ERROR records. Orbax logs each
-    failed save or restore with a traceback from each thread it passed through; meshlm raises
-    one ``CheckpointError`` with the root cause (``failure_reason``) instead."""
-    return not (record.levelno >= logging.ERROR and f"{os.sep}orbax{os.sep}" in record.pathname)
+    """A filter for the ``absl`` and ``asyncio`` loggers: False for an ERROR record that Orbax
+    logged, or whose exception passed through Orbax. Orbax logs each failed save or restore with
+    a traceback from each thread it passed through, and when several writes of one save fail,
+    asyncio reports the ones nobody awaited ("Future exception was never retrieved") after the
+    first ended the save. meshlm raises one ``CheckpointError`` with the root cause
+    (``failure_reason``) instead."""
+    if record.levelno < logging.ERROR:
+        return True
+    exc = record.exc_info[1] if record.exc_info else None
+    return not (_ORBAX_SOURCE in record.pathname or _raised_in_orbax(exc))
 
 
 def check_init_from(run_dir: str | os.PathLike, abstract_params: Any) -> int:
