@@ -508,6 +508,14 @@ def _flat(qkv):
     return qkv.reshape(batch, length, heads * 3, head_dim), _Heads(heads, heads, 0, 1, 2, 3)
 
 
+def _padded_qkv(q, k, v, lay, q_pad, kv_pad):
+    """``[q, k, v]`` padded along the length; packed (``lay``), the one array they are, padded
+    once (``q_pad == kv_pad`` then)."""
+    if lay.packed:
+        return [pad_to(q, 1, q_pad)] * 3
+    return [pad_to(q, 1, q_pad), pad_to(k, 1, kv_pad), pad_to(v, 1, kv_pad)]
+
+
 def _forward(q, k, v, q_seg, kv_seg, alibi_slopes, lay, spec, tiles, interpret):
     batch, q_len, _, head_dim = q.shape
     kv_len = k.shape[1]
@@ -519,9 +527,7 @@ def _forward(q, k, v, q_seg, kv_seg, alibi_slopes, lay, spec, tiles, interpret):
     if lay.packed:  # one array: padded for both of its uses
         q_pad = kv_pad = max(q_pad, kv_pad)
     has_seg = q_seg is not None
-    args = [pad_to(q, 1, q_pad), pad_to(k, 1, kv_pad), pad_to(v, 1, kv_pad)]
-    if lay.packed:
-        args = args[:1] * 3
+    args = _padded_qkv(q, k, v, lay, q_pad, kv_pad)
     if has_seg:
         args += [pad_to(q_seg, 1, q_pad), pad_to(kv_seg, 1, kv_pad)]
     args += _base2_slopes(alibi_slopes)
@@ -815,9 +821,8 @@ def _backward(q, k, v, q_seg, kv_seg, alibi_slopes, out, lse, dout, lay, spec, t
     delta = jnp.einsum("bqhd,bqhd->bhq", out.astype(f32), dout.astype(f32))
     # Rows that saw no key (lse = -inf) get lse = +inf, hence P = 0 and zero gradients.
     lse2 = jnp.where(jnp.isneginf(lse), jnp.inf, lse * LOG2E)
-    qkv = [pad_to(q, 1, q_pad), pad_to(k, 1, kv_pad), pad_to(v, 1, kv_pad)]
     args = [
-        *(qkv[:1] * 3 if lay.packed else qkv),
+        *_padded_qkv(q, k, v, lay, q_pad, kv_pad),
         pad_to(dout, 1, q_pad), pad_to(lse2, 2, q_pad, jnp.inf), pad_to(delta, 2, q_pad),
     ]
     if has_seg:

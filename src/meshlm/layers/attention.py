@@ -77,8 +77,8 @@ def attend_qkv(qkv, *, segment_ids=None, sliding_window: int | None = None,
                                    interpret=interpret)
 
     qkv_axes = ("activation_batch", None, "activation_heads", None, None)
-    return per_shard.per_shard(product, [(qkv, qkv_axes), (segment_ids, ("activation_batch",
-                                                                         None))],
+    seg_axes = ("activation_batch", None)
+    return per_shard.per_shard(product, [(qkv, qkv_axes), (segment_ids, seg_axes)],
                                ("activation_batch", None, "activation_heads", None))
 
 
@@ -196,7 +196,8 @@ class Attention(nn.Module):
         else:
             out = self._separate(x, positions, segment_ids, project)
         out = checkpoint_name(out, ATTENTION_OUT)
-        out = nn.with_logical_constraint(out, ("activation_batch", "activation_length", "activation_heads", "head_dim"))
+        out = nn.with_logical_constraint(
+            out, ("activation_batch", "activation_length", "activation_heads", "head_dim"))
         return HeadDense(
             (x.shape[-1],), contract=2, kernel_axes=("heads", "head_dim", "embed"),
             use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype,
