@@ -101,14 +101,20 @@ def test_other_implementations_slice_it(implementation):
 
 
 def test_auto_on_hopper_reads_it_in_place():
-    """Lowered for an H100, "auto" runs the packed Mosaic GPU kernels: the gradient goes into the
-    dK/dV kernel's packed output in place (a dynamic update), with no concatenation."""
+    """Lowered for an H100, "auto" runs the packed Mosaic GPU kernels: the dQ kernel takes the
+    dK/dV kernel's packed output as its last operand and returns it (aliased: written in place),
+    with no concatenation or dynamic update in XLA."""
     qkv = jax.ShapeDtypeStruct((2, 256, 2, 3, 64), jnp.bfloat16)
     grad = jax.jit(jax.grad(lambda x: jnp.sum(flash_attention_qkv(x, causal=True)
                                               .astype(jnp.float32))))
     with lowering_for("NVIDIA H100"):
         text = grad.trace(qkv).lower(lowering_platforms=("cuda",)).as_text()
-    assert "dynamic_update_slice" in text and "concatenate" not in text
+    kernels = [line for line in text.splitlines() if "custom_call @mosaic_gpu" in line]
+    assert len(kernels) == 3  # forward, dK/dV, dQ
+    dq_call = kernels[-1]
+    assert "output_operand_aliases" in dq_call and "operand_index = 6" in dq_call
+    assert dq_call.endswith("-> tensor<2x256x6x64xbf16>")
+    assert "dynamic_update_slice" not in text and "concatenate" not in text
 
 
 @pytest.mark.parametrize("shape", [(2, 8, 2, 16), (1, 8, 2, 2, 16)])

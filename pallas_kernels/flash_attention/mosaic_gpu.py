@@ -755,7 +755,7 @@ def _dq_kernel(*refs, spec2, t, lay, nk, kv_len, has_seg, has_alibi, interpret):
         dq = _fused_range(parts, body, dq)
         my_q[...] = (dq * (spec2.scale / LOG2E)).astype(dtype)
         plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(my_q, r.dq.at[rows])
+        plgpu.copy_smem_to_gmem(my_q, r.dq.at[batch, pl.ds(row, bq), lay.at("q", head)])
         plgpu.wait_smem_to_gmem(0)
 
     pl.when(wg == _CONSUMERS)(lambda: _stream_kv(  # the producer warpgroup
@@ -776,15 +776,12 @@ def backward(q, k, v, q_seg, kv_seg, alibi_slopes, out, lse, dout, *, spec, tile
 @_once_per_shape
 def backward_packed(qkv, seg, alibi_slopes, out, lse, dout, *, spec, tiles, interpret):
     """The gradient of ``forward_packed``'s output w.r.t. ``qkv``, in its layout: the dK/dV
-    kernel writes one packed array and the query heads' gradient goes into it in place, where
-    separate gradients would be concatenated (a full copy of all three)."""
+    kernel writes one packed array and the dQ kernel writes the query heads' gradient into it
+    in place, where separate gradients would be concatenated (a full copy of all three)."""
     flat, lay = _flat(qkv)
-    (dq, _, _), dkv = _backward(flat, flat, flat, seg, seg, alibi_slopes, out, lse, dout, lay,
-                                spec, tiles, interpret)
-    dkv = dkv.reshape(*dkv.shape[:2], *qkv.shape[2:])  # (batch, padded len, heads, 3, head_dim)
-    dqkv = lax.dynamic_update_slice_in_dim(dkv, dq[:, :, :, None].astype(dkv.dtype), lay.q,
-                                           axis=3)
-    return dqkv[:, :qkv.shape[1]]
+    _, dqkv = _backward(flat, flat, flat, seg, seg, alibi_slopes, out, lse, dout, lay, spec,
+                        tiles, interpret)
+    return dqkv.reshape(*dqkv.shape[:2], *qkv.shape[2:])[:, :qkv.shape[1]]
 
 
 def supports_packed(call: Call, tiles: Tiles) -> str | None:
@@ -800,9 +797,9 @@ def supports_packed(call: Call, tiles: Tiles) -> str | None:
 
 def _backward(q, k, v, q_seg, kv_seg, alibi_slopes, out, lse, dout, lay, spec, tiles,
               interpret):
-    """``((dq, dk, dv), None)``; packed (``lay``): ``((dq, None, None), dkv)`` with dkv the
-    ``(batch, padded len, heads * 3, head_dim)`` array of the dK/dV kernel, its query heads
-    unwritten."""
+    """``((dq, dk, dv), None)``; packed (``lay``): ``(None, dqkv)`` with dqkv the ``(batch,
+    padded len, heads * 3, head_dim)`` array the dK/dV kernel writes and the dQ kernel then
+    completes in place (a mutable ref, which Pallas passes as an aliased output: no copy)."""
     batch, q_len, _, head_dim = q.shape
     kv_len = k.shape[1]
     heads, kv_heads = lay.heads, lay.kv_heads
@@ -875,12 +872,15 @@ def _backward(q, k, v, q_seg, kv_seg, alibi_slopes, out, lse, dout, lay, spec, t
     # dQ: a CTA owns 2 * bq query rows of one head and streams its kv head's K/V tiles.
     bq, bk, st = dq_t.owned, dq_t.streamed, dq_t.stages
     n_own = 5 if has_seg else 4
+    # Packed: the dK/dV output goes in as a ref in the output's place, written where q's heads are.
+    dqkv = jax.new_ref(grad_kv["dkv"]) if lay.packed else None
     dq = plgpu.kernel(
         functools.partial(
             _dq_kernel, spec2=spec2, t=dq_t, lay=lay, nk=kv_pad // bk, kv_len=kv_len,
             has_seg=has_seg, has_alibi=has_alibi, interpret=interpret,
         ),
-        out_type=jax.ShapeDtypeStruct((batch, q_pad, heads, head_dim), dtype),
+        out_type=() if lay.packed else jax.ShapeDtypeStruct((batch, q_pad, heads, head_dim),
+                                                            dtype),
         scratch_types=[
             (
                 _tile_smem((_CONSUMERS, bq, head_dim), dtype),
@@ -903,7 +903,7 @@ def _backward(q, k, v, q_seg, kv_seg, alibi_slopes, out, lse, dout, lay, spec, t
         thread_name=_WG,
         compiler_params=_compiler_params(),
         interpret=_interpret_params(interpret),
-    )(*args)
+    )(*args, *([dqkv] if lay.packed else []))
     if lay.packed:
-        return (dq, None, None), grad_kv["dkv"]
+        return None, jax.freeze(dqkv)
     return (dq[:, :q_len], grad_kv["dk"][:, :kv_len], grad_kv["dv"][:, :kv_len]), None
