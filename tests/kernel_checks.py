@@ -350,7 +350,7 @@ MOSAIC_GPU = Lowering("mosaic_gpu", "mosaic_gpu", dict(interpret=True, tiles=mos
     *(mosaic_gpu.KernelTiles(64, 64, stages) for stages in (3, 2, 2)))),
     ("bfloat16_gqa_padded", "bfloat16_every_mask", "bfloat16_alibi_gqa_segments",
      "bfloat16_causal_alibi_offset", "float16_head_dim_256_causal_gqa_alibi_segments",
-     "bfloat16_head_dim_256_padded"))
+     "bfloat16_head_dim_256_padded", "bfloat16_causal_future_segment"))
 # cuDNN's masks, checked on CPU through jax's XLA attention (which has no float16 there).
 CUDNN_AS_XLA = Lowering("cudnn_as_xla", "cudnn", {},
                         tuple(c for c in _CUDNN_CASES if not c.startswith("float16")),

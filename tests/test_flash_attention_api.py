@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -453,3 +454,20 @@ def test_mosaic_gpu_lowers_for_cuda(head_dim, spec_kw, kernels):
         text = jax.jit(fwd_bwd).trace(q, k, k, seg, seg, slopes).lower(
             lowering_platforms=("cuda",)).as_text()
     assert text.count("kernel_hash") == kernels
+
+
+@pytest.mark.parametrize("nproc, warns", [("2", True), ("3", False), ("8", False)])
+def test_mosaic_interpret_warns_when_callback_threads_are_few(monkeypatch, nproc, warns):
+    """Mosaic GPU interpret mode runs a CTA's 3 warpgroups as host callbacks that wait on one
+    another: fewer XLA CPU threads (NPROC, else one per core) than that can hang, so it says so."""
+    monkeypatch.setenv("NPROC", nproc)
+    mosaic_gpu._warn_if_callback_threads_are_few.cache_clear()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert mosaic_gpu._interpret_params(True) is not None
+    mosaic_gpu._warn_if_callback_threads_are_few.cache_clear()
+    said = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert bool(said) == warns
+    if warns:
+        assert "needs 3 host-callback threads" in said[0] and "has 2" in said[0]
+        assert "NPROC=4" in said[0]

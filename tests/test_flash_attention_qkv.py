@@ -47,16 +47,15 @@ def _documents(batch, length):
     return jnp.asarray(np.repeat([[1, 2], [3, 4]][:batch], [cut, length - cut], axis=1), jnp.int32)
 
 
-# Interpret mode: packed documents without causality (causal rows with segment ids at q_offset 0
-# stall the Mosaic GPU interpreter, packed or not), and causality with a window and ALiBi.
+# Packed documents with and without causality (the first as every GPT step runs it), and
+# causality with a window and ALiBi; interpret mode and compiled alike.
 CASES = {
+    "causal_segments": lambda batch, length: dict(causal=True,
+                                                  segment_ids=_documents(batch, length)),
     "segments": lambda batch, length: dict(causal=False, segment_ids=_documents(batch, length)),
     "causal_window_alibi": lambda batch, length: dict(causal=True, sliding_window=30,
                                                       alibi_slopes=jnp.array([0.05, 0.2])),
 }
-# Compiled: also causality with packed documents, as every GPT step runs it.
-COMPILED_CASES = {**CASES, "causal_segments": lambda batch, length: dict(
-    causal=True, segment_ids=_documents(batch, length))}
 
 
 def _check_packed(kwargs, batch, length, **run):
@@ -81,10 +80,10 @@ def test_mosaic_packed_matches_the_reference(case):
 
 
 @NEEDS_HOPPER
-@pytest.mark.parametrize("case", list(COMPILED_CASES))
+@pytest.mark.parametrize("case", list(CASES))
 def test_compiled_mosaic_packed_matches_the_reference(case):
     """The compiled kernels at their default tiles, 1000 steps (padded to the tiles)."""
-    _check_packed(COMPILED_CASES[case](2, 1000), 2, 1000, implementation="mosaic_gpu")
+    _check_packed(CASES[case](2, 1000), 2, 1000, implementation="mosaic_gpu")
 
 
 @pytest.mark.parametrize("implementation", ["xla", "triton"])

@@ -34,6 +34,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import os
+import warnings
 from typing import NamedTuple
 
 import jax
@@ -379,7 +381,29 @@ def _compiler_params():
 
 
 def _interpret_params(interpret: bool):
-    return plgpu.InterpretGPUParams() if interpret else None
+    if not interpret:
+        return None
+    _warn_if_callback_threads_are_few()
+    return plgpu.InterpretGPUParams()
+
+
+@functools.cache
+def _warn_if_callback_threads_are_few():
+    """The interpreter runs a CTA's ``_CONSUMERS + 1`` warpgroups as host callbacks that wait on
+    one another's barriers, on the XLA CPU client's thread pool: one thread per core, or ``NPROC``
+    (read when JAX starts its CPU backend). With fewer threads than warpgroups, a kernel whose
+    warpgroups must all be running at once (a causal call with segment ids) waits forever."""
+    try:
+        threads = int(os.environ["NPROC"])
+    except (KeyError, ValueError):
+        threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
+            os.cpu_count() or 1)
+    if threads < _CONSUMERS + 1:
+        warnings.warn(
+            f"Mosaic GPU interpret mode needs {_CONSUMERS + 1} host-callback threads (one per "
+            f"warpgroup) and XLA's CPU client has {threads}: a kernel can hang. Set the "
+            f"environment variable NPROC={_CONSUMERS + 2} before JAX starts.", RuntimeWarning,
+            stacklevel=4)
 
 
 # ``forward`` and ``backward`` are jitted: a model calls attention once per layer with the same
