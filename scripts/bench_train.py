@@ -139,7 +139,7 @@ def jax_worker(args) -> dict:
                 state, metrics = train_step(state, batches[i % 4])
             jax.block_until_ready((state, metrics))
 
-        summary = _jax_profile(run_steps, 2, train_step, args.profile_file)
+        summary = _jax_profile(run_steps, 2, train_step, args.profile_file, step_s * 1e3)
     device = jax.devices()[0]
     stats = device.memory_stats() or {}
     return {
@@ -175,11 +175,13 @@ def random_batch(cfg, rng, b: int, length: int) -> dict:
     return {k: field(k, np.dtype(d)) for k, d in cfg.model.batch_fields.items()}
 
 
-def _jax_profile(run_steps, steps: int, compiled, path: str | None, top: int = 40) -> str:
+def _jax_profile(run_steps, steps: int, compiled, path: str | None, step_ms: float,
+                 top: int = 40) -> str:
     """Device time per kernel of ``run_steps(steps)`` (a jax.profiler trace, summed by name),
-    each kernel described from the ``compiled`` step's HLO; the full table goes to ``path`` when
-    given (on a CPU run, which has no GPU events, the descriptions alone), and the optimised
-    HLO beside it (``path`` + ``.hlo.txt.gz``), to trace what the map cannot name (memcpys)."""
+    each kernel described from the ``compiled`` step's HLO, beside the measured-without-a-trace
+    ``step_ms``; the full table goes to ``path`` when given (on a CPU run, which has no GPU
+    events, the descriptions alone), and the optimised HLO beside it (``path`` +
+    ``.hlo.txt.gz``), to trace what the map cannot name (memcpys)."""
     from scripts.profile_trace import hlo_kernel_map, map_text, trace_device_time
 
     try:
@@ -198,8 +200,9 @@ def _jax_profile(run_steps, steps: int, compiled, path: str | None, top: int = 4
             return f"{e}\n(the HLO descriptions of {len(hlo_map)} kernels: {path})"
         return str(e)
     if path:
-        pathlib.Path(path).write_text(trace.report(len(trace.kernels), hlo_map, None) + "\n")
-    return trace.report(top, hlo_map)
+        pathlib.Path(path).write_text(
+            trace.report(len(trace.kernels), hlo_map, None, step_ms) + "\n")
+    return trace.report(top, hlo_map, step_ms=step_ms)
 
 
 def torch_worker(args) -> dict:

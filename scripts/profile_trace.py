@@ -70,13 +70,17 @@ class DeviceTime:
         }
 
     def report(self, top: int = 40, hlo_map: dict[str, str] | None = None,
-               width: int | None = 150) -> str:
+               width: int | None = 150, step_ms: float | None = None) -> str:
         """The per-step summary and the ``top`` kernels by time; with ``hlo_map``
         (``hlo_kernel_map``) each kernel's description from the compiled HLO under its line,
-        cut at ``width`` characters (None: whole)."""
+        cut at ``width`` characters (None: whole). ``step_ms``, the step's time measured without
+        the trace, says how much of it no kernel runs (launch gaps, host waits): the traced span
+        cannot, as tracing slows the host that launches the kernels."""
         d = self.to_json()
-        lines = [f"per step: span {d['span_ms']:.3f} ms, kernels {d['busy_ms']:.3f} ms; streams: "
-                 + ", ".join(f"{k}={v:.3f}" for k, v in d["streams_ms"].items()),
+        idle = ("" if step_ms is None else f"; untraced step {step_ms:.3f} ms, "
+                f"{step_ms - d['busy_ms']:.3f} ms of it with no kernel running")
+        lines = [f"per step: span {d['span_ms']:.3f} ms, kernels {d['busy_ms']:.3f} ms{idle}; "
+                 "streams: " + ", ".join(f"{k}={v:.3f}" for k, v in d["streams_ms"].items()),
                  "classes (ms/step): "
                  + ", ".join(f"{k}={v:.3f}" for k, v in d["classes_ms"].items())]
         for name, ms, n in d["kernels"][:top]:

@@ -156,3 +156,7 @@ def test_report_prints_descriptions_under_kernels(tmp_path):
                           " " * 12 + "bwd LM/mlp/add"]
     assert "sm90_xmma_gemm" in lines[5] and lines[7] == " " * 12 + "LM/mlp/dot"
     assert len(lines) == 8 and len(plain.splitlines()) == 4
+    # The two steps' kernels take 4 ms each; a 5 ms untraced step leaves 1 ms with none running.
+    header = trace.report(5, step_ms=5.0).splitlines()[0]
+    assert ("kernels 4.000 ms; untraced step 5.000 ms, 1.000 ms of it with no kernel running"
+            in header)
