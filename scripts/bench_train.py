@@ -178,8 +178,8 @@ def random_batch(cfg, rng, b: int, length: int) -> dict:
 def _jax_profile(run_steps, steps: int, compiled, path: str | None, step_ms: float,
                  top: int = 40) -> str:
     """Device time per kernel of ``run_steps(steps)`` (a jax.profiler trace, summed by name),
-    each kernel described from the ``compiled`` step's HLO, beside the measured-without-a-trace
-    ``step_ms``; the full table goes to ``path`` when given (on a CPU run, which has no GPU
+    each kernel described from the ``compiled`` step's HLO, beside ``step_ms``, the step timed
+    without the trace; the full table goes to ``path`` when given (on a CPU run, which has no GPU
     events, the descriptions alone), and the optimised HLO beside it (``path`` +
     ``.hlo.txt.gz``), to trace what the map cannot name (memcpys)."""
     from scripts.profile_trace import hlo_kernel_map, map_text, trace_device_time

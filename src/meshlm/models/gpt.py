@@ -54,8 +54,9 @@ class GPTConfig(DecoderLMConfig):
     context_parallel: Literal["ring", "ulysses"] = "ring"
     # One q/k/v product whose (batch, len, heads, 3, head_dim) output the attention kernels read
     # in place (flash_attention_qkv), when there is no RoPE and n_kv_heads = n_heads; the
-    # parameters stay the three projections'. On in gpt2_125m.yaml, where it was timed (1.024x
-    # on an H200); a model that cannot take it (RoPE, grouped kv heads) must leave it off.
+    # parameters stay the three projections'. On in the GPT-2 125M / 350M and 1.3B configs, where
+    # it was timed (1.042x / 1.040x / 1.018x the step on an H200, BENCHMARKS.md session 18); a
+    # model that cannot take it (RoPE, grouped kv heads) must leave it off.
     fuse_qkv: bool = False
 
     kernel_fields: ClassVar[dict[str, str]] = {**DecoderLMConfig.kernel_fields,
