@@ -38,9 +38,9 @@ from pallas_kernels.flash_attention import triton as fa_triton
 from pallas_kernels.flash_attention.common import AttentionSpec, Call
 
 PALLAS = ("triton", "mosaic_gpu")
-# cudnn_packed: cuDNN with its packed-rows layout on (``cudnn.PACKED_ROWS``, off by default) for
-# rows of packed documents (``--documents``); "cudnn" gives those rows an explicit mask.
-BASELINES = ("cudnn", "cudnn_packed", "xla")
+# cudnn_masked: cuDNN with its packed-rows layout off (``cudnn.PACKED_ROWS``), so rows of packed
+# documents (``--documents``) take an explicit mask; "cudnn" runs them on the packed layout.
+BASELINES = ("cudnn", "cudnn_masked", "xla")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,23 +110,23 @@ def attention_fn(impl: str, row: Row):
     slopes = 2.0 ** (-8.0 * jnp.arange(1, row.heads + 1) / row.heads)
     fn = functools.partial(
         flash_attention, causal=row.causal, sliding_window=row.window, segment_ids=ids,
-        implementation="cudnn" if impl == "cudnn_packed" else impl,
+        implementation="cudnn" if impl == "cudnn_masked" else impl,
         interpret=INTERPRET and impl in PALLAS,
         alibi_slopes=slopes if row.alibi and impl in PALLAS else None,
     )
-    if impl != "cudnn_packed":
+    if impl != "cudnn_masked":
         return fn
 
-    def packed(*args):  # the flag is read when jit traces the call
-        with _packed_rows():
+    def masked(*args):  # the flag is read when jit traces the call
+        with _packed_rows(False):
             return fn(*args)
 
-    return packed
+    return masked
 
 
 @contextlib.contextmanager
-def _packed_rows():
-    before, fa_cudnn.PACKED_ROWS = fa_cudnn.PACKED_ROWS, True
+def _packed_rows(on: bool):
+    before, fa_cudnn.PACKED_ROWS = fa_cudnn.PACKED_ROWS, on
     try:
         yield
     finally:

@@ -166,11 +166,11 @@ def test_auto_on_cpu_is_the_reference_whatever_interpret_says():
     [
         # Hopper: Mosaic GPU where it applies, else Triton, else the reference; never cuDNN.
         ("NVIDIA H100", "gpu", _call(), ("mosaic_gpu", mosaic_gpu.DEFAULT_TILES[""][128])),
-        # ALiBi: Mosaic GPU (measured faster); head_dim 256 runs there when named, "auto" keeps
-        # Triton (unmeasured)
+        # ALiBi and head_dim 256: Mosaic GPU too (each measured faster than Triton)
         ("NVIDIA H100", "gpu", _call(has_alibi=True),
          ("mosaic_gpu", mosaic_gpu.DEFAULT_TILES[""][128])),
-        ("NVIDIA H100", "gpu", _call(head_dim=256), ("triton", triton.DEFAULT_TILES["9.0"][256])),
+        ("NVIDIA H100", "gpu", _call(head_dim=256),
+         ("mosaic_gpu", mosaic_gpu.DEFAULT_TILES[""][256])),
         ("NVIDIA H100", "gpu", _call(dtype=jnp.float32),
          ("triton", triton.DEFAULT_TILES["9.0"][128])),
         ("NVIDIA H100", "gpu", _call(head_dim=96), ("xla", None)),

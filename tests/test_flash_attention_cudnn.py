@@ -4,8 +4,8 @@ On CPU: segment ids -> cuDNN's segment lengths and offsets against a plain loop;
 (layout, run-time choice, the explicit-mask fallback) against the float32 reference with JAX's
 XLA attention standing in for cuDNN, its packed layout read back by an independent mask; and the
 program lowered for an H100, whose packed branch holds no ``(L, L)`` mask. On a Hopper GPU: the
-real cuDNN kernels against the reference, forward and gradients. The path is off until that GPU
-check has passed (``cudnn.PACKED_ROWS``): the tests that run the path turn it on.
+real cuDNN kernels against the reference, forward and gradients (they passed on an H200, so
+``cudnn.PACKED_ROWS`` is on by default).
 """
 
 from __future__ import annotations
@@ -27,18 +27,13 @@ M = cudnn.MAX_SEGMENTS
 XLA_ATTENTION = jax.nn.dot_product_attention  # before a test replaces it
 
 
-def test_off_until_checked_on_a_gpu(monkeypatch):
-    """With ``PACKED_ROWS`` off (the default), packed rows take the explicit mask."""
+def test_on_by_default_and_off_takes_the_explicit_mask(monkeypatch):
+    """``PACKED_ROWS`` is on; turned off (to time the mask), packed rows take the explicit mask."""
     monkeypatch.setattr(cudnn, "_cudnn_version", lambda: 90600)
     with lowering_for("NVIDIA H100"):
-        assert not cudnn.packed_applies((2, 64, 4, 64), (2, 64, 2, 64), True, AttentionSpec())
-        monkeypatch.setattr(cudnn, "PACKED_ROWS", True)
         assert cudnn.packed_applies((2, 64, 4, 64), (2, 64, 2, 64), True, AttentionSpec())
-
-
-@pytest.fixture
-def packed_rows(monkeypatch):
-    monkeypatch.setattr(cudnn, "PACKED_ROWS", True)
+        monkeypatch.setattr(cudnn, "PACKED_ROWS", False)
+        assert not cudnn.packed_applies((2, 64, 4, 64), (2, 64, 2, 64), True, AttentionSpec())
 
 
 def _packed_rows(seed, batch, length, segments):
@@ -102,7 +97,7 @@ def test_packed_layout_random_rows():
     (AttentionSpec(causal=True), 48, 64, False),
     (AttentionSpec(causal=True, sliding_window=16), 64, 64, False),
 ])
-def test_packed_applies(monkeypatch, packed_rows, spec, q_len, kv_len, applies):
+def test_packed_applies(monkeypatch, spec, q_len, kv_len, applies):
     monkeypatch.setattr(cudnn, "_cudnn_version", lambda: 90600)
     with lowering_for("NVIDIA H100"):
         assert cudnn.packed_applies((2, q_len, 4, 64), (2, kv_len, 2, 64), True, spec) == applies
@@ -150,7 +145,6 @@ def _emulated(packed, masked):
     ``masked`` for ``jax.nn.dot_product_attention``'s cuDNN call."""
 
     def setup(monkeypatch):
-        monkeypatch.setattr(cudnn, "PACKED_ROWS", True)
         monkeypatch.setattr(_api, "target_platform", lambda: "gpu")
         monkeypatch.setattr(cudnn, "_arch", lambda: 9.0)
         monkeypatch.setattr(cudnn, "_cudnn_version", lambda: 90600)
@@ -215,7 +209,7 @@ def _shapes_by_branch(jaxpr, path=()):
     return found
 
 
-def test_packed_program_for_h100_has_no_square_mask(monkeypatch, packed_rows):
+def test_packed_program_for_h100_has_no_square_mask(monkeypatch):
     """Forward and backward lowered for an H100 (cuDNN 9.10 assumed): the packed cuDNN calls
     (``max_seg_per_batch`` slots, no bias operand) and, outside the fallback branch, no array
     with a ``(L, L)`` pair of dimensions, not even a residual of the fallback."""
@@ -261,7 +255,7 @@ NEEDS_HOPPER = pytest.mark.skipif(float(gpu_arch() or 0) < cudnn.PACKED_MIN_ARCH
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("segments, fits", [([4, 1, M - 1], True), ([3, M + 3, 2], False)],
                          ids=["packed", "fallback"])
-def test_gpu_matches_reference(packed_rows, causal, segments, fits):
+def test_gpu_matches_reference(causal, segments, fits):
     """The real cuDNN kernels, forward and gradients, against the float32 reference (bfloat16
     tolerance); the first rows fit the packed layout (the last one's padding is its M-th
     segment), the second have a row of too many."""
@@ -273,7 +267,7 @@ def test_gpu_matches_reference(packed_rows, causal, segments, fits):
 
 
 @NEEDS_HOPPER
-def test_gpu_unequal_ids_take_the_mask(packed_rows):
+def test_gpu_unequal_ids_take_the_mask():
     """Query and key ids that differ: cuDNN's explicit mask under its built-in causal mask, the
     queries that see no key zeroed."""
     seg = _packed_rows(6, 2, 128, [2, 3])

@@ -7,7 +7,7 @@ Pallas kernels need no such guess). Its masks, cheapest first:
 - No segment ids: the built-in causal mask (``q_offset = 0`` and equal lengths) and sliding
   window, else the explicit mask below.
 - Packed rows (segment ids on both sides, equal lengths, ``q_offset = 0``, no sliding window, a
-  Hopper or newer GPU and cuDNN >= 9.6; only with ``PACKED_ROWS`` on, see there): cuDNN's
+  Hopper or newer GPU and cuDNN >= 9.6; ``PACKED_ROWS``, on by default): cuDNN's
   packed ("THD", ragged) layout. Each row's
   segments, the contiguous runs of one id, become lengths and offsets (``packed_layout``) and
   cuDNN applies its built-in causal (or padding only) mask within each, so no ``(L, L)`` mask
@@ -39,11 +39,11 @@ _DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 # pass) take ``MAX_SEGMENTS`` times those of one sequence per row, so this stays modest; a call
 # with a row of more segments runs exactly on the explicit mask instead.
 MAX_SEGMENTS = 16
-# Off until the GPU check of the packed layout (tests/test_flash_attention_cudnn.py's Hopper cases)
-# has passed on a device: its first try measured 4.4x the explicit mask's fwd+bwd but its check
-# was cut by the call's time limit (BENCHMARKS.md, 2026-11-28 session 7). Off, packed rows take
-# the explicit mask.
-PACKED_ROWS = False
+# Packed rows on cuDNN's packed layout: its GPU check (tests/test_flash_attention_cudnn.py's Hopper
+# cases) passes on an H200, at 5.2x (4.4x causal) the explicit mask's fwd+bwd with 8 documents per
+# 4k row (BENCHMARKS.md, session 19). Off (``bench_attention.py``'s "cudnn_masked"), packed rows
+# take the explicit mask.
+PACKED_ROWS = True
 PACKED_MIN_CUDNN = 90600  # cuDNN 9.6: the first that JAX's packed layout is tested with
 PACKED_MIN_ARCH = 9.0  # JAX refuses the packed layout below Hopper
 

@@ -139,15 +139,6 @@ def _dkv_passes(t: KernelTiles, head_dim: int) -> tuple[tuple[str, ...], ...]:
     return (("dv",), ("dk",))
 
 
-def auto_declines(call: Call) -> str | None:
-    """Head_dim 256 runs here when named (its compiled check passes on an H200); "auto" keeps
-    the Triton lowering for it until it is timed against it. ALiBi is "auto"'s here: 1.55x
-    Triton fwd+bwd, causal 4k on an H200 (BENCHMARKS.md, session 9)."""
-    if call.head_dim > 128:
-        return f"head_dim {call.head_dim}: not yet measured against the Triton lowering"
-    return None
-
-
 def supports(call: Call, tiles: Tiles) -> str | None:
     """None when these kernels handle the call, else the one-line reason."""
     head_dim = call.head_dim
