@@ -204,6 +204,11 @@ def _sorted_segments(seed, q_len, kv_len, dead_rows=0):
                 kv_segment_ids=jnp.asarray(kv_seg, jnp.int32))
 
 
+# Packed documents that skip key / query blocks at 64-row tiles (CTAs of 128 rows): row 0 holds
+# four, one of them shorter than a tile, runs crossing CTA edges; row 1 repeats an id apart
+# (id 0 twice), which must see its other run, so that row takes every block.
+_DOCUMENTS = jnp.array([np.repeat([0, 1, 2, 3], [70, 150, 5, 75]),
+                        np.repeat([0, 1, 0], [100, 100, 100])], jnp.int32)
 _SLOPES4 = jnp.array([0.5, 0.25, 0.125, 0.0625], jnp.float32)
 _TPU_SEG = jnp.array([[1] * 10 + [2] * 15 + [3] * 9, [1] * 20 + [2] * 14], jnp.int32)
 _F16, _BF16 = jnp.float16, jnp.bfloat16
@@ -287,6 +292,10 @@ ATTENTION_CASES = {
         kv_segment_ids=jnp.array([[2] * 10 + [1] * 10], jnp.int32)),
     "bfloat16_head_dim_256_padded": dict(batch=1, q_len=70, kv_len=130, heads=1, kv_heads=1,
                                          head_dim=256, dtype=_BF16, default_tiles=True),
+    "bfloat16_causal_documents": dict(batch=2, q_len=300, kv_len=300, heads=4, kv_heads=2,
+                                      dtype=_BF16, causal=True, segment_ids=_DOCUMENTS),
+    "bfloat16_documents": dict(batch=2, q_len=300, kv_len=300, heads=2, kv_heads=2, dtype=_BF16,
+                               segment_ids=_DOCUMENTS),
     # Compiled Mosaic GPU kernels at their default tiles.
     "hopper_d128": dict(batch=1, q_len=256, kv_len=256, heads=2, kv_heads=2, head_dim=128,
                         dtype=_BF16),
@@ -313,6 +322,9 @@ ATTENTION_CASES = {
     "hopper_d256_causal_gqa_alibi": dict(batch=1, q_len=300, kv_len=300, heads=4, kv_heads=2,
                                          head_dim=256, dtype=_BF16, causal=True,
                                          alibi_slopes=jnp.array([0.25, 0.06, 0.015, 0.004])),
+    "hopper_d128_causal_documents": dict(batch=2, q_len=1200, kv_len=1200, heads=4, kv_heads=2,
+                                         head_dim=128, dtype=_BF16, causal=True,
+                                         segment_ids=jnp.repeat(_DOCUMENTS, 4, axis=1)),
     "hopper_d256_f16_offset_padded": dict(batch=1, q_len=200, kv_len=333, heads=2, kv_heads=2,
                                           head_dim=256, dtype=_F16, causal=True, q_offset=133),
 }
@@ -349,18 +361,30 @@ TPU = Lowering("tpu", "tpu", dict(interpret=True, tiles=tpu.Tiles(16, 16, 16, 16
     "alibi_head_dim_128_offset", "causal_gqa_segments_alibi_dead_rows", "window_beyond_the_keys",
     "bfloat16_causal_softcap", "float16_head_dim_256_default_tiles",
 ))
+def skip_documents(monkeypatch):
+    """Mosaic GPU's document spans on (``mosaic_gpu.SKIP_DOCUMENTS``, off by default)."""
+    monkeypatch.setattr(mosaic_gpu, "SKIP_DOCUMENTS", True)
+
+
 MOSAIC_GPU = Lowering("mosaic_gpu", "mosaic_gpu", dict(interpret=True, tiles=mosaic_gpu.Tiles(
     *(mosaic_gpu.KernelTiles(64, 64, stages) for stages in (3, 2, 2)))),
     ("bfloat16_gqa_padded", "bfloat16_every_mask", "bfloat16_alibi_gqa_segments",
      "bfloat16_causal_alibi_offset", "float16_head_dim_256_causal_gqa_alibi_segments",
      "bfloat16_head_dim_256_padded", "bfloat16_causal_future_segment"))
+# The cases with packed documents, with the spans on (the kernels without them run above).
+MOSAIC_GPU_DOCUMENTS = dataclasses.replace(
+    MOSAIC_GPU, label="mosaic_gpu_documents",
+    cases=("bfloat16_causal_documents", "bfloat16_documents",
+           "float16_head_dim_256_causal_gqa_alibi_segments"),
+    setup=skip_documents)
 # cuDNN's masks, checked on CPU through jax's XLA attention (which has no float16 there).
 CUDNN_AS_XLA = Lowering("cudnn_as_xla", "cudnn", {},
                         tuple(c for c in _CUDNN_CASES if not c.startswith("float16")),
                         setup=_cudnn_as_xla)
 ATTENTION_LOWERINGS = (
-    TRITON, TPU, MOSAIC_GPU, CUDNN_AS_XLA,
+    TRITON, TPU, MOSAIC_GPU, MOSAIC_GPU_DOCUMENTS, CUDNN_AS_XLA,
     Lowering("triton_compiled", "triton", {}, _TRITON_CASES, (NEEDS_GPU,)),
-    Lowering("mosaic_gpu_compiled", "mosaic_gpu", {}, _HOPPER_CASES, (NEEDS_HOPPER,)),
+    Lowering("mosaic_gpu_compiled", "mosaic_gpu", {}, _HOPPER_CASES, (NEEDS_HOPPER,),
+             skip_documents),
     Lowering("cudnn", "cudnn", {}, _CUDNN_CASES, (NEEDS_GPU,)),
 )

@@ -128,13 +128,15 @@ class Call:
 BWD_INPUTS = ("q", "k", "v", "do", "lse", "delta")
 
 
-def kernel_refs(refs, inputs, has_seg: bool, has_alibi: bool, rest, has_rel: bool = False
-                ) -> Refs:
-    """Names a kernel's refs: the ``inputs``, then ``q_seg``, ``kv_seg``, ``slopes`` and the
-    relative bias's ``q_rpos``, ``kv_rpos``, ``table`` (None when the call has no segment ids /
-    ALiBi slopes / relative bias), then ``rest`` (outputs and scratch)."""
+def kernel_refs(refs, inputs, has_seg: bool, has_alibi: bool, rest, has_rel: bool = False,
+                has_spans: bool = False) -> Refs:
+    """Names a kernel's refs: the ``inputs``, then ``q_seg``, ``kv_seg``, ``slopes``, the
+    relative bias's ``q_rpos``, ``kv_rpos``, ``table`` and the ``document_spans`` (None when the
+    call has no segment ids / ALiBi slopes / relative bias / spans), then ``rest`` (outputs and
+    scratch)."""
     optional = [("q_seg", has_seg), ("kv_seg", has_seg), ("slopes", has_alibi),
-                ("q_rpos", has_rel), ("kv_rpos", has_rel), ("table", has_rel)]
+                ("q_rpos", has_rel), ("kv_rpos", has_rel), ("table", has_rel),
+                ("spans", has_spans)]
     return Refs(refs, [(n, True) for n in inputs] + optional + [(n, True) for n in rest])
 
 
@@ -280,6 +282,48 @@ def key_blocks(q_first, rows: int, block_k: int, num_k_blocks: int, spec: Attent
     full_lo = _clip(full_lo, lo, hi)
     full_hi = _clip(full_hi, full_lo, hi)
     return lo, full_lo, full_hi, hi
+
+
+def has_document_spans(spec: AttentionSpec, q_len: int, kv_len: int) -> bool:
+    """Whether ``document_spans`` applies: self-attention with segment ids (one length, no query
+    offset), where a query's and a key's position index the same ids."""
+    return spec.has_segment_ids and spec.q_offset == 0 and q_len == kv_len
+
+
+def document_spans(q_seg, kv_seg, ctas: int, rows: int, block: int, num_blocks: int):
+    """For each batch row and each CTA of ``rows`` consecutive positions (``ctas`` of them, past
+    the end clamped to the last position), the blocks of ``block`` positions on the other side
+    that hold the documents of its positions: ``(batch * ctas * 2,)`` int32, ``(lo, hi)`` pairs.
+
+    Packed documents are runs of one id, so a CTA's rows see only keys (a CTA's keys are seen only
+    by queries) between the start of its first row's run and the end of its last row's. That
+    holds when each id of a row is one run and the two sides' ids are equal; a row where either
+    fails gets ``[0, num_blocks)``. Computed in XLA (a few passes over the ids), so that a kernel
+    skips the blocks of other documents as it skips those past the causal diagonal."""
+    batch, length = q_seg.shape
+    pos = jnp.arange(length, dtype=jnp.int32)
+    first = jnp.concatenate([jnp.ones((batch, 1), bool), q_seg[:, 1:] != q_seg[:, :-1]], 1)
+    last = jnp.concatenate([first[:, 1:], jnp.ones((batch, 1), bool)], 1)
+    start = lax.cummax(jnp.where(first, pos, 0), axis=1)
+    end = lax.cummin(jnp.where(last, pos + 1, length), axis=1, reverse=True)
+    ordered = jnp.sort(q_seg, axis=1)
+    distinct = 1 + jnp.sum(ordered[:, 1:] != ordered[:, :-1], axis=1)
+    runs_ok = (jnp.sum(first, axis=1) == distinct) & jnp.all(q_seg == kv_seg, axis=1)
+    row0 = jnp.minimum(jnp.arange(ctas, dtype=jnp.int32) * rows, length - 1)
+    row1 = jnp.minimum(row0 + rows, length) - 1
+    lo = jnp.where(runs_ok[:, None], start[:, row0] // block, 0)
+    hi = jnp.where(runs_ok[:, None], (end[:, row1] + block - 1) // block, num_blocks)
+    return jnp.stack([lo, hi], axis=-1).reshape(-1).astype(jnp.int32)
+
+
+def clip_blocks(parts, lo, hi):
+    """``parts`` (``key_blocks`` / ``query_blocks``'s four bounds) narrowed to blocks ``[lo,
+    hi)`` (a CTA's ``document_spans``)."""
+    p_lo, f_lo, f_hi, p_hi = parts
+    p_lo = jnp.maximum(p_lo, lo)
+    p_hi = jnp.maximum(jnp.minimum(p_hi, hi), p_lo)
+    f_lo = _clip(f_lo, p_lo, p_hi)
+    return p_lo, f_lo, _clip(f_hi, f_lo, p_hi), p_hi
 
 
 def query_blocks(k_first, keys: int, block_q: int, num_q_blocks: int, spec: AttentionSpec,

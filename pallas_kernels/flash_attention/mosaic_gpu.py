@@ -19,7 +19,11 @@ transaction count) and a "consumed" barrier (one arrival per consumer warpgroup)
   P: 5 tile products per block instead of 4, but a register file that holds one accumulator.
 
 Both consumers of a CTA walk the same key (or query) block range, the union of what their rows
-need: that keeps the producer, the consumed barriers and the schedule barrier in lock step. Each
+need: that keeps the producer, the consumed barriers and the schedule barrier in lock step. With
+packed documents (self-attention with segment ids) that range is narrowed to the blocks of the
+CTA's documents (``common.document_spans``, two scalars per CTA computed in XLA; with
+``SKIP_DOCUMENTS``), so a row of short documents costs about what its documents do, not the
+whole row's square. Each
 walk is split into [masked edge | unmasked interior | masked edge]; the interior pays for no
 causal/window/padding ``where`` (ALiBi's ``-slope * |pos_q - pos_k|`` is computed from the tile's
 positions in every block, so it never changes which blocks are skipped). Scores go through
@@ -51,6 +55,9 @@ from pallas_kernels.flash_attention.common import (
     MASK_VALUE,
     Call,
     base2,
+    clip_blocks,
+    document_spans,
+    has_document_spans,
     kernel_refs,
     key_blocks,
     pad_to,
@@ -63,6 +70,10 @@ _HEAD_DIMS = (64, 128, 256)
 _DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 _SMEM_BYTES = 227 * 1024  # Hopper's per-block shared-memory limit.
 _CONSUMERS = 2
+# Narrow each CTA's block loop to its packed documents (``document_spans``). Off until the
+# compiled check (tests' ``hopper_*_documents`` cases) passes on a Hopper GPU and the packed
+# step is timed: checked in interpret mode only (session 19).
+SKIP_DOCUMENTS = False
 _WG = "wg"
 # The 64K registers of an SM split between the warpgroups (128 threads each): the producer only
 # issues copies, the consumers hold the accumulators. 2 * 232 + 40 <= 512 registers per lane.
@@ -313,18 +324,35 @@ def _produce(n_steps, stages, loads):
             plgpu.barrier_wait(consumed.at[slot])
 
 
-def _query_cta(spec2, t, group, nk, kv_len):
+def _query_cta(spec2, t, group, nk, kv_len, spans_ref, ctas):
     """Where a forward or dQ CTA stands: ``(batch, head, kv_head, cta_row, parts, n_steps,
     padded_kv)``. Its ``_CONSUMERS`` query tiles start at row ``cta_row`` and see the key blocks
-    ``parts`` (``key_blocks``), ``n_steps`` of them; ``padded_kv`` is ``kv_len`` when the last
-    key block runs past the keys, else None."""
+    ``parts`` (``key_blocks``, narrowed to the rows' documents by ``spans_ref`` when given; the
+    grid has ``ctas`` CTAs along the queries), ``n_steps`` of them; ``padded_kv`` is ``kv_len``
+    when the last key block runs past the keys, else None."""
     bq, bk = t.owned, t.streamed
-    batch, head = lax.axis_index("batch"), lax.axis_index("heads")
-    cta_row = lax.axis_index("q") * (_CONSUMERS * bq)
+    batch, head, cta = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("q")
+    cta_row = cta * (_CONSUMERS * bq)
     padded_kv = None if nk * bk == kv_len else kv_len
     parts = key_blocks(spec2.q_offset + cta_row, _CONSUMERS * bq, bk, nk, spec2, padded_kv)
+    if spans_ref is not None:
+        parts = _within_documents(parts, spans_ref, batch, cta, ctas)
     n_steps = jnp.maximum(parts[3] - parts[0], 0)
     return batch, head, _div(head, group), cta_row, parts, n_steps, padded_kv
+
+
+def _within_documents(parts, spans_ref, batch, cta, ctas):
+    """``parts`` clipped to this CTA's ``document_spans`` (two scalars read from GMEM)."""
+    at = (batch * ctas + cta) * 2
+    return clip_blocks(parts, spans_ref[at], spans_ref[at + 1])
+
+
+def _spans(q_seg, kv_seg, spec, ctas, rows, block, num_blocks):
+    """``[document_spans(...)]`` as a kernel's extra input when they apply, else ``[]``."""
+    if (not SKIP_DOCUMENTS or q_seg is None
+            or not has_document_spans(spec, q_seg.shape[1], kv_seg.shape[1])):
+        return []
+    return [document_spans(q_seg, kv_seg, ctas, rows, block, num_blocks)]
 
 
 def _stream_kv(refs, smem, bars, *, batch, kv_head, lay, first, bk, n_steps, stages):
@@ -408,15 +436,17 @@ _once_per_shape = functools.partial(jax.jit, static_argnames=("spec", "tiles", "
 # ----------------------------------------------------------------------------- forward
 
 
-def _fwd_kernel(*refs, spec2, t, lay, nk, kv_len, has_seg, has_alibi, interpret):
-    r = kernel_refs(refs, ("q", "k", "v"), has_seg, has_alibi, ("o", "lse", "smem", "bars"))
+def _fwd_kernel(*refs, spec2, t, lay, nk, kv_len, has_seg, has_alibi, has_spans, ctas,
+                interpret):
+    r = kernel_refs(refs, ("q", "k", "v"), has_seg, has_alibi, ("o", "lse", "smem", "bars"),
+                    has_spans=has_spans)
     q_smem, k_smem, v_smem, vec_smem, qs_smem, ks_smem = r.smem
     q_bar, k_bar, v_bar, ks_bar, k_free, v_free, sched = r.bars
     bq, bk = t.owned, t.streamed
     head_dim = r.q.shape[-1]
     wg = lax.axis_index(_WG)
     batch, head, kv_head, cta_row, parts, n_steps, padded_kv = _query_cta(
-        spec2, t, lay.heads // lay.kv_heads, nk, kv_len
+        spec2, t, lay.heads // lay.kv_heads, nk, kv_len, r.spans, ctas
     )
 
     def schedule():
@@ -546,6 +576,7 @@ def _forward(q, k, v, q_seg, kv_seg, alibi_slopes, lay, spec, tiles, interpret):
     if has_seg:
         args += [pad_to(q_seg, 1, q_pad), pad_to(kv_seg, 1, kv_pad)]
     args += _base2_slopes(alibi_slopes)
+    spans = _spans(q_seg, kv_seg, spec, nq, _CONSUMERS * bq, bk, nk)
 
     dtype = q.dtype
     smem = (
@@ -567,7 +598,8 @@ def _forward(q, k, v, q_seg, kv_seg, alibi_slopes, lay, spec, tiles, interpret):
     )
     kernel = functools.partial(
         _fwd_kernel, spec2=base2(spec), t=t, lay=lay, nk=nk, kv_len=kv_len,
-        has_seg=has_seg, has_alibi=alibi_slopes is not None, interpret=interpret,
+        has_seg=has_seg, has_alibi=alibi_slopes is not None, has_spans=bool(spans), ctas=nq,
+        interpret=interpret,
     )
     out, lse = plgpu.kernel(
         kernel,
@@ -582,7 +614,7 @@ def _forward(q, k, v, q_seg, kv_seg, alibi_slopes, lay, spec, tiles, interpret):
         thread_name=_WG,
         compiler_params=_compiler_params(),
         interpret=_interpret_params(interpret),
-    )(*args)
+    )(*args, *spans)
     return out[:, :q_len], lse[:, :, :q_len]
 
 
@@ -590,13 +622,14 @@ def _forward(q, k, v, q_seg, kv_seg, alibi_slopes, lay, spec, tiles, interpret):
 
 
 def _dkv_kernel(*refs, spec2, t, lay, nq, kv_len, padded, has_seg, has_alibi, grads,
-                interpret):
+                has_spans, ctas, interpret):
     """Accumulates ``grads`` (``("dk", "dv")``, or one of them in a two-pass backward): a dV
     pass needs neither V nor delta nor the dP product. Packed (``lay``), both go to one output
     array, at the heads of k and v."""
     want_dk, want_dv = "dk" in grads, "dv" in grads
     outputs = ("dkv",) if lay.packed else grads
-    r = kernel_refs(refs, BWD_INPUTS, has_seg, has_alibi, (*outputs, "smem", "bars"))
+    r = kernel_refs(refs, BWD_INPUTS, has_seg, has_alibi, (*outputs, "smem", "bars"),
+                    has_spans=has_spans)
     group = lay.heads // lay.kv_heads
     k_smem, v_smem, ks_smem, q_smem, do_smem, lse_smem, delta_smem, qs_smem = r.smem
     own_bar, q_bar, do_bar, lse_bar, delta_bar, qs_bar, free = r.bars
@@ -605,8 +638,11 @@ def _dkv_kernel(*refs, spec2, t, lay, nq, kv_len, padded, has_seg, has_alibi, gr
     dtype = r.q.dtype
     batch, kv_head = lax.axis_index("batch"), lax.axis_index("heads")
     wg = lax.axis_index(_WG)
-    cta_key = lax.axis_index("k") * (_CONSUMERS * bk)
+    cta = lax.axis_index("k")
+    cta_key = cta * (_CONSUMERS * bk)
     parts = query_blocks(cta_key, _CONSUMERS * bk, bq, nq, spec2, kv_len if padded else None)
+    if r.spans is not None:
+        parts = _within_documents(parts, r.spans, batch, cta, ctas)
     lo, hi = parts[0], parts[3]
     per_head = jnp.maximum(hi - lo, 0)
     n_steps = group * per_head
@@ -708,8 +744,10 @@ def _dkv_kernel(*refs, spec2, t, lay, nq, kv_len, padded, has_seg, has_alibi, gr
         _produce(n_steps, t.stages, [(load, free)])
 
 
-def _dq_kernel(*refs, spec2, t, lay, nk, kv_len, has_seg, has_alibi, interpret):
-    r = kernel_refs(refs, BWD_INPUTS, has_seg, has_alibi, ("dq", "smem", "bars"))
+def _dq_kernel(*refs, spec2, t, lay, nk, kv_len, has_seg, has_alibi, has_spans, ctas,
+               interpret):
+    r = kernel_refs(refs, BWD_INPUTS, has_seg, has_alibi, ("dq", "smem", "bars"),
+                    has_spans=has_spans)
     q_smem, do_smem, lse_smem, delta_smem, qs_smem, k_smem, v_smem, ks_smem = r.smem
     own_bar, k_bar, v_bar, ks_bar, k_free, v_free = r.bars
     bq, bk = t.owned, t.streamed
@@ -717,7 +755,7 @@ def _dq_kernel(*refs, spec2, t, lay, nk, kv_len, has_seg, has_alibi, interpret):
     dtype = r.q.dtype
     wg = lax.axis_index(_WG)
     batch, head, kv_head, cta_row, parts, n_steps, padded_kv = _query_cta(
-        spec2, t, lay.heads // lay.kv_heads, nk, kv_len
+        spec2, t, lay.heads // lay.kv_heads, nk, kv_len, r.spans, ctas
     )
 
     @pl.when(wg < _CONSUMERS)
@@ -844,6 +882,8 @@ def _backward(q, k, v, q_seg, kv_seg, alibi_slopes, out, lse, dout, lay, spec, t
 
     # dK, dV: a CTA owns 2 * bk keys of one kv head and streams the query tiles of its group.
     bk, bq, st = dkv_t.owned, dkv_t.streamed, dkv_t.stages
+    key_ctas = kv_pad // (_CONSUMERS * bk)
+    spans = _spans(q_seg, kv_seg, spec, key_ctas, _CONSUMERS * bk, bq, q_pad // bq)
     seg = lambda shape: plgpu.SMEM(shape, jnp.int32) if has_seg else None  # noqa: E731
     bar = lambda n, arrivals=1: plgpu.Barrier(num_arrivals=arrivals, num_barriers=n)  # noqa: E731
     grad_kv = {}
@@ -854,7 +894,7 @@ def _backward(q, k, v, q_seg, kv_seg, alibi_slopes, out, lse, dout, lay, spec, t
             functools.partial(
                 _dkv_kernel, spec2=spec2, t=dkv_t, lay=lay, nq=q_pad // bq, kv_len=kv_len,
                 padded=kv_pad != kv_len, has_seg=has_seg, has_alibi=has_alibi, grads=grads,
-                interpret=interpret,
+                has_spans=bool(spans), ctas=key_ctas, interpret=interpret,
             ),
             out_type=[jax.ShapeDtypeStruct((batch, kv_pad, heads * 3, head_dim), dtype)]
             if lay.packed else [jax.ShapeDtypeStruct((batch, kv_pad, kv_heads, head_dim), dtype)
@@ -875,24 +915,27 @@ def _backward(q, k, v, q_seg, kv_seg, alibi_slopes, out, lse, dout, lay, spec, t
                     bar(st) if has_seg else None, bar(st, _CONSUMERS),
                 ),
             ],
-            grid=(kv_heads, kv_pad // (_CONSUMERS * bk), batch),
+            grid=(kv_heads, key_ctas, batch),
             grid_names=("heads", "k", "batch"),
             num_threads=_CONSUMERS + 1,
             thread_name=_WG,
             compiler_params=_compiler_params(),
             interpret=_interpret_params(interpret),
-        )(*args)
+        )(*args, *spans)
         grad_kv.update(zip(("dkv",) if lay.packed else grads, outs))
 
     # dQ: a CTA owns 2 * bq query rows of one head and streams its kv head's K/V tiles.
     bq, bk, st = dq_t.owned, dq_t.streamed, dq_t.stages
     n_own = 5 if has_seg else 4
+    query_ctas = q_pad // (_CONSUMERS * bq)
+    spans = _spans(q_seg, kv_seg, spec, query_ctas, _CONSUMERS * bq, bk, kv_pad // bk)
     # Packed: the dK/dV output goes in as a ref in the output's place, written where q's heads are.
     dqkv = jax.new_ref(grad_kv["dkv"]) if lay.packed else None
     dq = plgpu.kernel(
         functools.partial(
             _dq_kernel, spec2=spec2, t=dq_t, lay=lay, nk=kv_pad // bk, kv_len=kv_len,
-            has_seg=has_seg, has_alibi=has_alibi, interpret=interpret,
+            has_seg=has_seg, has_alibi=has_alibi, has_spans=bool(spans), ctas=query_ctas,
+            interpret=interpret,
         ),
         out_type=() if lay.packed else jax.ShapeDtypeStruct((batch, q_pad, heads, head_dim),
                                                             dtype),
@@ -912,13 +955,13 @@ def _backward(q, k, v, q_seg, kv_seg, alibi_slopes, out, lse, dout, lay, spec, t
                 bar(st, _CONSUMERS), bar(st, _CONSUMERS),
             ),
         ],
-        grid=(heads, q_pad // (_CONSUMERS * bq), batch),
+        grid=(heads, query_ctas, batch),
         grid_names=("heads", "q", "batch"),
         num_threads=_CONSUMERS + 1,
         thread_name=_WG,
         compiler_params=_compiler_params(),
         interpret=_interpret_params(interpret),
-    )(*args, *([dqkv] if lay.packed else []))
+    )(*args, *spans, *([dqkv] if lay.packed else []))
     if lay.packed:
         return None, jax.freeze(dqkv)
     return (dq[:, :q_len], grad_kv["dk"][:, :kv_len], grad_kv["dv"][:, :kv_len]), None
