@@ -38,9 +38,13 @@ from pallas_kernels.flash_attention import triton as fa_triton
 from pallas_kernels.flash_attention.common import AttentionSpec, Call
 
 PALLAS = ("triton", "mosaic_gpu")
-# cudnn_masked: cuDNN with its packed-rows layout off (``cudnn.PACKED_ROWS``), so rows of packed
-# documents (``--documents``) take an explicit mask; "cudnn" runs them on the packed layout.
 BASELINES = ("cudnn", "cudnn_masked", "xla")
+# Implementations run with a module switch set while the call is traced, for rows of packed
+# documents (``--documents``): cudnn_masked, cuDNN with its packed-rows layout off (an explicit
+# mask; "cudnn" runs them on the packed layout); mosaic_gpu_documents, the Mosaic GPU kernels
+# with their block loops narrowed to the documents.
+SWITCHED = {"cudnn_masked": ("cudnn", fa_cudnn, "PACKED_ROWS", False),
+            "mosaic_gpu_documents": ("mosaic_gpu", fa_mosaic, "SKIP_DOCUMENTS", True)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,31 +110,32 @@ def attention_fn(impl: str, row: Row):
             jax.nn.dot_product_attention, is_causal=row.causal, local_window_size=window,
             mask=mask, implementation="xla",
         )
+    name, *switch = SWITCHED.get(impl, (impl,))
     # ALiBi's geometric slopes 2^(-8i/heads) (Press et al. 2022), for the lowerings that take it.
     slopes = 2.0 ** (-8.0 * jnp.arange(1, row.heads + 1) / row.heads)
     fn = functools.partial(
         flash_attention, causal=row.causal, sliding_window=row.window, segment_ids=ids,
-        implementation="cudnn" if impl == "cudnn_masked" else impl,
-        interpret=INTERPRET and impl in PALLAS,
-        alibi_slopes=slopes if row.alibi and impl in PALLAS else None,
+        implementation=name, interpret=INTERPRET and name in PALLAS,
+        alibi_slopes=slopes if row.alibi and name in PALLAS else None,
     )
-    if impl != "cudnn_masked":
+    if not switch:
         return fn
 
-    def masked(*args):  # the flag is read when jit traces the call
-        with _packed_rows(False):
+    def switched(*args):  # the switch is read when jit traces the call
+        with _switch(*switch):
             return fn(*args)
 
-    return masked
+    return switched
 
 
 @contextlib.contextmanager
-def _packed_rows(on: bool):
-    before, fa_cudnn.PACKED_ROWS = fa_cudnn.PACKED_ROWS, on
+def _switch(module, flag: str, value: bool):
+    before = getattr(module, flag)
+    setattr(module, flag, value)
     try:
         yield
     finally:
-        fa_cudnn.PACKED_ROWS = before
+        setattr(module, flag, before)
 
 
 def inputs(row: Row, seed: int, dtype=jnp.bfloat16):
@@ -188,7 +193,7 @@ def bench(rows, impls, iters, results):
                     cells += [ms, mult * flops / ms / 1e9]
                 except Exception as e:  # noqa: BLE001 - a failing baseline is reported, not fatal
                     cells += [short_error(e), "-"]
-                    if impl in PALLAS:
+                    if SWITCHED.get(impl, (impl,))[0] in PALLAS:
                         traceback.print_exc()
             table.append([row.name, impl, *cells])
             results.append(dict(row=dataclasses.asdict(row), impl=impl, cells=cells))
@@ -391,14 +396,16 @@ def main():
     INTERPRET = args.interpret
 
     impls = args.impls.split(",")
-    unknown = set(impls) - set(PALLAS) - set(BASELINES)
-    if unknown:
-        parser.error(f"unknown --impls {sorted(unknown)}; choose among {PALLAS + BASELINES}")
+    known = PALLAS + BASELINES + tuple(SWITCHED)
+    if unknown := set(impls) - set(known):
+        parser.error(f"unknown --impls {sorted(unknown)}; choose among {known}")
     if args.alibi and args.check:
         parser.error("--check compares with cuDNN or XLA, which run without ALiBi: check without "
                      "--alibi (its float32-reference cases include ALiBi)")
     pallas = available_pallas([i for i in impls if i in PALLAS])
-    impls = pallas + [i for i in impls if i in BASELINES]
+    switched = [i for i in impls if i in SWITCHED and (
+        SWITCHED[i][0] not in PALLAS or available_pallas([SWITCHED[i][0]]))]
+    impls = pallas + switched + [i for i in impls if i in BASELINES and i not in SWITCHED]
     seqs = [int(s) for s in args.seqs.split(",")]
     if args.documents < 1 or any(s % args.documents for s in seqs):
         parser.error(f"--documents ({args.documents}) must be >= 1 and divide every --seqs "
