@@ -109,7 +109,8 @@ def jax_worker(args) -> dict:
     # Full rows of random tokens (one document per row), four batches used in rotation.
     rng = np.random.default_rng(0)
     b, length = args.batch, args.seq
-    batches = [jax.device_put(random_batch(cfg, rng, b, length), run.batch_sharding)
+    batches = [jax.device_put(random_batch(cfg, rng, b, length, args.documents),
+                              run.batch_sharding)
                for _ in range(4)]
 
     state, metrics = train_step(state, batches[0])
@@ -154,10 +155,11 @@ def jax_worker(args) -> dict:
     }
 
 
-def random_batch(cfg, rng, b: int, length: int) -> dict:
-    """A batch of the family's type (``batch_fields``): random token fields, positions
-    ``0..length-1``, one segment per row, every token counted in the loss. A seq2seq decoder
-    side has the run's ``data.target_len`` instead of ``length``."""
+def random_batch(cfg, rng, b: int, length: int, documents: int = 1) -> dict:
+    """A batch of the family's type (``batch_fields``): random token fields, ``documents`` equal
+    packed documents per row (segment ids 1, 2, ..., positions restarting at each), every token
+    counted in the loss. A seq2seq decoder side has the run's ``data.target_len`` instead of
+    ``length``."""
     import numpy as np
 
     from meshlm.data.batches import batch_shapes, decoder_fields
@@ -166,9 +168,12 @@ def random_batch(cfg, rng, b: int, length: int) -> dict:
 
     def field(name, dtype):
         n = shapes[name][1] if name in decoder else length
+        doc = n // documents if name not in decoder else n
         if name.endswith("positions"):
-            return np.broadcast_to(np.arange(n, dtype=dtype), (b, n))
-        if name.endswith("segment_ids") or name == "loss_mask":
+            return np.broadcast_to(np.arange(n, dtype=dtype) % doc, (b, n))
+        if name.endswith("segment_ids"):
+            return np.broadcast_to(1 + np.arange(n, dtype=dtype) // doc, (b, n))
+        if name == "loss_mask":
             return np.ones((b, n), dtype)
         return rng.integers(0, cfg.model.vocab_size, (b, n), dtype=dtype)
 
@@ -229,7 +234,8 @@ def run_worker(kind: str, args, config: str, batch: int, seq: int, overrides,
     """One measurement in a child process; returns its result or ``{"error": ...}``."""
     cmd = [sys.executable, str(pathlib.Path(__file__).resolve()), "--worker", kind,
            "--config", config, "--batch", str(batch), "--seq", str(seq),
-           "--steps", str(args.steps), "--warmup", str(args.warmup), "--rounds", str(args.rounds)]
+           "--steps", str(args.steps), "--warmup", str(args.warmup), "--rounds", str(args.rounds),
+           "--documents", str(args.documents)]
     for item in overrides:
         cmd += ["--set", item]
     if args.profile:
@@ -291,6 +297,10 @@ def main(argv=None) -> None:
                         help="meshlm config override for every config, after the per-config "
                              "defaults (e.g. model.remat=none); repeatable")
     parser.add_argument("--skip-torch", action="store_true", help="time meshlm only")
+    parser.add_argument("--documents", type=int, default=1,
+                        help="equal packed documents per row (segment ids; the torch baseline "
+                             "has none, so it needs --skip-torch; MFU still counts every row's "
+                             "whole attention square)")
     parser.add_argument("--smoke", action="store_true",
                         help="CPU check: configs/default.yaml, batch 4 x 64, 2 steps, no torch")
     parser.add_argument("--xla-flags", default="",
@@ -322,6 +332,9 @@ def main(argv=None) -> None:
         args.batch, args.seq = args.batch or str(SMOKE["batch"]), args.seq or str(SMOKE["seq"])
         args.steps, args.warmup = min(args.steps, SMOKE["steps"]), min(args.warmup, SMOKE["warmup"])
     configs = [c for c in args.configs.split(",") if c]
+    if args.documents < 1 or (args.documents > 1 and not args.skip_torch):
+        raise SystemExit(f"--documents must be >= 1 (got {args.documents}), and above 1 needs "
+                         "--skip-torch: the torch baseline packs no documents")
 
     def per_config(text, key):
         if text is None:
