@@ -32,6 +32,7 @@ import numpy as np
 from benchlib import device_description, device_ms, print_table, time_ms
 
 from pallas_kernels.flash_attention import api, flash_attention
+from pallas_kernels.flash_attention import common as fa_common
 from pallas_kernels.flash_attention import cudnn as fa_cudnn
 from pallas_kernels.flash_attention import mosaic_gpu as fa_mosaic
 from pallas_kernels.flash_attention import triton as fa_triton
@@ -41,10 +42,11 @@ PALLAS = ("triton", "mosaic_gpu")
 BASELINES = ("cudnn", "cudnn_masked", "xla")
 # Implementations run with a module switch set while the call is traced, for rows of packed
 # documents (``--documents``): cudnn_masked, cuDNN with its packed-rows layout off (an explicit
-# mask; "cudnn" runs them on the packed layout); mosaic_gpu_documents, the Mosaic GPU kernels
-# with their block loops narrowed to the documents.
+# mask; "cudnn" runs them on the packed layout); mosaic_gpu_documents / triton_documents, those
+# kernels with their block loops narrowed to the documents (``common.SKIP_DOCUMENTS``).
 SWITCHED = {"cudnn_masked": ("cudnn", fa_cudnn, "PACKED_ROWS", False),
-            "mosaic_gpu_documents": ("mosaic_gpu", fa_mosaic, "SKIP_DOCUMENTS", True)}
+            "mosaic_gpu_documents": ("mosaic_gpu", fa_common, "SKIP_DOCUMENTS", True),
+            "triton_documents": ("triton", fa_common, "SKIP_DOCUMENTS", True)}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels import _api
+from pallas_kernels.flash_attention import common as fa_common
 from pallas_kernels.flash_attention import flash_attention, mosaic_gpu, tpu, triton
 
 
@@ -362,8 +363,8 @@ TPU = Lowering("tpu", "tpu", dict(interpret=True, tiles=tpu.Tiles(16, 16, 16, 16
     "bfloat16_causal_softcap", "float16_head_dim_256_default_tiles",
 ))
 def skip_documents(monkeypatch):
-    """Mosaic GPU's document spans on (``mosaic_gpu.SKIP_DOCUMENTS``, off by default)."""
-    monkeypatch.setattr(mosaic_gpu, "SKIP_DOCUMENTS", True)
+    """The GPU kernels' document spans on (``common.SKIP_DOCUMENTS``, off by default)."""
+    monkeypatch.setattr(fa_common, "SKIP_DOCUMENTS", True)
 
 
 MOSAIC_GPU = Lowering("mosaic_gpu", "mosaic_gpu", dict(interpret=True, tiles=mosaic_gpu.Tiles(
@@ -377,13 +378,19 @@ MOSAIC_GPU_DOCUMENTS = dataclasses.replace(
     cases=("bfloat16_causal_documents", "bfloat16_documents",
            "float16_head_dim_256_causal_gqa_alibi_segments"),
     setup=skip_documents)
+TRITON_DOCUMENTS = dataclasses.replace(
+    TRITON, label="triton_documents",
+    cases=("bfloat16_causal_documents", "bfloat16_documents", "causal_gqa_segments"),
+    setup=skip_documents)
 # cuDNN's masks, checked on CPU through jax's XLA attention (which has no float16 there).
 CUDNN_AS_XLA = Lowering("cudnn_as_xla", "cudnn", {},
                         tuple(c for c in _CUDNN_CASES if not c.startswith("float16")),
                         setup=_cudnn_as_xla)
 ATTENTION_LOWERINGS = (
-    TRITON, TPU, MOSAIC_GPU, MOSAIC_GPU_DOCUMENTS, CUDNN_AS_XLA,
+    TRITON, TRITON_DOCUMENTS, TPU, MOSAIC_GPU, MOSAIC_GPU_DOCUMENTS, CUDNN_AS_XLA,
     Lowering("triton_compiled", "triton", {}, _TRITON_CASES, (NEEDS_GPU,)),
+    Lowering("triton_compiled_documents", "triton", {}, ("bfloat16_causal_documents",),
+             (NEEDS_GPU,), skip_documents),
     Lowering("mosaic_gpu_compiled", "mosaic_gpu", {}, _HOPPER_CASES, (NEEDS_HOPPER,),
              skip_documents),
     Lowering("cudnn", "cudnn", {}, _CUDNN_CASES, (NEEDS_GPU,)),

@@ -10,6 +10,8 @@ GPU the compiled lowerings run too.
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from kernel_checks import ATTENTION_CASES, ATTENTION_LOWERINGS, check_attention
 
@@ -61,5 +63,33 @@ def test_document_spans_match_a_loop():
         got = document_spans(jnp.asarray(q_seg), jnp.asarray(kv_seg), ctas, cta_rows, block,
                              num_blocks)
         want = _spans_by_loop(q_seg, kv_seg, ctas, cta_rows, block, num_blocks)
-        assert np.asarray(got).tolist() == want, (seed, ctas, cta_rows, block)
+        assert np.asarray(got).reshape(-1).tolist() == want, (seed, ctas, cta_rows, block)
     assert want[:2] != [0, num_blocks]  # the first row's spans narrow
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_triton_documents_pass_the_verifier(monkeypatch, causal):
+    """With ``SKIP_DOCUMENTS``, the Triton kernels (forward, dK/dV, dQ) lowered for an A100 take
+    the spans and pass the MLIR verifier: the clipped loop bounds keep one integer type."""
+    import jax
+    import jax.numpy as jnp
+    from kernel_checks import verified_triton_modules
+
+    from pallas_kernels import lowering_for
+    from pallas_kernels.flash_attention import common, flash_attention
+
+    monkeypatch.setattr(common, "SKIP_DOCUMENTS", True)
+    sds = jax.ShapeDtypeStruct
+    q, k = sds((2, 300, 4, 64), jnp.bfloat16), sds((2, 300, 2, 64), jnp.bfloat16)
+    seg = sds((2, 300), jnp.int32)
+
+    def fwd_bwd(q, k, v, seg):
+        fn = lambda *a: flash_attention(*a, causal=causal, segment_ids=seg)  # noqa: E731
+        out, vjp = jax.vjp(fn, q, k, v)
+        return vjp(out)
+
+    with verified_triton_modules() as checked, lowering_for("NVIDIA A100-SXM4-80GB"):
+        text = jax.jit(fwd_bwd).trace(q, k, k, seg).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("__gpu$xla.gpu.triton") == 3 and checked[0] == 3
+    calls = [line for line in text.splitlines() if "__gpu$xla.gpu.triton" in line]
+    assert all(re.search(r"tensor<2x\d+x2xi32>", call) for call in calls)  # the spans

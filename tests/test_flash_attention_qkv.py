@@ -15,6 +15,7 @@ import pytest
 from kernel_checks import NEEDS_HOPPER
 
 from pallas_kernels import lowering_for
+from pallas_kernels.flash_attention import common as fa_common
 from pallas_kernels.flash_attention import flash_attention, flash_attention_qkv, mosaic_gpu
 
 pytestmark = pytest.mark.usefixtures("fast_compile")
@@ -122,7 +123,7 @@ def test_packed_documents_on_hopper_pass_block_spans(monkeypatch):
     """With segment ids (and ``SKIP_DOCUMENTS``), each of the three Mosaic GPU kernels lowered
     for an H100 takes the ``document_spans`` (one flat int32 operand), by which it skips other
     documents' blocks."""
-    monkeypatch.setattr(mosaic_gpu, "SKIP_DOCUMENTS", True)
+    monkeypatch.setattr(fa_common, "SKIP_DOCUMENTS", True)
     qkv = jax.ShapeDtypeStruct((2, 256, 2, 3, 64), jnp.bfloat16)
     seg = jax.ShapeDtypeStruct((2, 256), jnp.int32)
     grad = jax.jit(jax.grad(lambda x, s: jnp.sum(flash_attention_qkv(

@@ -284,16 +284,23 @@ def key_blocks(q_first, rows: int, block_k: int, num_k_blocks: int, spec: Attent
     return lo, full_lo, full_hi, hi
 
 
+# The Pallas GPU kernels narrow each program's block loop to its packed documents
+# (``document_spans``). Off until the compiled checks (tests' ``*documents`` cases) pass on a GPU
+# and the packed step is timed: checked in interpret mode only (session 19).
+SKIP_DOCUMENTS = False
+
+
 def has_document_spans(spec: AttentionSpec, q_len: int, kv_len: int) -> bool:
-    """Whether ``document_spans`` applies: self-attention with segment ids (one length, no query
-    offset), where a query's and a key's position index the same ids."""
-    return spec.has_segment_ids and spec.q_offset == 0 and q_len == kv_len
+    """Whether ``document_spans`` applies: with ``SKIP_DOCUMENTS``, self-attention with segment
+    ids (one length, no query offset), where a query's and a key's position index the same
+    ids."""
+    return SKIP_DOCUMENTS and spec.has_segment_ids and spec.q_offset == 0 and q_len == kv_len
 
 
 def document_spans(q_seg, kv_seg, ctas: int, rows: int, block: int, num_blocks: int):
     """For each batch row and each CTA of ``rows`` consecutive positions (``ctas`` of them, past
     the end clamped to the last position), the blocks of ``block`` positions on the other side
-    that hold the documents of its positions: ``(batch * ctas * 2,)`` int32, ``(lo, hi)`` pairs.
+    that hold the documents of its positions: ``(batch, ctas, 2)`` int32, ``(lo, hi)`` pairs.
 
     Packed documents are runs of one id, so a CTA's rows see only keys (a CTA's keys are seen only
     by queries) between the start of its first row's run and the end of its last row's. That
@@ -313,7 +320,7 @@ def document_spans(q_seg, kv_seg, ctas: int, rows: int, block: int, num_blocks: 
     row1 = jnp.minimum(row0 + rows, length) - 1
     lo = jnp.where(runs_ok[:, None], start[:, row0] // block, 0)
     hi = jnp.where(runs_ok[:, None], (end[:, row1] + block - 1) // block, num_blocks)
-    return jnp.stack([lo, hi], axis=-1).reshape(-1).astype(jnp.int32)
+    return jnp.stack([lo, hi], axis=-1).astype(jnp.int32)
 
 
 def clip_blocks(parts, lo, hi):

@@ -20,11 +20,10 @@ transaction count) and a "consumed" barrier (one arrival per consumer warpgroup)
 
 Both consumers of a CTA walk the same key (or query) block range, the union of what their rows
 need: that keeps the producer, the consumed barriers and the schedule barrier in lock step. With
-packed documents (self-attention with segment ids) that range is narrowed to the blocks of the
-CTA's documents (``common.document_spans``, two scalars per CTA computed in XLA; with
-``SKIP_DOCUMENTS``), so a row of short documents costs about what its documents do, not the
-whole row's square. Each
-walk is split into [masked edge | unmasked interior | masked edge]; the interior pays for no
+packed documents (self-attention with segment ids; with ``common.SKIP_DOCUMENTS``) that range
+is narrowed to the blocks of the CTA's documents (``common.document_spans``, two scalars per CTA
+computed in XLA), so a row of short documents costs about what its documents do, not the whole
+row's square. Each walk is split into [masked edge | unmasked interior | masked edge]; the interior pays for no
 causal/window/padding ``where`` (ALiBi's ``-slope * |pos_q - pos_k|`` is computed from the tile's
 positions in every block, so it never changes which blocks are skipped). Scores go through
 ``common.transform_scores`` on register tiles, in base 2 (scale, soft cap and ALiBi slopes
@@ -70,10 +69,6 @@ _HEAD_DIMS = (64, 128, 256)
 _DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 _SMEM_BYTES = 227 * 1024  # Hopper's per-block shared-memory limit.
 _CONSUMERS = 2
-# Narrow each CTA's block loop to its packed documents (``document_spans``). Off until the
-# compiled check (tests' ``hopper_*_documents`` cases) passes on a Hopper GPU and the packed
-# step is timed: checked in interpret mode only (session 19).
-SKIP_DOCUMENTS = False
 _WG = "wg"
 # The 64K registers of an SM split between the warpgroups (128 threads each): the producer only
 # issues copies, the consumers hold the accumulators. 2 * 232 + 40 <= 512 registers per lane.
@@ -348,11 +343,10 @@ def _within_documents(parts, spans_ref, batch, cta, ctas):
 
 
 def _spans(q_seg, kv_seg, spec, ctas, rows, block, num_blocks):
-    """``[document_spans(...)]`` as a kernel's extra input when they apply, else ``[]``."""
-    if (not SKIP_DOCUMENTS or q_seg is None
-            or not has_document_spans(spec, q_seg.shape[1], kv_seg.shape[1])):
+    """``[document_spans(...)]``, flat, as a kernel's extra input when they apply, else ``[]``."""
+    if q_seg is None or not has_document_spans(spec, q_seg.shape[1], kv_seg.shape[1]):
         return []
-    return [document_spans(q_seg, kv_seg, ctas, rows, block, num_blocks)]
+    return [document_spans(q_seg, kv_seg, ctas, rows, block, num_blocks).reshape(-1)]
 
 
 def _stream_kv(refs, smem, bars, *, batch, kv_head, lay, first, bk, n_steps, stages):

@@ -8,7 +8,8 @@ and P recomputed from the saved log-sum-exp:
   group and over the visible query blocks, so GQA/MQA gradients need no reduction afterwards;
 - a dQ kernel, one program per (query block, batch, head), loops over the visible key blocks.
 
-Key blocks that a query block cannot see (causal, sliding window) are never visited; blocks that
+Key blocks that a query block cannot see (causal, sliding window; with ``common.SKIP_DOCUMENTS``
+also other packed documents' blocks, by ``common.document_spans``) are never visited; blocks that
 it sees entirely skip the mask. Each kernel splits its loop into [masked edge | unmasked interior |
 masked edge] so the common interior blocks pay for no ``where``.
 
@@ -43,6 +44,9 @@ from pallas_kernels.flash_attention.common import (
     MASK_VALUE,
     Call,
     base2,
+    clip_blocks,
+    document_spans,
+    has_document_spans,
     kernel_refs,
     key_blocks,
     pad_to,
@@ -190,15 +194,30 @@ def _over_key_blocks(r, step, carry, *, spec2, tiles, nq, nk, kv_len, has_seg, h
 
         return tile
 
-    lo, full_lo, full_hi, hi = key_blocks(q_first, bq, bk, nk, spec2, kv_len if padded_kv else None)
+    parts = key_blocks(q_first, bq, bk, nk, spec2, kv_len if padded_kv else None)
+    lo, full_lo, full_hi, hi = _within_documents(r, parts)
     carry = _loop(lo, full_lo, body(True), carry)
     carry = _loop(full_lo, full_hi, body(False), carry)
     return _loop(full_hi, hi, body(True), carry)
 
 
-def _fwd_kernel(*refs, spec2, tiles, nq, nk, kv_len, has_seg, has_alibi):
+def _within_documents(r, parts):
+    """``parts`` clipped to the program's ``document_spans`` block (when the call has them)."""
+    return parts if r.spans is None else clip_blocks(parts, r.spans[0], r.spans[1])
+
+
+def _spans(q_seg, kv_seg, spec, ctas, rows, block, num_blocks, index_map):
+    """``([spans], [their BlockSpec])``: the program's two ``document_spans`` bounds, or
+    ``([], [])`` when they do not apply. ``index_map`` gives ``(batch, program's block)``."""
+    if q_seg is None or not has_document_spans(spec, q_seg.shape[1], kv_seg.shape[1]):
+        return [], []
+    return ([document_spans(q_seg, kv_seg, ctas, rows, block, num_blocks)],
+            [pl.BlockSpec((None, None, 2), lambda *ids: (*index_map(*ids), 0))])
+
+
+def _fwd_kernel(*refs, spec2, tiles, nq, nk, kv_len, has_seg, has_alibi, has_spans):
     r = kernel_refs(refs, ("q", "k", "v"), has_seg, has_alibi, ("o", "lse"),
-                    spec2.has_relative_bias)
+                    spec2.has_relative_bias, has_spans)
     bq, bk = tiles.block_q, tiles.block_k
 
     def step(start, _k, s, _visible, _buckets, carry):
@@ -283,10 +302,14 @@ def forward(q, k, v, q_seg, kv_seg, alibi_slopes, *, spec, tiles: Tiles, interpr
             pl.BlockSpec((None, num_buckets), lambda i, b, h: (h, 0)),
         ]
         args += _relative_inputs(relative_bias, nq * bq, nk * bk)
+    spans, span_specs = _spans(q_seg, kv_seg, spec, nq, bq, bk, nk,
+                               lambda i, b, h: (b, _q_block(i, nq, spec)))
+    args += spans
+    in_specs += span_specs
 
     kernel = functools.partial(
         _fwd_kernel, spec2=spec2, tiles=tiles, nq=nq, nk=nk, kv_len=kv_len,
-        has_seg=q_seg is not None, has_alibi=alibi_slopes is not None,
+        has_seg=q_seg is not None, has_alibi=alibi_slopes is not None, has_spans=bool(spans),
     )
     out, lse = pl.pallas_call(
         kernel,
@@ -310,8 +333,10 @@ def forward(q, k, v, q_seg, kv_seg, alibi_slopes, *, spec, tiles: Tiles, interpr
 # ----------------------------------------------------------------------------- backward
 
 
-def _dkv_kernel(*refs, spec2, tiles, nq, kv_len, padded_kv, group, has_seg, has_alibi):
-    r = kernel_refs(refs, BWD_INPUTS, has_seg, has_alibi, ("dk", "dv"), spec2.has_relative_bias)
+def _dkv_kernel(*refs, spec2, tiles, nq, kv_len, padded_kv, group, has_seg, has_alibi,
+                has_spans):
+    r = kernel_refs(refs, BWD_INPUTS, has_seg, has_alibi, ("dk", "dv"), spec2.has_relative_bias,
+                    has_spans)
     bq, bk = tiles.block_q, tiles.block_k
     head_dim = r.k.shape[-1]
 
@@ -363,8 +388,8 @@ def _dkv_kernel(*refs, spec2, tiles, nq, kv_len, padded_kv, group, has_seg, has_
 
         return _loop(0, group * count, step, carry)
 
-    lo, full_lo, full_hi, hi = query_blocks(k_first, bk, bq, nq, spec2,
-                                           kv_len if padded_kv else None)
+    lo, full_lo, full_hi, hi = _within_documents(
+        r, query_blocks(k_first, bk, bq, nq, spec2, kv_len if padded_kv else None))
     zeros = jnp.zeros((bk, head_dim), jnp.float32)
     carry = visit(lo, full_lo, True, (zeros, zeros))
     carry = visit(full_lo, full_hi, False, carry)
@@ -373,10 +398,10 @@ def _dkv_kernel(*refs, spec2, tiles, nq, kv_len, padded_kv, group, has_seg, has_
     r.dv[...] = dv.astype(r.dv.dtype)
 
 
-def _dq_kernel(*refs, spec2, tiles, nq, nk, kv_len, has_seg, has_alibi):
+def _dq_kernel(*refs, spec2, tiles, nq, nk, kv_len, has_seg, has_alibi, has_spans):
     has_rel = spec2.has_relative_bias
     r = kernel_refs(refs, BWD_INPUTS, has_seg, has_alibi, ("dq", "dtable") if has_rel else ("dq",),
-                    has_rel)
+                    has_rel, has_spans)
     bk = tiles.block_k
     do = r.do[...]
     lse = r.lse[...][:, None]
@@ -471,21 +496,24 @@ def backward(q, k, v, q_seg, kv_seg, alibi_slopes, out, lse, dout, *, spec, tile
         pl.BlockSpec((None, bk), lambda j, b, h: (b, j)),
         pl.BlockSpec((group, num_buckets), lambda j, b, h: (h, 0)),
     ] if has_rel else []
+    spans, span_specs = _spans(q_seg, kv_seg, spec, kv_pad // bk, bk, bq, nq,
+                               lambda j, b, h: (b, j))
     dk, dv = pl.pallas_call(
         functools.partial(
             _dkv_kernel, spec2=spec2, tiles=dkv_tiles, nq=nq, kv_len=kv_len,
             padded_kv=kv_pad != kv_len, group=group, has_seg=has_seg, has_alibi=has_alibi,
+            has_spans=bool(spans),
         ),
         grid=(kv_pad // bk, batch, kv_heads),
         in_specs=[q_group, kv_block, kv_block, q_group, row_group, row_group, *seg_specs,
-                  *alibi_spec, *rel_specs],
+                  *alibi_spec, *rel_specs, *span_specs],
         out_specs=[kv_block, kv_block],
         out_shape=[out_type(k_p.shape, k.dtype, *inputs)] * 2,
         compiler_params=plgpu.CompilerParams(
             num_warps=dkv_tiles.num_warps, num_stages=dkv_tiles.num_stages),
         interpret=interpret,
         name="flash_attention_dkv",
-    )(*inputs)
+    )(*inputs, *spans)
 
     # dQ: grid over (query block, batch, head).
     bq, bk = dq_tiles.block_q, dq_tiles.block_k
@@ -512,6 +540,8 @@ def backward(q, k, v, q_seg, kv_seg, alibi_slopes, out, lse, dout, *, spec, tile
         pl.BlockSpec((None, kv_pad), lambda i, b, h: (b, 0)),
         pl.BlockSpec((None, num_buckets), lambda i, b, h: (h, 0)),
     ] if has_rel else []
+    spans, span_specs = _spans(q_seg, kv_seg, spec, nq, bq, bk, nk,
+                               lambda i, b, h: (b, _q_block(i, nq, spec)))
     out_specs, out_shape = q_block, out_type(q_p.shape, q.dtype, *inputs)
     if has_rel:  # one row of per-bucket sums per program
         width = pl.next_power_of_2(num_buckets)
@@ -521,18 +551,18 @@ def backward(q, k, v, q_seg, kv_seg, alibi_slopes, out, lse, dout, *, spec, tile
     dq = pl.pallas_call(
         functools.partial(
             _dq_kernel, spec2=spec2, tiles=dq_tiles, nq=nq, nk=nk, kv_len=kv_len,
-            has_seg=has_seg, has_alibi=has_alibi,
+            has_seg=has_seg, has_alibi=has_alibi, has_spans=bool(spans),
         ),
         grid=(nq, batch, heads),
         in_specs=[q_block, kv_full, kv_full, q_block, rows, rows, *seg_specs, *alibi_spec,
-                  *rel_specs],
+                  *rel_specs, *span_specs],
         out_specs=out_specs,
         out_shape=out_shape,
         compiler_params=plgpu.CompilerParams(
             num_warps=dq_tiles.num_warps, num_stages=dq_tiles.num_stages),
         interpret=interpret,
         name="flash_attention_dq",
-    )(*inputs)
+    )(*inputs, *spans)
     if not has_rel:
         return dq[:, :q_len], dk[:, :kv_len], dv[:, :kv_len]
     dq, parts = dq
