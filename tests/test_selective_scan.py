@@ -124,6 +124,46 @@ def test_triton_segments_match_reference(segments, length, chunk):
                             tiles=triton.Tiles(4, chunk, chunk, segments=segments))
 
 
+@pytest.mark.parametrize("dtype,full,length", [(jnp.float32, True, 11), (jnp.bfloat16, False, 8)],
+                         ids=["f32-all-features", "bf16-minimal"])
+def test_triton_parallel_forward_matches_reference(dtype, full, length):
+    # The forward without checkpoints as one parallel scan per 4-step chunk (in interpret mode
+    # the scan is lax.associative_scan): a length the chunk does not divide (a partial last
+    # chunk), two B/C groups, and with every feature an initial state carried into the first
+    # chunk. The gradients go through the checkpointing forward and the sequential backward.
+    inputs = make_inputs(2, length, 16, 2, 3, dtype, full=full)
+    tol = (1e-5, 1e-4) if dtype == jnp.float32 else (1e-2, 1e-2)
+    check_against_reference("triton", inputs, softplus=full, tol_out=tol[0], tol_grad=tol[1],
+                            tiles=triton.Tiles(4, 3, 4, parallel_forward=True))
+
+
+def test_triton_parallel_forward_with_resets_matches_documents_run_alone():
+    """The parallel forward's output and final state with ``reset`` (its decay zeroed at a
+    document's first step) against each document run alone; 4-step chunks put a start at a
+    chunk's first step (8) and inside chunks (3, 6, 7)."""
+    inputs, reset, _, (_, (y_ref, h_ref)) = _reset_case(True)
+    y, h = jax.jit(lambda **a: selective_scan(
+        **a, reset=reset, dt_softplus=True, return_final_state=True, implementation="triton",
+        interpret=True, tiles=triton.Tiles(4, 3, 4, parallel_forward=True)))(**inputs)
+    assert rel_err(y, y_ref) < 1e-4 and rel_err(h, h_ref) < 1e-4
+
+
+def test_triton_parallel_forward_lowers_to_verified_triton():
+    """For an H100, the parallel forward (Triton's scan over a (chunk, block_d, d_state) tile,
+    with resets and every feature) passes the MLIR verifier, and is the forward's one kernel."""
+    sds = jax.ShapeDtypeStruct
+    b, length, d, n = 2, 100, 64, 16
+    bf, seq = jnp.bfloat16, (b, length, d)
+    args = dict(u=sds(seq, bf), delta=sds(seq, bf), A=sds((d, n), jnp.float32),
+                B=sds((b, length, 1, n), bf), C=sds((b, length, 1, n), bf), D=sds((d,), bf),
+                z=sds(seq, bf), dt_bias=sds((d,), bf), reset=sds((b, length), bool))
+    fn = lambda **a: selective_scan(**a, dt_softplus=True, implementation="triton",  # noqa: E731
+                                    tiles=triton.Tiles(8, 4, 16, parallel_forward=True))
+    with verified_triton_modules() as checked, lowering_for("NVIDIA H100"):
+        text = jax.jit(fn).trace(**args).lower(lowering_platforms=("cuda",)).as_text()
+    assert checked[0] == 1 and "selective_scan_fwd_parallel" in text
+
+
 def test_triton_segments_boundary_pass():
     # enter_states against a sequential composition of the per-segment affine maps.
     k = jax.random.split(jax.random.key(next(_seeds)), 4)

@@ -46,6 +46,7 @@ from jax.experimental.pallas import triton as plgpu
 from pallas_kernels import _ssm_math
 from pallas_kernels._api import device_default
 from pallas_kernels._pallas_util import Refs, operands, out_type
+from pallas_kernels._triton_scan import linear_recurrence
 from pallas_kernels.selective_scan import common
 
 f32 = jnp.float32
@@ -59,12 +60,15 @@ class Tiles:
     registers. Chunks are capped at the length; the warps follow ``block_d`` and ``d_state``
     (about 8 state floats per thread). ``segments > 1`` splits the length into that many
     segments scanned in parallel (see ``forward``); 1 is the sequential scan. Untimed, so the
-    default stays 1; the backward is still the sequential kernel (it reads the same checkpoints)."""
+    default stays 1; the backward is still the sequential kernel (it reads the same checkpoints).
+    ``parallel_forward`` runs the forward that saves no checkpoints ``forward_chunk`` steps at a
+    time as one parallel scan (``_fwd_parallel_kernel``); untimed, so off."""
 
     block_d: int
     chunk: int
     forward_chunk: int
     segments: int = 1
+    parallel_forward: bool = False
 
 
 # Defaults by compute capability ("" is every GPU), from a sweep on an H100 at (8, 2048, 1536, 16)
@@ -95,7 +99,7 @@ def default_tiles(call: common.Call) -> Tiles:
     while cap > 8 and call.batch * call.d_inner // cap < _MIN_PROGRAMS:
         cap //= 2
     block_d = common.largest_power_of_2_divisor(call.d_inner // call.n_groups, cap)
-    return Tiles(block_d, default.chunk, default.forward_chunk, default.segments)
+    return dataclasses.replace(default, block_d=block_d)
 
 
 def supports(call: common.Call, tiles: Tiles) -> str | None:
@@ -111,6 +115,10 @@ def supports(call: common.Call, tiles: Tiles) -> str | None:
     for name in ("chunk", "forward_chunk"):
         if getattr(tiles, name) > _MAX_CHUNK:
             return f"tiles.{name} must be <= {_MAX_CHUNK}, got {getattr(tiles, name)}"
+    if tiles.parallel_forward and (tiles.segments != 1 or tiles.forward_chunk & (
+            tiles.forward_chunk - 1)):
+        return (f"tiles.parallel_forward needs segments == 1 and a power-of-2 forward_chunk, got "
+                f"segments {tiles.segments}, forward_chunk {tiles.forward_chunk}")
     return None
 
 
@@ -127,6 +135,7 @@ def config(call: common.Call, tiles: Tiles, dt_softplus: bool, interpret: bool):
         interpret=interpret,
         fast_math=not interpret,
         segments=tiles.segments,
+        parallel_forward=tiles.parallel_forward,
     )
 
 
@@ -229,6 +238,55 @@ def _fwd_kernel(*refs, length, chunk, n_chunks, softplus, fast_math, flags):
         r.h_final[...] = h
     if r.dt_sum is not None:
         r.dt_sum[...] = dt_sum
+
+
+def _fwd_parallel_kernel(*refs, length, chunk, n_chunks, softplus, fast_math, flags):
+    """The forward that saves no checkpoints, ``chunk`` steps at a time as one ``(chunk,
+    block_d, d_state)`` tile: every step's decay and input at once, ``linear_recurrence`` along
+    the steps (one parallel scan instead of ``chunk`` dependent updates), the carried-in state
+    added through the cumulative decay, and the chunk's y in one store. The next chunk's carry is
+    the last state, taken by a masked sum (a register tile has no row index)."""
+    r = Refs(refs, flags)
+    block_d, d_state = r.A.shape
+    A2 = r.A[...].astype(f32) * common.LOG2E
+    D = None if r.D is None else r.D[...].astype(f32)[None, :]
+    bias = None if r.bias is None else r.bias[...].astype(f32)[None, :]
+    h = jnp.zeros((block_d, d_state), f32) if r.h0 is None else r.h0[...].astype(f32)
+    steps = jax.lax.iota(jnp.int32, chunk)
+    chan, lanes = jax.lax.iota(jnp.int32, block_d), jax.lax.iota(jnp.int32, d_state)
+
+    def chunk_body(c, h):
+        t = c * chunk + steps
+        valid = t < length
+        at = jnp.minimum(t, length - 1)  # loads clamped: interpret mode reads an index in range
+
+        def load(ref, cols):
+            return plgpu.load(ref.at[at[:, None], cols[None, :]], mask=valid[:, None],
+                              other=0.0).astype(f32)
+
+        u, x = load(r.u, chan), load(r.delta, chan)
+        x = x if bias is None else x + bias
+        # Steps past the end get dt = 0: decay 1 and no input, so the state is carried unchanged.
+        dt = jnp.where(valid[:, None], _ssm_math.softplus(x) if softplus else x, 0.0)
+        decay = _exp2(dt[:, :, None] * A2[None], fast_math)
+        if r.reset is not None:
+            keep = 1.0 - plgpu.load(r.reset.at[at], mask=valid, other=0.0).astype(f32)
+            decay = decay * keep[:, None, None]
+        inputs = (dt * u)[:, :, None] * load(r.B, lanes)[:, None, :]
+        carried, states = linear_recurrence(decay, inputs, axis=0)
+        states = states + carried * h[None]
+        y = jnp.sum(states * load(r.C, lanes)[:, None, :], axis=2)
+        if D is not None:
+            y = y + D * u
+        if r.z is not None:
+            y = _ssm_math.gate_and_grad(y, load(r.z, chan))[0]
+        # Unclamped: a clamped duplicate row, masked off, would still be written in interpret mode.
+        plgpu.store(r.y.at[t[:, None], chan[None, :]], y.astype(r.y.dtype), mask=valid[:, None])
+        return jnp.sum(jnp.where((steps == chunk - 1)[:, None, None], states, 0.0), axis=0)
+
+    h = jax.lax.fori_loop(0, n_chunks, chunk_body, h)
+    if r.h_final is not None:
+        r.h_final[...] = h
 
 
 def _bwd_kernel(*refs, length, chunk, n_chunks, softplus, fast_math, flags):
@@ -396,6 +454,17 @@ def forward(u, delta, A, B, C, D, z, dt_bias, h0, reset, cfg: common.ScanConfig,
         h0, h_final = enter_states(local["h_final"], local["dt_sum"], A, h0, kept)
     elif h0 is not None:
         h0 = h0[:, None]
+    if cfg.parallel_forward and not save_checkpoints:
+        # About 16 floats of each (chunk, block_d, d_state) tile per thread.
+        warps = max(1, min(8, chunk * block_d * d_state_p // (32 * 16)))
+        res = _launch(
+            _fwd_parallel_kernel, "selective_scan_fwd_parallel", ins + [("h0", h0, seg_state)],
+            [("y", jax.ShapeDtypeStruct((batch, length, d_inner), u.dtype), seq),
+             ("h_final", per_seg_state, seg_state)],
+            dataclasses.replace(cfg, num_warps=warps), grid=(batch, n_blocks, 1), length=length,
+            chunk=chunk, n_chunks=n_chunks,
+        )  # fmt: skip
+        return res["y"], res["h_final"][:, 0, :, :d_state], None
     ckpt = jax.ShapeDtypeStruct((batch, n_chunks, d_inner, d_state_p), f32)
     res = launch(
         "selective_scan_fwd", ins + [("h0", h0, seg_state)],
