@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.experimental import pallas as pl
-from kernel_checks import verified_triton_modules
+from kernel_checks import NEEDS_GPU, verified_triton_modules
 
 from pallas_kernels import lowering_for
 from pallas_kernels._triton_scan import linear_recurrence
@@ -43,12 +43,15 @@ def _pallas(a, b, axis, interpret):
     return pl.pallas_call(_kernel(axis), out_shape=out, interpret=interpret)(a, b)
 
 
+@pytest.mark.parametrize("interpret", [True, pytest.param(False, marks=NEEDS_GPU)],
+                         ids=["interpret", "compiled"])
 @pytest.mark.parametrize("axis", [0, 1, -1])
-def test_matches_a_loop_in_a_kernel(axis):
+def test_matches_a_loop_in_a_kernel(axis, interpret):
     """Fresh random decays in [0.3, 1) and inputs, a (16, 8, 4) tile scanned along each axis
-    inside an interpret-mode kernel: the cumulative products and states to float32 rounding."""
+    inside a kernel (interpret mode; with a GPU also compiled, Triton's scan): the cumulative
+    products and states to float32 rounding."""
     a, b = _inputs((16, 8, 4))
-    prod, h = _pallas(a, b, axis, interpret=True)
+    prod, h = _pallas(a, b, axis, interpret=interpret)
     want_prod, want_h = _by_loop(a, b, axis)
     np.testing.assert_allclose(prod, want_prod, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(h, want_h, rtol=1e-5, atol=1e-5)
