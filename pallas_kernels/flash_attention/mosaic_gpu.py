@@ -23,11 +23,11 @@ need: that keeps the producer, the consumed barriers and the schedule barrier in
 packed documents (self-attention with segment ids; with ``common.SKIP_DOCUMENTS``) that range
 is narrowed to the blocks of the CTA's documents (``common.document_spans``, two scalars per CTA
 computed in XLA), so a row of short documents costs about what its documents do, not the whole
-row's square. Each walk is split into [masked edge | unmasked interior | masked edge]; the interior pays for no
-causal/window/padding ``where`` (ALiBi's ``-slope * |pos_q - pos_k|`` is computed from the tile's
-positions in every block, so it never changes which blocks are skipped). Scores go through
-``common.transform_scores`` on register tiles, in base 2 (scale, soft cap and ALiBi slopes
-multiplied by log2(e)) so the exponentials are bare ``exp2``.
+row's square. Each walk is split into [masked edge | unmasked interior | masked edge]; the
+interior pays for no causal/window/padding ``where`` (ALiBi's ``-slope * |pos_q - pos_k|`` is
+computed from the tile's positions in every block, so it never changes which blocks are
+skipped). Scores go through ``common.transform_scores`` on register tiles, in base 2 (scale, soft
+cap and ALiBi slopes multiplied by log2(e)) so the exponentials are bare ``exp2``.
 Lengths that are not a multiple of the tiles are padded here: padded keys are masked, padded
 queries are sliced away (in the backward they carry ``dO = 0`` and ``lse = +inf``, hence P = 0).
 """
