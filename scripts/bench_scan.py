@@ -13,9 +13,8 @@ reference on the same inputs (relative error of y and of every gradient). ``--sw
 launch configurations (block_d, chunk, num_warps) at the first shape; ``--ssd`` appends the
 Mamba-2 table of scripts/bench_ssd.py. ``--segments 1 4 8`` times the Triton kernel once per
 segment count (``Tiles.segments``: the segment-parallel scan) in the same table, each checked
-against the reference at the first shape. ``--parallel 8x16`` times the forward that saves no
-checkpoints as one parallel scan per chunk (``Tiles.parallel_forward``) at ``block_d x
-forward_chunk``, forward only (the training forward checkpoints), its y checked the same way.
+against the reference at the first shape. ``--parallel 8x16`` does the same for the kernels
+that scan each chunk as one parallel scan (``Tiles.parallel``) at ``block_d x chunk``.
 """
 
 from __future__ import annotations
@@ -138,6 +137,11 @@ def check(x, dy, cfg, ref):
     return errs
 
 
+def _label(variant) -> str:
+    """A timed variant's name: ``segments=S`` or ``parallel BLOCK_DxCHUNK``."""
+    return f"segments={variant}" if isinstance(variant, int) else variant
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shapes", nargs="*", default=[",".join(map(str, s)) for s in DEFAULT_SHAPES])
@@ -146,7 +150,7 @@ def main(argv=None):
     p.add_argument("--segments", nargs="*", type=int, default=[1],
                    help="Tiles.segments values to time side by side (1: the sequential scan)")
     p.add_argument("--parallel", nargs="*", default=[], metavar="BLOCK_DxCHUNK",
-                   help="parallel-forward tiles to time, forward only (Tiles.parallel_forward)")
+                   help="tiles of the parallel-scan kernels to time (Tiles.parallel)")
     args = p.parse_args(argv)
     shapes = [tuple(int(v) for v in s.split(",")) for s in args.shapes]
 
@@ -162,30 +166,23 @@ def main(argv=None):
                                  dataclasses.replace(default, segments=n))
                 for n in args.segments}  # fmt: skip
         cfg = cfgs[args.segments[0]]
-        parallel = {}
         for spec in args.parallel:
             block_d, chunk = (int(v) for v in spec.split("x"))
-            tiles = triton.Tiles(block_d, default.chunk, chunk, parallel_forward=True)
-            parallel[spec] = triton_config(batch, length, d_inner, d_state, tiles)
+            tiles = triton.Tiles(block_d, chunk, chunk, parallel=True)
+            cfgs[f"parallel {spec}"] = triton_config(batch, length, d_inner, d_state, tiles)
         shape = f"{batch}x{length}x{d_inner}x{d_state}"
         # Checked at the first shape only: the reference's backward at the larger one takes minutes.
         if (batch, length, d_inner, d_state) == shapes[0]:
             ref = fwd_bwd(lax_scan)(x, dy)
             for n, c in cfgs.items():
                 errs = check(x, dy, c, ref)
-                print(f"{shape} triton segments={n} vs reference: "
+                print(f"{shape} triton {_label(n)} vs reference: "
                       + " ".join(f"{k} {v:.1e}" for k, v in errs.items()), flush=True)  # fmt: skip
                 assert all(np.isfinite(v) and v < 2e-2 for v in errs.values()), errs
-            for spec, c in parallel.items():
-                err = rel_err(jax.jit(pallas(c))(*(x[n] for n in GRAD_ARGS)), ref[0])
-                print(f"{shape} triton parallel {spec} vs reference: y {err:.1e}", flush=True)
-                assert np.isfinite(err) and err < 2e-2, err
 
         impls = [("lax.associative_scan", assoc_scan, True)]
-        impls += [("pallas triton" + (f" segments={n}" if len(cfgs) > 1 else ""), pallas(c), True)
+        impls += [("pallas triton" + (f" {_label(n)}" if len(cfgs) > 1 else ""), pallas(c), True)
                   for n, c in cfgs.items()]  # fmt: skip
-        impls += [(f"pallas triton parallel {spec}", pallas(c), False)
-                  for spec, c in parallel.items()]  # fmt: skip
         impls.append(("lax.scan (reference)", lax_scan, False))
         assoc_ms = {}
         for name, fn, with_bwd in impls:

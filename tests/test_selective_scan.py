@@ -124,44 +124,62 @@ def test_triton_segments_match_reference(segments, length, chunk):
                             tiles=triton.Tiles(4, chunk, chunk, segments=segments))
 
 
-@pytest.mark.parametrize("dtype,full,length", [(jnp.float32, True, 11), (jnp.bfloat16, False, 8)],
+@pytest.mark.parametrize("dtype,full,length", [(jnp.float32, True, 37), (jnp.bfloat16, False, 16)],
                          ids=["f32-all-features", "bf16-minimal"])
-def test_triton_parallel_forward_matches_reference(dtype, full, length):
-    # The forward without checkpoints as one parallel scan per 4-step chunk (in interpret mode
-    # the scan is lax.associative_scan): a length the chunk does not divide (a partial last
-    # chunk), two B/C groups, and with every feature an initial state carried into the first
-    # chunk. The gradients go through the checkpointing forward and the sequential backward.
+def test_triton_parallel_matches_reference(dtype, full, length):
+    # Each 16-step chunk as one parallel scan, forward (with and without checkpoints) and
+    # backward (in interpret mode the scan is lax.associative_scan): 37 steps end in a partial
+    # third chunk; two B/C groups; with every feature an initial state enters the first chunk
+    # and its gradient leaves it.
     inputs = make_inputs(2, length, 16, 2, 3, dtype, full=full)
     tol = (1e-5, 1e-4) if dtype == jnp.float32 else (1e-2, 1e-2)
     check_against_reference("triton", inputs, softplus=full, tol_out=tol[0], tol_grad=tol[1],
-                            tiles=triton.Tiles(4, 3, 4, parallel_forward=True))
+                            tiles=triton.Tiles(4, 16, 16, parallel=True))
 
 
-def test_triton_parallel_forward_with_resets_matches_documents_run_alone():
-    """The parallel forward's output and final state with ``reset`` (its decay zeroed at a
-    document's first step) against each document run alone; 4-step chunks put a start at a
-    chunk's first step (8) and inside chunks (3, 6, 7)."""
-    inputs, reset, _, (_, (y_ref, h_ref)) = _reset_case(True)
-    y, h = jax.jit(lambda **a: selective_scan(
-        **a, reset=reset, dt_softplus=True, return_final_state=True, implementation="triton",
-        interpret=True, tiles=triton.Tiles(4, 3, 4, parallel_forward=True)))(**inputs)
-    assert rel_err(y, y_ref) < 1e-4 and rel_err(h, h_ref) < 1e-4
+def test_triton_parallel_with_resets_matches_the_sequential_kernels():
+    """Random document starts over 45 steps (three 16-step chunks, starts inside and at chunk
+    edges, an adjoint carried across them), every feature: output, final state and every
+    gradient of the parallel kernels equal the sequential kernels' (themselves checked against
+    documents run alone), float32 to 1e-5."""
+    inputs = make_inputs(2, 45, 8, 1, 3, jnp.float32, full=True)
+    rng = np.random.default_rng(next(_seeds))
+    reset = jnp.asarray(rng.random((2, 45)) < 0.15).at[:, 16].set(True).at[:, 0].set(False)
+    kw = jax.random.split(jax.random.key(next(_seeds)))
+    weights = (jax.random.normal(kw[0], (2, 45, 8)), jax.random.normal(kw[1], (2, 8, 3)))
+    runs = [_reset_grads(lambda **a: selective_scan(  # noqa: B023
+        **a, reset=reset, implementation="triton", interpret=True, tiles=tiles),
+        inputs, weights, True) for tiles in (triton.Tiles(4, 3, 3),
+                                             triton.Tiles(4, 16, 16, parallel=True))]
+    (g_seq, (y_seq, h_seq)), (g_par, (y_par, h_par)) = runs
+    assert rel_err(y_par, y_seq) < 1e-5 and rel_err(h_par, h_seq) < 1e-5
+    for name, a, b in zip(inputs, g_par, g_seq):
+        assert rel_err(a, b) < 1e-5, name
 
 
-def test_triton_parallel_forward_lowers_to_verified_triton():
-    """For an H100, the parallel forward (Triton's scan over a (chunk, block_d, d_state) tile,
-    with resets and every feature) passes the MLIR verifier, and is the forward's one kernel."""
+def test_triton_parallel_lowers_to_verified_triton():
+    """For an H100, the parallel kernels (Triton's scans over ``(chunk, block_d, d_state)``
+    tiles, the backward's chunk reversed by a tile product; resets and every feature) pass the
+    MLIR verifier: one forward and one backward kernel."""
     sds = jax.ShapeDtypeStruct
     b, length, d, n = 2, 100, 64, 16
     bf, seq = jnp.bfloat16, (b, length, d)
     args = dict(u=sds(seq, bf), delta=sds(seq, bf), A=sds((d, n), jnp.float32),
                 B=sds((b, length, 1, n), bf), C=sds((b, length, 1, n), bf), D=sds((d,), bf),
-                z=sds(seq, bf), dt_bias=sds((d,), bf), reset=sds((b, length), bool))
-    fn = lambda **a: selective_scan(**a, dt_softplus=True, implementation="triton",  # noqa: E731
-                                    tiles=triton.Tiles(8, 4, 16, parallel_forward=True))
+                z=sds(seq, bf), dt_bias=sds((d,), bf))
+    reset = sds((b, length), bool)
+
+    def fwd_bwd(args, reset):
+        fn = lambda a: selective_scan(**a, reset=reset, dt_softplus=True,  # noqa: E731
+                                      implementation="triton",
+                                      tiles=triton.Tiles(8, 16, 16, parallel=True))
+        y, vjp = jax.vjp(fn, args)
+        return vjp(y)
+
     with verified_triton_modules() as checked, lowering_for("NVIDIA H100"):
-        text = jax.jit(fn).trace(**args).lower(lowering_platforms=("cuda",)).as_text()
-    assert checked[0] == 1 and "selective_scan_fwd_parallel" in text
+        text = jax.jit(fwd_bwd).trace(args, reset).lower(lowering_platforms=("cuda",)).as_text()
+    assert checked[0] == 2
+    assert "selective_scan_fwd_parallel" in text and "selective_scan_bwd_parallel" in text
 
 
 def test_triton_segments_boundary_pass():
@@ -262,6 +280,8 @@ RESET_IMPLS = {
     "triton": dict(implementation="triton", interpret=True, tiles=triton.Tiles(4, 3, 3)),
     "triton-segments": dict(implementation="triton", interpret=True,
                             tiles=triton.Tiles(4, 3, 3, segments=4)),
+    "triton-parallel": dict(implementation="triton", interpret=True,
+                            tiles=triton.Tiles(4, 16, 16, parallel=True)),
     "tpu": dict(implementation="tpu", interpret=True, tiles=tpu.Tiles(8, RESET_LENGTH)),
 }
 

@@ -32,8 +32,8 @@ class ScanConfig:
     one float32 checkpoint of the state per chunk for the backward pass to restart from.
     ``forward_chunk`` replaces ``chunk`` in a forward pass that saves no checkpoints (inference),
     where a longer chunk costs no backward registers. ``segments`` splits the length into that
-    many segments scanned in parallel (1: the sequential scan); ``parallel_forward`` scans each
-    ``forward_chunk`` of such a forward as one parallel scan.
+    many segments scanned in parallel (1: the sequential scan); ``parallel`` scans each chunk as
+    one parallel scan, forward and backward.
     """
 
     implementation: str
@@ -45,7 +45,7 @@ class ScanConfig:
     interpret: bool
     fast_math: bool
     segments: int = 1
-    parallel_forward: bool = False
+    parallel: bool = False
 
 
 def next_power_of_2(n: int) -> int:

@@ -61,14 +61,14 @@ class Tiles:
     (about 8 state floats per thread). ``segments > 1`` splits the length into that many
     segments scanned in parallel (see ``forward``); 1 is the sequential scan. Untimed, so the
     default stays 1; the backward is still the sequential kernel (it reads the same checkpoints).
-    ``parallel_forward`` runs the forward that saves no checkpoints ``forward_chunk`` steps at a
-    time as one parallel scan (``_fwd_parallel_kernel``); untimed, so off."""
+    ``parallel`` runs each chunk as one parallel scan over a ``(chunk, block_d, d_state)`` tile,
+    forward and backward (``_fwd_parallel_kernel``, ``_bwd_parallel_kernel``); untimed, so off."""
 
     block_d: int
     chunk: int
     forward_chunk: int
     segments: int = 1
-    parallel_forward: bool = False
+    parallel: bool = False
 
 
 # Defaults by compute capability ("" is every GPU), from a sweep on an H100 at (8, 2048, 1536, 16)
@@ -115,27 +115,30 @@ def supports(call: common.Call, tiles: Tiles) -> str | None:
     for name in ("chunk", "forward_chunk"):
         if getattr(tiles, name) > _MAX_CHUNK:
             return f"tiles.{name} must be <= {_MAX_CHUNK}, got {getattr(tiles, name)}"
-    if tiles.parallel_forward and (tiles.segments != 1 or tiles.forward_chunk & (
-            tiles.forward_chunk - 1)):
-        return (f"tiles.parallel_forward needs segments == 1 and a power-of-2 forward_chunk, got "
-                f"segments {tiles.segments}, forward_chunk {tiles.forward_chunk}")
+    if tiles.parallel and (tiles.segments != 1 or any(
+            n < 16 or n & (n - 1) for n in (tiles.chunk, tiles.forward_chunk))):
+        return (f"tiles.parallel needs segments == 1 and chunks that are powers of 2 >= 16 (the "
+                f"backward reverses a chunk with a tile product), got segments {tiles.segments}, "
+                f"chunk {tiles.chunk}, forward_chunk {tiles.forward_chunk}")
     return None
 
 
 def config(call: common.Call, tiles: Tiles, dt_softplus: bool, interpret: bool):
-    """The launch configuration of ``tiles`` fitted to the call."""
+    """The launch configuration of ``tiles`` fitted to the call (sequential chunks capped at the
+    length; a parallel chunk is one tile shape, its steps past the end masked)."""
     d_state_p = common.next_power_of_2(call.d_state)
+    fit = (lambda n: n) if tiles.parallel else (lambda n: min(n, call.length))
     return common.ScanConfig(
         implementation="triton",
         dt_softplus=dt_softplus,
         block_d=tiles.block_d,
-        chunk=min(tiles.chunk, call.length),
-        forward_chunk=min(tiles.forward_chunk, call.length),
+        chunk=fit(tiles.chunk),
+        forward_chunk=fit(tiles.forward_chunk),
         num_warps=max(1, min(8, tiles.block_d * d_state_p // (32 * _STATE_ELEMS_PER_THREAD))),
         interpret=interpret,
         fast_math=not interpret,
         segments=tiles.segments,
-        parallel_forward=tiles.parallel_forward,
+        parallel=tiles.parallel,
     )
 
 
@@ -240,12 +243,59 @@ def _fwd_kernel(*refs, length, chunk, n_chunks, softplus, fast_math, flags):
         r.dt_sum[...] = dt_sum
 
 
+class _ChunkTile:
+    """Masked loads and stores of one chunk's rows ``t`` (a step vector) of ``(length, columns)``
+    refs, as float32 ``(chunk, columns)`` tiles, zero past the end of the sequence."""
+
+    def __init__(self, r, t, length):
+        self.r, self.t, self.length = r, t, length
+        self.valid = t < length
+        self.at = jnp.minimum(t, length - 1)  # loads clamped: interpret mode reads in range
+
+    def load(self, ref, cols):
+        return plgpu.load(ref.at[self.at[:, None], cols[None, :]], mask=self.valid[:, None],
+                          other=0.0).astype(f32)
+
+    def store(self, ref, cols, value):
+        # Unclamped: a clamped duplicate row, masked off, would still be written in interpret mode.
+        plgpu.store(ref.at[self.t[:, None], cols[None, :]], value.astype(ref.dtype),
+                    mask=self.valid[:, None])
+
+    def decays(self, t, bias, A2, softplus, fast_math):
+        """``(delta + bias, dt, exp(dt A) * (1 - reset))`` of steps ``t`` (this chunk's rows or
+        the next ones'); steps past the end get dt = 0: decay 1 and no input, so the state is
+        carried unchanged and no adjoint flows back from them."""
+        valid, at = t < self.length, jnp.minimum(t, self.length - 1)
+        chan = jax.lax.iota(jnp.int32, A2.shape[0])
+        x = plgpu.load(self.r.delta.at[at[:, None], chan[None, :]], mask=valid[:, None],
+                       other=0.0).astype(f32)
+        x = x if bias is None else x + bias
+        dt = jnp.where(valid[:, None], _ssm_math.softplus(x) if softplus else x, 0.0)
+        decay = _exp2(dt[:, :, None] * A2[None], fast_math)
+        if self.r.reset is not None:
+            keep = 1.0 - plgpu.load(self.r.reset.at[at], mask=valid, other=0.0).astype(f32)
+            decay = decay * keep[:, None, None]
+        return x, dt, decay
+
+
+def _flip(x):
+    """``x`` reversed along its first axis, as the product with the anti-identity (exact at
+    float32 precision): a register tile has no reversed view, and Triton's scan runs forward."""
+    n = x.shape[0]
+    rows = jax.lax.broadcasted_iota(jnp.int32, (n, n), 0)
+    cols = jax.lax.broadcasted_iota(jnp.int32, (n, n), 1)
+    flipped = jax.lax.dot_general(
+        (rows + cols == n - 1).astype(f32), x.reshape(n, -1), (((1,), (0,)), ((), ())),
+        precision=jax.lax.Precision.HIGHEST, preferred_element_type=f32)
+    return flipped.reshape(x.shape)
+
+
 def _fwd_parallel_kernel(*refs, length, chunk, n_chunks, softplus, fast_math, flags):
-    """The forward that saves no checkpoints, ``chunk`` steps at a time as one ``(chunk,
-    block_d, d_state)`` tile: every step's decay and input at once, ``linear_recurrence`` along
-    the steps (one parallel scan instead of ``chunk`` dependent updates), the carried-in state
-    added through the cumulative decay, and the chunk's y in one store. The next chunk's carry is
-    the last state, taken by a masked sum (a register tile has no row index)."""
+    """The forward ``chunk`` steps at a time as one ``(chunk, block_d, d_state)`` tile: every
+    step's decay and input at once, ``linear_recurrence`` along the steps (one parallel scan
+    instead of ``chunk`` dependent updates), the carried-in state added through the cumulative
+    decay, and the chunk's y in one store; with ``ckpt``, the state entering each chunk. The next
+    chunk's carry is the last state, taken by a masked sum (a register tile has no row index)."""
     r = Refs(refs, flags)
     block_d, d_state = r.A.shape
     A2 = r.A[...].astype(f32) * common.LOG2E
@@ -256,37 +306,101 @@ def _fwd_parallel_kernel(*refs, length, chunk, n_chunks, softplus, fast_math, fl
     chan, lanes = jax.lax.iota(jnp.int32, block_d), jax.lax.iota(jnp.int32, d_state)
 
     def chunk_body(c, h):
+        if r.ckpt is not None:
+            r.ckpt[c] = h
         t = c * chunk + steps
-        valid = t < length
-        at = jnp.minimum(t, length - 1)  # loads clamped: interpret mode reads an index in range
-
-        def load(ref, cols):
-            return plgpu.load(ref.at[at[:, None], cols[None, :]], mask=valid[:, None],
-                              other=0.0).astype(f32)
-
-        u, x = load(r.u, chan), load(r.delta, chan)
-        x = x if bias is None else x + bias
-        # Steps past the end get dt = 0: decay 1 and no input, so the state is carried unchanged.
-        dt = jnp.where(valid[:, None], _ssm_math.softplus(x) if softplus else x, 0.0)
-        decay = _exp2(dt[:, :, None] * A2[None], fast_math)
-        if r.reset is not None:
-            keep = 1.0 - plgpu.load(r.reset.at[at], mask=valid, other=0.0).astype(f32)
-            decay = decay * keep[:, None, None]
-        inputs = (dt * u)[:, :, None] * load(r.B, lanes)[:, None, :]
+        tile = _ChunkTile(r, t, length)
+        u = tile.load(r.u, chan)
+        _, dt, decay = tile.decays(t, bias, A2, softplus, fast_math)
+        inputs = (dt * u)[:, :, None] * tile.load(r.B, lanes)[:, None, :]
         carried, states = linear_recurrence(decay, inputs, axis=0)
         states = states + carried * h[None]
-        y = jnp.sum(states * load(r.C, lanes)[:, None, :], axis=2)
+        y = jnp.sum(states * tile.load(r.C, lanes)[:, None, :], axis=2)
         if D is not None:
             y = y + D * u
         if r.z is not None:
-            y = _ssm_math.gate_and_grad(y, load(r.z, chan))[0]
-        # Unclamped: a clamped duplicate row, masked off, would still be written in interpret mode.
-        plgpu.store(r.y.at[t[:, None], chan[None, :]], y.astype(r.y.dtype), mask=valid[:, None])
+            y = _ssm_math.gate_and_grad(y, tile.load(r.z, chan))[0]
+        tile.store(r.y, chan, y)
         return jnp.sum(jnp.where((steps == chunk - 1)[:, None, None], states, 0.0), axis=0)
 
     h = jax.lax.fori_loop(0, n_chunks, chunk_body, h)
     if r.h_final is not None:
         r.h_final[...] = h
+
+
+def _bwd_parallel_kernel(*refs, length, chunk, n_chunks, softplus, fast_math, flags):
+    """The backward a ``(chunk, block_d, d_state)`` tile at a time, chunks in reverse: the
+    chunk's states recomputed from its checkpoint by one parallel scan, then the adjoint
+    ``G_t = dy_t C_t + exp(dt_{t+1} A) G_{t+1}`` (from the later chunks' carry) by another, run
+    on the chunk reversed (``_flip``), and every gradient of the chunk as tile arithmetic. The
+    ``exp(dt_t A) h_{t-1}`` the gradients need is ``h_t - dt_t u_t B_t``: no shifted tile."""
+    r = Refs(refs, flags)
+    block_d, d_state = r.A.shape
+    A = r.A[...].astype(f32)
+    A2 = A * common.LOG2E
+    D = None if r.D is None else r.D[...].astype(f32)[None, :]
+    bias = None if r.bias is None else r.bias[...].astype(f32)[None, :]
+    steps = jax.lax.iota(jnp.int32, chunk)
+    chan, lanes = jax.lax.iota(jnp.int32, block_d), jax.lax.iota(jnp.int32, d_state)
+    zeros_v = jnp.zeros((block_d,), f32)
+    zeros_s = jnp.zeros((block_d, d_state), f32)
+    g = zeros_s if r.dh_final is None else r.dh_final[...].astype(f32)
+    first, last = (steps == 0)[:, None, None], (steps == chunk - 1)[:, None, None]
+
+    def chunk_body(k, carry):
+        g, dA_acc, dD_acc, dbias_acc = carry
+        c = n_chunks - 1 - k
+        t = c * chunk + steps
+        tile = _ChunkTile(r, t, length)
+        x, dt, decay = tile.decays(t, bias, A2, softplus, fast_math)
+        _, _, decay_next = tile.decays(t + 1, bias, A2, softplus, fast_math)
+        u, dout = tile.load(r.u, chan), tile.load(r.dout, chan)
+        B, C = tile.load(r.B, lanes), tile.load(r.C, lanes)
+        dtu = dt * u
+        inputs = dtu[:, :, None] * B[:, None, :]
+        carried, states = linear_recurrence(decay, inputs, axis=0)
+        states = states + carried * r.ckpt[c].astype(f32)[None]
+        if r.z is not None:
+            y = jnp.sum(states * C[:, None, :], axis=2)
+            if D is not None:
+                y = y + D * u
+            _, dy, dz = _ssm_math.gate_and_grad(y, tile.load(r.z, chan))
+            dy, dz = dout * dy, dout * dz
+            tile.store(r.dz, chan, dz)
+        else:
+            dy = dout
+        # The carry ``g`` already holds the next chunk's first decay: the last row takes it as is.
+        ahead = jnp.where(last, 1.0, decay_next)
+        prods, sums = linear_recurrence(_flip(ahead), _flip(dy[:, :, None] * C[:, None, :]))
+        adj = _flip(sums + prods * g[None])
+        g_dot_B = jnp.sum(adj * B[:, None, :], axis=2)
+        g_h = adj * (states - inputs)
+        du = dt * g_dot_B if D is None else dt * g_dot_B + D * dy
+        ddt = u * g_dot_B + jnp.sum(g_h * A[None], axis=2)
+        dA_acc = dA_acc + jnp.sum(g_h * dt[:, :, None], axis=0)
+        if D is not None:
+            dD_acc = dD_acc + jnp.sum(dy * u, axis=0)
+        if softplus:
+            ddt = ddt * _ssm_math.sigmoid(x)
+        ddt = jnp.where(tile.valid[:, None], ddt, 0.0)
+        dbias_acc = dbias_acc + jnp.sum(ddt, axis=0)
+        tile.store(r.du, chan, du)
+        tile.store(r.ddelta, chan, ddt)
+        tile.store(r.dB, lanes, jnp.sum(adj * dtu[:, :, None], axis=1))
+        tile.store(r.dC, lanes, jnp.sum(dy[:, :, None] * states, axis=1))
+        g = jnp.sum(jnp.where(first, adj * decay, 0.0), axis=0)
+        return g, dA_acc, dD_acc, dbias_acc
+
+    g, dA_acc, dD_acc, dbias_acc = jax.lax.fori_loop(
+        0, n_chunks, chunk_body, (g, zeros_s, zeros_v, zeros_v)
+    )
+    r.dA[...] = dA_acc
+    if r.dD is not None:
+        r.dD[...] = dD_acc
+    if r.dbias is not None:
+        r.dbias[...] = dbias_acc
+    if r.dh0 is not None:
+        r.dh0[...] = g
 
 
 def _bwd_kernel(*refs, length, chunk, n_chunks, softplus, fast_math, flags):
@@ -378,6 +492,13 @@ def _pad_state(x, d_state_p, axis=-1):
     return jnp.pad(x, pad)
 
 
+def _parallel_cfg(cfg: common.ScanConfig, chunk: int, d_state_p: int) -> common.ScanConfig:
+    """``cfg`` with the warps of a parallel kernel: about 16 floats of each ``(chunk, block_d,
+    d_state)`` tile per thread."""
+    warps = chunk * cfg.block_d * d_state_p // (32 * 16)
+    return dataclasses.replace(cfg, num_warps=max(1, min(8, warps)))
+
+
 def _compiler_params(cfg: common.ScanConfig):
     return plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=1)
 
@@ -454,20 +575,14 @@ def forward(u, delta, A, B, C, D, z, dt_bias, h0, reset, cfg: common.ScanConfig,
         h0, h_final = enter_states(local["h_final"], local["dt_sum"], A, h0, kept)
     elif h0 is not None:
         h0 = h0[:, None]
-    if cfg.parallel_forward and not save_checkpoints:
-        # About 16 floats of each (chunk, block_d, d_state) tile per thread.
-        warps = max(1, min(8, chunk * block_d * d_state_p // (32 * 16)))
-        res = _launch(
-            _fwd_parallel_kernel, "selective_scan_fwd_parallel", ins + [("h0", h0, seg_state)],
-            [("y", jax.ShapeDtypeStruct((batch, length, d_inner), u.dtype), seq),
-             ("h_final", per_seg_state, seg_state)],
-            dataclasses.replace(cfg, num_warps=warps), grid=(batch, n_blocks, 1), length=length,
-            chunk=chunk, n_chunks=n_chunks,
-        )  # fmt: skip
-        return res["y"], res["h_final"][:, 0, :, :d_state], None
     ckpt = jax.ShapeDtypeStruct((batch, n_chunks, d_inner, d_state_p), f32)
+    if cfg.parallel:
+        launch = functools.partial(
+            _launch, _fwd_parallel_kernel, cfg=_parallel_cfg(cfg, chunk, d_state_p),
+            grid=(batch, n_blocks, 1), length=length, chunk=chunk, n_chunks=n_chunks)
     res = launch(
-        "selective_scan_fwd", ins + [("h0", h0, seg_state)],
+        "selective_scan_fwd_parallel" if cfg.parallel else "selective_scan_fwd",
+        ins + [("h0", h0, seg_state)],
         [("y", jax.ShapeDtypeStruct((batch, length, d_inner), u.dtype), seq),
          ("h_final", per_seg_state if n_seg == 1 else None, seg_state),
          ("dt_sum", None, None),
@@ -519,8 +634,10 @@ def backward(dy, dh_final, u, delta, A, B, C, D, z, dt_bias, h0, reset, ckpt,
     per_state = jax.ShapeDtypeStruct((batch, d_inner, d_state_p), f32)
     per_chan = jax.ShapeDtypeStruct((batch, d_inner), f32)
     if_given = lambda x, shape: None if x is None else shape
+    kernel, name = ((_bwd_parallel_kernel, "selective_scan_bwd_parallel") if cfg.parallel
+                    else (_bwd_kernel, "selective_scan_bwd"))
     res = _launch(
-        _bwd_kernel, "selective_scan_bwd",
+        kernel, name,
         [("dout", dy, seq), ("u", u, seq), ("delta", delta, seq), ("A", A_p, chan_state),
          ("B", B_p, grp), ("C", C_p, grp), ("D", D, chan), ("z", z, seq),
          ("bias", dt_bias, chan), ("dh_final", dh_final_p, state), ("reset", reset, row),
@@ -535,7 +652,8 @@ def backward(dy, dh_final, u, delta, A, B, C, D, z, dt_bias, h0, reset, ckpt,
          ("dD", if_given(D, per_chan), row_chan),
          ("dbias", if_given(dt_bias, per_chan), row_chan),
          ("dh0", if_given(h0, per_state), state)],
-        cfg, grid=(batch, n_blocks), length=length, chunk=chunk, n_chunks=n_chunks,
+        _parallel_cfg(cfg, chunk, d_state_p) if cfg.parallel else cfg, grid=(batch, n_blocks),
+        length=length, chunk=chunk, n_chunks=n_chunks,
     )  # fmt: skip
 
     def group_sum(part, like):
