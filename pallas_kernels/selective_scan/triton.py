@@ -328,6 +328,26 @@ def _fwd_parallel_kernel(*refs, length, chunk, n_chunks, softplus, fast_math, fl
         r.h_final[...] = h
 
 
+def _run_backward(r, chunk_body, n_chunks):
+    """A backward kernel's loop over its chunks, last first, from the final state's gradient:
+    ``chunk_body(k, (g, dA, dD, d dt_bias))`` carries the adjoint and the per-program sums, which
+    are written at the end with the initial state's gradient (the adjoint left at step 0)."""
+    block_d, d_state = r.A.shape
+    zeros_v = jnp.zeros((block_d,), f32)
+    zeros_s = jnp.zeros((block_d, d_state), f32)
+    g = zeros_s if r.dh_final is None else r.dh_final[...].astype(f32)
+    g, dA_acc, dD_acc, dbias_acc = jax.lax.fori_loop(
+        0, n_chunks, chunk_body, (g, zeros_s, zeros_v, zeros_v)
+    )
+    r.dA[...] = dA_acc
+    if r.dD is not None:
+        r.dD[...] = dD_acc
+    if r.dbias is not None:
+        r.dbias[...] = dbias_acc
+    if r.dh0 is not None:
+        r.dh0[...] = g
+
+
 def _bwd_parallel_kernel(*refs, length, chunk, n_chunks, softplus, fast_math, flags):
     """The backward a ``(chunk, block_d, d_state)`` tile at a time, chunks in reverse: the
     chunk's states recomputed from its checkpoint by one parallel scan, then the adjoint
@@ -342,9 +362,6 @@ def _bwd_parallel_kernel(*refs, length, chunk, n_chunks, softplus, fast_math, fl
     bias = None if r.bias is None else r.bias[...].astype(f32)[None, :]
     steps = jax.lax.iota(jnp.int32, chunk)
     chan, lanes = jax.lax.iota(jnp.int32, block_d), jax.lax.iota(jnp.int32, d_state)
-    zeros_v = jnp.zeros((block_d,), f32)
-    zeros_s = jnp.zeros((block_d, d_state), f32)
-    g = zeros_s if r.dh_final is None else r.dh_final[...].astype(f32)
     first, last = (steps == 0)[:, None, None], (steps == chunk - 1)[:, None, None]
 
     def chunk_body(k, carry):
@@ -391,16 +408,7 @@ def _bwd_parallel_kernel(*refs, length, chunk, n_chunks, softplus, fast_math, fl
         g = jnp.sum(jnp.where(first, adj * decay, 0.0), axis=0)
         return g, dA_acc, dD_acc, dbias_acc
 
-    g, dA_acc, dD_acc, dbias_acc = jax.lax.fori_loop(
-        0, n_chunks, chunk_body, (g, zeros_s, zeros_v, zeros_v)
-    )
-    r.dA[...] = dA_acc
-    if r.dD is not None:
-        r.dD[...] = dD_acc
-    if r.dbias is not None:
-        r.dbias[...] = dbias_acc
-    if r.dh0 is not None:
-        r.dh0[...] = g
+    _run_backward(r, chunk_body, n_chunks)
 
 
 def _bwd_kernel(*refs, length, chunk, n_chunks, softplus, fast_math, flags):
@@ -410,9 +418,6 @@ def _bwd_kernel(*refs, length, chunk, n_chunks, softplus, fast_math, flags):
     A2 = A * common.LOG2E
     D = None if r.D is None else r.D[...].astype(f32)
     bias = None if r.bias is None else r.bias[...].astype(f32)
-    zeros_v = jnp.zeros((block_d,), f32)
-    zeros_s = jnp.zeros((block_d, d_state), f32)
-    g = zeros_s if r.dh_final is None else r.dh_final[...].astype(f32)
 
     def chunk_body(k, carry):
         g, dA_acc, dD_acc, dbias_acc = carry
@@ -436,7 +441,7 @@ def _bwd_kernel(*refs, length, chunk, n_chunks, softplus, fast_math, flags):
                 _store_row(r.dz, s["t"], s["valid"], dz)
             else:
                 dy = dout
-            du = zeros_v
+            du = 0.0  # the D skip's term, then the state's
             if D is not None:
                 du = dy * D
                 dD_acc = dD_acc + dy * u
@@ -457,16 +462,7 @@ def _bwd_kernel(*refs, length, chunk, n_chunks, softplus, fast_math, flags):
             g = g * decay
         return g, dA_acc, dD_acc, dbias_acc
 
-    g, dA_acc, dD_acc, dbias_acc = jax.lax.fori_loop(
-        0, n_chunks, chunk_body, (g, zeros_s, zeros_v, zeros_v)
-    )
-    r.dA[...] = dA_acc
-    if r.dD is not None:
-        r.dD[...] = dD_acc
-    if r.dbias is not None:
-        r.dbias[...] = dbias_acc
-    if r.dh0 is not None:
-        r.dh0[...] = g
+    _run_backward(r, chunk_body, n_chunks)
 
 
 def _specs(batch, length, d_inner, d_state, n_groups, block_d):
