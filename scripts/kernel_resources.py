@@ -38,6 +38,7 @@ from pallas_kernels.flash_attention.common import AttentionSpec
 from pallas_kernels.gated_rms_norm import gated_rms_norm
 from pallas_kernels.layer_norm import layer_norm
 from pallas_kernels.selective_scan import selective_scan
+from pallas_kernels.selective_scan import triton as selective_scan_triton
 from pallas_kernels.ssd import common as ssd_common
 from pallas_kernels.ssd import ssd
 from pallas_kernels.ssd import triton as ssd_triton
@@ -158,15 +159,19 @@ def _selective_scan_case():
     shape = bench_scan.DEFAULT_SHAPES[0]
     x, _ = jax.eval_shape(lambda: bench_scan.make_inputs(*shape))  # shapes only, no arrays
 
-    def scan(u, delta, A, B, C, D, z, bias, reset=None):
+    def scan(u, delta, A, B, C, D, z, bias, reset=None, tiles=None):
         return selective_scan(u, delta, A, B, C, D=D, z=z, dt_bias=bias, dt_softplus=True,
-                              reset=reset, implementation="triton")
+                              reset=reset, implementation="triton", tiles=tiles)
 
     label = "selective_scan " + "x".join(map(str, shape))
     args = tuple(x[n] for n in bench_scan.GRAD_ARGS)
     yield label, None, _fwd_bwd(scan, 8), args
     reset = _SDS(args[0].shape[:2], jnp.bool_)  # packed documents
     yield label + " reset", None, _fwd_bwd(scan, 8), args + (reset,)
+    for block_d in (4, 8, 16):  # the parallel-scan kernels (Tiles.parallel) at 16-step chunks
+        tiles = selective_scan_triton.Tiles(block_d, 16, 16, parallel=True)
+        yield (f"{label} parallel {block_d}x16", None,
+               _fwd_bwd(functools.partial(scan, tiles=tiles), 8), args)
 
 
 def _ssd_case(device_kind: str):

@@ -488,10 +488,14 @@ def _pad_state(x, d_state_p, axis=-1):
     return jnp.pad(x, pad)
 
 
-def _parallel_cfg(cfg: common.ScanConfig, chunk: int, d_state_p: int) -> common.ScanConfig:
-    """``cfg`` with the warps of a parallel kernel: about 16 floats of each ``(chunk, block_d,
-    d_state)`` tile per thread."""
-    warps = chunk * cfg.block_d * d_state_p // (32 * 16)
+def _parallel_cfg(cfg: common.ScanConfig, chunk: int, d_state_p: int,
+                  per_thread: int) -> common.ScanConfig:
+    """``cfg`` with the warps of a parallel kernel: about ``per_thread`` floats of each ``(chunk,
+    block_d, d_state)`` tile per thread (at most 8 warps). ptxas (sm_90, triton 3.6, 8 x 2048 x
+    1536 x 16 with every feature, scripts/kernel_resources.py): the forward at 16 needs 92-104
+    registers; the backward, which holds about a dozen such tiles, spills at 16 (36 B at 4 x 16)
+    and fits at 8 (237-242 registers at 4 x 16 and 8 x 16)."""
+    warps = chunk * cfg.block_d * d_state_p // (32 * per_thread)
     return dataclasses.replace(cfg, num_warps=max(1, min(8, warps)))
 
 
@@ -574,7 +578,7 @@ def forward(u, delta, A, B, C, D, z, dt_bias, h0, reset, cfg: common.ScanConfig,
     ckpt = jax.ShapeDtypeStruct((batch, n_chunks, d_inner, d_state_p), f32)
     if cfg.parallel:
         launch = functools.partial(
-            _launch, _fwd_parallel_kernel, cfg=_parallel_cfg(cfg, chunk, d_state_p),
+            _launch, _fwd_parallel_kernel, cfg=_parallel_cfg(cfg, chunk, d_state_p, 16),
             grid=(batch, n_blocks, 1), length=length, chunk=chunk, n_chunks=n_chunks)
     res = launch(
         "selective_scan_fwd_parallel" if cfg.parallel else "selective_scan_fwd",
@@ -648,7 +652,7 @@ def backward(dy, dh_final, u, delta, A, B, C, D, z, dt_bias, h0, reset, ckpt,
          ("dD", if_given(D, per_chan), row_chan),
          ("dbias", if_given(dt_bias, per_chan), row_chan),
          ("dh0", if_given(h0, per_state), state)],
-        _parallel_cfg(cfg, chunk, d_state_p) if cfg.parallel else cfg, grid=(batch, n_blocks),
+        _parallel_cfg(cfg, chunk, d_state_p, 8) if cfg.parallel else cfg, grid=(batch, n_blocks),
         length=length, chunk=chunk, n_chunks=n_chunks,
     )  # fmt: skip
 
