@@ -362,6 +362,8 @@ TPU = Lowering("tpu", "tpu", dict(interpret=True, tiles=tpu.Tiles(16, 16, 16, 16
     "alibi_head_dim_128_offset", "causal_gqa_segments_alibi_dead_rows", "window_beyond_the_keys",
     "bfloat16_causal_softcap", "float16_head_dim_256_default_tiles",
 ))
+
+
 def skip_documents(monkeypatch):
     """The GPU kernels' document spans on (``common.SKIP_DOCUMENTS``, off by default)."""
     monkeypatch.setattr(fa_common, "SKIP_DOCUMENTS", True)
