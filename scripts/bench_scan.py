@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
 import sys
 
 import jax
@@ -152,6 +153,9 @@ def main(argv=None):
     p.add_argument("--parallel", nargs="*", default=[], metavar="BLOCK_DxCHUNK",
                    help="tiles of the parallel-scan kernels to time (Tiles.parallel)")
     args = p.parse_args(argv)
+    for spec in args.parallel:
+        if not re.fullmatch(r"\d+x\d+", spec):
+            p.error(f"--parallel takes BLOCK_DxCHUNK (e.g. 8x16), got {spec!r}")
     shapes = [tuple(int(v) for v in s.split(",")) for s in args.shapes]
 
     print(benchlib.device_description(), flush=True)

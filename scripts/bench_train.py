@@ -333,7 +333,7 @@ def main(argv=None) -> None:
         args.steps, args.warmup = min(args.steps, SMOKE["steps"]), min(args.warmup, SMOKE["warmup"])
     configs = [c for c in args.configs.split(",") if c]
     if args.documents < 1 or (args.documents > 1 and not args.skip_torch):
-        raise SystemExit(f"--documents must be >= 1 (got {args.documents}), and above 1 needs "
+        parser.error(f"--documents must be >= 1 (got {args.documents}), and above 1 needs "
                          "--skip-torch: the torch baseline packs no documents")
 
     def per_config(text, key):

@@ -467,6 +467,10 @@ def test_bad_groups_and_options_raise():
     with pytest.raises(ValueError, match="tiles.segments must be a positive int, got 0"):
         selective_scan(**inputs, implementation="triton", interpret=True,
                        tiles=triton.Tiles(8, 4, 4, segments=0))
+    with pytest.raises(ValueError, match=r"tiles.parallel needs segments == 1 and chunks that "
+                                         r"are powers of 2 >= 16 .* chunk 4, forward_chunk 4"):
+        selective_scan(**inputs, implementation="triton", interpret=True,
+                       tiles=triton.Tiles(4, 4, 4, parallel=True))
     with pytest.raises(ValueError, match=r"tiles must be a .*triton\.Tiles, got .*tpu\.Tiles"):
         selective_scan(**inputs, implementation="triton", interpret=True, tiles=tpu.Tiles(8, 4))
     with pytest.raises(ValueError, match="name it with implementation="):

@@ -290,11 +290,15 @@ def key_blocks(q_first, rows: int, block_k: int, num_k_blocks: int, spec: Attent
 SKIP_DOCUMENTS = False
 
 
-def has_document_spans(spec: AttentionSpec, q_len: int, kv_len: int) -> bool:
-    """Whether ``document_spans`` applies: with ``SKIP_DOCUMENTS``, self-attention with segment
-    ids (one length, no query offset), where a query's and a key's position index the same
-    ids."""
-    return SKIP_DOCUMENTS and spec.has_segment_ids and spec.q_offset == 0 and q_len == kv_len
+def kernel_spans(q_seg, kv_seg, spec: AttentionSpec, ctas: int, rows: int, block: int,
+                 num_blocks: int) -> list:
+    """``[document_spans(...)]`` as a kernel's extra input where they apply, else ``[]``: with
+    ``SKIP_DOCUMENTS``, self-attention with segment ids (one length, no query offset), where a
+    query's and a key's position index the same ids."""
+    if (not SKIP_DOCUMENTS or q_seg is None or spec.q_offset != 0
+            or q_seg.shape[1] != kv_seg.shape[1]):
+        return []
+    return [document_spans(q_seg, kv_seg, ctas, rows, block, num_blocks)]
 
 
 def document_spans(q_seg, kv_seg, ctas: int, rows: int, block: int, num_blocks: int):

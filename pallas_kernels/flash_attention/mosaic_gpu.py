@@ -55,9 +55,8 @@ from pallas_kernels.flash_attention.common import (
     Call,
     base2,
     clip_blocks,
-    document_spans,
-    has_document_spans,
     kernel_refs,
+    kernel_spans,
     key_blocks,
     pad_to,
     query_blocks,
@@ -342,11 +341,9 @@ def _within_documents(parts, spans_ref, batch, cta, ctas):
     return clip_blocks(parts, spans_ref[at], spans_ref[at + 1])
 
 
-def _spans(q_seg, kv_seg, spec, ctas, rows, block, num_blocks):
-    """``[document_spans(...)]``, flat, as a kernel's extra input when they apply, else ``[]``."""
-    if q_seg is None or not has_document_spans(spec, q_seg.shape[1], kv_seg.shape[1]):
-        return []
-    return [document_spans(q_seg, kv_seg, ctas, rows, block, num_blocks).reshape(-1)]
+def _spans(*args):
+    """``common.kernel_spans(*args)``, flat (the kernels read two scalars at a computed index)."""
+    return [spans.reshape(-1) for spans in kernel_spans(*args)]
 
 
 def _stream_kv(refs, smem, bars, *, batch, kv_head, lay, first, bk, n_steps, stages):

@@ -45,9 +45,8 @@ from pallas_kernels.flash_attention.common import (
     Call,
     base2,
     clip_blocks,
-    document_spans,
-    has_document_spans,
     kernel_refs,
+    kernel_spans,
     key_blocks,
     pad_to,
     query_blocks,
@@ -207,12 +206,10 @@ def _within_documents(r, parts):
 
 
 def _spans(q_seg, kv_seg, spec, ctas, rows, block, num_blocks, index_map):
-    """``([spans], [their BlockSpec])``: the program's two ``document_spans`` bounds, or
-    ``([], [])`` when they do not apply. ``index_map`` gives ``(batch, program's block)``."""
-    if q_seg is None or not has_document_spans(spec, q_seg.shape[1], kv_seg.shape[1]):
-        return [], []
-    return ([document_spans(q_seg, kv_seg, ctas, rows, block, num_blocks)],
-            [pl.BlockSpec((None, None, 2), lambda *ids: (*index_map(*ids), 0))])
+    """``(common.kernel_spans(...), their BlockSpecs)``: each program reads its own two bounds;
+    ``index_map`` gives ``(batch, program's block)``."""
+    spans = kernel_spans(q_seg, kv_seg, spec, ctas, rows, block, num_blocks)
+    return spans, [pl.BlockSpec((None, None, 2), lambda *ids: (*index_map(*ids), 0))] * len(spans)
 
 
 def _fwd_kernel(*refs, spec2, tiles, nq, nk, kv_len, has_seg, has_alibi, has_spans):
