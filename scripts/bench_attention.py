@@ -42,11 +42,11 @@ PALLAS = ("triton", "mosaic_gpu")
 BASELINES = ("cudnn", "cudnn_masked", "xla")
 # Implementations run with a module switch set while the call is traced, for rows of packed
 # documents (``--documents``): cudnn_masked, cuDNN with its packed-rows layout off (an explicit
-# mask; "cudnn" runs them on the packed layout); mosaic_gpu_documents / triton_documents, those
-# kernels with their block loops narrowed to the documents (``common.SKIP_DOCUMENTS``).
+# mask; "cudnn" runs them on the packed layout); mosaic_gpu_all_blocks / triton_all_blocks, those
+# kernels walking every block of a row (``common.SKIP_DOCUMENTS`` off), masking other documents.
 SWITCHED = {"cudnn_masked": ("cudnn", fa_cudnn, "PACKED_ROWS", False),
-            "mosaic_gpu_documents": ("mosaic_gpu", fa_common, "SKIP_DOCUMENTS", True),
-            "triton_documents": ("triton", fa_common, "SKIP_DOCUMENTS", True)}
+            "mosaic_gpu_all_blocks": ("mosaic_gpu", fa_common, "SKIP_DOCUMENTS", False),
+            "triton_all_blocks": ("triton", fa_common, "SKIP_DOCUMENTS", False)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,18 +120,18 @@ def attention_fn(impl: str, row: Row):
         implementation=name, interpret=INTERPRET and name in PALLAS,
         alibi_slopes=slopes if row.alibi and name in PALLAS else None,
     )
-    if not switch:
-        return fn
-
-    def switched(*args):  # the switch is read when jit traces the call
-        with _switch(*switch):
-            return fn(*args)
-
-    return switched
+    return fn
 
 
 @contextlib.contextmanager
-def _switch(module, flag: str, value: bool):
+def switched(impl: str):
+    """``impl``'s module switch (``SWITCHED``) set while its calls are traced and run: around the
+    whole jitted call, as a custom VJP's backward is traced after its forward returns."""
+    _, *switch = SWITCHED.get(impl, (impl,))
+    if not switch:
+        yield
+        return
+    module, flag, value = switch
     before = getattr(module, flag)
     setattr(module, flag, value)
     try:
@@ -191,7 +191,8 @@ def bench(rows, impls, iters, results):
                 ("fwd+bwd", fwd_bwd(fn), (q, k, v, d_out), 3.5),
             ):
                 try:
-                    ms = time_ms(call, *args, iters=iters)
+                    with switched(impl):
+                        ms = time_ms(call, *args, iters=iters)
                     cells += [ms, mult * flops / ms / 1e9]
                 except Exception as e:  # noqa: BLE001 - a failing baseline is reported, not fatal
                     cells += [short_error(e), "-"]
@@ -216,7 +217,8 @@ def check_vs_baseline(rows, impls, baseline):
         for impl in impls:
             try:
                 fn = attention_fn(impl, row)
-                got = (jax.jit(fn)(q, k, v), *fwd_bwd(fn)(q, k, v, d_out))
+                with switched(impl):
+                    got = (jax.jit(fn)(q, k, v), *fwd_bwd(fn)(q, k, v, d_out))
                 errs = [rel_err(g, r) for g, r in zip(got, ref)]
                 ok = all(e < 2e-2 for e in errs)
                 table.append([row.name, impl, *errs, "ok" if ok else "FAIL"])
@@ -430,6 +432,7 @@ def main():
     if not args.no_bench:
         results = []
         report["bench"] = bench(rows, impls, args.iters, results)
+    os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "bench_attention.json"), "w") as f:
         json.dump(report, f, indent=1, default=str)
 

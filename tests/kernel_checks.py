@@ -334,7 +334,7 @@ _TRITON_CASES = (
     "mha_noncausal", "causal_gqa_segments", "window_softcap_mqa", "decode_q_offset",
     "chunk_q_offset_window", "short_q_mqa_alibi", "long_q_causal_alibi_softcap",
     "head_dim_128_causal", "head_dim_256", "bfloat16_causal_gqa", "float16_window",
-    "dead_rows_segments_window",
+    "dead_rows_segments_window", "bfloat16_causal_documents", "bfloat16_documents",
 )
 _HOPPER_CASES = tuple(name for name in ATTENTION_CASES if name.startswith("hopper_"))
 _CUDNN_CASES = ("bfloat16_causal_gqa", "float16_window", "bfloat16_segments_q_offset",
@@ -364,36 +364,33 @@ TPU = Lowering("tpu", "tpu", dict(interpret=True, tiles=tpu.Tiles(16, 16, 16, 16
 ))
 
 
-def skip_documents(monkeypatch):
-    """The GPU kernels' document spans on (``common.SKIP_DOCUMENTS``, off by default)."""
-    monkeypatch.setattr(fa_common, "SKIP_DOCUMENTS", True)
+def walk_all_blocks(monkeypatch):
+    """The GPU kernels' document spans off (``common.SKIP_DOCUMENTS``, on by default): packed
+    rows walk every block, masking the other documents' keys."""
+    monkeypatch.setattr(fa_common, "SKIP_DOCUMENTS", False)
 
 
 MOSAIC_GPU = Lowering("mosaic_gpu", "mosaic_gpu", dict(interpret=True, tiles=mosaic_gpu.Tiles(
     *(mosaic_gpu.KernelTiles(64, 64, stages) for stages in (3, 2, 2)))),
     ("bfloat16_gqa_padded", "bfloat16_every_mask", "bfloat16_alibi_gqa_segments",
      "bfloat16_causal_alibi_offset", "float16_head_dim_256_causal_gqa_alibi_segments",
-     "bfloat16_head_dim_256_padded", "bfloat16_causal_future_segment"))
-# The cases with packed documents, with the spans on (the kernels without them run above).
-MOSAIC_GPU_DOCUMENTS = dataclasses.replace(
-    MOSAIC_GPU, label="mosaic_gpu_documents",
-    cases=("bfloat16_causal_documents", "bfloat16_documents",
-           "float16_head_dim_256_causal_gqa_alibi_segments"),
-    setup=skip_documents)
-TRITON_DOCUMENTS = dataclasses.replace(
-    TRITON, label="triton_documents",
-    cases=("bfloat16_causal_documents", "bfloat16_documents", "causal_gqa_segments"),
-    setup=skip_documents)
+     "bfloat16_head_dim_256_padded", "bfloat16_causal_future_segment",
+     "bfloat16_causal_documents", "bfloat16_documents"))
+# Cases with segment ids, with the document spans off (the lowerings above run them on).
+MOSAIC_GPU_ALL_BLOCKS = dataclasses.replace(
+    MOSAIC_GPU, label="mosaic_gpu_all_blocks",
+    cases=("bfloat16_causal_documents", "float16_head_dim_256_causal_gqa_alibi_segments"),
+    setup=walk_all_blocks)
+TRITON_ALL_BLOCKS = dataclasses.replace(
+    TRITON, label="triton_all_blocks",
+    cases=("bfloat16_documents", "causal_gqa_segments"), setup=walk_all_blocks)
 # cuDNN's masks, checked on CPU through jax's XLA attention (which has no float16 there).
 CUDNN_AS_XLA = Lowering("cudnn_as_xla", "cudnn", {},
                         tuple(c for c in _CUDNN_CASES if not c.startswith("float16")),
                         setup=_cudnn_as_xla)
 ATTENTION_LOWERINGS = (
-    TRITON, TRITON_DOCUMENTS, TPU, MOSAIC_GPU, MOSAIC_GPU_DOCUMENTS, CUDNN_AS_XLA,
+    TRITON, TRITON_ALL_BLOCKS, TPU, MOSAIC_GPU, MOSAIC_GPU_ALL_BLOCKS, CUDNN_AS_XLA,
     Lowering("triton_compiled", "triton", {}, _TRITON_CASES, (NEEDS_GPU,)),
-    Lowering("triton_compiled_documents", "triton", {}, ("bfloat16_causal_documents",),
-             (NEEDS_GPU,), skip_documents),
-    Lowering("mosaic_gpu_compiled", "mosaic_gpu", {}, _HOPPER_CASES, (NEEDS_HOPPER,),
-             skip_documents),
+    Lowering("mosaic_gpu_compiled", "mosaic_gpu", {}, _HOPPER_CASES, (NEEDS_HOPPER,)),
     Lowering("cudnn", "cudnn", {}, _CUDNN_CASES, (NEEDS_GPU,)),
 )

@@ -120,21 +120,23 @@ def test_auto_on_hopper_reads_it_in_place():
 
 
 def test_packed_documents_on_hopper_pass_block_spans(monkeypatch):
-    """With segment ids (and ``SKIP_DOCUMENTS``), each of the three Mosaic GPU kernels lowered
-    for an H100 takes the ``document_spans`` (one flat int32 operand), by which it skips other
-    documents' blocks."""
-    monkeypatch.setattr(fa_common, "SKIP_DOCUMENTS", True)
+    """With segment ids and ``SKIP_DOCUMENTS``, each of the three Mosaic GPU kernels lowered for
+    an H100 takes the ``document_spans`` (one flat int32 operand), by which it skips other
+    documents' blocks; without the switch none does, and turning it on after a call of the same
+    shapes is not hidden by the kernels' jit cache."""
     qkv = jax.ShapeDtypeStruct((2, 256, 2, 3, 64), jnp.bfloat16)
     seg = jax.ShapeDtypeStruct((2, 256), jnp.int32)
-    grad = jax.jit(jax.grad(lambda x, s: jnp.sum(flash_attention_qkv(
-        x, causal=True, segment_ids=s).astype(jnp.float32))))
-    with lowering_for("NVIDIA H100"):
-        text = grad.trace(qkv, seg).lower(lowering_platforms=("cuda",)).as_text()
-    kernels = [line for line in text.splitlines() if "custom_call @mosaic_gpu" in line]
-    assert len(kernels) == 3
-    for call in kernels:
-        operands = call.rpartition(" : (")[2].partition(") ->")[0]
-        assert re.search(r"tensor<\d+xi32>", operands), operands
+    for skip in (False, True):
+        monkeypatch.setattr(fa_common, "SKIP_DOCUMENTS", skip)
+        grad = jax.jit(jax.grad(lambda x, s: jnp.sum(flash_attention_qkv(
+            x, causal=True, segment_ids=s).astype(jnp.float32))))
+        with lowering_for("NVIDIA H100"):
+            text = grad.trace(qkv, seg).lower(lowering_platforms=("cuda",)).as_text()
+        kernels = [line for line in text.splitlines() if "custom_call @mosaic_gpu" in line]
+        assert len(kernels) == 3
+        for call in kernels:
+            operands = call.rpartition(" : (")[2].partition(") ->")[0]
+            assert bool(re.search(r"tensor<\d+xi32>", operands)) == skip, (skip, operands)
 
 
 @pytest.mark.parametrize("shape", [(2, 8, 2, 16), (1, 8, 2, 2, 16)])

@@ -285,9 +285,10 @@ def key_blocks(q_first, rows: int, block_k: int, num_k_blocks: int, spec: Attent
 
 
 # The Pallas GPU kernels narrow each program's block loop to its packed documents
-# (``document_spans``). Off until the compiled checks (tests' ``*documents`` cases) pass on a GPU
-# and the packed step is timed: checked in interpret mode only (session 19).
-SKIP_DOCUMENTS = False
+# (``document_spans``). On an H200, 8 documents per 4k row: Mosaic GPU 3.4x faster fwd+bwd (4.0x
+# fwd) than walking every block, Triton 4.4x (BENCHMARKS.md, 2026-11-29). Off, as a fallback and
+# for comparison, rows walk every block; read when a kernel is traced.
+SKIP_DOCUMENTS = True
 
 
 def kernel_spans(q_seg, kv_seg, spec: AttentionSpec, ctas: int, rows: int, block: int,

@@ -48,6 +48,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels._api import device_default
+from pallas_kernels.flash_attention import common as fa_common
 from pallas_kernels.flash_attention.common import (
     BWD_INPUTS,
     LOG2E,
@@ -421,7 +422,20 @@ def _warn_if_callback_threads_are_few():
 # modules differ by source locations, so the compiled-kernel cache missed too). Jitted, identical
 # calls share one trace, one lowering and one kernel build: lowering gpt2_125m's 12-layer gradient
 # for an H100 went from 22 s and 36 kernel modules to 3.4 s and 3 (on a CPU host).
-_once_per_shape = functools.partial(jax.jit, static_argnames=("spec", "tiles", "interpret"))
+def _once_per_shape(fn):
+    """``fn`` jitted with its settings static, and ``common.SKIP_DOCUMENTS`` in the cache key: the
+    switch is read while the kernels are traced, so a trace made before it changed is not reused."""
+
+    @functools.partial(jax.jit, static_argnames=("spec", "tiles", "interpret", "skip_documents"))
+    def traced(*args, skip_documents, **settings):
+        del skip_documents  # only a key: kernel_spans reads the switch itself
+        return fn(*args, **settings)
+
+    @functools.wraps(fn)
+    def call(*args, **settings):
+        return traced(*args, skip_documents=fa_common.SKIP_DOCUMENTS, **settings)
+
+    return call
 
 
 # ----------------------------------------------------------------------------- forward
