@@ -212,12 +212,15 @@ def _platform_reason(lowering: Lowering) -> str | None:
 
 
 def _check_tiles(tiles, cls, path: str = "tiles"):
-    """``tiles`` is a ``cls`` whose leaves (nested tile dataclasses allowed) are ints >= 1, or
-    bools where the field's default is one (a switch between two forms of a kernel)."""
+    """``tiles`` is a ``cls`` whose leaves (nested tile dataclasses allowed) are ints >= 1, bools
+    where the field's default is one (a switch between two forms of a kernel), or None where
+    the field's default is None (another field's value)."""
     if not isinstance(tiles, cls):
         raise ValueError(f"{path} must be a {_qualified(cls)}, got {_qualified(type(tiles))}")
     for field in dataclasses.fields(tiles):
         value, where = getattr(tiles, field.name), f"{path}.{field.name}"
+        if value is None and field.default is None:
+            continue
         if dataclasses.is_dataclass(value):
             _check_tiles(value, type(value), where)
         elif isinstance(field.default, bool):

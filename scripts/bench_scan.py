@@ -13,8 +13,9 @@ reference on the same inputs (relative error of y and of every gradient). ``--sw
 launch configurations (block_d, chunk, num_warps) at the first shape; ``--ssd`` appends the
 Mamba-2 table of scripts/bench_ssd.py. ``--segments 1 4 8`` times the Triton kernel once per
 segment count (``Tiles.segments``: the segment-parallel scan) in the same table, each checked
-against the reference at the first shape. ``--parallel 8x16`` does the same for the kernels
-that scan each chunk as one parallel scan (``Tiles.parallel``) at ``block_d x chunk``.
+against the reference at the first shape. ``--parallel 8x16`` does the same with the forward
+that saves no checkpoints scanning each chunk as one parallel scan (``Tiles.parallel``) at
+``forward_block_d x forward_chunk`` (its fwd+bwd row is the default training kernels').
 """
 
 from __future__ import annotations
@@ -130,17 +131,14 @@ def rel_err(a, b):
 
 def check(x, dy, cfg, ref):
     """Kernel vs the float32 reference ``ref = (y, grads)`` on the bench inputs: relative errors
-    of y and the grads."""
+    of y (of the training pass, and ``y_fwd`` of the forward that saves no checkpoints) and the
+    grads."""
     y, g = fwd_bwd(pallas(cfg))(x, dy)
+    y_fwd = jax.jit(pallas(cfg))(*(x[n] for n in GRAD_ARGS))
     y_ref, g_ref = ref
-    errs = {"y": rel_err(y, y_ref)}
+    errs = {"y": rel_err(y, y_ref), "y_fwd": rel_err(y_fwd, y_ref)}
     errs.update({f"d{n}": rel_err(a, b) for n, a, b in zip(GRAD_ARGS, g, g_ref)})
     return errs
-
-
-def _label(variant) -> str:
-    """A timed variant's name: ``segments=S`` or ``parallel BLOCK_DxCHUNK``."""
-    return f"segments={variant}" if isinstance(variant, int) else variant
 
 
 def main(argv=None):
@@ -148,10 +146,11 @@ def main(argv=None):
     p.add_argument("--shapes", nargs="*", default=[",".join(map(str, s)) for s in DEFAULT_SHAPES])
     p.add_argument("--sweep", action="store_true", help="also time launch configurations")
     p.add_argument("--ssd", action="store_true", help="append scripts/bench_ssd.py's table")
-    p.add_argument("--segments", nargs="*", type=int, default=[1],
-                   help="Tiles.segments values to time side by side (1: the sequential scan)")
+    p.add_argument("--segments", nargs="*", type=int, default=[],
+                   help="Tiles.segments values to time beside the defaults, each with the "
+                        "sequential forward (1: the sequential scan)")
     p.add_argument("--parallel", nargs="*", default=[], metavar="BLOCK_DxCHUNK",
-                   help="tiles of the parallel-scan kernels to time (Tiles.parallel)")
+                   help="tiles of the parallel-scan forward to time (Tiles.parallel)")
     args = p.parse_args(argv)
     for spec in args.parallel:
         if not re.fullmatch(r"\d+x\d+", spec):
@@ -166,13 +165,15 @@ def main(argv=None):
         x, dy = make_inputs(batch, length, d_inner, d_state)
         call = Call(batch, length, d_inner, 1, d_state)
         default = triton.default_tiles(call)
-        cfgs = {n: triton_config(batch, length, d_inner, d_state,
-                                 dataclasses.replace(default, segments=n))
-                for n in args.segments}  # fmt: skip
-        cfg = cfgs[args.segments[0]]
+        cfgs = {"default": triton_config(batch, length, d_inner, d_state, default)}
+        cfg = cfgs["default"]
+        for n in args.segments:
+            tiles = dataclasses.replace(default, segments=n, parallel=False)
+            cfgs[f"segments={n}"] = triton_config(batch, length, d_inner, d_state, tiles)
         for spec in args.parallel:
             block_d, chunk = (int(v) for v in spec.split("x"))
-            tiles = triton.Tiles(block_d, chunk, chunk, parallel=True)
+            tiles = dataclasses.replace(default, forward_block_d=block_d, forward_chunk=chunk,
+                                        parallel=True)
             cfgs[f"parallel {spec}"] = triton_config(batch, length, d_inner, d_state, tiles)
         shape = f"{batch}x{length}x{d_inner}x{d_state}"
         # Checked at the first shape only: the reference's backward at the larger one takes minutes.
@@ -180,12 +181,12 @@ def main(argv=None):
             ref = fwd_bwd(lax_scan)(x, dy)
             for n, c in cfgs.items():
                 errs = check(x, dy, c, ref)
-                print(f"{shape} triton {_label(n)} vs reference: "
+                print(f"{shape} triton {n} vs reference: "
                       + " ".join(f"{k} {v:.1e}" for k, v in errs.items()), flush=True)  # fmt: skip
                 assert all(np.isfinite(v) and v < 2e-2 for v in errs.values()), errs
 
         impls = [("lax.associative_scan", assoc_scan, True)]
-        impls += [("pallas triton" + (f" {_label(n)}" if len(cfgs) > 1 else ""), pallas(c), True)
+        impls += [("pallas triton" + (f" {n}" if len(cfgs) > 1 else ""), pallas(c), True)
                   for n, c in cfgs.items()]  # fmt: skip
         impls.append(("lax.scan (reference)", lax_scan, False))
         assoc_ms = {}
@@ -204,7 +205,8 @@ def main(argv=None):
                              assoc_ms[mode] / ms))  # fmt: skip
                 print(f"  {rows[-1]}", flush=True)
         print(f"  triton config: block_d {cfg.block_d} chunk {cfg.chunk} (forward only "
-              f"{cfg.forward_chunk}) warps {cfg.num_warps}", flush=True)  # fmt: skip
+              f"{cfg.forward_chunk}{', parallel' if cfg.parallel else ''}) warps "
+              f"{cfg.num_warps}", flush=True)  # fmt: skip
 
     print("\nselective scan, bf16, D + z gate + delta bias/softplus;", benchlib.device_description())
     headers = ["shape BxLxDxN", "pass", "implementation", "ms", "GB/s", "x floor", "vs assoc"]

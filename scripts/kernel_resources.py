@@ -168,10 +168,10 @@ def _selective_scan_case():
     yield label, None, _fwd_bwd(scan, 8), args
     reset = _SDS(args[0].shape[:2], jnp.bool_)  # packed documents
     yield label + " reset", None, _fwd_bwd(scan, 8), args + (reset,)
-    for block_d in (4, 8, 16):  # the parallel-scan kernels (Tiles.parallel) at 16-step chunks
-        tiles = selective_scan_triton.Tiles(block_d, 16, 16, parallel=True)
-        yield (f"{label} parallel {block_d}x16", None,
-               _fwd_bwd(functools.partial(scan, tiles=tiles), 8), args)
+    for block_d, chunk in ((8, 64), (16, 32), (16, 64)):  # the parallel forward (Tiles.parallel)
+        tiles = selective_scan_triton.Tiles(8, 4, chunk, parallel=True, forward_block_d=block_d)
+        yield (f"{label} parallel fwd {block_d}x{chunk}", None,
+               functools.partial(scan, tiles=tiles), args)
 
 
 def _ssd_case(device_kind: str):

@@ -30,10 +30,10 @@ class ScanConfig:
     stays on chip while the program walks the sequence. ``chunk`` steps are unrolled per loop
     iteration (their loads are issued together, hiding memory latency) and the forward pass saves
     one float32 checkpoint of the state per chunk for the backward pass to restart from.
-    ``forward_chunk`` replaces ``chunk`` in a forward pass that saves no checkpoints (inference),
-    where a longer chunk costs no backward registers. ``segments`` splits the length into that
-    many segments scanned in parallel (1: the sequential scan); ``parallel`` scans each chunk as
-    one parallel scan, forward and backward.
+    ``forward_chunk`` (and ``forward_block_d``) replace ``chunk`` (``block_d``) in a forward pass
+    that saves no checkpoints (inference), where a longer chunk costs no backward registers. ``segments`` splits the length into that
+    many segments scanned in parallel (1: the sequential scan); ``parallel`` scans each
+    ``forward_chunk`` of a forward that saves no checkpoints as one parallel scan.
     """
 
     implementation: str
@@ -46,6 +46,7 @@ class ScanConfig:
     fast_math: bool
     segments: int = 1
     parallel: bool = False
+    forward_block_d: int | None = None
 
 
 def next_power_of_2(n: int) -> int:

@@ -61,45 +61,47 @@ class Tiles:
     (about 8 state floats per thread). ``segments > 1`` splits the length into that many
     segments scanned in parallel (see ``forward``); 1 is the sequential scan. Untimed, so the
     default stays 1; the backward is still the sequential kernel (it reads the same checkpoints).
-    ``parallel`` runs each chunk as one parallel scan over a ``(chunk, block_d, d_state)`` tile,
-    forward and backward (``_fwd_parallel_kernel``, ``_bwd_parallel_kernel``); untimed, so off."""
+    ``parallel`` runs the forward that saves no checkpoints (inference) ``forward_chunk`` steps at
+    a time as one parallel scan over a ``(forward_chunk, block_d, d_state)`` tile
+    (``_fwd_parallel_kernel``). A parallel backward measured 2x slower than the sequential one
+    (H200, BENCHMARKS.md, session 20) and was removed: a training pass runs the sequential
+    kernels whatever this says. ``forward_block_d`` is ``block_d`` for that forward (None: the
+    same), whose best tile differs from the training kernels'."""
 
     block_d: int
     chunk: int
     forward_chunk: int
     segments: int = 1
     parallel: bool = False
+    forward_block_d: int | None = None
 
 
-# Defaults by compute capability ("" is every GPU), from a sweep on an H100 at (8, 2048, 1536, 16)
-# bf16 (scripts/bench_scan.py --sweep; notes in BENCHMARKS.md): block_d 32 with 2 warps; a 16-step
-# chunk is fastest forward (0.98 ms vs 1.27 ms at 8) but the backward, which holds a chunk of
-# recomputed states in registers, spills at 16 (8.5 ms fwd+bwd vs 4.0 ms at 8). block_d is a cap:
-# it shrinks as d_state grows, so that the state tile stays at about 8 floats per thread, and to
-# a divisor of the group's channels. Re-swept on an H200 (session 12): chunk 4 runs fwd+bwd in
-# 3.57 ms against 3.97 at 8 (its backward does not spill: 244 registers, 600 B of spill at 8),
-# though the checkpointing forward alone is slower (1.19 vs 1.05 ms).
-DEFAULT_TILES = {"": Tiles(block_d=32, chunk=4, forward_chunk=16)}
+# Defaults by compute capability ("" is every GPU). An H100 sweep at (8, 2048, 1536, 16) bf16
+# (scripts/bench_scan.py --sweep; notes in BENCHMARKS.md): the backward, which holds a chunk of
+# recomputed states in registers, spills at 16-step chunks (8.5 ms fwd+bwd vs 4.0 ms at 8); on an
+# H200 (session 12) chunk 4 ran fwd+bwd in 3.57 ms against 3.97 at 8. Session 20, H200, fwd+bwd
+# at block_d 8 against 32: 2.78 vs 3.57 ms at 8 x 2048, equal at 2 x 2048 and 1 x 8192 (where 8
+# was already taken for the programs' count). The forward without checkpoints as one parallel
+# scan per 64 steps of 16 channels: 1.13 / 0.57 / 0.82 ms at 8 x 2048 / 2 x 2048 / 1 x 8192
+# against the previous sequential forward's 1.20 / 0.61 / 1.89 (Mamba-1 130M's step at 8 x 2048:
+# 177,615 tok/s against 150,142). block_d and forward_block_d are caps:
+# they shrink as d_state grows, so that the state tile stays at about 8 floats per thread, and
+# to a divisor of the group's channels.
+DEFAULT_TILES = {"": Tiles(block_d=8, chunk=4, forward_chunk=64, parallel=True,
+                           forward_block_d=16)}
 _STATE_ELEMS_PER_THREAD = 8
 _MAX_D_STATE = 256
 _MAX_CHUNK = 64  # the chunk is unrolled at trace time; longer chunks only cost compile time
 
 
-# Each program walks the whole length, so few rows leave SMs idle: block_d halves (to 8 at least)
-# until there are this many programs. On an H200 at 2 x 2048 x 1536 x 16, block_d 8 (384 programs)
-# ran fwd+bwd in 1.86 ms against 3.55 at 32 (96); at 8 rows 32 gives 384 and was the fastest of
-# the H100 sweep (BENCHMARKS.md, session 10).
-_MIN_PROGRAMS = 384
-
-
 def default_tiles(call: common.Call) -> Tiles:
     default = device_default(DEFAULT_TILES)
     d_state_p = common.next_power_of_2(call.d_state)
-    cap = max(1, min(default.block_d, 32 * 8 * _STATE_ELEMS_PER_THREAD // d_state_p))
-    while cap > 8 and call.batch * call.d_inner // cap < _MIN_PROGRAMS:
-        cap //= 2
-    block_d = common.largest_power_of_2_divisor(call.d_inner // call.n_groups, cap)
-    return dataclasses.replace(default, block_d=block_d)
+    cap = 32 * 8 * _STATE_ELEMS_PER_THREAD // d_state_p
+    fit = lambda n: common.largest_power_of_2_divisor(  # noqa: E731
+        call.d_inner // call.n_groups, max(1, min(n, cap)))
+    return dataclasses.replace(default, block_d=fit(default.block_d),
+                               forward_block_d=fit(default.forward_block_d or default.block_d))
 
 
 def supports(call: common.Call, tiles: Tiles) -> str | None:
@@ -108,38 +110,48 @@ def supports(call: common.Call, tiles: Tiles) -> str | None:
     if call.d_state > _MAX_D_STATE:
         return (f"d_state must be <= {_MAX_D_STATE} (the state tile lives in registers), "
                 f"got {call.d_state}")
-    if tiles.block_d & (tiles.block_d - 1):
-        return f"tiles.block_d must be a power of 2, got {tiles.block_d}"
-    if per_group % tiles.block_d:
-        return f"tiles.block_d ({tiles.block_d}) must divide d_inner // n_groups ({per_group})"
+    for name in ("block_d", "forward_block_d"):
+        n = getattr(tiles, name)
+        if n is None and name == "forward_block_d":
+            continue
+        if n & (n - 1):
+            return f"tiles.{name} must be a power of 2, got {n}"
+        if per_group % n:
+            return f"tiles.{name} ({n}) must divide d_inner // n_groups ({per_group})"
     for name in ("chunk", "forward_chunk"):
         if getattr(tiles, name) > _MAX_CHUNK:
             return f"tiles.{name} must be <= {_MAX_CHUNK}, got {getattr(tiles, name)}"
-    if tiles.parallel and (tiles.segments != 1 or any(
-            n < 16 or n & (n - 1) for n in (tiles.chunk, tiles.forward_chunk))):
-        return (f"tiles.parallel needs segments == 1 and chunks that are powers of 2 >= 16 (the "
-                f"backward reverses a chunk with a tile product), got segments {tiles.segments}, "
-                f"chunk {tiles.chunk}, forward_chunk {tiles.forward_chunk}")
+    fc = tiles.forward_chunk
+    if tiles.parallel and (tiles.segments != 1 or fc < 16 or fc & (fc - 1)):
+        return (f"tiles.parallel needs segments == 1 and a forward_chunk that is a power of 2 "
+                f">= 16 (Triton's scan over a tile), got segments {tiles.segments}, "
+                f"forward_chunk {fc}")
     return None
 
 
 def config(call: common.Call, tiles: Tiles, dt_softplus: bool, interpret: bool):
     """The launch configuration of ``tiles`` fitted to the call (sequential chunks capped at the
-    length; a parallel chunk is one tile shape, its steps past the end masked)."""
+    length; a parallel forward chunk is one tile shape, its steps past the end masked)."""
     d_state_p = common.next_power_of_2(call.d_state)
-    fit = (lambda n: n) if tiles.parallel else (lambda n: min(n, call.length))
     return common.ScanConfig(
         implementation="triton",
         dt_softplus=dt_softplus,
         block_d=tiles.block_d,
-        chunk=fit(tiles.chunk),
-        forward_chunk=fit(tiles.forward_chunk),
-        num_warps=max(1, min(8, tiles.block_d * d_state_p // (32 * _STATE_ELEMS_PER_THREAD))),
+        forward_block_d=tiles.forward_block_d or tiles.block_d,
+        chunk=min(tiles.chunk, call.length),
+        forward_chunk=tiles.forward_chunk if tiles.parallel else min(tiles.forward_chunk,
+                                                                      call.length),
+        num_warps=_warps(tiles.block_d, d_state_p),
         interpret=interpret,
         fast_math=not interpret,
         segments=tiles.segments,
         parallel=tiles.parallel,
     )
+
+
+def _warps(block_d: int, d_state_p: int) -> int:
+    """Warps of a sequential kernel: about 8 state floats per thread, 1 to 8."""
+    return max(1, min(8, block_d * d_state_p // (32 * _STATE_ELEMS_PER_THREAD)))
 
 
 def _exp2(x, fast_math: bool):
@@ -261,41 +273,26 @@ class _ChunkTile:
         plgpu.store(ref.at[self.t[:, None], cols[None, :]], value.astype(ref.dtype),
                     mask=self.valid[:, None])
 
-    def decays(self, t, bias, A2, softplus, fast_math):
-        """``(delta + bias, dt, exp(dt A) * (1 - reset))`` of steps ``t`` (this chunk's rows or
-        the next ones'); steps past the end get dt = 0: decay 1 and no input, so the state is
-        carried unchanged and no adjoint flows back from them."""
-        valid, at = t < self.length, jnp.minimum(t, self.length - 1)
-        chan = jax.lax.iota(jnp.int32, A2.shape[0])
-        x = plgpu.load(self.r.delta.at[at[:, None], chan[None, :]], mask=valid[:, None],
-                       other=0.0).astype(f32)
+    def decays(self, bias, A2, softplus, fast_math):
+        """``(dt, exp(dt A) * (1 - reset))`` of the chunk's steps; steps past the end get dt = 0:
+        decay 1 and no input, so the state is carried unchanged."""
+        x = self.load(self.r.delta, jax.lax.iota(jnp.int32, A2.shape[0]))
         x = x if bias is None else x + bias
-        dt = jnp.where(valid[:, None], _ssm_math.softplus(x) if softplus else x, 0.0)
+        dt = jnp.where(self.valid[:, None], _ssm_math.softplus(x) if softplus else x, 0.0)
         decay = _exp2(dt[:, :, None] * A2[None], fast_math)
         if self.r.reset is not None:
-            keep = 1.0 - plgpu.load(self.r.reset.at[at], mask=valid, other=0.0).astype(f32)
+            keep = 1.0 - plgpu.load(self.r.reset.at[self.at], mask=self.valid,
+                                    other=0.0).astype(f32)
             decay = decay * keep[:, None, None]
-        return x, dt, decay
-
-
-def _flip(x):
-    """``x`` reversed along its first axis, as the product with the anti-identity (exact at
-    float32 precision): a register tile has no reversed view, and Triton's scan runs forward."""
-    n = x.shape[0]
-    rows = jax.lax.broadcasted_iota(jnp.int32, (n, n), 0)
-    cols = jax.lax.broadcasted_iota(jnp.int32, (n, n), 1)
-    flipped = jax.lax.dot_general(
-        (rows + cols == n - 1).astype(f32), x.reshape(n, -1), (((1,), (0,)), ((), ())),
-        precision=jax.lax.Precision.HIGHEST, preferred_element_type=f32)
-    return flipped.reshape(x.shape)
+        return dt, decay
 
 
 def _fwd_parallel_kernel(*refs, length, chunk, n_chunks, softplus, fast_math, flags):
     """The forward ``chunk`` steps at a time as one ``(chunk, block_d, d_state)`` tile: every
     step's decay and input at once, ``linear_recurrence`` along the steps (one parallel scan
     instead of ``chunk`` dependent updates), the carried-in state added through the cumulative
-    decay, and the chunk's y in one store; with ``ckpt``, the state entering each chunk. The next
-    chunk's carry is the last state, taken by a masked sum (a register tile has no row index)."""
+    decay, and the chunk's y in one store. The next chunk's carry is the last state, taken by a
+    masked sum (a register tile has no row index). It saves no checkpoints (inference only)."""
     r = Refs(refs, flags)
     block_d, d_state = r.A.shape
     A2 = r.A[...].astype(f32) * common.LOG2E
@@ -306,12 +303,9 @@ def _fwd_parallel_kernel(*refs, length, chunk, n_chunks, softplus, fast_math, fl
     chan, lanes = jax.lax.iota(jnp.int32, block_d), jax.lax.iota(jnp.int32, d_state)
 
     def chunk_body(c, h):
-        if r.ckpt is not None:
-            r.ckpt[c] = h
-        t = c * chunk + steps
-        tile = _ChunkTile(r, t, length)
+        tile = _ChunkTile(r, c * chunk + steps, length)
         u = tile.load(r.u, chan)
-        _, dt, decay = tile.decays(t, bias, A2, softplus, fast_math)
+        dt, decay = tile.decays(bias, A2, softplus, fast_math)
         inputs = (dt * u)[:, :, None] * tile.load(r.B, lanes)[:, None, :]
         carried, states = linear_recurrence(decay, inputs, axis=0)
         states = states + carried * h[None]
@@ -326,89 +320,6 @@ def _fwd_parallel_kernel(*refs, length, chunk, n_chunks, softplus, fast_math, fl
     h = jax.lax.fori_loop(0, n_chunks, chunk_body, h)
     if r.h_final is not None:
         r.h_final[...] = h
-
-
-def _run_backward(r, chunk_body, n_chunks):
-    """A backward kernel's loop over its chunks, last first, from the final state's gradient:
-    ``chunk_body(k, (g, dA, dD, d dt_bias))`` carries the adjoint and the per-program sums, which
-    are written at the end with the initial state's gradient (the adjoint left at step 0)."""
-    block_d, d_state = r.A.shape
-    zeros_v = jnp.zeros((block_d,), f32)
-    zeros_s = jnp.zeros((block_d, d_state), f32)
-    g = zeros_s if r.dh_final is None else r.dh_final[...].astype(f32)
-    g, dA_acc, dD_acc, dbias_acc = jax.lax.fori_loop(
-        0, n_chunks, chunk_body, (g, zeros_s, zeros_v, zeros_v)
-    )
-    r.dA[...] = dA_acc
-    if r.dD is not None:
-        r.dD[...] = dD_acc
-    if r.dbias is not None:
-        r.dbias[...] = dbias_acc
-    if r.dh0 is not None:
-        r.dh0[...] = g
-
-
-def _bwd_parallel_kernel(*refs, length, chunk, n_chunks, softplus, fast_math, flags):
-    """The backward a ``(chunk, block_d, d_state)`` tile at a time, chunks in reverse: the
-    chunk's states recomputed from its checkpoint by one parallel scan, then the adjoint
-    ``G_t = dy_t C_t + exp(dt_{t+1} A) G_{t+1}`` (from the later chunks' carry) by another, run
-    on the chunk reversed (``_flip``), and every gradient of the chunk as tile arithmetic. The
-    ``exp(dt_t A) h_{t-1}`` the gradients need is ``h_t - dt_t u_t B_t``: no shifted tile."""
-    r = Refs(refs, flags)
-    block_d, d_state = r.A.shape
-    A = r.A[...].astype(f32)
-    A2 = A * common.LOG2E
-    D = None if r.D is None else r.D[...].astype(f32)[None, :]
-    bias = None if r.bias is None else r.bias[...].astype(f32)[None, :]
-    steps = jax.lax.iota(jnp.int32, chunk)
-    chan, lanes = jax.lax.iota(jnp.int32, block_d), jax.lax.iota(jnp.int32, d_state)
-    first, last = (steps == 0)[:, None, None], (steps == chunk - 1)[:, None, None]
-
-    def chunk_body(k, carry):
-        g, dA_acc, dD_acc, dbias_acc = carry
-        c = n_chunks - 1 - k
-        t = c * chunk + steps
-        tile = _ChunkTile(r, t, length)
-        x, dt, decay = tile.decays(t, bias, A2, softplus, fast_math)
-        _, _, decay_next = tile.decays(t + 1, bias, A2, softplus, fast_math)
-        u, dout = tile.load(r.u, chan), tile.load(r.dout, chan)
-        B, C = tile.load(r.B, lanes), tile.load(r.C, lanes)
-        dtu = dt * u
-        inputs = dtu[:, :, None] * B[:, None, :]
-        carried, states = linear_recurrence(decay, inputs, axis=0)
-        states = states + carried * r.ckpt[c].astype(f32)[None]
-        if r.z is not None:
-            y = jnp.sum(states * C[:, None, :], axis=2)
-            if D is not None:
-                y = y + D * u
-            _, dy, dz = _ssm_math.gate_and_grad(y, tile.load(r.z, chan))
-            dy, dz = dout * dy, dout * dz
-            tile.store(r.dz, chan, dz)
-        else:
-            dy = dout
-        # The carry ``g`` already holds the next chunk's first decay: the last row takes it as is.
-        ahead = jnp.where(last, 1.0, decay_next)
-        prods, sums = linear_recurrence(_flip(ahead), _flip(dy[:, :, None] * C[:, None, :]))
-        adj = _flip(sums + prods * g[None])
-        g_dot_B = jnp.sum(adj * B[:, None, :], axis=2)
-        g_h = adj * (states - inputs)
-        du = dt * g_dot_B if D is None else dt * g_dot_B + D * dy
-        ddt = u * g_dot_B + jnp.sum(g_h * A[None], axis=2)
-        dA_acc = dA_acc + jnp.sum(g_h * dt[:, :, None], axis=0)
-        if D is not None:
-            dD_acc = dD_acc + jnp.sum(dy * u, axis=0)
-        if softplus:
-            ddt = ddt * _ssm_math.sigmoid(x)
-        ddt = jnp.where(tile.valid[:, None], ddt, 0.0)
-        dbias_acc = dbias_acc + jnp.sum(ddt, axis=0)
-        tile.store(r.du, chan, du)
-        tile.store(r.ddelta, chan, ddt)
-        tile.store(r.dB, lanes, jnp.sum(adj * dtu[:, :, None], axis=1))
-        tile.store(r.dC, lanes, jnp.sum(dy[:, :, None] * states, axis=1))
-        g = jnp.sum(jnp.where(first, adj * decay, 0.0), axis=0)
-        return g, dA_acc, dD_acc, dbias_acc
-
-    _run_backward(r, chunk_body, n_chunks)
 
 
 def _bwd_kernel(*refs, length, chunk, n_chunks, softplus, fast_math, flags):
@@ -462,7 +373,19 @@ def _bwd_kernel(*refs, length, chunk, n_chunks, softplus, fast_math, flags):
             g = g * decay
         return g, dA_acc, dD_acc, dbias_acc
 
-    _run_backward(r, chunk_body, n_chunks)
+    zeros_v = jnp.zeros((block_d,), f32)
+    zeros_s = jnp.zeros((block_d, d_state), f32)
+    g = zeros_s if r.dh_final is None else r.dh_final[...].astype(f32)
+    g, dA_acc, dD_acc, dbias_acc = jax.lax.fori_loop(
+        0, n_chunks, chunk_body, (g, zeros_s, zeros_v, zeros_v)
+    )
+    r.dA[...] = dA_acc
+    if r.dD is not None:
+        r.dD[...] = dD_acc
+    if r.dbias is not None:
+        r.dbias[...] = dbias_acc
+    if r.dh0 is not None:
+        r.dh0[...] = g  # the adjoint left at step 0
 
 
 def _specs(batch, length, d_inner, d_state, n_groups, block_d):
@@ -488,14 +411,11 @@ def _pad_state(x, d_state_p, axis=-1):
     return jnp.pad(x, pad)
 
 
-def _parallel_cfg(cfg: common.ScanConfig, chunk: int, d_state_p: int,
-                  per_thread: int) -> common.ScanConfig:
-    """``cfg`` with the warps of a parallel kernel: about ``per_thread`` floats of each ``(chunk,
-    block_d, d_state)`` tile per thread (at most 8 warps). ptxas (sm_90, triton 3.6, 8 x 2048 x
-    1536 x 16 with every feature, scripts/kernel_resources.py): the forward at 16 needs 92-104
-    registers; the backward, which holds about a dozen such tiles, spills at 16 (36 B at 4 x 16)
-    and fits at 8 (237-242 registers at 4 x 16 and 8 x 16)."""
-    warps = chunk * cfg.block_d * d_state_p // (32 * per_thread)
+def _parallel_cfg(cfg: common.ScanConfig, chunk: int, d_state_p: int) -> common.ScanConfig:
+    """``cfg`` with the warps of the parallel forward: about 16 floats of each ``(chunk, block_d,
+    d_state)`` tile per thread (at most 8 warps); ptxas (sm_90, triton 3.6, 8 x 2048 x 1536 x 16
+    with every feature, scripts/kernel_resources.py): 92-104 registers, no spill."""
+    warps = chunk * cfg.block_d * d_state_p // (32 * 16)
     return dataclasses.replace(cfg, num_warps=max(1, min(8, warps)))
 
 
@@ -543,6 +463,9 @@ def forward(u, delta, A, B, C, D, z, dt_bias, h0, reset, cfg: common.ScanConfig,
     n_groups, d_state = B.shape[2], B.shape[3]
     d_state_p = common.next_power_of_2(d_state)
     A, B, C, h0 = (_pad_state(x, d_state_p) for x in (A, B, C, h0))
+    if not save_checkpoints:
+        cfg = dataclasses.replace(cfg, block_d=cfg.forward_block_d,
+                                  num_warps=_warps(cfg.forward_block_d, d_state_p))
     block_d, n_seg = cfg.block_d, cfg.segments
     chunk = cfg.chunk if save_checkpoints else cfg.forward_chunk
     n_blocks = d_inner // block_d
@@ -576,12 +499,13 @@ def forward(u, delta, A, B, C, D, z, dt_bias, h0, reset, cfg: common.ScanConfig,
     elif h0 is not None:
         h0 = h0[:, None]
     ckpt = jax.ShapeDtypeStruct((batch, n_chunks, d_inner, d_state_p), f32)
-    if cfg.parallel:
+    parallel = cfg.parallel and not save_checkpoints
+    if parallel:
         launch = functools.partial(
-            _launch, _fwd_parallel_kernel, cfg=_parallel_cfg(cfg, chunk, d_state_p, 16),
+            _launch, _fwd_parallel_kernel, cfg=_parallel_cfg(cfg, chunk, d_state_p),
             grid=(batch, n_blocks, 1), length=length, chunk=chunk, n_chunks=n_chunks)
     res = launch(
-        "selective_scan_fwd_parallel" if cfg.parallel else "selective_scan_fwd",
+        "selective_scan_fwd_parallel" if parallel else "selective_scan_fwd",
         ins + [("h0", h0, seg_state)],
         [("y", jax.ShapeDtypeStruct((batch, length, d_inner), u.dtype), seq),
          ("h_final", per_seg_state if n_seg == 1 else None, seg_state),
@@ -634,10 +558,8 @@ def backward(dy, dh_final, u, delta, A, B, C, D, z, dt_bias, h0, reset, ckpt,
     per_state = jax.ShapeDtypeStruct((batch, d_inner, d_state_p), f32)
     per_chan = jax.ShapeDtypeStruct((batch, d_inner), f32)
     if_given = lambda x, shape: None if x is None else shape
-    kernel, name = ((_bwd_parallel_kernel, "selective_scan_bwd_parallel") if cfg.parallel
-                    else (_bwd_kernel, "selective_scan_bwd"))
     res = _launch(
-        kernel, name,
+        _bwd_kernel, "selective_scan_bwd",
         [("dout", dy, seq), ("u", u, seq), ("delta", delta, seq), ("A", A_p, chan_state),
          ("B", B_p, grp), ("C", C_p, grp), ("D", D, chan), ("z", z, seq),
          ("bias", dt_bias, chan), ("dh_final", dh_final_p, state), ("reset", reset, row),
@@ -652,7 +574,7 @@ def backward(dy, dh_final, u, delta, A, B, C, D, z, dt_bias, h0, reset, ckpt,
          ("dD", if_given(D, per_chan), row_chan),
          ("dbias", if_given(dt_bias, per_chan), row_chan),
          ("dh0", if_given(h0, per_state), state)],
-        _parallel_cfg(cfg, chunk, d_state_p, 8) if cfg.parallel else cfg, grid=(batch, n_blocks),
+        cfg, grid=(batch, n_blocks),
         length=length, chunk=chunk, n_chunks=n_chunks,
     )  # fmt: skip
 
