@@ -31,10 +31,10 @@ class ScanConfig:
     iteration (their loads are issued together, hiding memory latency) and the forward pass saves
     one float32 checkpoint of the state per chunk for the backward pass to restart from.
     ``forward_chunk`` (and ``forward_block_d``) replace ``chunk`` (``block_d``) in a forward pass
-    that saves no checkpoints (inference), where a longer chunk costs no backward registers. ``segments`` splits the length into that
-    many segments scanned in parallel (1: the sequential scan); ``parallel`` scans each
-    ``forward_chunk`` of a forward that saves no checkpoints as one parallel scan.
-    """
+    that saves no checkpoints (inference), where a longer chunk costs no backward registers.
+    ``segments`` splits the length into that many segments scanned in parallel (1: the
+    sequential scan); ``parallel`` scans each ``forward_chunk`` of a forward that saves no
+    checkpoints as one parallel scan."""
 
     implementation: str
     dt_softplus: bool
