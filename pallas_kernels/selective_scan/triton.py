@@ -414,7 +414,8 @@ def _pad_state(x, d_state_p, axis=-1):
 def _parallel_cfg(cfg: common.ScanConfig, chunk: int, d_state_p: int) -> common.ScanConfig:
     """``cfg`` with the warps of the parallel forward: about 16 floats of each ``(chunk, block_d,
     d_state)`` tile per thread (at most 8 warps); ptxas (sm_90, triton 3.6, 8 x 2048 x 1536 x 16
-    with every feature, scripts/kernel_resources.py): 92-104 registers, no spill."""
+    with every feature, scripts/kernel_resources.py): 240 registers at the default 16 x 64, 153
+    at 16 x 32, 171 at 8 x 64, no spill."""
     warps = chunk * cfg.block_d * d_state_p // (32 * 16)
     return dataclasses.replace(cfg, num_warps=max(1, min(8, warps)))
 
