@@ -67,8 +67,9 @@ def selective_scan(
       interpret: run a named Pallas lowering in interpret mode (how CI tests them on CPU); it
         never changes what ``"auto"`` picks.
       tiles: the named lowering's ``Tiles`` (``selective_scan.triton.Tiles(block_d, chunk,
-        forward_chunk, segments=1)``, ``selective_scan.tpu.Tiles(block_d, chunk)``); ``None``
-        takes its default for the target device.
+        forward_chunk, segments=1, parallel=False, forward_block_d=None)``,
+        ``selective_scan.tpu.Tiles(block_d, chunk)``); ``None`` takes its default for the target
+        device.
 
     Returns:
       ``y`` in ``u``'s dtype, and the final state ``(batch, d_inner, d_state)`` float32 when

@@ -61,12 +61,12 @@ class Tiles:
     (about 8 state floats per thread). ``segments > 1`` splits the length into that many
     segments scanned in parallel (see ``forward``); 1 is the sequential scan. Untimed, so the
     default stays 1; the backward is still the sequential kernel (it reads the same checkpoints).
-    ``parallel`` runs the forward that saves no checkpoints (inference) ``forward_chunk`` steps at
-    a time as one parallel scan over a ``(forward_chunk, block_d, d_state)`` tile
-    (``_fwd_parallel_kernel``). A parallel backward measured 2x slower than the sequential one
-    (H200, BENCHMARKS.md, session 20) and was removed: a training pass runs the sequential
-    kernels whatever this says. ``forward_block_d`` is ``block_d`` for that forward (None: the
-    same), whose best tile differs from the training kernels'."""
+    ``forward_block_d`` is ``block_d`` for the forward that saves no checkpoints (None: the
+    same), whose best tile differs from the training kernels'. ``parallel`` runs that forward
+    ``forward_chunk`` steps at a time (not capped at the length) as one parallel scan over a
+    ``(forward_chunk, forward_block_d, d_state)`` tile (``_fwd_parallel_kernel``). A parallel
+    backward measured 2x slower than the sequential one (H200, BENCHMARKS.md, session 20) and
+    was removed: a training pass runs the sequential kernels whatever this says."""
 
     block_d: int
     chunk: int
@@ -80,8 +80,8 @@ class Tiles:
 # (scripts/bench_scan.py --sweep; notes in BENCHMARKS.md): the backward, which holds a chunk of
 # recomputed states in registers, spills at 16-step chunks (8.5 ms fwd+bwd vs 4.0 ms at 8); on an
 # H200 (session 12) chunk 4 ran fwd+bwd in 3.57 ms against 3.97 at 8. Session 20, H200, fwd+bwd
-# at block_d 8 against 32: 2.78 vs 3.57 ms at 8 x 2048, equal at 2 x 2048 and 1 x 8192 (where 8
-# was already taken for the programs' count). The forward without checkpoints as one parallel
+# at block_d 8 against 32: 2.78 vs 3.57 ms at 8 x 2048, equal at 2 x 2048 and 1 x 8192 (where a
+# rule narrowing the block for few rows already took 8). The forward without checkpoints as one parallel
 # scan per 64 steps of 16 channels: 1.13 / 0.57 / 0.82 ms at 8 x 2048 / 2 x 2048 / 1 x 8192
 # against the previous sequential forward's 1.20 / 0.61 / 1.89 (Mamba-1 130M's step at 8 x 2048:
 # 177,615 tok/s against 150,142). block_d and forward_block_d are caps:
@@ -110,10 +110,8 @@ def supports(call: common.Call, tiles: Tiles) -> str | None:
     if call.d_state > _MAX_D_STATE:
         return (f"d_state must be <= {_MAX_D_STATE} (the state tile lives in registers), "
                 f"got {call.d_state}")
-    for name in ("block_d", "forward_block_d"):
-        n = getattr(tiles, name)
-        if n is None and name == "forward_block_d":
-            continue
+    for name, n in (("block_d", tiles.block_d),
+                    ("forward_block_d", tiles.forward_block_d or tiles.block_d)):
         if n & (n - 1):
             return f"tiles.{name} must be a power of 2, got {n}"
         if per_group % n:

@@ -54,6 +54,7 @@ from meshlm.data.batches import SEQ2SEQ
 from meshlm.layers import ATTENTION_OUT, Embed, make_norm, per_shard
 from meshlm.layers.attention import CACHE_AXES
 from meshlm.layers.embeddings import logits_matmul
+from meshlm.layers.mlp import gelu_tanh
 from meshlm.layers.relative_position import RelativePositionBias
 from meshlm.layers.stack import apply_stack
 from meshlm.models.base import ACTIVATION_EMBED
@@ -647,7 +648,7 @@ class FeedForward(nn.Module):
         if cfg.feed_forward == "relu":
             h = jax.nn.relu(wi("wi"))
         else:
-            h = jax.nn.gelu(wi("wi_0"), approximate=True) * wi("wi_1")
+            h = gelu_tanh(wi("wi_0")) * wi("wi_1")
         h = nn.with_logical_constraint(
             h, ("activation_batch", "activation_length", "activation_mlp"))
         h = nn.Dropout(cfg.dropout)(h, deterministic=self.deterministic)
