@@ -39,10 +39,9 @@ from pallas_kernels.selective_scan import api, reference, triton  # noqa: E402
 from pallas_kernels.selective_scan.common import Call  # noqa: E402
 
 DEFAULT_SHAPES = ((8, 2048, 1536, 16), (4, 8192, 2048, 16))
-# (block_d, chunk); warps follow block_d. Narrow blocks: more programs at small batches. (32, 4):
-# the default block without the backward's spill (ptxas, H100, 8x2048x1536x16 with D, gate,
-# dt_bias and resets: 244 registers, none spilled; chunk 8 spills 600 bytes).
-SWEEP = ((32, 8), (32, 4), (16, 8), (8, 8), (16, 16), (8, 16), (16, 4), (32, 16), (64, 8))
+# (block_d, chunk) of the training kernels; warps follow block_d. (8, 4) is the default (H200,
+# session 20: narrower blocks were slower, wider ones too).
+SWEEP = ((8, 4), (4, 4), (2, 4), (4, 8), (8, 8), (16, 4), (32, 4), (16, 8), (32, 8))
 GRAD_ARGS = ("u", "delta", "A", "B", "C", "D", "z", "dt_bias")
 
 
