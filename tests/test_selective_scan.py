@@ -459,6 +459,9 @@ def test_bad_groups_and_options_raise():
     with pytest.raises(ValueError, match="tiles.block_d must be a power of 2"):
         selective_scan(**inputs, implementation="triton", interpret=True,
                        tiles=triton.Tiles(3, 4, 4))
+    with pytest.raises(ValueError, match="tiles.forward_block_d must be a power of 2, got 3"):
+        selective_scan(**inputs, implementation="triton", interpret=True,
+                       tiles=triton.Tiles(4, 4, 4, forward_block_d=3))
     with pytest.raises(ValueError, match="tiles.segments must be a positive int, got 0"):
         selective_scan(**inputs, implementation="triton", interpret=True,
                        tiles=triton.Tiles(8, 4, 4, segments=0))
