@@ -49,6 +49,11 @@ SWITCHED = {"cudnn_masked": ("cudnn", fa_cudnn, "PACKED_ROWS", False),
             "triton_all_blocks": ("triton", fa_common, "SKIP_DOCUMENTS", False)}
 
 
+def lowering(impl: str) -> str:
+    """The implementation ``impl`` runs (a ``SWITCHED`` row's, or its own name)."""
+    return SWITCHED[impl][0] if impl in SWITCHED else impl
+
+
 @dataclasses.dataclass(frozen=True)
 class Row:
     name: str
@@ -112,7 +117,7 @@ def attention_fn(impl: str, row: Row):
             jax.nn.dot_product_attention, is_causal=row.causal, local_window_size=window,
             mask=mask, implementation="xla",
         )
-    name, *switch = SWITCHED.get(impl, (impl,))
+    name = lowering(impl)
     # ALiBi's geometric slopes 2^(-8i/heads) (Press et al. 2022), for the lowerings that take it.
     slopes = 2.0 ** (-8.0 * jnp.arange(1, row.heads + 1) / row.heads)
     fn = functools.partial(
@@ -127,11 +132,10 @@ def attention_fn(impl: str, row: Row):
 def switched(impl: str):
     """``impl``'s module switch (``SWITCHED``) set while its calls are traced and run: around the
     whole jitted call, as a custom VJP's backward is traced after its forward returns."""
-    _, *switch = SWITCHED.get(impl, (impl,))
-    if not switch:
+    if impl not in SWITCHED:
         yield
         return
-    module, flag, value = switch
+    _, module, flag, value = SWITCHED[impl]
     before = getattr(module, flag)
     setattr(module, flag, value)
     try:
@@ -196,7 +200,7 @@ def bench(rows, impls, iters, results):
                     cells += [ms, mult * flops / ms / 1e9]
                 except Exception as e:  # noqa: BLE001 - a failing baseline is reported, not fatal
                     cells += [short_error(e), "-"]
-                    if SWITCHED.get(impl, (impl,))[0] in PALLAS:
+                    if lowering(impl) in PALLAS:
                         traceback.print_exc()
             table.append([row.name, impl, *cells])
             results.append(dict(row=dataclasses.asdict(row), impl=impl, cells=cells))
@@ -408,7 +412,7 @@ def main():
                      "--alibi (its float32-reference cases include ALiBi)")
     pallas = available_pallas([i for i in impls if i in PALLAS])
     switched = [i for i in impls if i in SWITCHED and (
-        SWITCHED[i][0] not in PALLAS or available_pallas([SWITCHED[i][0]]))]
+        lowering(i) not in PALLAS or available_pallas([lowering(i)]))]
     impls = pallas + switched + [i for i in impls if i in BASELINES and i not in SWITCHED]
     seqs = [int(s) for s in args.seqs.split(",")]
     if args.documents < 1 or any(s % args.documents for s in seqs):

@@ -81,12 +81,12 @@ class Tiles:
 # recomputed states in registers, spills at 16-step chunks (8.5 ms fwd+bwd vs 4.0 ms at 8); on an
 # H200 (session 12) chunk 4 ran fwd+bwd in 3.57 ms against 3.97 at 8. Session 20, H200, fwd+bwd
 # at block_d 8 against 32: 2.78 vs 3.57 ms at 8 x 2048, equal at 2 x 2048 and 1 x 8192 (where a
-# rule narrowing the block for few rows already took 8). The forward without checkpoints as one parallel
-# scan per 64 steps of 16 channels: 1.13 / 0.57 / 0.82 ms at 8 x 2048 / 2 x 2048 / 1 x 8192
-# against the previous sequential forward's 1.20 / 0.61 / 1.89 (Mamba-1 130M's step at 8 x 2048:
-# 177,615 tok/s against 150,142). block_d and forward_block_d are caps:
-# they shrink as d_state grows, so that the state tile stays at about 8 floats per thread, and
-# to a divisor of the group's channels.
+# rule narrowing the block for few rows already took 8). The forward without checkpoints as one
+# parallel scan per 64 steps of 16 channels: 1.13 / 0.57 / 0.82 ms at 8 x 2048 / 2 x 2048 /
+# 1 x 8192 against the previous sequential forward's 1.20 / 0.61 / 1.89 (Mamba-1 130M's step at
+# 8 x 2048: 177,615 tok/s against 150,142). block_d and forward_block_d are caps: they shrink as
+# d_state grows, so that the state tile stays at about 8 floats per thread, and to a divisor of
+# the group's channels.
 DEFAULT_TILES = {"": Tiles(block_d=8, chunk=4, forward_chunk=64, parallel=True,
                            forward_block_d=16)}
 _STATE_ELEMS_PER_THREAD = 8
@@ -573,8 +573,7 @@ def backward(dy, dh_final, u, delta, A, B, C, D, z, dt_bias, h0, reset, ckpt,
          ("dD", if_given(D, per_chan), row_chan),
          ("dbias", if_given(dt_bias, per_chan), row_chan),
          ("dh0", if_given(h0, per_state), state)],
-        cfg, grid=(batch, n_blocks),
-        length=length, chunk=chunk, n_chunks=n_chunks,
+        cfg, grid=(batch, n_blocks), length=length, chunk=chunk, n_chunks=n_chunks,
     )  # fmt: skip
 
     def group_sum(part, like):

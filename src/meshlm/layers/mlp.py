@@ -10,10 +10,6 @@ import jax.numpy as jnp
 
 Initializer = Callable[..., jax.Array]
 
-_GELU_C = 0.7978845608028654  # sqrt(2 / pi)
-_GELU_A = 0.044715
-
-
 @jax.custom_vjp
 def gelu_tanh(x):
     """``jax.nn.gelu(x, approximate=True)`` whose gradient keeps only ``x``: autodiff also saves
@@ -28,10 +24,9 @@ def _gelu_fwd(x):
 
 
 def _gelu_bwd(x, g):
-    x32 = x.astype(jnp.float32)
-    t = jnp.tanh(_GELU_C * (x32 + _GELU_A * x32 ** 3))
-    slope = 0.5 * (1 + t) + 0.5 * x32 * (1 - t * t) * _GELU_C * (1 + 3 * _GELU_A * x32 * x32)
-    return ((g.astype(jnp.float32) * slope).astype(g.dtype),)
+    # jax's own GELU derivative, recomputed from x in float32.
+    _, vjp = jax.vjp(lambda v: jax.nn.gelu(v, approximate=True), x.astype(jnp.float32))
+    return (vjp(g.astype(jnp.float32))[0].astype(g.dtype),)
 
 
 gelu_tanh.defvjp(_gelu_fwd, _gelu_bwd)
