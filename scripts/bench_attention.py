@@ -44,8 +44,10 @@ BASELINES = ("cudnn", "cudnn_masked", "xla")
 # documents (``--documents``): cudnn_masked, cuDNN with its packed-rows layout off (an explicit
 # mask; "cudnn" runs them on the packed layout); mosaic_gpu_all_blocks / triton_all_blocks, those
 # kernels walking every block of a row (``common.SKIP_DOCUMENTS`` off), masking other documents.
+# Any row: mosaic_gpu_dq_kernel, dQ by its own kernel (``mosaic_gpu.DQ_IN_DKV`` off).
 SWITCHED = {"cudnn_masked": ("cudnn", fa_cudnn, "PACKED_ROWS", False),
             "mosaic_gpu_all_blocks": ("mosaic_gpu", fa_common, "SKIP_DOCUMENTS", False),
+            "mosaic_gpu_dq_kernel": ("mosaic_gpu", fa_mosaic, "DQ_IN_DKV", False),
             "triton_all_blocks": ("triton", fa_common, "SKIP_DOCUMENTS", False)}
 
 

@@ -269,6 +269,10 @@ ATTENTION_CASES = {
     # the pipeline wraps around its ring.
     "bfloat16_gqa_padded": dict(batch=1, q_len=100, kv_len=200, heads=2, kv_heads=1,
                                 dtype=_BF16),
+    # head_dim 128: the dK/dV kernel's consumers split dQ's columns and share their dS tiles.
+    "bfloat16_head_dim_128_causal_gqa": dict(batch=1, q_len=130, kv_len=200, heads=2, kv_heads=1,
+                                             head_dim=128, dtype=_BF16, causal=True,
+                                             q_offset=70),
     "bfloat16_every_mask": dict(batch=1, q_len=100, kv_len=160, heads=2, kv_heads=1,
                                 dtype=_BF16, causal=True, sliding_window=70, q_offset=30,
                                 logits_soft_cap=5.0, **_sorted_segments(1, 100, 160, 5)),
@@ -372,7 +376,8 @@ def walk_all_blocks(monkeypatch):
 
 MOSAIC_GPU = Lowering("mosaic_gpu", "mosaic_gpu", dict(interpret=True, tiles=mosaic_gpu.Tiles(
     *(mosaic_gpu.KernelTiles(64, 64, stages) for stages in (3, 2, 2)))),
-    ("bfloat16_gqa_padded", "bfloat16_every_mask", "bfloat16_alibi_gqa_segments",
+    ("bfloat16_gqa_padded", "bfloat16_head_dim_128_causal_gqa", "bfloat16_every_mask",
+     "bfloat16_alibi_gqa_segments",
      "bfloat16_causal_alibi_offset", "float16_head_dim_256_causal_gqa_alibi_segments",
      "bfloat16_head_dim_256_padded", "bfloat16_causal_future_segment",
      "bfloat16_causal_documents", "bfloat16_documents"))
@@ -381,6 +386,10 @@ MOSAIC_GPU_ALL_BLOCKS = dataclasses.replace(
     MOSAIC_GPU, label="mosaic_gpu_all_blocks",
     cases=("bfloat16_causal_documents", "float16_head_dim_256_causal_gqa_alibi_segments"),
     setup=walk_all_blocks)
+# The dQ kernel at head_dim 64 (``DQ_IN_DKV`` off; head_dim 256's cases above always take it).
+MOSAIC_GPU_DQ_KERNEL = dataclasses.replace(
+    MOSAIC_GPU, label="mosaic_gpu_dq_kernel", cases=("bfloat16_every_mask",),
+    setup=lambda monkeypatch: monkeypatch.setattr(mosaic_gpu, "DQ_IN_DKV", False))
 TRITON_ALL_BLOCKS = dataclasses.replace(
     TRITON, label="triton_all_blocks",
     cases=("bfloat16_documents", "causal_gqa_segments"), setup=walk_all_blocks)
@@ -389,7 +398,8 @@ CUDNN_AS_XLA = Lowering("cudnn_as_xla", "cudnn", {},
                         tuple(c for c in _CUDNN_CASES if not c.startswith("float16")),
                         setup=_cudnn_as_xla)
 ATTENTION_LOWERINGS = (
-    TRITON, TRITON_ALL_BLOCKS, TPU, MOSAIC_GPU, MOSAIC_GPU_ALL_BLOCKS, CUDNN_AS_XLA,
+    TRITON, TRITON_ALL_BLOCKS, TPU, MOSAIC_GPU, MOSAIC_GPU_ALL_BLOCKS, MOSAIC_GPU_DQ_KERNEL,
+    CUDNN_AS_XLA,
     Lowering("triton_compiled", "triton", {}, _TRITON_CASES, (NEEDS_GPU,)),
     Lowering("mosaic_gpu_compiled", "mosaic_gpu", {}, _HOPPER_CASES, (NEEDS_HOPPER,)),
     Lowering("cudnn", "cudnn", {}, _CUDNN_CASES, (NEEDS_GPU,)),

@@ -102,28 +102,34 @@ def test_other_implementations_slice_it(implementation):
     np.testing.assert_allclose(grad, want_grad, atol=1e-5)
 
 
-def test_auto_on_hopper_reads_it_in_place():
-    """Lowered for an H100, "auto" runs the packed Mosaic GPU kernels: the dQ kernel takes the
-    dK/dV kernel's packed output as its last operand and returns it (aliased: written in place),
-    with no concatenation or dynamic update in XLA."""
+@pytest.mark.parametrize("dq_in_dkv", [True, False])
+def test_auto_on_hopper_reads_it_in_place(monkeypatch, dq_in_dkv):
+    """Lowered for an H100, "auto" runs the packed Mosaic GPU kernels: the kernel that writes dQ
+    (the one casting the dK/dV kernel's float32 dQ sum, or the dQ kernel) takes the dK/dV
+    kernel's packed output as its last operand and returns it (aliased: written in place), with
+    no concatenation or dynamic update in XLA; the dK/dV kernel adds into the dQ sum in place."""
+    monkeypatch.setattr(mosaic_gpu, "DQ_IN_DKV", dq_in_dkv)
     qkv = jax.ShapeDtypeStruct((2, 256, 2, 3, 64), jnp.bfloat16)
     grad = jax.jit(jax.grad(lambda x: jnp.sum(flash_attention_qkv(x, causal=True)
                                               .astype(jnp.float32))))
     with lowering_for("NVIDIA H100"):
         text = grad.trace(qkv).lower(lowering_platforms=("cuda",)).as_text()
     kernels = [line for line in text.splitlines() if "custom_call @mosaic_gpu" in line]
-    assert len(kernels) == 3  # forward, dK/dV, dQ
-    dq_call = kernels[-1]
-    assert "output_operand_aliases" in dq_call and "operand_index = 6" in dq_call
+    assert len(kernels) == 3  # forward, dK/dV, then the dQ cast or the dQ kernel
+    dkv_call, dq_call = kernels[1:]
+    assert "output_operand_aliases" in dq_call
+    assert f"operand_index = {1 if dq_in_dkv else 6}" in dq_call
     assert dq_call.endswith("-> tensor<2x256x6x64xbf16>")
+    assert ("output_operand_aliases" in dkv_call) == dq_in_dkv
     assert "dynamic_update_slice" not in text and "concatenate" not in text
 
 
 def test_packed_documents_on_hopper_pass_block_spans(monkeypatch):
-    """With segment ids and ``SKIP_DOCUMENTS``, each of the three Mosaic GPU kernels lowered for
-    an H100 takes the ``document_spans`` (one flat int32 operand), by which it skips other
-    documents' blocks; without the switch none does, and turning it on after a call of the same
-    shapes is not hidden by the kernels' jit cache."""
+    """With segment ids and ``SKIP_DOCUMENTS``, the Mosaic GPU kernels that walk blocks (forward
+    and dK/dV; the third only casts dQ's sum) lowered for an H100 take the ``document_spans``
+    (one flat int32 operand), by which they skip other documents' blocks; without the switch
+    neither does, and turning it on after a call of the same shapes is not hidden by the
+    kernels' jit cache."""
     qkv = jax.ShapeDtypeStruct((2, 256, 2, 3, 64), jnp.bfloat16)
     seg = jax.ShapeDtypeStruct((2, 256), jnp.int32)
     for skip in (False, True):
@@ -134,9 +140,9 @@ def test_packed_documents_on_hopper_pass_block_spans(monkeypatch):
             text = grad.trace(qkv, seg).lower(lowering_platforms=("cuda",)).as_text()
         kernels = [line for line in text.splitlines() if "custom_call @mosaic_gpu" in line]
         assert len(kernels) == 3
-        for call in kernels:
+        for call, walks in zip(kernels, (True, True, False)):
             operands = call.rpartition(" : (")[2].partition(") ->")[0]
-            assert bool(re.search(r"tensor<\d+xi32>", operands)) == skip, (skip, operands)
+            assert bool(re.search(r"tensor<\d+xi32>", operands)) == (skip and walks), operands
 
 
 @pytest.mark.parametrize("shape", [(2, 8, 2, 16), (1, 8, 2, 2, 16)])

@@ -13,7 +13,9 @@ transaction count) and a "consumed" barrier (one arrival per consumer warpgroup)
 - Backward, with ``delta = rowsum(dO * O)`` computed in XLA and P recomputed from the saved
   log-sum-exp: a dK/dV kernel whose CTA owns ``2 * block_k_bwd`` keys of one kv head and streams
   (Q, dO, lse, delta) tiles of every query head of its GQA group, so grouped heads need no
-  reduction afterwards; and a dQ kernel shaped like the forward. When the two float32
+  reduction afterwards. It also adds each streamed tile's dQ = dS @ K into a float32 sum by TMA
+  reductions (``DQ_IN_DKV``; FlashAttention-3's scheme), which a small kernel then casts; or,
+  with that off, a dQ kernel shaped like the forward recomputes P and dP. When the two float32
   accumulators of dK and dV do not fit a consumer's registers (head_dim 256: 2 x 128 per
   thread), the dK/dV kernel runs twice, once for dV (no dP product) and once for dK, recomputing
   P: 5 tile products per block instead of 4, but a register file that holds one accumulator.
@@ -73,6 +75,10 @@ _WG = "wg"
 # The 64K registers of an SM split between the warpgroups (128 threads each): the producer only
 # issues copies, the consumers hold the accumulators. 2 * 232 + 40 <= 512 registers per lane.
 _CONSUMER_REGS, _PRODUCER_REGS = 232, 40
+# dQ accumulated by the dK/dV kernel (FlashAttention-3's backward: 5 tile products per block
+# instead of the 7 of a dK/dV kernel and a dQ kernel), when that kernel runs in one pass; off, or
+# at head_dim 256, a dQ kernel shaped like the forward recomputes P and dP for it.
+DQ_IN_DKV = True
 # Of a consumer's 232, the float32 wgmma accumulators (owned rows x head_dim / 128 threads each)
 # may take this many; the rest holds the float32 score tiles, their low-precision copies and
 # addresses. A dK/dV kernel whose two accumulators exceed it runs as a dV pass and a dK pass.
@@ -132,6 +138,22 @@ def _smem_bytes(t: KernelTiles, head_dim: int, owned_tiles: int, streamed_tiles:
     return owned + ring + 4 * 4 * (t.stages * t.streamed + _CONSUMERS * t.owned)
 
 
+def _dq_split(head_dim: int) -> tuple[bool, int]:
+    """``(split, columns)``: whether the dK/dV kernel's consumers split dQ's columns between
+    them (each half a whole 128-byte swizzled row of bf16, which a wgmma operand can be sliced
+    to), and how many columns each computes."""
+    split = head_dim // _CONSUMERS >= 64
+    return split, head_dim // _CONSUMERS if split else head_dim
+
+
+def _dq_smem_bytes(t: KernelTiles, head_dim: int) -> int:
+    """What dQ adds to the dK/dV kernel's shared memory: the dS^T tiles (two slots of both
+    consumers' when split) and each consumer's float32 dQ tile."""
+    split, cols = _dq_split(head_dim)
+    slots = 2 if split else 1
+    return _CONSUMERS * (slots * t.owned * t.streamed * 2 + t.streamed * cols * 4)
+
+
 def _acc_regs(t: KernelTiles, head_dim: int) -> int:
     """Registers per consumer thread of one float32 accumulator of ``t.owned x head_dim``."""
     return t.owned * head_dim // 128
@@ -164,7 +186,8 @@ def supports(call: Call, tiles: Tiles) -> str | None:
     fwd, dkv, dq = tiles.fwd, tiles.dkv, tiles.dq
     for name, t, owned, streamed in (("forward", fwd, 1, 2), ("dK/dV", dkv, 2, 2),
                                      ("dQ", dq, 2, 2)):
-        if _smem_bytes(t, head_dim, owned, streamed) > _SMEM_BYTES:
+        extra = _dq_smem_bytes(t, head_dim) if name == "dK/dV" and _dq_in_dkv(t, head_dim) else 0
+        if _smem_bytes(t, head_dim, owned, streamed) + extra > _SMEM_BYTES:
             return (f"{name} tiles ({t.owned} owned x {t.streamed} streamed rows, head_dim "
                     f"{head_dim}) exceed the {_SMEM_BYTES // 1024} KiB of shared memory")
     for kernel in ("fwd", "dkv", "dq"):
@@ -227,25 +250,31 @@ def _iota(shape, dim):
     return plgpu.broadcasted_iota(jnp.int32, shape, dim, layout=plgpu.Layout.WGMMA)
 
 
-def _mma(a, b_ref, shape, interpret: bool, *, trans_b: bool = False, meanwhile=None):
-    """``a @ b`` (or ``a @ b.T``) into a fresh float32 accumulator; ``a`` in registers or smem.
+def _mma(a, b_ref, shape, interpret: bool, *, trans_a: bool = False, trans_b: bool = False,
+         meanwhile=None, plus=()):
+    """``a @ b`` (or with ``a.T`` / ``b.T``) into a fresh float32 accumulator; ``a`` in registers
+    or smem (transposed: smem only, as wgmma reads a transposed A). ``plus``: more ``(a, b)``
+    pairs whose products (transposed alike) the tensor cores add into the same accumulator.
 
-    ``meanwhile()`` runs after the wgmma is issued and before its result is awaited.
+    ``meanwhile()`` runs after the wgmmas are issued and before their result is awaited.
 
     The interpreter runs wgmma only with both operands in shared memory, so interpret mode takes
     the product of the loaded tiles instead (everything around it, barriers and copies included,
     is interpreted as on the device).
     """
     if interpret:
-        a = a if isinstance(a, jax.Array) else a[...]
-        dims = (((1,), (1 if trans_b else 0,)), ((), ()))
-        out = lax.dot_general(a, b_ref[...], dims, preferred_element_type=jnp.float32)
+        dims = (((0 if trans_a else 1,), (1 if trans_b else 0,)), ((), ()))
+        out = sum(lax.dot_general(x if isinstance(x, jax.Array) else x[...], y[...], dims,
+                                  preferred_element_type=jnp.float32)
+                  for x, y in ((a, b_ref), *plus))
         if meanwhile is not None:
             meanwhile()
         return out
 
     def body(acc_ref):
-        plgpu.wgmma(acc_ref, a, b_ref.transpose((1, 0)) if trans_b else b_ref)
+        for x, y in ((a, b_ref), *plus):
+            plgpu.wgmma(acc_ref, x.transpose((1, 0)) if trans_a else x,
+                        y.transpose((1, 0)) if trans_b else y)
         if meanwhile is not None:
             meanwhile()
         return acc_ref[...]
@@ -423,17 +452,18 @@ def _warn_if_callback_threads_are_few():
 # calls share one trace, one lowering and one kernel build: lowering gpt2_125m's 12-layer gradient
 # for an H100 went from 22 s and 36 kernel modules to 3.4 s and 3 (on a CPU host).
 def _once_per_shape(fn):
-    """``fn`` jitted with its settings static, and ``common.SKIP_DOCUMENTS`` in the cache key: the
-    switch is read while the kernels are traced, so a trace made before it changed is not reused."""
+    """``fn`` jitted with its settings static, and the module switches (``common.SKIP_DOCUMENTS``,
+    ``DQ_IN_DKV``) in the cache key: they are read while the kernels are traced, so a trace made
+    before one changed is not reused."""
 
-    @functools.partial(jax.jit, static_argnames=("spec", "tiles", "interpret", "skip_documents"))
-    def traced(*args, skip_documents, **settings):
-        del skip_documents  # only a key: kernel_spans reads the switch itself
+    @functools.partial(jax.jit, static_argnames=("spec", "tiles", "interpret", "switches"))
+    def traced(*args, switches, **settings):
+        del switches  # only a key: the kernels read the switches themselves
         return fn(*args, **settings)
 
     @functools.wraps(fn)
     def call(*args, **settings):
-        return traced(*args, skip_documents=fa_common.SKIP_DOCUMENTS, **settings)
+        return traced(*args, switches=(fa_common.SKIP_DOCUMENTS, DQ_IN_DKV), **settings)
 
     return call
 
@@ -626,18 +656,44 @@ def _forward(q, k, v, q_seg, kv_seg, alibi_slopes, lay, spec, tiles, interpret):
 # ----------------------------------------------------------------------------- backward
 
 
-def _dkv_kernel(*refs, spec2, t, lay, nq, kv_len, padded, has_seg, has_alibi, grads,
+def _reduce_add(stage, value, dest, bar, interpret: bool):
+    """``dest += value`` (float32, GMEM) through the smem tile ``stage``: a TMA reduction, issued
+    without waiting for it. The interpreter has no TMA reductions, and runs a kernel's CTAs one
+    at a time, so there a read, an add and a write of ``dest`` make the same sum."""
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last reduction has read ``stage``
+    if interpret:
+        plgpu.copy_gmem_to_smem(dest, stage, bar)
+        plgpu.barrier_wait(bar)
+        value = value + stage[...]
+    stage[...] = value
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(stage, dest, reduction_op=None if interpret else "add")
+    if interpret:
+        plgpu.wait_smem_to_gmem(0)
+
+
+def _dkv_kernel(*refs, spec2, t, lay, nq, kv_len, padded, has_seg, has_alibi, grads, with_dq,
                 has_spans, ctas, interpret):
     """Accumulates ``grads`` (``("dk", "dv")``, or one of them in a two-pass backward): a dV
     pass needs neither V nor delta nor the dP product. Packed (``lay``), both go to one output
-    array, at the heads of k and v."""
+    array, at the heads of k and v.
+
+    ``with_dq`` (one pass): each step also adds the streamed query tile's dQ = dS @ K over the
+    CTA's keys into the float32 ``dq_acc``. When half of head_dim is a whole swizzled tile
+    (``_dq_split``), the consumers hand their dS^T tiles over through shared memory (two slots,
+    by step parity, so neither overwrites a tile the other still reads) and each computes half
+    of dQ's columns from both: a CTA adds one tile per step. At head_dim 64 each consumer adds
+    its own keys' share.
+    """
     want_dk, want_dv = "dk" in grads, "dv" in grads
     outputs = ("dkv",) if lay.packed else grads
-    r = kernel_refs(refs, BWD_INPUTS, has_seg, has_alibi, (*outputs, "smem", "bars"),
+    r = kernel_refs(refs, BWD_INPUTS, has_seg, has_alibi,
+                    (*(("dq_acc",) if with_dq else ()), *outputs, "smem", "bars"),
                     has_spans=has_spans)
     group = lay.heads // lay.kv_heads
-    k_smem, v_smem, ks_smem, q_smem, do_smem, lse_smem, delta_smem, qs_smem = r.smem
-    own_bar, q_bar, do_bar, lse_bar, delta_bar, qs_bar, free = r.bars
+    k_smem, v_smem, ks_smem, q_smem, do_smem, lse_smem, delta_smem, qs_smem, ds_smem, dq_stage = (
+        r.smem)
+    own_bar, q_bar, do_bar, lse_bar, delta_bar, qs_bar, free, ds_bar, dq_bar = r.bars
     bk, bq = t.owned, t.streamed
     head_dim = r.q.shape[-1]
     dtype = r.q.dtype
@@ -672,6 +728,44 @@ def _dkv_kernel(*refs, spec2, t, lay, nq, kv_len, padded, has_seg, has_alibi, gr
         if want_dk:
             plgpu.barrier_wait(own_bar.at[_CONSUMERS + wg])
         padded_kv = kv_len if padded else None
+        split, dq_cols = _dq_split(head_dim)
+
+        def add_dq(ds, step, block, q_head):
+            """dQ of query block ``block`` of ``q_head`` into ``dq_acc``, from this consumer's
+            dS^T tile, written to shared memory (wgmma reads it transposed). Split: once both
+            consumers' tiles are there, dS @ K over the CTA's keys for this consumer's half of
+            the columns; else this consumer's keys' share of every column."""
+            rows = pl.ds(block * bq, bq)
+            if not split:
+                ds_smem.at[0, wg][...] = ds
+                plgpu.commit_smem()
+                dq = _mma(ds_smem.at[0, wg], my_k, (bq, head_dim), interpret, trans_a=True)
+                add = functools.partial(_reduce_add, dq_stage.at[wg], dq,
+                                        r.dq_acc.at[batch, rows, q_head], dq_bar.at[wg], interpret)
+                if not interpret:
+                    add()
+                    return
+                # The interpreter's read-add-write is not atomic: the consumers take turns.
+                for c in range(_CONSUMERS):
+                    pl.when(wg == c)(add)
+                    plgpu.barrier_arrive(ds_bar)
+                    plgpu.barrier_wait(ds_bar)
+                return
+            parity = lax.rem(step, 2)
+            ds_smem.at[parity, wg][...] = ds
+            plgpu.commit_smem()
+            plgpu.barrier_arrive(ds_bar)
+            plgpu.barrier_wait(ds_bar)
+            for c in range(_CONSUMERS):  # static column slices
+
+                @pl.when(wg == c)
+                def _():
+                    cols = pl.ds(c * dq_cols, dq_cols)
+                    tiles = [(ds_smem.at[parity, j], k_smem.at[j, :, cols])
+                             for j in range(_CONSUMERS)]
+                    dq = _mma(*tiles[0], (bq, dq_cols), interpret, trans_a=True, plus=tiles[1:])
+                    _reduce_add(dq_stage.at[c], dq, r.dq_acc.at[batch, rows, q_head, cols],
+                                dq_bar.at[c], interpret)
 
         def head(g, carry):
             slope = r.slopes[kv_head * group + g] if has_alibi else None
@@ -701,10 +795,11 @@ def _dkv_kernel(*refs, spec2, t, lay, nq, kv_len, padded, has_seg, has_alibi, gr
                                   trans_b=True)
                         plgpu.barrier_wait(delta_bar.at[slot])
                         delta = _bcast(_vec(delta_smem.at[slot], 1), 1, s.shape)
-                        ds = score_grad(p, dp, delta, s, visible, spec2)
-                        acc["dk"] = _mma_acc(acc["dk"], ds.astype(dtype), q_smem.at[slot],
-                                             interpret)
+                        ds = score_grad(p, dp, delta, s, visible, spec2).astype(dtype)
+                        acc["dk"] = _mma_acc(acc["dk"], ds, q_smem.at[slot], interpret)
                     plgpu.barrier_arrive(free.at[slot])
+                    if with_dq:
+                        add_dq(ds, g * per_head + i, block, kv_head * group + g)
                     return tuple(acc[name] for name in grads)
 
                 return step
@@ -713,6 +808,9 @@ def _dkv_kernel(*refs, spec2, t, lay, nq, kv_len, padded, has_seg, has_alibi, gr
 
         zeros = plgpu.layout_cast(jnp.zeros((bk, head_dim), jnp.float32), plgpu.Layout.WGMMA)
         acc = dict(zip(grads, lax.fori_loop(0, group, head, (zeros,) * len(grads))))
+        if with_dq and split:  # the other consumer's last dQ product has read this K tile
+            plgpu.barrier_arrive(ds_bar)
+            plgpu.barrier_wait(ds_bar)
         # Each gradient leaves through the smem of an owned tile that the loop no longer reads.
         outs = {"dk": (my_k, acc.get("dk"), spec2.scale / LOG2E),
                 "dv": (v_smem.at[wg] if want_dk else my_k, acc.get("dv"), 1.0)}
@@ -856,8 +954,9 @@ def supports_packed(call: Call, tiles: Tiles) -> str | None:
 def _backward(q, k, v, q_seg, kv_seg, alibi_slopes, out, lse, dout, lay, spec, tiles,
               interpret):
     """``((dq, dk, dv), None)``; packed (``lay``): ``(None, dqkv)`` with dqkv the ``(batch,
-    padded len, heads * 3, head_dim)`` array the dK/dV kernel writes and the dQ kernel then
-    completes in place (a mutable ref, which Pallas passes as an aliased output: no copy)."""
+    padded len, heads * 3, head_dim)`` array the dK/dV kernel writes and the dQ kernel (or, with
+    dQ summed by the dK/dV kernel, the kernel that casts that sum) then completes in place (a
+    mutable ref, which Pallas passes as an aliased output: no copy)."""
     batch, q_len, _, head_dim = q.shape
     kv_len = k.shape[1]
     heads, kv_heads = lay.heads, lay.kv_heads
@@ -890,16 +989,21 @@ def _backward(q, k, v, q_seg, kv_seg, alibi_slopes, out, lse, dout, lay, spec, t
     key_ctas = kv_pad // (_CONSUMERS * bk)
     spans = _spans(q_seg, kv_seg, spec, key_ctas, _CONSUMERS * bk, bq, q_pad // bq)
     seg = lambda shape: plgpu.SMEM(shape, jnp.int32) if has_seg else None  # noqa: E731
-    bar = lambda n, arrivals=1: plgpu.Barrier(num_arrivals=arrivals, num_barriers=n)  # noqa: E731
+    passes = _dkv_passes(dkv_t, head_dim)
+    with_dq = _dq_in_dkv(dkv_t, head_dim)
+    split, dq_cols = _dq_split(head_dim)
+    # dQ's float32 sum over the key CTAs, added to by TMA reductions (a mutable ref: aliased).
+    dq_acc = jax.new_ref(jnp.zeros((batch, q_pad, heads, head_dim), f32)) if with_dq else None
     grad_kv = {}
-    for grads in _dkv_passes(dkv_t, head_dim):
+    for grads in passes:
         with_dk = "dk" in grads  # a dV pass needs no V tiles and no delta
         maybe = lambda x: x if with_dk else None  # noqa: E731
+        if_dq = lambda x: x if with_dq else None  # noqa: E731
         outs = plgpu.kernel(
             functools.partial(
                 _dkv_kernel, spec2=spec2, t=dkv_t, lay=lay, nq=q_pad // bq, kv_len=kv_len,
                 padded=kv_pad != kv_len, has_seg=has_seg, has_alibi=has_alibi, grads=grads,
-                has_spans=bool(spans), ctas=key_ctas, interpret=interpret,
+                with_dq=with_dq, has_spans=bool(spans), ctas=key_ctas, interpret=interpret,
             ),
             out_type=[jax.ShapeDtypeStruct((batch, kv_pad, heads * 3, head_dim), dtype)]
             if lay.packed else [jax.ShapeDtypeStruct((batch, kv_pad, kv_heads, head_dim), dtype)
@@ -914,10 +1018,14 @@ def _backward(q, k, v, q_seg, kv_seg, alibi_slopes, out, lse, dout, lay, spec, t
                     plgpu.SMEM((st, bq), f32),
                     maybe(plgpu.SMEM((st, bq), f32)),
                     seg((st, bq)),
+                    if_dq(_tile_smem((2 if split else 1, _CONSUMERS, bk, bq), dtype)),
+                    if_dq(_f32_tile_smem((_CONSUMERS, bq, dq_cols))),
                 ),
                 (
-                    bar(3 * _CONSUMERS), bar(st), bar(st), bar(st), maybe(bar(st)),
-                    bar(st) if has_seg else None, bar(st, _CONSUMERS),
+                    _bar(3 * _CONSUMERS), _bar(st), _bar(st), _bar(st), maybe(_bar(st)),
+                    _bar(st) if has_seg else None, _bar(st, _CONSUMERS),
+                    if_dq(_bar(1, _CONSUMERS)) if split or interpret else None,
+                    if_dq(_bar(_CONSUMERS)),
                 ),
             ],
             grid=(kv_heads, key_ctas, batch),
@@ -926,17 +1034,80 @@ def _backward(q, k, v, q_seg, kv_seg, alibi_slopes, out, lse, dout, lay, spec, t
             thread_name=_WG,
             compiler_params=_compiler_params(),
             interpret=_interpret_params(interpret),
-        )(*args, *spans)
+        )(*args, *spans, *([dq_acc] if with_dq else []))
         grad_kv.update(zip(("dkv",) if lay.packed else grads, outs))
 
-    # dQ: a CTA owns 2 * bq query rows of one head and streams its kv head's K/V tiles.
+    # Packed: the dK/dV output goes in as a ref in the output's place, written where q's heads are.
+    dqkv = jax.new_ref(grad_kv["dkv"]) if lay.packed else None
+    scale = spec2.scale / LOG2E
+    if with_dq:
+        dq = _dq_from_sum(jax.freeze(dq_acc), dqkv, lay, dtype, scale, bq, interpret)
+    else:
+        dq = _dq_pass(args, dqkv, q_seg, kv_seg, spec, spec2, lay, dq_t, kv_len, q_pad, kv_pad,
+                      has_alibi, interpret)
+    if lay.packed:
+        return None, jax.freeze(dqkv)
+    return (dq[:, :q_len], grad_kv["dk"][:, :kv_len], grad_kv["dv"][:, :kv_len]), None
+
+
+def _bar(n, arrivals=1):
+    return plgpu.Barrier(num_arrivals=arrivals, num_barriers=n)
+
+
+def _f32_tile_smem(shape):
+    """Shared memory for float32 tiles of wgmma-layout registers, swizzled for TMA."""
+    swizzle = plgpu.find_swizzle(shape[-1] * 32)
+    return plgpu.SMEM(shape, jnp.float32, transforms=(
+        plgpu.TilingTransform((8, swizzle // 4)), plgpu.SwizzleTransform(swizzle)))
+
+
+def _dq_in_dkv(t: KernelTiles, head_dim: int) -> bool:
+    """Whether the dK/dV kernel also accumulates dQ (``DQ_IN_DKV``, in a one-pass backward)."""
+    return DQ_IN_DKV and len(_dkv_passes(t, head_dim)) == 1
+
+
+def _dq_out_kernel(acc_ref, out_ref, acc_smem, out_smem, bar, *, lay, rows, scale):
+    """One ``rows``-row tile of dQ: the float32 sum times ``scale``, in ``out_ref``'s dtype, at
+    the query head's place in ``out_ref`` (``lay``)."""
+    batch, head, tile = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("q")
+    sl = pl.ds(tile * rows, rows)
+    plgpu.copy_gmem_to_smem(acc_ref.at[batch, sl, head], acc_smem, bar)
+    plgpu.barrier_wait(bar)
+    out_smem[...] = (acc_smem[...] * scale).astype(out_smem.dtype)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(out_smem, out_ref.at[batch, sl, lay.at("q", head)])
+    plgpu.wait_smem_to_gmem(0)
+
+
+def _dq_from_sum(acc, dqkv, lay, dtype, scale, rows, interpret):
+    """dQ from the dK/dV kernel's float32 sum: a new array, or (packed) written into ``dqkv``
+    where the query heads are."""
+    batch, q_pad, heads, head_dim = acc.shape
+    return plgpu.kernel(
+        functools.partial(_dq_out_kernel, lay=lay, rows=rows, scale=scale),
+        out_type=() if dqkv is not None else jax.ShapeDtypeStruct(acc.shape, dtype),
+        scratch_types=[plgpu.SMEM((rows, head_dim), jnp.float32),
+                       plgpu.SMEM((rows, head_dim), dtype), _bar(1)],
+        grid=(heads, q_pad // rows, batch),
+        grid_names=("heads", "q", "batch"),
+        compiler_params=_compiler_params(),
+        interpret=_interpret_params(interpret),
+    )(acc, *([dqkv] if dqkv is not None else []))
+
+
+def _dq_pass(args, dqkv, q_seg, kv_seg, spec, spec2, lay, dq_t, kv_len, q_pad, kv_pad,
+             has_alibi, interpret):
+    """dQ by its own kernel (a CTA owns 2 * bq query rows of one head and streams its kv head's
+    K/V tiles): a new array, or (packed) written into ``dqkv`` where the query heads are."""
+    batch, _, _, head_dim = args[0].shape
+    dtype, f32, heads = args[0].dtype, jnp.float32, lay.heads
+    has_seg = q_seg is not None
+    seg = lambda shape: plgpu.SMEM(shape, jnp.int32) if has_seg else None  # noqa: E731
     bq, bk, st = dq_t.owned, dq_t.streamed, dq_t.stages
     n_own = 5 if has_seg else 4
     query_ctas = q_pad // (_CONSUMERS * bq)
     spans = _spans(q_seg, kv_seg, spec, query_ctas, _CONSUMERS * bq, bk, kv_pad // bk)
-    # Packed: the dK/dV output goes in as a ref in the output's place, written where q's heads are.
-    dqkv = jax.new_ref(grad_kv["dkv"]) if lay.packed else None
-    dq = plgpu.kernel(
+    return plgpu.kernel(
         functools.partial(
             _dq_kernel, spec2=spec2, t=dq_t, lay=lay, nk=kv_pad // bk, kv_len=kv_len,
             has_seg=has_seg, has_alibi=has_alibi, has_spans=bool(spans), ctas=query_ctas,
@@ -956,8 +1127,8 @@ def _backward(q, k, v, q_seg, kv_seg, alibi_slopes, out, lse, dout, lay, spec, t
                 seg((st, bk)),
             ),
             (
-                bar(n_own * _CONSUMERS), bar(st), bar(st), bar(st) if has_seg else None,
-                bar(st, _CONSUMERS), bar(st, _CONSUMERS),
+                _bar(n_own * _CONSUMERS), _bar(st), _bar(st), _bar(st) if has_seg else None,
+                _bar(st, _CONSUMERS), _bar(st, _CONSUMERS),
             ),
         ],
         grid=(heads, query_ctas, batch),
@@ -967,6 +1138,3 @@ def _backward(q, k, v, q_seg, kv_seg, alibi_slopes, out, lse, dout, lay, spec, t
         compiler_params=_compiler_params(),
         interpret=_interpret_params(interpret),
     )(*args, *spans, *([dqkv] if lay.packed else []))
-    if lay.packed:
-        return None, jax.freeze(dqkv)
-    return (dq[:, :q_len], grad_kv["dk"][:, :kv_len], grad_kv["dv"][:, :kv_len]), None
