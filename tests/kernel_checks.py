@@ -269,7 +269,7 @@ ATTENTION_CASES = {
     # the pipeline wraps around its ring.
     "bfloat16_gqa_padded": dict(batch=1, q_len=100, kv_len=200, heads=2, kv_heads=1,
                                 dtype=_BF16),
-    # head_dim 128: the dK/dV kernel's consumers split dQ's columns and share their dS tiles.
+    # head_dim 128 (with SPLIT_DQ_MIN_LEN 0: the dK/dV kernel's consumers split dQ's columns).
     "bfloat16_head_dim_128_causal_gqa": dict(batch=1, q_len=130, kv_len=200, heads=2, kv_heads=1,
                                              head_dim=128, dtype=_BF16, causal=True,
                                              q_offset=70),
@@ -386,10 +386,21 @@ MOSAIC_GPU_ALL_BLOCKS = dataclasses.replace(
     MOSAIC_GPU, label="mosaic_gpu_all_blocks",
     cases=("bfloat16_causal_documents", "float16_head_dim_256_causal_gqa_alibi_segments"),
     setup=walk_all_blocks)
-# The dQ kernel at head_dim 64 (``DQ_IN_DKV`` off; head_dim 256's cases above always take it).
+# The dQ kernel at head_dim 64 (``DQ_IN_DKV`` off; head_dim 128's short rows and head_dim 256's
+# cases above take it by default).
 MOSAIC_GPU_DQ_KERNEL = dataclasses.replace(
     MOSAIC_GPU, label="mosaic_gpu_dq_kernel", cases=("bfloat16_every_mask",),
     setup=lambda monkeypatch: monkeypatch.setattr(mosaic_gpu, "DQ_IN_DKV", False))
+
+
+def split_dq_at_any_length(monkeypatch):
+    """dQ inside the dK/dV kernel with split columns (head_dim 128) however short the keys."""
+    monkeypatch.setattr(mosaic_gpu, "SPLIT_DQ_MIN_LEN", 0)
+
+
+MOSAIC_GPU_SPLIT_DQ = dataclasses.replace(
+    MOSAIC_GPU, label="mosaic_gpu_split_dq", cases=("bfloat16_head_dim_128_causal_gqa",),
+    setup=split_dq_at_any_length)
 TRITON_ALL_BLOCKS = dataclasses.replace(
     TRITON, label="triton_all_blocks",
     cases=("bfloat16_documents", "causal_gqa_segments"), setup=walk_all_blocks)
@@ -399,8 +410,11 @@ CUDNN_AS_XLA = Lowering("cudnn_as_xla", "cudnn", {},
                         setup=_cudnn_as_xla)
 ATTENTION_LOWERINGS = (
     TRITON, TRITON_ALL_BLOCKS, TPU, MOSAIC_GPU, MOSAIC_GPU_ALL_BLOCKS, MOSAIC_GPU_DQ_KERNEL,
-    CUDNN_AS_XLA,
+    MOSAIC_GPU_SPLIT_DQ, CUDNN_AS_XLA,
     Lowering("triton_compiled", "triton", {}, _TRITON_CASES, (NEEDS_GPU,)),
     Lowering("mosaic_gpu_compiled", "mosaic_gpu", {}, _HOPPER_CASES, (NEEDS_HOPPER,)),
+    Lowering("mosaic_gpu_split_dq_compiled", "mosaic_gpu", {}, (
+        "hopper_d128_gqa_ragged", "hopper_d128_window_offset", "hopper_d128_alibi_segments",
+        "hopper_d128_causal_documents"), (NEEDS_HOPPER,), setup=split_dq_at_any_length),
     Lowering("cudnn", "cudnn", {}, _CUDNN_CASES, (NEEDS_GPU,)),
 )

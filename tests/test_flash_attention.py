@@ -93,3 +93,25 @@ def test_triton_documents_pass_the_verifier(monkeypatch, causal):
     assert text.count("__gpu$xla.gpu.triton") == 3 and checked[0] == 3
     calls = [line for line in text.splitlines() if "__gpu$xla.gpu.triton" in line]
     assert all(re.search(r"tensor<2x\d+x2xi32>", call) for call in calls)  # the spans
+
+
+@pytest.mark.parametrize("head_dim, length, joined", [
+    (64, 256, True), (128, 2048, False), (128, 16384, True)])
+def test_dq_joins_the_dkv_kernel_where_it_measured_faster(head_dim, length, joined):
+    """Lowered for an H100, the Mosaic GPU backward sums dQ inside the dK/dV kernel (which then
+    takes the float32 sum as an aliased operand) at head_dim 64, and at head_dim 128 only from
+    ``SPLIT_DQ_MIN_LEN`` keys; elsewhere a dQ kernel computes it."""
+    import jax
+    import jax.numpy as jnp
+
+    from pallas_kernels import lowering_for
+    from pallas_kernels.flash_attention import flash_attention
+
+    x = jax.ShapeDtypeStruct((1, length, 2, head_dim), jnp.bfloat16)
+    grad = jax.jit(jax.grad(lambda q, k, v: jnp.sum(flash_attention(
+        q, k, v, causal=True).astype(jnp.float32)), argnums=(0, 1, 2)))
+    with lowering_for("NVIDIA H100"):
+        text = grad.trace(x, x, x).lower(lowering_platforms=("cuda",)).as_text()
+    kernels = [line for line in text.splitlines() if "custom_call @mosaic_gpu" in line]
+    assert len(kernels) == 3
+    assert ("output_operand_aliases" in kernels[1]) == joined

@@ -77,8 +77,13 @@ _WG = "wg"
 _CONSUMER_REGS, _PRODUCER_REGS = 232, 40
 # dQ accumulated by the dK/dV kernel (FlashAttention-3's backward: 5 tile products per block
 # instead of the 7 of a dK/dV kernel and a dQ kernel), when that kernel runs in one pass; off, or
-# at head_dim 256, a dQ kernel shaped like the forward recomputes P and dP for it.
+# at head_dim 256, a dQ kernel shaped like the forward recomputes P and dP for it. Where the
+# consumers split dQ's columns (head_dim 128, ``_dq_split``) they run in lock step, which costs
+# more than it saves on short rows (H200, fwd+bwd: 16k rows 6-7% faster, 2k causal 5% slower,
+# GPT 1.3B's step 1.4% slower; BENCHMARKS.md, session 21): there it needs keys at least
+# ``SPLIT_DQ_MIN_LEN`` long. At head_dim 64 it measured 3-16% faster at 1k and 2k.
 DQ_IN_DKV = True
+SPLIT_DQ_MIN_LEN = 16384
 # Of a consumer's 232, the float32 wgmma accumulators (owned rows x head_dim / 128 threads each)
 # may take this many; the rest holds the float32 score tiles, their low-precision copies and
 # addresses. A dK/dV kernel whose two accumulators exceed it runs as a dV pass and a dK pass.
@@ -186,7 +191,8 @@ def supports(call: Call, tiles: Tiles) -> str | None:
     fwd, dkv, dq = tiles.fwd, tiles.dkv, tiles.dq
     for name, t, owned, streamed in (("forward", fwd, 1, 2), ("dK/dV", dkv, 2, 2),
                                      ("dQ", dq, 2, 2)):
-        extra = _dq_smem_bytes(t, head_dim) if name == "dK/dV" and _dq_in_dkv(t, head_dim) else 0
+        dq = name == "dK/dV" and _dq_in_dkv(t, head_dim, call.k_shape[1])
+        extra = _dq_smem_bytes(t, head_dim) if dq else 0
         if _smem_bytes(t, head_dim, owned, streamed) + extra > _SMEM_BYTES:
             return (f"{name} tiles ({t.owned} owned x {t.streamed} streamed rows, head_dim "
                     f"{head_dim}) exceed the {_SMEM_BYTES // 1024} KiB of shared memory")
@@ -453,8 +459,8 @@ def _warn_if_callback_threads_are_few():
 # for an H100 went from 22 s and 36 kernel modules to 3.4 s and 3 (on a CPU host).
 def _once_per_shape(fn):
     """``fn`` jitted with its settings static, and the module switches (``common.SKIP_DOCUMENTS``,
-    ``DQ_IN_DKV``) in the cache key: they are read while the kernels are traced, so a trace made
-    before one changed is not reused."""
+    ``DQ_IN_DKV``, ``SPLIT_DQ_MIN_LEN``) in the cache key: they are read while the kernels are
+    traced, so a trace made before one changed is not reused."""
 
     @functools.partial(jax.jit, static_argnames=("spec", "tiles", "interpret", "switches"))
     def traced(*args, switches, **settings):
@@ -463,7 +469,8 @@ def _once_per_shape(fn):
 
     @functools.wraps(fn)
     def call(*args, **settings):
-        return traced(*args, switches=(fa_common.SKIP_DOCUMENTS, DQ_IN_DKV), **settings)
+        switches = (fa_common.SKIP_DOCUMENTS, DQ_IN_DKV, SPLIT_DQ_MIN_LEN)
+        return traced(*args, switches=switches, **settings)
 
     return call
 
@@ -990,7 +997,7 @@ def _backward(q, k, v, q_seg, kv_seg, alibi_slopes, out, lse, dout, lay, spec, t
     spans = _spans(q_seg, kv_seg, spec, key_ctas, _CONSUMERS * bk, bq, q_pad // bq)
     seg = lambda shape: plgpu.SMEM(shape, jnp.int32) if has_seg else None  # noqa: E731
     passes = _dkv_passes(dkv_t, head_dim)
-    with_dq = _dq_in_dkv(dkv_t, head_dim)
+    with_dq = _dq_in_dkv(dkv_t, head_dim, kv_len)
     split, dq_cols = _dq_split(head_dim)
     # dQ's float32 sum over the key CTAs, added to by TMA reductions (a mutable ref: aliased).
     dq_acc = jax.new_ref(jnp.zeros((batch, q_pad, heads, head_dim), f32)) if with_dq else None
@@ -1061,9 +1068,11 @@ def _f32_tile_smem(shape):
         plgpu.TilingTransform((8, swizzle // 4)), plgpu.SwizzleTransform(swizzle)))
 
 
-def _dq_in_dkv(t: KernelTiles, head_dim: int) -> bool:
-    """Whether the dK/dV kernel also accumulates dQ (``DQ_IN_DKV``, in a one-pass backward)."""
-    return DQ_IN_DKV and len(_dkv_passes(t, head_dim)) == 1
+def _dq_in_dkv(t: KernelTiles, head_dim: int, kv_len: int) -> bool:
+    """Whether the dK/dV kernel also accumulates dQ (``DQ_IN_DKV``, in a one-pass backward, with
+    split columns from ``SPLIT_DQ_MIN_LEN`` keys)."""
+    return (DQ_IN_DKV and len(_dkv_passes(t, head_dim)) == 1
+            and (not _dq_split(head_dim)[0] or kv_len >= SPLIT_DQ_MIN_LEN))
 
 
 def _dq_out_kernel(acc_ref, out_ref, acc_smem, out_smem, bar, *, lay, rows, scale):
