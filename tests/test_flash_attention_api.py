@@ -297,6 +297,17 @@ def test_mosaic_gpu_supports_tiles():
     assert "256 registers per thread" in mosaic_gpu.supports(call, big)
 
 
+def test_mosaic_gpu_counts_the_dq_tiles_in_the_dkv_kernel(monkeypatch):
+    """dK/dV tiles of 128 keys x 128 query rows at head_dim 64 fill 128 KiB; with dQ summed in
+    that kernel its dS and float32 dQ tiles add 128 KiB more, over the limit: refused then, and
+    accepted with the dQ kernel instead."""
+    call, d64 = _call(head_dim=64), mosaic_gpu.DEFAULT_TILES[""][64]
+    tiles = mosaic_gpu.Tiles(d64.fwd, mosaic_gpu.KernelTiles(128, 128, 2), d64.dq)
+    assert "dK/dV tiles" in mosaic_gpu.supports(call, tiles)
+    monkeypatch.setattr(mosaic_gpu, "DQ_IN_DKV", False)
+    assert mosaic_gpu.supports(call, tiles) is None
+
+
 # ----------------------------------------------------------------------------- key-block ranges
 
 

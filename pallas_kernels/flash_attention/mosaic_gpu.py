@@ -191,8 +191,8 @@ def supports(call: Call, tiles: Tiles) -> str | None:
     fwd, dkv, dq = tiles.fwd, tiles.dkv, tiles.dq
     for name, t, owned, streamed in (("forward", fwd, 1, 2), ("dK/dV", dkv, 2, 2),
                                      ("dQ", dq, 2, 2)):
-        dq = name == "dK/dV" and _dq_in_dkv(t, head_dim, call.k_shape[1])
-        extra = _dq_smem_bytes(t, head_dim) if dq else 0
+        fused = name == "dK/dV" and _dq_in_dkv(t, head_dim, call.k_shape[1])
+        extra = _dq_smem_bytes(t, head_dim) if fused else 0
         if _smem_bytes(t, head_dim, owned, streamed) + extra > _SMEM_BYTES:
             return (f"{name} tiles ({t.owned} owned x {t.streamed} streamed rows, head_dim "
                     f"{head_dim}) exceed the {_SMEM_BYTES // 1024} KiB of shared memory")
