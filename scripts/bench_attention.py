@@ -5,7 +5,9 @@
 Rows are bf16, head_dim 128, 16 query heads and 16k tokens per batch (seq 1k/4k/16k, causal and
 not), plus a GQA row (8 query heads per kv head) and a sliding-window row. FLOPs count only the
 visible (query, key) pairs: 4 * batch * heads * head_dim * pairs for the forward (causal halves
-the square), and 3.5x that for forward + backward (two matmuls forward, five backward).
+the square), and 3.5x that for forward + backward (two matmuls forward, five backward). Times are
+the kernels' device time in a profiler trace (``--timer wall``: the median wall time of a
+synchronised call, the older tables' measure).
 
 ``cudnn`` is ``flash_attention(implementation="cudnn")``; ``xla`` is jax's own XLA attention
 (``jax.nn.dot_product_attention``), not the float32 reference. ``--check`` compares every
@@ -184,7 +186,8 @@ def available_pallas(names) -> list[str]:
 # ----------------------------------------------------------------------------- timing
 
 
-def bench(rows, impls, iters, results):
+def bench(rows, impls, iters, results, timer=device_ms):
+    """One table row per (row, impl): fwd and fwd+bwd ms by ``timer`` and their TFLOP/s."""
     table = []
     for row in rows:
         q, k, v, d_out = inputs(row, seed=len(table))
@@ -198,7 +201,7 @@ def bench(rows, impls, iters, results):
             ):
                 try:
                     with switched(impl):
-                        ms = time_ms(call, *args, iters=iters)
+                        ms = timer(call, *args, iters=iters)
                     cells += [ms, mult * flops / ms / 1e9]
                 except Exception as e:  # noqa: BLE001 - a failing baseline is reported, not fatal
                     cells += [short_error(e), "-"]
@@ -389,6 +392,11 @@ def main():
     parser.add_argument("--alibi", action="store_true",
                         help="ALiBi in the Pallas rows (cuDNN and XLA rows run without it)")
     parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--timer", choices=("device", "wall"), default="device",
+                        help="device: the kernels' summed time in a profiler trace (default; "
+                             "wall time of a sub-millisecond call is mostly dispatch, and moved "
+                             "25%% between identical kernels in session 21); wall: the median "
+                             "wall time of a synchronised call, as the tables before session 22")
     parser.add_argument("--check", action="store_true", help="check numerics before timing")
     parser.add_argument("--check-against", choices=BASELINES, default="cudnn")
     parser.add_argument("--feature-len", type=int, default=1007,
@@ -437,7 +445,8 @@ def main():
                                 max(5, args.iters // 2))
     if not args.no_bench:
         results = []
-        report["bench"] = bench(rows, impls, args.iters, results)
+        report["bench"] = bench(rows, impls, args.iters, results,
+                                {"device": device_ms, "wall": time_ms}[args.timer])
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "bench_attention.json"), "w") as f:
         json.dump(report, f, indent=1, default=str)
