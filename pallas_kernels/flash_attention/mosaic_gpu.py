@@ -81,7 +81,9 @@ _CONSUMER_REGS, _PRODUCER_REGS = 232, 40
 # consumers split dQ's columns (head_dim 128, ``_dq_split``) they run in lock step, which costs
 # more than it saves on short rows (H200, fwd+bwd: 16k rows 6-7% faster, 2k causal 5% slower,
 # GPT 1.3B's step 1.4% slower; BENCHMARKS.md, session 21): there it needs keys at least
-# ``SPLIT_DQ_MIN_LEN`` long. At head_dim 64 it measured 3-16% faster at 1k and 2k.
+# ``SPLIT_DQ_MIN_LEN`` long. At head_dim 64 it measured 3-16% faster at 1k and 2k. The CTAs'
+# additions land in no fixed order, so dQ's float32 rounding varies from run to run (as with
+# cuDNN's backward): set ``DQ_IN_DKV = False`` for bitwise-reproducible gradients.
 DQ_IN_DKV = True
 SPLIT_DQ_MIN_LEN = 16384
 # Of a consumer's 232, the float32 wgmma accumulators (owned rows x head_dim / 128 threads each)
