@@ -334,7 +334,7 @@ def main(argv=None) -> None:
     configs = [c for c in args.configs.split(",") if c]
     if args.documents < 1 or (args.documents > 1 and not args.skip_torch):
         parser.error(f"--documents must be >= 1 (got {args.documents}), and above 1 needs "
-                         "--skip-torch: the torch baseline packs no documents")
+                     "--skip-torch: the torch baseline packs no documents")
 
     def per_config(text, key):
         if text is None:

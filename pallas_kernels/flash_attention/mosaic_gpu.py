@@ -1052,7 +1052,7 @@ def _backward(q, k, v, q_seg, kv_seg, alibi_slopes, out, lse, dout, lay, spec, t
     if with_dq:
         dq = _dq_from_sum(jax.freeze(dq_acc), dqkv, lay, dtype, scale, bq, interpret)
     else:
-        dq = _dq_pass(args, dqkv, q_seg, kv_seg, spec, spec2, lay, dq_t, kv_len, q_pad, kv_pad,
+        dq = _dq_pass(args, dqkv, q_seg, kv_seg, spec, lay, dq_t, kv_len, q_pad, kv_pad,
                       has_alibi, interpret)
     if lay.packed:
         return None, jax.freeze(dqkv)
@@ -1106,8 +1106,8 @@ def _dq_from_sum(acc, dqkv, lay, dtype, scale, rows, interpret):
     )(acc, *([dqkv] if dqkv is not None else []))
 
 
-def _dq_pass(args, dqkv, q_seg, kv_seg, spec, spec2, lay, dq_t, kv_len, q_pad, kv_pad,
-             has_alibi, interpret):
+def _dq_pass(args, dqkv, q_seg, kv_seg, spec, lay, dq_t, kv_len, q_pad, kv_pad, has_alibi,
+             interpret):
     """dQ by its own kernel (a CTA owns 2 * bq query rows of one head and streams its kv head's
     K/V tiles): a new array, or (packed) written into ``dqkv`` where the query heads are."""
     batch, _, _, head_dim = args[0].shape
@@ -1120,7 +1120,7 @@ def _dq_pass(args, dqkv, q_seg, kv_seg, spec, spec2, lay, dq_t, kv_len, q_pad, k
     spans = _spans(q_seg, kv_seg, spec, query_ctas, _CONSUMERS * bq, bk, kv_pad // bk)
     return plgpu.kernel(
         functools.partial(
-            _dq_kernel, spec2=spec2, t=dq_t, lay=lay, nk=kv_pad // bk, kv_len=kv_len,
+            _dq_kernel, spec2=base2(spec), t=dq_t, lay=lay, nk=kv_pad // bk, kv_len=kv_len,
             has_seg=has_seg, has_alibi=has_alibi, has_spans=bool(spans), ctas=query_ctas,
             interpret=interpret,
         ),

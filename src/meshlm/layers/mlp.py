@@ -10,6 +10,7 @@ import jax.numpy as jnp
 
 Initializer = Callable[..., jax.Array]
 
+
 @jax.custom_vjp
 def gelu_tanh(x):
     """``jax.nn.gelu(x, approximate=True)`` whose gradient keeps only ``x``: autodiff also saves
