@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from benchlib import device_description, device_ms, print_table, time_ms
 
-from pallas_kernels.flash_attention import api, flash_attention
+from pallas_kernels.flash_attention import api, flash_attention, flash_attention_qkv
 from pallas_kernels.flash_attention import common as fa_common
 from pallas_kernels.flash_attention import cudnn as fa_cudnn
 from pallas_kernels.flash_attention import mosaic_gpu as fa_mosaic
@@ -70,6 +70,8 @@ class Row:
     window: int | None = None
     alibi: bool = False  # the Pallas lowerings only: cuDNN and XLA rows are timed without it
     documents: int = 1  # equal packed documents per row (segment ids), each attending to itself
+    ids: bool = False  # segment ids even for one document per row, as a training batch has
+    packed: bool = False  # Pallas rows: flash_attention_qkv on one (batch, len, heads, 3, dim)
 
     def pairs(self) -> int:
         """Visible (query, key) pairs per batch element and head."""
@@ -80,8 +82,8 @@ class Row:
         return self.documents * (n * n // 2 if self.causal else n * n)
 
     def segment_ids(self):
-        """``(batch, seq)`` ids of the row's documents, None for one document."""
-        if self.documents == 1:
+        """``(batch, seq)`` ids of the row's documents, None for one document without ``ids``."""
+        if self.documents == 1 and not self.ids:
             return None
         ids = jnp.arange(self.seq, dtype=jnp.int32) // (self.seq // self.documents)
         return jnp.broadcast_to(ids, (self.batch, self.seq))
@@ -91,18 +93,20 @@ class Row:
 
 
 def make_rows(seqs, tokens, causal_modes, extra: bool, head_dim=128, alibi=False,
-              documents=1) -> list[Row]:
+              documents=1, ids=False, packed=False) -> list[Row]:
     rows = []
-    kw = dict(head_dim=head_dim, alibi=alibi, documents=documents)
-    docs = f" {documents} docs" if documents > 1 else ""
+    kw = dict(head_dim=head_dim, alibi=alibi, documents=documents, ids=ids, packed=packed)
+    docs = (f" {documents} docs" if documents > 1 else " ids" if ids else "") + (
+        " qkv" if packed else "")
     for seq in seqs:
         for causal in causal_modes:
             rows.append(Row(f"L={seq}{' causal' if causal else ''}{docs}", tokens // seq, seq,
                             causal=causal, **kw))
     if extra:
         seq = max(seqs)
-        rows.append(Row(f"L={seq} causal GQA 16:2{docs}", tokens // seq, seq, kv_heads=2,
-                        causal=True, **kw))
+        gqa = {**kw, "packed": False}  # q/k/v of one shape only
+        rows.append(Row(f"L={seq} causal GQA 16:2{docs.removesuffix(' qkv')}", tokens // seq,
+                        seq, kv_heads=2, causal=True, **gqa))
         rows.append(Row(f"L={seq} window 2048{docs}", tokens // seq, seq, causal=True,
                         window=2048, **kw))
     return rows
@@ -163,6 +167,20 @@ def fwd_bwd(fn):
     return jax.jit(lambda q, k, v, d_out: jax.vjp(fn, q, k, v)[1](d_out))
 
 
+def timed_calls(impl: str, row: Row, q, k, v, d_out):
+    """``(mode, jitted call, its arguments, FLOPs multiple)`` for the forward and forward +
+    backward of ``impl`` on ``row``; a packed row's Pallas calls take q, k and v as one array
+    (stacked outside the timing), as a fused q/k/v projection's output."""
+    fn = attention_fn(impl, row)
+    if not (row.packed and lowering(impl) in PALLAS):
+        return [("fwd", jax.jit(fn), (q, k, v), 1.0),
+                ("fwd+bwd", fwd_bwd(fn), (q, k, v, d_out), 3.5)]
+    packed = functools.partial(flash_attention_qkv, **fn.keywords)
+    qkv = jnp.stack([q, k, v], axis=3)
+    return [("fwd", jax.jit(packed), (qkv,), 1.0),
+            ("fwd+bwd", jax.jit(lambda x, d: jax.vjp(packed, x)[1](d)), (qkv, d_out), 3.5)]
+
+
 def short_error(e: Exception) -> str:
     return f"{type(e).__name__}: {str(e).splitlines()[0][:90]}" if str(e) else type(e).__name__
 
@@ -193,12 +211,8 @@ def bench(rows, impls, iters, results, timer=device_ms):
         q, k, v, d_out = inputs(row, seed=len(table))
         flops = row.fwd_flops()
         for impl in impls:
-            fn = attention_fn(impl, row)
             cells = []
-            for mode, call, args, mult in (
-                ("fwd", jax.jit(fn), (q, k, v), 1.0),
-                ("fwd+bwd", fwd_bwd(fn), (q, k, v, d_out), 3.5),
-            ):
+            for mode, call, args, mult in timed_calls(impl, row, q, k, v, d_out):
                 try:
                     with switched(impl):
                         ms = timer(call, *args, iters=iters)
@@ -389,6 +403,13 @@ def main():
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--documents", type=int, default=1,
                         help="equal packed documents per row (segment ids) in the timed rows")
+    parser.add_argument("--ids", action="store_true",
+                        help="segment ids in every row, also with one document per row (as "
+                             "the train step's batches carry them)")
+    parser.add_argument("--qkv", action="store_true",
+                        help="the Pallas rows call flash_attention_qkv on q, k and v stacked "
+                             "into one (batch, len, heads, 3, head_dim) array, as GPT's "
+                             "model.fuse_qkv does (the GQA row and the baselines: three arrays)")
     parser.add_argument("--alibi", action="store_true",
                         help="ALiBi in the Pallas rows (cuDNN and XLA rows run without it)")
     parser.add_argument("--iters", type=int, default=20)
@@ -430,7 +451,7 @@ def main():
                      f"length ({seqs})")
     causal_modes = {"both": (False, True), "yes": (True,), "no": (False,)}[args.causal]
     rows = make_rows(seqs, args.tokens, causal_modes, not args.no_extra, args.head_dim,
-                     args.alibi, args.documents)
+                     args.alibi, args.documents, args.ids, args.qkv)
     print(f"# {device_description()}", flush=True)
     report = {"device": device_description()}
 

@@ -210,6 +210,9 @@ def _sorted_segments(seed, q_len, kv_len, dead_rows=0):
 # (id 0 twice), which must see its other run, so that row takes every block.
 _DOCUMENTS = jnp.array([np.repeat([0, 1, 2, 3], [70, 150, 5, 75]),
                         np.repeat([0, 1, 0], [100, 100, 100])], jnp.int32)
+# One document per row (a training batch's ids) and a row whose middle document covers whole CTAs
+# and blocks: those blocks skip the segment mask (``document_spans``' inner blocks).
+_LONG_DOCUMENTS = jnp.array([np.full(300, 3), np.repeat([0, 1, 2], [40, 220, 40])], jnp.int32)
 _SLOPES4 = jnp.array([0.5, 0.25, 0.125, 0.0625], jnp.float32)
 _TPU_SEG = jnp.array([[1] * 10 + [2] * 15 + [3] * 9, [1] * 20 + [2] * 14], jnp.int32)
 _F16, _BF16 = jnp.float16, jnp.bfloat16
@@ -301,6 +304,10 @@ ATTENTION_CASES = {
                                       dtype=_BF16, causal=True, segment_ids=_DOCUMENTS),
     "bfloat16_documents": dict(batch=2, q_len=300, kv_len=300, heads=2, kv_heads=2, dtype=_BF16,
                                segment_ids=_DOCUMENTS),
+    "bfloat16_causal_long_documents": dict(batch=2, q_len=300, kv_len=300, heads=2, kv_heads=1,
+                                           dtype=_BF16, causal=True, segment_ids=_LONG_DOCUMENTS),
+    "bfloat16_long_documents": dict(batch=2, q_len=300, kv_len=300, heads=2, kv_heads=2,
+                                    dtype=_BF16, segment_ids=_LONG_DOCUMENTS),
     # Compiled Mosaic GPU kernels at their default tiles.
     "hopper_d128": dict(batch=1, q_len=256, kv_len=256, heads=2, kv_heads=2, head_dim=128,
                         dtype=_BF16),
@@ -330,6 +337,9 @@ ATTENTION_CASES = {
     "hopper_d128_causal_documents": dict(batch=2, q_len=1200, kv_len=1200, heads=4, kv_heads=2,
                                          head_dim=128, dtype=_BF16, causal=True,
                                          segment_ids=jnp.repeat(_DOCUMENTS, 4, axis=1)),
+    "hopper_d128_causal_one_document": dict(batch=2, q_len=1024, kv_len=1024, heads=2,
+                                            kv_heads=2, head_dim=128, dtype=_BF16, causal=True,
+                                            segment_ids=jnp.ones((2, 1024), jnp.int32)),
     "hopper_d256_f16_offset_padded": dict(batch=1, q_len=200, kv_len=333, heads=2, kv_heads=2,
                                           head_dim=256, dtype=_F16, causal=True, q_offset=133),
 }
@@ -339,6 +349,7 @@ _TRITON_CASES = (
     "chunk_q_offset_window", "short_q_mqa_alibi", "long_q_causal_alibi_softcap",
     "head_dim_128_causal", "head_dim_256", "bfloat16_causal_gqa", "float16_window",
     "dead_rows_segments_window", "bfloat16_causal_documents", "bfloat16_documents",
+    "bfloat16_long_documents",
 )
 _HOPPER_CASES = tuple(name for name in ATTENTION_CASES if name.startswith("hopper_"))
 _CUDNN_CASES = ("bfloat16_causal_gqa", "float16_window", "bfloat16_segments_q_offset",
@@ -380,7 +391,8 @@ MOSAIC_GPU = Lowering("mosaic_gpu", "mosaic_gpu", dict(interpret=True, tiles=mos
      "bfloat16_alibi_gqa_segments",
      "bfloat16_causal_alibi_offset", "float16_head_dim_256_causal_gqa_alibi_segments",
      "bfloat16_head_dim_256_padded", "bfloat16_causal_future_segment",
-     "bfloat16_causal_documents", "bfloat16_documents"))
+     "bfloat16_causal_documents", "bfloat16_documents", "bfloat16_causal_long_documents",
+     "bfloat16_long_documents"))
 # Cases with segment ids, with the document spans off (the lowerings above run them on).
 MOSAIC_GPU_ALL_BLOCKS = dataclasses.replace(
     MOSAIC_GPU, label="mosaic_gpu_all_blocks",
@@ -389,7 +401,8 @@ MOSAIC_GPU_ALL_BLOCKS = dataclasses.replace(
 # The dQ kernel at head_dim 64 (``DQ_IN_DKV`` off; head_dim 128's short rows and head_dim 256's
 # cases above take it by default).
 MOSAIC_GPU_DQ_KERNEL = dataclasses.replace(
-    MOSAIC_GPU, label="mosaic_gpu_dq_kernel", cases=("bfloat16_every_mask",),
+    MOSAIC_GPU, label="mosaic_gpu_dq_kernel",
+    cases=("bfloat16_every_mask", "bfloat16_causal_long_documents"),
     setup=lambda monkeypatch: monkeypatch.setattr(mosaic_gpu, "DQ_IN_DKV", False))
 
 

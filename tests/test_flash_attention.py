@@ -28,8 +28,9 @@ def test_matches_reference(lowering, case, monkeypatch):
 
 def _spans_by_loop(q_seg, kv_seg, ctas, rows, block, num_blocks):
     """``document_spans`` from every (query, key) pair of each CTA: the first and last block
-    holding a key that shares a query's id; every block where a row's ids are not one run each
-    or differ between the sides."""
+    holding a key that shares a query's id (every block where a row's ids are not one run each
+    or differ between the sides), and the blocks whose every key has the id of all the CTA's
+    rows."""
     out = []
     for q_row, kv_row in zip(q_seg.tolist(), kv_seg.tolist()):
         runs = [i for t, i in enumerate(q_row) if t == 0 or i != q_row[t - 1]]
@@ -38,14 +39,18 @@ def _spans_by_loop(q_seg, kv_seg, ctas, rows, block, num_blocks):
             first = min(c * rows, len(q_row) - 1)
             ids = set(q_row[first:first + rows])
             seen = [t for t, i in enumerate(kv_row) if i in ids]
-            out += [0, num_blocks] if whole else [seen[0] // block, seen[-1] // block + 1]
+            inner = [] if whole or len(ids) > 1 else [
+                b for b in range(num_blocks) if set(range(b * block, (b + 1) * block)) <= set(seen)]
+            out.append(([0, num_blocks] if whole else [seen[0] // block, seen[-1] // block + 1],
+                        inner))
     return out
 
 
 def test_document_spans_match_a_loop():
-    """The block ranges the Mosaic GPU kernels narrow their loops to, on fresh random packed rows
-    (documents of 1-90 tokens, a row with an id repeated apart, a row whose sides differ), at
-    the forward's and the dK/dV kernel's CTA shapes, CTAs past the end included."""
+    """The block ranges the Mosaic GPU kernels narrow their loops to, and the blocks inside one
+    document that need no segment mask, on fresh random packed rows (documents of 1-90 tokens, a
+    row of one document, a row with an id repeated apart, a row whose sides differ), at the
+    forward's and the dK/dV kernel's CTA shapes, CTAs past the end included."""
     import jax.numpy as jnp
     import numpy as np
 
@@ -55,16 +60,20 @@ def test_document_spans_match_a_loop():
     rng = np.random.default_rng(seed)
     rows = [np.repeat(np.arange(40), rng.integers(1, 90, 40))[:300] for _ in range(3)]
     rows[1] = np.where(np.arange(300) >= 250, rows[1][0], rows[1])  # the first id again
+    rows.append(np.full(300, rng.integers(1, 9)))
     q_seg = np.stack(rows).astype(np.int32)
     kv_seg = q_seg.copy()
     kv_seg[2, 7] += 1
-    for ctas, cta_rows, block in ((3, 128, 64), (4, 128, 128), (5, 64, 32)):
+    for ctas, cta_rows, block in ((3, 128, 64), (4, 128, 128), (5, 64, 32), (10, 32, 16)):
         num_blocks = -(-300 // block) + 1
-        got = document_spans(jnp.asarray(q_seg), jnp.asarray(kv_seg), ctas, cta_rows, block,
-                             num_blocks)
+        got = np.asarray(document_spans(jnp.asarray(q_seg), jnp.asarray(kv_seg), ctas, cta_rows,
+                                        block, num_blocks)).reshape(-1, 4).tolist()
         want = _spans_by_loop(q_seg, kv_seg, ctas, cta_rows, block, num_blocks)
-        assert np.asarray(got).reshape(-1).tolist() == want, (seed, ctas, cta_rows, block)
-    assert want[:2] != [0, num_blocks]  # the first row's spans narrow
+        assert [([lo, hi], list(range(a, b))) for lo, hi, a, b in got] == want, (
+            seed, ctas, cta_rows, block)
+    assert want[0][0] != [0, num_blocks]  # the first row's spans narrow
+    assert any(inner for _, inner in want[:ctas])  # and some of its CTAs have inner blocks
+    assert want[-1] == ([0, 19], list(range(18)))  # one document: every whole block of it
 
 
 @pytest.mark.parametrize("causal", [True, False])
@@ -92,7 +101,7 @@ def test_triton_documents_pass_the_verifier(monkeypatch, causal):
         text = jax.jit(fwd_bwd).trace(q, k, k, seg).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("__gpu$xla.gpu.triton") == 3 and checked[0] == 3
     calls = [line for line in text.splitlines() if "__gpu$xla.gpu.triton" in line]
-    assert all(re.search(r"tensor<2x\d+x2xi32>", call) for call in calls)  # the spans
+    assert all(re.search(r"tensor<2x\d+x4xi32>", call) for call in calls)  # the spans
 
 
 @pytest.mark.parametrize("head_dim, length, joined", [

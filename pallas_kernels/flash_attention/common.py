@@ -305,13 +305,17 @@ def kernel_spans(q_seg, kv_seg, spec: AttentionSpec, ctas: int, rows: int, block
 def document_spans(q_seg, kv_seg, ctas: int, rows: int, block: int, num_blocks: int):
     """For each batch row and each CTA of ``rows`` consecutive positions (``ctas`` of them, past
     the end clamped to the last position), the blocks of ``block`` positions on the other side
-    that hold the documents of its positions: ``(batch, ctas, 2)`` int32, ``(lo, hi)`` pairs.
+    that hold the documents of its positions, and those of them lying wholly inside the one
+    document of all its positions: ``(batch, ctas, 4)`` int32, ``(lo, hi, inner_lo, inner_hi)``.
 
     Packed documents are runs of one id, so a CTA's rows see only keys (a CTA's keys are seen only
     by queries) between the start of its first row's run and the end of its last row's. That
     holds when each id of a row is one run and the two sides' ids are equal; a row where either
-    fails gets ``[0, num_blocks)``. Computed in XLA (a few passes over the ids), so that a kernel
-    skips the blocks of other documents as it skips those past the causal diagonal."""
+    fails gets ``[0, num_blocks)`` and no inner blocks, as does a CTA over two documents. Inner
+    blocks need no segment mask (``segment_masked``): with one document per row, the common
+    case of a training batch, no block does but a row's last. Computed in XLA (a few passes over
+    the ids), so that a kernel skips the blocks of other documents as it skips those past the
+    causal diagonal."""
     batch, length = q_seg.shape
     pos = jnp.arange(length, dtype=jnp.int32)
     first = jnp.concatenate([jnp.ones((batch, 1), bool), q_seg[:, 1:] != q_seg[:, :-1]], 1)
@@ -323,19 +327,32 @@ def document_spans(q_seg, kv_seg, ctas: int, rows: int, block: int, num_blocks: 
     runs_ok = (jnp.sum(first, axis=1) == distinct) & jnp.all(q_seg == kv_seg, axis=1)
     row0 = jnp.minimum(jnp.arange(ctas, dtype=jnp.int32) * rows, length - 1)
     row1 = jnp.minimum(row0 + rows, length) - 1
-    lo = jnp.where(runs_ok[:, None], start[:, row0] // block, 0)
-    hi = jnp.where(runs_ok[:, None], (end[:, row1] + block - 1) // block, num_blocks)
-    return jnp.stack([lo, hi], axis=-1).astype(jnp.int32)
+    first_start, last_end = start[:, row0], end[:, row1]
+    lo = jnp.where(runs_ok[:, None], first_start // block, 0)
+    hi = jnp.where(runs_ok[:, None], (last_end + block - 1) // block, num_blocks)
+    one = runs_ok[:, None] & (start[:, row1] == first_start)
+    inner_lo = jnp.where(one, (first_start + block - 1) // block, 0)
+    inner_hi = jnp.where(one, last_end // block, 0)
+    return jnp.stack([lo, hi, inner_lo, inner_hi], axis=-1).astype(jnp.int32)
 
 
-def clip_blocks(parts, lo, hi):
-    """``parts`` (``key_blocks`` / ``query_blocks``'s four bounds) narrowed to blocks ``[lo,
-    hi)`` (a CTA's ``document_spans``)."""
+def clip_blocks(parts, spans):
+    """``parts`` (``key_blocks`` / ``query_blocks``'s four bounds) narrowed to a CTA's
+    ``document_spans`` (its four scalars): the walk to ``[lo, hi)``, the unmasked interior also
+    to ``[inner_lo, inner_hi)`` (the blocks it leaves go to the masked edges)."""
+    lo, hi, inner_lo, inner_hi = spans
     p_lo, f_lo, f_hi, p_hi = parts
     p_lo = jnp.maximum(p_lo, lo)
     p_hi = jnp.maximum(jnp.minimum(p_hi, hi), p_lo)
-    f_lo = _clip(f_lo, p_lo, p_hi)
-    return p_lo, f_lo, _clip(f_hi, f_lo, p_hi), p_hi
+    f_lo = _clip(jnp.maximum(f_lo, inner_lo), p_lo, p_hi)
+    return p_lo, f_lo, _clip(jnp.minimum(f_hi, inner_hi), f_lo, p_hi), p_hi
+
+
+def segment_masked(masked: bool, has_spans: bool) -> bool:
+    """Whether a tile of a kernel with segment ids applies them: every tile without
+    ``document_spans``; with them only the masked edges, since ``clip_blocks`` keeps the unmasked
+    interior inside the one document of the CTA's every row and column."""
+    return masked or not has_spans
 
 
 def query_blocks(k_first, keys: int, block_q: int, num_q_blocks: int, spec: AttentionSpec,

@@ -23,12 +23,13 @@ transaction count) and a "consumed" barrier (one arrival per consumer warpgroup)
 Both consumers of a CTA walk the same key (or query) block range, the union of what their rows
 need: that keeps the producer, the consumed barriers and the schedule barrier in lock step. With
 packed documents (self-attention with segment ids; with ``common.SKIP_DOCUMENTS``) that range
-is narrowed to the blocks of the CTA's documents (``common.document_spans``, two scalars per CTA
+is narrowed to the blocks of the CTA's documents (``common.document_spans``, four scalars per CTA
 computed in XLA), so a row of short documents costs about what its documents do, not the whole
 row's square. Each walk is split into [masked edge | unmasked interior | masked edge]; the
 interior pays for no causal/window/padding ``where`` (ALiBi's ``-slope * |pos_q - pos_k|`` is
 computed from the tile's positions in every block, so it never changes which blocks are
-skipped). Scores go through ``common.transform_scores`` on register tiles, in base 2 (scale, soft
+skipped), and with the spans no segment one either: it is narrowed to blocks inside the one
+document of all the CTA's rows, so a training row of one document masks only its edges. Scores go through ``common.transform_scores`` on register tiles, in base 2 (scale, soft
 cap and ALiBi slopes multiplied by log2(e)) so the exponentials are bare ``exp2``.
 Lengths that are not a multiple of the tiles are padded here: padded keys are masked, padded
 queries are sliced away (in the backward they carry ``dO = 0`` and ``lse = +inf``, hence P = 0).
@@ -64,6 +65,7 @@ from pallas_kernels.flash_attention.common import (
     pad_to,
     query_blocks,
     score_grad,
+    segment_masked,
     tile_logits,
 )
 
@@ -319,6 +321,19 @@ def _mma_acc(acc, a, b_ref, interpret: bool):
     return pl.run_state(body)(plgpu.ACC.init(acc))
 
 
+def _tile_segments(own, bars, smem, slot, masked: bool, has_spans: bool):
+    """``(own, streamed)`` segment-id vectors for one tile: the consumer's own (None without
+    segment ids) and the streamed tile's (ring slot ``slot`` of ``smem``, once ``bars`` has its
+    copy), or Nones where the tile needs no segment mask (``common.segment_masked``). The
+    barrier is waited on whenever the call has segment ids, to keep the ring's phases."""
+    if own is None:
+        return None, None
+    plgpu.barrier_wait(bars.at[slot])
+    if not segment_masked(masked, has_spans):
+        return None, None
+    return own, _vec(smem.at[slot], 1)
+
+
 def _logits(s, spec2, masked, *, q_dim, q_first, k_first, kv_len, q_seg, k_seg, slope):
     """``transform_scores`` on a register tile whose queries run along ``q_dim``.
 
@@ -394,13 +409,14 @@ def _query_cta(spec2, t, group, nk, kv_len, spans_ref, ctas):
 
 
 def _within_documents(parts, spans_ref, batch, cta, ctas):
-    """``parts`` clipped to this CTA's ``document_spans`` (two scalars read from GMEM)."""
-    at = (batch * ctas + cta) * 2
-    return clip_blocks(parts, spans_ref[at], spans_ref[at + 1])
+    """``parts`` clipped to this CTA's ``document_spans`` (four scalars read from GMEM)."""
+    at = (batch * ctas + cta) * 4
+    return clip_blocks(parts, [spans_ref[at + i] for i in range(4)])
 
 
 def _spans(*args):
-    """``common.kernel_spans(*args)``, flat (the kernels read two scalars at a computed index)."""
+    """``common.kernel_spans(*args)``, flat (the kernels read four scalars at a computed
+    index)."""
     return [spans.reshape(-1) for spans in kernel_spans(*args)]
 
 
@@ -541,13 +557,10 @@ def _fwd_kernel(*refs, spec2, t, lay, nk, kv_len, has_seg, has_alibi, has_spans,
                 # The other consumer's turn starts while this QK^T runs.
                 s = _mma(my_q, k_smem.at[slot], (bq, bk), interpret, trans_b=True,
                          meanwhile=schedule)
-                k_seg = None
-                if has_seg:
-                    plgpu.barrier_wait(ks_bar.at[slot])
-                    k_seg = _vec(ks_smem.at[slot], 1)
+                q_seg_, k_seg = _tile_segments(q_seg, ks_bar, ks_smem, slot, masked, has_spans)
                 plgpu.barrier_arrive(k_free.at[slot])
                 s, _ = _logits(s, spec2, masked, q_dim=0, q_first=spec2.q_offset + row,
-                               k_first=block * bk, kv_len=padded_kv, q_seg=q_seg, k_seg=k_seg,
+                               k_first=block * bk, kv_len=padded_kv, q_seg=q_seg_, k_seg=k_seg,
                                slope=slope)
                 m_new = jnp.maximum(m, s.max(axis=1))
                 alpha = jnp.exp2(m - m_new)
@@ -806,13 +819,11 @@ def _dkv_kernel(*refs, spec2, t, lay, nq, kv_len, padded, has_seg, has_alibi, gr
                     plgpu.barrier_wait(q_bar.at[slot])
 
                     def probs(s):
-                        q_seg = None
-                        if has_seg:
-                            plgpu.barrier_wait(qs_bar.at[slot])
-                            q_seg = _vec(qs_smem.at[slot], 1)
+                        k_seg_, q_seg = _tile_segments(k_seg, qs_bar, qs_smem, slot, masked,
+                                                       has_spans)
                         s, visible = _logits(
                             s, spec2, masked, q_dim=1, q_first=spec2.q_offset + block * bq,
-                            k_first=key, kv_len=padded_kv, q_seg=q_seg, k_seg=k_seg,
+                            k_first=key, kv_len=padded_kv, q_seg=q_seg, k_seg=k_seg_,
                             slope=slope)
                         plgpu.barrier_wait(lse_bar.at[slot])
                         p = jnp.exp2(s - _bcast(_vec(lse_smem.at[slot], 1), 1, s.shape))
@@ -934,12 +945,10 @@ def _dq_kernel(*refs, spec2, t, lay, nk, kv_len, has_seg, has_alibi, has_spans, 
                 plgpu.barrier_wait(v_bar.at[slot])
 
                 def probs(s):
-                    k_seg = None
-                    if has_seg:
-                        plgpu.barrier_wait(ks_bar.at[slot])
-                        k_seg = _vec(ks_smem.at[slot], 1)
+                    q_seg_, k_seg = _tile_segments(q_seg, ks_bar, ks_smem, slot, masked,
+                                                   has_spans)
                     s, visible = _logits(s, spec2, masked, q_dim=0, q_first=spec2.q_offset + row,
-                                         k_first=block * bk, kv_len=padded_kv, q_seg=q_seg,
+                                         k_first=block * bk, kv_len=padded_kv, q_seg=q_seg_,
                                          k_seg=k_seg, slope=slope)
                     return jnp.exp2(s - _bcast(lse, 0, s.shape)), s, visible
 

@@ -51,6 +51,7 @@ from pallas_kernels.flash_attention.common import (
     pad_to,
     query_blocks,
     score_grad,
+    segment_masked,
     tile_logits,
 )
 
@@ -179,15 +180,16 @@ def _over_key_blocks(r, step, carry, *, spec2, tiles, nq, nk, kv_len, has_seg, h
             start = pl.multiple_of(j * bk, bk)
             k = r.k[pl.ds(start, bk), :]
             k_pos = (start + _iota(bk))[None, :]
-            k_seg = r.kv_seg[pl.ds(start, bk)][None, :] if has_seg else None
+            seg = has_seg and segment_masked(masked, r.spans is not None)
+            k_seg = r.kv_seg[pl.ds(start, bk)][None, :] if seg else None
             buckets = bias = None
             if spec2.has_relative_bias:
                 buckets = spec2.relative.bucket(r.kv_rpos[pl.ds(start, bk)][None, :] - q_rpos)
                 bias = r.table[buckets]
             s, visible = tile_logits(
                 _dot(q, k, trans_b=True), q_pos, k_pos, spec2, masked=masked,
-                kv_len=kv_len if padded_kv else None, q_seg=q_seg, k_seg=k_seg, slope=slope,
-                bias=bias,
+                kv_len=kv_len if padded_kv else None, q_seg=q_seg if seg else None, k_seg=k_seg,
+                slope=slope, bias=bias,
             )
             return step(start, k, s, visible, buckets, carry)
 
@@ -202,14 +204,14 @@ def _over_key_blocks(r, step, carry, *, spec2, tiles, nq, nk, kv_len, has_seg, h
 
 def _within_documents(r, parts):
     """``parts`` clipped to the program's ``document_spans`` block (when the call has them)."""
-    return parts if r.spans is None else clip_blocks(parts, r.spans[0], r.spans[1])
+    return parts if r.spans is None else clip_blocks(parts, [r.spans[i] for i in range(4)])
 
 
 def _spans(q_seg, kv_seg, spec, ctas, rows, block, num_blocks, index_map):
-    """``(common.kernel_spans(...), their BlockSpecs)``: each program reads its own two bounds;
+    """``(common.kernel_spans(...), their BlockSpecs)``: each program reads its own four bounds;
     ``index_map`` gives ``(batch, program's block)``."""
     spans = kernel_spans(q_seg, kv_seg, spec, ctas, rows, block, num_blocks)
-    return spans, [pl.BlockSpec((None, None, 2), lambda *ids: (*index_map(*ids), 0))] * len(spans)
+    return spans, [pl.BlockSpec((None, None, 4), lambda *ids: (*index_map(*ids), 0))] * len(spans)
 
 
 def _fwd_kernel(*refs, spec2, tiles, nq, nk, kv_len, has_seg, has_alibi, has_spans):
@@ -366,15 +368,16 @@ def _dkv_kernel(*refs, spec2, tiles, nq, kv_len, padded_kv, group, has_seg, has_
             lse = r.lse[g, rows]
             delta = r.delta[g, rows]
             q_pos = (spec2.q_offset + start + _iota(bq))[None, :]
-            q_seg = r.q_seg[rows][None, :] if has_seg else None
+            seg = has_seg and segment_masked(masked, r.spans is not None)
+            q_seg = r.q_seg[rows][None, :] if seg else None
             slope = r.slopes[first_head + g] if has_alibi else None
             bias = None
             if spec2.has_relative_bias:  # the table block holds the group's heads
                 bias = r.table[g, spec2.relative.bucket(k_rpos - r.q_rpos[rows][None, :])]
             s, visible = tile_logits(
                 _dot(k, q, trans_b=True), q_pos, k_pos, spec2, masked=masked,
-                kv_len=kv_len if padded_kv else None, q_seg=q_seg, k_seg=k_seg, slope=slope,
-                bias=bias,
+                kv_len=kv_len if padded_kv else None, q_seg=q_seg, k_seg=k_seg if seg else None,
+                slope=slope, bias=bias,
             )
             p = jnp.exp2(s - lse[None, :])
             dv = dv + _dot(p.astype(do.dtype), do)
