@@ -29,8 +29,9 @@ row's square. Each walk is split into [masked edge | unmasked interior | masked 
 interior pays for no causal/window/padding ``where`` (ALiBi's ``-slope * |pos_q - pos_k|`` is
 computed from the tile's positions in every block, so it never changes which blocks are
 skipped), and with the spans no segment one either: it is narrowed to blocks inside the one
-document of all the CTA's rows, so a training row of one document masks only its edges. Scores go through ``common.transform_scores`` on register tiles, in base 2 (scale, soft
-cap and ALiBi slopes multiplied by log2(e)) so the exponentials are bare ``exp2``.
+document of all the CTA's rows, so a training row of one document masks only its edges. Scores
+go through ``common.transform_scores`` on register tiles, in base 2 (scale, soft cap and ALiBi
+slopes multiplied by log2(e)) so the exponentials are bare ``exp2``.
 Lengths that are not a multiple of the tiles are padded here: padded keys are masked, padded
 queries are sliced away (in the backward they carry ``dO = 0`` and ``lse = +inf``, hence P = 0).
 """
