@@ -138,3 +138,24 @@ def test_readme_generate_runs_as_written(trained, monkeypatch, capsys):
     assert "context is 128 tokens" in err
     i = generate.index("--max-new-tokens")
     assert main(generate[:i] + generate[i + 2:]) == 0
+
+
+def test_an_error_line_is_one_write(monkeypatch):
+    """Each ``meshlm: error:`` line reaches stderr in one write: ``print`` wrote the text and
+    its newline apart on an unbuffered stderr (``PYTHONUNBUFFERED``), and a multi-host run's Gloo
+    log line from another thread landed between them."""
+    from meshlm import cli
+    from meshlm.config import ConfigError
+
+    writes = []
+
+    class Recorder(io.StringIO):
+        def write(self, text):
+            writes.append(text)
+            return len(text)
+
+    monkeypatch.setattr(cli.sys, "stderr", Recorder())
+    assert cli._failure(ConfigError("model.d_state is not a gpt key")) == EXIT_BAD_INPUT
+    assert cli._failure(OSError("disk full")) == cli.EXIT_FAILED
+    assert writes == ["meshlm: error: model.d_state is not a gpt key\n",
+                      "meshlm: error: disk full\n"]

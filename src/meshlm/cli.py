@@ -177,29 +177,37 @@ def _failure_of_one_process(e: BaseException) -> int:
         return EXIT_FAILED
 
 
+def _say(line: str) -> None:
+    """``line`` on stderr in one write: ``print`` writes the text and its newline apart on the
+    unbuffered stderr, and a library's log line from another thread (Gloo's) landed between
+    them."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
 def _failure(e: BaseException) -> int:
     """The exit status for ``e`` after printing its one line; re-raises ``e`` when it is not
     a failure meshlm reports (a bug)."""
     if isinstance(e, KeyboardInterrupt):  # a Ctrl-C outside the training loop, or a second one
-        print("meshlm: interrupted", file=sys.stderr)
+        _say("meshlm: interrupted")
         return EXIT_INTERRUPTED
     if isinstance(e, ConfigError):
-        print(f"meshlm: error: {e}", file=sys.stderr)
+        _say(f"meshlm: error: {e}")
         return EXIT_BAD_INPUT
     if isinstance(e, (distributed.DistributedError, OSError)):  # OSError: a path, a disk, a peer
-        print(f"meshlm: error: {e}", file=sys.stderr)
+        _say(f"meshlm: error: {e}")
         return EXIT_FAILED
     if not isinstance(e, (ValueError, RuntimeError)):
         raise e
     from meshlm.train.checkpoint import CheckpointError, CheckpointSaveError
 
     if isinstance(e, (CheckpointError, CheckpointSaveError)):
-        print(f"meshlm: error: {e}", file=sys.stderr)
+        _say(f"meshlm: error: {e}")
         return EXIT_BAD_INPUT if isinstance(e, CheckpointError) else EXIT_FAILED
     if _several_processes() and isinstance(e, sys.modules["jax"].errors.JaxRuntimeError):
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"meshlm: error: {distributed.where()}: a computation across the processes failed "
-              f"(did another process stop?): {first}", file=sys.stderr)
+        _say(f"meshlm: error: {distributed.where()}: a computation across the processes failed "
+             f"(did another process stop?): {first}")
         return EXIT_FAILED
     raise e
 
