@@ -836,8 +836,8 @@ def _dkv_kernel(*refs, spec2, t, lay, nq, kv_len, padded, has_seg, has_alibi, gr
                     # it, that measured 2-6% slower: more live registers).
                     kq = (my_k, q_smem.at[slot])
                     vdo = (v_smem.at[wg], do_smem.at[slot]) if want_dk else None
-                    dp = None
-                    if want_dk and not with_dq:
+                    paired = want_dk and not with_dq
+                    if paired:
                         plgpu.barrier_wait(do_bar.at[slot])
                         (p, s, visible), dp = _mma_pair(kq, vdo, (bk, bq), interpret, probs)
                     else:
@@ -847,7 +847,7 @@ def _dkv_kernel(*refs, spec2, t, lay, nq, kv_len, padded, has_seg, has_alibi, gr
                         acc["dv"] = _mma_acc(acc["dv"], p.astype(dtype), do_smem.at[slot],
                                              interpret)
                     if want_dk:
-                        if dp is None:
+                        if not paired:
                             dp = _mma(*vdo, (bk, bq), interpret, trans_b=True)
                         plgpu.barrier_wait(delta_bar.at[slot])
                         delta = _bcast(_vec(delta_smem.at[slot], 1), 1, s.shape)
