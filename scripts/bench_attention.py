@@ -227,6 +227,9 @@ def bench(rows, impls, iters, results, timer=device_ms):
     return table
 
 
+TIMERS = {"device": device_ms, "kernels": functools.partial(device_ms, show=True), "wall": time_ms}
+
+
 # ----------------------------------------------------------------------------- checks
 
 
@@ -413,10 +416,12 @@ def main():
     parser.add_argument("--alibi", action="store_true",
                         help="ALiBi in the Pallas rows (cuDNN and XLA rows run without it)")
     parser.add_argument("--iters", type=int, default=20)
-    parser.add_argument("--timer", choices=("device", "wall"), default="device",
+    parser.add_argument("--timer", choices=tuple(TIMERS), default="device",
                         help="device: the kernels' summed time in a profiler trace (default; "
                              "wall time of a sub-millisecond call is mostly dispatch, and moved "
-                             "25%% between identical kernels in session 21); wall: the median "
+                             "25%% between identical kernels in session 21); kernels: the same, "
+                             "each kernel's share printed under its cell (a --ids row's XLA "
+                             "document spans apart from the attention kernels); wall: the median "
                              "wall time of a synchronised call, as the tables before session 22")
     parser.add_argument("--check", action="store_true", help="check numerics before timing")
     parser.add_argument("--check-against", choices=BASELINES, default="cudnn")
@@ -467,7 +472,7 @@ def main():
     if not args.no_bench:
         results = []
         report["bench"] = bench(rows, impls, args.iters, results,
-                                {"device": device_ms, "wall": time_ms}[args.timer])
+                                TIMERS[args.timer])
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "bench_attention.json"), "w") as f:
         json.dump(report, f, indent=1, default=str)

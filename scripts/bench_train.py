@@ -120,16 +120,19 @@ def jax_worker(args) -> dict:
     jax.block_until_ready((state, metrics))
     # Each round: ``steps`` steps and one sync. ``dispatch_s`` is the host time spent inside the
     # step calls; when it nears the step time, the host, not the GPU, sets the pace.
-    round_s, dispatch_s = [], []
+    # ``call_s`` (each call's, per round) tells a host that waits on the device (calls past
+    # the first few as long as a step) from one busy launching kernels (every call as long).
+    round_s, dispatch_s, call_s = [], [], []
     for _ in range(args.rounds):
-        t0, host = time.perf_counter(), 0.0
+        t0, calls = time.perf_counter(), []
         for i in range(args.steps):
             t = time.perf_counter()
             state, metrics = train_step(state, batches[i % 4])
-            host += time.perf_counter() - t
+            calls.append(time.perf_counter() - t)
         jax.block_until_ready((state, metrics))
         round_s.append((time.perf_counter() - t0) / args.steps)
-        dispatch_s.append(host / args.steps)
+        dispatch_s.append(sum(calls) / args.steps)
+        call_s.append(calls)
     step_s = min(round_s)
     last_loss = float(metrics["loss"])
     summary = None
@@ -144,7 +147,7 @@ def jax_worker(args) -> dict:
     device = jax.devices()[0]
     stats = device.memory_stats() or {}
     return {
-        "step_s": step_s, "round_s": round_s, "dispatch_s": dispatch_s,
+        "step_s": step_s, "round_s": round_s, "dispatch_s": dispatch_s, "call_s": call_s,
         "tokens_per_s": b * length / step_s, "params": param_count(state.params),
         "first_loss": first_loss, "last_loss": last_loss,
         "finite": bool(np.isfinite(last_loss)), "compile_s": compile_s,
@@ -396,8 +399,9 @@ def main(argv=None) -> None:
         if params and torch_res and torch_res.get("params") not in (None, params):
             print(f"   WARNING: parameter counts differ: meshlm {params:,}, torch "
                   f"{torch_res['params']:,}", flush=True)
-        rows.append([entry.replace(str(ROOT / "configs") + "/", ""), f"{params / 1e6:.0f}M" if params else "?",
-                     f"{batch} x {seq}", *cols(jax_res), *cols(torch_res), ratio])
+        name = entry.replace(str(ROOT / "configs") + "/", "")
+        rows.append([name, f"{params / 1e6:.0f}M" if params else "?", f"{batch} x {seq}",
+                     *cols(jax_res), *cols(torch_res), ratio])
         records.append({"config": entry, "batch": batch, "seq": seq, "overrides": overrides,
                         "xla_flags": args.xla_flags, "flops_per_token": flops,
                         "peak_flops": peak, **res})

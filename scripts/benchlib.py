@@ -41,13 +41,17 @@ def kernel_ms(fn: Callable, *args, iters: int = 10) -> tuple[float, list[tuple[s
     return sum(ms for _, ms in kernels), kernels
 
 
-def device_ms(fn: Callable, *args, iters: int = 10) -> float:
+def device_ms(fn: Callable, *args, iters: int = 10, show: bool = False) -> float:
     """``kernel_ms`` after one untraced call (compilation and its autotuning stay out of the
-    trace) on a GPU; ``time_ms`` elsewhere (a CPU smoke run)."""
-    if jax.default_backend() == "gpu":
-        jax.block_until_ready(fn(*args))
-        return kernel_ms(fn, *args, iters=iters)[0]
-    return time_ms(fn, *args, iters=iters)
+    trace) on a GPU, each kernel's share printed with ``show``; ``time_ms`` elsewhere (a CPU
+    smoke run)."""
+    if jax.default_backend() != "gpu":
+        return time_ms(fn, *args, iters=iters)
+    jax.block_until_ready(fn(*args))
+    total, kernels = kernel_ms(fn, *args, iters=iters)
+    if show:
+        print("    " + ", ".join(f"{name} {ms:.3f}" for name, ms in kernels), flush=True)
+    return total
 
 
 def print_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
