@@ -1,4 +1,4 @@
-"""Benchmark the cross-entropy forward kernel against XLA's two reductions, in the same run.
+"""Benchmark the cross-entropy kernels against XLA's reductions and elementwise pass, in one run.
 
     PYTHONPATH=src:. python3 scripts/bench_cross_entropy.py [--shapes 16384x50304 ...]
         [--variants default 2048x4 ...] [--iters 20]
@@ -6,8 +6,8 @@
 Each shape is ``tokens x vocab`` (default: GPT-2 125M's 16 x 1024 tokens and GPT-2's padded
 vocabulary; 1.3B's 8 x 2048 is the same), bfloat16 logits as the models emit them. First each
 implementation's loss and logits gradient against the float32 reference on the device, then the
-device time of the kernels (a profiler trace: no dispatch) of the forward and of a VJP (the
-backward is the same elementwise pass for both), the speed-up, and the forward's GB/s for the
+device time of the kernels (a profiler trace: no dispatch) of the forward and of a VJP (XLA's
+elementwise pass or the Triton backward kernel), the speed-up, and the forward's GB/s for the
 one read of the logits it needs at the least. ``--variants``: ``triton.Tiles`` as
 ``block_v x num_warps [x num_stages]``.
 """

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels import lowering_for
-from pallas_kernels.cross_entropy import cross_entropy, reference, triton
+from pallas_kernels.cross_entropy import common, cross_entropy, reference, triton
 
 TRITON = dict(implementation="triton", interpret=True)
 
@@ -25,8 +25,7 @@ def _inputs(seed, shape, vocab, dtype, scale=4.0):
 @pytest.mark.parametrize("dtype, tol", [(jnp.float32, 1e-6), (jnp.bfloat16, 1e-6)])
 def test_triton_matches_reference(vocab, tiles, dtype, tol):
     """Values to ``tol`` relative (both compute in float32 from the same inputs) and the
-    gradient of a weighted sum, which both take from the shared backward and the forward's
-    log-sum-exp."""
+    gradient of a weighted sum (the backward kernel from the forward's log-sum-exp)."""
     seed = int(np.random.default_rng().integers(2**31))
     logits, targets = _inputs(seed, (3, 5), vocab, dtype)
     weights = jnp.asarray(np.random.default_rng(seed + 1).uniform(size=(3, 5)), jnp.float32)
@@ -40,6 +39,28 @@ def test_triton_matches_reference(vocab, tiles, dtype, tol):
     assert grad.dtype == dtype
     np.testing.assert_allclose(np.asarray(grad, np.float32), np.asarray(expected, np.float32),
                                atol=1e-6 if dtype == jnp.float32 else 1e-2, err_msg=f"seed {seed}")
+
+
+@pytest.mark.parametrize("rows, vocab, block_v", [(7, 1000, 256),  # last block partial
+                                                  (3, 64, 128),  # one block, half masked
+                                                  (4, 512, 128)])  # whole blocks
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_backward_kernel_matches_the_elementwise_form(rows, vocab, block_v, dtype):
+    """The Triton backward against ``common.backward`` on fresh logits, log-sum-exps and
+    cotangents: the same float32 arithmetic, so equal to a rounding of the output dtype at
+    every entry (the last, partial block's included)."""
+    seed = int(np.random.default_rng().integers(2**31))
+    logits, targets = _inputs(seed, (rows,), vocab, dtype)
+    rng = np.random.default_rng(seed + 1)
+    g = jnp.asarray(rng.uniform(-2, 2, size=(rows,)), jnp.float32)
+    lse = reference.forward(logits, targets)[1]
+    cfg = triton.config(common.Call(rows, vocab), triton.Tiles(block_v, 4), interpret=True)
+    got = triton.backward(logits, lse, targets, g, cfg)
+    want = common.backward(logits, lse, targets, g)
+    assert got.dtype == dtype and got.shape == logits.shape
+    ulp = 1e-6 if dtype == jnp.float32 else 8e-3
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
+                               rtol=ulp, atol=1e-7, err_msg=f"seed {seed}")
 
 
 def test_masked_and_large_logits():
@@ -74,11 +95,13 @@ def test_bad_tiles_raise():
 
 
 def test_auto_is_the_kernel_on_a_gpu_and_xla_on_the_cpu():
-    """"auto" for an H100 lowers the Triton forward; for this CPU it is the XLA form."""
+    """"auto" for an H100 lowers the Triton forward and backward; for this CPU it is the XLA
+    form."""
     logits = jax.ShapeDtypeStruct((8, 50304), jnp.bfloat16)
     targets = jax.ShapeDtypeStruct((8,), jnp.int32)
     fn = jax.jit(jax.grad(lambda x, t: cross_entropy(x, t).sum()))
     with lowering_for("NVIDIA H100"):
         gpu = fn.trace(logits, targets).lower(lowering_platforms=("cuda",)).as_text()
-    assert "cross_entropy_fwd" in gpu
-    assert "cross_entropy_fwd" not in fn.trace(logits, targets).lower().as_text()
+    assert "cross_entropy_fwd" in gpu and "cross_entropy_bwd" in gpu
+    cpu = fn.trace(logits, targets).lower().as_text()
+    assert "cross_entropy_fwd" not in cpu and "cross_entropy_bwd" not in cpu

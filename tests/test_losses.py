@@ -82,7 +82,7 @@ def test_compute_dtype_logits_train_like_float32_ones(tie):
                                                 (dict(data=2, tensor=2), False)],
                          ids=["rows-split", "length-split", "vocab-split"])
 def test_kernel_runs_per_device_unless_the_vocabulary_is_split(mesh_shape, kernel):
-    """On a data x fsdp (or sequence) mesh the Triton forward (interpret mode) runs inside
+    """On a data x fsdp (or sequence) mesh the Triton kernels (interpret mode) run inside
     shard_map on each device's rows, values and gradients those of optax; when the rules split
     the vocabulary (tensor) the loss keeps XLA's partitioned reductions (no kernel in the
     program)."""

@@ -3,8 +3,9 @@
 Autodiff of ``log_softmax`` and a gather keeps the float32 log-probabilities of every (row,
 vocabulary) entry and spends several passes over that, a language model's largest activation, in
 the backward. Here every forward keeps only the logits and the per-row log-sum-exp, and the
-backward forms ``(softmax - onehot) * g`` in one elementwise pass, in the logits' dtype. The
-policy is ``_api.Dispatch``'s, the same for every op.
+backward forms ``(softmax - onehot) * g`` in one elementwise pass, in the logits' dtype (the
+lowering's kernel, or ``common.backward`` in XLA). The policy is ``_api.Dispatch``'s, the same for
+every op.
 """
 
 from __future__ import annotations
@@ -77,7 +78,13 @@ def _fwd(cfg, logits, targets):
 
 def _bwd(cfg, residuals, g):
     logits, lse, targets = residuals
-    return common.backward(logits, lse, targets, g), None
+    if cfg.implementation == "xla":
+        return common.backward(logits, lse, targets, g), None
+    module = load_lowering(DISPATCH.package, cfg.implementation)[0]
+    vocab = logits.shape[-1]
+    dlogits = module.backward(logits.reshape(-1, vocab), lse.reshape(-1), targets.reshape(-1),
+                              g.reshape(-1), cfg)
+    return dlogits.reshape(logits.shape), None
 
 
 _cross_entropy.defvjp(_fwd, _bwd)

@@ -1,5 +1,6 @@
 """What the cross-entropy implementations share: the call's static shape, the kernel
-configuration and the backward (one elementwise pass, the same for every forward)."""
+configuration and the backward's value (one elementwise pass: XLA's, and the reference of each
+lowering's backward kernel)."""
 
 from __future__ import annotations
 
