@@ -81,7 +81,8 @@ def _fns(fn, impl, tiles=None):
 
 
 def _tiles(spec: str):
-    """``"default"`` -> None; ``"2x64x8"`` -> ``layer_norm.triton.Tiles`` of those fields."""
+    """``"default"`` -> None; ``"2x64x8"`` (``"2x64x8x2"``) -> ``layer_norm.triton.Tiles`` of
+    those fields."""
     from pallas_kernels.layer_norm import triton
 
     return None if spec == "default" else triton.Tiles(*(int(v) for v in spec.split("x")))
@@ -94,7 +95,8 @@ def main(argv=None):
     p.add_argument("--groups", type=int, default=1, help="the gated norm's groups")
     p.add_argument("--iters", type=int, default=50)
     p.add_argument("--variants", nargs="+", default=["default"],
-                   help="Triton tiles: 'default' or block_rows x bwd_rows x num_warps")
+                   help="Triton tiles: 'default' or block_rows x bwd_rows x num_warps "
+                        "[x bwd_stages]")
     p.add_argument("--kernels", action="store_true",
                    help="per-kernel device ms of each row's forward+backward (a trace)")
     a = p.parse_args(argv)

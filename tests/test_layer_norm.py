@@ -32,7 +32,8 @@ def _inputs(shape, dtype, seed):
 # kernel stores its gradients in bf16 straight from float32 (one rounding, 1e-2).
 @pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 1e-2)])
 @pytest.mark.parametrize("form", FORMS)
-@pytest.mark.parametrize("tiles", [None, triton.Tiles(2, 4, 4)], ids=["default", "2x4x4"])
+@pytest.mark.parametrize("tiles", [None, triton.Tiles(2, 4, 4), triton.Tiles(2, 8, 4, 2)],
+                         ids=["default", "2x4x4", "2x8x4x2"])
 def test_triton_matches_reference(dtype, tol, form, tiles):
     """111 rows (no whole block), 96 channels (padded to 128); the 2x4x4 tiles run 28 backward
     programs, each summing its rows' share of dscale and dbias."""
@@ -98,6 +99,25 @@ def test_auto_and_the_kernels_lowered_for_an_abstract_gpu():
     assert [t.count("__gpu$xla.gpu.triton") for t in texts] == [2, 0] and checked[0] == 2
 
 
+def test_backward_pipeline_depth_reaches_the_kernel():
+    """``Tiles.bwd_stages`` is the lowered backward kernel's ``num_stages`` (its row-block loop);
+    the forward, which has no loop, keeps 1."""
+    sds = jax.ShapeDtypeStruct
+    args = (sds((4, 300, 768), jnp.bfloat16), sds((768,), jnp.float32), sds((768,), jnp.float32))
+
+    def fwd_bwd(x, scale, bias):
+        fn = lambda *a: layer_norm(*a, implementation="triton", tiles=triton.Tiles(4, 64, 8, 3))
+        out, vjp = jax.vjp(fn, x, scale, bias)
+        return vjp(jnp.ones(out.shape, out.dtype))
+
+    with lowering_for("NVIDIA H100"):
+        text = jax.jit(fwd_bwd).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    calls = [line for line in text.splitlines() if "__gpu$xla.gpu.triton" in line]
+    stages = {name: line.split("num_stages = ")[1].split(" ")[0] for line in calls
+              for name in ("layer_norm_fwd", "layer_norm_bwd") if f'name = "{name}' in line}
+    assert stages == {"layer_norm_fwd": "1", "layer_norm_bwd": "3"}
+
+
 @pytest.mark.parametrize("kwargs,match", [
     (dict(x=jnp.ones((2, 8), jnp.int32)), "x must be bfloat16, float16 or float32"),
     (dict(scale=jnp.ones((7,))), r"scale must have shape \(features,\) = \(8,\)"),
@@ -106,6 +126,8 @@ def test_auto_and_the_kernels_lowered_for_an_abstract_gpu():
     (dict(x=jnp.ones((2, 0)), scale=jnp.ones((0,))), "features >= 1"),
     (dict(implementation="triton", interpret=True, tiles=triton.Tiles(3, 6, 4)),
      "block_rows .* must be a power of two"),
+    (dict(implementation="triton", interpret=True, tiles=triton.Tiles(2, 4, 4, 0)),
+     "tiles.bwd_stages must be a positive int, got 0"),
     (dict(implementation="triton", interpret=True, tiles=triton.Tiles(16, 16, 4),
           x=jnp.ones((2, 1024)), scale=jnp.ones((1024,))), "exceeds the 8192 values"),
 ])

@@ -28,6 +28,7 @@ class NormConfig:
     dtype: Any
     interpret: bool
     subtract_mean: bool = False  # LayerNorm; False: RMSNorm
+    bwd_stages: int = 1  # the backward's software-pipeline depth
 
 
 def check_parameters(features: int, epsilon, scale, **optional) -> None:

@@ -38,11 +38,14 @@ _BLOCK_VALUES = 4096
 class Tiles:
     """``block_rows`` rows held at once (a power of 2; 0: as many as fit ``_BLOCK_VALUES``),
     ``bwd_rows`` rows per backward program (a multiple of ``block_rows``; each program writes
-    one ``dscale`` partial) and the warps per program."""
+    one ``dscale`` partial), the warps per program, and the software-pipeline depth of the
+    backward's walk over its row blocks (> 1: the next blocks' loads are issued while a block's
+    row reductions run)."""
 
     block_rows: int = 0
     bwd_rows: int = 64
     num_warps: int = 8
+    bwd_stages: int = 1
 
 
 DEFAULT_TILES = {"": Tiles()}
@@ -85,7 +88,7 @@ def supports(call: Call, tiles: Tiles) -> str | None:
 
 def config(call: Call, tiles: Tiles, epsilon: float, dtype, interpret: bool) -> NormConfig:
     return NormConfig("triton", tiles.block_rows, tiles.bwd_rows, tiles.num_warps, epsilon,
-                      dtype, interpret, call.subtract_mean)
+                      dtype, interpret, call.subtract_mean, tiles.bwd_stages)
 
 
 def _masks(r0, BR, FP, rows, F):
@@ -173,16 +176,16 @@ def _specs(rows, F):
             pl.BlockSpec((None, None, F), lambda i, g: (i, g, 0)))
 
 
-def _call(kernel, cfg, grid, operands, out_shapes, name, **static):
+def _call(kernel, cfg, grid, operands, out_shapes, name, stages=1, **static):
     """``operands`` and ``out_shapes`` are ``(array or shape, spec)`` pairs; absent (None)
-    operands are left out of the call."""
+    operands are left out of the call; ``stages``: the pipeline depth of the kernel's loop."""
     operands = [(a, s) for a, s in operands if a is not None]
     args = [a for a, _ in operands]
     return pl.pallas_call(
         functools.partial(kernel, **static),
         out_shape=[out_type(s.shape, s.dtype, *args) for s, _ in out_shapes],
         grid=grid, in_specs=[s for _, s in operands], out_specs=[s for _, s in out_shapes],
-        compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=1),
+        compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=stages),
         interpret=cfg.interpret, name=name,
     )(*args)
 
@@ -214,9 +217,9 @@ def norm_backward(dout, x, z, scale, bias, cfg: NormConfig, name: str):
         _bwd_kernel, cfg, (programs, groups),
         [(x, rows_spec), (z, rows_spec), (scale, group_spec), (dout, rows_spec)],
         [o for o in (like(x), like(z), partial, partial if bias is not None else None) if o],
-        name + "_bwd", rows=rows, F=F, BR=cfg.block_rows, FP=pl.next_power_of_2(F),
-        R=cfg.bwd_rows, eps=cfg.epsilon, gated=z is not None, biased=bias is not None,
-        subtract_mean=cfg.subtract_mean)
+        name + "_bwd", stages=cfg.bwd_stages, rows=rows, F=F, BR=cfg.block_rows,
+        FP=pl.next_power_of_2(F), R=cfg.bwd_rows, eps=cfg.epsilon, gated=z is not None,
+        biased=bias is not None, subtract_mean=cfg.subtract_mean)
     dx, dz, ds, db = _present(outs, True, z is not None, True, bias is not None)
     total = lambda p, like: None if p is None else p.sum(0).astype(like.dtype)
     return dx, dz, total(ds, scale), total(db, bias)
