@@ -58,9 +58,14 @@ class GPTConfig(DecoderLMConfig):
     # it was timed (1.042x / 1.040x / 1.018x the step on an H200, BENCHMARKS.md session 18); a
     # model that cannot take it (RoPE, grouped kv heads) must leave it off.
     fuse_qkv: bool = False
+    # The GELU MLP's pallas_kernels.bias_gelu implementation: "triton" runs its backward as one
+    # Triton kernel (the pre-activation's and the bias's gradients in one pass); "auto" keeps
+    # XLA's fusion until the kernel is timed against it.
+    mlp_implementation: Literal["auto", "xla", "triton"] = "auto"
 
     kernel_fields: ClassVar[dict[str, str]] = {**DecoderLMConfig.kernel_fields,
-                                               "attention": "flash_attention"}
+                                               "attention": "flash_attention",
+                                               "mlp_implementation": "bias_gelu"}
     # field -> the logical axis its dimension is split by (validate_mesh checks divisibility)
     sharded_fields: ClassVar[dict[str, str]] = {**DecoderLMConfig.sharded_fields,
                                                 "n_heads": "heads", "kv_heads": "kv_heads",
@@ -140,7 +145,7 @@ class GPTConfig(DecoderLMConfig):
         """The block's position-wise layer on the normalised ``x`` (called inside ``Block``, so it
         creates the block's parameters): the dense MLP here; the MoE family swaps in experts."""
         return Mlp(d_ff=self.d_ff, kind=self.mlp, use_bias=self.use_bias, name="mlp",
-                   **layer_kwargs)(x)
+                   implementation=self.mlp_implementation, **layer_kwargs)(x)
 
     @property
     def norm_bias(self) -> bool:
@@ -307,7 +312,8 @@ class GPTConfig(DecoderLMConfig):
             same("transformer.wte.weight", "embed/embedding"),
             same("transformer.wpe.weight", "position_embed/embedding"),
             split(layer + "attn.c_attn.weight", qkv, (h * d,) * 3, axis=1,
-                  to_parts=lambda w, _: w.reshape(e, h, d), from_parts=lambda k, _: k.reshape(e, -1)),
+                  to_parts=lambda w, _: w.reshape(e, h, d),
+                  from_parts=lambda k, _: k.reshape(e, -1)),
             split(layer + "attn.c_attn.bias", tuple(p.replace("kernel", "bias") for p in qkv),
                   (h * d,) * 3, axis=0, to_parts=lambda b, _: b.reshape(h, d),
                   from_parts=lambda b, _: b.reshape(-1)),

@@ -54,11 +54,11 @@ from meshlm.data.batches import SEQ2SEQ
 from meshlm.layers import ATTENTION_OUT, Embed, make_norm, per_shard
 from meshlm.layers.attention import CACHE_AXES
 from meshlm.layers.embeddings import logits_matmul
-from meshlm.layers.mlp import gelu_tanh
 from meshlm.layers.relative_position import RelativePositionBias
 from meshlm.layers.stack import apply_stack
 from meshlm.models.base import ACTIVATION_EMBED
 from meshlm.train.losses import token_cross_entropy
+from pallas_kernels.bias_gelu import bias_gelu
 from pallas_kernels.flash_attention import RelativeBias, RelativeBuckets, flash_attention
 
 ACTIVATION_HEADS = ("activation_batch", "activation_length", "activation_heads", "head_dim")
@@ -648,7 +648,8 @@ class FeedForward(nn.Module):
         if cfg.feed_forward == "relu":
             h = jax.nn.relu(wi("wi"))
         else:
-            h = gelu_tanh(wi("wi_0")) * wi("wi_1")
+            # (the VJP keeps only the GELU's input; XLA's backward: no kernel to shard)
+            h = bias_gelu(wi("wi_0"), implementation="xla") * wi("wi_1")
         h = nn.with_logical_constraint(
             h, ("activation_batch", "activation_length", "activation_mlp"))
         h = nn.Dropout(cfg.dropout)(h, deterministic=self.deterministic)
