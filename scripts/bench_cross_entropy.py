@@ -51,11 +51,7 @@ def main(argv=None):
     p.add_argument("--iters", type=int, default=20)
     a = p.parse_args(argv)
     print(f"device: {benchlib.device_description()}", flush=True)
-    impls = {"xla": dict(implementation="xla")}
-    if jax.default_backend() == "gpu":
-        for v in a.variants:
-            tiles = None if v == "default" else triton.Tiles(*map(int, v.split("x")))
-            impls[f"triton {v}"] = dict(implementation="triton", tiles=tiles)
+    impls = benchlib.variant_impls(a.variants, triton.Tiles)
     rows = []
     for text in a.shapes:
         tokens, vocab = map(int, text.split("x"))

@@ -54,6 +54,18 @@ def device_ms(fn: Callable, *args, iters: int = 10, show: bool = False) -> float
     return total
 
 
+def variant_impls(variants: Sequence[str], tiles_cls) -> dict[str, dict]:
+    """``{"xla": ...}`` plus, on a GPU, ``{"triton <v>": ...}`` per ``--variants`` entry, each the
+    keyword arguments of an op call: ``"default"`` (the lowering's tiles) or ``tiles_cls``'s
+    fields as ``"AxBxC..."``."""
+    impls = {"xla": dict(implementation="xla")}
+    if jax.default_backend() == "gpu":
+        for v in variants:
+            tiles = None if v == "default" else tiles_cls(*map(int, v.split("x")))
+            impls[f"triton {v}"] = dict(implementation="triton", tiles=tiles)
+    return impls
+
+
 def print_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     """Print (and return) a Markdown table, ready to paste into BENCHMARKS.md."""
 
