@@ -9,12 +9,13 @@ Each shape is ``batch x length x features``; defaults by op: Mamba-2 130M's gate
 x 1536, one group), GPT-2 125M's and GPT 1.3B's LayerNorm (16 x 1024 x 768 / 2048, with bias),
 Mamba-2 130M's RMSNorm (8 x 2048 x 768). Inputs bfloat16, parameters float32. First a check of
 the output and gradients against the float32 reference on the device, then ms forward and
-forward+backward (a VJP that keeps the output) of ``"xla"`` and ``"triton"``, the speed-up, and
-the bytes each direction must move at the least (forward: read the inputs, write the output;
-backward: read the inputs and the output gradient, write their gradients) as GB/s. ``--variants``
-times Triton tiles (``layer_norm.triton.Tiles`` fields in order: ``block_rows x bwd_rows x
-num_warps``) beside the default; ``--kernels`` adds each row's per-kernel device ms from a trace
-(wall times of ~0.1 ms calls are mostly dispatch).
+forward+backward (a VJP that keeps the output) of ``"xla"`` and ``"triton"`` by the kernels'
+device time (a profiler trace: wall times of ~0.1 ms calls are mostly dispatch, which hid the
+tiles' differences in the sweeps before session 23), the speed-up, and the bytes each direction
+must move at the least (forward: read the inputs, write the output; backward: read the inputs and
+the output gradient, write their gradients) as GB/s. ``--variants`` times Triton tiles
+(``layer_norm.triton.Tiles`` fields in order: ``block_rows x bwd_rows x num_warps
+[x bwd_stages]``) beside the default; ``--kernels`` adds each row's per-kernel device ms.
 """
 
 from __future__ import annotations
@@ -122,8 +123,8 @@ def main(argv=None):
                 print(f"{label} at {text}: {type(e).__name__}: {str(e)[:300]}", flush=True)
                 continue
             err = max(_rel(g, w) for g, w in zip((out, *grads), want))
-            times[label] = (benchlib.time_ms(fwd, *args, iters=a.iters),
-                            benchlib.time_ms(fwd_bwd, dout, *args, iters=a.iters))
+            times[label] = (benchlib.device_ms(fwd, *args, iters=a.iters),
+                            benchlib.device_ms(fwd_bwd, dout, *args, iters=a.iters))
             t_fwd, t_all = times[label]
             fwd_bytes, bwd_bytes = (inputs + 1) * n, (2 * inputs + 1) * n
             rows.append([text, label, t_fwd, t_all, times["xla"][0] / t_fwd,
@@ -133,7 +134,8 @@ def main(argv=None):
             if a.kernels:
                 for name, ms in benchlib.kernel_ms(fwd_bwd, dout, *args, iters=a.iters)[1]:
                     print(f"    {ms:8.3f} ms  {name}", flush=True)
-    print(f"\n{benchlib.device_description()}; {a.op}, bf16 activations"
+    print(f"\n{benchlib.device_description()}; {a.op}, bf16 activations, "
+          f"{'kernel' if jax.default_backend() == 'gpu' else 'wall'} time"
           + (f", groups {a.groups}" if a.op == "gated" else ""))
     return benchlib.print_table(
         ["shape", "implementation", "fwd ms", "fwd+bwd ms", "fwd speed-up", "fwd+bwd speed-up",
