@@ -159,6 +159,16 @@ class Dispatch:
             return self._auto(call)
         return self._named(implementation, call, interpret, tiles)
 
+    def configure(self, implementation: str, call, *, interpret: bool, tiles, xla,
+                  empty: bool = False):
+        """The static kernel configuration of an op whose lowerings take ``config(call, tiles,
+        interpret)``: the chosen lowering's, or ``xla`` (the plain-JAX form's) when ``"xla"``
+        is chosen or the call is ``empty``."""
+        name, tiles = self.choose(implementation, call, interpret=interpret, tiles=tiles)
+        if name == "xla" or empty:
+            return xla
+        return load_lowering(self.package, name)[0].config(call, tiles, interpret)
+
     def _auto(self, call):
         for lowering in self.lowerings:
             if not lowering.auto or _platform_reason(lowering):

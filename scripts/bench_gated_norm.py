@@ -35,6 +35,7 @@ from pallas_kernels import gated_rms_norm as gated  # noqa: E402
 from pallas_kernels import layer_norm as norm  # noqa: E402
 from pallas_kernels.gated_rms_norm import reference as gated_ref  # noqa: E402
 from pallas_kernels.layer_norm import reference as norm_ref  # noqa: E402
+from pallas_kernels.layer_norm import triton  # noqa: E402
 
 SHAPES = {"gated": ["8x2048x1536", "2x8192x1536"], "layernorm": ["16x1024x768", "16x1024x2048"],
           "rmsnorm": ["8x2048x768"]}
@@ -81,14 +82,6 @@ def _fns(fn, impl, tiles=None):
     return jax.jit(run), fwd_bwd
 
 
-def _tiles(spec: str):
-    """``"default"`` -> None; ``"2x64x8"`` (``"2x64x8x2"``) -> ``layer_norm.triton.Tiles`` of
-    those fields."""
-    from pallas_kernels.layer_norm import triton
-
-    return None if spec == "default" else triton.Tiles(*(int(v) for v in spec.split("x")))
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--op", choices=tuple(SHAPES), default="gated")
@@ -101,9 +94,8 @@ def main(argv=None):
     p.add_argument("--kernels", action="store_true",
                    help="per-kernel device ms of each row's forward+backward (a trace)")
     a = p.parse_args(argv)
-    impls = [("xla", "xla", None)]
-    if jax.default_backend() == "gpu":
-        impls += [(f"triton {v}", "triton", _tiles(v)) for v in a.variants]
+    impls = [(label, kw["implementation"], kw.get("tiles"))
+             for label, kw in benchlib.variant_impls(a.variants, triton.Tiles).items()]
     print(f"device: {benchlib.device_description()}", flush=True)
     fn, ref, make_args, inputs = _op(a.op, a.groups)
     rows = []

@@ -45,11 +45,8 @@ def bias_gelu(h, bias=None, *, implementation: str = "auto", interpret: bool = F
         raise ValueError(f"bias must have shape (features,) = ({features},), got "
                          f"{shape_of(bias)}")
     call = common.Call(h.size // features, features)
-    name, tiles = DISPATCH.choose(implementation, call, interpret=bool(interpret), tiles=tiles)
-    if name == "xla" or call.rows == 0:
-        cfg = common.Config("xla")
-    else:
-        cfg = load_lowering(DISPATCH.package, name)[0].config(call, tiles, bool(interpret))
+    cfg = DISPATCH.configure(implementation, call, interpret=bool(interpret), tiles=tiles,
+                             xla=common.Config("xla"), empty=call.rows == 0)
     return _bias_gelu(cfg, h, bias)
 
 

@@ -49,11 +49,8 @@ def cross_entropy(logits, targets, *, implementation: str = "auto", interpret: b
                          f"{getattr(targets, 'dtype', '')}")
     vocab = logits.shape[-1]
     call = common.Call(logits.size // vocab, vocab)
-    name, tiles = DISPATCH.choose(implementation, call, interpret=bool(interpret), tiles=tiles)
-    if name == "xla" or call.rows == 0:
-        cfg = common.Config("xla")
-    else:
-        cfg = load_lowering(DISPATCH.package, name)[0].config(call, tiles, bool(interpret))
+    cfg = DISPATCH.configure(implementation, call, interpret=bool(interpret), tiles=tiles,
+                             xla=common.Config("xla"), empty=call.rows == 0)
     return _cross_entropy(cfg, logits, targets)
 
 
